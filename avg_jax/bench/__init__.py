@@ -1,0 +1,1 @@
+"""Benchmarks behind `avg-jax bench NAME`."""

@@ -1,0 +1,160 @@
+"""`avg-jax`: thin command-line entry over the library's stage functions.
+
+    avg-jax STAGE --config configs/smoke.py[:arg] --workdir W [--config.key=value ...] [--debug]
+    avg-jax bench NAME [--config ...] [--workdir W]
+
+Every stage is a function `run(config, workdir) -> None` in an importable module (see
+`STAGES`). User errors (`UserError`) print one line and exit 2; `--debug` shows tracebacks.
+"""
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from avg_jax.errors import UserError
+
+# stage name -> "module:function"; each function takes (config, workdir).
+STAGES: dict[str, str] = {
+    "prepare": "avg_jax.data.prepare:run",
+    "embed": "avg_jax.encoders.stage:run",
+    "tokenize": "avg_jax.tokenizer.stage:run",
+    "train": "avg_jax.training.generative:run",
+    "rank": "avg_jax.training.ltr:run",
+    "evaluate": "avg_jax.evaluation.stage:run",
+    "export": "avg_jax.export.stage:run",
+}
+PIPELINE = ("prepare", "embed", "tokenize", "train", "rank", "evaluate", "export")
+
+# benchmark name -> "module:function"; each function takes (config, workdir, args) and
+# writes <workdir>/bench_NAME.json.
+BENCHES: dict[str, str] = {
+    "embed": "avg_jax.bench.embed:run",
+    "tokenize": "avg_jax.bench.tokenize:run",
+    "t5": "avg_jax.bench.t5:run",
+    "decode": "avg_jax.bench.decode:run",
+    "train": "avg_jax.bench.train:run",
+    "data": "avg_jax.bench.data:run",
+}
+
+DEFAULT_CONFIG = os.path.join("configs", "smoke.py")
+
+
+class NotBuiltYet(UserError):
+  """A stage that a later step of the project builds."""
+
+
+def _resolve(target: str, what: str) -> Callable:
+  module_name, _, fn_name = target.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+      raise NotBuiltYet(f"{what} is not built yet") from e
+    raise
+  return getattr(module, fn_name)
+
+
+def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+  rest, overrides = [], []
+  i = 0
+  argv = list(argv)
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise UserError(f"config override {arg} has no value")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="avg-jax", description="AVG: text-to-image retrieval as voken generation (JAX).")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  def common(p):
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="config file[:arg], e.g. configs/smoke.py:tiny (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+  for name in STAGES:
+    p = sub.add_parser(name, help=f"run the {name} stage")
+    common(p)
+    p.add_argument("--workdir", required=True, help="where the stage reads and writes")
+  p = sub.add_parser("run", help="all stages in order: " + " -> ".join(PIPELINE))
+  common(p)
+  p.add_argument("--workdir", required=True)
+  p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES))
+  common(p)
+  p.add_argument("name", choices=sorted(BENCHES))
+  p.add_argument("--workdir", default=os.path.join("runs", "bench"))
+  p.add_argument("--quick", action="store_true", help="smallest sizes only (for tests)")
+  p = sub.add_parser("search", help="answer queries with an exported model")
+  p.add_argument("--model", required=True, help="exported serving checkpoint directory")
+  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--json", action="store_true", help="one JSON object per query")
+  p.add_argument("--debug", action="store_true")
+  p.add_argument("queries", nargs="*", help="queries (default: one per line on stdin)")
+  return parser
+
+
+def _setup_runtime() -> None:
+  # grain's multiprocess workers read absl flags; mark them parsed once for the whole CLI.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  if args.command == "search":
+    if overrides:
+      raise UserError("search takes no --config overrides (the exported model has its config)")
+    return _resolve("avg_jax.export.search_cli:main", "search")(args)
+
+  from avg_jax import config as config_lib
+  from avg_jax import partitioning
+  config = config_lib.load_config(args.config, overrides)
+  partitioning.maybe_initialize_distributed(config.distributed)
+  if args.command == "bench":
+    _resolve(BENCHES[args.name], f"bench {args.name}")(config, args.workdir, args)
+    return 0
+  stages = PIPELINE if args.command == "run" else (args.command,)
+  for stage in stages:
+    _resolve(STAGES[stage], f"stage {stage!r}")(config, args.workdir)
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = "--debug" in argv
+  try:
+    rest, overrides = _split_config_overrides(argv)
+    args = _parser().parse_args(rest)
+    _setup_runtime()
+    return _run(args, overrides)
+  except UserError as e:
+    if debug:
+      raise
+    print(f"avg-jax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("avg-jax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

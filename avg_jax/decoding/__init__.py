@@ -1,0 +1,1 @@
+"""Constrained decoding: the voken trie and the jit-compiled beam search."""

@@ -1,0 +1,1 @@
+"""Dual encoder (CLIP): model, Hugging Face import, contrastive training, two-tower retrieval."""

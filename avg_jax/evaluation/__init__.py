@@ -1,0 +1,1 @@
+"""Evaluation: Recall@K under the Karpathy protocol, efficiency, reports."""

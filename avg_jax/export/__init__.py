@@ -1,0 +1,1 @@
+"""Export of serving checkpoints and the Retriever."""

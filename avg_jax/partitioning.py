@@ -1,0 +1,178 @@
+"""Meshes, the logical-axis rules table, sharded parameter creation and host-batch sharding.
+
+Every model annotates parameters (`nn.with_logical_partitioning`) and activations
+(`nn.with_logical_constraint`) with *logical* axis names. `LOGICAL_RULES` is the one table that
+maps them onto the mesh axes `data`, `fsdp` and `model`. Changing how a model shards means
+changing this table or the mesh shape in the config, never the model code.
+"""
+
+import contextlib
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from avg_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# Logical axis name -> mesh axis (or axes). The first matching rule whose mesh axes are still
+# free in that array wins (flax semantics), so `batch` takes data+fsdp and parameters shard
+# their `embed` dimension over fsdp (ZeRO-3 style) and their wide dimension over `model`.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("beam", None),
+    ("length", None),
+    ("kv_length", None),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    # Codebooks are small (K x e_dim) and read by every example: replicate them.
+    ("codebook", None),
+    ("code_dim", None),
+    ("levels", None),
+    ("layers", None),  # the stacked axis of nn.scan
+    ("relpos_buckets", None),
+    ("patch", None),
+    ("channels", None),
+    ("image_pixels", None),
+    # Indexed items (embeddings for brute-force search, trie nodes) shard like a batch.
+    ("items", ("data", "fsdp")),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves `{"data": -1, "fsdp": 1, "model": 2}` into sizes over `MESH_AXES`.
+
+  At most one axis may be -1 ("the rest"); the product must equal `num_devices`.
+  """
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+  unknown = set(mesh_config) - set(MESH_AXES)
+  if unknown:
+    raise UserError(f"mesh: unknown axis {sorted(unknown)[0]!r} (known: {', '.join(MESH_AXES)})")
+  if sizes.count(-1) > 1:
+    raise UserError("mesh: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise UserError(f"mesh: {num_devices} devices do not divide into fixed axes of size {fixed}")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise UserError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                    f"devices, {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a `Mesh` over all (global) devices with axes `MESH_AXES`."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # Topology-aware placement is only defined for some TPU shapes; fall back to plain order.
+    device_array = np.asarray(devices).reshape(shape)
+  # jax.sharding.Mesh gives Auto axis types: partitioning is driven by shardings and the rules
+  # table (jax.make_mesh would default to Explicit axes in this jax version).
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """Maps a pytree of logical `PartitionSpec`s to a pytree of `NamedSharding`s."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def logical_sharding(mesh: Mesh, *names: str | None,
+                     rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> NamedSharding:
+  """The `NamedSharding` for one array whose dimensions have logical `names`."""
+  return logical_to_sharding(PartitionSpec(*names), mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A fully replicated sharding on `mesh`."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
+                 rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> tuple[Any, Any]:
+  """Creates variables already sharded: no host ever holds the full unsharded tree.
+
+  `init_fn(*args)` returns a variable tree whose leaves may be `nn.LogicallyPartitioned`
+  boxes. Returns `(variables, shardings)` with boxes removed and `shardings` a matching tree
+  of `NamedSharding`s (leaves without annotation are replicated).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  unboxed_init = lambda *a: nn.unbox(init_fn(*a))
+  with activation_context(mesh, rules):
+    variables = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+  return variables, shardings
+
+
+def param_specs(abstract_variables: Any, mesh: Mesh,
+                rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """Mesh `PartitionSpec` per leaf of a (possibly boxed) abstract variable tree."""
+  shardings = logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+  return jax.tree.map(lambda s: s.spec, shardings)
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh,
+                       rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Iterator[None]:
+  """Makes `nn.with_logical_constraint` inside models resolve against `mesh` and `rules`."""
+  set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh")
+  with set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def shard_host_batch(batch: Any, mesh: Mesh, *names: str | None,
+                     rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """Turns each process's local numpy batch into global arrays sharded along `batch`.
+
+  Every leaf is `[local_batch, ...]`; the global batch is the concatenation over processes in
+  process order. `names` are the logical names of the leading dims (default: `batch` only).
+  """
+  names = names or ("batch",)
+
+  def put(x):
+    x = np.asarray(x)
+    spec = PartitionSpec(*names, *([None] * (x.ndim - len(names))))
+    sharding = logical_to_sharding(spec, mesh, rules)
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, batch)
+
+
+def maybe_initialize_distributed(distributed_config: Mapping[str, Any]) -> None:
+  """Calls `jax.distributed.initialize` when the config (or a TPU pod environment) asks.
+
+  `distributed_config`: `enabled` ("auto" | True | False), `coordinator_address`,
+  `num_processes`, `process_id`, `cpu_collectives` (e.g. "gloo" for multi-process CPU runs).
+  "auto" initialises when `JAX_COORDINATOR_ADDRESS` is set or on a multi-host TPU VM
+  (`TPU_WORKER_HOSTNAMES` with more than one host), where jax discovers the rest itself.
+  """
+  enabled = distributed_config.get("enabled", "auto")
+  if enabled == "auto":
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    enabled = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or hosts.count(",") >= 1
+  if not enabled or jax.distributed.is_initialized():
+    return
+  collectives = distributed_config.get("cpu_collectives", "")
+  if collectives:
+    jax.config.update("jax_cpu_collectives_implementation", collectives)
+  kwargs = {}
+  if distributed_config.get("coordinator_address"):
+    kwargs = dict(coordinator_address=distributed_config["coordinator_address"],
+                  num_processes=int(distributed_config["num_processes"]),
+                  process_id=int(distributed_config["process_id"]))
+  jax.distributed.initialize(**kwargs)

@@ -1,0 +1,53 @@
+"""Where each stage writes inside a workdir: the one place that knows the layout.
+
+    <workdir>/metrics.jsonl                     every stage's metrics (avg_jax.metrics)
+    <workdir>/prepared/                         dataset_info.json, text tokenizer, ArrayRecord files
+    <workdir>/embed/                            dual-encoder checkpoint, embeddings_<split>.npz
+    <workdir>/tokenizer/<scheme>/               RQ-VAE checkpoint, voken_table.npz, codebook.npy
+    <workdir>/train/<scheme>/                   generative-stage checkpoints
+    <workdir>/rank/<scheme>/                    learning-to-rank checkpoints
+    <workdir>/evaluate/                         metrics.json, report.md, plots
+    <workdir>/export/                           the serving checkpoint
+"""
+
+import os
+
+
+def prepared_dir(workdir: str) -> str:
+  return os.path.join(workdir, "prepared")
+
+
+def dataset_info_file(workdir: str) -> str:
+  return os.path.join(prepared_dir(workdir), "dataset_info.json")
+
+
+def text_tokenizer_model(workdir: str) -> str:
+  return os.path.join(prepared_dir(workdir), "text_tokenizer.model")
+
+
+def embed_dir(workdir: str) -> str:
+  return os.path.join(workdir, "embed")
+
+
+def embeddings_file(workdir: str, split: str) -> str:
+  return os.path.join(embed_dir(workdir), f"embeddings_{split}.npz")
+
+
+def tokenizer_dir(workdir: str, scheme: str) -> str:
+  return os.path.join(workdir, "tokenizer", scheme)
+
+
+def train_dir(workdir: str, scheme: str) -> str:
+  return os.path.join(workdir, "train", scheme)
+
+
+def rank_dir(workdir: str, scheme: str) -> str:
+  return os.path.join(workdir, "rank", scheme)
+
+
+def evaluate_dir(workdir: str) -> str:
+  return os.path.join(workdir, "evaluate")
+
+
+def export_dir(workdir: str) -> str:
+  return os.path.join(workdir, "export")

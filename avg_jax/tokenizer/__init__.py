@@ -1,0 +1,1 @@
+"""Image tokenizer: residual quantisation, RQ-VAE with caption alignment, identifier schemes."""

@@ -1,0 +1,1 @@
+"""Training loops: generative and learning-to-rank stages, checkpointing."""

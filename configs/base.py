@@ -1,0 +1,188 @@
+"""The full set of config fields with their defaults; every other config starts from here.
+
+Each stage reads its own section. Sizes differ between configs (`smoke`, `flickr30k`, `coco`)
+only through values set here or in those files, never through code branches.
+Sections: seed, mesh, distributed, data, loader, text_tokenizer, encoder, encoder_train,
+tokenizer, t5, train, rank, decode, evaluate, export, bench.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- Devices -------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled="auto",          # "auto" | True | False (see partitioning.maybe_initialize_distributed)
+      coordinator_address="",  # host:port; empty lets jax discover it (TPU pods)
+      num_processes=1,
+      process_id=0,
+      cpu_collectives="",      # "gloo" for multi-process CPU runs
+  ))
+
+  # --- Data ------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict(dict(
+      name="avg_shapes",       # "avg_shapes" (embedded, generated) | "karpathy"
+      # avg_shapes
+      num_train=2000,
+      num_val=200,
+      num_test=500,
+      image_size=64,
+      generator_seed=0,
+      # karpathy (Flickr30K / MS-COCO split JSON + image folder, local paths)
+      karpathy_json="",
+      image_root="",
+      skip_bad_images=False,   # missing/corrupt images: error (False) or skip and report (True)
+      stored_image_size=0,     # karpathy: resize the shorter side to this before storing (0: keep)
+      captions_per_image=5,    # evaluation protocol keeps the first 5 captions
+  ))
+  c.loader = ml_collections.ConfigDict(dict(
+      worker_count=0,          # grain worker processes
+      worker_buffer_size=2,
+      shuffle_seed=0,
+  ))
+  c.text_tokenizer = ml_collections.ConfigDict(dict(
+      model_path="",           # a SentencePiece .model (e.g. T5's); empty: train one on captions
+      vocab_size=1000,         # when training one
+      max_length=32,           # source length in tokens (the paper: <= 128)
+  ))
+
+  # --- Dual encoder (CLIP) ---------------------------------------------------------------------
+  c.encoder = ml_collections.ConfigDict(dict(
+      pretrained_path="",      # Hugging Face CLIP dir (config.json + model.safetensors); empty: train
+      image_size=64,
+      patch_size=8,
+      vision_width=128,
+      vision_layers=2,
+      vision_heads=4,
+      vision_mlp_dim=512,
+      text_width=128,
+      text_layers=2,
+      text_heads=4,
+      text_mlp_dim=512,
+      projection_dim=128,
+      max_text_length=32,
+      dtype="float32",
+  ))
+  c.encoder_train = ml_collections.ConfigDict(dict(
+      steps=600,
+      batch_size=128,
+      learning_rate=1e-3,
+      warmup_steps=50,
+      weight_decay=1e-4,
+      init_temperature=0.07,
+      embed_batch_size=256,    # batch for feature extraction
+  ))
+
+  # --- Image tokenizer (RQ-VAE) ----------------------------------------------------------------
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      scheme="avg",            # "avg" | "rq" | "hkmeans" | "atomic" | "random"
+      num_levels=4,            # L
+      codebook_size=1024,      # K
+      shared_codebook=True,    # one codebook applied L times (reference) vs one per level
+      e_dim=768,               # = t5.d_model (the codebook initialises the voken embeddings)
+      hidden_dims=(1024, 512),
+      dropout=0.25,
+      beta=0.25,               # commitment weight
+      quant_weight=1.0,
+      recon_weight=1.0,
+      align_weight=1.0,
+      align_loss="mse",        # "mse" | "infonce"
+      align_position="decoder",  # "decoder" (reference) | "latent"
+      infonce_temperature=0.07,
+      learning_rate=1e-4,
+      weight_decay=0.0,
+      batch_size=2048,
+      steps=20000,
+      kmeans_init=True,
+      kmeans_iters=20,
+      dead_code_restart=False,
+      dead_code_after=100,     # steps unused before a codeword is restarted
+      disambiguation=True,     # append a position that makes every image's id unique
+      checkpoint_every=1000,
+  ))
+
+  # --- Token-to-voken T5 -----------------------------------------------------------------------
+  c.t5 = ml_collections.ConfigDict(dict(
+      pretrained_path="",      # Hugging Face T5 dir (config.json + model.safetensors); empty: scratch
+      vocab_size=32128,        # text vocabulary (vokens are appended after it)
+      d_model=768,
+      d_kv=64,
+      d_ff=3072,
+      num_heads=12,
+      num_encoder_layers=12,
+      num_decoder_layers=12,
+      relative_attention_num_buckets=32,
+      relative_attention_max_distance=128,
+      dropout_rate=0.2,
+      feed_forward="relu",     # "relu" (T5 v1.0) | "gated-gelu" (T5 v1.1)
+      tie_embeddings=True,     # v1.0 ties input/output embeddings (with d_model**-0.5 scaling)
+      layer_norm_epsilon=1e-6,
+      dtype="float32",         # compute dtype: "float32" | "bfloat16"
+      param_dtype="float32",
+      remat=False,
+      scan_layers=False,
+      voken_init="codebook",   # "codebook" | "random"
+      voken_logits_only=True,  # decode-time output projection over voken rows + EOS only
+  ))
+
+  # --- Generative training ---------------------------------------------------------------------
+  c.train = ml_collections.ConfigDict(dict(
+      steps=10000,
+      batch_size=256,
+      learning_rate=1e-3,
+      warmup_fraction=0.1,
+      end_learning_rate_fraction=0.0,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,
+      grad_accum_steps=1,
+      temperature=1.0,         # logits / temperature in the cross-entropy (reference: 0.5 option)
+      pseudo_queries="",       # optional file of (image id, query) extra training pairs
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpointing=True,
+      eval_every=1000,
+      eval_max_queries=1000,
+      log_every=50,
+  ))
+
+  # --- Learning-to-rank stage ------------------------------------------------------------------
+  c.rank = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=64,
+      learning_rate=1e-4,
+      warmup_fraction=0.1,
+      rank_weight=0.5,
+      beam_size=10,
+      double_softmax=False,    # the reference's behaviour, for comparison only
+      checkpoint_every=500,
+      eval_every=500,
+  ))
+
+  # --- Constrained beam search -----------------------------------------------------------------
+  c.decode = ml_collections.ConfigDict(dict(
+      beam_size=10,
+      top_k=10,
+      mask_mode="after_softmax",  # "after_softmax" (reference) | "renormalize"
+      batch_size=32,
+      dense_levels=1,          # trie levels stored as dense [node, token] tables
+  ))
+
+  # --- Evaluation ------------------------------------------------------------------------------
+  c.evaluate = ml_collections.ConfigDict(dict(
+      methods=("two_tower", "avg", "avg_ltr", "rq", "hkmeans", "atomic"),
+      recall_ks=(1, 5, 10),
+      efficiency_sizes=(1000, 10000, 100000, 1000000),
+      efficiency_queries=64,
+  ))
+
+  # --- Export ----------------------------------------------------------------------------------
+  c.export = ml_collections.ConfigDict(dict(
+      param_dtype="float32",   # "float32" | "bfloat16"
+      batch_buckets=(1, 8, 32),
+      max_query_chars=1000,
+  ))
+  return c

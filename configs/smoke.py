@@ -1,0 +1,60 @@
+"""The embedded default: the whole pipeline on generated `avg_shapes` data, CPU minutes.
+
+`get_config()` is the README's main job; `get_config("tiny")` is the test-suite size.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_base_config()
+  size = arg or "default"
+  if size not in ("default", "tiny"):
+    raise ValueError(f"expected '' or 'tiny', got {size!r}")
+  tiny = size == "tiny"
+
+  c.data.num_train = 240 if tiny else 3000
+  c.data.num_val = 40 if tiny else 250
+  c.data.num_test = 40 if tiny else 500
+  c.data.image_size = 32 if tiny else 64
+  c.text_tokenizer.vocab_size = 200 if tiny else 400
+
+  c.encoder.image_size = c.data.image_size
+  c.encoder.patch_size = 8
+  c.encoder.vision_width = c.encoder.text_width = 32 if tiny else 128
+  c.encoder.vision_mlp_dim = c.encoder.text_mlp_dim = 64 if tiny else 512
+  c.encoder.vision_heads = c.encoder.text_heads = 2 if tiny else 4
+  c.encoder.projection_dim = 32 if tiny else 128
+  c.encoder_train.steps = 30 if tiny else 600
+  c.encoder_train.batch_size = 32 if tiny else 128
+
+  c.t5.vocab_size = c.text_tokenizer.vocab_size
+  c.t5.d_model = 32 if tiny else 128
+  c.t5.d_kv = 16 if tiny else 32
+  c.t5.num_heads = 2 if tiny else 4
+  c.t5.d_ff = 64 if tiny else 512
+  c.t5.num_encoder_layers = c.t5.num_decoder_layers = 1 if tiny else 2
+  c.t5.dropout_rate = 0.1
+
+  c.tokenizer.codebook_size = 16 if tiny else 64
+  c.tokenizer.num_levels = 3
+  c.tokenizer.e_dim = c.t5.d_model
+  c.tokenizer.hidden_dims = (64, 32) if tiny else (256, 128)
+  c.tokenizer.learning_rate = 1e-3
+  c.tokenizer.batch_size = 256 if tiny else 1024
+  c.tokenizer.steps = 50 if tiny else 1500
+
+  c.train.steps = 40 if tiny else 1500
+  c.train.batch_size = 32 if tiny else 128
+  c.train.checkpoint_every = 20 if tiny else 500
+  c.train.eval_every = 40 if tiny else 500
+  c.train.eval_max_queries = 40 if tiny else 500
+  c.rank.steps = 10 if tiny else 200
+  c.rank.batch_size = 16 if tiny else 32
+  c.rank.checkpoint_every = 10 if tiny else 100
+  c.rank.eval_every = 10 if tiny else 100
+  c.rank.beam_size = c.decode.beam_size = 5 if tiny else 10
+
+  c.evaluate.efficiency_sizes = (100, 1000) if tiny else (1000, 10000, 100000, 1000000)
+  c.evaluate.efficiency_queries = 8 if tiny else 64
+  return c
