@@ -26,6 +26,8 @@ MESH_AXES = ("data", "fsdp", "model")
 # their `embed` dimension over fsdp (ZeRO-3 style) and their wide dimension over `model`.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    # Indexed items (embeddings for brute-force search, trie nodes) shard like a batch.
+    ("items", ("data", "fsdp")),
     ("beam", None),
     ("length", None),
     ("kv_length", None),
@@ -43,8 +45,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("channels", None),
     ("image_pixels", None),
-    # Indexed items (embeddings for brute-force search, trie nodes) shard like a batch.
-    ("items", ("data", "fsdp")),
 )
 
 

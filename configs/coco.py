@@ -1,0 +1,16 @@
+"""MS-COCO (Karpathy split: 113K train+restval / 5K val / 5K test images), t5-large.
+
+The reference's COCO script uses t5-large; `get_config("t5-base")` for the smaller model.
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  c = paper.get_paper_config("coco", arg or "t5-large")
+  # ~566K pairs / 2048 per batch = 277 steps an epoch.
+  c.tokenizer.steps = 300_000
+  c.train.steps = 200_000
+  c.rank.steps = 20_000
+  c.evaluate.efficiency_sizes = (5000, 10000, 100000, 1000000)
+  return c

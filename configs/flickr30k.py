@@ -1,0 +1,15 @@
+"""Flickr30K (Karpathy split: 29K train / 1K val / 1K test images, 5 captions each), t5-base.
+
+`get_config("t5-large")` swaps the generator size. Data and weight paths: see configs/paper.py.
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+  c = paper.get_paper_config("flickr30k", arg or "t5-base")
+  # ~145K (image, caption) pairs / 2048 per batch = 71 steps an epoch; ~2800 epochs.
+  c.tokenizer.steps = 200_000
+  c.train.steps = 60_000
+  c.rank.steps = 6_000
+  return c

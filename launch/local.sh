@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Local entry point. Creates the virtual environment on first use (PyPI only) and refreshes it
+# when requirements.txt or pyproject.toml change, then:
+#   launch/local.sh run  [avg-jax overrides...]  the whole pipeline on the embedded avg_shapes data
+#   launch/local.sh test [pytest args...]        the test suite (CPU, 8 fake devices)
+#   launch/local.sh env                          only create / refresh the environment
+# Environment: PYTHON (interpreter to build the venv with), AVG_JAX_VENV (default .venv),
+# WORKDIR (default runs/smoke), CONFIG (default configs/smoke.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${AVG_JAX_VENV:-.venv}"
+
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  for candidate in python3.11 python3.12 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
+  echo "launch/local.sh: need Python >= 3.11 (set PYTHON=...)" >&2
+  exit 2
+}
+
+ensure_env() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "launch/local.sh: creating $VENV" >&2
+    "$(pick_python)" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.avg_jax_requirements"
+  local want
+  want="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "launch/local.sh: installing requirements into $VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+    "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+    echo "$want" > "$stamp"
+  fi
+}
+
+command="${1:-}"
+[ $# -gt 0 ] && shift
+case "$command" in
+  run)
+    ensure_env
+    exec "$VENV/bin/avg-jax" run --config "${CONFIG:-configs/smoke.py}" \
+      --workdir "${WORKDIR:-runs/smoke}" "$@"
+    ;;
+  test)
+    ensure_env
+    export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
+    export JAX_PLATFORMS=cpu
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  env)
+    ensure_env
+    ;;
+  *)
+    echo "usage: launch/local.sh run|test|env [args...]" >&2
+    exit 2
+    ;;
+esac

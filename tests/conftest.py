@@ -1,0 +1,19 @@
+"""Test-wide setup: 8 fake CPU devices for sharding tests, no progress bars, no GPU/TPU."""
+
+import os
+
+# Must happen before jax is imported anywhere: sharding tests build (4, 2) and (8,) meshes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("AVG_JAX_NO_PROGRESS", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def repo_root() -> pathlib.Path:
+  return REPO_ROOT

@@ -1,0 +1,62 @@
+"""Config loading, overrides and unknown keys."""
+
+import pytest
+
+from avg_jax import config as config_lib
+from avg_jax.errors import UserError
+
+
+def test_smoke_and_tiny_load(repo_root):
+  default = config_lib.load_config(str(repo_root / "configs/smoke.py"))
+  tiny = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"))
+  assert tiny.data.num_train < default.data.num_train
+  # The codebook initialises voken embeddings, so its width must equal the model's.
+  for c in (default, tiny):
+    assert c.tokenizer.e_dim == c.t5.d_model
+
+
+@pytest.mark.parametrize("name", ["flickr30k", "coco"])
+def test_paper_configs_load(repo_root, name):
+  c = config_lib.load_config(str(repo_root / f"configs/{name}.py"))
+  assert c.tokenizer.codebook_size == 1024 and c.tokenizer.num_levels == 4
+  assert c.tokenizer.e_dim == c.t5.d_model
+
+
+def test_overrides_are_typed(repo_root):
+  c = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
+      "t5.d_model=256", "train.learning_rate=3e-4", "tokenizer.shared_codebook=false",
+      "tokenizer.hidden_dims=(8, 4)", "data.karpathy_json=/x/y.json"])
+  assert c.t5.d_model == 256 and isinstance(c.t5.d_model, int)
+  assert c.train.learning_rate == pytest.approx(3e-4)
+  assert c.tokenizer.shared_codebook is False
+  assert tuple(c.tokenizer.hidden_dims) == (8, 4)
+  assert c.data.karpathy_json == "/x/y.json"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("t5.d_modle=256", "unknown config key: t5.d_modle"),
+    ("nosuch.key=1", "unknown config key: nosuch"),
+    ("t5.d_model=big", "config key t5.d_model: cannot parse 'big' as int"),
+    ("t5=1", "config key t5 is a section"),
+    ("t5.d_model", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(repo_root, override, message):
+  with pytest.raises(UserError, match=message):
+    config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [override])
+
+
+def test_locked_config_rejects_new_keys(repo_root):
+  c = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"))
+  with pytest.raises(AttributeError):
+    c.t5.new_field = 1
+
+
+def test_missing_config_file_and_bad_arg(repo_root, tmp_path):
+  with pytest.raises(UserError, match="config file not found: .*nope.py"):
+    config_lib.load_config(str(tmp_path / "nope.py"))
+  with pytest.raises(UserError, match="bad argument 'huge'"):
+    config_lib.load_config(str(repo_root / "configs/smoke.py:huge"))
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg)\n")
+  with pytest.raises(UserError, match="broken.py: syntax error on line 1"):
+    config_lib.load_config(str(broken))
