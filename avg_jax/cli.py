@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from avg_jax.errors import UserError
+from avg_jax.errors import Preempted, UserError
 
 # stage name -> "module:function"; each function takes (config, workdir).
 STAGES: dict[str, str] = {
@@ -151,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(f"avg-jax: error: {e}", file=sys.stderr)
     return 2
+  except Preempted as e:
+    # Exit like a process ended by SIGTERM, after the checkpoint is safely written.
+    print(f"avg-jax: {e}", file=sys.stderr)
+    return 143
   except KeyboardInterrupt:
     print("avg-jax: interrupted", file=sys.stderr)
     return 130

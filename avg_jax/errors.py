@@ -17,3 +17,12 @@ def require(condition: bool, message: str) -> None:
   """Raises `UserError(message)` unless `condition` holds."""
   if not condition:
     raise UserError(message)
+
+
+class Preempted(Exception):
+  """SIGTERM or a platform preemption notice: a checkpoint was saved; rerun to resume."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted at step {step}; checkpoint saved in {directory}; "
+                     f"rerun the same command to resume")
+    self.step = step

@@ -1,0 +1,136 @@
+"""Orbax checkpoints holding the train state, the grain iterator state and JSON metadata.
+
+Resume priority (see `resume_or_init` callers): an existing checkpoint in the workdir, then an
+explicit init checkpoint, then from scratch. A latest checkpoint that cannot be restored
+(corrupt or half-written) is skipped with a warning naming it, and the previous good one is
+used. Orbax writes each step into a temporary directory and renames it when complete, so a
+process killed mid-save leaves no step that looks finished.
+"""
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from avg_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """A `CheckpointManager` over items `state`, `data_iter` (optional) and `metadata`."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, state: Any, *, data_iter: Any = None,
+           metadata: Optional[dict] = None, force: bool = True) -> None:
+    """Saves `state` (a pytree of jax arrays), the iterator state and `metadata` at `step`."""
+    items = {"state": ocp.args.StandardSave(state),
+             "metadata": ocp.args.JsonSave(dict(metadata or {}, step=int(step)))}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def restore(self, step: int, abstract_state: Any, *, data_iter: Any = None) -> tuple[Any, dict]:
+    """Restores `(state, metadata)` at `step`; `data_iter` is restored in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state),
+             "metadata": ocp.args.JsonRestore()}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    return restored["state"], dict(restored["metadata"] or {})
+
+  def restore_latest_good(self, abstract_state: Any, *,
+                          data_iter: Any = None) -> Optional[tuple[int, Any, dict]]:
+    """Restores the newest checkpoint that loads; `None` when there is none.
+
+    A checkpoint that fails to load is reported with its path and skipped.
+    """
+    for step in reversed(self.steps()):
+      try:
+        state, metadata = self.restore(step, abstract_state, data_iter=data_iter)
+        return step, state, metadata
+      except Exception as e:  # orbax raises many types for damaged files
+        path = os.path.join(self.directory, str(step))
+        log.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one", path,
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    return None
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the platform (e.g. a TPU pod's maintenance event) asks all hosts to stop."""
+    return self.manager.reached_preemption(int(step))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params_from(directory: str, abstract_state: Any) -> Any:
+  """Reads the newest good checkpoint's state from another stage's directory (init)."""
+  if not os.path.isdir(directory):
+    raise UserError(f"init checkpoint directory not found: {directory}")
+  checkpointer = Checkpointer(directory, async_save=False)
+  try:
+    found = checkpointer.restore_latest_good(abstract_state)
+  finally:
+    checkpointer.close()
+  if found is None:
+    raise UserError(f"no restorable checkpoint in {directory}")
+  return found[1]
+
+
+class StopSignal:
+  """Turns SIGTERM (preemption) into a flag the train loop checks between steps.
+
+  Only installs a handler when running in the main thread; restores the old handler on exit.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def set(self) -> None:
+    self._event.set()
+
+
+def all_processes_agree(flag: bool) -> bool:
+  """True if `flag` is true on any process (so every host stops at the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  import numpy as np
+  flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+  return bool(np.asarray(flags).any())
