@@ -162,6 +162,11 @@ def maybe_initialize_distributed(distributed_config: Mapping[str, Any]) -> None:
   (`TPU_WORKER_HOSTNAMES` with more than one host), where jax discovers the rest itself.
   """
   enabled = distributed_config.get("enabled", "auto")
+  if isinstance(enabled, str) and enabled.lower() != "auto":
+    if enabled.lower() not in ("true", "false"):
+      raise UserError(f"config key distributed.enabled: expected auto, true or false, "
+                      f"got {enabled!r}")
+    enabled = enabled.lower() == "true"
   if enabled == "auto":
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     enabled = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or hosts.count(",") >= 1

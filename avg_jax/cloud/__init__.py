@@ -1,0 +1,1 @@
+"""Cloud launch helpers (gcloud command builders for TPU VMs and pod slices)."""
