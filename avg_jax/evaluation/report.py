@@ -1,0 +1,178 @@
+"""Turns evaluation results into `report.md` with PNG plots and a one-screen summary.
+
+`results` is the dict the evaluate stage writes to `metrics.json`:
+  recall:      {method: {"R@1": float, "R@5": float, "R@10": float}}
+  efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
+  codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
+  collisions:  {scheme: {split: rate}}
+"""
+
+import math
+import os
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+RECALL_KEYS = ("R@1", "R@5", "R@10")
+
+
+def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
+  """Smallest N where AVG's queries/s reaches two-tower's (log-log interpolation).
+
+  Both lists hold `{"num_items", "queries_per_s"}`; only sizes measured for both count.
+  Returns None when AVG is never faster, the first size when it always is.
+  """
+  a = {int(r["num_items"]): float(r["queries_per_s"]) for r in avg}
+  t = {int(r["num_items"]): float(r["queries_per_s"]) for r in two_tower}
+  sizes = sorted(set(a) & set(t))
+  if not sizes:
+    return None
+  ratio = [math.log(a[n]) - math.log(t[n]) for n in sizes]  # > 0: AVG faster
+  if ratio[0] >= 0:
+    return float(sizes[0])
+  for (n0, r0), (n1, r1) in zip(zip(sizes, ratio), zip(sizes[1:], ratio[1:])):
+    if r1 >= 0 > r0:
+      frac = -r0 / (r1 - r0)
+      return float(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0))))
+  return None
+
+
+def plot_recall(recall: dict, path: str) -> None:
+  methods = list(recall)
+  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods)), 3.5))
+  width = 0.8 / len(RECALL_KEYS)
+  for i, key in enumerate(RECALL_KEYS):
+    xs = [j + (i - 1) * width for j in range(len(methods))]
+    ax.bar(xs, [100 * recall[m].get(key, 0.0) for m in methods], width, label=key)
+  ax.set_xticks(range(len(methods)), methods)
+  ax.set_ylabel("recall (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title("Text-to-image Recall@K (test split)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_efficiency(efficiency: dict, path: str, cross: Optional[float]) -> None:
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for method, rows in efficiency.items():
+    rows = sorted(rows, key=lambda r: r["num_items"])
+    ax.plot([r["num_items"] for r in rows], [r["queries_per_s"] for r in rows], "o-",
+            label=method)
+  if cross is not None:
+    ax.axvline(cross, color="grey", ls="--", lw=1, label=f"crossover ~{cross:,.0f}")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("indexed images N")
+  ax.set_ylabel("queries / s")
+  ax.set_title("Retrieval speed vs index size")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_codebook(codebook: dict, path: str) -> None:
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+  for scheme, usage in codebook.items():
+    levels = range(1, len(usage["perplexity"]) + 1)
+    axes[0].plot(levels, usage["perplexity"], "o-", label=scheme)
+    axes[1].plot(levels, [100 * u for u in usage["unused_share"]], "o-", label=scheme)
+  axes[0].set_title("codebook perplexity per level")
+  axes[1].set_title("unused codes per level (%)")
+  for ax in axes:
+    ax.set_xlabel("level")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_collisions(collisions: dict, path: str) -> None:
+  schemes = list(collisions)
+  splits = sorted({s for v in collisions.values() for s in v})
+  fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(schemes)), 3.2))
+  width = 0.8 / max(len(splits), 1)
+  for i, split in enumerate(splits):
+    xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(schemes))]
+    ax.bar(xs, [100 * collisions[s].get(split, 0.0) for s in schemes], width, label=split)
+  ax.set_xticks(range(len(schemes)), schemes)
+  ax.set_ylabel("images sharing their L-voken code (%)")
+  ax.set_title("Collision rate before disambiguation")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def summary_table(results: dict) -> str:
+  """A plain-text table of Recall@K per method plus the efficiency crossover."""
+  lines = [f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS)]
+  for method, r in results.get("recall", {}).items():
+    lines.append(f"{method:<12}" + "".join(f"{100 * r.get(k, float('nan')):>8.1f}"
+                                           for k in RECALL_KEYS))
+  eff = results.get("efficiency", {})
+  if eff:
+    lines.append("")
+    lines.append(f"{'N':>10}" + "".join(f"{m + ' q/s':>16}" for m in eff))
+    sizes = sorted({int(r["num_items"]) for rows in eff.values() for r in rows})
+    for n in sizes:
+      cells = []
+      for rows in eff.values():
+        q = [r["queries_per_s"] for r in rows if int(r["num_items"]) == n]
+        cells.append(f"{q[0]:>16.1f}" if q else f"{'-':>16}")
+      lines.append(f"{n:>10,}" + "".join(cells))
+    cross = results.get("crossover")
+    lines.append("AVG faster than two-tower from N ~ " +
+                 (f"{cross:,.0f}" if cross else "never (within the sizes measured)"))
+  return "\n".join(lines)
+
+
+def _markdown_recall(recall: dict) -> list[str]:
+  out = ["| method | " + " | ".join(RECALL_KEYS) + " |", "|---" * (len(RECALL_KEYS) + 1) + "|"]
+  for method, r in recall.items():
+    out.append(f"| {method} | " + " | ".join(f"{100 * r.get(k, float('nan')):.1f}"
+                                            for k in RECALL_KEYS) + " |")
+  return out
+
+
+def write_report(results: dict, directory: str) -> str:
+  """Writes `report.md` and its PNG plots into `directory`; returns the report path."""
+  os.makedirs(directory, exist_ok=True)
+  md = ["# avg-jax evaluation report", ""]
+  meta = results.get("meta", {})
+  if meta:
+    md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
+  if results.get("recall"):
+    plot_recall(results["recall"], os.path.join(directory, "recall.png"))
+    md += ["## Recall@K (Karpathy protocol, test split, %)", ""]
+    md += _markdown_recall(results["recall"]) + ["", "![recall](recall.png)", ""]
+  if results.get("efficiency"):
+    plot_efficiency(results["efficiency"], os.path.join(directory, "efficiency.png"),
+                    results.get("crossover"))
+    md += ["## Efficiency: queries/s vs number of indexed images", "", "```",
+           summary_table({"efficiency": results["efficiency"],
+                          "crossover": results.get("crossover")}), "```", "",
+           "![efficiency](efficiency.png)", ""]
+  if results.get("codebook"):
+    plot_codebook(results["codebook"], os.path.join(directory, "codebook.png"))
+    md += ["## Codebook usage", "", "![codebook](codebook.png)", ""]
+  if results.get("collisions"):
+    plot_collisions(results["collisions"], os.path.join(directory, "collisions.png"))
+    md += ["## Collision rate before disambiguation", "", "| scheme | " +
+           " | ".join(sorted({s for v in results["collisions"].values() for s in v})) + " |"]
+    splits = sorted({s for v in results["collisions"].values() for s in v})
+    md += ["|---" * (len(splits) + 1) + "|"]
+    for scheme, rates in results["collisions"].items():
+      md.append(f"| {scheme} | " + " | ".join(f"{100 * rates.get(s, 0):.1f}%" for s in splits)
+                + " |")
+    md += ["", "![collisions](collisions.png)", ""]
+  path = os.path.join(directory, "report.md")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write("\n".join(md) + "\n")
+  os.replace(path + ".tmp", path)
+  return path

@@ -1,0 +1,46 @@
+"""Report writing and the efficiency crossover, on hand-made numbers."""
+
+import os
+
+import pytest
+
+from avg_jax.evaluation import report
+
+
+def _rows(pairs):
+  return [{"num_items": n, "queries_per_s": q} for n, q in pairs]
+
+
+def test_crossover_interpolates_in_log_space():
+  # Two-tower slows 10x per decade; AVG is flat at 100 q/s. Equal at N = 10^4 exactly.
+  avg = _rows([(1000, 100.0), (100000, 100.0)])
+  two = _rows([(1000, 1000.0), (100000, 10.0)])
+  assert report.crossover(avg, two) == pytest.approx(10000.0, rel=1e-9)
+
+
+def test_crossover_never_and_always():
+  assert report.crossover(_rows([(10, 1.0), (100, 1.0)]), _rows([(10, 5.0), (100, 5.0)])) is None
+  assert report.crossover(_rows([(10, 9.0)]), _rows([(10, 5.0)])) == 10.0
+  assert report.crossover(_rows([(10, 9.0)]), _rows([(20, 5.0)])) is None
+
+
+def test_write_report_makes_markdown_and_plots(tmp_path):
+  results = {
+      "meta": {"config": "smoke"},
+      "recall": {"two_tower": {"R@1": 0.5, "R@5": 0.8, "R@10": 0.9},
+                 "avg": {"R@1": 0.25, "R@5": 0.5, "R@10": 0.75}},
+      "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
+                     "two_tower": _rows([(1000, 1000.0), (100000, 10.0)])},
+      "codebook": {"avg": {"perplexity": [50.0, 40.0], "unused_share": [0.1, 0.2]}},
+      "collisions": {"avg": {"train": 0.1, "test": 0.05}},
+  }
+  results["crossover"] = report.crossover(results["efficiency"]["avg"],
+                                          results["efficiency"]["two_tower"])
+  path = report.write_report(results, str(tmp_path))
+  text = open(path).read()
+  assert "| avg | 25.0 | 50.0 | 75.0 |" in text
+  assert "| avg | 5.0% | 10.0% |" in text  # test, train columns sorted by name
+  for png in ("recall.png", "efficiency.png", "codebook.png", "collisions.png"):
+    assert os.path.getsize(tmp_path / png) > 1000
+  table = report.summary_table(results)
+  assert "two_tower" in table and "AVG faster than two-tower from N ~ " in table
