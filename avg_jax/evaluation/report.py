@@ -1,7 +1,7 @@
 """Turns evaluation results into `report.md` with PNG plots and a one-screen summary.
 
 `results` is the dict the evaluate stage writes to `metrics.json`:
-  recall:      {method: {"R@1": float, "R@5": float, "R@10": float}}
+  recall:      {method: {"R@1": float, "R@5": float, "R@10": float}} in percent
   efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
   codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
   collisions:  {scheme: {split: rate}}
@@ -46,7 +46,7 @@ def plot_recall(recall: dict, path: str) -> None:
   width = 0.8 / len(RECALL_KEYS)
   for i, key in enumerate(RECALL_KEYS):
     xs = [j + (i - 1) * width for j in range(len(methods))]
-    ax.bar(xs, [100 * recall[m].get(key, 0.0) for m in methods], width, label=key)
+    ax.bar(xs, [recall[m].get(key, 0.0) for m in methods], width, label=key)
   ax.set_xticks(range(len(methods)), methods)
   ax.set_ylabel("recall (%)")
   ax.set_ylim(0, 100)
@@ -113,7 +113,7 @@ def summary_table(results: dict) -> str:
   """A plain-text table of Recall@K per method plus the efficiency crossover."""
   lines = [f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS)]
   for method, r in results.get("recall", {}).items():
-    lines.append(f"{method:<12}" + "".join(f"{100 * r.get(k, float('nan')):>8.1f}"
+    lines.append(f"{method:<12}" + "".join(f"{r.get(k, float('nan')):>8.1f}"
                                            for k in RECALL_KEYS))
   eff = results.get("efficiency", {})
   if eff:
@@ -135,7 +135,7 @@ def summary_table(results: dict) -> str:
 def _markdown_recall(recall: dict) -> list[str]:
   out = ["| method | " + " | ".join(RECALL_KEYS) + " |", "|---" * (len(RECALL_KEYS) + 1) + "|"]
   for method, r in recall.items():
-    out.append(f"| {method} | " + " | ".join(f"{100 * r.get(k, float('nan')):.1f}"
+    out.append(f"| {method} | " + " | ".join(f"{r.get(k, float('nan')):.1f}"
                                             for k in RECALL_KEYS) + " |")
   return out
 

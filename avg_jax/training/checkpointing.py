@@ -85,6 +85,30 @@ class Checkpointer:
     self.manager.close()
 
 
+def save_params(directory: str, params: Any) -> None:
+  """Writes final parameters (no optimizer state) to `directory`; orbax renames it into place
+  only when complete, so its existence means a finished stage."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), params, force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def load_params(directory: str, abstract_params: Any) -> Any:
+  """Reads parameters saved by `save_params`; `abstract_params` leaves are
+  `jax.ShapeDtypeStruct`s with the target shardings."""
+  if not os.path.isdir(directory):
+    raise UserError(f"parameters not found: {directory}")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    return checkpointer.restore(os.path.abspath(directory), abstract_params)
+  except Exception as e:  # a damaged checkpoint: name it, do not guess
+    raise UserError(f"cannot read parameters in {directory}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+  finally:
+    checkpointer.close()
+
+
 def restore_params_from(directory: str, abstract_state: Any) -> Any:
   """Reads the newest good checkpoint's state from another stage's directory (init)."""
   if not os.path.isdir(directory):

@@ -27,8 +27,8 @@ def test_crossover_never_and_always():
 def test_write_report_makes_markdown_and_plots(tmp_path):
   results = {
       "meta": {"config": "smoke"},
-      "recall": {"two_tower": {"R@1": 0.5, "R@5": 0.8, "R@10": 0.9},
-                 "avg": {"R@1": 0.25, "R@5": 0.5, "R@10": 0.75}},
+      "recall": {"two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
+                 "avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}},
       "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
                      "two_tower": _rows([(1000, 1000.0), (100000, 10.0)])},
       "codebook": {"avg": {"perplexity": [50.0, 40.0], "unused_share": [0.1, 0.2]}},

@@ -1,0 +1,100 @@
+"""Recall@K of a generator through the constrained beam search (Karpathy protocol).
+
+Every caption of every image of a split is a query; the trie holds that split's images.
+Queries are processed in fixed-size global batches (padded at the end) so the search compiles
+once; each process feeds its slice of every batch and all processes see all results.
+"""
+
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from avg_jax import partitioning
+from avg_jax.data import dataset
+from avg_jax.data.text_tokenizer import TextTokenizer
+from avg_jax.decoding import search as search_lib
+from avg_jax.decoding.trie import VokenTrie
+from avg_jax.evaluation.recall import recall_at_k
+from avg_jax.progress import progress
+
+
+def query_set(workdir: str, split: str, tokenizer: TextTokenizer, max_length: int,
+              max_queries: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`(input tokens int32[Q, S], true image ids int64[Q])` for the split's captions.
+
+  `max_queries > 0` keeps the first captions of the first images (whole images first).
+  """
+  image_ids, texts = dataset.read_texts(workdir, split)
+  if max_queries:
+    image_ids, texts = image_ids[:max_queries], texts[:max_queries]
+  return tokenizer.encode_batch(texts, max_length), image_ids
+
+
+def build_trie(table: dict, split: str, vocab) -> VokenTrie:
+  """The prefix tree over a split's images (`table[split] = (image_ids, codes)`)."""
+  image_ids, codes = table[split]
+  return VokenTrie.build(codes, image_ids, position_sizes=vocab.position_sizes())
+
+
+def _global_batch_size(requested: int, mesh) -> int:
+  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  return max(data_devices, (requested // data_devices) * data_devices)
+
+
+def run_search(search_fn, params: Any, device_trie: Any, inputs: np.ndarray, *, mesh,
+               batch_size: int, desc: str = "search") -> tuple[dict, float]:
+  """Runs `search_fn` over all `inputs [Q, S]`; returns (numpy results for the Q queries,
+  seconds spent after the first batch's compilation)."""
+  batch = _global_batch_size(batch_size, mesh)
+  q = inputs.shape[0]
+  padded = np.concatenate([inputs, np.zeros(((-q) % batch, inputs.shape[1]), inputs.dtype)])
+  pc, pi = jax.process_count(), jax.process_index()
+  local = batch // pc if batch % pc == 0 else None
+  outs, start = [], None
+  for b in progress(range(0, padded.shape[0], batch), total=padded.shape[0] // batch,
+                    desc=desc, unit="batch"):
+    rows = padded[b:b + batch]
+    if local is not None and pc > 1:
+      rows = rows[pi * local:(pi + 1) * local]
+    tokens = partitioning.shard_host_batch(rows, mesh)
+    result = search_fn(params, device_trie, tokens)
+    if pc > 1:
+      result = multihost_utils.process_allgather(result, tiled=True)
+    out = search_lib.results_to_numpy(result)
+    outs.append(out)
+    if start is None:  # exclude compilation from the timing
+      start = time.perf_counter()
+  elapsed = time.perf_counter() - start
+  merged = {k: np.concatenate([o[k] for o in outs])[:q] for k in outs[0]}
+  timed_queries = padded.shape[0] - batch
+  return merged, (elapsed, timed_queries)
+
+
+def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,
+                    split: str, *, max_queries: int = 0,
+                    search_fn: Optional[Any] = None) -> dict:
+  """`{"R@1", "R@5", "R@10", "queries_per_s", "num_queries"}` of `params` on `split`."""
+  inputs, true_ids = query_set(workdir, split, gen.tokenizer,
+                               int(config.text_tokenizer.max_length), max_queries)
+  trie = build_trie(gen.table, split, gen.vocab)
+  k = max(max(config.evaluate.recall_ks), int(config.decode.top_k))
+  beam = max(int(config.decode.beam_size), k)
+  if search_fn is None:
+    search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
+                                          beam_size=beam, top_k=k,
+                                          mask_mode=config.decode.mask_mode)
+  device_trie = trie.to_device(dense_levels=int(config.decode.dense_levels),
+                               sharding=partitioning.replicated(mesh))
+  results, (seconds, timed) = run_search(search_fn, params, device_trie, inputs, mesh=mesh,
+                                         batch_size=int(config.decode.batch_size),
+                                         desc=f"search {split}")
+  metrics = recall_at_k(results["item_ids"], true_ids, tuple(config.evaluate.recall_ks))
+  metrics["num_queries"] = int(inputs.shape[0])
+  if timed > 0 and seconds > 0:
+    metrics["queries_per_s"] = timed / seconds
+  metrics["_results"] = results
+  metrics["_true_ids"] = true_ids
+  return metrics

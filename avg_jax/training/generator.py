@@ -1,0 +1,93 @@
+"""The token-to-voken generator as the train, rank, evaluate and export stages see it.
+
+Builds the T5 config whose vocabulary is the model's text rows plus the voken rows of a
+scheme's voken table, creates (or imports) its parameters already sharded on a mesh with the
+voken rows initialised from the tokenizer's codebook, and loads the text tokenizer.
+"""
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from avg_jax import partitioning, paths
+from avg_jax.data.text_tokenizer import TextTokenizer
+from avg_jax.errors import UserError
+from avg_jax.models import t5 as t5_lib
+from avg_jax.models import t5_hf, voken_rows
+from avg_jax.models.t5_config import T5Config, hf_architecture, read_hf_config
+from avg_jax.tokenizer.stage import load_voken_table
+from avg_jax.vokens import VokenVocabulary
+
+
+@dataclasses.dataclass
+class Generator:
+  """Everything needed to run the generator of one identifier scheme."""
+  cfg: T5Config
+  vocab: VokenVocabulary
+  table: dict          # split -> (image_ids int64[N], codes int32[N, P])
+  codebook: np.ndarray
+  tokenizer: TextTokenizer
+  table_hash: str      # identifies the voken table the model is trained on
+
+  def targets(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(image_ids int64[N], target tokens int32[N, P + 1])` for a split (vokens + EOS)."""
+    image_ids, codes = self.table[split]
+    return image_ids, self.vocab.target_tokens(codes)
+
+
+def model_text_rows(t5_config: ConfigDict) -> int:
+  """Text rows of the model's embedding: the Hugging Face checkpoint's or `t5.vocab_size`."""
+  if t5_config.pretrained_path:
+    return int(hf_architecture(read_hf_config(t5_config.pretrained_path),
+                               t5_config.pretrained_path)["vocab_size"])
+  return int(t5_config.vocab_size)
+
+
+def table_hash(table: dict) -> str:
+  h = hashlib.sha256()
+  for split in sorted(table):
+    ids, codes = table[split]
+    h.update(split.encode())
+    h.update(np.ascontiguousarray(ids, np.int64).tobytes())
+    h.update(np.ascontiguousarray(codes, np.int32).tobytes())
+  return h.hexdigest()[:16]
+
+
+def load_generator(config: ConfigDict, workdir: str, scheme: str) -> Generator:
+  """Reads the voken table of `scheme` and the text tokenizer; builds the T5 config."""
+  table_vocab, table, codebook = load_voken_table(workdir, scheme)
+  tokenizer = TextTokenizer.load(paths.text_tokenizer_model(workdir))
+  text_rows = model_text_rows(config.t5)
+  if tokenizer.vocab_size > text_rows:
+    raise UserError(f"text tokenizer has {tokenizer.vocab_size} pieces but the model has only "
+                    f"{text_rows} text rows (config t5.vocab_size)")
+  # Voken token ids start after the model's text rows (T5 pads its 32000 pieces to 32128).
+  vocab = dataclasses.replace(table_vocab, text_vocab_size=text_rows)
+  cfg = T5Config.from_config(config.t5, vocab)
+  return Generator(cfg=cfg, vocab=vocab, table=table, codebook=codebook, tokenizer=tokenizer,
+                   table_hash=table_hash(table))
+
+
+def init_params(config: ConfigDict, gen: Generator, mesh, rng: jax.Array) -> tuple[Any, Any]:
+  """`(params, shardings)`: sharded parameters with voken rows set from the codebook.
+
+  From the Hugging Face checkpoint in `t5.pretrained_path` when given, else random.
+  """
+  shardings = t5_lib.param_shardings(gen.cfg, mesh)["params"]
+  init = config.t5.voken_init
+  if config.t5.pretrained_path:
+    text_cfg, host = t5_hf.load_hf_t5(
+        config.t5.pretrained_path, dtype=gen.cfg.dtype, param_dtype=gen.cfg.param_dtype,
+        dropout_rate=gen.cfg.dropout_rate, remat=gen.cfg.remat, scan_layers=gen.cfg.scan_layers)
+    _, host = voken_rows.append_voken_rows(host, text_cfg, gen.vocab, gen.codebook, init=init,
+                                           seed=int(config.seed))
+    return jax.device_put(host, shardings), shardings
+  variables, var_shardings = partitioning.sharded_init(
+      lambda r: t5_lib.init_variables(gen.cfg, r), mesh, rng)
+  params = voken_rows.set_voken_rows(variables["params"], gen.cfg, gen.vocab, gen.codebook,
+                                     init=init, seed=int(config.seed))
+  return jax.device_put(params, shardings), shardings
