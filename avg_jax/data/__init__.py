@@ -1,1 +1,2 @@
-"""Datasets: the embedded avg_shapes generator, Karpathy-split builder, grain pipelines, text tokenizer."""
+"""Datasets: the embedded avg_shapes generator, the Karpathy-split builder (TFDS ArrayRecord),
+grain pipelines, the text tokenizer and the `prepare` stage."""

@@ -1,0 +1,303 @@
+"""`avg-jax prepare`: dataset -> ArrayRecord files + text tokenizer + dataset_info.json.
+
+Output, `paths.prepared_dir(workdir)`:
+
+    dataset_info.json        counts per split, captions per image, image size, dataset name,
+                             config hash, file manifest (written last)
+    text_tokenizer.model     SentencePiece (trained on the training captions, or the given one)
+    tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
+
+Atomic and idempotent: everything is written into `prepared.tmp-<host>-<pid>-*` and renamed
+into place, so `prepared/` is either absent or complete. A complete directory whose config hash
+matches is kept (and reported as such); one that fails its manifest check (a half-written or
+damaged copy) is removed and redone, as are temp directories left by interrupted runs; one
+prepared from a different data config is an error (later stages built on it would be stale).
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from avg_jax import paths
+from avg_jax.data import builders
+from avg_jax.data import dataset as dataset_lib
+from avg_jax.data import shapes as shapes_lib
+from avg_jax.data.text_tokenizer import TextTokenizer
+from avg_jax.errors import UserError
+from avg_jax.metrics import MetricsWriter
+from avg_jax.progress import progress
+
+FORMAT_VERSION = 1
+INFO_NAME = os.path.basename(paths.dataset_info_file("w"))
+TOKENIZER_NAME = os.path.basename(paths.text_tokenizer_model("w"))
+
+
+def _file_sha256(path: str, what: str) -> str:
+  digest = hashlib.sha256()
+  try:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  except OSError as e:
+    raise UserError(f"{what} not readable: {path} ({e.strerror})") from e
+  return digest.hexdigest()
+
+
+def data_identity(config: Any) -> dict:
+  """The config values (and input file digests) that determine the prepared output."""
+  d, t = config.data, config.text_tokenizer
+  identity = {"format_version": FORMAT_VERSION, "data.name": d.name,
+              "data.image_size": int(d.image_size),
+              "data.captions_per_image": int(d.captions_per_image),
+              "data.image_encoding": d.image_encoding}
+  if d.image_encoding == "jpeg":
+    identity["data.jpeg_quality"] = int(d.jpeg_quality)
+  if d.name == "avg_shapes":
+    for key in ("num_train", "num_val", "num_test", "generator_seed"):
+      identity[f"data.{key}"] = int(d[key])
+  elif d.name == "karpathy":
+    identity["data.karpathy_json"] = os.path.abspath(d.karpathy_json) if d.karpathy_json else ""
+    if d.karpathy_json and os.path.isfile(d.karpathy_json):
+      identity["karpathy_json sha256"] = _file_sha256(d.karpathy_json, "data.karpathy_json")
+    identity["data.image_root"] = os.path.abspath(d.image_root) if d.image_root else ""
+    identity["data.skip_bad_images"] = bool(d.skip_bad_images)
+  if t.model_path:
+    identity["text_tokenizer.model_path"] = os.path.abspath(t.model_path)
+    identity["text_tokenizer sha256"] = _file_sha256(t.model_path, "text_tokenizer.model_path")
+  else:
+    identity["text_tokenizer.vocab_size"] = int(t.vocab_size)
+    identity["text_tokenizer.model_type"] = t.model_type
+  return identity
+
+
+def config_hash(identity: dict) -> str:
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _manifest(root: str) -> dict[str, int]:
+  """`{relative path: size}` of every file under `root` (except dataset_info.json)."""
+  files = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      rel = os.path.relpath(path, root)
+      if rel != INFO_NAME:
+        files[rel] = os.path.getsize(path)
+  return dict(sorted(files.items()))
+
+
+def check_prepared(out_dir: str) -> tuple[str, str, dict | None]:
+  """("missing" | "incomplete" | "complete", reason, info) for an existing output dir."""
+  if not os.path.isdir(out_dir):
+    return "missing", "", None
+  info_path = os.path.join(out_dir, INFO_NAME)
+  try:
+    with open(info_path, encoding="utf-8") as f:
+      info = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    return "incomplete", f"{INFO_NAME} missing or unreadable ({type(e).__name__})", None
+  if info.get("format_version") != FORMAT_VERSION or "files" not in info:
+    return "incomplete", f"{INFO_NAME} is from another format version", None
+  for rel, size in info["files"].items():
+    path = os.path.join(out_dir, rel)
+    if not os.path.isfile(path):
+      return "incomplete", f"{rel} is missing", info
+    if os.path.getsize(path) != size:
+      return "incomplete", f"{rel} has {os.path.getsize(path)} bytes, expected {size}", info
+  return "complete", "", info
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _temp_prefix(out_dir: str) -> str:
+  # Host and pid in the name: only this host can tell whether the writer is still alive.
+  host = socket.gethostname().replace("-", "_") or "host"
+  return f"{os.path.basename(out_dir)}.tmp-{host}-{os.getpid()}-"
+
+
+def _remove_stale_temps(out_dir: str) -> list[str]:
+  """Removes `<out_dir>.tmp-<host>-<pid>-*` left by this host's runs that are not alive.
+
+  Temp dirs of live processes and of other hosts (a shared workdir) are left alone.
+  """
+  host = socket.gethostname().replace("-", "_") or "host"
+  removed = []
+  for path in sorted(glob.glob(glob.escape(out_dir) + ".tmp-*")):
+    parts = os.path.basename(path).split(".tmp-", 1)[1].split("-")
+    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+      print(f"leaving {path}: written by another host or an unknown writer")
+      continue
+    pid = int(parts[1])
+    if pid != os.getpid() and _pid_alive(pid):
+      print(f"leaving {path}: process {pid} (another prepare?) is still running")
+      continue
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
+  return removed
+
+
+def _identity_diff(old: dict, new: dict) -> str:
+  keys = sorted(set(old) | set(new))
+  diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+           for k in keys if old.get(k) != new.get(k)]
+  return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+
+
+def _make_tokenizer(config: Any, builder_dir: str, out_path: str) -> tuple[TextTokenizer, str]:
+  t = config.text_tokenizer
+  if t.model_path:
+    tokenizer = TextTokenizer.load(t.model_path)
+    with open(out_path, "wb") as f:
+      f.write(tokenizer.model_proto)
+    return tokenizer, f"loaded from {t.model_path}"
+  _, texts = dataset_lib.texts_of(dataset_lib.records_in(builder_dir, "train"))
+  tokenizer = TextTokenizer.train(texts, int(t.vocab_size), out_path, model_type=t.model_type)
+  return tokenizer, f"trained ({t.model_type}) on {len(texts)} training captions"
+
+
+def _split_statistics(builder_dir: str, split: str, tokenizer: TextTokenizer,
+                      want_attributes: bool) -> tuple[dict, list[str]]:
+  records = dataset_lib.records_in(builder_dir, split)
+  texts, attributes = [], []
+  for i in progress(range(len(records)), total=len(records), desc=f"statistics {split}"):
+    record = records[i]
+    texts.extend(c.decode("utf-8") for c in record["captions"])
+    if want_attributes:
+      attributes.append(record["attributes"].decode("utf-8"))
+  tokens = [len(ids) for ids in tokenizer.encode_many(texts)] if texts else [0]
+  stats = {"num_images": len(records), "num_captions": len(texts),
+           "mean_caption_words": round(float(np.mean([len(t.split()) for t in texts])), 3),
+           "mean_caption_tokens": round(float(np.mean(tokens)), 3),
+           "max_caption_tokens": int(np.max(tokens))}
+  return stats, attributes
+
+
+def _build(config: Any, tmp: str, identity: dict) -> dict:
+  """Writes everything into `tmp`; returns the dataset info (also written there, last)."""
+  result = builders.build(config.data, os.path.join(tmp, "tfds"))
+  tokenizer, tokenizer_source = _make_tokenizer(
+      config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME))
+  splits, frequencies = {}, None
+  for split in builders.SPLITS:
+    want_attributes = config.data.name == "avg_shapes" and split == "train"
+    splits[split], attributes = _split_statistics(
+        result.builder_dir, split, tokenizer, want_attributes)
+    if want_attributes:
+      frequencies = shapes_lib.attribute_frequencies(attributes)
+  size = int(config.data.image_size)
+  info = {
+      "dataset": config.data.name,
+      "splits": splits,
+      "captions_per_image": int(config.data.captions_per_image),
+      "image_size": [size, size],
+      "image_encoding": config.data.image_encoding,
+      "config_hash": config_hash(identity),
+      "identity": identity,
+      "format_version": FORMAT_VERSION,
+      "tfds_dir": os.path.relpath(result.builder_dir, tmp),
+      "text_tokenizer": {"file": TOKENIZER_NAME, "vocab_size": tokenizer.vocab_size,
+                         "source": tokenizer_source},
+      "skipped_images": {"count": len(result.skipped),
+                         "first": [f"{p} ({why})" for p, why in result.skipped[:20]]},
+      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
+  if frequencies is not None:
+    info["attribute_frequencies"] = frequencies
+  info["files"] = _manifest(tmp)
+  info_path = os.path.join(tmp, INFO_NAME)
+  with open(info_path, "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  return info
+
+
+def format_statistics(info: dict) -> str:
+  """The table `prepare` prints: per split counts and caption lengths; attribute shares."""
+  lines = [f"{'split':<6} {'images':>8} {'captions':>9} {'words/cap':>10} {'tokens/cap':>11}"]
+  for split, s in info["splits"].items():
+    lines.append(f"{split:<6} {s['num_images']:>8} {s['num_captions']:>9} "
+                 f"{s['mean_caption_words']:>10.2f} {s['mean_caption_tokens']:>11.2f}")
+  tok = info["text_tokenizer"]
+  lines.append(f"text tokenizer: vocab size {tok['vocab_size']}, {tok['source']}")
+  if info["skipped_images"]["count"]:
+    lines.append(f"skipped images: {info['skipped_images']['count']}")
+  frequencies = info.get("attribute_frequencies")
+  if frequencies:
+    lines.append("attribute frequencies (train):")
+    for key, counts in frequencies.items():
+      total = sum(counts.values())
+      shares = ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in counts.items())
+      lines.append(f"  {key:<9} {shares}")
+  return "\n".join(lines)
+
+
+def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float) -> None:
+  writer = MetricsWriter(workdir, "prepare", process_index=jax.process_index())
+  for split, s in info["splits"].items():
+    writer.write(split=split, dataset=info["dataset"], num_images=s["num_images"],
+                 num_captions=s["num_captions"], mean_caption_tokens=s["mean_caption_tokens"],
+                 vocab_size=info["text_tokenizer"]["vocab_size"], reused=reused,
+                 seconds=round(seconds, 3))
+
+
+def run(config: Any, workdir: str) -> None:
+  """The prepare stage (see the module docstring)."""
+  start = time.time()
+  out_dir = paths.prepared_dir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  identity = data_identity(config)
+  for path in _remove_stale_temps(out_dir):
+    print(f"removed {path}: left by an interrupted prepare")
+
+  status, reason, info = check_prepared(out_dir)
+  if status == "complete":
+    if info.get("config_hash") != config_hash(identity):
+      raise UserError(
+          f"{out_dir} was prepared for a different data config "
+          f"({_identity_diff(info.get('identity', {}), identity)}); use another --workdir or "
+          f"delete {out_dir}")
+    print(f"{out_dir} is complete for this data config (hash {info['config_hash']}); kept")
+    print(format_statistics(info))
+    _write_metrics(workdir, info, reused=True, seconds=time.time() - start)
+    return
+  if status == "incomplete":
+    print(f"{out_dir} is incomplete ({reason}); preparing it again")
+    shutil.rmtree(out_dir)
+
+  tmp = tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=os.path.dirname(out_dir) or ".")
+  try:
+    info = _build(config, tmp, identity)
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:
+      # Another process (e.g. another host on a shared workdir) finished first: keep its
+      # output if it is complete and for the same config.
+      status, reason, other = check_prepared(out_dir)
+      if status != "complete" or other.get("config_hash") != info["config_hash"]:
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
+      print(f"{out_dir} was completed by another process meanwhile; kept it")
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  print(f"prepared {info['dataset']} in {out_dir} ({time.time() - start:.1f} s)")
+  print(format_statistics(info))
+  _write_metrics(workdir, info, reused=False, seconds=time.time() - start)

@@ -1,0 +1,212 @@
+"""`avg-jax prepare`: outputs and contract, idempotency, recovery, the CLI, no TensorFlow."""
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from avg_jax import cli
+from avg_jax import paths
+from avg_jax.data import dataset
+from avg_jax.data import prepare
+from avg_jax.data.text_tokenizer import TextTokenizer
+from avg_jax.errors import UserError
+from avg_jax.metrics import read_metrics
+
+SMALL = ("data.num_train=60", "data.num_val=8", "data.num_test=8",
+         "text_tokenizer.vocab_size=100")
+
+
+def _snapshot(directory):
+  """{relative path: (size, mtime_ns)} of every file under `directory`."""
+  out = {}
+  for folder, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(folder, name)
+      stat = os.stat(path)
+      out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def test_prepared_data_follows_the_contract(prepared_workdir):
+  info = dataset.load_info(prepared_workdir)
+  assert info["dataset"] == "avg_shapes"
+  assert info["captions_per_image"] == 5 and info["image_size"] == [32, 32]
+  assert {s: (v["num_images"], v["num_captions"]) for s, v in info["splits"].items()} == {
+      "train": (240, 1200), "val": (40, 200), "test": (40, 200)}
+  assert len(info["config_hash"]) == 16
+  assert set(info["attribute_frequencies"]) == {"objects", "shape", "color", "size", "position"}
+  tokenizer = TextTokenizer.load(paths.text_tokenizer_model(prepared_workdir))
+  assert tokenizer.vocab_size == info["text_tokenizer"]["vocab_size"] == 200
+
+  images = dataset.image_source(prepared_workdir, "test")
+  assert len(images) == 40
+  first = images[0]
+  assert set(first) == {"image_id", "image", "captions", "file_name", "attributes"}
+  assert isinstance(first["image_id"], np.int64) and first["image_id"] == 280  # after train+val
+  assert first["image"].shape == (32, 32, 3) and first["image"].dtype == np.uint8
+  assert len(first["captions"]) == 5 and all(isinstance(c, str) for c in first["captions"])
+  assert first["file_name"] == "test/000000.png"
+  assert json.loads(first["attributes"])["objects"]
+  ids = [int(images[i]["image_id"]) for i in range(len(images))]
+  assert ids == list(range(280, 320))
+
+  captions = dataset.caption_source(prepared_workdir, "test")
+  assert len(captions) == 200
+  for i in (0, 4, 5, 13, 199):
+    element = captions[i]
+    assert set(element) == {"image_id", "caption_index", "caption"}
+    assert element["image_id"] == images[i // 5]["image_id"]
+    assert element["caption_index"] == i % 5
+    assert element["caption"] == images[i // 5]["captions"][i % 5]
+  image_ids, texts = dataset.read_texts(prepared_workdir, "test")
+  assert texts[13] == captions[13]["caption"] and image_ids[13] == captions[13]["image_id"]
+  # Every split's ids are distinct from the others'.
+  all_ids = [int(x) for s in ("train", "val", "test")
+             for x in dataset.read_texts(prepared_workdir, s)[0][::5]]
+  assert len(set(all_ids)) == 320
+
+
+def test_reading_errors_name_what_is_wrong(tmp_path, prepared_workdir):
+  with pytest.raises(UserError, match=r"dataset_info.json not found.*avg-jax prepare"):
+    dataset.load_info(str(tmp_path))
+  with pytest.raises(UserError, match=r"unknown split 'dev'"):
+    dataset.image_source(prepared_workdir, "dev")
+
+
+def test_prepare_is_idempotent(tmp_path, tiny_config, capsys):
+  config = tiny_config(*SMALL)
+  workdir = str(tmp_path / "w")
+  prepare.run(config, workdir)
+  out = capsys.readouterr().out
+  assert "prepared avg_shapes" in out and "train" in out and "tokens/cap" in out
+  assert "attribute frequencies" in out
+  before = _snapshot(paths.prepared_dir(workdir))
+  prepare.run(config, workdir)
+  assert "is complete for this data config" in capsys.readouterr().out
+  assert _snapshot(paths.prepared_dir(workdir)) == before  # nothing rewritten
+  records = [r for r in read_metrics(workdir) if r["stage"] == "prepare"]
+  assert [r["reused"] for r in records] == [False] * 3 + [True] * 3
+  assert {r["split"]: r["num_images"] for r in records} == {"train": 60, "val": 8, "test": 8}
+  # A different data config in the same workdir is refused, naming the change.
+  with pytest.raises(UserError, match=r"different data config \(data.generator_seed: 0 -> 3\)"):
+    prepare.run(tiny_config(*SMALL, "data.generator_seed=3"), workdir)
+
+
+def _array_record(prepared):
+  info = json.load(open(os.path.join(prepared, "dataset_info.json")))
+  return next(os.path.join(prepared, rel) for rel in info["files"] if "train.array_record" in rel)
+
+
+def test_half_written_outputs_are_detected_and_redone(tmp_path, tiny_config, capsys):
+  config = tiny_config(*SMALL)
+  workdir = str(tmp_path / "w")
+  prepared = paths.prepared_dir(workdir)
+  # A temp dir left by a killed run (its pid is not alive) is removed.
+  stale = tmp_path / "w" / f"{os.path.basename(prepare._temp_prefix(prepared))}x"
+  stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", "-99999999-"))
+  stale.mkdir(parents=True)
+  (stale / "junk").write_text("half")
+  foreign = tmp_path / "w" / "prepared.tmp-otherhost-123-abcd"  # another host's: kept
+  foreign.mkdir()
+  prepare.run(config, workdir)
+  assert not stale.exists() and foreign.exists()
+  out = capsys.readouterr().out
+  assert "interrupted prepare" in out and "another host" in out
+  good = _snapshot(prepared)
+
+  # A truncated record file: detected by the manifest, prepared again.
+  record_file = _array_record(prepared)
+  with open(record_file, "r+b") as f:
+    f.truncate(100)
+  assert prepare.check_prepared(prepared)[0] == "incomplete"
+  prepare.run(config, workdir)
+  assert "is incomplete" in capsys.readouterr().out
+  assert prepare.check_prepared(prepared)[0] == "complete"
+  assert os.path.getsize(record_file) == good[os.path.relpath(record_file, prepared)][0]
+  assert len(dataset.image_source(workdir, "train")) == 60
+
+  # No dataset_info.json (e.g. a copy that stopped half-way): prepared again.
+  os.remove(os.path.join(prepared, "dataset_info.json"))
+  prepare.run(config, workdir)
+  assert "is incomplete" in capsys.readouterr().out
+  assert dataset.load_info(workdir)["splits"]["val"]["num_images"] == 8
+
+
+def test_a_concurrent_prepare_that_finished_first_is_kept(tmp_path, tiny_config, monkeypatch,
+                                                          capsys):
+  workdir = str(tmp_path / "w")
+  prepared = paths.prepared_dir(workdir)
+  build = prepare._build
+
+  def build_while_another_process_finishes(config, tmp, identity):
+    info = build(config, tmp, identity)
+    shutil.copytree(tmp, prepared)  # the other process renames its output into place first
+    return info
+  monkeypatch.setattr(prepare, "_build", build_while_another_process_finishes)
+  prepare.run(tiny_config(*SMALL), workdir)
+  assert "completed by another process" in capsys.readouterr().out
+  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]  # our temp is gone
+  assert prepare.check_prepared(prepared)[0] == "complete"
+
+
+def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypatch):
+  workdir = tmp_path / "w"
+
+  def fail_after_writing(*args, **kwargs):
+    raise RuntimeError("disk full")
+  monkeypatch.setattr(prepare, "_make_tokenizer", fail_after_writing)  # after the records
+  with pytest.raises(RuntimeError, match="disk full"):
+    prepare.run(tiny_config(*SMALL), str(workdir))
+  assert os.listdir(workdir) == []
+  # A user error (too large a vocabulary) also leaves no output.
+  monkeypatch.undo()
+  with pytest.raises(UserError, match="text_tokenizer.vocab_size=100000"):
+    prepare.run(tiny_config(*SMALL[:3], "text_tokenizer.vocab_size=100000"), str(workdir))
+  assert [p for p in os.listdir(workdir) if p != "metrics.jsonl"] == []
+
+
+def test_karpathy_data_with_a_given_tokenizer(tmp_path, tiny_config, karpathy_files,
+                                              prepared_workdir):
+  json_path, image_root = karpathy_files(tmp_path, corrupt=True)
+  config = tiny_config(
+      "data.name=karpathy", f"data.karpathy_json={json_path}", f"data.image_root={image_root}",
+      "data.image_size=16", "data.skip_bad_images=true",
+      f"text_tokenizer.model_path={paths.text_tokenizer_model(prepared_workdir)}")
+  workdir = str(tmp_path / "w")
+  prepare.run(config, workdir)
+  info = dataset.load_info(workdir)
+  assert info["dataset"] == "karpathy" and info["image_size"] == [16, 16]
+  assert {s: v["num_images"] for s, v in info["splits"].items()} == {
+      "train": 2, "val": 1, "test": 2}
+  assert info["skipped_images"]["count"] == 1
+  assert "broken.jpg" in info["skipped_images"]["first"][0]
+  assert info["text_tokenizer"]["vocab_size"] == 200  # the given model, not a trained one
+  with open(paths.text_tokenizer_model(workdir), "rb") as f:
+    copied = f.read()
+  with open(paths.text_tokenizer_model(prepared_workdir), "rb") as f:
+    assert copied == f.read()
+  assert dataset.image_source(workdir, "val")[0]["image"].shape == (16, 16, 3)
+
+
+def test_cli_prepare_exits_0_without_tensorflow(tmp_path, monkeypatch, capsys):
+  # TensorFlow must not be installed (requirements.txt leaves it out), so this run proves that
+  # writing and reading the TFDS ArrayRecord data never needs it. (A None entry in sys.modules
+  # cannot stand in: etils takes any entry as "TF is loaded" and then touches it.)
+  assert importlib.util.find_spec("tensorflow") is None
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  workdir = str(tmp_path / "w")
+  assert cli.main(["prepare", "--config", "configs/smoke.py:tiny", "--workdir", workdir]) == 0
+  assert "prepared avg_shapes" in capsys.readouterr().out
+  assert dataset.image_source(workdir, "train")[5]["image"].shape == (32, 32, 3)
+  assert cli.main(["prepare", "--config", "configs/smoke.py:tiny", "--workdir", workdir]) == 0
+  assert "kept" in capsys.readouterr().out
+  # User errors exit 2 with one line naming the key.
+  assert cli.main(["prepare", "--config", "configs/smoke.py:tiny", "--workdir",
+                   str(tmp_path / "k"), "--config.data.name=karpathy"]) == 2
+  assert "data.karpathy_json is empty" in capsys.readouterr().err
+  assert "tensorflow" not in sys.modules
