@@ -17,3 +17,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture
 def repo_root() -> pathlib.Path:
   return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> pathlib.Path:
+  """A workdir with the tiny config's prepare, embed and tokenize stages done (read-only:
+  copy it before running stages that write)."""
+  from avg_jax import cli
+  workdir = tmp_path_factory.mktemp("tiny") / "work"
+  config = str(REPO_ROOT / "configs" / "smoke.py:tiny")
+  for stage in ("prepare", "embed", "tokenize"):
+    assert cli.main([stage, "--config", config, "--workdir", str(workdir)]) == 0, stage
+  return workdir

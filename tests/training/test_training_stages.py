@@ -1,0 +1,178 @@
+"""The train and rank stages: sharded == single-device steps, kill -9 and SIGTERM resume,
+pseudo-query input errors."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from avg_jax import partitioning
+from avg_jax.decoding.trie import VokenTrie
+from avg_jax.errors import UserError
+from avg_jax.models import t5 as t5_lib
+from avg_jax.models.t5_config import T5Config
+from avg_jax.training import generative, loop, ltr, optim
+from avg_jax.training.checkpointing import Checkpointer, load_params
+from avg_jax.vokens import VokenVocabulary
+
+
+def _tiny_model():
+  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2,
+                          disambiguation_size=2)
+  cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
+                 d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1,
+                 num_decoder_layers=1, dropout_rate=0.1)
+  rng = np.random.default_rng(0)
+  codes = np.stack([rng.integers(0, 4, 8), rng.integers(0, 4, 8), np.arange(8) % 2], axis=1)
+  batch = {"inputs": rng.integers(3, 20, (8, 6)).astype(np.int32),
+           "targets": vocab.target_tokens(codes)}
+  return cfg, vocab, codes, batch
+
+
+def _one_step(mesh, loss_fn, batch, cfg, *extra):
+  """One donated, explicitly sharded step from the same initial parameters."""
+  tx = optim.adamw(1e-2, grad_clip_norm=1.0)
+  variables, _ = partitioning.sharded_init(
+      lambda r: t5_lib.init_variables(cfg, r), mesh, jax.random.key(0))
+  state, state_shardings = generative.create_state(variables["params"], tx, mesh)
+  device_batch = partitioning.shard_host_batch(batch, mesh)
+  step = loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, *extra), tx)
+  jitted = generative.compile_step(step, mesh, state_shardings, device_batch)
+  with partitioning.activation_context(mesh):
+    new_state, metrics = jitted(state, device_batch, jax.random.key(1))
+  return jax.device_get(new_state.params), jax.device_get(metrics)
+
+
+_SINGLE_DEVICE = {}  # loss name -> single-device result, shared by the mesh variants
+
+
+def _compare(mesh_config, loss_fn, batch, cfg, *extra, name):
+  if name not in _SINGLE_DEVICE:
+    single_mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    _SINGLE_DEVICE[name] = _one_step(single_mesh, loss_fn, batch, cfg, *extra)
+  single, m1 = _SINGLE_DEVICE[name]
+  sharded, m8 = _one_step(partitioning.make_mesh(mesh_config), loss_fn, batch, cfg, *extra)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), sharded, single)
+  return m1
+
+
+@pytest.mark.parametrize("mesh_config", [{"data": 4, "model": 2}, {"data": 8}])
+def test_sharded_generative_step_equals_single_device(mesh_config):
+  cfg, _, _, batch = _tiny_model()
+  _compare(mesh_config, generative.make_loss_fn(cfg, temperature=0.5), batch, cfg,
+           name="generative")
+
+
+def test_sharded_rank_step_equals_single_device():
+  cfg, vocab, codes, batch = _tiny_model()
+  trie = VokenTrie.build(codes, np.arange(8), position_sizes=vocab.position_sizes()).to_device()
+  loss_fn = ltr.make_rank_loss_fn(cfg, vocab, beam_size=3, rank_weight=0.5,
+                                  double_softmax=False, temperature=1.0,
+                                  mask_mode="after_softmax")
+  metrics = _compare({"data": 4, "model": 2}, loss_fn, batch, cfg, trie, name="rank")
+  # Every query sees its own positive plus 2-3 negatives from the 8 indexed ids.
+  assert 2.0 <= metrics["negatives"] <= 3.0
+  assert metrics["rank_loss"] > 0 and np.isfinite(metrics["gen_loss"])
+
+
+def test_pseudo_query_errors_name_file_and_line(tmp_path):
+  good = tmp_path / "q.jsonl"
+  good.write_text('{"image_id": 3, "query": "a red circle"}\n3\ta blue square\n')
+  assert [q["caption"] for q in generative.read_pseudo_queries(str(good), {3})] == [
+      "a red circle", "a blue square"]
+  bad = tmp_path / "bad.tsv"
+  bad.write_text("3\tok\nnot-a-number\tx\n")
+  with pytest.raises(UserError, match=r"bad.tsv:2: expected"):
+    generative.read_pseudo_queries(str(bad), {3})
+  unknown = tmp_path / "u.tsv"
+  unknown.write_text("9\tquery\n")
+  with pytest.raises(UserError, match=r"u.tsv:1: image id 9 is not a training image"):
+    generative.read_pseudo_queries(str(unknown), {3})
+  with pytest.raises(UserError, match="pseudo query file not found"):
+    generative.read_pseudo_queries(str(tmp_path / "none"), {3})
+
+
+# --- Subprocess runs of `avg-jax train` ---------------------------------------------------------
+
+STEPS = 24
+OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=4",
+             "--config.train.eval_every=0", "--config.train.log_every=4",
+             "--config.train.keep_checkpoints=10"]
+
+
+def _train_cmd(repo_root, workdir):
+  return [sys.executable, "-m", "avg_jax", "train", "--config",
+          str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir), *OVERRIDES]
+
+
+def _copy(tiny_workdir, dest):
+  shutil.copytree(tiny_workdir, dest)
+  return dest
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+              JAX_PLATFORMS="cpu", AVG_JAX_NO_PROGRESS="1")
+
+
+def _final_params(repo_root, workdir):
+  from avg_jax import config as config_lib
+  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
+      o[len("--config."):] for o in OVERRIDES])
+  gen, mesh, params, _ = generative.final_params(config, str(workdir), "avg")
+  return jax.device_get(params)
+
+
+def _checkpoint_dir(workdir):
+  return workdir / "train" / "avg" / "checkpoints"
+
+
+def _wait_for_checkpoint(proc, directory, min_step, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"train exited early with {proc.returncode}")
+    if directory.exists() and any(p.isdigit() and int(p) >= min_step
+                                  for p in os.listdir(directory)):
+      return
+    time.sleep(0.2)
+  raise AssertionError("no checkpoint appeared")
+
+
+def test_kill_9_then_resume_gives_identical_parameters(repo_root, tiny_workdir, tmp_path):
+  reference = _copy(tiny_workdir, tmp_path / "reference")
+  subprocess.run(_train_cmd(repo_root, reference), env=_env(), check=True, timeout=600,
+                 capture_output=True)
+  killed = _copy(tiny_workdir, tmp_path / "killed")
+  proc = subprocess.Popen(_train_cmd(repo_root, killed), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for_checkpoint(proc, _checkpoint_dir(killed), 8)
+  proc.kill()  # SIGKILL: no handler runs, a save may be half-written
+  proc.wait()
+  assert not (killed / "train" / "avg" / "params").exists()
+  subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
+                 capture_output=True)
+  a, b = _final_params(repo_root, reference), _final_params(repo_root, killed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(repo_root, tiny_workdir, tmp_path):
+  workdir = _copy(tiny_workdir, tmp_path / "w")
+  proc = subprocess.Popen(_train_cmd(repo_root, workdir), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(proc, _checkpoint_dir(workdir), 4)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  if proc.returncode == 0:
+    pytest.fail("training finished before SIGTERM arrived; raise STEPS")
+  assert proc.returncode == 143, err
+  assert "preempted at step" in err and "rerun the same command to resume" in err
+  step = int(err.split("preempted at step ")[1].split(";")[0])
+  assert step in Checkpointer(str(_checkpoint_dir(workdir))).steps()
