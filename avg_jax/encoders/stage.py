@@ -1,0 +1,265 @@
+"""`avg-jax embed`: the dual encoder, per-split embeddings and the two-tower baseline.
+
+    <workdir>/embed/fingerprint.json        config that made this directory (checked on reruns)
+    <workdir>/embed/checkpoints/            train state + data iterator while training (removed
+                                            once the encoder is saved)
+    <workdir>/embed/encoder/                orbax checkpoint of the encoder parameters
+    <workdir>/embed/encoder.json            ClipConfig, preprocessing, text tokenizer (written
+                                            last: marks the encoder complete)
+    <workdir>/embed/clip_tokenizer/         a pretrained CLIP's vocab.json / merges.txt copy
+    <workdir>/embed/embeddings_<split>.npz  image_ids int64[N], image_emb float32[N, D],
+                                            caption_image_ids int64[M], caption_emb float32[M, D]
+                                            (not normalised; captions in caption_source order)
+
+The encoder is imported from `encoder.pretrained_path` (a Hugging Face CLIP directory) when set,
+otherwise trained from scratch. Finished outputs are kept on reruns.
+"""
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import linen as nn
+
+from avg_jax import config as config_lib
+from avg_jax import paths, partitioning
+from avg_jax.data import dataset
+from avg_jax.data.text_tokenizer import TextTokenizer
+from avg_jax.encoders import bpe, clip, extract, hf_import, preprocess, retrieval
+from avg_jax.encoders.train import train_encoder
+from avg_jax.errors import UserError
+from avg_jax.evaluation.recall import recall_at_k
+from avg_jax.metrics import MetricsWriter, read_metrics
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KEYS = ("image_ids", "image_emb", "caption_image_ids", "caption_emb")
+_OPERATIONAL_KEYS = ("embed_batch_size", "log_every", "checkpoint_every", "query_batch_size",
+                     "retrieval_chunk_size")
+
+
+# --- Reading outputs --------------------------------------------------------------------------
+
+
+def load_embeddings(workdir: str, split: str) -> dict:
+  """The embeddings of `split`: `image_ids int64[N]`, `image_emb float32[N, D]`,
+  `caption_image_ids int64[M]`, `caption_emb float32[M, D]` (raises `UserError` if absent)."""
+  path = paths.embeddings_file(workdir, split)
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found; run `avg-jax embed` first")
+  try:
+    with np.load(path) as f:
+      data = {k: f[k] for k in EMBEDDING_KEYS}
+  except KeyError as e:
+    raise UserError(f"{path}: missing array {e.args[0]}") from e
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: cannot read ({e})") from e
+  return data
+
+
+def encoder_files(workdir: str) -> tuple[str, str]:
+  """(params checkpoint directory, encoder.json)."""
+  directory = paths.embed_dir(workdir)
+  return os.path.join(directory, "encoder"), os.path.join(directory, "encoder.json")
+
+
+def load_encoder(workdir: str, mesh=None) -> extract.DualEncoder:
+  """The saved dual encoder, parameters placed (sharded) on `mesh` (default: all devices)."""
+  params_dir, meta_file = encoder_files(workdir)
+  if not os.path.exists(meta_file):
+    raise UserError(f"{meta_file} not found; run `avg-jax embed` first")
+  with open(meta_file, encoding="utf-8") as f:
+    meta = json.load(f)
+  mesh = mesh if mesh is not None else partitioning.make_mesh({"data": -1})
+  cfg = clip.ClipConfig.from_dict(meta["clip"])
+  shardings = param_shardings(cfg, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nn.unbox(_abstract_params(cfg)), shardings)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(os.path.abspath(params_dir), abstract)
+  return extract.DualEncoder(cfg, params, preprocess.PreprocessConfig.from_dict(meta["preprocess"]),
+                             _load_tokenizer(meta["tokenizer"], workdir), shardings)
+
+
+# --- The encoder ------------------------------------------------------------------------------
+
+
+def _abstract_params(cfg: clip.ClipConfig) -> Any:
+  return jax.eval_shape(clip.init_fn(cfg), jax.random.key(0))["params"]
+
+
+def param_shardings(cfg: clip.ClipConfig, mesh) -> Any:
+  """`NamedSharding` per parameter, from the model's logical annotations."""
+  return partitioning.logical_to_sharding(nn.get_partition_spec(_abstract_params(cfg)), mesh)
+
+
+def _place(params: Any, shardings: Any) -> Any:
+  """Host (numpy) params -> global arrays; works with several processes too."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+      params, shardings)
+
+
+def _load_tokenizer(spec: dict, workdir: str) -> Any:
+  path = os.path.join(paths.embed_dir(workdir), spec["path"])
+  if spec["kind"] == "clip_bpe":
+    return bpe.ClipBpeTokenizer.load(path)
+  return TextTokenizer.load(path)
+
+
+def _fingerprint(config: ml_collections.ConfigDict, info: dict) -> dict:
+  train = {k: v for k, v in config_lib.to_json_dict(config.encoder_train).items()
+           if k not in _OPERATIONAL_KEYS}
+  encoder = {k: v for k, v in config_lib.to_json_dict(config.encoder).items() if k != "remat"}
+  fingerprint = dict(encoder=encoder, seed=int(config.seed), data=info.get("config_hash", ""))
+  if not config.encoder.pretrained_path:
+    fingerprint["encoder_train"] = train
+  return json.loads(json.dumps(fingerprint))
+
+
+def _check_fingerprint(directory: str, fingerprint: dict) -> None:
+  path = os.path.join(directory, "fingerprint.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+    if stored != fingerprint:
+      diffs = [f"{section}.{k}" for section in ("encoder", "encoder_train")
+               for k in set(stored.get(section, {})) | set(fingerprint.get(section, {}))
+               if stored.get(section, {}).get(k) != fingerprint.get(section, {}).get(k)]
+      diffs += [k for k in ("seed", "data") if stored.get(k) != fingerprint.get(k)]
+      changed = ", ".join(sorted(diffs)) or "fingerprint"
+      raise UserError(f"{directory} was made with a different config ({changed} changed); "
+                      "remove it or use another workdir")
+  elif jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    _write_json(path, fingerprint)
+
+
+def _write_json(path: str, value: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extract.DualEncoder:
+  """Imports or trains the encoder and saves it (params, then encoder.json)."""
+  directory = paths.embed_dir(workdir)
+  params_dir, meta_file = encoder_files(workdir)
+  pretrained = str(config.encoder.pretrained_path)
+  if pretrained:
+    tokenizer = bpe.ClipBpeTokenizer.load(pretrained)
+    cfg, host_params = hf_import.load_hf_clip(pretrained, dtype=str(config.encoder.dtype),
+                                              pad_token_id=tokenizer.pad_id)
+    if bool(config.encoder.remat) != cfg.remat:
+      cfg = clip.ClipConfig.from_dict(dict(cfg.to_dict(), remat=bool(config.encoder.remat)))
+    pre = preprocess.PreprocessConfig.from_hf_dir(pretrained, cfg.image_size)
+    shardings = param_shardings(cfg, mesh)
+    params = _place(host_params, shardings)
+    tokenizer_spec = {"kind": "clip_bpe", "path": "clip_tokenizer"}
+    if jax.process_index() == 0:
+      target = os.path.join(directory, "clip_tokenizer")
+      os.makedirs(target, exist_ok=True)
+      for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(pretrained, name)):
+          shutil.copyfile(os.path.join(pretrained, name), os.path.join(target, name))
+    log.info("embed: imported CLIP from %s (%s)", pretrained, _describe(cfg))
+  else:
+    tokenizer_file = paths.text_tokenizer_model(workdir)
+    tokenizer = TextTokenizer.load(tokenizer_file)
+    cfg, params = train_encoder(config, workdir, mesh, tokenizer)
+    pre = preprocess.PreprocessConfig.for_image_size(cfg.image_size)
+    shardings = param_shardings(cfg, mesh)
+    tokenizer_spec = {"kind": "sentencepiece",
+                      "path": os.path.relpath(tokenizer_file, directory)}
+  with ocp.StandardCheckpointer() as checkpointer:
+    # force: replaces a save left by an interrupted run (it has no encoder.json yet).
+    checkpointer.save(os.path.abspath(params_dir), params, force=True)
+    checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    _write_json(meta_file, {"clip": cfg.to_dict(), "preprocess": pre.to_dict(),
+                            "tokenizer": tokenizer_spec, "pretrained_path": pretrained})
+    # The train state's only use was resuming; the encoder is now saved on its own.
+    shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
+  return extract.DualEncoder(cfg, params, pre, tokenizer, shardings)
+
+
+def _describe(cfg: clip.ClipConfig) -> str:
+  return (f"ViT {cfg.vision_layers}x{cfg.vision_width} /{cfg.patch_size} @{cfg.image_size}, "
+          f"text {cfg.text_layers}x{cfg.text_width}, projection {cfg.projection_dim}")
+
+
+# --- Evaluation -------------------------------------------------------------------------------
+
+
+def two_tower_recall(embeddings: dict, ks, mesh, *, query_batch: int = 1024,
+                     chunk_size: int = 65536) -> dict:
+  """Recall@K (percent) of caption -> image cosine retrieval over one split's embeddings,
+  plus `queries_per_s` of the search."""
+  ks = tuple(int(k) for k in ks)
+  image_ids = np.asarray(embeddings["image_ids"])
+  k = min(max(ks), len(image_ids))
+  index = retrieval.BruteForceIndex(embeddings["image_emb"], mesh=mesh, chunk_size=chunk_size)
+  queries = np.asarray(embeddings["caption_emb"], np.float32)
+  batches = [queries[i:i + query_batch] for i in range(0, len(queries), query_batch)]
+  for batch in {len(b): b for b in batches}.values():
+    index.search(batch, k)  # compile every batch shape outside the timed region
+  t0 = time.perf_counter()
+  ranked = [index.search(batch, k)[1] for batch in batches]
+  elapsed = time.perf_counter() - t0
+  ranked_ids = image_ids[np.concatenate(ranked)]
+  if k < max(ks):  # fewer images than the largest K: pad with "no result"
+    ranked_ids = np.pad(ranked_ids, ((0, 0), (0, max(ks) - k)), constant_values=-1)
+  metrics = recall_at_k(ranked_ids, embeddings["caption_image_ids"], ks)
+  metrics["queries_per_s"] = len(queries) / max(elapsed, 1e-9)
+  return metrics
+
+
+def _already_evaluated(workdir: str) -> bool:
+  return any(r.get("stage") == "embed" and r.get("method") == "two_tower"
+             and r.get("split") == "test" for r in read_metrics(workdir))
+
+
+# --- The stage --------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Builds or loads the encoder, writes missing embeddings, reports two-tower Recall@K."""
+  info = dataset.load_info(workdir)
+  directory = paths.embed_dir(workdir)
+  _check_fingerprint(directory, _fingerprint(config, info))
+  mesh = partitioning.make_mesh(config.mesh)
+  _, meta_file = encoder_files(workdir)
+  fresh = not os.path.exists(meta_file)
+  t0 = time.perf_counter()
+  encoder = _build_encoder(config, workdir, mesh) if fresh else load_encoder(workdir, mesh)
+  log.info("embed: encoder %s in %.1f s (%s)", "built" if fresh else "loaded",
+           time.perf_counter() - t0, _describe(encoder.cfg))
+  wrote = False
+  for split in info["splits"]:
+    path = paths.embeddings_file(workdir, split)
+    if os.path.exists(path) and not fresh:
+      log.info("embed: keeping %s", path)
+      continue
+    t0 = time.perf_counter()
+    extract.write_embeddings(encoder, workdir, split, mesh, config)
+    log.info("embed: wrote %s in %.1f s", path, time.perf_counter() - t0)
+    wrote = True
+  tcfg = config.encoder_train
+  if "test" in info["splits"] and (wrote or not _already_evaluated(workdir)):
+    metrics = two_tower_recall(load_embeddings(workdir, "test"), config.evaluate.recall_ks, mesh,
+                               query_batch=int(tcfg.query_batch_size),
+                               chunk_size=int(tcfg.retrieval_chunk_size))
+    MetricsWriter(workdir, "embed", process_index=jax.process_index()).write(
+        method="two_tower", split="test", **metrics)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("R@"))
+    print(f"two-tower (test, {info['splits']['test']['num_captions']} queries over "
+          f"{info['splits']['test']['num_images']} images): {shown}")
+
