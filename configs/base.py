@@ -36,18 +36,24 @@ def get_base_config() -> ml_collections.ConfigDict:
       karpathy_json="",
       image_root="",
       skip_bad_images=False,   # missing/corrupt images: error (False) or skip and report (True)
-      stored_image_size=0,     # karpathy: resize the shorter side to this before storing (0: keep)
       captions_per_image=5,    # evaluation protocol keeps the first 5 captions
+      # Stored images are image_size x image_size (karpathy: shorter side resized, centre crop),
+      # encoded as "png" (lossless) or "jpeg" (about 5x smaller for photos).
+      image_encoding="png",
+      jpeg_quality=95,
   ))
   c.loader = ml_collections.ConfigDict(dict(
       worker_count=0,          # grain worker processes
       worker_buffer_size=2,
       shuffle_seed=0,
+      read_threads=8,          # threads reading/decoding batches in each process
+      prefetch_buffer_size=16,  # batches read ahead by those threads
   ))
   c.text_tokenizer = ml_collections.ConfigDict(dict(
       model_path="",           # a SentencePiece .model (e.g. T5's); empty: train one on captions
       vocab_size=1000,         # when training one
       max_length=32,           # source length in tokens (the paper: <= 128)
+      model_type="unigram",    # when training one: "unigram" (as T5's) | "bpe"
   ))
 
   # --- Dual encoder (CLIP) ---------------------------------------------------------------------
@@ -65,16 +71,21 @@ def get_base_config() -> ml_collections.ConfigDict:
       text_mlp_dim=512,
       projection_dim=128,
       max_text_length=32,
-      dtype="float32",
+      dtype="float32",         # compute dtype: "float32" | "bfloat16" (parameters stay float32)
+      remat=False,             # rematerialise transformer blocks in the backward pass
   ))
   c.encoder_train = ml_collections.ConfigDict(dict(
       steps=600,
-      batch_size=128,
+      batch_size=128,          # global (all processes) image-caption pairs per step
       learning_rate=1e-3,
       warmup_steps=50,
       weight_decay=1e-4,
       init_temperature=0.07,
       embed_batch_size=256,    # batch for feature extraction
+      log_every=50,
+      checkpoint_every=200,    # train-state checkpoints (resume); removed once the encoder is saved
+      query_batch_size=1024,   # two-tower evaluation: captions per search call
+      retrieval_chunk_size=65536,  # images scored at once per device in brute-force search
   ))
 
   # --- Image tokenizer (RQ-VAE) ----------------------------------------------------------------
@@ -99,10 +110,18 @@ def get_base_config() -> ml_collections.ConfigDict:
       steps=20000,
       kmeans_init=True,
       kmeans_iters=20,
+      kmeans_init_method="kmeans++",  # "kmeans++" | "random" (seeding before Lloyd iterations)
+      kmeans_init_batches=1,   # k-means on encoder outputs of this many first batches
+      last_layer_batchnorm=False,  # BatchNorm after the MLPs' last Dense (LC-Rec MLPLayers: no)
       dead_code_restart=False,
       dead_code_after=100,     # steps unused before a codeword is restarted
       disambiguation=True,     # append a position that makes every image's id unique
       checkpoint_every=1000,
+      keep_checkpoints=2,
+      log_every=100,
+      assign_batch_size=4096,  # images per batch when assigning identifiers
+      analysis_split="test",   # split for the semantic measure (needs the prepared dataset)
+      analysis_pairs=2000,     # image pairs sampled per prefix length for that measure
   ))
 
   # --- Token-to-voken T5 -----------------------------------------------------------------------
@@ -169,6 +188,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       mask_mode="after_softmax",  # "after_softmax" (reference) | "renormalize"
       batch_size=32,
       dense_levels=1,          # trie levels stored as dense [node, token] tables
+      # False (reference): log_softmax over the whole vocabulary. True: the output projection
+      # and log_softmax cover EOS + voken rows only (cheaper; scores exclude text tokens'
+      # probability mass, see avg_jax/decoding/search.py).
+      voken_logits_only=False,
   ))
 
   # --- Evaluation ------------------------------------------------------------------------------
@@ -182,6 +205,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Export ----------------------------------------------------------------------------------
   c.export = ml_collections.ConfigDict(dict(
       param_dtype="float32",   # "float32" | "bfloat16"
+      index_splits=("test",),  # images the serving trie indexes
       batch_buckets=(1, 8, 32),
       max_query_chars=1000,
   ))

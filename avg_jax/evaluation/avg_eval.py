@@ -45,32 +45,36 @@ def _global_batch_size(requested: int, mesh) -> int:
 
 
 def run_search(search_fn, params: Any, device_trie: Any, inputs: np.ndarray, *, mesh,
-               batch_size: int, desc: str = "search") -> tuple[dict, float]:
-  """Runs `search_fn` over all `inputs [Q, S]`; returns (numpy results for the Q queries,
-  seconds spent after the first batch's compilation)."""
+               batch_size: int, desc: str = "search") -> tuple[dict, tuple[float, int]]:
+  """Runs `search_fn` over all `inputs [Q, S]` in padded global batches.
+
+  Returns (numpy results for the Q queries, (seconds, queries searched in them)); the first
+  batch runs once more beforehand so compilation is not timed.
+  """
   batch = _global_batch_size(batch_size, mesh)
   q = inputs.shape[0]
   padded = np.concatenate([inputs, np.zeros(((-q) % batch, inputs.shape[1]), inputs.dtype)])
   pc, pi = jax.process_count(), jax.process_index()
-  local = batch // pc if batch % pc == 0 else None
-  outs, start = [], None
-  for b in progress(range(0, padded.shape[0], batch), total=padded.shape[0] // batch,
-                    desc=desc, unit="batch"):
-    rows = padded[b:b + batch]
-    if local is not None and pc > 1:
-      rows = rows[pi * local:(pi + 1) * local]
-    tokens = partitioning.shard_host_batch(rows, mesh)
+  if batch % pc:
+    raise ValueError(f"search batch {batch} does not divide over {pc} processes")
+  local = batch // pc
+
+  def one(rows):
+    tokens = partitioning.shard_host_batch(rows[pi * local:(pi + 1) * local], mesh)
     result = search_fn(params, device_trie, tokens)
     if pc > 1:
       result = multihost_utils.process_allgather(result, tiled=True)
-    out = search_lib.results_to_numpy(result)
-    outs.append(out)
-    if start is None:  # exclude compilation from the timing
-      start = time.perf_counter()
+    return search_lib.results_to_numpy(result)
+
+  one(padded[:batch])  # compile
+  outs = []
+  start = time.perf_counter()
+  for b in progress(range(0, padded.shape[0], batch), total=padded.shape[0] // batch,
+                    desc=desc, unit="batch"):
+    outs.append(one(padded[b:b + batch]))
   elapsed = time.perf_counter() - start
   merged = {k: np.concatenate([o[k] for o in outs])[:q] for k in outs[0]}
-  timed_queries = padded.shape[0] - batch
-  return merged, (elapsed, timed_queries)
+  return merged, (elapsed, int(padded.shape[0]))
 
 
 def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,
@@ -93,8 +97,7 @@ def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdi
                                          desc=f"search {split}")
   metrics = recall_at_k(results["item_ids"], true_ids, tuple(config.evaluate.recall_ks))
   metrics["num_queries"] = int(inputs.shape[0])
-  if timed > 0 and seconds > 0:
-    metrics["queries_per_s"] = timed / seconds
+  metrics["queries_per_s"] = timed / max(seconds, 1e-9)
   metrics["_results"] = results
   metrics["_true_ids"] = true_ids
   return metrics

@@ -1,0 +1,140 @@
+"""`avg-jax evaluate`: Recall@K of every method on the test split, efficiency vs N, report.
+
+Methods (`evaluate.methods`): `two_tower` (the dual encoder, brute force), `avg` (generative
+only), `avg_ltr` (after learning to rank), and the identifier-scheme ablations `rq`,
+`hkmeans`, `atomic` (and `random`), each with its own generator: their tokenize and train
+stages run here when missing. Writes `<workdir>/evaluate/metrics.json` and `report.md` with
+plots, one `metrics.jsonl` record per method, and prints a summary table.
+"""
+
+import json
+import os
+import platform
+import time
+
+import jax
+import ml_collections
+
+import avg_jax
+from avg_jax import config as config_lib
+from avg_jax import partitioning, paths
+from avg_jax.data import dataset
+from avg_jax.encoders import stage as embed_stage
+from avg_jax.errors import UserError
+from avg_jax.evaluation import avg_eval, efficiency, report
+from avg_jax.metrics import MetricsWriter
+from avg_jax.tokenizer import stage as tokenize_stage
+from avg_jax.training import generative, ltr
+
+SCHEMES = ("avg", "rq", "hkmeans", "atomic", "random")
+RESULTS = "metrics.json"
+
+
+def with_scheme(config: ml_collections.ConfigDict, scheme: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.tokenizer.scheme = scheme
+  c.lock()
+  return c
+
+
+def ensure_generator(config, workdir: str, scheme: str, stage: str) -> None:
+  """Runs the tokenize / train (/ rank) stages of `scheme` that have not finished."""
+  c = with_scheme(config, scheme)
+  tokenize_stage.run(c, workdir)  # keeps a complete voken table
+  if not os.path.isdir(generative.params_dir(workdir, scheme, "train")):
+    generative.train_generator(c, workdir, scheme)
+  if stage == "rank" and not os.path.isdir(generative.params_dir(workdir, scheme, "rank")):
+    ltr.rank_generator(c, workdir, scheme)
+
+
+def tokenizer_summary(workdir: str, scheme: str) -> dict:
+  path = os.path.join(paths.tokenizer_dir(workdir, scheme), tokenize_stage.SUMMARY)
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def method_plan(methods) -> list[tuple[str, str, str]]:
+  """`[(method, scheme, stage)]` for the generator-based methods."""
+  plan = []
+  for m in methods:
+    if m == "two_tower":
+      continue
+    if m == "avg_ltr":
+      plan.append((m, "avg", "rank"))
+    elif m in SCHEMES:
+      plan.append((m, m, "train"))
+    else:
+      raise UserError(f"config evaluate.methods: unknown method {m!r} (known: two_tower, "
+                      f"avg_ltr, {', '.join(SCHEMES)})")
+  return plan
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  started = time.time()
+  ks = tuple(int(k) for k in config.evaluate.recall_ks)
+  writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())
+  mesh = partitioning.make_mesh(config.mesh)
+  results = {"recall": {}, "efficiency": {}, "codebook": {}, "collisions": {}}
+  methods = tuple(config.evaluate.methods)
+
+  test_emb = embed_stage.load_embeddings(workdir, "test")
+  if "two_tower" in methods:
+    m = embed_stage.two_tower_recall(test_emb, ks, mesh)
+    results["recall"]["two_tower"] = {k: m[k] for k in m if k.startswith("R@")}
+    writer.write(method="two_tower", split="test", **m)
+
+  avg_params = None
+  for method, scheme, stage in method_plan(methods):
+    ensure_generator(config, workdir, scheme, stage)
+    c = with_scheme(config, scheme)
+    gen, gmesh, params, shardings = generative.final_params(c, workdir, scheme, stage)
+    m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
+    public = {k: v for k, v in m.items() if not k.startswith("_")}
+    results["recall"][method] = {k: public[k] for k in public if k.startswith("R@")}
+    writer.write(method=method, split="test", **public)
+    summary = tokenizer_summary(workdir, scheme)
+    results["collisions"][scheme] = {s: v["collision_rate"] for s, v in summary["splits"].items()}
+    train_stats = summary["splits"].get("train", {})
+    if "perplexity" in train_stats:
+      results["codebook"][scheme] = {"perplexity": train_stats["perplexity"],
+                                     "unused_share": train_stats["unused_share"]}
+    if method == "avg":
+      avg_params = (gen, gmesh, params, shardings, c)
+
+  sizes = tuple(int(n) for n in config.evaluate.efficiency_sizes)
+  if sizes and avg_params is not None:
+    gen, gmesh, params, shardings, c = avg_params
+    inputs, _ = avg_eval.query_set(workdir, "test", gen.tokenizer,
+                                   int(c.text_tokenizer.max_length),
+                                   int(c.evaluate.efficiency_queries))
+    results["efficiency"]["avg"] = efficiency.avg_queries_per_s(gen, params, shardings, gmesh,
+                                                                c, inputs, sizes)
+    _, texts = dataset.read_texts(workdir, "test")
+    n_q = int(config.evaluate.efficiency_queries)
+    encoder = embed_stage.load_encoder(workdir, mesh)
+    results["efficiency"]["two_tower"] = efficiency.two_tower_queries_per_s(
+        encoder, mesh, texts[:n_q], test_emb["caption_emb"][:n_q], sizes,
+        k=int(config.decode.top_k), batch_size=int(config.decode.batch_size))
+    for method, rows in results["efficiency"].items():
+      for r in rows:
+        writer.write(method=method, split="efficiency", **r)
+    measured = {m: [r for r in rows if "queries_per_s" in r]
+                for m, rows in results["efficiency"].items()}
+    results["efficiency"] = measured
+    results["crossover"] = report.crossover(measured["avg"], measured["two_tower"])
+
+  results["meta"] = {
+      "config_hash": config_lib.config_hash(config), "avg_jax": avg_jax.__version__, "jax": jax.__version__,
+      "backend": jax.default_backend(), "devices": jax.device_count(),
+      "machine": f"{platform.machine()} {os.cpu_count()} cpus", "test_images":
+      int(len(test_emb["image_ids"])), "seconds": round(time.time() - started, 1)}
+  directory = paths.evaluate_dir(workdir)
+  os.makedirs(directory, exist_ok=True)
+  if jax.process_index() == 0:
+    tmp = os.path.join(directory, RESULTS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, default=float)
+    os.replace(tmp, os.path.join(directory, RESULTS))
+    report.write_report(results, directory)
+  print(report.summary_table(results))
+  print(f"report: {os.path.join(directory, 'report.md')}")

@@ -1,0 +1,215 @@
+"""The serving checkpoint: a self-describing folder a `Retriever` loads in a few lines.
+
+    <export>/manifest.json         format version, avg-jax version, scheme, source stage, T5 and
+                                   voken-vocabulary configs, decode settings, query limits
+    <export>/params/               orbax checkpoint of the generator's parameters (no optimizer)
+    <export>/trie.npz              prefix tree over the indexed images (VokenTrie.save)
+    <export>/voken_table.npz       image_ids int64[N], codes int32[N, P], file_names str[N]
+    <export>/text_tokenizer.model  the SentencePiece model
+    <export>/config.json           the full training config, for the record
+
+    retriever = Retriever.load("runs/smoke/export")
+    ids, scores = retriever.search(["a red circle above a blue square"], k=10)
+
+Queries: `str` (or UTF-8 `bytes`); an empty or whitespace-only query, bytes that are not UTF-8
+and a query longer than `max_query_chars` characters are `UserError`s naming the query's
+position. Queries that tokenize to more than `max_length - 1` tokens are truncated (EOS
+kept), as in training. Batches are padded to the smallest configured bucket that fits (larger
+batches are split), so each (bucket, k) compiles once.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import avg_jax
+from avg_jax.data.text_tokenizer import TextTokenizer
+from avg_jax.decoding import search as search_lib
+from avg_jax.decoding.trie import VokenTrie
+from avg_jax.errors import UserError
+from avg_jax.models import t5 as t5_lib
+from avg_jax.models.t5_config import T5Config
+from avg_jax.vokens import VokenVocabulary
+
+FORMAT = "avg-jax-serving"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "params"
+TRIE = "trie.npz"
+TABLE = "voken_table.npz"
+TOKENIZER = "text_tokenizer.model"
+CONFIG = "config.json"
+
+
+def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
+                 image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
+                 tokenizer: TextTokenizer, decode: dict, limits: dict, scheme: str,
+                 source_stage: str, config: dict, param_dtype: str = "float32") -> None:
+  """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
+
+  `decode`: beam_size, top_k, mask_mode, dense_levels. `limits`: max_length (tokens),
+  max_query_chars, batch_buckets.
+  """
+  directory = os.path.abspath(directory)
+  tmp = directory + ".tmp"
+  if os.path.exists(tmp):
+    import shutil
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[param_dtype]
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype), params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(tmp, PARAMS), host)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  trie = VokenTrie.build(codes, image_ids, position_sizes=vocab.position_sizes())
+  trie.save(os.path.join(tmp, TRIE))
+  np.savez(os.path.join(tmp, TABLE), image_ids=np.asarray(image_ids, np.int64),
+           codes=np.asarray(codes, np.int32), file_names=np.asarray(list(file_names), str))
+  with open(os.path.join(tmp, TOKENIZER), "wb") as f:
+    f.write(tokenizer.model_proto)
+  with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=1, sort_keys=True)
+  manifest = {
+      "format": FORMAT, "format_version": FORMAT_VERSION, "avg_jax_version": avg_jax.__version__,
+      "scheme": scheme, "source_stage": source_stage, "param_dtype": param_dtype,
+      "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg), "vocab": vocab.to_dict(),
+      "decode": dict(decode), "limits": dict(limits),
+  }
+  with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+  if os.path.exists(directory):
+    import shutil
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    raise UserError(f"not an avg-jax serving checkpoint (no {MANIFEST}): {directory}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: malformed JSON ({e})") from e
+  if manifest.get("format") != FORMAT:
+    raise UserError(f"{path}: not an avg-jax serving manifest")
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise UserError(f"{path}: format version {manifest.get('format_version')}, this avg-jax "
+                    f"reads {FORMAT_VERSION}")
+  for key in ("t5", "vocab", "decode", "limits", "scheme"):
+    if key not in manifest:
+      raise UserError(f"{path}: missing key {key!r}")
+  return manifest
+
+
+class Retriever:
+  """Answers text queries with ranked image ids from an exported serving checkpoint."""
+
+  def __init__(self, *, params: Any, cfg: T5Config, vocab: VokenVocabulary, trie: VokenTrie,
+               tokenizer: TextTokenizer, image_ids: np.ndarray, file_names: np.ndarray,
+               manifest: dict):
+    self.params = params
+    self.cfg = cfg
+    self.vocab = vocab
+    self.tokenizer = tokenizer
+    self.image_ids = image_ids
+    self.file_names = file_names
+    self.manifest = manifest
+    d = manifest["decode"]
+    self.beam_size = int(d["beam_size"])
+    self.mask_mode = str(d["mask_mode"])
+    self.max_length = int(manifest["limits"]["max_length"])
+    self.max_query_chars = int(manifest["limits"]["max_query_chars"])
+    self.buckets = tuple(sorted(int(b) for b in manifest["limits"]["batch_buckets"]))
+    self.device_trie = trie.to_device(dense_levels=int(d["dense_levels"]))
+    self._file_name_of = {int(i): str(n) for i, n in zip(image_ids, file_names)}
+
+  @classmethod
+  def load(cls, directory: str) -> "Retriever":
+    """Reads a folder written by `avg-jax export`; damaged files are `UserError`s."""
+    manifest = read_manifest(directory)
+    for name in (PARAMS, TRIE, TABLE, TOKENIZER):
+      if not os.path.exists(os.path.join(directory, name)):
+        raise UserError(f"serving checkpoint {directory} is missing {name}")
+    cfg = T5Config(**manifest["t5"])
+    vocab = VokenVocabulary.from_dict(manifest["vocab"])
+    shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[manifest["param_dtype"]]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      params = checkpointer.restore(os.path.abspath(os.path.join(directory, PARAMS)), abstract)
+    except Exception as e:
+      raise UserError(f"{os.path.join(directory, PARAMS)}: cannot restore parameters "
+                      f"({type(e).__name__})") from e
+    finally:
+      checkpointer.close()
+    # Compute in the training dtype whatever the storage dtype.
+    params = jax.tree.map(lambda x: x.astype(cfg.storage_dtype), params)
+    trie = VokenTrie.load(os.path.join(directory, TRIE))
+    try:
+      with np.load(os.path.join(directory, TABLE)) as t:
+        image_ids, file_names = t["image_ids"], t["file_names"]
+    except (KeyError, ValueError, OSError) as e:
+      raise UserError(f"{os.path.join(directory, TABLE)}: unreadable ({e})") from e
+    tokenizer = TextTokenizer.load(os.path.join(directory, TOKENIZER))
+    return cls(params=params, cfg=cfg, vocab=vocab, trie=trie, tokenizer=tokenizer,
+               image_ids=image_ids, file_names=file_names, manifest=manifest)
+
+  def file_name(self, image_id: int) -> str:
+    return self._file_name_of.get(int(image_id), "")
+
+  def validate(self, queries: Sequence[str | bytes]) -> list[str]:
+    """Checks and decodes queries (see the module docstring)."""
+    if isinstance(queries, (str, bytes)):
+      raise UserError("search: pass a list of queries, not a single string")
+    out = []
+    for i, q in enumerate(queries):
+      if isinstance(q, bytes):
+        try:
+          q = q.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise UserError(f"query {i}: not valid UTF-8 (byte {e.start})") from e
+      if not isinstance(q, str):
+        raise UserError(f"query {i}: expected a string, got {type(q).__name__}")
+      if not q.strip():
+        raise UserError(f"query {i}: empty")
+      if len(q) > self.max_query_chars:
+        raise UserError(f"query {i}: {len(q)} characters, the limit is {self.max_query_chars}")
+      out.append(q)
+    if not out:
+      raise UserError("search: no queries")
+    return out
+
+  def search(self, queries: Sequence[str | bytes], k: int = 10
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """`(image ids int64[Q, k], scores float32[Q, k])`, best first; -1 / -inf fill slots
+    when fewer than k images are reachable."""
+    texts = self.validate(queries)
+    if not 1 <= k <= len(self.image_ids):
+      raise UserError(f"search: k must be in [1, {len(self.image_ids)}], got {k}")
+    beam = max(self.beam_size, k)
+    tokens = self.tokenizer.encode_batch(texts, self.max_length)
+    ids, scores = [], []
+    largest = self.buckets[-1]
+    for start in range(0, len(texts), largest):
+      chunk = tokens[start:start + largest]
+      bucket = next(b for b in self.buckets if b >= chunk.shape[0])
+      padded = np.zeros((bucket, chunk.shape[1]), np.int32)
+      padded[:chunk.shape[0]] = chunk
+      padded[chunk.shape[0]:, 0] = 1  # EOS-only filler queries
+      result = search_lib.constrained_search(
+          self.params, self.cfg, self.device_trie, self.vocab, padded, beam_size=beam,
+          top_k=k, mask_mode=self.mask_mode)
+      out = search_lib.results_to_numpy(result)
+      ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))
+      scores.append(out["scores"][:chunk.shape[0]])
+    return np.concatenate(ids), np.concatenate(scores)

@@ -1,0 +1,66 @@
+"""`avg-jax export`: writes the serving checkpoint of the finished generator.
+
+Uses the learning-to-rank parameters when that stage finished, else the generative ones.
+The indexed images are those of `export.index_splits` (default: the test split).
+"""
+
+import os
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from avg_jax import config as config_lib
+from avg_jax import paths
+from avg_jax.data import dataset
+from avg_jax.errors import UserError
+from avg_jax.export import serving
+from avg_jax.metrics import MetricsWriter
+from avg_jax.training import generative
+
+
+def file_names(workdir: str, split: str) -> dict:
+  """image id -> file name for a split (images are not decoded)."""
+  source = dataset.image_source(workdir, split, decode_image=False)
+  return {int(source[i]["image_id"]): source[i]["file_name"] for i in range(len(source))}
+
+
+def export_is_current(directory: str, scheme: str, stage: str) -> bool:
+  try:
+    manifest = serving.read_manifest(directory)
+  except UserError:
+    return False
+  return manifest["scheme"] == scheme and manifest["source_stage"] == stage
+
+
+def run(config: ConfigDict, workdir: str) -> None:
+  scheme = config.tokenizer.scheme
+  stage = "rank" if os.path.isdir(generative.params_dir(workdir, scheme, "rank")) else "train"
+  directory = paths.export_dir(workdir)
+  if export_is_current(directory, scheme, stage):
+    print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
+    return
+  gen, _, params, _ = generative.final_params(config, workdir, scheme, stage)
+  ids, codes, names = [], [], []
+  for split in config.export.index_splits:
+    if split not in gen.table:
+      raise UserError(f"config export.index_splits: no split {split!r} in the voken table")
+    image_ids, split_codes = gen.table[split]
+    name_of = file_names(workdir, split)
+    ids.append(image_ids)
+    codes.append(split_codes)
+    names += [name_of.get(int(i), "") for i in image_ids]
+  serving.write_export(
+      directory, params=params, cfg=gen.cfg, vocab=gen.vocab, image_ids=np.concatenate(ids),
+      codes=np.concatenate(codes), file_names=names, tokenizer=gen.tokenizer,
+      decode=dict(beam_size=int(config.decode.beam_size), top_k=int(config.decode.top_k),
+                  mask_mode=config.decode.mask_mode,
+                  dense_levels=int(config.decode.dense_levels)),
+      limits=dict(max_length=int(config.text_tokenizer.max_length),
+                  max_query_chars=int(config.export.max_query_chars),
+                  batch_buckets=list(config.export.batch_buckets)),
+      scheme=scheme, source_stage=stage, config=config_lib.to_json_dict(config),
+      param_dtype=config.export.param_dtype)
+  MetricsWriter(workdir, "export").write(scheme=scheme, source_stage=stage,
+                                         num_images=int(sum(len(i) for i in ids)))
+  print(f"export: wrote {directory} ({scheme}, {stage} parameters, "
+        f"{sum(len(i) for i in ids)} images indexed)")
