@@ -69,7 +69,27 @@ def method_plan(methods) -> list[tuple[str, str, str]]:
   return plan
 
 
+def completed_results(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The stored results when they exist, parse and were made with this exact config."""
+  path = os.path.join(paths.evaluate_dir(workdir), RESULTS)
+  try:
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    return None
+  if results.get("meta", {}).get("config_hash") != config_lib.config_hash(config):
+    return None
+  if not os.path.exists(os.path.join(paths.evaluate_dir(workdir), "report.md")):
+    return None
+  return results
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  done = completed_results(config, workdir)
+  if done is not None:
+    print(report.summary_table(done))
+    print(f"evaluate: {paths.evaluate_dir(workdir)} is complete for this config; kept")
+    return
   started = time.time()
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
   writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())

@@ -50,7 +50,8 @@ CONFIG = "config.json"
 def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
                  image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
                  tokenizer: TextTokenizer, decode: dict, limits: dict, scheme: str,
-                 source_stage: str, config: dict, param_dtype: str = "float32") -> None:
+                 source_stage: str, config: dict, config_hash: str = "",
+                 param_dtype: str = "float32") -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
   `decode`: beam_size, top_k, mask_mode, dense_levels. `limits`: max_length (tokens),
@@ -79,6 +80,7 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
   manifest = {
       "format": FORMAT, "format_version": FORMAT_VERSION, "avg_jax_version": avg_jax.__version__,
       "scheme": scheme, "source_stage": source_stage, "param_dtype": param_dtype,
+      "config_hash": config_hash,
       "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg), "vocab": vocab.to_dict(),
       "decode": dict(decode), "limits": dict(limits),
   }
@@ -110,6 +112,20 @@ def read_manifest(directory: str) -> dict:
   return manifest
 
 
+def check_files(directory: str) -> None:
+  """Every part of the export is present and the small parts parse (`UserError` otherwise)."""
+  for name in (PARAMS, TRIE, TABLE, TOKENIZER):
+    if not os.path.exists(os.path.join(directory, name)):
+      raise UserError(f"serving checkpoint {directory} is missing {name}")
+  VokenTrie.load(os.path.join(directory, TRIE))
+  TextTokenizer.load(os.path.join(directory, TOKENIZER))
+  try:
+    with np.load(os.path.join(directory, TABLE)) as t:
+      t["image_ids"], t["file_names"]
+  except (KeyError, ValueError, OSError) as e:
+    raise UserError(f"{os.path.join(directory, TABLE)}: unreadable ({e})") from e
+
+
 class Retriever:
   """Answers text queries with ranked image ids from an exported serving checkpoint."""
 
@@ -136,9 +152,7 @@ class Retriever:
   def load(cls, directory: str) -> "Retriever":
     """Reads a folder written by `avg-jax export`; damaged files are `UserError`s."""
     manifest = read_manifest(directory)
-    for name in (PARAMS, TRIE, TABLE, TOKENIZER):
-      if not os.path.exists(os.path.join(directory, name)):
-        raise UserError(f"serving checkpoint {directory} is missing {name}")
+    check_files(directory)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
     shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))

@@ -24,19 +24,22 @@ def file_names(workdir: str, split: str) -> dict:
   return {int(source[i]["image_id"]): source[i]["file_name"] for i in range(len(source))}
 
 
-def export_is_current(directory: str, scheme: str, stage: str) -> bool:
+def export_is_current(directory: str, config: ConfigDict, stage: str) -> bool:
+  """True when `directory` holds a loadable export of this config and source stage."""
   try:
     manifest = serving.read_manifest(directory)
+    serving.check_files(directory)
   except UserError:
     return False
-  return manifest["scheme"] == scheme and manifest["source_stage"] == stage
+  return (manifest.get("config_hash") == config_lib.config_hash(config)
+          and manifest["source_stage"] == stage)
 
 
 def run(config: ConfigDict, workdir: str) -> None:
   scheme = config.tokenizer.scheme
   stage = "rank" if os.path.isdir(generative.params_dir(workdir, scheme, "rank")) else "train"
   directory = paths.export_dir(workdir)
-  if export_is_current(directory, scheme, stage):
+  if export_is_current(directory, config, stage):
     print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
     return
   gen, _, params, _ = generative.final_params(config, workdir, scheme, stage)
@@ -59,6 +62,7 @@ def run(config: ConfigDict, workdir: str) -> None:
                   max_query_chars=int(config.export.max_query_chars),
                   batch_buckets=list(config.export.batch_buckets)),
       scheme=scheme, source_stage=stage, config=config_lib.to_json_dict(config),
+      config_hash=config_lib.config_hash(config),
       param_dtype=config.export.param_dtype)
   MetricsWriter(workdir, "export").write(scheme=scheme, source_stage=stage,
                                          num_images=int(sum(len(i) for i in ids)))

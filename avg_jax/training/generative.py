@@ -155,6 +155,30 @@ def params_dir(workdir: str, scheme: str, stage: str = "train") -> str:
   return os.path.join(base(workdir, scheme), FINAL_PARAMS)
 
 
+def ensure_final_params(directory: str, params) -> None:
+  """(Re)writes a finished stage's parameters when they are missing or unreadable."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          params)
+  try:
+    load_params(directory, abstract)
+  except UserError:
+    save_params(directory, params)
+
+
+def already_finished(checkpoint_dir: str, final_dir: str, steps: int, gen, mesh) -> bool:
+  """True when the stage reached `steps` and its final parameters load: nothing to do."""
+  if not os.path.isdir(final_dir) or not os.path.isdir(checkpoint_dir):
+    return False
+  steps_done = sorted(int(p) for p in os.listdir(checkpoint_dir) if p.isdigit())
+  if not steps_done or steps_done[-1] != steps:
+    return False
+  try:
+    load_params(final_dir, abstract_params(gen, mesh)[0])
+  except UserError:
+    return False
+  return True
+
+
 def abstract_params(gen, mesh):
   """`ShapeDtypeStruct`s with shardings for the generator's parameters."""
   shardings = t5_lib.param_shardings(gen.cfg, mesh)["params"]
@@ -184,6 +208,10 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
   c = config.train
   gen = generator_lib.load_generator(config, workdir, scheme)
   mesh = partitioning.make_mesh(config.mesh)
+  directory = os.path.join(paths.train_dir(workdir, scheme), CHECKPOINTS)
+  if already_finished(directory, params_dir(workdir, scheme), int(c.steps), gen, mesh):
+    print(f"train [{scheme}]: finished ({c.steps} steps) in {directory}; kept")
+    return
   rng = jax.random.key(int(config.seed))
   init_rng, dropout_rng = jax.random.split(rng)
   params, _ = generator_lib.init_params(config, gen, mesh, init_rng)
@@ -206,8 +234,7 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
   try:
     state = restore_or(checkpointer, state, data_iter, gen)
     if int(jax.device_get(state.step)) >= int(c.steps):
-      if not os.path.isdir(params_dir(workdir, scheme)):
-        save_params(params_dir(workdir, scheme), state.params)
+      ensure_final_params(params_dir(workdir, scheme), state.params)
       print(f"train [{scheme}]: already finished ({c.steps} steps) in {directory}")
       return
     batches = device_batches(data_iter, mesh)

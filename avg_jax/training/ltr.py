@@ -79,7 +79,12 @@ def run(config: ConfigDict, workdir: str) -> None:
 def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
   """Fine-tunes the finished generator of `scheme` with the listwise loss."""
   c = config.rank
+  directory = os.path.join(paths.rank_dir(workdir, scheme), generative.CHECKPOINTS)
+  final_dir = generative.params_dir(workdir, scheme, "rank")
   gen, mesh, params, param_shardings = generative.final_params(config, workdir, scheme, "train")
+  if generative.already_finished(directory, final_dir, int(c.steps), gen, mesh):
+    print(f"rank [{scheme}]: finished ({c.steps} steps) in {directory}; kept")
+    return
   rng = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
   schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
                                           int(c.warmup_fraction * c.steps))
@@ -105,16 +110,13 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
       generative.training_source(config, workdir, gen),
       generative.per_process_batch(int(c.batch_size)), config.loader, shuffle=True,
       num_epochs=None, drop_remainder=True, seed=int(config.loader.shuffle_seed) + 1)
-  directory = os.path.join(paths.rank_dir(workdir, scheme), generative.CHECKPOINTS)
   checkpointer = Checkpointer(directory, keep=int(config.train.keep_checkpoints),
                               async_save=bool(config.train.async_checkpointing))
   writer = MetricsWriter(workdir, "rank", process_index=jax.process_index())
-  final_dir = generative.params_dir(workdir, scheme, "rank")
   try:
     state = generative.restore_or(checkpointer, state, data_iter, gen)
     if int(jax.device_get(state.step)) >= int(c.steps):
-      if not os.path.isdir(final_dir):
-        save_params(final_dir, state.params)
+      generative.ensure_final_params(final_dir, state.params)
       print(f"rank [{scheme}]: already finished ({c.steps} steps) in {directory}")
       return
     batches = generative.device_batches(data_iter, mesh)

@@ -1,0 +1,111 @@
+"""The whole pipeline on the tiny config: `run`, export -> load -> search parity, skipping
+and redoing stages, and the search CLI's error cases."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from avg_jax import cli
+from avg_jax import config as config_lib
+from avg_jax.data import dataset
+from avg_jax.evaluation import avg_eval
+from avg_jax.export.serving import Retriever
+from avg_jax.training import generative
+
+OVERRIDES = ["evaluate.methods=('two_tower', 'avg', 'avg_ltr')",
+             "evaluate.efficiency_sizes=(100, 400)"]
+
+
+def _args(repo_root, workdir):
+  return ["--config", str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir),
+          *[f"--config.{o}" for o in OVERRIDES]]
+
+
+@pytest.fixture(scope="module")
+def pipeline(repo_root, tiny_workdir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pipeline") / "w"
+  shutil.copytree(tiny_workdir, workdir)
+  assert cli.main(["run", *_args(repo_root, workdir)]) == 0
+  return workdir
+
+
+def test_run_writes_results_report_and_export(pipeline):
+  results = json.loads((pipeline / "evaluate" / "metrics.json").read_text())
+  assert set(results["recall"]) == {"two_tower", "avg", "avg_ltr"}
+  for r in results["recall"].values():
+    assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100
+  assert [row["num_items"] for row in results["efficiency"]["avg"]] == [100, 400]
+  assert results["meta"]["config_hash"]
+  report = (pipeline / "evaluate" / "report.md").read_text()
+  assert "| avg_ltr |" in report and (pipeline / "evaluate" / "efficiency.png").exists()
+  manifest = json.loads((pipeline / "export" / "manifest.json").read_text())
+  assert manifest["source_stage"] == "rank" and manifest["num_images"] == 40
+
+
+def test_export_search_equals_in_process_search(repo_root, pipeline):
+  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), OVERRIDES)
+  gen, mesh, params, shardings = generative.final_params(config, str(pipeline), "avg", "rank")
+  m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(pipeline), "test",
+                               max_queries=12)
+  _, texts = dataset.read_texts(str(pipeline), "test")
+  retriever = Retriever.load(str(pipeline / "export"))
+  k = int(config.decode.top_k)
+  ids, scores = retriever.search(texts[:12], k=k)
+  np.testing.assert_array_equal(ids, m["_results"]["item_ids"][:, :k])
+  np.testing.assert_allclose(scores, m["_results"]["scores"][:, :k], rtol=1e-5, atol=1e-5)
+  assert all(retriever.file_name(i).startswith("test/") for i in ids[:, 0])
+
+
+def _search(repo_root, *args, stdin=None):
+  return subprocess.run([sys.executable, "-m", "avg_jax", "search", *args], cwd=repo_root,
+                        input=stdin, capture_output=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_search_cli(repo_root, pipeline):
+  model = str(pipeline / "export")
+  ok = _search(repo_root, "--model", model, "--k", "3", "--json", "a red circle")
+  assert ok.returncode == 0, ok.stderr
+  out = json.loads(ok.stdout.decode().strip().splitlines()[-1])
+  assert out["query"] == "a red circle" and len(out["results"]) == 3
+  stdin = _search(repo_root, "--model", model, "--k", "2", stdin=b"a blue square\n\na cross\n")
+  assert stdin.returncode == 0 and stdin.stdout.decode().count("query: ") == 2
+  cases = [
+      (["--model", model, ""], "avg-jax: error: query 0: empty"),
+      (["--model", model, "x" * 1001], "query 0: 1001 characters, the limit is 1000"),
+      (["--model", model, "--k", "0", "a"], "k must be in [1, 40], got 0"),
+      (["--model", str(pipeline / "nope"), "a"], "not an avg-jax serving checkpoint"),
+  ]
+  for args, message in cases:
+    proc = _search(repo_root, *args)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert message in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
+  bad = _search(repo_root, "--model", model, stdin=b"fine\n\xff\xfe\n")
+  assert bad.returncode == 2 and "query 1: not valid UTF-8" in bad.stderr.decode()
+
+
+def test_rerun_skips_done_stages_and_redoes_damaged_ones(repo_root, pipeline, capsys):
+  capsys.readouterr()
+  assert cli.main(["run", *_args(repo_root, pipeline)]) == 0
+  out = capsys.readouterr().out
+  for line in ("prepared is complete", "train [avg]: finished", "rank [avg]: finished",
+               "evaluate is complete", "export is complete"):
+    assert line in out, line
+  # Damage: delete the export, garble the results, truncate the train stage's final params.
+  shutil.rmtree(pipeline / "export")
+  (pipeline / "evaluate" / "metrics.json").write_text("{not json")
+  for root, _, files in os.walk(pipeline / "train" / "avg" / "params"):
+    for f in files:
+      if os.path.getsize(os.path.join(root, f)) > 100:
+        open(os.path.join(root, f), "wb").close()
+  assert cli.main(["run", *_args(repo_root, pipeline)]) == 0
+  out = capsys.readouterr().out
+  assert "train [avg]: finished" not in out  # its params were damaged: rewritten
+  assert "export: wrote" in out and "evaluate is complete" not in out
+  json.loads((pipeline / "evaluate" / "metrics.json").read_text())
+  Retriever.load(str(pipeline / "export"))
