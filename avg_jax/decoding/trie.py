@@ -1,0 +1,422 @@
+"""Prefix tree over the indexed images' voken identifiers, on the host and on the device.
+
+Nodes live in levels: level 0 is the root, level l holds the distinct length-l prefixes of the
+indexed identifiers `codes [N, P]`, level P the distinct full identifiers (the leaves). Within a
+level, nodes are numbered in lexicographic order of their prefixes, so the children of one node
+are contiguous in the next level and sorted by code. That gives a CSR form per level:
+
+    offsets[l]  int32[n_l + 1]   children of node i at level l are nodes offsets[l][i] ..
+                                 offsets[l][i+1]-1 of level l+1
+    codes[l]    int32[n_{l+1}]   the code that leads to each node of level l+1
+
+The child reached by code c is the *position* of c in the node's slice: no separate child
+array. Leaves map back to item ids through `leaf_item_offsets`/`leaf_items` (several images
+may share an identifier when the voken table has collisions; the smallest id represents the
+leaf on the device).
+
+On the device (`DeviceTrie`) the top `dense_levels` levels become dense `[n_l, K_l]` tables of
+child indices (-1: no child), the rest stay CSR. One search step then asks `children(level,
+node)` for a fixed-width window of candidate codes per beam: a dense row, or the node's
+contiguous CSR slice padded to the level's largest fan-out (a gather and a mask; no binary
+search is needed because beams always sit on existing nodes). The width never exceeds the
+codebook size, so a step's cost does not grow with the number of indexed images.
+
+Bad input: an empty code array, codes outside `[0, position_sizes[p])`, ragged or non-integer
+sequences, duplicate item ids, or item ids outside int32 all raise `UserError`.
+"""
+
+import dataclasses
+import os
+import tempfile
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avg_jax.errors import UserError
+
+FORMAT_VERSION = 1
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _as_code_array(codes, position_sizes: Sequence[int] | None) -> np.ndarray:
+  """Validates `codes [N, P]` (ragged lists and non-integers are errors) -> int64 array."""
+  try:
+    arr = np.asarray(codes)
+  except ValueError as e:  # numpy refuses ragged nested lists
+    raise UserError(f"voken trie: sequences must all have the same length ({e})") from e
+  if arr.dtype == object:
+    raise UserError("voken trie: sequences must all have the same length")
+  if arr.ndim != 2:
+    raise UserError(f"voken trie: expected codes of shape [N, P], got shape {list(arr.shape)}")
+  if arr.shape[0] == 0:
+    raise UserError("voken trie: cannot build a trie from 0 sequences (nothing is indexed)")
+  if arr.shape[1] == 0:
+    raise UserError("voken trie: sequences have length 0")
+  if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+    raise UserError(f"voken trie: codes must be integers, got {arr.dtype}")
+  arr = arr.astype(np.int64)
+  if position_sizes is None:
+    raise UserError("voken trie: position_sizes is required")
+  sizes = np.asarray(position_sizes, np.int64)
+  if sizes.shape != (arr.shape[1],):
+    raise UserError(f"voken trie: position_sizes has {sizes.size} entries, sequences have "
+                    f"length {arr.shape[1]}")
+  if (sizes <= 0).any():
+    raise UserError(f"voken trie: position_sizes must be positive, got {sizes.tolist()}")
+  bad = (arr < 0) | (arr >= sizes[None, :])
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise UserError(f"voken trie: code {int(arr[row, col])} at row {row}, position {col} is "
+                    f"outside [0, {int(sizes[col])})")
+  return arr
+
+
+def _lexsort_rows(codes: np.ndarray, sizes: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+  """Permutation sorting rows by (codes lexicographically, item id)."""
+  # One packed int64 key sorts much faster than a P-key lexsort when the id space fits.
+  if float(np.prod(sizes.astype(np.float64))) < 2.0**62:
+    key = np.zeros(codes.shape[0], np.int64)
+    for p in range(codes.shape[1]):
+      key = key * sizes[p] + codes[:, p]
+    return np.lexsort((item_ids, key))
+  return np.lexsort((item_ids,) + tuple(codes[:, p] for p in reversed(range(codes.shape[1]))))
+
+
+@dataclasses.dataclass(frozen=True)
+class VokenTrie:
+  """Host-side (numpy) prefix tree in per-level CSR form; see the module docstring."""
+  position_sizes: tuple[int, ...]
+  offsets: tuple[np.ndarray, ...]     # P arrays, level l: int32[n_l + 1]
+  codes: tuple[np.ndarray, ...]       # P arrays, level l: int32[n_{l+1}]
+  leaf_item_offsets: np.ndarray       # int32[num_leaves + 1]
+  leaf_items: np.ndarray              # int64[num_items], ascending within each leaf
+
+  # --- construction ---------------------------------------------------------------------------
+  @classmethod
+  def build(cls, codes, item_ids=None, position_sizes: Sequence[int] | None = None
+            ) -> "VokenTrie":
+    """Builds the trie from `codes int[N, P]` and `item_ids int[N]` (default `arange(N)`).
+
+    Vectorised: one sort plus O(N * P) array operations, no per-sequence Python loop.
+    """
+    arr = _as_code_array(codes, position_sizes)
+    n, p = arr.shape
+    sizes = np.asarray(position_sizes, np.int64)
+    if item_ids is None:
+      ids = np.arange(n, dtype=np.int64)
+    else:
+      ids = np.asarray(item_ids)
+      if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"voken trie: expected {n} integer item ids, got shape "
+                        f"{list(ids.shape)} of {ids.dtype}")
+      ids = ids.astype(np.int64)
+      # The device maps leaves to int32 item ids (jax runs without x64).
+      if (ids < 0).any() or (ids > _INT32_MAX).any():
+        raise UserError(f"voken trie: item ids must lie in [0, {_INT32_MAX}]")
+      by_id = np.sort(ids)
+      dup = by_id[1:][by_id[1:] == by_id[:-1]]
+      if dup.size:
+        raise UserError(f"voken trie: item id {int(dup[0])} appears more than once")
+    order = _lexsort_rows(arr, sizes, ids)
+    sorted_codes = arr[order]
+    sorted_ids = ids[order]
+
+    # new[i]: row i starts a new node at the current level (its prefix differs from row i-1).
+    new = np.zeros(n, bool)
+    new[0] = True
+    offsets, level_codes = [], []
+    parent_of_row = np.zeros(n, np.int64)  # node index at the current level, per row
+    for level in range(p):  # P is tiny (4-5): the loop is over levels, not sequences
+      column = sorted_codes[:, level]
+      new[1:] |= column[1:] != column[:-1]   # a new prefix stays new at deeper levels
+      starts = np.flatnonzero(new)                      # first row of each level+1 node
+      child_parent = parent_of_row[starts]              # [n_{l+1}] parent node at level l
+      num_parents = 1 if level == 0 else level_codes[-1].shape[0]
+      counts = np.bincount(child_parent, minlength=num_parents)
+      offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+      level_codes.append(column[starts].astype(np.int32))
+      parent_of_row = np.cumsum(new) - 1
+    leaf_starts = np.flatnonzero(new)
+    leaf_item_offsets = np.concatenate([leaf_starts, [n]]).astype(np.int32)
+    return cls(tuple(int(s) for s in sizes), tuple(offsets), tuple(level_codes),
+               leaf_item_offsets, sorted_ids)
+
+  # --- sizes ----------------------------------------------------------------------------------
+  @property
+  def id_length(self) -> int:
+    """P: positions per identifier."""
+    return len(self.position_sizes)
+
+  @property
+  def num_items(self) -> int:
+    return int(self.leaf_items.shape[0])
+
+  @property
+  def num_leaves(self) -> int:
+    return int(self.leaf_item_offsets.shape[0] - 1)
+
+  def num_nodes(self, level: int) -> int:
+    """Nodes at `level` (0: the root, P: the leaves)."""
+    return 1 if level == 0 else int(self.codes[level - 1].shape[0])
+
+  def max_children(self, level: int) -> int:
+    """Largest fan-out of a node at `level` (0 <= level < P)."""
+    return int(np.diff(self.offsets[level]).max())
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the host arrays."""
+    arrays = list(self.offsets) + list(self.codes) + [self.leaf_item_offsets, self.leaf_items]
+    return int(sum(a.nbytes for a in arrays))
+
+  # --- host-side queries ----------------------------------------------------------------------
+  def children(self, prefix: Sequence[int]) -> np.ndarray:
+    """Codes allowed after `prefix` (length < P), ascending; empty if `prefix` is not indexed."""
+    prefix = list(prefix)
+    if len(prefix) >= self.id_length:
+      return np.zeros(0, np.int32)
+    node = self.lookup_prefixes(np.asarray([prefix], np.int64).reshape(1, len(prefix)))[0]
+    if node < 0:
+      return np.zeros(0, np.int32)
+    level = len(prefix)
+    lo, hi = self.offsets[level][node], self.offsets[level][node + 1]
+    return self.codes[level][lo:hi].copy()
+
+  def lookup_prefixes(self, prefixes: np.ndarray) -> np.ndarray:
+    """`[M, l]` prefixes -> `[M]` node index at level l, -1 where the prefix is not indexed.
+
+    Vectorised binary search in each node's sorted child slice.
+    """
+    prefixes = np.asarray(prefixes, np.int64)
+    m, length = prefixes.shape
+    node = np.zeros(m, np.int64)
+    found = np.ones(m, bool)
+    for level in range(length):
+      off, codes = self.offsets[level], self.codes[level]
+      safe = np.where(found, node, 0)
+      lo, hi = off[safe].astype(np.int64), off[safe + 1].astype(np.int64)
+      target = prefixes[:, level]
+      # Binary search for `target` in codes[lo:hi] for every row at once.
+      left, right = lo.copy(), hi.copy()
+      for _ in range(int(np.ceil(np.log2(max(2, self.position_sizes[level] + 1)))) + 1):
+        active = left < right
+        mid = (left + right) // 2
+        mid_val = codes[np.minimum(mid, codes.shape[0] - 1)]
+        go_right = active & (mid_val < target)
+        left = np.where(go_right, mid + 1, left)
+        right = np.where(active & ~go_right, mid, right)
+      hit = (left < hi) & (codes[np.minimum(left, codes.shape[0] - 1)] == target)
+      found &= hit
+      node = np.where(found, left, -1)
+    return np.where(found, node, -1)
+
+  def lookup(self, codes: np.ndarray) -> np.ndarray:
+    """`[M, P]` identifiers -> `[M]` leaf index, -1 where not indexed."""
+    codes = np.asarray(codes, np.int64)
+    if codes.ndim != 2 or codes.shape[1] != self.id_length:
+      raise UserError(f"voken trie: expected identifiers of shape [M, {self.id_length}], got "
+                      f"{list(codes.shape)}")
+    return self.lookup_prefixes(codes)
+
+  def leaf_codes(self) -> np.ndarray:
+    """`[num_leaves, P]` the identifier of every leaf, in leaf order."""
+    p = self.id_length
+    out = np.zeros((self.num_leaves, p), np.int32)
+    node = np.arange(self.num_leaves)
+    for level in reversed(range(p)):
+      out[:, level] = self.codes[level][node]
+      # parent of node j at level+1: the i with offsets[i] <= j < offsets[i+1]
+      node = np.searchsorted(self.offsets[level], node, side="right") - 1
+    return out
+
+  def items_of_leaf(self, leaf: int) -> np.ndarray:
+    """All item ids whose identifier is leaf `leaf` (ascending)."""
+    lo, hi = self.leaf_item_offsets[leaf], self.leaf_item_offsets[leaf + 1]
+    return self.leaf_items[lo:hi].copy()
+
+  def leaf_first_items(self) -> np.ndarray:
+    """`int64[num_leaves]` the smallest item id of each leaf."""
+    return self.leaf_items[self.leaf_item_offsets[:-1]]
+
+  # --- persistence ----------------------------------------------------------------------------
+  def save(self, path: str) -> None:
+    """Writes an .npz atomically (temporary file in the same folder, then rename)."""
+    arrays = {
+        "format_version": np.asarray(FORMAT_VERSION, np.int32),
+        "position_sizes": np.asarray(self.position_sizes, np.int64),
+        "leaf_item_offsets": self.leaf_item_offsets,
+        "leaf_items": self.leaf_items,
+    }
+    for level in range(self.id_length):
+      arrays[f"offsets_{level}"] = self.offsets[level]
+      arrays[f"codes_{level}"] = self.codes[level]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+
+  @classmethod
+  def load(cls, path: str) -> "VokenTrie":
+    """Reads a trie written by `save`; a missing or malformed file is a `UserError`."""
+    if not os.path.isfile(path):
+      raise UserError(f"voken trie file not found: {path}")
+    try:
+      with np.load(path) as data:
+        version = int(data["format_version"])
+        if version != FORMAT_VERSION:
+          raise UserError(f"voken trie {path}: format version {version}, expected "
+                          f"{FORMAT_VERSION}")
+        sizes = tuple(int(s) for s in data["position_sizes"])
+        offsets = tuple(data[f"offsets_{l}"].astype(np.int32) for l in range(len(sizes)))
+        codes = tuple(data[f"codes_{l}"].astype(np.int32) for l in range(len(sizes)))
+        trie = cls(sizes, offsets, codes, data["leaf_item_offsets"].astype(np.int32),
+                   data["leaf_items"].astype(np.int64))
+    except (KeyError, ValueError, OSError) as e:
+      raise UserError(f"voken trie {path}: unreadable ({e})") from e
+    trie.check()
+    return trie
+
+  def check(self) -> None:
+    """Structural consistency checks (used after loading); raises `UserError`."""
+    p = self.id_length
+    if len(self.offsets) != p or len(self.codes) != p:
+      raise UserError("voken trie: one offsets/codes array per position is required")
+    for level in range(p):
+      off = self.offsets[level]
+      if off.shape != (self.num_nodes(level) + 1,) or off[0] != 0 or \
+          off[-1] != self.codes[level].shape[0] or (np.diff(off) <= 0).any():
+        raise UserError(f"voken trie: inconsistent offsets at level {level}")
+      c = self.codes[level]
+      if c.size and (c.min() < 0 or c.max() >= self.position_sizes[level]):
+        raise UserError(f"voken trie: code outside [0, {self.position_sizes[level]}) at "
+                        f"level {level}")
+    lio = self.leaf_item_offsets
+    if lio.shape != (self.num_nodes(p) + 1,) or lio[0] != 0 or lio[-1] != self.num_items or \
+        (np.diff(lio) <= 0).any():
+      raise UserError("voken trie: inconsistent leaf item offsets")
+
+  def to_device(self, dense_levels: int = 1, sharding=None) -> "DeviceTrie":
+    """The device-resident transition structure (see `DeviceTrie`).
+
+    Levels `l < dense_levels` become dense `[n_l, K_l]` child tables. `sharding`: where to put
+    the arrays (default: jax's default device; pass a replicated `NamedSharding` for a mesh).
+    """
+    if dense_levels < 0:
+      raise UserError(f"decode.dense_levels must be >= 0, got {dense_levels}")
+    put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
+    tables, widths, dense = [], [], []
+    for level in range(self.id_length):
+      k = self.position_sizes[level]
+      if level < dense_levels:
+        n = self.num_nodes(level)
+        table = np.full((n, k), -1, np.int32)
+        parent = np.repeat(np.arange(n), np.diff(self.offsets[level]))
+        table[parent, self.codes[level]] = np.arange(self.codes[level].shape[0], dtype=np.int32)
+        tables.append((put(table),))
+        widths.append(k)
+        dense.append(True)
+      else:
+        tables.append((put(self.offsets[level]), put(self.codes[level])))
+        widths.append(self.max_children(level))
+        dense.append(False)
+    return DeviceTrie(
+        levels=tuple(tables),
+        leaf_item=put(self.leaf_first_items().astype(np.int32)),
+        position_sizes=self.position_sizes,
+        dense=tuple(dense),
+        widths=tuple(widths),
+    )
+
+
+@flax.struct.dataclass
+class DeviceTrie:
+  """The trie as device arrays: per level a dense child table or a CSR pair.
+
+  `levels[l]` is `(table int32[n_l, K_l],)` when `dense[l]`, else `(offsets int32[n_l + 1],
+  codes int32[n_{l+1}])`; `leaf_item int32[num_leaves]` is each leaf's (smallest) item id.
+  `widths[l]` is the candidate-window width of level l (K_l dense, largest fan-out CSR).
+  """
+  levels: tuple
+  leaf_item: jax.Array
+  position_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
+  dense: tuple[bool, ...] = flax.struct.field(pytree_node=False)
+  widths: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+  @property
+  def id_length(self) -> int:
+    return len(self.position_sizes)
+
+  @property
+  def max_width(self) -> int:
+    return max(self.widths)
+
+  @property
+  def nbytes(self) -> int:
+    """Device bytes of all arrays."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(self)))
+
+  def children(self, level: int, node: jax.Array, width: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Candidate children of `node [n]` at static `level` (< P) in a window of `width`.
+
+    Returns `codes int32[n, width]`, `child int32[n, width]` (node index at level+1) and
+    `valid bool[n, width]`. `node` must be a node of `level` (beams always are).
+    """
+    if self.dense[level]:
+      (table,) = self.levels[level]
+      child = table[node]                                       # [n, K_l]
+      k = child.shape[-1]
+      codes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), child.shape)
+      if width > k:  # another level is wider: pad with invalid slots
+        pad = ((0, 0), (0, width - k))
+        child = jnp.pad(child, pad, constant_values=-1)
+        codes = jnp.pad(codes, pad)
+      return codes[:, :width], child[:, :width], child[:, :width] >= 0
+    offsets, level_codes = self.levels[level]
+    start = offsets[node]                                       # [n]
+    count = offsets[node + 1] - start                           # [n]
+    slot = jnp.arange(width, dtype=jnp.int32)                   # [width]
+    child = start[:, None] + slot[None, :]                      # [n, width]
+    valid = slot[None, :] < count[:, None]                      # [n, width]
+    child = jnp.where(valid, child, 0)
+    codes = jnp.where(valid, level_codes[child], 0)
+    return codes, jnp.where(valid, child, -1), valid
+
+
+@flax.struct.dataclass
+class Unconstrained:
+  """Every code at every position is allowed: plain fixed-length beam search over vokens.
+
+  Has the same `children` interface as `DeviceTrie`; `child` is always 0 (no nodes).
+  """
+  position_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+  @property
+  def id_length(self) -> int:
+    return len(self.position_sizes)
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    return self.position_sizes
+
+  @property
+  def max_width(self) -> int:
+    return max(self.position_sizes)
+
+  def children(self, level: int, node: jax.Array, width: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    slot = jnp.arange(width, dtype=jnp.int32)
+    shape = (node.shape[0], width)
+    codes = jnp.broadcast_to(slot, shape)
+    valid = jnp.broadcast_to(slot < self.position_sizes[level], shape)
+    return codes, jnp.zeros(shape, jnp.int32), valid
