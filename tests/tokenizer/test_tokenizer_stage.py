@@ -1,0 +1,146 @@
+"""`avg-jax tokenize` on synthetic embeddings written in the embeddings-contract format."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from avg_jax import cli, paths
+from avg_jax import config as config_lib
+from avg_jax.errors import UserError
+from avg_jax.metrics import read_metrics
+from avg_jax.tokenizer import ids, stage
+
+SPLIT_SIZES = (("train", 96), ("val", 16), ("test", 24))
+
+
+def _write_embeddings(workdir, dim=12, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(6, dim)) * 3
+  next_id = 1000
+  for split, n in SPLIT_SIZES:
+    image_ids = np.arange(next_id, next_id + n) * 3   # not 0..N-1: ids are opaque
+    next_id += n
+    emb = (centers[rng.integers(0, 6, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+    cap_ids = np.repeat(image_ids, 5)
+    cap = (np.repeat(emb, 5, axis=0) + 0.5 * rng.normal(size=(5 * n, dim))).astype(np.float32)
+    os.makedirs(paths.embed_dir(workdir), exist_ok=True)
+    np.savez(paths.embeddings_file(workdir, split), image_ids=image_ids, image_emb=emb,
+             caption_image_ids=cap_ids, caption_emb=cap)
+
+
+def _config(repo_root, scheme, mesh=("data=4", "model=2"), **extra):
+  overrides = [f"tokenizer.scheme={scheme}", "tokenizer.steps=6", "tokenizer.batch_size=64",
+               "tokenizer.codebook_size=8", "tokenizer.num_levels=3", "tokenizer.e_dim=8",
+               "tokenizer.hidden_dims=(16,)", "tokenizer.log_every=3",
+               "tokenizer.checkpoint_every=3", "t5.vocab_size=50"]
+  overrides += [f"mesh.{m}" for m in mesh] + [f"tokenizer.{k}={v}" for k, v in extra.items()]
+  return config_lib.load_config(str(repo_root / "configs" / "smoke.py") + ":tiny", overrides)
+
+
+def _check_table(workdir, scheme):
+  vocab, table, codebook = stage.load_voken_table(workdir, scheme)
+  assert list(table) == [s for s, _ in SPLIT_SIZES]
+  all_codes, all_ids = [], []
+  for split, n in SPLIT_SIZES:
+    image_ids, codes = table[split]
+    assert image_ids.dtype == np.int64 and codes.dtype == np.int32
+    assert codes.shape == (n, vocab.id_length)
+    with np.load(paths.embeddings_file(workdir, split)) as f:
+      np.testing.assert_array_equal(image_ids, f["image_ids"])
+    all_codes.append(codes)
+    all_ids.append(image_ids)
+  # Unique across all images of all splits, codes within each position's range.
+  ids.check_identifiers(np.concatenate(all_codes), vocab.position_sizes())
+  assert codebook.dtype == np.float32 and codebook.shape == (vocab.num_level_tokens, 8)
+  assert vocab.text_vocab_size == 50 and vocab.codebook_size == 8 and vocab.num_levels == 3
+  return vocab, table, codebook
+
+
+def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_root, capsys):
+  workdir = str(tmp_path)
+  _write_embeddings(workdir)
+  config = _config(repo_root, "avg", shared_codebook=True, dropout=0.25)   # the reference's
+  stage.run(config, workdir)
+  vocab, table, codebook = _check_table(workdir, "avg")
+  assert vocab.shared_codebook and codebook.shape[0] == 8
+  printed = capsys.readouterr().out
+  assert "collision" in printed and "train" in printed
+  records = [r for r in read_metrics(workdir) if r["stage"] == "tokenize"]
+  steps = [r["step"] for r in records if "step" in r]
+  assert steps == [3, 6]
+  split_records = {r["split"]: r for r in records if "collision_rate" in r}
+  assert set(split_records) == {"train", "val", "test"}
+  assert len(split_records["train"]["perplexity"]) == 3
+  for r in split_records.values():
+    assert r["method"] == "avg" and np.isfinite(r["recon_mse"]) and np.isfinite(r["align_mse"])
+  ckpt_dir = os.path.join(paths.tokenizer_dir(workdir, "avg"), "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["3", "6"]
+
+  # Same config again: nothing is recomputed or rewritten.
+  table_file = stage.voken_table_file(workdir, "avg")
+  mtime = os.stat(table_file).st_mtime_ns
+  capsys.readouterr()
+  stage.run(config, workdir)
+  assert os.stat(table_file).st_mtime_ns == mtime
+  assert "tokenize [avg]: " in capsys.readouterr().out
+
+  # A damaged output is redone (from the final checkpoint: no retraining).
+  with open(table_file, "wb") as f:
+    f.write(b"garbage")
+  stage.run(config, workdir)
+  _, redone, _ = _check_table(workdir, "avg")
+  for split in table:
+    np.testing.assert_array_equal(redone[split][1], table[split][1])
+
+  # A crash after training (summary missing): the rerun resumes from the last checkpoint and
+  # writes the same identifiers.
+  os.remove(os.path.join(paths.tokenizer_dir(workdir, "avg"), stage.SUMMARY))
+  stage.run(config, workdir)
+  _, again, codebook_again = _check_table(workdir, "avg")
+  for split in table:
+    np.testing.assert_array_equal(again[split][1], table[split][1])
+  np.testing.assert_array_equal(codebook_again, codebook)
+
+  # Another config into the same directory is refused with the differing key named.
+  with pytest.raises(UserError, match="tokenizer.steps"):
+    stage.run(_config(repo_root, "avg", shared_codebook=True, dropout=0.25, steps=7), workdir)
+
+
+@pytest.mark.parametrize("scheme", ["rq", "hkmeans", "atomic", "random"])
+def test_other_schemes_on_data8_mesh_write_valid_tables(tmp_path, repo_root, scheme):
+  workdir = str(tmp_path)
+  _write_embeddings(workdir)
+  stage.run(_config(repo_root, scheme, mesh=("data=8",), shared_codebook=False), workdir)
+  vocab, _, codebook = _check_table(workdir, scheme)
+  assert not vocab.shared_codebook and codebook.shape[0] == 3 * 8   # one row per level token
+  with open(os.path.join(paths.tokenizer_dir(workdir, scheme), stage.SUMMARY)) as f:
+    summary = json.load(f)
+  assert summary["disambiguation_size"] == vocab.disambiguation_size
+  for split, n in SPLIT_SIZES:
+    assert summary["splits"][split]["images"] == n
+    assert 0.0 <= summary["splits"][split]["collision_rate"] <= 1.0
+  if scheme == "atomic":
+    assert summary["collision_rate_all"] == 0.0 and vocab.disambiguation_size == 0
+
+
+def test_cli_reports_missing_embeddings(tmp_path, repo_root, capsys):
+  code = cli.main(["tokenize", "--config", str(repo_root / "configs" / "smoke.py") + ":tiny",
+                   "--workdir", str(tmp_path)])
+  assert code == 2
+  assert "embeddings_train.npz not found" in capsys.readouterr().err
+
+
+def test_bad_embeddings_and_scheme_are_user_errors(tmp_path, repo_root):
+  workdir = str(tmp_path)
+  os.makedirs(paths.embed_dir(workdir))
+  np.savez(paths.embeddings_file(workdir, "train"), image_ids=np.arange(3),
+           image_emb=np.zeros((3, 4), np.float32), caption_image_ids=np.array([0, 7]),
+           caption_emb=np.zeros((2, 4), np.float32))
+  with pytest.raises(UserError, match="caption_image_ids"):
+    stage.run(_config(repo_root, "random"), workdir)
+  with pytest.raises(UserError, match="tokenizer.scheme"):
+    stage.run(_config(repo_root, "semantic"), workdir)
+  with pytest.raises(UserError, match="run `avg-jax tokenize`"):
+    stage.load_voken_table(workdir, "avg")
