@@ -11,6 +11,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from helpers import pipeline_args  # noqa: E402
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -28,4 +30,16 @@ def tiny_workdir(tmp_path_factory) -> pathlib.Path:
   config = str(REPO_ROOT / "configs" / "smoke.py:tiny")
   for stage in ("prepare", "embed", "tokenize"):
     assert cli.main([stage, "--config", config, "--workdir", str(workdir)]) == 0, stage
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def pipeline_workdir(repo_root, tiny_workdir, tmp_path_factory) -> pathlib.Path:
+  """`avg-jax run` of the tiny config (one process, 8 fake devices) on a copy of
+  `tiny_workdir`."""
+  import shutil
+  from avg_jax import cli
+  workdir = tmp_path_factory.mktemp("pipeline") / "w"
+  shutil.copytree(tiny_workdir, workdir)
+  assert cli.main(["run", *pipeline_args(repo_root, workdir)]) == 0
   return workdir

@@ -17,21 +17,13 @@ from avg_jax.evaluation import avg_eval
 from avg_jax.export.serving import Retriever
 from avg_jax.training import generative
 
-OVERRIDES = ["evaluate.methods=('two_tower', 'avg', 'avg_ltr')",
-             "evaluate.efficiency_sizes=(100, 400)"]
+from helpers import PIPELINE_OVERRIDES as OVERRIDES
+from helpers import pipeline_args as _args
 
 
-def _args(repo_root, workdir):
-  return ["--config", str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir),
-          *[f"--config.{o}" for o in OVERRIDES]]
-
-
-@pytest.fixture(scope="module")
-def pipeline(repo_root, tiny_workdir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("pipeline") / "w"
-  shutil.copytree(tiny_workdir, workdir)
-  assert cli.main(["run", *_args(repo_root, workdir)]) == 0
-  return workdir
+@pytest.fixture
+def pipeline(pipeline_workdir):
+  return pipeline_workdir
 
 
 def test_run_writes_results_report_and_export(pipeline):

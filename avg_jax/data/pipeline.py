@@ -63,7 +63,8 @@ def batch_iterator(source: Any, batch_size: int, *, shuffle: bool, seed: int,
                    batch_map_fn: Optional[Callable[[Any], Any]] = None,
                    process_index: Optional[int] = None, process_count: Optional[int] = None,
                    worker_buffer_size: int = 2, read_threads: int = 8,
-                   prefetch_buffer_size: int = 16) -> grain.DatasetIterator:
+                   prefetch_buffer_size: int = 16,
+                   global_order: bool = False) -> grain.DatasetIterator:
   """A grain iterator of batches (dicts of stacked numpy arrays) over `source`.
 
   `source`: a `grain.MapDataset` or any random-access sequence (`__len__`, `__getitem__`).
@@ -75,13 +76,18 @@ def batch_iterator(source: Any, batch_size: int, *, shuffle: bool, seed: int,
   Batches are formed before the threads / workers (each batch is read by one thread), so
   their contents do not depend on `worker_count`; `prefetch_buffer_size` counts batches.
   The iterator has `get_state()` / `set_state(state)`.
+
+  `global_order` (training): the stream is shuffled and batched identically on every process
+  and process p reads every `process_count`-th batch starting at p, so global step s sees the
+  same `batch_size * process_count` examples whatever the number of processes (a 2-host run
+  then reproduces a 1-host run exactly). Each process still reads only its own batches.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
-  if shard_by_process:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if shard_by_process and not global_order:
     ds = shard_for_process(ds, index, count, equal_sizes=drop_remainder)
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -90,6 +96,10 @@ def batch_iterator(source: Any, batch_size: int, *, shuffle: bool, seed: int,
   if map_fn is not None:
     ds = ds.map(map_fn)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=stack)
+  if shard_by_process and global_order and count > 1:
+    if not drop_remainder:
+      raise ValueError("global_order needs drop_remainder=True (equal batches per process)")
+    ds = ds[:len(ds) - len(ds) % count][index::count]
   if batch_map_fn is not None:
     ds = ds.map(batch_map_fn)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(

@@ -156,5 +156,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       json.dump(results, f, indent=1, default=float)
     os.replace(tmp, os.path.join(directory, RESULTS))
     report.write_report(results, directory)
-  print(report.summary_table(results))
-  print(f"report: {os.path.join(directory, 'report.md')}")
+  if jax.process_index() == 0:
+    print(report.summary_table(results))
+    print(f"report: {os.path.join(directory, 'report.md')}")

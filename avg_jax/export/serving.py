@@ -21,12 +21,14 @@ batches are split), so each (bucket, k) compiles once.
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 import avg_jax
 from avg_jax.data.text_tokenizer import TextTokenizer
@@ -59,37 +61,44 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
   """
   directory = os.path.abspath(directory)
   tmp = directory + ".tmp"
-  if os.path.exists(tmp):
-    import shutil
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[param_dtype]
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype), params)
+  writer = jax.process_index() == 0  # every process joins the orbax save; one writes the rest
+  if writer:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  _sync("export: temp folder ready")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
+  stored = jax.tree.map(lambda x: x.astype(dtype), params)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(tmp, PARAMS), host)
+  checkpointer.save(os.path.join(tmp, PARAMS), stored)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  trie = VokenTrie.build(codes, image_ids, position_sizes=vocab.position_sizes())
-  trie.save(os.path.join(tmp, TRIE))
-  np.savez(os.path.join(tmp, TABLE), image_ids=np.asarray(image_ids, np.int64),
-           codes=np.asarray(codes, np.int32), file_names=np.asarray(list(file_names), str))
-  with open(os.path.join(tmp, TOKENIZER), "wb") as f:
-    f.write(tokenizer.model_proto)
-  with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=1, sort_keys=True)
-  manifest = {
-      "format": FORMAT, "format_version": FORMAT_VERSION, "avg_jax_version": avg_jax.__version__,
-      "scheme": scheme, "source_stage": source_stage, "param_dtype": param_dtype,
-      "config_hash": config_hash,
-      "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg), "vocab": vocab.to_dict(),
-      "decode": dict(decode), "limits": dict(limits),
-  }
-  with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-  if os.path.exists(directory):
-    import shutil
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
+  if writer:
+    trie = VokenTrie.build(codes, image_ids, position_sizes=vocab.position_sizes())
+    trie.save(os.path.join(tmp, TRIE))
+    np.savez(os.path.join(tmp, TABLE), image_ids=np.asarray(image_ids, np.int64),
+             codes=np.asarray(codes, np.int32), file_names=np.asarray(list(file_names), str))
+    with open(os.path.join(tmp, TOKENIZER), "wb") as f:
+      f.write(tokenizer.model_proto)
+    with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=1, sort_keys=True)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "avg_jax_version": avg_jax.__version__, "scheme": scheme, "source_stage": source_stage,
+        "param_dtype": param_dtype, "config_hash": config_hash,
+        "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg),
+        "vocab": vocab.to_dict(), "decode": dict(decode), "limits": dict(limits),
+    }
+    # The manifest goes last: a folder without it is never taken for an export.
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1, sort_keys=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+  _sync("export: written")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def read_manifest(directory: str) -> dict:

@@ -6,6 +6,7 @@ The indexed images are those of `export.index_splits` (default: the test split).
 
 import os
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -64,7 +65,8 @@ def run(config: ConfigDict, workdir: str) -> None:
       scheme=scheme, source_stage=stage, config=config_lib.to_json_dict(config),
       config_hash=config_lib.config_hash(config),
       param_dtype=config.export.param_dtype)
-  MetricsWriter(workdir, "export").write(scheme=scheme, source_stage=stage,
+  MetricsWriter(workdir, "export", process_index=jax.process_index()).write(scheme=scheme, source_stage=stage,
                                          num_images=int(sum(len(i) for i in ids)))
-  print(f"export: wrote {directory} ({scheme}, {stage} parameters, "
-        f"{sum(len(i) for i in ids)} images indexed)")
+  if jax.process_index() == 0:
+    print(f"export: wrote {directory} ({scheme}, {stage} parameters, "
+          f"{sum(len(i) for i in ids)} images indexed)")

@@ -226,7 +226,7 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
 
   data_iter = pipeline.from_config(
       training_source(config, workdir, gen), per_process_batch(int(c.batch_size)),
-      config.loader, shuffle=True, num_epochs=None, drop_remainder=True)
+      config.loader, shuffle=True, num_epochs=None, drop_remainder=True, global_order=True)
   directory = os.path.join(paths.train_dir(workdir, scheme), CHECKPOINTS)
   checkpointer = Checkpointer(directory, keep=int(c.keep_checkpoints),
                               async_save=bool(c.async_checkpointing))

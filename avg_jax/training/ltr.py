@@ -109,7 +109,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
   data_iter = pipeline.from_config(
       generative.training_source(config, workdir, gen),
       generative.per_process_batch(int(c.batch_size)), config.loader, shuffle=True,
-      num_epochs=None, drop_remainder=True, seed=int(config.loader.shuffle_seed) + 1)
+      num_epochs=None, drop_remainder=True, global_order=True, seed=int(config.loader.shuffle_seed) + 1)
   checkpointer = Checkpointer(directory, keep=int(config.train.keep_checkpoints),
                               async_save=bool(config.train.async_checkpointing))
   writer = MetricsWriter(workdir, "rank", process_index=jax.process_index())

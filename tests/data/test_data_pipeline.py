@@ -142,3 +142,19 @@ def test_from_config_uses_the_loader_section(tiny_config):
   expected = pipeline.batch_iterator(list(range(8)), 4, shuffle=True, seed=11, num_epochs=1,
                                      drop_remainder=True, shard_by_process=False)
   assert [b.tolist() for b in batches] == [b.tolist() for b in expected]
+
+
+def test_global_order_gives_every_process_count_the_same_global_batches():
+  def global_batches(count, steps=7):
+    its = [pipeline.batch_iterator(grain.MapDataset.range(30), 6 // count, shuffle=True,
+                                   seed=5, num_epochs=None, drop_remainder=True,
+                                   process_index=i, process_count=count, global_order=True)
+           for i in range(count)]
+    return [np.concatenate([np.asarray(next(it)) for it in its]) for _ in range(steps)]
+
+  one = global_batches(1)
+  for count in (2, 3):
+    for a, b in zip(one, global_batches(count)):
+      np.testing.assert_array_equal(a, b)
+  # 7 steps of 6 cover the first epoch (30 elements) and then a reshuffled second one.
+  assert sorted(np.concatenate(one[:5]).tolist()) == list(range(30))
