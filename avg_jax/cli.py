@@ -2,6 +2,7 @@
 
     avg-jax STAGE --config configs/smoke.py[:arg] --workdir W [--config.key=value ...] [--debug]
     avg-jax bench NAME [--config ...] [--workdir W]
+    avg-jax compile --config C --topology v5e:4x4 [--out F.json]   (TPU AOT, libtpu extra)
 
 Every stage is a function `run(config, workdir) -> None` in an importable module (see
 `STAGES`). User errors (`UserError`) print one line and exit 2; `--debug` shows tracebacks.
@@ -100,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("name", choices=sorted(BENCHES))
   p.add_argument("--workdir", default=os.path.join("runs", "bench"))
   p.add_argument("--quick", action="store_true", help="smallest sizes only (for tests)")
+  p = sub.add_parser("compile", help="ahead-of-time compile the steps for a TPU topology "
+                     "(needs the libtpu extra: requirements-tpu.txt)")
+  common(p)
+  p.add_argument("--topology", required=True,
+                 help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x1 (or v5e-16, v4-32, v5p-8)")
+  p.add_argument("--out", default="", help="write the report as JSON to this path")
   p = sub.add_parser("search", help="answer queries with an exported model")
   p.add_argument("--model", required=True, help="exported serving checkpoint directory")
   p.add_argument("--k", type=int, default=10)
@@ -128,6 +135,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   from avg_jax import config as config_lib
   from avg_jax import partitioning
   config = config_lib.load_config(args.config, overrides)
+  if args.command == "compile":
+    # Ahead-of-time: one host process compiles for the whole slice; no distributed runtime.
+    argv = ["compile", "--config", args.config, "--topology", args.topology,
+            *(["--out", args.out] if args.out else []), *(f"--config.{o}" for o in overrides)]
+    _resolve("avg_jax.aot.command:run", "compile")(config, args, argv)
+    return 0
   partitioning.maybe_initialize_distributed(config.distributed)
   if args.command == "bench":
     _resolve(BENCHES[args.name], f"bench {args.name}")(config, args.workdir, args)

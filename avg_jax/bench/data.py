@@ -6,15 +6,13 @@ thread, decoding with the configured threads, and decoding in 2 worker processes
 Prints a table and writes `<workdir>/bench_data.json`.
 """
 
-import datetime
 import json
 import os
-import platform
 import time
 from typing import Any
 
-import jax
 
+from avg_jax.bench import common
 from avg_jax.data import dataset
 from avg_jax.data import pipeline
 from avg_jax.data import prepare
@@ -23,9 +21,7 @@ BATCH_SIZE = 64
 
 
 def _machine() -> dict:
-  return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "date": datetime.datetime.now().isoformat(timespec="seconds")}
+  return common.machine_info()
 
 
 def _command(args: Any) -> str:

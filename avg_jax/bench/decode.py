@@ -20,10 +20,8 @@ trie build time, device bytes per image and queries/s with the small model.
 """
 
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 from typing import Any, Callable
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avg_jax.bench import common
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.models import t5 as t5_lib
@@ -63,10 +62,7 @@ def _command(args: Any) -> str:
 
 
 def _machine() -> dict:
-  return dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-              platform=platform.platform(), python=platform.python_version(),
-              jax=jax.__version__, backend=jax.default_backend(), devices=jax.device_count(),
-              date=datetime.datetime.now().isoformat(timespec="seconds"))
+  return common.machine_info()
 
 
 def prefer_heap_allocations() -> bool:

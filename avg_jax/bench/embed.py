@@ -10,10 +10,8 @@
 `--quick`: the config's encoder only and N up to 10K. Writes `<workdir>/bench_embed.json`.
 """
 
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from avg_jax.bench import common
 from avg_jax import partitioning
 from avg_jax.encoders import clip, extract, preprocess, retrieval
 
@@ -95,11 +94,7 @@ def bench_retrieval(num_items: int, mesh, *, query_batch: int, repeats: int,
 
 
 def _machine(argv) -> dict:
-  return dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-              platform=platform.platform(), jax_version=jax.__version__,
-              backend=jax.default_backend(), devices=jax.device_count(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command=" ".join(["avg-jax"] + list(argv)))
+  return common.machine_info(" ".join(["avg-jax"] + list(argv)))
 
 
 def _print_tables(result: dict) -> None:

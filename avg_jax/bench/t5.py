@@ -16,10 +16,8 @@ the bench says so and reports ours only. Writes `<workdir>/bench_t5.json`.
 """
 
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from avg_jax.bench import common
 from avg_jax.models import t5
 
 NUM_VOKENS = 1024
@@ -229,10 +228,7 @@ def _torch_decode(size: Size, model, seed: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _machine(command: str) -> dict:
-  info = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-          "platform": platform.platform(), "jax": jax.__version__,
-          "jax_backend": jax.default_backend(), "python": platform.python_version(),
-          "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command}
+  info = common.machine_info(command)
   if not _reference_available():
     import torch
     import transformers

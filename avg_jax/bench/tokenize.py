@@ -9,16 +9,14 @@ small model on 10,000 pairs. The PyTorch reference row was measured on this mach
 (2 threads, batch 2048) and is printed for comparison, not re-measured.
 """
 
-import datetime
 import json
 import os
-import platform
-import sys
 import time
 
 import jax
 import numpy as np
 
+from avg_jax.bench import common
 from avg_jax import partitioning
 from avg_jax.tokenizer import losses, train
 from avg_jax.tokenizer.model import RQVAEConfig
@@ -35,26 +33,8 @@ SIZES = {
 }
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
 def _machine() -> dict:
-  return dict(processor=platform.processor() or platform.machine(), cpu_model=_cpu_model(),
-              cpu_count=os.cpu_count(),
-              platform=platform.platform(), jax=jax.__version__,
-              backend=jax.default_backend(), devices=jax.device_count(),
-              date=datetime.datetime.now().isoformat(timespec="seconds"),
-              # Other work on the machine slows wall-clock numbers; CPU seconds are recorded too.
-              load_average_1min=round(os.getloadavg()[0], 2),
-              command=" ".join(["avg-jax"] + sys.argv[1:]))
+  return common.machine_info()
 
 
 def measure(size: dict, mesh, *, kmeans_iters: int, seed: int = 0) -> dict:

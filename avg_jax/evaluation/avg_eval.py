@@ -77,6 +77,14 @@ def run_search(search_fn, params: Any, device_trie: Any, inputs: np.ndarray, *, 
   return merged, (elapsed, int(padded.shape[0]))
 
 
+def make_eval_search_fn(gen, mesh, param_shardings: Any, config):
+  """The jitted search `evaluate_recall` uses (build once, reuse across evaluations)."""
+  k = max(max(config.evaluate.recall_ks), int(config.decode.top_k))
+  beam = max(int(config.decode.beam_size), k)
+  return search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings, beam_size=beam,
+                                   top_k=k, mask_mode=config.decode.mask_mode)
+
+
 def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,
                     split: str, *, max_queries: int = 0,
                     search_fn: Optional[Any] = None) -> dict:
@@ -84,12 +92,8 @@ def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdi
   inputs, true_ids = query_set(workdir, split, gen.tokenizer,
                                int(config.text_tokenizer.max_length), max_queries)
   trie = build_trie(gen.table, split, gen.vocab)
-  k = max(max(config.evaluate.recall_ks), int(config.decode.top_k))
-  beam = max(int(config.decode.beam_size), k)
   if search_fn is None:
-    search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
-                                          beam_size=beam, top_k=k,
-                                          mask_mode=config.decode.mask_mode)
+    search_fn = make_eval_search_fn(gen, mesh, param_shardings, config)
   device_trie = trie.to_device(dense_levels=int(config.decode.dense_levels),
                                sharding=partitioning.replicated(mesh))
   results, (seconds, timed) = run_search(search_fn, params, device_trie, inputs, mesh=mesh,

@@ -243,10 +243,9 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
                                                 tx, schedule), mesh, state_shardings, first)
     batches = _chain([first], batches)
     param_shardings = state_shardings.params
-    search_fn = None
+    search_fn = avg_eval.make_eval_search_fn(gen, mesh, param_shardings, config)
 
     def eval_fn(s):
-      nonlocal search_fn
       m = avg_eval.evaluate_recall(gen, s.params, param_shardings, mesh, config, workdir, "val",
                                    max_queries=int(c.eval_max_queries), search_fn=search_fn)
       return {"split": "val", "method": scheme,

@@ -13,11 +13,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from avg_jax import partitioning, paths
+from avg_jax import paths
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
-from avg_jax.models import t5 as t5_lib
-from avg_jax.models import t5_hf, voken_rows
+from avg_jax.models import t5_init
 from avg_jax.models.t5_config import T5Config, hf_architecture, read_hf_config
 from avg_jax.tokenizer.stage import load_voken_table
 from avg_jax.vokens import VokenVocabulary
@@ -77,17 +76,6 @@ def init_params(config: ConfigDict, gen: Generator, mesh, rng: jax.Array) -> tup
 
   From the Hugging Face checkpoint in `t5.pretrained_path` when given, else random.
   """
-  shardings = t5_lib.param_shardings(gen.cfg, mesh)["params"]
-  init = config.t5.voken_init
-  if config.t5.pretrained_path:
-    text_cfg, host = t5_hf.load_hf_t5(
-        config.t5.pretrained_path, dtype=gen.cfg.dtype, param_dtype=gen.cfg.param_dtype,
-        dropout_rate=gen.cfg.dropout_rate, remat=gen.cfg.remat, scan_layers=gen.cfg.scan_layers)
-    _, host = voken_rows.append_voken_rows(host, text_cfg, gen.vocab, gen.codebook, init=init,
-                                           seed=int(config.seed))
-    return jax.device_put(host, shardings), shardings
-  variables, var_shardings = partitioning.sharded_init(
-      lambda r: t5_lib.init_variables(gen.cfg, r), mesh, rng)
-  params = voken_rows.set_voken_rows(variables["params"], gen.cfg, gen.vocab, gen.codebook,
-                                     init=init, seed=int(config.seed))
-  return jax.device_put(params, shardings), shardings
+  _, params, shardings = t5_init.initial_params(config.t5, gen.vocab, gen.codebook, mesh, rng,
+                                                seed=int(config.seed))
+  return params, shardings

@@ -128,9 +128,12 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     step_fn = lambda s, b, r: jitted(s, b, r, trie)
 
+    search_fn = avg_eval.make_eval_search_fn(gen, mesh, state_shardings.params, config)
+
     def eval_fn(s):
       m = avg_eval.evaluate_recall(gen, s.params, state_shardings.params, mesh, config,
-                                   workdir, "val", max_queries=int(config.train.eval_max_queries))
+                                   workdir, "val", max_queries=int(config.train.eval_max_queries),
+                                   search_fn=search_fn)
       return {"split": "val", "method": f"{scheme}_ltr",
               **{k: v for k, v in m.items() if not k.startswith("_")}}
 

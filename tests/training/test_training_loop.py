@@ -8,7 +8,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from avg_jax.errors import Preempted

@@ -18,7 +18,7 @@ from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.training import generative, loop, ltr, optim
-from avg_jax.training.checkpointing import Checkpointer, load_params
+from avg_jax.training.checkpointing import Checkpointer
 from avg_jax.vokens import VokenVocabulary
 
 
