@@ -59,10 +59,10 @@ def get_config(arg=None):
   c.tokenizer.dropout = 0.0
   c.tokenizer.shared_codebook = False
 
-  c.train.steps = 40 if tiny else 500
+  c.train.steps = 40 if tiny else 400
   c.train.batch_size = 32 if tiny else 128
-  c.train.checkpoint_every = 20 if tiny else 250
-  c.train.eval_every = 40 if tiny else 250
+  c.train.checkpoint_every = 20 if tiny else 200
+  c.train.eval_every = 40 if tiny else 200
   c.train.eval_max_queries = 40 if tiny else 500
   c.rank.steps = 10 if tiny else 60
   c.rank.batch_size = 16 if tiny else 32
