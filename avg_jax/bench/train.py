@@ -1,7 +1,8 @@
 """`avg-jax bench train`: generative train-step throughput on CPU, 1 vs 8 (fake) devices.
 
 Each device count runs in its own subprocess (the fake-device count is fixed when XLA starts).
-Models: the smoke config's T5 and T5-base shapes (configs/flickr30k.py), with the real step
+Mesh: `fsdp` over all devices (parameters sharded, batch split). Models: the smoke config's
+T5 and T5-base shapes (configs/flickr30k.py), with the real step
 (`training.generative.make_loss_fn` + `training.loop.make_train_step`, explicit shardings,
 donated state). Batches are random token ids of the configured lengths.
 """
@@ -38,7 +39,9 @@ def measure(spec: str, batch: int, steps: int) -> dict:
                           int(config.tokenizer.num_levels),
                           bool(config.tokenizer.shared_codebook), disambiguation_size=8)
   cfg = T5Config.from_config(config.t5, vocab)
-  mesh = partitioning.make_mesh({"data": -1})
+  # Parameters and optimizer state shard over all devices (fsdp): replicated on 8 fake
+  # devices, T5-base's state would need 8 copies of host memory.
+  mesh = partitioning.make_mesh({"data": 1, "fsdp": -1})
   tx = optim.adamw(1e-4, grad_clip_norm=1.0)
   variables, _ = partitioning.sharded_init(lambda r: t5_lib.init_variables(cfg, r), mesh,
                                            jax.random.key(0))
