@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -89,13 +90,26 @@ def abstract_params(cfg: T5Config, mesh: Mesh) -> tuple[Any, Any]:
   return abstract(shapes, shardings), shardings
 
 
-def abstract_state(params: Any, tx, mesh: Mesh) -> tuple[Any, Any]:
-  """`(state, shardings)` of `loop.create_state(params, tx)` as `generative.create_state`
-  shards it (a jit without out_shardings: the optimizer state follows its parameters)."""
-  with partitioning.activation_context(mesh):
-    compiled = jax.jit(lambda p: loop.create_state(p, tx)).lower(params).compile()
-  shardings = compiled.output_shardings
+def abstract_state(params: Any, tx, mesh: Mesh, like_params: bool = False
+                   ) -> tuple[Any, Any]:
+  """`(state, shardings)` of `loop.create_state(params, tx)`.
+
+  Default: as `generative.create_state` shards it today, a jit without out_shardings, where
+  XLA places the optimizer state (zeros, not computed from the parameters) replicated.
+  `like_params`: every parameter-shaped optimizer leaf (Adam's mu, nu) takes its parameter's
+  sharding and the rest is replicated, the layout fsdp / model sharding is meant to give.
+  """
   shapes = jax.eval_shape(lambda p: loop.create_state(p, tx), params)
+  if like_params:
+    replicated = partitioning.replicated(mesh)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_shardings,
+                                transform_non_params=lambda _: replicated)
+    shardings = loop.TrainState(step=replicated, params=param_shardings, opt_state=opt)
+  else:
+    with partitioning.activation_context(mesh):
+      compiled = jax.jit(lambda p: loop.create_state(p, tx)).lower(params).compile()
+    shardings = compiled.output_shardings
   return abstract(shapes, shardings), shardings
 
 
@@ -134,7 +148,8 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
                    grad_clip_norm=float(c.grad_clip_norm),
                    accumulation_steps=int(c.grad_accum_steps))
   params, _ = abstract_params(cfg, mesh)
-  state, state_shardings = abstract_state(params, tx, mesh)
+  state, state_shardings = abstract_state(params, tx, mesh,
+                                         bool(config.aot.opt_state_like_params))
   example = {"inputs": _batch_of(mesh, batch, int(config.text_tokenizer.max_length)),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
   step = loop.make_train_step(generative.make_loss_fn(cfg, float(c.temperature)), tx, schedule)
@@ -210,7 +225,8 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
                                           int(c.warmup_fraction * c.steps))
   tx = optim.adamw(schedule, grad_clip_norm=float(config.train.grad_clip_norm))
   params, param_shardings = abstract_params(cfg, mesh)
-  state, state_shardings = abstract_state(params, tx, mesh)
+  state, state_shardings = abstract_state(params, tx, mesh,
+                                         bool(config.aot.opt_state_like_params))
   trie = abstract_trie(config, vocab, mesh)
   loss_fn = ltr.make_rank_loss_fn(cfg, vocab, beam_size=beam, rank_weight=float(c.rank_weight),
                                   double_softmax=bool(c.double_softmax),

@@ -87,9 +87,16 @@ def topology_devices(name: str) -> list:
   canonical = canonical_name(name)
   if not libtpu_available():
     raise UserError(MISSING_LIBTPU)
+  import jax
+  from jax.experimental import topologies
+  # This process uses libtpu only as a compiler: keep jax's own backend on the CPU (on a TPU
+  # VM it must not claim the chips of a running job), which makes it safe to load libtpu
+  # beside another process holding its lockfile (a training job, a second compile).
+  if not jax.config.jax_platforms:
+    jax.config.update("jax_platforms", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # libtpu looks for a TPU VM's worker list and logs a harmless error without one.
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  from jax.experimental import topologies
   kwargs = {"chip_config_name": "megacore"} if CHIPS[canonical.split(":")[0]].megacore else {}
   try:
     topology = topologies.get_topology_desc(topology_name=canonical, platform="tpu", **kwargs)
