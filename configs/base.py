@@ -215,9 +215,6 @@ def get_base_config() -> ml_collections.ConfigDict:
       steps=("tokenizer", "train", "rank", "search"),  # which step programs to compile
       index_size=0,            # images in the LTR trie (train split); 0: data.num_train
       disambiguation_size=8,   # D of the voken vocabulary (the real D depends on collisions)
-      # False: optimizer state sharded as training.generative.create_state gives it today
-      # (replicated); True: Adam moments sharded like their parameters (what fsdp needs).
-      opt_state_like_params=False,
       # MFU estimate: assumed step time = roofline time (max of FLOPs / peak and bytes / HBM
       # bandwidth) / this efficiency.
       roofline_efficiency=0.5,

@@ -159,15 +159,14 @@ def _train_only(repo_root, out, *overrides):
 def test_fsdp_shards_the_train_state(tiny_report, repo_root, tmp_path):
   mesh, data = _train_only(repo_root, tmp_path / "data.json")
   assert mesh == {"data": 4, "fsdp": 1, "model": 1}
-  mesh, fsdp = _train_only(repo_root, tmp_path / "fsdp.json", "--config.mesh.fsdp=4",
-                           "--config.aot.opt_state_like_params=true")
+  mesh, fsdp = _train_only(repo_root, tmp_path / "fsdp.json", "--config.mesh.fsdp=4")
   assert mesh == {"data": 1, "fsdp": 4, "model": 1}
   # Parameters and Adam moments replicated (data=4) vs their embed dimension split four ways.
   assert fsdp["argument_bytes"] < 0.4 * data["argument_bytes"]
   assert fsdp["flops"] == pytest.approx(data["flops"], rel=0.25)  # same work per device
 
 
-def test_opt_state_like_params_follows_parameter_shardings(repo_root):
+def test_optimizer_state_follows_parameter_shardings(repo_root):
   from avg_jax import config as config_lib
   from avg_jax import partitioning
   from avg_jax.aot import programs
@@ -178,7 +177,7 @@ def test_opt_state_like_params_follows_parameter_shardings(repo_root):
   cfg, _ = programs._t5(config)
   params, param_shardings = programs.abstract_params(cfg, mesh)
   tx = optim.adamw(1e-3, grad_clip_norm=1.0)
-  state, shardings = programs.abstract_state(params, tx, mesh, like_params=True)
+  state, shardings = programs.abstract_state(params, tx, mesh)
   adam = shardings.opt_state[1][0]
   spec = lambda tree: [s.spec for s in jax.tree.leaves(tree)]
   assert spec(adam.mu) == spec(adam.nu) == spec(param_shardings)

@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -31,7 +30,7 @@ from avg_jax.models.t5_config import T5Config
 from avg_jax.tokenizer import losses as tok_losses
 from avg_jax.tokenizer import train as tok_train
 from avg_jax.tokenizer.model import RQVAEConfig
-from avg_jax.training import generative, loop, ltr, optim
+from avg_jax.training import generative, loop, ltr
 from avg_jax.vokens import VokenVocabulary
 
 STEPS = ("tokenizer", "train", "rank", "search")
@@ -90,26 +89,10 @@ def abstract_params(cfg: T5Config, mesh: Mesh) -> tuple[Any, Any]:
   return abstract(shapes, shardings), shardings
 
 
-def abstract_state(params: Any, tx, mesh: Mesh, like_params: bool = False
-                   ) -> tuple[Any, Any]:
-  """`(state, shardings)` of `loop.create_state(params, tx)`.
-
-  Default: as `generative.create_state` shards it today, a jit without out_shardings, where
-  XLA places the optimizer state (zeros, not computed from the parameters) replicated.
-  `like_params`: every parameter-shaped optimizer leaf (Adam's mu, nu) takes its parameter's
-  sharding and the rest is replicated, the layout fsdp / model sharding is meant to give.
-  """
+def abstract_state(params: Any, tx, mesh: Mesh) -> tuple[Any, Any]:
+  """`(state, shardings)` of the `TrainState` `generative.create_state` makes, abstract."""
+  shardings = generative.state_shardings(params, tx, mesh)
   shapes = jax.eval_shape(lambda p: loop.create_state(p, tx), params)
-  if like_params:
-    replicated = partitioning.replicated(mesh)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_shardings,
-                                transform_non_params=lambda _: replicated)
-    shardings = loop.TrainState(step=replicated, params=param_shardings, opt_state=opt)
-  else:
-    with partitioning.activation_context(mesh):
-      compiled = jax.jit(lambda p: loop.create_state(p, tx)).lower(params).compile()
-    shardings = compiled.output_shardings
   return abstract(shapes, shardings), shardings
 
 
@@ -141,15 +124,9 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
   cfg, vocab = _t5(config)
   batch = int(c.batch_size)
   _check_batch(mesh, batch, "train.batch_size")
-  schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
-                                          int(c.warmup_fraction * c.steps),
-                                          float(c.end_learning_rate_fraction))
-  tx = optim.adamw(schedule, weight_decay=float(c.weight_decay),
-                   grad_clip_norm=float(c.grad_clip_norm),
-                   accumulation_steps=int(c.grad_accum_steps))
+  tx, schedule = generative.make_optimizer(config)
   params, _ = abstract_params(cfg, mesh)
-  state, state_shardings = abstract_state(params, tx, mesh,
-                                         bool(config.aot.opt_state_like_params))
+  state, state_shardings = abstract_state(params, tx, mesh)
   example = {"inputs": _batch_of(mesh, batch, int(config.text_tokenizer.max_length)),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
   step = loop.make_train_step(generative.make_loss_fn(cfg, float(c.temperature)), tx, schedule)
@@ -221,30 +198,14 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
   batch, beam = int(c.batch_size), int(c.beam_size)
   _check_batch(mesh, batch, "rank.batch_size")
   source_length = int(config.text_tokenizer.max_length)
-  schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
-                                          int(c.warmup_fraction * c.steps))
-  tx = optim.adamw(schedule, grad_clip_norm=float(config.train.grad_clip_norm))
+  tx, schedule = ltr.make_optimizer(config)
   params, param_shardings = abstract_params(cfg, mesh)
-  state, state_shardings = abstract_state(params, tx, mesh,
-                                         bool(config.aot.opt_state_like_params))
+  state, state_shardings = abstract_state(params, tx, mesh)
   trie = abstract_trie(config, vocab, mesh)
-  loss_fn = ltr.make_rank_loss_fn(cfg, vocab, beam_size=beam, rank_weight=float(c.rank_weight),
-                                  double_softmax=bool(c.double_softmax),
-                                  temperature=float(config.train.temperature),
-                                  mask_mode=config.decode.mask_mode)
-
-  # The same closure as in ltr.rank_generator (it is local there).
-  def step_with_trie(state, batch_, rng, trie_):
-    return loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, trie_), tx, schedule)(
-        state, batch_, rng)
-
+  loss_fn = ltr.loss_fn_from_config(config, cfg, vocab)
   example = {"inputs": _batch_of(mesh, batch, source_length),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
-  replicated = partitioning.replicated(mesh)
-  jitted = jax.jit(step_with_trie,
-                   in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, example),
-                                 replicated, jax.tree.map(lambda x: x.sharding, trie)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted = ltr.compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, example, trie)
   body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
                              beam, voken_logits_only=False)
   return Program("rank", jitted, (state, example, _rng(mesh), trie), batch,

@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+import optax
 from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
@@ -106,10 +107,41 @@ def compile_step(step_fn, mesh, state_shardings, batch_example):
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
+def state_shardings(params, tx, mesh) -> loop.TrainState:
+  """Shardings of `loop.create_state(params, tx)` for `params` (arrays or `ShapeDtypeStruct`s
+  with shardings): each parameter-shaped optimizer leaf (Adam's moments, accumulated
+  gradients) like its parameter, the rest (counts, step) replicated.
+
+  Explicit because Adam's moments are zeros that do not depend on the parameters: left to XLA,
+  they come out replicated, and under fsdp/model meshes 2/3 of the state would not shard.
+  """
+  replicated = partitioning.replicated(mesh)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  shapes = jax.eval_shape(lambda p: loop.create_state(p, tx), params)
+  opt_state = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_shardings,
+                                    transform_non_params=lambda _: replicated)
+  return loop.TrainState(step=replicated, params=param_shardings, opt_state=opt_state)
+
+
 def create_state(params, tx, mesh) -> tuple[loop.TrainState, Any]:
-  """A sharded `TrainState` and its shardings (optimizer state follows its parameters)."""
-  state = jax.jit(lambda p: loop.create_state(p, tx))(params)
-  return state, jax.tree.map(lambda x: x.sharding, state)
+  """A sharded `TrainState` and its shardings (see `state_shardings`); donates `params`."""
+  shardings = state_shardings(params, tx, mesh)
+  state = jax.jit(lambda p: loop.create_state(p, tx), in_shardings=(shardings.params,),
+                  out_shardings=shardings, donate_argnums=(0,))(params)
+  return state, shardings
+
+
+def make_optimizer(config: ConfigDict):
+  """`(tx, schedule)` of the generative stage (AdamW, warmup + linear decay, clipping,
+  accumulation), as `train.*` configures it."""
+  c = config.train
+  schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
+                                          int(c.warmup_fraction * c.steps),
+                                          float(c.end_learning_rate_fraction))
+  tx = optim.adamw(schedule, weight_decay=float(c.weight_decay),
+                   grad_clip_norm=float(c.grad_clip_norm),
+                   accumulation_steps=int(c.grad_accum_steps))
+  return tx, schedule
 
 
 def per_process_batch(global_batch: int) -> int:
@@ -215,12 +247,7 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
   rng = jax.random.key(int(config.seed))
   init_rng, dropout_rng = jax.random.split(rng)
   params, _ = generator_lib.init_params(config, gen, mesh, init_rng)
-  schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
-                                          int(c.warmup_fraction * c.steps),
-                                          float(c.end_learning_rate_fraction))
-  tx = optim.adamw(schedule, weight_decay=float(c.weight_decay),
-                   grad_clip_norm=float(c.grad_clip_norm),
-                   accumulation_steps=int(c.grad_accum_steps))
+  tx, schedule = make_optimizer(config)
   state, state_shardings = create_state(params, tx, mesh)
   del params
 

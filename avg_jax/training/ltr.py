@@ -70,6 +70,38 @@ def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_
   return loss_fn
 
 
+def make_optimizer(config: ConfigDict):
+  """`(tx, schedule)` of the rank stage: AdamW, warmup + linear decay, `train`'s clipping."""
+  c = config.rank
+  schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
+                                          int(c.warmup_fraction * c.steps))
+  return optim.adamw(schedule, grad_clip_norm=float(config.train.grad_clip_norm)), schedule
+
+
+def loss_fn_from_config(config: ConfigDict, cfg, vocab):
+  """`make_rank_loss_fn` with the `rank`, `train` and `decode` settings of `config`."""
+  c = config.rank
+  return make_rank_loss_fn(cfg, vocab, beam_size=int(c.beam_size),
+                           rank_weight=float(c.rank_weight),
+                           double_softmax=bool(c.double_softmax),
+                           temperature=float(config.train.temperature),
+                           mask_mode=config.decode.mask_mode)
+
+
+def compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, batch_example, trie):
+  """`jax.jit` of `(state, batch, rng, trie) -> (state, metrics)` with explicit shardings
+  (those of `batch_example` and `trie`, arrays or `ShapeDtypeStruct`s), donating the state."""
+
+  def step_with_trie(state, batch, rng, trie_):
+    return loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, trie_), tx, schedule)(
+        state, batch, rng)
+
+  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  replicated = partitioning.replicated(mesh)
+  return jax.jit(step_with_trie,
+                 in_shardings=(state_shardings, shardings_of(batch_example), replicated,
+                               shardings_of(trie)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def run(config: ConfigDict, workdir: str) -> None:
@@ -86,25 +118,13 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
     print(f"rank [{scheme}]: finished ({c.steps} steps) in {directory}; kept")
     return
   rng = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
-  schedule = optim.warmup_linear_schedule(float(c.learning_rate), int(c.steps),
-                                          int(c.warmup_fraction * c.steps))
-  tx = optim.adamw(schedule, grad_clip_norm=float(config.train.grad_clip_norm))
+  tx, schedule = make_optimizer(config)
   state, state_shardings = generative.create_state(params, tx, mesh)
   del params
 
   trie = avg_eval.build_trie(gen.table, "train", gen.vocab).to_device(
       dense_levels=int(config.decode.dense_levels), sharding=partitioning.replicated(mesh))
-  trie_shardings = jax.tree.map(lambda x: x.sharding, trie)
-  beam = int(c.beam_size)
-  loss_fn = make_rank_loss_fn(gen.cfg, gen.vocab, beam_size=beam,
-                              rank_weight=float(c.rank_weight),
-                              double_softmax=bool(c.double_softmax),
-                              temperature=float(config.train.temperature),
-                              mask_mode=config.decode.mask_mode)
-
-  def step_with_trie(state, batch, rng, trie):
-    return loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, trie), tx, schedule)(
-        state, batch, rng)
+  loss_fn = loss_fn_from_config(config, gen.cfg, gen.vocab)
 
   data_iter = pipeline.from_config(
       generative.training_source(config, workdir, gen),
@@ -121,11 +141,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
       return
     batches = generative.device_batches(data_iter, mesh)
     first = next(batches)
-    batch_shardings = jax.tree.map(lambda x: x.sharding, first)
-    replicated = partitioning.replicated(mesh)
-    jitted = jax.jit(step_with_trie,
-                     in_shardings=(state_shardings, batch_shardings, replicated, trie_shardings),
-                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    jitted = compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, first, trie)
     step_fn = lambda s, b, r: jitted(s, b, r, trie)
 
     search_fn = avg_eval.make_eval_search_fn(gen, mesh, state_shardings.params, config)

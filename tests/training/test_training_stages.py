@@ -82,6 +82,28 @@ def test_sharded_rank_step_equals_single_device():
   assert metrics["rank_loss"] > 0 and np.isfinite(metrics["gen_loss"])
 
 
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
+  # Adam's moments (and accumulated gradients) do not depend on the parameters' values; unless
+  # create_state pins their shardings they come out replicated and fsdp saves nothing.
+  cfg, _, _, _ = _tiny_model()
+  mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  variables, _ = partitioning.sharded_init(
+      lambda r: t5_lib.init_variables(cfg, r), mesh, jax.random.key(0))
+  param_specs = [x.sharding.spec for x in jax.tree.leaves(variables["params"])]
+  tx = optim.adamw(1e-3, grad_clip_norm=1.0, accumulation_steps=accumulation_steps)
+  state, shardings = generative.create_state(variables["params"], tx, mesh)
+  assert any("fsdp" in str(spec) for spec in param_specs)
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0]
+  # mu and nu, plus the accumulated gradients under MultiSteps.
+  copies = 3 if accumulation_steps > 1 else 2
+  assert len(moments) == copies * len(param_specs)
+  for i, leaf in enumerate(moments):
+    assert leaf.sharding.spec == param_specs[i % len(param_specs)]
+  assert jax.tree.map(lambda x: x.sharding, state) == shardings
+  assert state.step.sharding.spec == jax.sharding.PartitionSpec()
+
+
 def test_pseudo_query_errors_name_file_and_line(tmp_path):
   good = tmp_path / "q.jsonl"
   good.write_text('{"image_id": 3, "query": "a red circle"}\n3\ta blue square\n')
