@@ -13,4 +13,6 @@ def get_config(arg=None):
   c.train.steps = 200_000
   c.rank.steps = 20_000
   c.evaluate.efficiency_sizes = (5000, 10000, 100000, 1000000)
+  # `avg-jax compile` builds the LTR trie for this many images (Karpathy train + restval images).
+  c.aot.index_size = 113_287
   return c

@@ -12,4 +12,6 @@ def get_config(arg=None):
   c.tokenizer.steps = 200_000
   c.train.steps = 60_000
   c.rank.steps = 6_000
+  # `avg-jax compile` builds the LTR trie for this many images (Karpathy training images).
+  c.aot.index_size = 29_000
   return c
