@@ -2,7 +2,11 @@
 
     <workdir>/metrics.jsonl                     every stage's metrics (avg_jax.metrics)
     <workdir>/prepared/                         dataset_info.json, text tokenizer, ArrayRecord files
+    <workdir>/prepared.shards/                  records being written, one file per shard
+                                                (removed once prepared/ is complete)
     <workdir>/embed/                            dual-encoder checkpoint, embeddings_<split>.npz
+    <workdir>/embed/shards/                     embedding rows being written, one file per shard
+                                                (removed once merged into embeddings_<split>.npz)
     <workdir>/tokenizer/<scheme>/               RQ-VAE checkpoint, voken_table.npz, codebook.npy
     <workdir>/train/<scheme>/                   generative-stage checkpoints
     <workdir>/rank/<scheme>/                    learning-to-rank checkpoints
@@ -17,6 +21,10 @@ def prepared_dir(workdir: str) -> str:
   return os.path.join(workdir, "prepared")
 
 
+def prepared_shards_dir(workdir: str) -> str:
+  return os.path.join(workdir, "prepared.shards")
+
+
 def dataset_info_file(workdir: str) -> str:
   return os.path.join(prepared_dir(workdir), "dataset_info.json")
 
@@ -27,6 +35,10 @@ def text_tokenizer_model(workdir: str) -> str:
 
 def embed_dir(workdir: str) -> str:
   return os.path.join(workdir, "embed")
+
+
+def embed_shards_dir(workdir: str) -> str:
+  return os.path.join(embed_dir(workdir), "shards")
 
 
 def embeddings_file(workdir: str, split: str) -> str:

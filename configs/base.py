@@ -41,6 +41,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       # encoded as "png" (lossless) or "jpeg" (about 5x smaller for photos).
       image_encoding="png",
       jpeg_quality=95,
+      # prepare: input images per shard, the unit of work that processes share (process p
+      # of n writes shards p, p+n, ...) and that a rerun skips when already written. Shard
+      # boundaries depend on this and the data only (not on the process count); it changes
+      # the file layout, not the records, so it is not part of the prepared data's identity.
+      # A multiple of 256 suits avg_shapes, which generates scenes 256 at a time.
+      examples_per_shard=1024,
   ))
   c.loader = ml_collections.ConfigDict(dict(
       worker_count=0,          # grain worker processes

@@ -7,11 +7,18 @@ Output, `paths.prepared_dir(workdir)`:
     text_tokenizer.model     SentencePiece (trained on the training captions, or the given one)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
 
-Atomic and idempotent: everything is written into `prepared.tmp-<host>-<pid>-*` and renamed
-into place, so `prepared/` is either absent or complete. A complete directory whose config hash
-matches is kept (and reported as such); one that fails its manifest check (a half-written or
-damaged copy) is removed and redone, as are temp directories left by interrupted runs; one
-prepared from a different data config is an error (later stages built on it would be stale).
+Several processes (a multi-host run) share the work: the images are cut into shards of
+`data.examples_per_shard` (avg_jax.data.builders), process p of n writes shards p, p+n, ...
+into `paths.prepared_shards_dir(workdir)`, skipping those a previous run finished. Once every
+shard exists, process 0 alone lays them out as the TFDS directory, trains the tokenizer and
+writes the statistics and dataset_info.json, while the others wait for it.
+
+Atomic and idempotent: process 0 assembles everything in `prepared.tmp-<host>-<pid>-*` and
+renames it into place, so `prepared/` is either absent or complete (the shards directory is
+then removed). A complete directory whose config hash matches is kept (and reported as such);
+one that fails its manifest check (a half-written or damaged copy) is removed and redone, as
+are temp directories left by interrupted runs; one prepared from a different data config is
+an error (later stages built on it would be stale).
 """
 
 import glob
@@ -22,7 +29,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -31,6 +38,7 @@ from avg_jax import paths
 from avg_jax.data import builders
 from avg_jax.data import dataset as dataset_lib
 from avg_jax.data import shapes as shapes_lib
+from avg_jax.data import shards as shards_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
@@ -81,6 +89,12 @@ def data_identity(config: Any) -> dict:
 
 def config_hash(identity: dict) -> str:
   return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_tag(identity: dict) -> str:
+  """What the record shards depend on: the identity less the text tokenizer (trained after
+  the shards), so changing only the tokenizer reuses them."""
+  return config_hash({k: v for k, v in identity.items() if not k.startswith("text_tokenizer")})
 
 
 def _manifest(root: str) -> dict[str, int]:
@@ -160,6 +174,13 @@ def _identity_diff(old: dict, new: dict) -> str:
   return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
 
 
+def _captions(records: Any) -> Iterator[str]:
+  """Every caption of a record source, in caption_source order (streamed)."""
+  for i in range(len(records)):
+    for caption in records[i]["captions"]:
+      yield caption.decode("utf-8")
+
+
 def _make_tokenizer(config: Any, builder_dir: str, out_path: str) -> tuple[TextTokenizer, str]:
   t = config.text_tokenizer
   if t.model_path:
@@ -167,40 +188,58 @@ def _make_tokenizer(config: Any, builder_dir: str, out_path: str) -> tuple[TextT
     with open(out_path, "wb") as f:
       f.write(tokenizer.model_proto)
     return tokenizer, f"loaded from {t.model_path}"
-  _, texts = dataset_lib.texts_of(dataset_lib.records_in(builder_dir, "train"))
-  tokenizer = TextTokenizer.train(texts, int(t.vocab_size), out_path, model_type=t.model_type)
-  return tokenizer, f"trained ({t.model_type}) on {len(texts)} training captions"
+  records = dataset_lib.records_in(builder_dir, "train")
+  # A stream, not a list: SentencePiece keeps a bounded sample (input_sentence_size).
+  tokenizer = TextTokenizer.train(_captions(records), int(t.vocab_size), out_path,
+                                  model_type=t.model_type)
+  num_captions = len(records) * int(config.data.captions_per_image)
+  return tokenizer, f"trained ({t.model_type}) on {num_captions} training captions"
+
+
+_TOKENIZE_BATCH = 4096  # captions per SentencePiece call in the statistics pass
 
 
 def _split_statistics(builder_dir: str, split: str, tokenizer: TextTokenizer,
-                      want_attributes: bool) -> tuple[dict, list[str]]:
+                      want_attributes: bool) -> tuple[dict, dict | None]:
+  """(counts and caption lengths of `split`, attribute frequencies or None), from one
+  streaming pass over its records (memory does not grow with the split)."""
   records = dataset_lib.records_in(builder_dir, split)
-  texts, attributes = [], []
+  num_texts = words = tokens = max_tokens = 0
+  pending: list[str] = []
+  attributes = shapes_lib.AttributeCounter()
   for i in progress(range(len(records)), total=len(records), desc=f"statistics {split}"):
     record = records[i]
-    texts.extend(c.decode("utf-8") for c in record["captions"])
+    texts = [c.decode("utf-8") for c in record["captions"]]
+    num_texts += len(texts)
+    words += sum(len(t.split()) for t in texts)
+    pending.extend(texts)
+    if len(pending) >= _TOKENIZE_BATCH or i == len(records) - 1:
+      lengths = [len(ids) for ids in tokenizer.encode_many(pending)]
+      tokens, max_tokens, pending = tokens + sum(lengths), max(max_tokens, *lengths), []
     if want_attributes:
-      attributes.append(record["attributes"].decode("utf-8"))
-  tokens = [len(ids) for ids in tokenizer.encode_many(texts)] if texts else [0]
-  stats = {"num_images": len(records), "num_captions": len(texts),
-           "mean_caption_words": round(float(np.mean([len(t.split()) for t in texts])), 3),
-           "mean_caption_tokens": round(float(np.mean(tokens)), 3),
-           "max_caption_tokens": int(np.max(tokens))}
-  return stats, attributes
+      attributes.add(record["attributes"].decode("utf-8"))
+  # Integer sums divided once: the same floats as np.mean over the per-caption lengths.
+  stats = {"num_images": len(records), "num_captions": num_texts,
+           "mean_caption_words": round(words / num_texts, 3),
+           "mean_caption_tokens": round(tokens / num_texts, 3),
+           "max_caption_tokens": int(max_tokens)}
+  return stats, attributes.frequencies() if want_attributes else None
 
 
-def _build(config: Any, tmp: str, identity: dict) -> dict:
-  """Writes everything into `tmp`; returns the dataset info (also written there, last)."""
-  result = builders.build(config.data, os.path.join(tmp, "tfds"))
+def _build(config: Any, tmp: str, identity: dict, source: builders.Source,
+           shards_dir: str) -> dict:
+  """Writes everything into `tmp` from the finished shards; returns the dataset info (also
+  written there, last)."""
+  result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"),
+                             shard_tag(identity))
   tokenizer, tokenizer_source = _make_tokenizer(
       config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME))
   splits, frequencies = {}, None
   for split in builders.SPLITS:
     want_attributes = config.data.name == "avg_shapes" and split == "train"
-    splits[split], attributes = _split_statistics(
+    splits[split], split_frequencies = _split_statistics(
         result.builder_dir, split, tokenizer, want_attributes)
-    if want_attributes:
-      frequencies = shapes_lib.attribute_frequencies(attributes)
+    frequencies = split_frequencies or frequencies
   size = int(config.data.image_size)
   info = {
       "dataset": config.data.name,
@@ -249,24 +288,74 @@ def format_statistics(info: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float) -> None:
+def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float,
+                   shard_counts: dict | None = None) -> None:
+  """One record per split; `shard_counts[split] = (shards, skipped, written)` over all
+  processes when this run built the data."""
   writer = MetricsWriter(workdir, "prepare", process_index=jax.process_index())
   for split, s in info["splits"].items():
+    shards = {}
+    if shard_counts is not None:
+      total, skipped, written = shard_counts[split]
+      shards = dict(shards=total, shards_skipped=skipped, shards_written=written)
     writer.write(split=split, dataset=info["dataset"], num_images=s["num_images"],
                  num_captions=s["num_captions"], mean_caption_tokens=s["mean_caption_tokens"],
                  vocab_size=info["text_tokenizer"]["vocab_size"], reused=reused,
-                 seconds=round(seconds, 3))
+                 seconds=round(seconds, 3), **shards)
 
 
-def run(config: Any, workdir: str) -> None:
-  """The prepare stage (see the module docstring)."""
+def write_shards(config: Any, workdir: str, process_index: int,
+                 process_count: int) -> dict[str, tuple[int, int, int]]:
+  """Process `process_index` of `process_count`'s part of `run`: its shards of the records
+  (finished ones skipped); -> `{split: (shards, skipped, written)}` for its shards."""
+  return builders.write_shards(builders.open_source(config.data),
+                               paths.prepared_shards_dir(workdir),
+                               shard_tag(data_identity(config)), process_index, process_count)
+
+
+def _finish(config: Any, workdir: str, identity: dict, source: builders.Source) -> dict:
+  """Process 0, once every shard exists: `prepared/` from the shards, atomically; -> info."""
+  out_dir = paths.prepared_dir(workdir)
+  shards_dir = paths.prepared_shards_dir(workdir)
+  if check_prepared(out_dir)[0] == "incomplete":
+    shutil.rmtree(out_dir)
+  tmp = tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=os.path.dirname(out_dir) or ".")
+  try:
+    info = _build(config, tmp, identity, source, shards_dir)
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:
+      # Another job (e.g. started separately on a shared workdir) finished first: keep its
+      # output if it is complete and for the same config.
+      status, _, other = check_prepared(out_dir)
+      if status != "complete" or other.get("config_hash") != info["config_hash"]:
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
+      print(f"{out_dir} was completed by another process meanwhile; kept it")
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  # The records now live in prepared/ (hard links or copies): the shards are no longer needed.
+  shutil.rmtree(shards_dir, ignore_errors=True)
+  return info
+
+
+def run(config: Any, workdir: str, *, process_index: int | None = None,
+        process_count: int | None = None) -> None:
+  """The prepare stage (see the module docstring). `process_index` / `process_count` default
+  to jax's; tests pass others to play one process of several."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
   start = time.time()
   out_dir = paths.prepared_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
   identity = data_identity(config)
-  for path in _remove_stale_temps(out_dir):
-    print(f"removed {path}: left by an interrupted prepare")
+  if index == 0:
+    for path in _remove_stale_temps(out_dir):
+      print(f"removed {path}: left by an interrupted prepare")
 
+  # Every process sees the same state here: prepared/ only changes after all have written
+  # their shards (below).
   status, reason, info = check_prepared(out_dir)
   if status == "complete":
     if info.get("config_hash") != config_hash(identity):
@@ -278,26 +367,29 @@ def run(config: Any, workdir: str) -> None:
     print(format_statistics(info))
     _write_metrics(workdir, info, reused=True, seconds=time.time() - start)
     return
-  if status == "incomplete":
+  if status == "incomplete" and index == 0:
     print(f"{out_dir} is incomplete ({reason}); preparing it again")
-    shutil.rmtree(out_dir)
 
-  tmp = tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=os.path.dirname(out_dir) or ".")
-  try:
-    info = _build(config, tmp, identity)
+  source = builders.open_source(config.data)
+  counts = builders.write_shards(source, paths.prepared_shards_dir(workdir),
+                                 shard_tag(identity), index, count)
+  # A collective: once it returns, every process has written its shards.
+  totals = shards_lib.sum_over_processes(np.array([counts[s] for s in builders.SPLITS]))
+  error = None
+  if index == 0:
     try:
-      os.rename(tmp, out_dir)
-    except OSError:
-      # Another process (e.g. another host on a shared workdir) finished first: keep its
-      # output if it is complete and for the same config.
-      status, reason, other = check_prepared(out_dir)
-      if status != "complete" or other.get("config_hash") != info["config_hash"]:
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)
-      print(f"{out_dir} was completed by another process meanwhile; kept it")
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+      info = _finish(config, workdir, identity, source)
+    except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
+      error = e             # the other processes, which would otherwise wait forever)
+  if not shards_lib.process_0_succeeded(error is None):
+    if error is not None:
+      raise error
+    raise UserError(f"prepare failed in process 0 (see its error); {out_dir} was not written")
+  if index != 0:
+    print(f"{out_dir} was prepared by process 0")
+    return
   print(f"prepared {info['dataset']} in {out_dir} ({time.time() - start:.1f} s)")
   print(format_statistics(info))
-  _write_metrics(workdir, info, reused=False, seconds=time.time() - start)
+  shard_counts = {s: tuple(int(x) for x in totals[i]) for i, s in enumerate(builders.SPLITS)}
+  _write_metrics(workdir, info, reused=False, seconds=time.time() - start,
+                 shard_counts=shard_counts)

@@ -16,7 +16,7 @@ how many images are generated.
 """
 
 import json
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -261,13 +261,14 @@ def write_captions(objects: list[dict], rng: np.random.Generator, count: int) ->
 # --- Whole splits ------------------------------------------------------------------------------
 
 def generate(split: str, num_images: int, image_size: int, seed: int,
-             captions_per_image: int = 5, first_id: int = 0) -> Iterator[dict]:
-  """Yields `num_images` examples of `split` in index order.
+             captions_per_image: int = 5, first_id: int = 0, start: int = 0) -> Iterator[dict]:
+  """Yields examples `start .. num_images - 1` of `split` in index order.
 
   Each example: `image_id` (first_id + index), `index`, `image uint8 [S, S, 3]`,
   `captions` (list of `captions_per_image` str), `file_name`, `attributes` (scene JSON).
+  Example i is the same whatever `start` and `num_images` are (so shards can be made apart).
   """
-  for chunk_start in range(0, num_images, CHUNK):
+  for chunk_start in range(start - start % CHUNK, num_images, CHUNK):
     chunk = chunk_start // CHUNK
     rng = np.random.default_rng(np.random.SeedSequence([seed, split_code(split), chunk]))
     # Always draw a whole chunk so that image i does not depend on num_images.
@@ -278,7 +279,11 @@ def generate(split: str, num_images: int, image_size: int, seed: int,
     for i in range(min(CHUNK, num_images - chunk_start)):
       index = chunk_start + i
       objects = scene_objects(scenes, i)
+      # Captions draw from one stream per chunk: earlier images' draws happen even when
+      # they are before `start`.
       captions = write_captions(objects, caption_rng, captions_per_image)
+      if index < start:
+        continue
       attributes = dict(objects=objects, relations=[list(r) for r in relations(objects)],
                         background=int(scenes["background"][i]), image_size=image_size)
       yield dict(image_id=first_id + index, index=index, image=images[i], captions=captions,
@@ -286,15 +291,29 @@ def generate(split: str, num_images: int, image_size: int, seed: int,
                  attributes=json.dumps(attributes, sort_keys=True, separators=(",", ":")))
 
 
-def attribute_frequencies(attributes_json: list[str]) -> dict[str, dict[str, int]]:
-  """Counts of shapes, colours, sizes, positions and object counts over scenes."""
-  counts: dict[str, dict[str, int]] = {
-      "objects": {}, "shape": {}, "color": {}, "size": {}, "position": {}}
-  for text in attributes_json:
-    objects = json.loads(text)["objects"]
+class AttributeCounter:
+  """Counts of shapes, colours, sizes, positions and object counts, one scene at a time."""
+
+  def __init__(self):
+    self.counts: dict[str, dict[str, int]] = {
+        "objects": {}, "shape": {}, "color": {}, "size": {}, "position": {}}
+
+  def add(self, attributes_json: str) -> None:
+    objects = json.loads(attributes_json)["objects"]
     n = str(len(objects))
-    counts["objects"][n] = counts["objects"].get(n, 0) + 1
+    self.counts["objects"][n] = self.counts["objects"].get(n, 0) + 1
     for o in objects:
       for key in ("shape", "color", "size", "position"):
-        counts[key][o[key]] = counts[key].get(o[key], 0) + 1
-  return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in counts.items()}
+        self.counts[key][o[key]] = self.counts[key].get(o[key], 0) + 1
+
+  def frequencies(self) -> dict[str, dict[str, int]]:
+    """Per attribute, `{value: count}` by decreasing count (ties in first-seen order)."""
+    return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in self.counts.items()}
+
+
+def attribute_frequencies(attributes_json: Iterable[str]) -> dict[str, dict[str, int]]:
+  """Counts of shapes, colours, sizes, positions and object counts over scenes."""
+  counter = AttributeCounter()
+  for text in attributes_json:
+    counter.add(text)
+  return counter.frequencies()

@@ -17,7 +17,7 @@ def data_config(json_path, image_root, **kw):
   c = ml_collections.ConfigDict(dict(
       name="karpathy", karpathy_json=json_path, image_root=image_root, skip_bad_images=False,
       captions_per_image=5, image_size=16, image_encoding="png", jpeg_quality=95,
-      num_train=0, num_val=0, num_test=0, generator_seed=0))
+      num_train=0, num_val=0, num_test=0, generator_seed=0, examples_per_shard=1024))
   c.update(kw)
   return c
 

@@ -143,18 +143,19 @@ def test_a_concurrent_prepare_that_finished_first_is_kept(tmp_path, tiny_config,
   prepared = paths.prepared_dir(workdir)
   build = prepare._build
 
-  def build_while_another_process_finishes(config, tmp, identity):
-    info = build(config, tmp, identity)
+  def build_while_another_process_finishes(config, tmp, *args):
+    info = build(config, tmp, *args)
     shutil.copytree(tmp, prepared)  # the other process renames its output into place first
     return info
   monkeypatch.setattr(prepare, "_build", build_while_another_process_finishes)
   prepare.run(tiny_config(*SMALL), workdir)
   assert "completed by another process" in capsys.readouterr().out
-  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]  # our temp is gone
+  # Our temp is gone, and so are the shards.
+  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]
   assert prepare.check_prepared(prepared)[0] == "complete"
 
 
-def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypatch):
+def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypatch, capsys):
   workdir = tmp_path / "w"
 
   def fail_after_writing(*args, **kwargs):
@@ -162,12 +163,18 @@ def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypa
   monkeypatch.setattr(prepare, "_make_tokenizer", fail_after_writing)  # after the records
   with pytest.raises(RuntimeError, match="disk full"):
     prepare.run(tiny_config(*SMALL), str(workdir))
-  assert os.listdir(workdir) == []
-  # A user error (too large a vocabulary) also leaves no output.
+  # No prepared/ and no temp dir; only the finished shards, kept for the next run.
+  assert os.listdir(workdir) == ["prepared.shards"]
+  # A user error (too large a vocabulary) also leaves no output; the shards are reused.
   monkeypatch.undo()
+  capsys.readouterr()
   with pytest.raises(UserError, match="text_tokenizer.vocab_size=100000"):
     prepare.run(tiny_config(*SMALL[:3], "text_tokenizer.vocab_size=100000"), str(workdir))
-  assert [p for p in os.listdir(workdir) if p != "metrics.jsonl"] == []
+  assert sorted(p for p in os.listdir(workdir) if p != "metrics.jsonl") == ["prepared.shards"]
+  assert "prepare train: 1 of 1 shards already done, skipped" in capsys.readouterr().out
+  prepare.run(tiny_config(*SMALL), str(workdir))
+  assert "prepare train: 1 of 1 shards already done, skipped" in capsys.readouterr().out
+  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]
 
 
 def test_karpathy_data_with_a_given_tokenizer(tmp_path, tiny_config, karpathy_files,

@@ -173,7 +173,7 @@ def _data_config(seed: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="avg_shapes", num_train=20, num_val=4, num_test=4, image_size=32,
       generator_seed=seed, captions_per_image=5, image_encoding="png", jpeg_quality=95,
-      karpathy_json="", image_root="", skip_bad_images=False))
+      karpathy_json="", image_root="", skip_bad_images=False, examples_per_shard=1024))
 
 
 def _record_bytes(builder_dir: str) -> dict[str, bytes]:
