@@ -88,6 +88,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       weight_decay=1e-4,
       init_temperature=0.07,
       embed_batch_size=256,    # batch for feature extraction
+      # embed: images (with their captions) per shard of feature extraction, the unit of work
+      # that processes share, each on its own devices with embed_batch_size rows per call,
+      # and that a rerun skips when already written. Not part of the embed fingerprint.
+      embed_images_per_shard=8192,
       log_every=50,
       checkpoint_every=200,    # train-state checkpoints (resume); removed once the encoder is saved
       query_batch_size=1024,   # two-tower evaluation: captions per search call

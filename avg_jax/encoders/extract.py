@@ -1,9 +1,27 @@
-"""Feature extraction: stream a split through grain in fixed-size batches, encode on the mesh,
-write rows into preallocated memmaps (memory does not grow with N), then rename into place."""
+"""Feature extraction, cut into shards that processes share and reruns skip.
 
-import contextlib
+Each split's images are cut into shards of `encoder_train.embed_images_per_shard`
+(`avg_jax.data.shards`); a shard holds images `[a, b)` and their captions `[a*C, b*C)`
+(caption_source order). Process p of n embeds shards p, p+n, ... on its own devices (a local
+mesh: the rows of one shard need nothing from other processes), streaming them through grain
+in fixed-size batches into `<workdir>/embed/shards/<split>-<a>-<b>.npz` (NpzWriter: memmaps,
+then an atomic rename; the range is in the name). A shard file that reads back whole (zip
+CRC-32 of every array) with the right shapes is done; a damaged one is written again with a
+warning. Process 0 then merges a split's shards into `embeddings_<split>.npz`, one shard in
+memory at a time.
+
+Rows do not depend on which batch or shard they were computed in (the encoders treat rows
+independently, and on the same devices every call has the same shapes), so the merged file
+equals a one-shard run bit for bit (checked on CPU: tests/encoders/test_encoders_shards.py);
+with another per-device batch (e.g. 2 processes x 4 devices instead of 1 x 8: each process
+takes `embed_batch_size` rows per call) XLA may order sums differently: equal to a relative
+1e-6 (tests/test_multiprocess.py).
+"""
+
 import dataclasses
-from typing import Any
+import os
+import zipfile
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -12,10 +30,15 @@ from jax.sharding import Mesh
 
 from avg_jax import paths, partitioning
 from avg_jax.data import dataset, pipeline
+from avg_jax.data import shards as shards_lib
 from avg_jax.encoders import clip, preprocess
 from avg_jax.encoders.npz_writer import NpzWriter
 from avg_jax.encoders.train import Tokenize
+from avg_jax.errors import UserError
 from avg_jax.progress import progress
+
+EMBEDDING_KEYS = ("image_ids", "image_emb", "caption_image_ids", "caption_emb")
+SHARD_KEY = "encoder_train.embed_images_per_shard"
 
 
 @dataclasses.dataclass
@@ -77,8 +100,8 @@ def _round_up(n: int, multiple: int) -> int:
 def _run(fn, params, host_batch: np.ndarray, rows: int, mesh: Mesh) -> np.ndarray:
   """Pads `host_batch` to `rows` (fixed shapes: one compilation), runs `fn`, trims.
 
-  Every process holds the whole batch; each places its own devices' slices, so the row order
-  of the output is the input order on any number of processes."""
+  Every process of `mesh` holds the whole batch and places its own devices' slices, so the
+  row order of the output is the input order (feature extraction uses a one-process mesh)."""
   n = host_batch.shape[0]
   padded = np.zeros((rows,) + host_batch.shape[1:], host_batch.dtype)
   padded[:n] = host_batch
@@ -104,47 +127,140 @@ class DropCaptionIndex:
     return {"image_id": element["image_id"], "caption": element["caption"]}
 
 
-def write_embeddings(encoder: DualEncoder, workdir: str, split: str, mesh: Mesh,
-                     config: ml_collections.ConfigDict) -> str:
-  """Writes `paths.embeddings_file(workdir, split)` (the embeddings contract); -> its path."""
-  images = dataset.image_source(workdir, split)
-  captions = dataset.caption_source(workdir, split)
-  n, m, dim = len(images), len(captions), encoder.cfg.projection_dim
+# --- Shards --------------------------------------------------------------------------------------
+
+
+def plan(workdir: str, splits: Sequence[str], images_per_shard: int) -> list[shards_lib.Shard]:
+  """The shards of `splits` (image ranges; boundaries from the split sizes alone)."""
+  info = dataset.load_info(workdir)
+  sizes = {split: int(info["splits"][split]["num_images"]) for split in splits}
+  return shards_lib.plan(sizes, int(images_per_shard), SHARD_KEY)
+
+
+def shard_file(workdir: str, shard: shards_lib.Shard) -> str:
+  return os.path.join(paths.embed_shards_dir(workdir), f"{shard.name}.npz")
+
+
+def _shard_arrays(shard: shards_lib.Shard, captions_per_image: int, dim: int) -> dict:
+  """`{name: (dtype, shape)}` of a shard's arrays (the embeddings contract, for its rows)."""
+  n, m = len(shard), len(shard) * captions_per_image
+  return {"image_ids": (np.int64, (n,)), "image_emb": (np.float32, (n, dim)),
+          "caption_image_ids": (np.int64, (m,)), "caption_emb": (np.float32, (m, dim))}
+
+
+def read_shard(path: str, shard: shards_lib.Shard, captions_per_image: int,
+               dim: int) -> tuple[dict | None, str]:
+  """`(arrays, "")` for a whole, well-formed shard file; `(None, why)` otherwise (`why` is ""
+  when the file does not exist). Reading every array to its end checks its zip CRC-32."""
+  if not os.path.exists(path):
+    return None, ""
+  try:
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in EMBEDDING_KEYS}
+  except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    return None, f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())})"
+  for name, (dtype, shape) in _shard_arrays(shard, captions_per_image, dim).items():
+    if arrays[name].dtype != dtype or arrays[name].shape != shape:
+      return None, (f"has {name} {arrays[name].dtype}{list(arrays[name].shape)}, expected "
+                    f"{np.dtype(dtype)}{list(shape)}")
+  return arrays, ""
+
+
+def write_shard(encoder: DualEncoder, images: Any, captions: Any, shard: shards_lib.Shard,
+                mesh: Mesh, config: ml_collections.ConfigDict, path: str) -> None:
+  """Embeds images `[a, b)` of `images` and captions `[a*C, b*C)` of `captions` (the split's
+  sources) on `mesh` into `path`, atomically."""
+  c = len(captions) // len(images)
   batch_size = int(config.encoder_train.embed_batch_size)
   rows = _round_up(batch_size, _data_shards(mesh))
-  path = paths.embeddings_file(workdir, split)
-  arrays = {"image_ids": (np.int64, (n,)), "image_emb": (np.float32, (n, dim)),
-            "caption_image_ids": (np.int64, (m,)), "caption_emb": (np.float32, (m, dim))}
 
   def batches(source, **kwargs):
-    # Not sharded by process: every process reads every batch (see `_run`).
+    # Only this shard's rows, in order, all read by this process.
     return pipeline.from_config(source, batch_size, config.loader, shuffle=False,
                                 num_epochs=1, drop_remainder=False, shard_by_process=False,
                                 **kwargs)
 
-  main = jax.process_index() == 0
-  # Only process 0 writes; the others compute their share of every batch and discard rows.
-  with (NpzWriter(path, arrays) if main else contextlib.nullcontext()) as writer:
+  arrays = _shard_arrays(shard, c, encoder.cfg.projection_dim)
+  with NpzWriter(path, arrays) as writer:
     image_fn, start = encoder.image_fn(mesh), 0
-    for batch in progress(batches(images, map_fn=PrepareImage(encoder.preprocess)),
-                          total=-(-n // batch_size), desc=f"embed: {split} images", unit="batch"):
+    for batch in progress(batches(images[shard.start:shard.stop],
+                                  map_fn=PrepareImage(encoder.preprocess)),
+                          total=-(-len(shard) // batch_size),
+                          desc=f"embed: {shard.name} images", unit="batch"):
       emb = _run(image_fn, encoder.params, batch["image"], rows, mesh)
-      if main:
-        writer["image_ids"][start:start + len(emb)] = batch["image_id"]
-        writer["image_emb"][start:start + len(emb)] = emb
+      writer["image_ids"][start:start + len(emb)] = batch["image_id"]
+      writer["image_emb"][start:start + len(emb)] = emb
       start += len(emb)
-    if start != n:
-      raise AssertionError(f"{split}: read {start} images, expected {n}")
+    if start != len(shard):
+      raise AssertionError(f"{shard.name}: read {start} images, expected {len(shard)}")
     text_fn, start = encoder.text_fn(mesh), 0
     tokenize = Tokenize(encoder.tokenizer, encoder.cfg.max_text_length)
-    for batch in progress(batches(captions, map_fn=DropCaptionIndex(), batch_map_fn=tokenize),
-                          total=-(-m // batch_size), desc=f"embed: {split} captions",
-                          unit="batch"):
+    for batch in progress(batches(captions[shard.start * c:shard.stop * c],
+                                  map_fn=DropCaptionIndex(), batch_map_fn=tokenize),
+                          total=-(-len(shard) * c // batch_size),
+                          desc=f"embed: {shard.name} captions", unit="batch"):
       emb = _run(text_fn, encoder.params, batch["tokens"], rows, mesh)
-      if main:
-        writer["caption_image_ids"][start:start + len(emb)] = batch["image_id"]
-        writer["caption_emb"][start:start + len(emb)] = emb
+      writer["caption_image_ids"][start:start + len(emb)] = batch["image_id"]
+      writer["caption_emb"][start:start + len(emb)] = emb
       start += len(emb)
-    if start != m:
-      raise AssertionError(f"{split}: read {start} captions, expected {m}")
+    if start != len(shard) * c:
+      raise AssertionError(f"{shard.name}: read {start} captions, expected {len(shard) * c}")
+
+
+def write_shards(encoder: DualEncoder, workdir: str, splits: Sequence[str], mesh: Mesh,
+                 config: ml_collections.ConfigDict, process_index: int,
+                 process_count: int) -> dict[str, tuple[int, int, int]]:
+  """Writes this process's shards of `splits` that are not done yet, on `mesh` (this process's
+  devices). Prints one line per split; -> `{split: (shards, skipped, written)}` counted over
+  this process's shards."""
+  info = dataset.load_info(workdir)
+  c, dim = int(info["captions_per_image"]), encoder.cfg.projection_dim
+  counts = {split: [0, 0, 0] for split in splits}
+  sources = {}
+  mine = shards_lib.assigned(plan(workdir, splits, config.encoder_train.embed_images_per_shard),
+                             process_index, process_count)
+  for shard in mine:
+    counts[shard.split][0] += 1
+    path = shard_file(workdir, shard)
+    arrays, problem = read_shard(path, shard, c, dim)
+    if arrays is not None:
+      counts[shard.split][1] += 1
+      continue
+    if problem:
+      print(f"warning: embed shard {path} {problem}; writing it again")
+    if shard.split not in sources:  # one split's sources at a time
+      sources = {shard.split: (dataset.image_source(workdir, shard.split),
+                               dataset.caption_source(workdir, shard.split))}
+    write_shard(encoder, *sources[shard.split], shard, mesh, config, path)
+    counts[shard.split][2] += 1
+  for split, (total, skipped, written) in counts.items():
+    if total:
+      print(shards_lib.describe("embed", split, total, skipped, written, process_index,
+                                process_count))
+  return {split: tuple(v) for split, v in counts.items()}
+
+
+def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, dim: int) -> str:
+  """Writes `embeddings_<split>.npz` from the split's finished shards (one in memory at a
+  time), then removes them; -> its path. Run once, after every shard is written."""
+  info = dataset.load_info(workdir)
+  c = int(info["captions_per_image"])
+  n, m = int(info["splits"][split]["num_images"]), int(info["splits"][split]["num_captions"])
+  path = paths.embeddings_file(workdir, split)
+  arrays = {"image_ids": (np.int64, (n,)), "image_emb": (np.float32, (n, dim)),
+            "caption_image_ids": (np.int64, (m,)), "caption_emb": (np.float32, (m, dim))}
+  shards = plan(workdir, [split], config.encoder_train.embed_images_per_shard)
+  with NpzWriter(path, arrays) as writer:
+    for shard in shards:
+      rows, problem = read_shard(shard_file(workdir, shard), shard, c, dim)
+      if rows is None:
+        raise UserError(f"embed shard {shard_file(workdir, shard)} {problem or 'is missing'} "
+                        "after every process finished (is the workdir on storage that all "
+                        "hosts share?)")
+      for name in ("image_ids", "image_emb"):
+        writer[name][shard.start:shard.stop] = rows[name]
+      for name in ("caption_image_ids", "caption_emb"):
+        writer[name][shard.start * c:shard.stop * c] = rows[name]
+  for shard in shards:
+    os.remove(shard_file(workdir, shard))
   return path

@@ -10,11 +10,17 @@
     <workdir>/embed/embeddings_<split>.npz  image_ids int64[N], image_emb float32[N, D],
                                             caption_image_ids int64[M], caption_emb float32[M, D]
                                             (not normalised; captions in caption_source order)
+    <workdir>/embed/shards/                 rows being extracted, one .npz per shard (removed
+                                            once merged into embeddings_<split>.npz)
 
 The encoder is imported from `encoder.pretrained_path` (a Hugging Face CLIP directory) when set,
-otherwise trained from scratch. Finished outputs are kept on reruns.
+otherwise trained from scratch (on all processes together). Feature extraction is then split
+into shards that each process embeds on its own devices (avg_jax.encoders.extract); process 0
+merges them. Finished outputs (embedding files, and shards of an interrupted run) are kept on
+reruns.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +37,7 @@ from flax import linen as nn
 from avg_jax import config as config_lib
 from avg_jax import paths, partitioning
 from avg_jax.data import dataset
+from avg_jax.data import shards as shards_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import bpe, clip, extract, hf_import, preprocess, retrieval
 from avg_jax.encoders.train import train_encoder
@@ -40,9 +47,10 @@ from avg_jax.metrics import MetricsWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_KEYS = ("image_ids", "image_emb", "caption_image_ids", "caption_emb")
-_OPERATIONAL_KEYS = ("embed_batch_size", "log_every", "checkpoint_every", "query_batch_size",
-                     "retrieval_chunk_size")
+EMBEDDING_KEYS = extract.EMBEDDING_KEYS
+# Settings that change how, not what, is computed: left out of the fingerprint.
+_OPERATIONAL_KEYS = ("embed_batch_size", "embed_images_per_shard", "log_every",
+                     "checkpoint_every", "query_batch_size", "retrieval_chunk_size")
 
 
 # --- Reading outputs --------------------------------------------------------------------------
@@ -230,6 +238,60 @@ def _already_evaluated(workdir: str) -> bool:
 # --- The stage --------------------------------------------------------------------------------
 
 
+def local_encoder(encoder: extract.DualEncoder,
+                  mesh_config: Any) -> tuple[extract.DualEncoder, Any]:
+  """(the encoder on this process's devices only, their mesh): feature extraction needs
+  nothing from other processes. The mesh follows `mesh_config` over the local devices."""
+  try:
+    mesh = partitioning.make_mesh(mesh_config, jax.local_devices())
+  except UserError as e:
+    raise UserError(f"embed extracts features on each process's {jax.local_device_count()} "
+                    f"devices, config {e}") from e
+  shardings = param_shardings(encoder.cfg, mesh)
+  if jax.process_count() == 1:
+    params = jax.device_put(encoder.params, shardings)
+  else:
+    # Parameters may be split over processes (fsdp / model axes): every process gathers a
+    # whole copy on the host (one model's memory), then places it on its own devices.
+    from jax.experimental import multihost_utils
+    params = _place(multihost_utils.process_allgather(encoder.params, tiled=True), shardings)
+  return dataclasses.replace(encoder, params=params, param_shardings=shardings, _jitted={}), mesh
+
+
+def _extract(config: ml_collections.ConfigDict, workdir: str, encoder: extract.DualEncoder,
+             splits: list[str], fresh: bool) -> None:
+  """Writes `embeddings_<split>.npz` of `splits`: every process its shards, then process 0
+  merges them (the others wait, see avg_jax.data.shards)."""
+  index, count = jax.process_index(), jax.process_count()
+  shards_dir = paths.embed_shards_dir(workdir)
+  if fresh:  # shards left by an earlier encoder hold its rows, not this one's
+    if index == 0:
+      shutil.rmtree(shards_dir, ignore_errors=True)
+    shards_lib.barrier("embed: stale shards removed")
+  t0 = time.perf_counter()
+  mine, mesh = local_encoder(encoder, config.mesh)
+  counts = extract.write_shards(mine, workdir, splits, mesh, config, index, count)
+  # A collective: once it returns, every process has written its shards.
+  totals = shards_lib.sum_over_processes(np.array([counts[s] for s in splits]))
+  error = None
+  if index == 0:
+    try:
+      for split in splits:
+        path = extract.merge_shards(workdir, split, config, encoder.cfg.projection_dim)
+        log.info("embed: wrote %s", path)
+      shutil.rmtree(shards_dir, ignore_errors=True)
+    except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
+      error = e             # the other processes, which would otherwise wait forever)
+  if not shards_lib.process_0_succeeded(error is None):
+    if error is not None:
+      raise error
+    raise UserError("embed: merging the shards failed in process 0 (see its error)")
+  writer = MetricsWriter(workdir, "embed", process_index=index)
+  for split, (total, skipped, written) in zip(splits, totals.tolist()):
+    writer.write(split=split, shards=total, shards_skipped=skipped, shards_written=written,
+                 processes=count, seconds=round(time.perf_counter() - t0, 3))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Builds or loads the encoder, writes missing embeddings, reports two-tower Recall@K."""
   info = dataset.load_info(workdir)
@@ -242,18 +304,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   encoder = _build_encoder(config, workdir, mesh) if fresh else load_encoder(workdir, mesh)
   log.info("embed: encoder %s in %.1f s (%s)", "built" if fresh else "loaded",
            time.perf_counter() - t0, _describe(encoder.cfg))
-  wrote = False
+  todo = []
   for split in info["splits"]:
     path = paths.embeddings_file(workdir, split)
     if os.path.exists(path) and not fresh:
       log.info("embed: keeping %s", path)
-      continue
-    t0 = time.perf_counter()
-    extract.write_embeddings(encoder, workdir, split, mesh, config)
-    log.info("embed: wrote %s in %.1f s", path, time.perf_counter() - t0)
-    wrote = True
+    else:
+      todo.append(split)
+  if todo:
+    _extract(config, workdir, encoder, todo, fresh)
   tcfg = config.encoder_train
-  if "test" in info["splits"] and (wrote or not _already_evaluated(workdir)):
+  if "test" in info["splits"] and (todo or not _already_evaluated(workdir)):
     metrics = two_tower_recall(load_embeddings(workdir, "test"), config.evaluate.recall_ks, mesh,
                                query_batch=int(tcfg.query_batch_size),
                                chunk_size=int(tcfg.retrieval_chunk_size))
@@ -262,4 +323,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("R@"))
     print(f"two-tower (test, {info['splits']['test']['num_captions']} queries over "
           f"{info['splits']['test']['num_images']} images): {shown}")
-

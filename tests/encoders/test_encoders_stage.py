@@ -68,6 +68,10 @@ def test_trained_encoder_stage(prepared, tmp_path, repo_root):
   stage.run(config, workdir)
   _check_contract(workdir, config.encoder.projection_dim)
   assert not os.path.exists(os.path.join(paths.embed_dir(workdir), "checkpoints"))
+  assert not os.path.exists(paths.embed_shards_dir(workdir))  # merged and removed
+  extraction = [r for r in read_metrics(workdir) if "shards" in r]
+  assert {r["split"]: (r["shards"], r["shards_written"], r["processes"])
+          for r in extraction} == {s: (1, 1, 1) for s in ("train", "val", "test")}
 
   records = [r for r in read_metrics(workdir) if r.get("method") == "two_tower"]
   assert len(records) == 1 and records[0]["split"] == "test" and records[0]["stage"] == "embed"
