@@ -187,6 +187,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       rank_weight=0.5,
       beam_size=10,
       double_softmax=False,    # the reference's behaviour, for comparison only
+      score_temperature=1.0,   # listwise softmax over scores / T
+      # Drop negatives that differ from the positive only in the disambiguation position.
+      skip_twin_negatives=False,
       checkpoint_every=500,
       eval_every=500,
   ))

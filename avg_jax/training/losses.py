@@ -24,15 +24,16 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
 
 
 def listwise_softmax_loss(scores: jax.Array, valid: jax.Array, *,
-                          double_softmax: bool = False) -> jax.Array:
+                          double_softmax: bool = False, temperature: float = 1.0) -> jax.Array:
   """Listwise softmax cross-entropy with the positive in column 0, averaged over the batch.
 
   `scores [batch, 1 + negatives]`: sequence log-probabilities, positive first; `valid` (same
   shape, bool) marks real candidates (column 0 must be valid). Invalid columns get -inf and so
   no probability mass. `double_softmax` reproduces the reference implementation, which passes
-  softmax probabilities into a cross-entropy that applies log-softmax again.
+  softmax probabilities into a cross-entropy that applies log-softmax again. `temperature`
+  divides the scores first (< 1 concentrates the loss on the highest-scoring negatives).
   """
-  masked = jnp.where(valid, scores, -jnp.inf)
+  masked = jnp.where(valid, scores / temperature, -jnp.inf)
   if double_softmax:
     probs = jax.nn.softmax(masked, axis=-1)
     masked = jnp.where(valid, probs, -jnp.inf)

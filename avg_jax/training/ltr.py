@@ -34,9 +34,16 @@ def candidate_targets(codes: jax.Array, offsets: jax.Array) -> jax.Array:
 
 
 def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_softmax: bool,
-                      temperature: float, mask_mode: str):
+                      temperature: float, mask_mode: str, score_temperature: float = 1.0,
+                      skip_twin_negatives: bool = False):
   """`(params, batch, rng, trie) -> (loss, metrics)`; `batch` has `inputs [B, S]`, `targets
-  [B, P + 1]`; `trie` is the training images' `DeviceTrie`."""
+  [B, P + 1]`; `trie` is the training images' `DeviceTrie`.
+
+  `skip_twin_negatives` drops candidates whose semantic codes (all levels before the
+  disambiguation position) equal the positive's: they differ only in an arbitrary index that
+  no query can predict. `score_temperature` divides the scores inside the listwise softmax.
+  """
+  levels = vocab.num_levels
   offsets = jnp.asarray(vocab.position_offsets(), jnp.int32)
 
   def loss_fn(params, batch, rng, trie):
@@ -48,6 +55,9 @@ def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_
     cand = candidate_targets(jnp.maximum(found.codes, 0), offsets)          # [B, beam, P+1]
     is_positive = jnp.all(cand == targets[:, None, :], axis=-1)             # [B, beam]
     negative_ok = (found.item_ids >= 0) & ~is_positive
+    if skip_twin_negatives and vocab.disambiguation_size:
+      twin = jnp.all(cand[..., :levels] == targets[:, None, :levels], axis=-1)
+      negative_ok = negative_ok & ~twin
     all_targets = jnp.concatenate([targets[:, None, :], cand], axis=1)      # [B, 1+beam, P+1]
     valid = jnp.concatenate([jnp.ones((b, 1), bool), negative_ok], axis=1)
     n = all_targets.shape[1]
@@ -61,7 +71,8 @@ def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_
     positives = out.reshape(b, n, *out.shape[1:])[:, 0]
     gen_loss, accuracy, _ = losses.token_cross_entropy(positives, targets,
                                                        temperature=temperature)
-    rank_loss = losses.listwise_softmax_loss(scores, valid, double_softmax=double_softmax)
+    rank_loss = losses.listwise_softmax_loss(scores, valid, double_softmax=double_softmax,
+                                             temperature=score_temperature)
     loss = gen_loss + rank_weight * rank_loss
     return loss, {"gen_loss": gen_loss, "rank_loss": rank_loss, "token_accuracy": accuracy,
                   "negatives": jnp.mean(jnp.sum(negative_ok, axis=-1).astype(jnp.float32)),
@@ -85,7 +96,9 @@ def loss_fn_from_config(config: ConfigDict, cfg, vocab):
                            rank_weight=float(c.rank_weight),
                            double_softmax=bool(c.double_softmax),
                            temperature=float(config.train.temperature),
-                           mask_mode=config.decode.mask_mode)
+                           mask_mode=config.decode.mask_mode,
+                           score_temperature=float(c.score_temperature),
+                           skip_twin_negatives=bool(c.skip_twin_negatives))
 
 
 def compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, batch_example, trie):

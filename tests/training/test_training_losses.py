@@ -55,3 +55,14 @@ def test_listwise_loss_gradient_pushes_positive_up():
   scores = jnp.array([[-1.0, -0.5]])
   grad = jax.grad(lambda s: losses.listwise_softmax_loss(s, jnp.array([[True, True]])))(scores)
   assert grad[0, 0] < 0 < grad[0, 1]
+
+
+def test_listwise_loss_temperature_by_hand():
+  scores = jnp.array([[-1.0, -2.0, -3.0]])
+  valid = jnp.ones((1, 3), bool)
+  # T = 0.5 doubles every score: -log(e^-2 / (e^-2 + e^-4 + e^-6)).
+  expected = -(-2.0 - math.log(math.exp(-2) + math.exp(-4) + math.exp(-6)))
+  loss = losses.listwise_softmax_loss(scores, valid, temperature=0.5)
+  assert float(loss) == pytest.approx(expected, rel=1e-6)
+  # The positive already leads: a sharper softmax makes its loss smaller.
+  assert float(loss) < float(losses.listwise_softmax_loss(scores, valid))

@@ -82,6 +82,30 @@ def test_sharded_rank_step_equals_single_device():
   assert metrics["rank_loss"] > 0 and np.isfinite(metrics["gen_loss"])
 
 
+def test_rank_loss_skips_twin_negatives():
+  # Identifiers (a, b, disambiguation): image 0 = (1, 2, 0) has a twin (1, 2, 1) that differs
+  # only in the disambiguation position, and two other images. With beam 3 over 4 images the
+  # search returns 3 candidates for every query: the positive is among them or not.
+  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2,
+                          disambiguation_size=2)
+  cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
+                 d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1,
+                 num_decoder_layers=1, dropout_rate=0.0)
+  codes = np.array([[1, 2, 0], [1, 2, 1], [3, 0, 0], [0, 3, 0]])
+  trie = VokenTrie.build(codes, np.arange(4), position_sizes=vocab.position_sizes()).to_device()
+  params = t5_lib.init_params(cfg, jax.random.key(0))
+  batch = {"inputs": np.full((1, 4), 5, np.int32), "targets": vocab.target_tokens(codes[:1])}
+  counts = {}
+  for skip in (False, True):
+    loss_fn = ltr.make_rank_loss_fn(cfg, vocab, beam_size=4, rank_weight=1.0,
+                                    double_softmax=False, temperature=1.0,
+                                    mask_mode="after_softmax", skip_twin_negatives=skip)
+    _, metrics = loss_fn(params, batch, jax.random.key(1), trie)
+    counts[skip] = float(metrics["negatives"])
+  # Beam 4 finds all 4 images: 3 negatives, one of them the twin.
+  assert counts == {False: 3.0, True: 2.0}
+
+
 @pytest.mark.parametrize("accumulation_steps", [1, 2])
 def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
   # Adam's moments (and accumulated gradients) do not depend on the parameters' values; unless
