@@ -201,3 +201,14 @@ def test_karpathy_shards_with_undecodable_images(tmp_path, tiny_config, karpathy
       np.testing.assert_array_equal(x["image"], y["image"])
   with pytest.raises(UserError, match=r"1 of 6 images are corrupt.*broken\.jpg"):
     builders.build(data("data.examples_per_shard=1"), str(tmp_path / "strict"))
+
+
+def test_filesystems_without_hard_links_get_copies(tmp_path, tiny_config, monkeypatch,
+                                                   one_shard_reference):
+  # Some network mounts refuse os.link; assembling must fall back to copying the shards.
+  def no_links(src, dst):
+    raise OSError(1, "Operation not permitted")
+  monkeypatch.setattr(builders.os, "link", no_links)
+  workdir = str(tmp_path / "w")
+  prepare.run(tiny_config(*SHARDED), workdir)
+  _assert_same_as_reference(workdir, one_shard_reference)
