@@ -53,6 +53,32 @@ def test_export_search_equals_in_process_search(repo_root, pipeline):
   assert all(retriever.file_name(i).startswith("test/") for i in ids[:, 0])
 
 
+def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipeline, tmp_path):
+  # With the key set, evaluation and the exported Retriever both score over EOS + voken rows
+  # only: higher (less negative) scores than the full-vocabulary ones, and equal to each other.
+  from avg_jax.export import stage as export_stage
+  workdir = tmp_path / "w"
+  shutil.copytree(pipeline, workdir)
+  spec = str(repo_root / "configs/smoke.py:tiny")
+  config = config_lib.load_config(spec, list(OVERRIDES) + ["decode.voken_logits_only=true"])
+  export_stage.run(config, str(workdir))
+  manifest = json.loads((workdir / "export" / "manifest.json").read_text())
+  assert manifest["decode"]["voken_logits_only"] is True
+  gen, mesh, params, shardings = generative.final_params(config, str(workdir), "avg", "rank")
+  restricted = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir),
+                                        "test", max_queries=6)
+  full = avg_eval.evaluate_recall(gen, params, shardings, mesh,
+                                  config_lib.load_config(spec, OVERRIDES), str(workdir),
+                                  "test", max_queries=6)
+  assert np.all(restricted["_results"]["scores"][:, 0] > full["_results"]["scores"][:, 0])
+  _, texts = dataset.read_texts(str(workdir), "test")
+  k = int(config.decode.top_k)
+  ids, scores = Retriever.load(str(workdir / "export")).search(texts[:6], k=k)
+  np.testing.assert_array_equal(ids, restricted["_results"]["item_ids"][:, :k])
+  np.testing.assert_allclose(scores, restricted["_results"]["scores"][:, :k], rtol=1e-5,
+                             atol=1e-5)
+
+
 def _search(repo_root, *args, stdin=None):
   return subprocess.run([sys.executable, "-m", "avg_jax", "search", *args], cwd=repo_root,
                         input=stdin, capture_output=True, timeout=300,

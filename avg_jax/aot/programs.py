@@ -207,7 +207,7 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
   jitted = ltr.compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, example, trie)
   body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
-                             beam, voken_logits_only=False)
+                             beam, voken_logits_only=bool(config.decode.voken_logits_only))
   return Program("rank", jitted, (state, example, _rng(mesh), trie), batch,
                  f"LTR step: search (beam {beam}) + {1 + beam} scored targets per query, "
                  f"index {trie.leaf_item.shape[0]} leaves",

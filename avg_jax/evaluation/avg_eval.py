@@ -82,7 +82,8 @@ def make_eval_search_fn(gen, mesh, param_shardings: Any, config):
   k = max(max(config.evaluate.recall_ks), int(config.decode.top_k))
   beam = max(int(config.decode.beam_size), k)
   return search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings, beam_size=beam,
-                                   top_k=k, mask_mode=config.decode.mask_mode)
+                                   top_k=k, mask_mode=config.decode.mask_mode,
+                                   voken_logits_only=bool(config.decode.voken_logits_only))
 
 
 def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,

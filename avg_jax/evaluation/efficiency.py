@@ -53,7 +53,8 @@ def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.nda
   beam = max(int(config.decode.beam_size), k)
   search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
                                         beam_size=beam, top_k=k,
-                                        mask_mode=config.decode.mask_mode)
+                                        mask_mode=config.decode.mask_mode,
+                                        voken_logits_only=bool(config.decode.voken_logits_only))
   rows = []
   for n in progress(sizes, desc="efficiency (AVG)", unit="N"):
     extra = max(int(n) - len(codes), 0)

@@ -56,7 +56,7 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
                  param_dtype: str = "float32") -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
-  `decode`: beam_size, top_k, mask_mode, dense_levels. `limits`: max_length (tokens),
+  `decode`: beam_size, top_k, mask_mode, voken_logits_only, dense_levels. `limits`: max_length (tokens),
   max_query_chars, batch_buckets.
   """
   directory = os.path.abspath(directory)
@@ -151,6 +151,8 @@ class Retriever:
     d = manifest["decode"]
     self.beam_size = int(d["beam_size"])
     self.mask_mode = str(d["mask_mode"])
+    # Exports written before the key existed scored over the full vocabulary.
+    self.voken_logits_only = bool(d.get("voken_logits_only", False))
     self.max_length = int(manifest["limits"]["max_length"])
     self.max_query_chars = int(manifest["limits"]["max_query_chars"])
     self.buckets = tuple(sorted(int(b) for b in manifest["limits"]["batch_buckets"]))
@@ -231,7 +233,7 @@ class Retriever:
       padded[chunk.shape[0]:, 0] = 1  # EOS-only filler queries
       result = search_lib.constrained_search(
           self.params, self.cfg, self.device_trie, self.vocab, padded, beam_size=beam,
-          top_k=k, mask_mode=self.mask_mode)
+          top_k=k, mask_mode=self.mask_mode, voken_logits_only=self.voken_logits_only)
       out = search_lib.results_to_numpy(result)
       ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))
       scores.append(out["scores"][:chunk.shape[0]])

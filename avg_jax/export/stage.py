@@ -58,6 +58,7 @@ def run(config: ConfigDict, workdir: str) -> None:
       codes=np.concatenate(codes), file_names=names, tokenizer=gen.tokenizer,
       decode=dict(beam_size=int(config.decode.beam_size), top_k=int(config.decode.top_k),
                   mask_mode=config.decode.mask_mode,
+                  voken_logits_only=bool(config.decode.voken_logits_only),
                   dense_levels=int(config.decode.dense_levels)),
       limits=dict(max_length=int(config.text_tokenizer.max_length),
                   max_query_chars=int(config.export.max_query_chars),

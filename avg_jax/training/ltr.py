@@ -35,13 +35,15 @@ def candidate_targets(codes: jax.Array, offsets: jax.Array) -> jax.Array:
 
 def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_softmax: bool,
                       temperature: float, mask_mode: str, score_temperature: float = 1.0,
-                      skip_twin_negatives: bool = False):
+                      skip_twin_negatives: bool = False, voken_logits_only: bool = False):
   """`(params, batch, rng, trie) -> (loss, metrics)`; `batch` has `inputs [B, S]`, `targets
   [B, P + 1]`; `trie` is the training images' `DeviceTrie`.
 
   `skip_twin_negatives` drops candidates whose semantic codes (all levels before the
   disambiguation position) equal the positive's: they differ only in an arbitrary index that
   no query can predict. `score_temperature` divides the scores inside the listwise softmax.
+  `voken_logits_only` applies to the candidate search only; the loss always scores with the
+  full-vocabulary log-softmax, as the generative loss does.
   """
   levels = vocab.num_levels
   offsets = jnp.asarray(vocab.position_offsets(), jnp.int32)
@@ -51,7 +53,7 @@ def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_
     b = inputs.shape[0]
     found = search_lib.constrained_search(
         jax.lax.stop_gradient(params), cfg, trie, vocab, inputs, beam_size=beam_size,
-        top_k=beam_size, mask_mode=mask_mode)
+        top_k=beam_size, mask_mode=mask_mode, voken_logits_only=voken_logits_only)
     cand = candidate_targets(jnp.maximum(found.codes, 0), offsets)          # [B, beam, P+1]
     is_positive = jnp.all(cand == targets[:, None, :], axis=-1)             # [B, beam]
     negative_ok = (found.item_ids >= 0) & ~is_positive
@@ -98,7 +100,8 @@ def loss_fn_from_config(config: ConfigDict, cfg, vocab):
                            temperature=float(config.train.temperature),
                            mask_mode=config.decode.mask_mode,
                            score_temperature=float(c.score_temperature),
-                           skip_twin_negatives=bool(c.skip_twin_negatives))
+                           skip_twin_negatives=bool(c.skip_twin_negatives),
+                           voken_logits_only=bool(config.decode.voken_logits_only))
 
 
 def compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, batch_example, trie):
