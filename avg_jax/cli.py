@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("name", choices=sorted(BENCHES))
   p.add_argument("--workdir", default=os.path.join("runs", "bench"))
   p.add_argument("--quick", action="store_true", help="smallest sizes only (for tests)")
+  p.add_argument("--accelerator", action="store_true",
+                 help="bench train: measure on the attached GPU/TPU (bfloat16, paper batch)")
+  p.add_argument("--peak-tflops", type=float, default=0.0,
+                 help="bench train --accelerator: peak TFLOP/s of one device, for MFU")
   p = sub.add_parser("compile", help="ahead-of-time compile the steps for a TPU topology "
                      "(needs the libtpu extra: requirements-tpu.txt)")
   common(p)

@@ -1,10 +1,13 @@
-"""`avg-jax bench train`: generative train-step throughput on CPU, 1 vs 8 (fake) devices.
+"""`avg-jax bench train`: generative train-step throughput on CPU, 1 vs 8 (fake) devices, or
+on the attached accelerator with model FLOPs utilisation (`--accelerator`).
 
-Each device count runs in its own subprocess (the fake-device count is fixed when XLA starts).
-Mesh: `fsdp` over all devices (parameters sharded, batch split). Models: the smoke config's
-T5 and T5-base shapes (configs/flickr30k.py), with the real step
-(`training.generative.make_loss_fn` + `training.loop.make_train_step`, explicit shardings,
-donated state). Batches are random token ids of the configured lengths.
+CPU: each device count runs in its own subprocess (the fake-device count is fixed when XLA
+starts), float32. Accelerator: one in-process run on all local devices of the default backend
+(GPU/TPU), bfloat16 compute, the config's own training batch, MFU = XLA's FLOPs per step /
+step time / (devices x `--peak-tflops`). Mesh: `fsdp` over all devices (parameters sharded,
+batch split). Models: the smoke config's T5 and T5-base shapes (configs/flickr30k.py), with the
+real step (`training.generative.make_loss_fn` + `training.loop.make_train_step`, explicit
+shardings, donated state). Batches are random token ids of the configured lengths.
 """
 
 import json
@@ -16,16 +19,31 @@ import time
 import numpy as np
 
 from avg_jax.bench import common
+from avg_jax.errors import UserError
 
 DEVICE_COUNTS = (1, 8)
 # name -> (config spec, global batch, timed steps)
 MODELS = {"smoke": ("configs/smoke.py", 128, 10), "t5-base": ("configs/flickr30k.py:t5-base", 8, 3)}
 QUICK_MODELS = {"tiny": ("configs/smoke.py:tiny", 32, 5)}
+# On an accelerator: batch 0 = the config's train.batch_size.
+ACCELERATOR_MODELS = {"t5-base": ("configs/flickr30k.py:t5-base", 0, 20),
+                      "t5-large": ("configs/coco.py:t5-large", 0, 10)}
 TARGET_LENGTH = 5  # L = 4 vokens + EOS
 
 
-def measure(spec: str, batch: int, steps: int) -> dict:
-  """Examples/s of the generative train step for the config `spec` on all local devices."""
+def step_flops(compiled) -> float:
+  """FLOPs of one step on one device, from XLA's cost analysis of the compiled program (0 when
+  the backend reports none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
+            peak_tflops: float = 0.0) -> dict:
+  """Examples/s (and FLOPs, MFU when `peak_tflops` per device is given) of the generative train
+  step for the config `spec` on all local devices; `batch` 0 means `train.batch_size`."""
   import jax
   from avg_jax import config as config_lib
   from avg_jax import partitioning
@@ -34,7 +52,8 @@ def measure(spec: str, batch: int, steps: int) -> dict:
   from avg_jax.training import generative, loop, optim
   from avg_jax.vokens import VokenVocabulary
 
-  config = config_lib.load_config(spec, ["t5.dtype=float32"])
+  config = config_lib.load_config(spec, [f"t5.dtype={dtype}"])
+  batch = int(batch) or int(config.train.batch_size)
   vocab = VokenVocabulary(int(config.t5.vocab_size), int(config.tokenizer.codebook_size),
                           int(config.tokenizer.num_levels),
                           bool(config.tokenizer.shared_codebook), disambiguation_size=8)
@@ -57,6 +76,7 @@ def measure(spec: str, batch: int, steps: int) -> dict:
       device_batch)
   key = jax.random.key(1)
   with partitioning.activation_context(mesh):
+    flops = step_flops(step.lower(state, device_batch, key).compile()) * jax.device_count()
     t0 = time.perf_counter()
     state, metrics = step(state, device_batch, key)
     jax.block_until_ready(metrics)
@@ -72,7 +92,11 @@ def measure(spec: str, batch: int, steps: int) -> dict:
           "params_millions": params / 1e6, "d_model": cfg.d_model,
           "layers": cfg.num_encoder_layers, "step_s": seconds, "compile_s": compile_s,
           "examples_per_s": batch / seconds,
-          "target_tokens_per_s": batch * TARGET_LENGTH / seconds}
+          "target_tokens_per_s": batch * TARGET_LENGTH / seconds,
+          "dtype": dtype, "backend": jax.default_backend(), "flops_per_step": flops,
+          "achieved_tflops": flops / seconds / 1e12,
+          "mfu": (flops / seconds / 1e12 / (peak_tflops * jax.device_count())
+                  if peak_tflops else None)}
 
 
 def _worker(models: dict) -> None:
@@ -82,8 +106,51 @@ def _worker(models: dict) -> None:
   print("RESULT " + json.dumps(rows), flush=True)
 
 
+def _accelerator_rows(models: dict, peak_tflops: float, quick: bool) -> list[dict]:
+  import jax
+  # --quick is allowed on CPU so the test suite exercises this path.
+  if jax.default_backend() == "cpu" and not quick:
+    raise UserError("bench train --accelerator: no GPU/TPU backend is attached (JAX's default "
+                    "backend is cpu)")
+  rows = []
+  for name, (spec, batch, steps) in models.items():
+    row = measure(spec, batch, steps, dtype="bfloat16", peak_tflops=peak_tflops)
+    row["model"] = name
+    rows.append(row)
+  return rows
+
+
 def run(config, workdir: str, args) -> dict:
-  models = QUICK_MODELS if getattr(args, "quick", False) else MODELS
+  quick = bool(getattr(args, "quick", False))
+  accelerator = bool(getattr(args, "accelerator", False))
+  peak = float(getattr(args, "peak_tflops", 0.0) or 0.0)
+  if accelerator:
+    rows = _accelerator_rows(QUICK_MODELS if quick else ACCELERATOR_MODELS, peak, quick)
+  else:
+    rows = _cpu_rows(QUICK_MODELS if quick else MODELS)
+  print(f"{'model':<8} {'backend':>7} {'devices':>7} {'batch':>5} {'params(M)':>9} "
+        f"{'step s':>8} {'examples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>9}")
+  for r in rows:
+    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "-"
+    print(f"{r['model']:<8} {r['backend']:>7} {r['devices']:>7} {r['batch']:>5} "
+          f"{r['params_millions']:>9.1f} {r['step_s']:>8.3f} {r['examples_per_s']:>10.1f} "
+          f"{r['achieved_tflops']:>8.3f} {mfu:>6} {r['compile_s']:>9.1f}")
+  result = {"bench": "train", "quick": quick, "accelerator": accelerator,
+            "peak_tflops_per_device": peak or None,
+            "machine": common.machine_info(), "rows": rows,
+            "note": ("bfloat16 on the attached accelerator" if accelerator else
+                     "8 fake CPU devices share the same cores: they show sharding overhead, "
+                     "not speed-up")}
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "bench_train.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + ".tmp", path)
+  print(f"wrote {path}")
+  return result
+
+
+def _cpu_rows(models: dict) -> list[dict]:
   rows = []
   for devices in DEVICE_COUNTS:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -94,22 +161,7 @@ def run(config, workdir: str, args) -> dict:
     if proc.returncode or not lines:
       raise RuntimeError(f"bench train worker ({devices} devices) failed:\n{proc.stderr[-2000:]}")
     rows += json.loads(lines[-1][len("RESULT "):])
-  print(f"{'model':<8} {'devices':>7} {'batch':>5} {'params(M)':>9} {'step s':>8} "
-        f"{'examples/s':>10} {'compile s':>9}")
-  for r in rows:
-    print(f"{r['model']:<8} {r['devices']:>7} {r['batch']:>5} {r['params_millions']:>9.1f} "
-          f"{r['step_s']:>8.3f} {r['examples_per_s']:>10.1f} {r['compile_s']:>9.1f}")
-  result = {"bench": "train", "quick": bool(getattr(args, "quick", False)),
-            "machine": common.machine_info(), "rows": rows,
-            "note": "8 fake CPU devices share the same cores: they show sharding overhead, "
-                    "not speed-up"}
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "bench_train.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + ".tmp", path)
-  print(f"wrote {path}")
-  return result
+  return rows
 
 
 if __name__ == "__main__":
