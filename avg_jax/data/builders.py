@@ -304,11 +304,7 @@ def write_shards(source: Source, shards_dir: str, tag: str, process_index: int,
       print(f"warning: prepare shard {path} {problem}; writing it again")
     write_shard(source, shard, shards_dir, tag)
     counts[shard.split][2] += 1
-  for split, (total, skipped, written) in counts.items():
-    if total:
-      print(shards_lib.describe("prepare", split, total, skipped, written, process_index,
-                                process_count))
-  return {split: tuple(c) for split, c in counts.items()}
+  return shards_lib.report("prepare", counts, process_index, process_count)
 
 
 # --- Assembling the TFDS directory ---------------------------------------------------------------

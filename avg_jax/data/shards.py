@@ -96,6 +96,16 @@ def describe(stage: str, split: str, total: int, skipped: int, written: int,
           f"(process {process_index} of {process_count})")
 
 
+def report(stage: str, counts: Mapping[str, list], process_index: int,
+           process_count: int) -> dict[str, tuple]:
+  """Prints `describe` for every split with shards of this process; returns
+  `{split: (total, skipped, written)}` from `counts = {split: [total, skipped, written]}`."""
+  for split, (total, skipped, written) in counts.items():
+    if total:
+      print(describe(stage, split, total, skipped, written, process_index, process_count))
+  return {split: tuple(c) for split, c in counts.items()}
+
+
 # --- Synchronising processes -------------------------------------------------------------------
 # These are collectives over all processes' devices: they return once every process has
 # called them, however long that takes (checked: a gloo CPU collective waited 75 s for a

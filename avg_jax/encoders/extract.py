@@ -233,11 +233,7 @@ def write_shards(encoder: DualEncoder, workdir: str, splits: Sequence[str], mesh
                                dataset.caption_source(workdir, shard.split))}
     write_shard(encoder, *sources[shard.split], shard, mesh, config, path)
     counts[shard.split][2] += 1
-  for split, (total, skipped, written) in counts.items():
-    if total:
-      print(shards_lib.describe("embed", split, total, skipped, written, process_index,
-                                process_count))
-  return {split: tuple(v) for split, v in counts.items()}
+  return shards_lib.report("embed", counts, process_index, process_count)
 
 
 def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, dim: int) -> str:
