@@ -222,16 +222,19 @@ def _train_rqvae(config, workdir: str, directory: str, embeddings: dict, scheme:
 
 def _fit(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok, workdir: str,
          directory: str, scheme: str) -> train_lib.TokenizerState:
-  """The training loop: resume from the latest checkpoint or init + k-means, then train."""
-  import orbax.checkpoint as ocp  # heavy import, only for the learned schemes
+  """The training loop: resume from the newest good checkpoint or init + k-means, then train.
 
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(directory, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=int(tok.keep_checkpoints), create=True,
-                                           enable_async_checkpointing=False))
-  if manager.latest_step() is not None:
-    state = manager.restore(manager.latest_step(),
-                            args=ocp.args.StandardRestore(trainer.abstract_state))
+  Checkpoints go through `training.checkpointing.Checkpointer`, as in the train and rank
+  stages: a damaged newest checkpoint is reported and the previous one used. Batches are a
+  function of the step (`sampler.batch(step)`), so no iterator state is saved.
+  """
+  from avg_jax.training.checkpointing import Checkpointer  # heavy (orbax, grain)
+
+  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"),
+                              keep=int(tok.keep_checkpoints), async_save=False)
+  found = checkpointer.restore_latest_good(trainer.abstract_state)
+  if found is not None:
+    state = found[1]
     log.info("tokenizer: resumed from %s at step %d", directory, int(state.step))
   else:
     state = trainer.init_state()
@@ -244,6 +247,7 @@ def _fit(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok, w
                len(first) * jax.process_count(), time.time() - t0)
 
   writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index())
+  meta = {"stage": "tokenize", "scheme": scheme}
   steps, start = int(tok.steps), int(state.step)
   log_every, ckpt_every = max(1, int(tok.log_every)), max(1, int(tok.checkpoint_every))
   t0, last_logged = time.time(), start
@@ -258,11 +262,11 @@ def _fit(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok, w
                    **metrics)
       t0, last_logged = time.time(), done
     if done % ckpt_every == 0 and done != steps:
-      manager.save(done, args=ocp.args.StandardSave(state))
-  if manager.latest_step() != int(state.step):
-    manager.save(int(state.step), args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
+      checkpointer.save(done, state, metadata=meta)
+  if checkpointer.latest_step() != int(state.step):
+    checkpointer.save(int(state.step), state, metadata=meta)
+  checkpointer.wait()
+  checkpointer.close()
   return state
 
 

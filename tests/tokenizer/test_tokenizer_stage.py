@@ -1,6 +1,7 @@
 """`avg-jax tokenize` on synthetic embeddings written in the embeddings-contract format."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -58,7 +59,8 @@ def _check_table(workdir, scheme):
   return vocab, table, codebook
 
 
-def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_root, capsys):
+def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_root, capsys,
+                                                                caplog):
   workdir = str(tmp_path)
   _write_embeddings(workdir)
   config = _config(repo_root, "avg", shared_codebook=True, dropout=0.25)   # the reference's
@@ -102,6 +104,20 @@ def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_r
   for split in table:
     np.testing.assert_array_equal(again[split][1], table[split][1])
   np.testing.assert_array_equal(codebook_again, codebook)
+
+  # A damaged newest checkpoint: the rerun warns, resumes from the previous one (step 3) and
+  # trains the last 3 steps again to the same identifiers.
+  os.remove(os.path.join(paths.tokenizer_dir(workdir, "avg"), stage.SUMMARY))
+  for folder, _, files in os.walk(os.path.join(ckpt_dir, "6")):
+    for name in files:
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(b"garbage")
+  with caplog.at_level(logging.WARNING):
+    stage.run(config, workdir)
+  assert any(os.path.join(ckpt_dir, "6") in r.getMessage() for r in caplog.records)
+  _, after_damage, _ = _check_table(workdir, "avg")
+  for split in table:
+    np.testing.assert_array_equal(after_damage[split][1], table[split][1])
 
   # Another config into the same directory is refused with the differing key named.
   with pytest.raises(UserError, match="tokenizer.steps"):
