@@ -53,6 +53,23 @@ def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
   np.testing.assert_allclose(np.load(os.path.join(two, "codebook.npy")),
                              np.load(os.path.join(one, "codebook.npy")), atol=1e-5)
 
+  # A damaged newest checkpoint under 2 processes: it is set aside once (one rename, both
+  # processes agree on the name), both resume from step 4 and retrain to the same table.
+  from avg_jax.tokenizer import stage
+  os.remove(os.path.join(two, stage.SUMMARY))
+  for folder, _, files in os.walk(os.path.join(two, "checkpoints", "8")):
+    for name in files:
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(b"garbage")
+  assert local_multiprocess.run(["tokenize", "--workdir", str(tmp_path / "two"), *config],
+                                processes=2, devices=4) == 0
+  entries = sorted(os.listdir(os.path.join(two, "checkpoints")))
+  assert entries[:2] == ["4", "8"] and len(entries) == 3
+  assert entries[2].startswith("8.unreadable-")
+  again = np.load(os.path.join(two, "voken_table.npz"))
+  for key in a.files:
+    np.testing.assert_array_equal(again[key], a[key], err_msg=key)
+
 
 def _params(repo_root, workdir, stage):
   config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), PIPELINE_OVERRIDES)

@@ -11,10 +11,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from avg_jax.errors import UserError
@@ -69,9 +71,29 @@ class Checkpointer:
         return step, state, metadata
       except Exception as e:  # orbax raises many types for damaged files
         path = os.path.join(self.directory, str(step))
-        log.warning("checkpoint %s cannot be restored (%s: %s); trying the previous one", path,
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        aside = self._set_aside(step)
+        log.warning("checkpoint %s cannot be restored (%s: %s); moved to %s, trying the "
+                    "previous one", path, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "", aside)
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Renames the unreadable step directory out of orbax's sight and returns the new path.
+
+    Kept (not deleted) for inspection; moved because the resumed run will reach `step` again
+    and orbax refuses to save over an existing step.
+    """
+    path = os.path.join(self.directory, str(step))
+    aside = f"{path}.unreadable-{int(time.time())}"
+    # Every process computes the same name; one renames (shared workdir), all wait for it.
+    aside = _agree_on_name(aside)
+    if jax.process_index() == 0:
+      os.rename(path, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+    self.manager.reload()
+    return aside
 
   def reached_preemption(self, step: int) -> bool:
     """True when the platform (e.g. a TPU pod's maintenance event) asks all hosts to stop."""
@@ -83,6 +105,16 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _agree_on_name(name: str) -> str:
+  """Process 0's `name` on every process (their clocks may differ by a second)."""
+  if jax.process_count() == 1:
+    return name
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(name.encode().ljust(1024, b"\0")[:1024], np.uint8)
+  agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
+  return bytes(agreed).rstrip(b"\0").decode()
 
 
 def save_params(directory: str, params: Any) -> None:

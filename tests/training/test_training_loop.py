@@ -105,6 +105,14 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     step, state, metadata = Checkpointer(str(directory)).restore_latest_good(abstract)
   assert step == 8 and int(state.step) == 8 and metadata["step"] == 8
   assert "12" in caplog.text and "cannot be restored" in caplog.text
+  # The damaged step is kept aside, and the resumed run can save step 12 again.
+  (aside,) = [p for p in os.listdir(directory) if p.startswith("12.unreadable-")]
+  assert sorted(int(p) for p in os.listdir(directory) if p.isdigit()) == [4, 8]
+  checkpointer = Checkpointer(str(directory), async_save=False)
+  checkpointer.save(12, state)
+  checkpointer.wait()
+  assert checkpointer.steps() == [4, 8, 12]
+  assert os.path.isdir(directory / aside)
 
 
 def test_nan_stops_with_the_step_and_keeps_good_checkpoint(tmp_path):
