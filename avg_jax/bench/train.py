@@ -99,11 +99,16 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
                   if peak_tflops else None)}
 
 
+def _measure_all(models: dict, **kwargs) -> list[dict]:
+  """`measure` of every `{name: (spec, batch, steps)}`, each row tagged with its name."""
+  rows = []
+  for name, (spec, batch, steps) in models.items():
+    rows.append(dict(measure(spec, batch, steps, **kwargs), model=name))
+  return rows
+
+
 def _worker(models: dict) -> None:
-  rows = [measure(spec, batch, steps) for spec, batch, steps in models.values()]
-  for name, row in zip(models, rows):
-    row["model"] = name
-  print("RESULT " + json.dumps(rows), flush=True)
+  print("RESULT " + json.dumps(_measure_all(models)), flush=True)
 
 
 def _accelerator_rows(models: dict, peak_tflops: float, quick: bool) -> list[dict]:
@@ -112,12 +117,7 @@ def _accelerator_rows(models: dict, peak_tflops: float, quick: bool) -> list[dic
   if jax.default_backend() == "cpu" and not quick:
     raise UserError("bench train --accelerator: no GPU/TPU backend is attached (JAX's default "
                     "backend is cpu)")
-  rows = []
-  for name, (spec, batch, steps) in models.items():
-    row = measure(spec, batch, steps, dtype="bfloat16", peak_tflops=peak_tflops)
-    row["model"] = name
-    rows.append(row)
-  return rows
+  return _measure_all(models, dtype="bfloat16", peak_tflops=peak_tflops)
 
 
 def run(config, workdir: str, args) -> dict:

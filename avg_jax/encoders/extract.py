@@ -141,11 +141,15 @@ def shard_file(workdir: str, shard: shards_lib.Shard) -> str:
   return os.path.join(paths.embed_shards_dir(workdir), f"{shard.name}.npz")
 
 
-def _shard_arrays(shard: shards_lib.Shard, captions_per_image: int, dim: int) -> dict:
-  """`{name: (dtype, shape)}` of a shard's arrays (the embeddings contract, for its rows)."""
-  n, m = len(shard), len(shard) * captions_per_image
+def _embedding_arrays(n: int, m: int, dim: int) -> dict:
+  """`{name: (dtype, shape)}` of the embeddings contract for `n` images and `m` captions."""
   return {"image_ids": (np.int64, (n,)), "image_emb": (np.float32, (n, dim)),
           "caption_image_ids": (np.int64, (m,)), "caption_emb": (np.float32, (m, dim))}
+
+
+def _shard_arrays(shard: shards_lib.Shard, captions_per_image: int, dim: int) -> dict:
+  """`_embedding_arrays` for a shard's rows."""
+  return _embedding_arrays(len(shard), len(shard) * captions_per_image, dim)
 
 
 def read_shard(path: str, shard: shards_lib.Shard, captions_per_image: int,
@@ -243,8 +247,7 @@ def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, di
   c = int(info["captions_per_image"])
   n, m = int(info["splits"][split]["num_images"]), int(info["splits"][split]["num_captions"])
   path = paths.embeddings_file(workdir, split)
-  arrays = {"image_ids": (np.int64, (n,)), "image_emb": (np.float32, (n, dim)),
-            "caption_image_ids": (np.int64, (m,)), "caption_emb": (np.float32, (m, dim))}
+  arrays = _embedding_arrays(n, m, dim)
   shards = plan(workdir, [split], config.encoder_train.embed_images_per_shard)
   with NpzWriter(path, arrays) as writer:
     for shard in shards:

@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from avg_jax.errors import UserError
@@ -84,11 +83,12 @@ class Checkpointer:
     and orbax refuses to save over an existing step.
     """
     path = os.path.join(self.directory, str(step))
-    aside = f"{path}.unreadable-{int(time.time())}"
-    # Every process computes the same name; one renames (shared workdir), all wait for it.
-    aside = _agree_on_name(aside)
+    # One process renames (the workdir is shared); the others only wait for it.
     if jax.process_index() == 0:
+      aside = f"{path}.unreadable-{int(time.time())}"
       os.rename(path, aside)
+    else:
+      aside = f"{path}.unreadable-* (renamed by process 0)"
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
@@ -105,16 +105,6 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def _agree_on_name(name: str) -> str:
-  """Process 0's `name` on every process (their clocks may differ by a second)."""
-  if jax.process_count() == 1:
-    return name
-  from jax.experimental import multihost_utils
-  data = np.frombuffer(name.encode().ljust(1024, b"\0")[:1024], np.uint8)
-  agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
-  return bytes(agreed).rstrip(b"\0").decode()
 
 
 def save_params(directory: str, params: Any) -> None:
