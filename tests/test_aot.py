@@ -19,9 +19,13 @@ from avg_jax.errors import UserError
 
 
 def _require_libtpu():
+  # Compiling for a TPU topology needs libtpu, the TPU compiler: an optional extra
+  # (requirements-tpu.txt, Linux x86-64 only), not in the default test environment, so these
+  # two tests run in `.venv-tpu`; every other test in this file runs everywhere.
   if not topology.libtpu_available():
-    pytest.skip("libtpu not installed: pip install -r requirements-tpu.txt (or run "
-                ".venv-tpu/bin/python -m pytest tests/test_aot.py) to compile for TPU")
+    pytest.skip("TPU compile needs libtpu, an optional extra not installed here: run "
+                "`pip install -r requirements-tpu.txt` in a separate venv, then "
+                "`.venv-tpu/bin/python -m pytest tests/test_aot.py`")
 
 
 # --- names -----------------------------------------------------------------------------------

@@ -22,12 +22,17 @@ from avg_jax.training.checkpointing import Checkpointer
 from avg_jax.vokens import VokenVocabulary
 
 
-def _tiny_model():
+def _tiny_vocab_and_config(dropout_rate: float):
   vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2,
                           disambiguation_size=2)
   cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
                  d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1,
-                 num_decoder_layers=1, dropout_rate=0.1)
+                 num_decoder_layers=1, dropout_rate=dropout_rate)
+  return vocab, cfg
+
+
+def _tiny_model():
+  vocab, cfg = _tiny_vocab_and_config(dropout_rate=0.1)
   rng = np.random.default_rng(0)
   codes = np.stack([rng.integers(0, 4, 8), rng.integers(0, 4, 8), np.arange(8) % 2], axis=1)
   batch = {"inputs": rng.integers(3, 20, (8, 6)).astype(np.int32),
@@ -86,11 +91,7 @@ def test_rank_loss_skips_twin_negatives():
   # Identifiers (a, b, disambiguation): image 0 = (1, 2, 0) has a twin (1, 2, 1) that differs
   # only in the disambiguation position, and two other images. With beam 3 over 4 images the
   # search returns 3 candidates for every query: the positive is among them or not.
-  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2,
-                          disambiguation_size=2)
-  cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
-                 d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1,
-                 num_decoder_layers=1, dropout_rate=0.0)
+  vocab, cfg = _tiny_vocab_and_config(dropout_rate=0.0)
   codes = np.array([[1, 2, 0], [1, 2, 1], [3, 0, 0], [0, 3, 0]])
   trie = VokenTrie.build(codes, np.arange(4), position_sizes=vocab.position_sizes()).to_device()
   params = t5_lib.init_params(cfg, jax.random.key(0))
