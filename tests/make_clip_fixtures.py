@@ -8,7 +8,10 @@ For each tiny config NAME it writes
                                  LayerNorm scales/biases are not trivial), preprocessor_config.json,
                                  vocab.json, merges.txt, tokenizer_config.json
   tests/fixtures/clip_NAME.npz   raw images (different sizes), CLIPImageProcessor pixel values,
-                                 texts, CLIPTokenizer ids, get_image_features, get_text_features.
+                                 texts, CLIPTokenizer ids, get_image_features, get_text_features;
+                                 edge_input_ids / edge_text_features: hand-made id rows no
+                                 tokenizer writes (no end token, the config's pad id inside a
+                                 row), to pin down which position HF pools.
 The BPE vocabulary is tiny: the 256 byte symbols (plain and `</w>`-final), merges learned here
 from a few captions, and the start/end tokens.
 """
@@ -118,6 +121,22 @@ def random_images(sizes, rng):
   return images
 
 
+def edge_ids(tokenizer, max_length: int, pad_id: int) -> np.ndarray:
+  """Id rows that test the pooled position: without an end token (HF pools position 0 for
+  first-EOS configs) and with the config's pad id (1) inside a row (an ordinary token to HF)."""
+  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+  words = tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+  assert len(words) >= 4 and pad_id not in words and eos not in words, words
+  fill = [eos] * max_length  # CLIPTokenizer pads with its end token
+  rows = [
+      [bos] + (words * max_length)[:max_length - 1],            # no end token, full row
+      [bos] + words[:3] + [pad_id] * max_length,                # no end token, pad-id tail
+      [bos] + words[:2] + [pad_id] + words[2:4] + fill,         # pad id mid-row, then EOS
+      [bos] + words[:2] + [pad_id, pad_id] + fill,              # pad ids just before EOS
+  ]
+  return np.array([r[:max_length] for r in rows], np.int64)
+
+
 def make(name: str, spec: dict) -> None:
   directory = FIXTURES / f"clip_{name}"
   if directory.exists():
@@ -154,13 +173,18 @@ def make(name: str, spec: dict) -> None:
     image_features = model.get_image_features(pixel_values=torch.from_numpy(pixel_values))
     text_features = model.get_text_features(input_ids=tokens["input_ids"],
                                             attention_mask=tokens["attention_mask"])
+    # No attention mask: our text tower has none either (a causal mask only).
+    edge = edge_ids(tokenizer, max_length, config.text_config.pad_token_id)
+    edge_features = model.get_text_features(input_ids=torch.from_numpy(edge))
   arrays = {f"image_{i}": im for i, im in enumerate(images)}
   np.savez(
       FIXTURES / f"clip_{name}.npz", num_images=np.int64(len(images)),
       pixel_values=pixel_values.transpose(0, 2, 3, 1).astype(np.float32),  # NHWC
       texts=np.array(TEXTS), input_ids=tokens["input_ids"].numpy().astype(np.int32),
       image_features=image_features.numpy().astype(np.float32),
-      text_features=text_features.numpy().astype(np.float32), **arrays)
+      text_features=text_features.numpy().astype(np.float32),
+      edge_input_ids=edge.astype(np.int32),
+      edge_text_features=edge_features.numpy().astype(np.float32), **arrays)
   total = sum(f.stat().st_size for f in directory.iterdir())
   print(f"clip_{name}: vocab {vocab_size}, dir {total / 1024:.0f} KiB, "
         f"ids[0] {tokens['input_ids'][0].tolist()}")

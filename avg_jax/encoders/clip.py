@@ -266,16 +266,17 @@ class VisionTower(nn.Module):
 
 
 def text_pool_index(cfg: ClipConfig, tokens: jax.Array) -> jax.Array:
-  """`[batch]` position whose hidden state is the text feature (the end-of-text token).
+  """`[batch]` position whose hidden state is the text feature, exactly as Hugging Face's
+  `CLIPTextTransformer` picks it.
 
-  With "first_eos", a row without EOS (e.g. truncated by a tokenizer that drops it) falls back
-  to its last non-pad token, the closest thing to an end marker.
+  "first_eos": the first position holding `eos_token_id` (`argmax(ids == eos)`); a row without
+  EOS pools position 0, as HF does. "argmax": the position of the largest id (first on ties).
+  Neither looks at `pad_token_id`: a pad id in the middle of a row is an ordinary token here,
+  as it is for HF (our tokenizers always keep EOS, so only hand-made ids reach these cases).
   """
   if cfg.text_pooling == "argmax":
     return jnp.argmax(tokens, axis=-1)
-  is_eos = tokens == cfg.eos_token_id
-  last = jnp.maximum(jnp.sum(tokens != cfg.pad_token_id, axis=-1) - 1, 0)
-  return jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1), last)
+  return jnp.argmax(tokens == cfg.eos_token_id, axis=-1)
 
 
 class TextTower(nn.Module):

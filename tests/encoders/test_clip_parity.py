@@ -70,3 +70,27 @@ def test_remat_and_bfloat16_variants(repo_root):
   # bfloat16 keeps ~3 significant digits; features are O(1).
   np.testing.assert_allclose(low, reference, rtol=0, atol=0.1)
   assert not np.array_equal(low, reference)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_text_pooling_without_end_token_or_with_mid_row_pad_matches_hf(repo_root, name):
+  # Rows no tokenizer writes (see make_clip_fixtures.edge_ids): no end token, and the config's
+  # pad id (1) inside a row. HF pools position 0 without EOS (first-EOS configs) and treats
+  # a pad id as an ordinary token.
+  directory, data = _fixture(repo_root, name)
+  cfg, params = hf_import.load_hf_clip(directory)
+  ids = data["edge_input_ids"]
+  assert (ids == cfg.pad_token_id).any(axis=1)[1:].all()
+  got = np.asarray(clip.encode_texts(params, cfg, ids))
+  np.testing.assert_allclose(got, data["edge_text_features"], rtol=0, atol=1e-5)
+
+
+def test_text_pool_index_follows_hf_rules():
+  cfg = clip.ClipConfig(eos_token_id=9, pad_token_id=1)
+  tokens = np.array([[5, 6, 7, 8],    # no EOS: position 0, as HF (not the last token)
+                     [5, 1, 9, 0],    # pad id before EOS: still the EOS position
+                     [5, 9, 1, 9],    # the first EOS
+                     [5, 6, 1, 1]])   # no EOS, pad-id tail: position 0
+  np.testing.assert_array_equal(clip.text_pool_index(cfg, tokens), [0, 2, 1, 0])
+  argmax = clip.ClipConfig(text_pooling="argmax", eos_token_id=2)
+  np.testing.assert_array_equal(clip.text_pool_index(argmax, tokens), [3, 2, 1, 1])
