@@ -139,6 +139,36 @@ def _search(params, trie, input_tokens, *, cfg: T5Config, vocab: VokenVocabulary
   return SearchResult(item_ids=item_ids, scores=result.scores, codes=result.codes)
 
 
+def _check_input_tokens(cfg: T5Config, input_tokens):
+  """Host-side checks of `constrained_search`'s queries before the jitted call (inside it, an
+  id >= V gathers nothing and a negative id wraps to another row, silently): a list or tuple
+  becomes an array; the dtype must be integer; every id must be in [0, vocab_size); numpy
+  input comes back as int32.
+  Values of a traced array (under an outer jit) cannot be read and are left unchecked."""
+  if isinstance(input_tokens, (list, tuple)):
+    try:
+      input_tokens = np.asarray(input_tokens)
+    except ValueError as e:
+      raise UserError("search: input tokens must be a rectangular [batch, length] array of "
+                      "token ids (rows of different lengths?)") from e
+  dtype = getattr(input_tokens, "dtype", None)
+  if dtype is None or not hasattr(input_tokens, "shape"):
+    raise UserError(f"search: input tokens must be an integer array [batch, length], got "
+                    f"{type(input_tokens).__name__}")
+  if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
+    raise UserError(f"search: input tokens must be integer token ids, got dtype {dtype}")
+  if isinstance(input_tokens, jax.core.Tracer) or not np.size(input_tokens):
+    return input_tokens
+  lo, hi = (int(x) for x in jax.device_get((input_tokens.min(), input_tokens.max())))
+  if lo < 0 or hi >= cfg.vocab_size:
+    bad = lo if lo < 0 else hi
+    raise UserError(f"search: input token id {bad} is outside the vocabulary [0, "
+                    f"{cfg.vocab_size})")
+  if isinstance(input_tokens, np.ndarray) and input_tokens.dtype != np.int32:
+    input_tokens = input_tokens.astype(np.int32)  # in range, so exact
+  return input_tokens
+
+
 _STATIC = ("cfg", "vocab", "beam_size", "top_k", "mask_mode", "voken_logits_only")
 _search_jit = jax.jit(_search, static_argnames=_STATIC)
 
@@ -171,6 +201,7 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
   sequence (no constraint; item ids are -1). Arrays may be sharded: jit follows the inputs'
   shardings; `make_search_fn` pins them explicitly for a mesh.
   """
+  input_tokens = _check_input_tokens(cfg, input_tokens)
   trie, top_k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode)
   return _search_jit(params, trie, input_tokens, cfg=cfg, vocab=vocab, beam_size=beam_size,
                      top_k=top_k, mask_mode=mask_mode, voken_logits_only=voken_logits_only)

@@ -157,3 +157,36 @@ def test_argument_errors(params):
                               mask_mode="x")
   with pytest.raises(UserError, match=r"\[batch, length\]"):
     search.constrained_search(params, CFG, _trie(), VOCAB, queries[0], beam_size=2)
+
+
+def test_input_tokens_are_checked_on_the_host(params):
+  queries, trie = _queries(), _trie()
+
+  def run(tokens):
+    return search.constrained_search(params, CFG, trie, VOCAB, tokens, beam_size=4, top_k=2)
+
+  v = CFG.vocab_size
+  for bad, message in [(v, rf"token id {v} is outside the vocabulary \[0, {v}\)"),
+                       (-1, r"token id -1 is outside the vocabulary"),
+                       (v + 1000, rf"token id {v + 1000} is outside")]:
+    tokens = queries.copy()
+    tokens[2, 1] = bad
+    with pytest.raises(UserError, match=message):
+      run(tokens)
+    with pytest.raises(UserError, match=message):  # device arrays too
+      run(jnp.asarray(tokens))
+  for dtype in (np.float32, np.float64, np.bool_):
+    with pytest.raises(UserError, match=rf"integer token ids, got dtype {np.dtype(dtype)}"):
+      run(queries.astype(dtype))
+  with pytest.raises(UserError, match="integer token ids, got dtype float"):
+    run([[3.0, 4.0]])
+  with pytest.raises(UserError, match="rows of different lengths"):
+    run([[3, 4, 5], [3]])
+  with pytest.raises(UserError, match="integer array"):
+    run("a red circle")
+  # A list of lists and other integer dtypes give the same result as int32 arrays.
+  want = search.results_to_numpy(run(queries))
+  for tokens in (queries.tolist(), queries.astype(np.int64), queries.astype(np.uint16)):
+    got = search.results_to_numpy(run(tokens))
+    np.testing.assert_array_equal(got["item_ids"], want["item_ids"])
+    np.testing.assert_array_equal(got["scores"], want["scores"])
