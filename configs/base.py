@@ -221,6 +221,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       index_splits=("test",),  # images the serving trie indexes
       batch_buckets=(1, 8, 32),
       max_query_chars=1000,
+      thumbnail_size=256,      # longer side of the page's thumbnails in the export; 0: none
   ))
 
   # --- Ahead-of-time TPU compile checks (`avg-jax compile`, avg_jax/aot) ---------------------

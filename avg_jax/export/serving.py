@@ -7,6 +7,9 @@
     <export>/voken_table.npz       image_ids int64[N], codes int32[N, P], file_names str[N]
     <export>/text_tokenizer.model  the SentencePiece model
     <export>/config.json           the full training config, for the record
+    <export>/gallery/              optional: thumbnails and captions of the indexed images for
+                                   `avg-jax serve`'s page (avg_jax/export/gallery.py); older
+                                   exports have none and still load
 
     retriever = Retriever.load("runs/smoke/export")
     ids, scores = retriever.search(["a red circle above a blue square"], k=10)
@@ -35,6 +38,7 @@ from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.errors import UserError
+from avg_jax.export import gallery as gallery_lib
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import VokenVocabulary
@@ -53,11 +57,12 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
                  image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
                  tokenizer: TextTokenizer, decode: dict, limits: dict, scheme: str,
                  source_stage: str, config: dict, config_hash: str = "",
-                 param_dtype: str = "float32") -> None:
+                 param_dtype: str = "float32", gallery: tuple | None = None) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
   `decode`: beam_size, top_k, mask_mode, voken_logits_only, dense_levels. `limits`: max_length (tokens),
-  max_query_chars, batch_buckets.
+  max_query_chars, batch_buckets. `gallery`: optional `(entries, thumbnail_size)` for
+  `gallery.write` (thumbnails and captions of the indexed images).
   """
   directory = os.path.abspath(directory)
   tmp = directory + ".tmp"
@@ -81,6 +86,8 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
       f.write(tokenizer.model_proto)
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
       json.dump(config, f, indent=1, sort_keys=True)
+    if gallery is not None:
+      gallery_lib.write(tmp, *gallery)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "avg_jax_version": avg_jax.__version__, "scheme": scheme, "source_stage": source_stage,
