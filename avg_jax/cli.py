@@ -3,6 +3,7 @@
     avg-jax STAGE --config configs/smoke.py[:arg] --workdir W [--config.key=value ...] [--debug]
     avg-jax bench NAME [--config ...] [--workdir W]
     avg-jax compile --config C --topology v5e:4x4 [--out F.json]   (TPU AOT, libtpu extra)
+    avg-jax serve --model EXPORT [--host H] [--port P]              (HTTP search service)
 
 Every stage is a function `run(config, workdir) -> None` in an importable module (see
 `STAGES`). User errors (`UserError`) print one line and exit 2; `--debug` shows tracebacks.
@@ -38,6 +39,7 @@ BENCHES: dict[str, str] = {
     "decode": "avg_jax.bench.decode:run",
     "train": "avg_jax.bench.train:run",
     "data": "avg_jax.bench.data:run",
+    "serve": "avg_jax.serve.loadtest:run",
 }
 
 DEFAULT_CONFIG = os.path.join("configs", "smoke.py")
@@ -105,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                  help="bench train: measure on the attached GPU/TPU (bfloat16, paper batch)")
   p.add_argument("--peak-tflops", type=float, default=0.0,
                  help="bench train --accelerator: peak TFLOP/s of one device, for MFU")
+  p.add_argument("--model", default="",
+                 help="bench serve: export to serve (default: <workdir>/export)")
+  p.add_argument("--clients", default="1,8,64",
+                 help="bench serve: concurrent client counts (%(default)s)")
+  p.add_argument("--duration", type=float, default=60.0,
+                 help="bench serve: seconds per client count (%(default)s)")
   p = sub.add_parser("compile", help="ahead-of-time compile the steps for a TPU topology "
                      "(needs the libtpu extra: requirements-tpu.txt)")
   common(p)
@@ -117,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="one JSON object per query")
   p.add_argument("--debug", action="store_true")
   p.add_argument("queries", nargs="*", help="queries (default: one per line on stdin)")
+  p = sub.add_parser("serve", help="HTTP search service and search page for an export")
+  _resolve("avg_jax.serve.options:add_arguments", "serve")(p)
+  p.add_argument("--debug", action="store_true")
   return parser
 
 
@@ -135,6 +146,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
       raise UserError("search takes no --config overrides (the exported model has its config)")
     return _resolve("avg_jax.export.search_cli:main", "search")(args)
+  if args.command == "serve":
+    if overrides:
+      raise UserError("serve takes no --config overrides (the exported model has its config)")
+    return _resolve("avg_jax.serve.server:main", "serve")(args)
 
   from avg_jax import config as config_lib
   from avg_jax import partitioning

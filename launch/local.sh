@@ -2,7 +2,9 @@
 # Local entry point. Creates the virtual environment on first use (PyPI only) and refreshes it
 # when requirements.txt or pyproject.toml change, then:
 #   launch/local.sh run  [avg-jax overrides...]  the whole pipeline on the embedded avg_shapes data
-#   launch/local.sh test [pytest args...]        the test suite (CPU, 8 fake devices)
+#   launch/local.sh test [pytest args...]        the test suite (CPU, 8 fake devices); installs
+#                                                Debian's chromium for the browser test when
+#                                                root and missing (else that test is skipped)
 #   launch/local.sh env                          only create / refresh the environment
 # Environment: PYTHON (interpreter to build the venv with), AVG_JAX_VENV (default .venv),
 # WORKDIR (default runs/smoke), CONFIG (default configs/smoke.py).
@@ -40,6 +42,23 @@ ensure_env() {
   fi
 }
 
+# The search page's browser test drives Debian's `chromium` (never a downloaded browser).
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "launch/local.sh: installing Debian's chromium for the browser test" >&2
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ||
+       { apt-get update -qq >/dev/null 2>&1 &&
+         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; then
+      return
+    fi
+  fi
+  echo "launch/local.sh: no chromium (Debian package 'chromium'; needs root and apt-get):" \
+       "the browser test will be skipped" >&2
+}
+
 command="${1:-}"
 [ $# -gt 0 ] && shift
 case "$command" in
@@ -50,6 +69,7 @@ case "$command" in
     ;;
   test)
     ensure_env
+    ensure_browser
     export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
     export JAX_PLATFORMS=cpu
     exec "$VENV/bin/python" -m pytest -q "$@"

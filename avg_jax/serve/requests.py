@@ -1,0 +1,122 @@
+"""Request bodies -> validated searches; anything wrong is an `ApiError` naming the field.
+
+    POST /v1/search  {"queries": ["a red circle", ...], "k": 10}
+
+`queries`: a non-empty list of at most `max_queries` strings, each accepted by
+`Retriever.validate` (non-empty, at most `max_query_chars` characters) and encodable as UTF-8
+(JSON can carry lone surrogates, which the text tokenizer cannot take). `k`: optional
+integer in [1, max_k] (default `default_k`); booleans and floats are refused. Unknown keys are
+refused, so a misspelt `"K"` is not silently ignored.
+"""
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+from avg_jax.errors import UserError
+
+
+class ApiError(Exception):
+  """An HTTP error answered as `{"error": {"field": ..., "message": ...}}`."""
+
+  def __init__(self, status: int, field: str | None, message: str):
+    super().__init__(message)
+    self.status = status
+    self.field = field
+    self.message = message
+
+  def body(self) -> dict:
+    return {"error": {"field": self.field, "message": self.message}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_k: int          # largest k served (compiled at start); at most the index size
+  default_k: int
+  max_queries: int    # queries in one request
+  max_query_chars: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRequest:
+  queries: list[str]
+  k: int
+
+
+def parse_json(body: bytes) -> Any:
+  """The decoded JSON document of a request body (`ApiError` 400 on field "body")."""
+  try:
+    return json.loads(body.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ApiError(400, "body", f"not UTF-8 (byte {e.start})") from e
+  except json.JSONDecodeError as e:
+    raise ApiError(400, "body", f"malformed JSON: {e.msg} at line {e.lineno} column "
+                   f"{e.colno}") from e
+  except RecursionError as e:
+    raise ApiError(400, "body", "JSON nested too deeply") from e
+
+
+def parse_search(document: Any, limits: Limits,
+                 validate_query: Callable[[Sequence[str]], list[str]]) -> SearchRequest:
+  """Checks a decoded `/v1/search` document; `validate_query` is `Retriever.validate`."""
+  if not isinstance(document, dict):
+    raise ApiError(400, "body", f"expected a JSON object, got {_json_type(document)}")
+  unknown = sorted(set(document) - {"queries", "k"})
+  if unknown:
+    raise ApiError(400, unknown[0], "unknown field (expected queries, k)")
+  if "queries" not in document:
+    raise ApiError(400, "queries", "required")
+  queries = document["queries"]
+  if not isinstance(queries, list):
+    raise ApiError(400, "queries", f"expected a list of strings, got {_json_type(queries)}")
+  if not queries:
+    raise ApiError(400, "queries", "empty list")
+  if len(queries) > limits.max_queries:
+    raise ApiError(400, "queries", f"{len(queries)} queries, the limit is {limits.max_queries}")
+  for i, q in enumerate(queries):
+    field = f"queries[{i}]"
+    if not isinstance(q, str):
+      raise ApiError(400, field, f"expected a string, got {_json_type(q)}")
+    try:
+      q.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ApiError(400, field, f"not valid Unicode (lone surrogate at character {e.start})"
+                     ) from e
+    try:
+      validate_query([q])
+    except UserError as e:
+      # The Retriever names the query "query 0" (it saw one); the field says which it was.
+      raise ApiError(400, field, str(e).removeprefix("query 0: ")) from e
+  k = document.get("k", limits.default_k)
+  if isinstance(k, bool) or not isinstance(k, int):
+    raise ApiError(400, "k", f"expected an integer, got {_json_type(k)}")
+  if not 1 <= k <= limits.max_k:
+    raise ApiError(400, "k", f"must be in [1, {limits.max_k}], got {k}")
+  return SearchRequest(queries=list(queries), k=k)
+
+
+def parse_image_id(text: str) -> int:
+  """The `{id}` of `/v1/images/{id}` (`ApiError` 400 on field "id")."""
+  try:
+    value = int(text, 10)
+  except ValueError as e:
+    raise ApiError(400, "id", f"expected an integer image id, got {text[:40]!r}") from e
+  if not -2**63 <= value < 2**63:
+    raise ApiError(400, "id", "out of the int64 range")
+  return value
+
+
+def _json_type(value: Any) -> str:
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "boolean"
+  if isinstance(value, (int, float)):
+    return "number"
+  if isinstance(value, str):
+    return "string"
+  if isinstance(value, list):
+    return "list"
+  if isinstance(value, dict):
+    return "object"
+  return type(value).__name__

@@ -1,0 +1,139 @@
+"""`avg-jax serve --model EXPORT [--host H] [--port P]`: start-up, warm-up, listening, drain.
+
+Start-up loads the Retriever once (one model copy), then compiles every program a request
+can need on the device thread (every batch bucket for every k program; see `program_ks`),
+checks that a second pass compiles nothing, and only then listens. It prints
+`serve: listening on http://HOST:PORT` (the real port when `--port 0`).
+
+k programs: the search runs a beam of max(beam_size, k) and keeps its first k results, so
+every k <= min(beam_size, N) is answered from one program run with k = min(beam_size, N),
+truncated (the same ids and scores as `Retriever.search(queries, k)`). Each larger k up to
+`--max-k` is a program of its own; `--max-k` defaults to min(beam_size, N), one program.
+
+SIGTERM / SIGINT: /healthz turns 503, the listening socket closes, queued searches run at
+once, in-flight requests are answered (for at most `--drain-timeout` seconds), the process
+exits 0.
+"""
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from avg_jax.errors import UserError
+from avg_jax.export import gallery as gallery_lib
+from avg_jax.export.serving import Retriever
+from avg_jax.serve import requests as req_lib
+from avg_jax.serve.batcher import Batcher
+from avg_jax.serve.metrics import Metrics
+from avg_jax.serve.routes import Service, build_app
+
+log = logging.getLogger("avg_jax.serve")
+
+WARMUP_QUERY = "warm-up"
+
+
+def program_ks(base_k: int, max_k: int) -> list[int]:
+  """The k each compiled program runs with: base_k for every k <= base_k, then each k."""
+  return [base_k] + list(range(base_k + 1, max_k + 1))
+
+
+def limits_for(retriever: Retriever, args: argparse.Namespace) -> tuple[req_lib.Limits, int]:
+  """(request limits, base_k) for this export and the command-line options."""
+  num_images = len(retriever.image_ids)
+  base_k = min(retriever.beam_size, num_images)
+  max_k = args.max_k or base_k
+  if not 1 <= max_k <= num_images:
+    raise UserError(f"serve --max-k: must be in [1, {num_images}] (the index size), got "
+                    f"{args.max_k}")
+  for name in ("max_queries", "max_body_bytes"):
+    if getattr(args, name) < 1:
+      raise UserError(f"serve --{name.replace('_', '-')}: must be >= 1")
+  if not 0 <= args.batch_wait_ms <= 3_600_000 or args.drain_timeout < 0:
+    raise UserError("serve: --batch-wait-ms must be in [0, 3600000], --drain-timeout >= 0")
+  default_k = min(int(retriever.manifest["decode"].get("top_k", base_k)), max_k)
+  return req_lib.Limits(max_k=max_k, default_k=max(default_k, 1),
+                        max_queries=args.max_queries,
+                        max_query_chars=retriever.max_query_chars), base_k
+
+
+def warm_up(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
+  """Compiles every (bucket, k program) on the calling (device) thread, then checks that a
+  second pass compiles nothing."""
+  start, before = time.perf_counter(), metrics.compile_count
+  for k in ks:
+    for bucket in retriever.buckets:
+      retriever.search([WARMUP_QUERY] * bucket, k=k)
+  seconds = time.perf_counter() - start
+  compiled = metrics.compile_count - before
+  for k in ks:
+    for bucket in retriever.buckets:
+      retriever.search([WARMUP_QUERY] * bucket, k=k)
+  again = metrics.compile_count - before - compiled
+  metrics.warmup_seconds.set(seconds)
+  log.info("serve: warm-up compiled buckets %s x k programs %s in %.1f s (%d XLA compiles); "
+           "a second pass compiled %d", list(retriever.buckets), ks, seconds, compiled, again)
+  if again:
+    log.warning("serve: the search still compiles after warm-up; requests may stall")
+
+
+async def serve(args: argparse.Namespace) -> None:
+  start = time.perf_counter()
+  retriever = Retriever.load(args.model)
+  gallery = gallery_lib.read(args.model)
+  limits, base_k = limits_for(retriever, args)
+  metrics = Metrics(retriever.buckets)
+  metrics.listen_for_compiles()
+  metrics.index_images.set(len(retriever.image_ids))
+  log.info("serve: loaded %s (%d images, %s) in %.1f s", args.model, len(retriever.image_ids),
+           "with thumbnails" if gallery is not None else "no gallery: results without "
+           "pictures", time.perf_counter() - start)
+  batcher = Batcher(retriever.search, max_batch=max(retriever.buckets),
+                    wait_s=args.batch_wait_ms / 1000, metrics=metrics)
+  ks = program_ks(base_k, limits.max_k)
+  await asyncio.wrap_future(batcher.run_on_device(warm_up, retriever, ks, metrics))
+  metrics.mark_warm()
+
+  service = Service(retriever=retriever, gallery=gallery, batcher=batcher, metrics=metrics,
+                    limits=limits, base_k=base_k)
+  runner = web.AppRunner(build_app(service, args.max_body_bytes), access_log=None,
+                         shutdown_timeout=1.0)
+  await runner.setup()
+  site = web.TCPSite(runner, args.host, args.port)
+  try:
+    await site.start()
+  except OSError as e:
+    await runner.cleanup()
+    raise UserError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror})") from e
+  batcher.start()
+  stop = asyncio.Event()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    loop.add_signal_handler(sig, stop.set)
+  host, port = runner.addresses[0][:2]
+  print(f"serve: listening on http://{host}:{port}", flush=True)
+  await stop.wait()
+
+  # Drain: refuse new connections, answer what is in flight, then stop.
+  service.draining = True
+  metrics.draining.set(1)
+  log.info("serve: SIGTERM: draining %d in-flight requests", service.active_requests)
+  await site.stop()
+  batcher.stop_waiting()
+  deadline = time.monotonic() + args.drain_timeout
+  while service.active_requests and time.monotonic() < deadline:
+    await asyncio.sleep(0.01)
+  if service.active_requests:
+    log.warning("serve: %d requests still running after %.0f s; closing them",
+                service.active_requests, args.drain_timeout)
+  await batcher.close()
+  await runner.cleanup()
+  log.info("serve: stopped")
+
+
+def main(args: argparse.Namespace) -> int:
+  asyncio.run(serve(args))
+  return 0

@@ -1,0 +1,131 @@
+"""Fixtures for the service tests: a copy of the tiny pipeline's export and `avg-jax serve`
+processes on free ports (the server picks one: --port 0 and prints it)."""
+
+import json
+import os
+import pathlib
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+# Generous bounds so a busy machine never fails a test; they only stop a hung test.
+START_TIMEOUT_S = 900
+REQUEST_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def serve_export(pipeline_workdir, tmp_path_factory) -> pathlib.Path:
+  """The tiny pipeline's export (with its gallery), copied so other tests may rewrite theirs."""
+  target = tmp_path_factory.mktemp("serve") / "export"
+  shutil.copytree(pipeline_workdir / "export", target)
+  return target
+
+
+class Server:
+  """One `python -m avg_jax serve` process; `url` once it listens."""
+
+  def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str):
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
+        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    self.lines: list[str] = []
+    self._lines: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+    self.url = self._wait_listening()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      self._lines.put(line)
+    self._lines.put(None)
+
+  def _wait_listening(self) -> str:
+    while True:
+      try:
+        line = self._lines.get(timeout=START_TIMEOUT_S)
+      except queue.Empty:
+        self.proc.kill()
+        raise AssertionError("server did not start:\n" + "".join(self.lines))
+      if line is None:
+        raise AssertionError(f"server exited with {self.proc.wait()}:\n" + "".join(self.lines))
+      self.lines.append(line)
+      if line.startswith("serve: listening on "):
+        return line.split()[-1]
+
+  def output(self) -> str:
+    """Everything the process printed so far (after it exited: everything)."""
+    while True:
+      try:
+        line = self._lines.get_nowait()
+      except queue.Empty:
+        return "".join(self.lines)
+      if line is not None:
+        self.lines.append(line)
+
+  def stop(self) -> int:
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+    try:
+      return self.proc.wait(timeout=REQUEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      raise
+
+  def request(self, method: str, path: str, body: bytes | None = None,
+              headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one request; 4xx/5xx are returned, not raised."""
+    req = urllib.request.Request(self.url + path, data=body, method=method,
+                                 headers=headers or {})
+    try:
+      with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+        return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+      return e.code, dict(e.headers), e.read()
+
+  def search(self, queries, k=None, **extra) -> tuple[int, dict]:
+    document = {"queries": queries, **({} if k is None else {"k": k}), **extra}
+    status, _, body = self.request("POST", "/v1/search", json.dumps(document).encode())
+    return status, json.loads(body)
+
+  def metric(self, name: str) -> float:
+    """The value of one unlabelled sample of /metrics."""
+    _, _, body = self.request("GET", "/metrics")
+    for line in body.decode().splitlines():
+      if line.startswith(name + " "):
+        return float(line.split()[1])
+    raise AssertionError(f"no sample {name} in /metrics")
+
+
+@pytest.fixture(scope="session")
+def start_server(repo_root):
+  """`start_server(model, *args) -> Server`; every server still running is stopped at the end."""
+  servers = []
+
+  def start(model, *args):
+    servers.append(Server(repo_root, model, *args))
+    return servers[-1]
+
+  yield start
+  for s in servers:
+    if s.proc.poll() is None:
+      s.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server, serve_export) -> Server:
+  """The shared server: k up to 7 (the tiny export's beam is 5: k 6 and 7 are programs of
+  their own), 20 ms batching window."""
+  return start_server(serve_export, "--max-k", "7", "--batch-wait-ms", "20")
+
+
+@pytest.fixture(scope="session")
+def retriever(serve_export):
+  from avg_jax.export.serving import Retriever
+  return Retriever.load(str(serve_export))

@@ -1,0 +1,40 @@
+"""`avg-jax bench serve --quick`: a short load run against a real server process."""
+
+import json
+
+from avg_jax import cli
+from avg_jax.serve import loadtest
+
+
+def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys):
+  assert cli.main(["bench", "serve", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
+                   "--model", str(serve_export), "--workdir", str(tmp_path), "--quick"]) == 0
+  out = capsys.readouterr().out
+  report = json.loads((tmp_path / "bench_serve.json").read_text())
+  assert report["server_exit_code"] == 0
+  assert [lv["clients"] for lv in report["levels"]] == [1, 4]
+  for lv in report["levels"]:
+    assert lv["requests"] > 0 and lv["errors"] == 0 and lv["compiles_after_warmup"] == 0
+    assert sum(lv["batch_histogram"].values()) > 0
+    assert 1 <= lv["mean_batch"] <= 4 and lv["in_process_qps"] > 0
+    assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+  # One client never has a second request to batch with.
+  assert report["levels"][0]["batch_histogram"] == {"1": sum(
+      report["levels"][0]["batch_histogram"].values())}
+  assert "clients | requests | errors | q/s" in out and "bench serve: wrote" in out
+
+
+def test_batch_histogram_from_two_scrapes():
+  key = "avg_jax_serve_batch_size_bucket|le="
+  before = {key + "1.0": 2.0, key + "2.0": 3.0, key + "3.0": 3.0, key + "+Inf": 3.0}
+  after = {key + "1.0": 5.0, key + "2.0": 6.0, key + "3.0": 10.0, key + "+Inf": 10.0}
+  assert loadtest._batch_histogram(before, after) == {1: 3, 3: 4}
+
+
+def test_clients_must_be_positive_integers():
+  import pytest
+  from avg_jax.errors import UserError
+  assert loadtest._parse_clients("1, 8,64") == [1, 8, 64]
+  for bad in ("", "0", "a,b", "-1"):
+    with pytest.raises(UserError, match="--clients"):
+      loadtest._parse_clients(bad)
