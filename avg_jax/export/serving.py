@@ -175,7 +175,11 @@ class Retriever:
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
     shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[manifest["param_dtype"]]
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+    # Restored onto this process's first device, whatever the device count of the run that
+    # saved them (an export from 8 devices or a pod serves from one).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=device),
+                            shapes)
     checkpointer = ocp.StandardCheckpointer()
     try:
       params = checkpointer.restore(os.path.abspath(os.path.join(directory, PARAMS)), abstract)
