@@ -32,10 +32,12 @@ class Server:
   """One `python -m avg_jax serve` process; `url` once it listens."""
 
   def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str):
+    # One CPU device, like a serving machine: the export was written by an 8-device run.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        env=dict(env, JAX_PLATFORMS="cpu"))
     self.lines: list[str] = []
     self._lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()

@@ -146,7 +146,8 @@ def _raw(server, data: bytes, *, half_close: bool = True, close_early: bool = Fa
 
 def test_broken_http_does_not_hurt_the_server(server, retriever):
   reply = _raw(server, b"\x00\x01garbage that is not HTTP\r\n\r\n")
-  assert reply == b"" or reply.startswith(b"HTTP/1.1 400")  # refused or dropped
+  # aiohttp's parser answers 400 (plain text: the app never sees it) or drops the connection.
+  assert reply == b"" or b" 400 " in reply.split(b"\r\n")[0]
   # A body shorter than its Content-Length, then the client goes away.
   _raw(server, b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"que",
        close_early=True)
