@@ -16,8 +16,7 @@ from avg_jax.metrics import read_metrics
 from avg_jax.training import generative
 from helpers import PIPELINE_OVERRIDES, pipeline_args
 
-# Small, well-separated embeddings: nearest-codeword choices are not near-ties, so the
-# identifiers must agree exactly (the tiny dual encoder's embeddings are nearly constant).
+# Small, well-separated embeddings (the tiny dual encoder's are nearly constant).
 TOKENIZER_OVERRIDES = ["tokenizer.steps=8", "tokenizer.batch_size=64",
                        "tokenizer.codebook_size=8", "tokenizer.num_levels=3",
                        "tokenizer.e_dim=8", "tokenizer.hidden_dims=(16,)",
@@ -38,7 +37,59 @@ def _write_embeddings(workdir, dim=12, seed=0):
              caption_image_ids=np.repeat(image_ids, 5), caption_emb=captions.astype(np.float32))
 
 
+def _tokenizer_runs(repo_root, workdirs):
+  """The final RQ-VAE state of each tokenize run (its newest checkpoint) and a trainer for
+  the tokenizer config of these tests."""
+  from avg_jax import partitioning
+  from avg_jax.tokenizer import losses as losses_lib
+  from avg_jax.tokenizer import model as model_lib
+  from avg_jax.tokenizer import train as train_lib
+  from avg_jax.training.checkpointing import Checkpointer
+  tok = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"),
+                               TOKENIZER_OVERRIDES).tokenizer
+  trainer = train_lib.RQVAETrainer(
+      model_lib.RQVAEConfig.from_config(tok, in_dim=12),
+      losses_lib.LossWeights.from_config(tok, "avg"), partitioning.make_mesh({"data": -1}),
+      train_lib.TrainOptions.from_config(tok, 0), int(tok.batch_size))
+  states = []
+  for workdir in workdirs:
+    checkpointer = Checkpointer(os.path.join(paths.tokenizer_dir(workdir, "avg"), "checkpoints"),
+                                async_save=False)
+    step, state, _ = checkpointer.restore_latest_good(trainer.abstract_state)
+    checkpointer.close()
+    assert step == int(tok.steps)
+    states.append(state)
+  return trainer, states
+
+
+def _assignment(latent, codebooks, num_levels):
+  """Residual quantisation in float64 as the tokenizer does it: `(codes [N, L], margins
+  [N, L], residual norms [N, L])`; a margin is the squared distance to the second-nearest
+  codeword minus that to the nearest."""
+  from avg_jax.tokenizer import quantizer
+  books = np.asarray(codebooks, np.float64)
+  residual = np.asarray(latent, np.float64)
+  codes, margins, norms = [], [], []
+  for level in range(num_levels):
+    book = books[quantizer.codebook_index(level, len(books))]
+    d = np.sum((residual[:, None, :] - book[None]) ** 2, axis=-1)       # [N, K]
+    nearest = np.sort(d, axis=1)
+    codes.append(np.argmin(d, axis=1))
+    margins.append(nearest[:, 1] - nearest[:, 0])
+    norms.append(np.linalg.norm(residual, axis=1))
+    residual = residual - book[codes[-1]]
+  return np.stack(codes, 1), np.stack(margins, 1), np.stack(norms, 1)
+
+
 def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
+  """2 processes x 4 devices reduce in another order than 1 x 8, so the runs agree to
+  rounding, not bit for bit. What holds: parameters agree within 1e-5 (except the biases of
+  the Dense layers that feed a BatchNorm: their gradient is zero up to rounding, and Adam
+  scales that rounding noise to full-size steps, so they drift apart by up to about lr per
+  step); the encoder outputs agree within 5e-3; and every code whose nearest-codeword margin
+  exceeds what that disagreement can overturn is identical in both voken tables. (Measured
+  on one machine: parameters 2.4e-7 apart, those biases 5e-3, encoder outputs 5e-4;
+  another machine flipped 3 of 64 validation codes with margins below that bound.)"""
   config = ["--config", str(repo_root / "configs/smoke.py:tiny"),
             *[f"--config.{o}" for o in TOKENIZER_OVERRIDES]]
   for name in ("one", "two"):
@@ -48,13 +99,49 @@ def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
                                 processes=2, devices=4) == 0
   one, two = (paths.tokenizer_dir(str(tmp_path / n), "avg") for n in ("one", "two"))
   a, b = np.load(os.path.join(one, "voken_table.npz")), np.load(os.path.join(two, "voken_table.npz"))
-  for key in a.files:
-    np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+  trainer, states = _tokenizer_runs(repo_root, [str(tmp_path / n) for n in ("one", "two")])
+  p_one, p_two = (jax.device_get(s.params) for s in states)
+  noise_driven = {(mlp, name.replace("norm_", "dense_")) for mlp in ("encoder", "decoder")
+                  for name in p_one[mlp] if name.startswith("norm_")}
+  for mlp in ("encoder", "decoder"):
+    for layer, leaves in p_one[mlp].items():
+      for leaf, value in leaves.items():
+        if (mlp, layer) in noise_driven and leaf == "bias":
+          continue
+        np.testing.assert_allclose(p_two[mlp][layer][leaf], value, rtol=0, atol=1e-5,
+                                   err_msg=f"{mlp}.{layer}.{leaf}")
+  np.testing.assert_allclose(p_two["codebooks"], p_one["codebooks"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(np.load(os.path.join(two, "codebook.npy")),
-                             np.load(os.path.join(one, "codebook.npy")), atol=1e-5)
+                             np.load(os.path.join(one, "codebook.npy")), rtol=0, atol=1e-5)
+
+  levels, decided, total = 3, 0, 0
+  for split in ("train", "val", "test"):
+    emb = np.load(paths.embeddings_file(str(tmp_path / "one"), split))["image_emb"]
+    np.testing.assert_array_equal(b[f"{split}_image_ids"], a[f"{split}_image_ids"])
+    latents = [trainer.encode_images(s, emb)[2] for s in states]
+    shift = float(np.max(np.linalg.norm(latents[1] - latents[0], axis=1)))
+    assert shift < 5e-3, (split, shift)
+    codes, margins, norms = _assignment(latents[0], p_one["codebooks"], levels)
+    assert (codes == a[f"{split}_codes"][:, :levels]).all(), split  # the table is the argmin
+    # Moving the input by <= s and each codeword by <= c changes every squared distance by
+    # at most 2 (|r - w|) (s + c) + (s + c)^2 with |r - w| <= |r| + max |w|; a level's code
+    # cannot flip when its margin exceeds twice that, nor change the next residual. Earlier
+    # flips move later residuals, so a level counts only when all before it are decided.
+    book_shift = float(np.max(np.linalg.norm(p_two["codebooks"] - p_one["codebooks"], axis=-1)))
+    move = shift + book_shift
+    reach = norms + float(np.max(np.linalg.norm(p_one["codebooks"], axis=-1)))
+    safe = np.cumprod(margins > 2 * (2 * reach * move + move ** 2), axis=1).astype(bool)
+    same = a[f"{split}_codes"][:, :levels] == b[f"{split}_codes"][:, :levels]
+    assert same[safe].all(), (split, np.argwhere(safe & ~same))
+    decided, total = decided + int(safe.sum()), total + safe.size
+  print(f"codes decided beyond the runs' disagreement: {decided} of {total}")
+  # The check covers most codes (measured 97 %; about 80 % at the largest shift allowed).
+  assert decided >= 0.75 * total, (decided, total)
 
   # A damaged newest checkpoint under 2 processes: it is set aside once (one rename, both
-  # processes agree on the name), both resume from step 4 and retrain to the same table.
+  # processes agree on the name), both resume from step 4 and retrain to the same table as
+  # the undamaged 2-process run (same layout, so bit for bit).
   from avg_jax.tokenizer import stage
   os.remove(os.path.join(two, stage.SUMMARY))
   for folder, _, files in os.walk(os.path.join(two, "checkpoints", "8")):
@@ -67,8 +154,8 @@ def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
   assert entries[:2] == ["4", "8"] and len(entries) == 3
   assert entries[2].startswith("8.unreadable-")
   again = np.load(os.path.join(two, "voken_table.npz"))
-  for key in a.files:
-    np.testing.assert_array_equal(again[key], a[key], err_msg=key)
+  for key in b.files:
+    np.testing.assert_array_equal(again[key], b[key], err_msg=key)
 
 
 def _params(repo_root, workdir, stage):
