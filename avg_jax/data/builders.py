@@ -12,7 +12,7 @@ The expensive part (generating, or reading, decoding and resizing images; encodi
 cut into shards of `data.examples_per_shard` input images (`avg_jax.data.shards`) that several
 processes share and an interrupted run resumes:
 
-    source = open_source(config)                 # sizes and cheap pre-checks, nothing decoded
+    source = open_source(config)                 # sizes; every input image checked
     write_shards(source, shards_dir, tag, process_index, process_count)   # every process
     result = assemble(source, shards_dir, data_dir, tag)                  # one, after all
 
@@ -66,9 +66,9 @@ def features(captions_per_image: int) -> tfds.features.FeaturesDict:
 class Source:
   """One dataset's input, checked but not decoded: what the shard boundaries cut."""
   config: Any                        # the `data` config section
-  sizes: dict[str, int]              # input images per split (karpathy: after the pre-check)
+  sizes: dict[str, int]              # input images per split (karpathy: after the check)
   entries: dict[str, list[karpathy_lib.Entry]] | None  # karpathy only
-  skipped: list[tuple[str, str]]     # (path, reason) left out by the pre-check
+  skipped: list[tuple[str, str]]     # (path, reason) left out by the check
   total: int                         # images the input names (for messages)
 
 
@@ -86,31 +86,27 @@ def _check_config(config: Any) -> None:
 
 
 def _check_karpathy(config: Any) -> tuple[dict, list[tuple[str, str]]]:
-  """Reads the JSON and pre-checks files and caption counts (cheap, before decoding)."""
+  """Reads the JSON and checks every entry before any shard is written: the file exists and
+  decodes (`images.check_file`), and it has >= C captions. Every process runs the same
+  checks on the same files, so all agree on the kept entries (and the shard boundaries)."""
   entries = karpathy_lib.read_entries(config.karpathy_json, config.image_root)
   c = int(config.captions_per_image)
   total = sum(len(v) for v in entries.values())
-  missing = [e.path for v in entries.values() for e in v if not os.path.isfile(e.path)]
-  short = [e.path for v in entries.values() for e in v if len(e.captions) < c]
-  if not config.skip_bad_images:
-    if missing:
-      raise UserError(karpathy_lib.describe_bad(missing, total, "are missing") +
-                      " (set data.skip_bad_images=True to skip them)")
-    if short:
-      raise UserError(karpathy_lib.describe_bad(
-          short, total, f"have fewer than data.captions_per_image={c} captions") +
-          f" in {config.karpathy_json} (lower data.captions_per_image or set "
-          "data.skip_bad_images=True to skip them)")
-  bad = ([(p, "missing") for p in missing] +
-         [(p, f"fewer than {c} captions") for p in short])
+  bad = karpathy_lib.find_bad(entries, c, num_threads=min(32, os.cpu_count() or 1))
+  if bad and not config.skip_bad_images:
+    lower = ("lower data.captions_per_image, " if any("captions_per_image" in why
+                                                      for _, why in bad) else "")
+    raise UserError(f"{config.karpathy_json}: " + karpathy_lib.describe_bad(bad, total) +
+                    f" (fix or remove them, {lower}or set data.skip_bad_images=True to skip "
+                    "them)")
   bad_paths = {p for p, _ in bad}
   kept = {split: [e for e in v if e.path not in bad_paths] for split, v in entries.items()}
   return kept, bad
 
 
 def open_source(config: Any) -> Source:
-  """Checks the `data` config and the input files (no image is decoded); raises `UserError`
-  naming the key or file."""
+  """Checks the `data` config and the input files (Karpathy images are decoded once to check
+  them, nothing is written); raises `UserError` naming the key or file."""
   _check_config(config)
   if config.name == "avg_shapes":
     for split in SPLITS:
@@ -205,9 +201,10 @@ class AvgShapes(_Builder, skip_registration=True):
 class Karpathy(_Builder, skip_registration=True):
   """Flickr30K / MS-COCO from a Karpathy split JSON and an image folder.
 
-  Images are resized (shorter side to `image_size`, bicubic) and centre-cropped to a square.
-  Entries are pre-checked (files exist, >= C captions; see `open_source`); images that fail
-  to decode are left out and reported (or refused) by `assemble`.
+  Images are resized (shorter side to `image_size`, bicubic) and centre-cropped to a square;
+  transparent pixels become white (`images.to_rgb`). Every entry is checked before any
+  shard is written (the file decodes, >= C captions; see `open_source`): bad ones are an
+  error naming each with its reason, or left out with `data.skip_bad_images`.
   """
   DESCRIPTION = "Karpathy-split image-caption dataset."
 
@@ -318,8 +315,10 @@ class BuildResult:
 
 
 def _corrupt_message(bad: list[tuple[str, str]], total: int) -> str:
-  return (karpathy_lib.describe_bad([p for p, _ in bad], total, "are corrupt or unreadable") +
-          f" ({bad[0][1]}; set data.skip_bad_images=True to skip them)")
+  # Images that passed the check in open_source but failed while the shards were written
+  # (changed on disk in between).
+  return (karpathy_lib.describe_bad(bad, total, "failed to decode while writing the records") +
+          " (set data.skip_bad_images=True to skip them)")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -370,8 +369,8 @@ def assemble(source: Source, shards_dir: str, data_dir: str, tag: str) -> BuildR
   builder.info.write_to_directory(builder.data_dir)
   skipped = source.skipped + decode_failures
   if skipped:
-    _log.warning("%s; skipped them (data.skip_bad_images=True)", karpathy_lib.describe_bad(
-        [p for p, _ in skipped], source.total, "are missing, corrupt or lack captions"))
+    _log.warning("%s; skipped them (data.skip_bad_images=True)",
+                 karpathy_lib.describe_bad(skipped, source.total, "were left out"))
   return BuildResult(builder_dir=str(builder.data_dir), num_images=num_images, skipped=skipped)
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from avg_jax.data import images as images_lib
 from avg_jax.errors import UserError
+from avg_jax.progress import progress
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 SPLITS = ("train", "val", "test")
@@ -49,11 +50,68 @@ def _resolve_path(image_root: str, filepath: str, filename: str) -> str:
   return candidates[0]
 
 
+def _first_undecodable(value, where: str) -> str | None:
+  """Path (e.g. "sentences[1].raw") of the first string in `value` holding a byte that was
+  not UTF-8 (decoded as a lone surrogate), or None."""
+  if isinstance(value, str):
+    return where if any("\udc80" <= ch <= "\udcff" for ch in value) else None
+  items = (value.items() if isinstance(value, dict) else
+           enumerate(value) if isinstance(value, list) else ())
+  for key, item in items:
+    found = _first_undecodable(item, f"{where}.{key}" if isinstance(key, str) else
+                               f"{where}[{key}]")
+    if found:
+      return found
+  return None
+
+
+def _json_error(json_path: str, e: json.JSONDecodeError) -> UserError:
+  # Several of json's messages end in "at" ("Unterminated string starting at").
+  where = f"line {e.lineno} column {e.colno}"
+  text = f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"
+  return UserError(f"{json_path}: malformed JSON: {text}")
+
+
+def _load_json(json_path: str):
+  """The parsed file; a byte that is not UTF-8 is an error naming the image entry (index)
+  that holds it, or its line when it is outside every entry."""
+  try:
+    with open(json_path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise UserError(f"{json_path}: cannot read: {e.strerror or e}") from e
+  try:
+    text, bad = raw.decode("utf-8-sig"), None
+  except UnicodeDecodeError as e:
+    # Parse anyway (bad bytes become lone surrogates) to say which entry holds the byte.
+    text, bad = raw.decode("utf-8-sig", errors="surrogateescape"), e
+  where = ""
+  if bad is not None:
+    line = raw.count(b"\n", 0, bad.start) + 1
+    hint = " (UTF-16? save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    where = (f"byte 0x{raw[bad.start]:02x} at offset {bad.start} (line {line}) is not valid "
+             f"UTF-8{hint}")
+  try:
+    content = json.loads(text)
+  except json.JSONDecodeError as e:
+    if bad is not None:
+      raise UserError(f"{json_path}: {where}") from bad
+    raise _json_error(json_path, e) from e
+  if bad is not None:
+    records = content.get("images") if isinstance(content, dict) else None
+    for i, record in enumerate(records if isinstance(records, list) else []):
+      found = _first_undecodable(record, f"images[{i}]")
+      if found:
+        raise UserError(f"{json_path}: {found}: {where}") from bad
+    raise UserError(f"{json_path}: {where}") from bad
+  return content
+
+
 def read_entries(json_path: str, image_root: str) -> dict[str, list[Entry]]:
   """Parses and validates the JSON; returns `{split: [Entry, ...]}` in file order.
 
   Raises `UserError` naming the file (and key / image index) for unreadable or malformed
-  files, missing keys, unknown split names and duplicate image ids.
+  files, bytes that are not UTF-8, missing keys, unknown split names and duplicate image ids.
   """
   if not json_path:
     raise UserError("config data.karpathy_json is empty: give the Karpathy split JSON "
@@ -62,14 +120,7 @@ def read_entries(json_path: str, image_root: str) -> dict[str, list[Entry]]:
     raise UserError(f"Karpathy split file not found: {json_path} (config data.karpathy_json)")
   if not image_root or not os.path.isdir(image_root):
     raise UserError(f"image folder not found: {image_root!r} (config data.image_root)")
-  try:
-    with open(json_path, encoding="utf-8") as f:
-      content = json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{json_path}: malformed JSON: {e.msg} at line {e.lineno} column "
-                    f"{e.colno}") from e
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"{json_path}: cannot read: {e}") from e
+  content = _load_json(json_path)
   records = _require_key(content, "images", json_path, "the top-level object")
   if not isinstance(records, list):
     raise UserError(f"{json_path}: key 'images' must be a list, got {type(records).__name__}")
@@ -104,10 +155,34 @@ def read_entries(json_path: str, image_root: str) -> dict[str, list[Entry]]:
   return out
 
 
-def describe_bad(paths: Sequence[str], total: int, what: str, show: int = 5) -> str:
-  """"3 of 120 images are missing: a.jpg, b.jpg, c.jpg" (first `show` paths)."""
-  first = ", ".join(paths[:show]) + (", ..." if len(paths) > show else "")
-  return f"{len(paths)} of {total} images {what}: {first}"
+def describe_bad(bad: Sequence[tuple[str, str]], total: int, what: str = "cannot be used",
+                 show: int = 5) -> str:
+  """"2 of 120 images cannot be used: a.svg: unsupported format (SVG); b.png: missing": each
+  of the first `show` `(path, reason)` pairs with its own reason."""
+  items = "; ".join(f"{path}: {reason}" for path, reason in bad[:show])
+  more = f"; and {len(bad) - show} more" if len(bad) > show else ""
+  return f"{len(bad)} of {total} images {what}: {items}{more}"
+
+
+def find_bad(entries: dict[str, list[Entry]], captions_per_image: int,
+             num_threads: int) -> list[tuple[str, str]]:
+  """`(path, reason)` of every entry prepare cannot use, in split and file order: missing or
+  unreadable files (`images.check_file` decodes each one, in threads), too few captions."""
+  flat = [e for split in SPLITS for e in entries[split]]
+  chunk = max(1, 16 * num_threads)
+  reasons = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+    checked = (r for start in range(0, len(flat), chunk)
+               for r in pool.map(lambda e: images_lib.check_file(e.path),
+                                 flat[start:start + chunk]))
+    for entry, reason in zip(flat, progress(checked, total=len(flat), unit="img",
+                                            desc="checking images")):
+      if not reason and len(entry.captions) < captions_per_image:
+        reason = (f"{len(entry.captions)} caption(s), data.captions_per_image is "
+                  f"{captions_per_image}")
+      if reason:
+        reasons.append((entry.path, reason))
+  return reasons
 
 
 def load_encoded(entries: Sequence[Entry], image_size: int, encoding: str, jpeg_quality: int,

@@ -52,8 +52,16 @@ def _sentences(n, tag):
           for k in range(n)]
 
 
-def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=False):
-  """Writes images + a Karpathy JSON under `root`; returns (json_path, image_root)."""
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>\n'
+
+
+def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=False,
+                  svg=False, empty=False):
+  """Writes images + a Karpathy JSON under `root`; returns (json_path, image_root).
+
+  Each flag adds one bad entry: corrupt (broken.jpg, not an image), truncated (cut.jpg), missing
+  (gone.png), short (few.png, 2 captions), svg (logo.svg, and drawing.png: SVG text under a
+  PNG name), empty (zero.png, 0 bytes)."""
   images_dir = root / "images"
   (images_dir / "train2014").mkdir(parents=True)
   (images_dir / "val2014").mkdir()
@@ -89,6 +97,16 @@ def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=
     Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(images_dir / "few.png")
     records.append({"filename": "few.png", "imgid": 18, "split": "train",
                     "sentences": _sentences(2, "few")})
+  if svg:
+    (images_dir / "logo.svg").write_bytes(SVG)
+    (images_dir / "drawing.png").write_bytes(SVG)
+    records += [{"filename": name, "imgid": imgid, "split": "train",
+                 "sentences": _sentences(5, name)}
+                for imgid, name in ((19, "logo.svg"), (20, "drawing.png"))]
+  if empty:
+    (images_dir / "zero.png").write_bytes(b"")
+    records.append({"filename": "zero.png", "imgid": 21, "split": "val",
+                    "sentences": _sentences(5, "zero")})
   json_path = root / "dataset_test.json"
   json_path.write_text(json.dumps({"dataset": "fixture", "images": records}))
   return str(json_path), str(images_dir)
@@ -96,5 +114,6 @@ def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=
 
 @pytest.fixture
 def karpathy_files():
-  """`write(root, corrupt=, truncated=, missing=, short=) -> (json_path, image_root)`."""
+  """`write(root, corrupt=, truncated=, missing=, short=, svg=, empty=) -> (json_path,
+  image_root)`."""
   return write_fixture
