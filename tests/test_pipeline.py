@@ -93,6 +93,9 @@ def test_search_cli(repo_root, pipeline):
   assert out["query"] == "a red circle" and len(out["results"]) == 3
   stdin = _search(repo_root, "--model", model, "--k", "2", stdin=b"a blue square\n\na cross\n")
   assert stdin.returncode == 0 and stdin.stdout.decode().count("query: ") == 2
+  # Each result line names the image file (and its score and id), not a bare id.
+  first = stdin.stdout.decode().splitlines()[1]
+  assert first.startswith("    1. test/") and ".png  score -" in first and "  image " in first
   cases = [
       (["--model", model, ""], "avg-jax: error: query 0: empty"),
       (["--model", model, "x" * 1001], "query 0: 1001 characters, the limit is 1000"),
@@ -105,6 +108,10 @@ def test_search_cli(repo_root, pipeline):
     assert message in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
   bad = _search(repo_root, "--model", model, stdin=b"fine\n\xff\xfe\n")
   assert bad.returncode == 2 and "query 1: not valid UTF-8" in bad.stderr.decode()
+  # The same bytes as a command-line argument: the same one-line error (was a TypeError).
+  bad = _search(repo_root, "--model", model, b"\xff\xfe")
+  assert bad.returncode == 2, bad.stderr
+  assert bad.stderr.decode().strip() == "avg-jax: error: query 0: not valid UTF-8 (byte 0)"
 
 
 def test_rerun_skips_done_stages_and_redoes_damaged_ones(repo_root, pipeline, capsys):

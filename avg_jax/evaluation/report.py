@@ -110,14 +110,19 @@ def plot_collisions(collisions: dict, path: str) -> None:
 
 
 def summary_table(results: dict) -> str:
-  """A plain-text table of Recall@K per method plus the efficiency crossover."""
-  lines = [f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS)]
-  for method, r in results.get("recall", {}).items():
+  """A plain-text table of Recall@K per method plus the efficiency crossover (each part only
+  when `results` has it)."""
+  lines = []
+  recall = results.get("recall", {})
+  if recall:
+    lines.append(f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS))
+  for method, r in recall.items():
     lines.append(f"{method:<12}" + "".join(f"{r.get(k, float('nan')):>8.1f}"
                                            for k in RECALL_KEYS))
   eff = results.get("efficiency", {})
   if eff:
-    lines.append("")
+    if lines:
+      lines.append("")
     lines.append(f"{'N':>10}" + "".join(f"{m + ' q/s':>16}" for m in eff))
     sizes = sorted({int(r["num_items"]) for rows in eff.values() for r in rows})
     for n in sizes:

@@ -1,32 +1,62 @@
-"""`avg-jax search --model EXPORT "query" ...`: ranked image ids (and file names) per query.
+"""`avg-jax search --model EXPORT "query" ...`: ranked images (file name, score, id, and a
+caption when the export holds them) per query.
 
-Reads one query per line from stdin when none are given. `--json` prints one JSON object per
-query: {"query", "results": [{"rank", "image_id", "file_name", "score"}]}.
+Reads one query per line from stdin when none are given. Queries are bytes until the
+Retriever checks them, so a query that is not valid UTF-8 (on the command line or on stdin)
+is a one-line error naming it. `--json` prints one JSON object per query:
+{"query", "results": [{"rank", "image_id", "file_name", "score"[, "caption"]}]}.
 """
 
 import json
+import os
 import sys
+from typing import Callable
 
 from avg_jax.export.serving import Retriever
 
 
+def _caption_of(retriever: Retriever) -> Callable[[int], str] | None:
+  """A function image id -> first caption ("" when unknown), when the export holds
+  captions (`Retriever.caption`, or its gallery's `captions`); else None."""
+  caption = getattr(retriever, "caption", None)
+  if callable(caption):
+    return lambda image_id: str(caption(image_id) or "")
+  gallery = getattr(retriever, "gallery", None)
+  if gallery is not None and callable(getattr(gallery, "captions", None)):
+    return lambda image_id: next(iter(gallery.captions(image_id)), "")
+  return None
+
+
 def main(args) -> int:
-  queries = list(args.queries)
+  # The shell hands Python argv bytes decoded with surrogateescape: turn them back into the
+  # user's bytes so that invalid UTF-8 gets the same error as on stdin.
+  queries = [os.fsencode(q) for q in args.queries]
   if not queries:
     queries = [line.rstrip("\n") for line in sys.stdin.buffer.read().decode(
         "utf-8", errors="surrogateescape").splitlines() if line.strip()]
     queries = [q.encode("utf-8", errors="surrogateescape") for q in queries]
   retriever = Retriever.load(args.model)
-  ids, scores = retriever.search(queries, k=args.k)
   texts = retriever.validate(queries)
+  ids, scores = retriever.search(texts, k=args.k)
+  caption_of = _caption_of(retriever)
   for text, row_ids, row_scores in zip(texts, ids, scores):
-    results = [{"rank": r + 1, "image_id": int(i), "file_name": retriever.file_name(i),
-                "score": float(s)} for r, (i, s) in enumerate(zip(row_ids, row_scores))
-               if i >= 0]
+    results = []
+    for r, (i, s) in enumerate(zip(row_ids, row_scores)):
+      if i < 0:
+        continue
+      result = {"rank": r + 1, "image_id": int(i), "file_name": retriever.file_name(i),
+                "score": float(s)}
+      if caption_of is not None:
+        result["caption"] = caption_of(int(i))
+      results.append(result)
     if args.json:
       print(json.dumps({"query": text, "results": results}))
-    else:
-      print(f"query: {text}")
-      for r in results:
-        print(f"  {r['rank']:>3}  {r['image_id']:>8}  {r['score']:>9.4f}  {r['file_name']}")
+      continue
+    print(f"query: {text}")
+    if not results:
+      print("  (no results)")
+    for r in results:
+      caption = f"  \"{r['caption']}\"" if r.get("caption") else ""
+      print(f"  {r['rank']:>3}. {r['file_name'] or '(no file name)'}  score {r['score']:.4f}  "
+            f"image {r['image_id']}{caption}")
   return 0

@@ -44,3 +44,18 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
     assert os.path.getsize(tmp_path / png) > 1000
   table = report.summary_table(results)
   assert "two_tower" in table and "AVG faster than two-tower from N ~ " in table
+
+
+def test_efficiency_section_has_no_empty_recall_header(tmp_path):
+  # report.md's efficiency block used to start with a "method R@1 R@5 R@10" header and no rows.
+  results = {"recall": {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}},
+             "efficiency": {"avg": _rows([(1000, 100.0)]), "two_tower": _rows([(1000, 50.0)])},
+             "crossover": 1000.0}
+  text = open(report.write_report(results, str(tmp_path))).read()
+  block = text.split("## Efficiency", 1)[1].split("```")[1]
+  assert "R@1" not in block and "method" not in block
+  assert block.strip().splitlines()[0].split() == ["N", "avg", "q/s", "two_tower", "q/s"]
+  # The one-screen summary keeps both parts, recall first.
+  summary = report.summary_table(results).splitlines()
+  assert summary[0].split() == ["method", "R@1", "R@5", "R@10"] and summary[2] == ""
+  assert report.summary_table({}) == ""
