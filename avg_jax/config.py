@@ -1,6 +1,7 @@
 """Loading ml_collections configs from `configs/*.py` and applying command-line overrides.
 
-`--config configs/smoke.py:tiny` imports the file and calls `get_config("tiny")`; overrides such
+`--config configs/smoke.py:tiny` imports the file and calls `get_config("tiny")` (a relative
+path missing from the current directory is read from this checkout's `configs/`); overrides such
 as `--config.t5.d_model=256` replace existing fields only: an unknown key is a `UserError`
 naming it. The value is parsed with the type of the field it replaces.
 """
@@ -15,11 +16,25 @@ import ml_collections
 
 from avg_jax.errors import UserError
 
+# The checkout this package runs from (an editable install): `configs/...` paths that do not
+# exist in the current directory are looked up here, so `avg-jax` works from any directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+def resolve_config_path(path: str) -> str:
+  """`path` when it exists; else, for a relative path, the same path under `REPO_ROOT` when
+  that exists (e.g. `configs/smoke.py` from another directory); else `path`."""
+  if os.path.isfile(path) or os.path.isabs(path):
+    return path
+  in_repo = os.path.join(REPO_ROOT, path)
+  return in_repo if os.path.isfile(in_repo) else path
+
+
 def _import_config_module(path: str):
+  path = resolve_config_path(path)
   if not os.path.isfile(path):
     raise UserError(f"config file not found: {path}")
   # Config files may import their siblings as `configs.base`: put the folder above on the path.

@@ -60,3 +60,45 @@ def test_missing_config_file_and_bad_arg(repo_root, tmp_path):
   broken.write_text("def get_config(arg)\n")
   with pytest.raises(UserError, match="broken.py: syntax error on line 1"):
     config_lib.load_config(str(broken))
+
+
+def test_config_paths_do_not_depend_on_the_current_directory(repo_root, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = config_lib.load_config("configs/smoke.py:tiny")  # the checkout's, from elsewhere
+  assert c.data.num_train == 240
+  (tmp_path / "configs").mkdir()  # a file in the current directory still comes first
+  (tmp_path / "configs" / "smoke.py").write_text(
+      "from configs import base\n"
+      "def get_config(arg):\n  c = base.get_base_config()\n  c.seed = 7\n  return c\n")
+  (tmp_path / "configs" / "base.py").write_text((repo_root / "configs/base.py").read_text())
+  assert config_lib.load_config("configs/smoke.py").seed == 7
+  with pytest.raises(UserError, match="config file not found: configs/nope.py"):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_cli_default_config_from_another_directory(tmp_path):
+  # Was "config file not found: configs/smoke.py" outside the checkout; now the default
+  # config loads and the bad override is what the one-line error names.
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "avg_jax", "prepare", "--workdir",
+                         str(tmp_path / "w"), "--config.data.name=nope"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip() == ("avg-jax: error: config data.name: unknown dataset 'nope' "
+                                 "(expected one of avg_shapes, karpathy)")
+
+
+def test_karpathy_local_config(repo_root, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = config_lib.load_config("configs/karpathy_local.py")
+  assert c.data.name == "karpathy" and c.data.captions_per_image == 1
+  assert not c.data.skip_bad_images and c.data.karpathy_json == ""
+  assert c.t5.vocab_size >= c.text_tokenizer.vocab_size
+  smoke = config_lib.load_config("configs/smoke.py")
+  assert (c.t5.d_model, c.encoder.vision_width) == (smoke.t5.d_model, smoke.encoder.vision_width)
+  tiny = config_lib.load_config("configs/karpathy_local.py:tiny,captions=5")
+  assert tiny.data.captions_per_image == 5 and tiny.t5.d_model == 32
+  for arg in ("huge", "captions=0", "captions=x", "captions"):
+    with pytest.raises(UserError, match=rf"karpathy_local.py: bad argument '{arg}': expected"):
+      config_lib.load_config(f"configs/karpathy_local.py:{arg}")

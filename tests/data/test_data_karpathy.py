@@ -295,3 +295,32 @@ def test_check_file_reasons(tmp_path, monkeypatch):
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 576 pixels > 2 x the limit
   assert images.check_file(str(tmp_path / "ok.png")) == (
       "too large (576 pixels; PIL refuses more than 200)")
+
+
+def test_karpathy_local_config_prepares_own_images(repo_root, tmp_path):
+  # configs/karpathy_local.py:tiny on a folder of one-caption PNGs (RGBA clip-art style):
+  # no other override than the two paths.
+  from avg_jax import config as config_lib
+  from avg_jax.data import prepare
+  rng = np.random.default_rng(0)
+  # Made-up words: enough distinct text for the config's 200 SentencePiece pieces (fewer
+  # would be the one-line error "vocab_size=200 ... at most N for these captions").
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 8)))
+           for _ in range(150)]
+  (tmp_path / "images").mkdir()
+  records = []
+  for i in range(100):
+    pixels = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "images" / f"{i}.png")
+    caption = " ".join(rng.choice(words, 6))
+    split = "train" if i < 80 else "val" if i < 90 else "test"
+    records.append({"filename": f"{i}.png", "split": split, "sentences": [{"raw": caption}]})
+  (tmp_path / "data.json").write_text(json.dumps({"images": records}))
+  config = config_lib.load_config(
+      str(repo_root / "configs/karpathy_local.py:tiny"),
+      [f"data.karpathy_json={tmp_path / 'data.json'}", f"data.image_root={tmp_path / 'images'}"])
+  prepare.run(config, str(tmp_path / "w"))
+  info = dataset.load_info(str(tmp_path / "w"))
+  assert {s: v["num_captions"] for s, v in info["splits"].items()} == {
+      "train": 80, "val": 10, "test": 10}
+  assert info["captions_per_image"] == 1 and info["image_size"] == [32, 32]
