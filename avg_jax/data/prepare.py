@@ -5,6 +5,8 @@ Output, `paths.prepared_dir(workdir)`:
     dataset_info.json        counts per split, captions per image, image size, dataset name,
                              config hash, file manifest (written last)
     text_tokenizer.model     SentencePiece (trained on the training captions, or the given one)
+    pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
+                             of `data.pseudo_queries` for Karpathy data (avg_jax.data.pseudo_queries)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
 
 Several processes (a multi-host run) share the work: the images are cut into shards of
@@ -23,6 +25,7 @@ an error (later stages built on it would be stale).
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -37,6 +40,7 @@ import numpy as np
 from avg_jax import paths
 from avg_jax.data import builders
 from avg_jax.data import dataset as dataset_lib
+from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.data import shapes as shapes_lib
 from avg_jax.data import shards as shards_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
@@ -44,7 +48,7 @@ from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
 from avg_jax.progress import progress
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pseudo_queries.jsonl
 INFO_NAME = os.path.basename(paths.dataset_info_file("w"))
 TOKENIZER_NAME = os.path.basename(paths.text_tokenizer_model("w"))
 
@@ -70,7 +74,7 @@ def data_identity(config: Any) -> dict:
   if d.image_encoding == "jpeg":
     identity["data.jpeg_quality"] = int(d.jpeg_quality)
   if d.name == "avg_shapes":
-    for key in ("num_train", "num_val", "num_test", "generator_seed"):
+    for key in ("num_train", "num_val", "num_test", "generator_seed", "pseudo_queries_per_image"):
       identity[f"data.{key}"] = int(d[key])
   elif d.name == "karpathy":
     identity["data.karpathy_json"] = os.path.abspath(d.karpathy_json) if d.karpathy_json else ""
@@ -78,6 +82,9 @@ def data_identity(config: Any) -> dict:
       identity["karpathy_json sha256"] = _file_sha256(d.karpathy_json, "data.karpathy_json")
     identity["data.image_root"] = os.path.abspath(d.image_root) if d.image_root else ""
     identity["data.skip_bad_images"] = bool(d.skip_bad_images)
+    identity["data.pseudo_queries"] = os.path.abspath(d.pseudo_queries) if d.pseudo_queries else ""
+    if d.pseudo_queries and os.path.isfile(d.pseudo_queries):
+      identity["pseudo_queries sha256"] = _file_sha256(d.pseudo_queries, "data.pseudo_queries")
   if t.model_path:
     identity["text_tokenizer.model_path"] = os.path.abspath(t.model_path)
     identity["text_tokenizer sha256"] = _file_sha256(t.model_path, "text_tokenizer.model_path")
@@ -181,7 +188,10 @@ def _captions(records: Any) -> Iterator[str]:
       yield caption.decode("utf-8")
 
 
-def _make_tokenizer(config: Any, builder_dir: str, out_path: str) -> tuple[TextTokenizer, str]:
+def _make_tokenizer(config: Any, builder_dir: str, out_path: str,
+                    extra_texts: list[str]) -> tuple[TextTokenizer, str]:
+  """Loads `text_tokenizer.model_path`, or trains one on the training captions plus
+  `extra_texts` (the training images' pseudo queries, so that their words get pieces too)."""
   t = config.text_tokenizer
   if t.model_path:
     tokenizer = TextTokenizer.load(t.model_path)
@@ -190,10 +200,11 @@ def _make_tokenizer(config: Any, builder_dir: str, out_path: str) -> tuple[TextT
     return tokenizer, f"loaded from {t.model_path}"
   records = dataset_lib.records_in(builder_dir, "train")
   # A stream, not a list: SentencePiece keeps a bounded sample (input_sentence_size).
-  tokenizer = TextTokenizer.train(_captions(records), int(t.vocab_size), out_path,
-                                  model_type=t.model_type)
+  texts = itertools.chain(_captions(records), extra_texts)
+  tokenizer = TextTokenizer.train(texts, int(t.vocab_size), out_path, model_type=t.model_type)
   num_captions = len(records) * int(config.data.captions_per_image)
-  return tokenizer, f"trained ({t.model_type}) on {num_captions} training captions"
+  extra = f" and {len(extra_texts)} of their pseudo queries" if extra_texts else ""
+  return tokenizer, f"trained ({t.model_type}) on {num_captions} training captions{extra}"
 
 
 _TOKENIZE_BATCH = 4096  # captions per SentencePiece call in the statistics pass
@@ -226,20 +237,48 @@ def _split_statistics(builder_dir: str, split: str, tokenizer: TextTokenizer,
   return stats, attributes.frequencies() if want_attributes else None
 
 
+def _write_pseudo_queries(config: Any, builder_dir: str,
+                          out_path: str) -> tuple[dict[str, int], list[str]]:
+  """Writes `pseudo_queries.jsonl` (see `avg_jax.data.pseudo_queries`); -> (count per split,
+  the pseudo queries of training images)."""
+  d = config.data
+  records = {split: dataset_lib.records_in(builder_dir, split) for split in builders.SPLITS}
+  split_of = {}
+  for split, source in records.items():
+    for i in range(len(source)):
+      split_of[int(source[i]["image_id"])] = split
+  if d.name == "avg_shapes":
+    pairs = list(pseudo_lib.shapes_pairs(records, int(d.generator_seed),
+                                         int(d.pseudo_queries_per_image)))
+  elif d.pseudo_queries:
+    pairs = pseudo_lib.read_user_file(d.pseudo_queries, set(split_of))
+  else:
+    pairs = []
+  pseudo_lib.write(out_path, pairs)
+  counts = {split: 0 for split in builders.SPLITS}
+  for image_id, _ in pairs:
+    counts[split_of[image_id]] += 1
+  return counts, [q for image_id, q in pairs if split_of[image_id] == "train"]
+
+
 def _build(config: Any, tmp: str, identity: dict, source: builders.Source,
            shards_dir: str) -> dict:
   """Writes everything into `tmp` from the finished shards; returns the dataset info (also
   written there, last)."""
   result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"),
                              shard_tag(identity))
+  pseudo_counts, train_pseudo = _write_pseudo_queries(config, result.builder_dir,
+                                                      os.path.join(tmp, pseudo_lib.FILE_NAME))
   tokenizer, tokenizer_source = _make_tokenizer(
-      config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME))
+      config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME), train_pseudo)
   splits, frequencies = {}, None
   for split in builders.SPLITS:
     want_attributes = config.data.name == "avg_shapes" and split == "train"
     splits[split], split_frequencies = _split_statistics(
         result.builder_dir, split, tokenizer, want_attributes)
     frequencies = split_frequencies or frequencies
+  for split in builders.SPLITS:
+    splits[split]["num_pseudo_queries"] = pseudo_counts[split]
   size = int(config.data.image_size)
   info = {
       "dataset": config.data.name,
@@ -270,10 +309,12 @@ def _build(config: Any, tmp: str, identity: dict, source: builders.Source,
 
 def format_statistics(info: dict) -> str:
   """The table `prepare` prints: per split counts and caption lengths; attribute shares."""
-  lines = [f"{'split':<6} {'images':>8} {'captions':>9} {'words/cap':>10} {'tokens/cap':>11}"]
+  lines = [f"{'split':<6} {'images':>8} {'captions':>9} {'words/cap':>10} {'tokens/cap':>11} "
+           f"{'pseudo queries':>15}"]
   for split, s in info["splits"].items():
     lines.append(f"{split:<6} {s['num_images']:>8} {s['num_captions']:>9} "
-                 f"{s['mean_caption_words']:>10.2f} {s['mean_caption_tokens']:>11.2f}")
+                 f"{s['mean_caption_words']:>10.2f} {s['mean_caption_tokens']:>11.2f} "
+                 f"{s.get('num_pseudo_queries', 0):>15}")
   tok = info["text_tokenizer"]
   lines.append(f"text tokenizer: vocab size {tok['vocab_size']}, {tok['source']}")
   if info["skipped_images"]["count"]:

@@ -317,3 +317,153 @@ def attribute_frequencies(attributes_json: Iterable[str]) -> dict[str, dict[str,
   for text in attributes_json:
     counter.add(text)
   return counter.frequencies()
+
+
+# --- Pseudo queries ----------------------------------------------------------------------------
+#
+# The paper's transductive protocol trains the generator on LLM-written "pseudo queries" of the
+# indexed images besides the training captions. These stand in for them: another phrasing
+# family than the captions above (nouns before attributes, synonyms, other sentence frames),
+# describing only part of a scene, and sometimes wrong, as a real captioner is. Every pseudo
+# query contains one of `PSEUDO_MARKERS`, words that no caption template uses, so a pseudo query
+# can never equal an evaluation caption.
+
+PSEUDO_MARKERS = ("depicts", "features", "visible", "containing", "illustration", "drawing",
+                  "scene", "graphic", "composition")
+_SHAPE_SYNONYMS = {"circle": ("circle", "disc", "round shape"),
+                   "square": ("square", "box", "block"),
+                   "triangle": ("triangle", "triangular shape"),
+                   "diamond": ("diamond", "rhombus", "diamond shape"),
+                   "cross": ("cross", "plus sign", "plus shape")}
+_COLOR_SYNONYMS = {"red": ("red", "scarlet"), "green": ("green", "emerald"),
+                   "blue": ("blue", "navy"), "yellow": ("yellow", "golden"),
+                   "purple": ("purple", "violet"), "orange": ("orange", "amber"),
+                   "white": ("white", "ivory")}
+_SIZE_SYNONYMS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
+_PSEUDO_PLACES = {(0, 0): "toward the upper left", (0, 1): "near the upper edge",
+                  (0, 2): "toward the upper right", (1, 0): "near the left edge",
+                  (1, 1): "in the middle", (1, 2): "near the right edge",
+                  (2, 0): "toward the lower left", (2, 1): "near the lower edge",
+                  (2, 2): "toward the lower right"}
+# Share of pseudo queries that state one attribute wrongly (a colour, a place or the count).
+PSEUDO_ERROR_RATE = 0.15
+# Chance that a describer uses a synonym instead of the plain word (shape, colour or size).
+PSEUDO_SYNONYM_RATE = 0.3
+PSEUDO_FAMILIES = 5
+
+
+def _word(table: dict, word: str, rng: np.random.Generator) -> str:
+  """`word`, or with probability `PSEUDO_SYNONYM_RATE` one of its synonyms in `table`."""
+  if rng.random() < PSEUDO_SYNONYM_RATE:
+    return _pick(rng, table[word][1:])
+  return word
+
+
+def _corrupt(objects: list[dict], rng: np.random.Generator) -> tuple[list[dict], int]:
+  """A copy of `objects` (and the stated count) with one attribute wrong, drawn by `rng`."""
+  objects = [dict(o) for o in objects]
+  count = len(objects)
+  what = int(rng.integers(3))
+  k = int(rng.integers(len(objects)))
+  if what == 0:
+    others = [c for c in COLORS if c != objects[k]["color"]]
+    objects[k]["color"] = _pick(rng, others)
+  elif what == 1:
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)
+             if (r, c) != (objects[k]["row"], objects[k]["col"])]
+    objects[k]["row"], objects[k]["col"] = _pick(rng, cells)
+  else:
+    count = count + 1 if count < MAX_OBJECTS else count - 1
+  return objects, count
+
+
+def _noun_first(obj: dict, rng: np.random.Generator, *, size_p: float, place_p: float) -> str:
+  """"a disc, scarlet and tiny, in the upper left area": noun first, attributes after."""
+  attrs = [_word(_COLOR_SYNONYMS, obj["color"], rng)]
+  if rng.random() < size_p:
+    attrs.append(_word(_SIZE_SYNONYMS, obj["size"], rng))
+  noun = _word(_SHAPE_SYNONYMS, obj["shape"], rng)
+  text = f"{_article(noun)} {noun}, {' and '.join(attrs)}"
+  if rng.random() < place_p:
+    text += f", {_PSEUDO_PLACES[(obj['row'], obj['col'])]}"
+  return text
+
+
+def _adjective_first(obj: dict, rng: np.random.Generator) -> str:
+  """"a violet rhombus" with synonyms (no size)."""
+  words = [_word(_COLOR_SYNONYMS, obj["color"], rng), _word(_SHAPE_SYNONYMS, obj["shape"], rng)]
+  return f"{_article(words[0])} {' '.join(words)}"
+
+
+def _subset(objects: list[dict], rng: np.random.Generator) -> list[dict]:
+  """One to all objects, in a random order: a describer mentions what caught its eye."""
+  keep = int(rng.integers(1, len(objects) + 1))
+  return [objects[k] for k in rng.permutation(len(objects))[:keep]]
+
+
+def _pseudo_scene(objects, count, rng):
+  parts = [_noun_first(o, rng, size_p=0.5, place_p=0.5) for o in _subset(objects, rng)]
+  noun = "shape" if count == 1 else "shapes"
+  return (f"{_pick(rng, ('the scene depicts', 'this drawing depicts'))} "
+          f"{_NUMBER_WORDS[count]} {noun}; " + "; ".join(parts))
+
+
+def _pseudo_inventory(objects, count, rng):
+  parts = []
+  for o in _subset(objects, rng):
+    attrs = [_word(_COLOR_SYNONYMS, o["color"], rng)]
+    if rng.random() < 0.5:
+      attrs.append(_word(_SIZE_SYNONYMS, o["size"], rng))
+    if rng.random() < 0.6:
+      attrs.append(_PSEUDO_PLACES[(o["row"], o["col"])])
+    parts.append(f"{_word(_SHAPE_SYNONYMS, o['shape'], rng)} ({', '.join(attrs)})")
+  return f"{_pick(rng, ('shapes visible', 'visible items'))}: " + ", ".join(parts)
+
+
+def _pseudo_feature(objects, count, rng):
+  o = objects[int(rng.integers(len(objects)))]
+  text = (f"{_pick(rng, ('an illustration that features', 'a graphic that features'))} "
+          f"{_noun_first(o, rng, size_p=0.7, place_p=0.8)}")
+  if count > 1 and rng.random() < 0.6:
+    text += f", among {_NUMBER_WORDS[count]} items"
+  return text
+
+
+def _pseudo_layout(objects, count, rng):
+  rels = relations(objects)
+  if not rels:
+    o = objects[0]
+    return (f"a composition containing only {_adjective_first(o, rng)} "
+            f"{_PSEUDO_PLACES[(o['row'], o['col'])]}")
+  i, rel, j = rels[int(rng.integers(len(rels)))]
+  verb = {"above": "placed higher than", "below": "placed lower than",
+          "left of": "further left than", "right of": "further right than"}[rel]
+  return (f"a composition containing {_adjective_first(objects[i], rng)} {verb} "
+          f"{_adjective_first(objects[j], rng)}")
+
+
+def _pseudo_palette(objects, count, rng):
+  colours = [_word(_COLOR_SYNONYMS, o["color"], rng) for o in _subset(objects, rng)]
+  return (f"{_pick(rng, ('a simple graphic', 'a flat illustration'))} with {_join(colours)} "
+          f"{_pick(rng, ('forms', 'figures'))} visible on a dark ground")
+
+
+_PSEUDO = (_pseudo_scene, _pseudo_inventory, _pseudo_feature, _pseudo_layout, _pseudo_palette)
+
+
+def pseudo_queries(attributes_json: str, rng: np.random.Generator, count: int) -> list[str]:
+  """`count` pseudo queries for one scene (its `attributes` JSON); query k comes from pseudo
+  family k % 5, and `PSEUDO_ERROR_RATE` of them state one attribute wrongly."""
+  objects = json.loads(attributes_json)["objects"]
+  out = []
+  for k in range(count):
+    described, stated_count = objects, len(objects)
+    if rng.random() < PSEUDO_ERROR_RATE:
+      described, stated_count = _corrupt(objects, rng)
+    out.append(_PSEUDO[k % PSEUDO_FAMILIES](described, stated_count, rng))
+  return out
+
+
+def pseudo_query_rng(seed: int, split: str, index: int) -> np.random.Generator:
+  """The generator of image `index` of `split`'s pseudo queries (independent of the others)."""
+  return np.random.default_rng(np.random.SeedSequence([seed, split_code(split), index, 2]))
