@@ -1,6 +1,8 @@
 """Model-agnostic, fixed-length, trie-constrained beam search inside `jax.jit`.
 
-A search generates exactly P identifier tokens, then EOS: P + 1 model steps. Step 0 runs the
+A search generates exactly P identifier tokens, then EOS: P + 1 model steps (P steps with
+`emit_eos=False`, for a search over the first P positions of longer identifiers, where the
+model would not emit EOS). Step 0 runs the
 model on one row per query (all beams would start from the same start token); steps 1 .. P
 run on `batch * beam` rows in one `fori_loop`. At every step each beam asks the constraint for
 a fixed-width window of allowed codes (see `trie.DeviceTrie.children`), gathers their
@@ -97,8 +99,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
                 logit_offsets: Sequence[int] | None = None, eos_logit_index: int | None = None,
                 mask_mode: str = "after_softmax", logits_are_log_probs: bool = False,
                 start_token: int = 0,
-                reorder_cache: Callable[[Any, jax.Array], Any] | None = None
-                ) -> BeamResult:
+                reorder_cache: Callable[[Any, jax.Array], Any] | None = None,
+                emit_eos: bool = True) -> BeamResult:
   """Constrained fixed-length beam search; call it inside `jax.jit`.
 
   Args:
@@ -120,6 +122,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     reorder_cache: `(cache, parent int32[B, beam]) -> cache`: make new beam j of query b
       carry old beam parent[b, j]'s state. Default: `gather_beams` on every leaf; a model
       can skip leaves that are equal across a query's beams (e.g. cross-attention K/V).
+    emit_eos: score EOS after the P positions (False: the score covers the P positions only).
 
   Returns:
     `BeamResult` with `[B, k]` leaves (codes `[B, k, P]`), best first.
@@ -225,13 +228,15 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
   def level_children(level):
     return lambda n: constraint.children(level, n, width)
 
-  branches = [level_children(level) for level in range(1, p)] + [eos_children]
+  branches = [level_children(level) for level in range(1, p)]
+  branches += [eos_children] if emit_eos else []
 
   def body(step, state: BeamState) -> BeamState:
     children_fn = lambda n: jax.lax.switch(step - 1, branches, n)
     return advance(state, step, children_fn, width, beams)
 
-  state = jax.lax.fori_loop(1, p + 1, body, state)
+  if branches:
+    state = jax.lax.fori_loop(1, len(branches) + 1, body, state)
   alive = state.alive[:, :top_k]
   return BeamResult(
       codes=jnp.where(alive[:, :, None], state.codes[:, :top_k], -1),

@@ -20,6 +20,19 @@ Normalisation of the scores (`voken_logits_only`):
       that step. For a model trained on voken targets p_text is tiny and rankings rarely
       change, but they are not guaranteed to match the reference.
 `mask_mode="renormalize"` further renormalises over the trie's allowed children.
+
+Identifiers and ties (`decode.tie_break`, avg_jax/decoding/config.py). The trie's identifiers
+are either the full identifiers (semantic codes + disambiguation position; "learned": the
+generator was trained to emit the disambiguation token and scores it) or the semantic codes
+alone ("similarity", "image_id": a leaf then holds every indexed image with those codes). The
+search runs over the trie's P positions, then EOS when the generator was trained to stop
+there (`trained_length == P`; a search over the semantic prefix of a generator trained on full
+identifiers stops without EOS). The best `top_k` leaves are then expanded into their images,
+leaf by leaf in score order: within a leaf by cosine similarity of `query_emb` and the images'
+embeddings (`trie.item_emb`) when both are given, else by image id. Every image of a leaf gets
+the leaf's score, so no untrained logit decides between images that share their codes.
+`SearchResult.sequences` are the leaves themselves: the generated code sequences, best first
+(the paper's code-level results).
 """
 
 import functools
@@ -45,18 +58,25 @@ _BEAM_INVARIANT = frozenset({"cross_k", "cross_v", "encoder_mask", "index"})
 class SearchResult(NamedTuple):
   """Top-k per query, best first. Unfilled slots: id -1, score -inf, codes -1."""
   item_ids: jax.Array  # [B, k] int32 (-1 without a trie: unconstrained search)
-  scores: jax.Array    # [B, k] float32 summed log-probs of the P vokens and EOS
-  codes: jax.Array     # [B, k, P] int32
+  scores: jax.Array    # [B, k] float32 summed log-probs of the P vokens (and EOS)
+  codes: jax.Array     # [B, k, P] int32: each result's identifier (its leaf)
+  sequences: jax.Array  # [B, k, P] int32: the k best generated leaves (distinct sequences)
 
 
-def _check(cfg: T5Config, trie: Any, vocab: VokenVocabulary, input_tokens) -> None:
+def _check(cfg: T5Config, trie: Any, vocab: VokenVocabulary, input_tokens,
+           trained_length: int) -> None:
   if cfg.vocab_size != vocab.total_vocab_size or cfg.first_voken_id != vocab.first_voken_id:
     raise UserError(f"search: the T5 vocabulary ({cfg.vocab_size} rows, vokens from "
                     f"{cfg.first_voken_id}) does not match the voken vocabulary "
                     f"({vocab.total_vocab_size} rows, vokens from {vocab.first_voken_id})")
-  if trie is not None and tuple(trie.position_sizes) != tuple(vocab.position_sizes()):
+  if trained_length not in (vocab.num_levels, vocab.id_length):
+    raise UserError(f"search: trained_length must be {vocab.num_levels} (semantic codes) or "
+                    f"{vocab.id_length} (full identifiers), got {trained_length}")
+  sizes = tuple(vocab.position_sizes())
+  if trie is not None and (trie.id_length > trained_length or
+                           tuple(trie.position_sizes) != sizes[:trie.id_length]):
     raise UserError(f"search: the trie's position sizes {list(trie.position_sizes)} do not "
-                    f"match the voken vocabulary's {list(vocab.position_sizes())}")
+                    f"match the first {trained_length} of the voken vocabulary's {list(sizes)}")
   if len(input_tokens.shape) != 2:
     raise UserError(f"search: input tokens must be [batch, length], got "
                     f"{list(input_tokens.shape)}")
@@ -98,11 +118,48 @@ def _grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch
   return flat(logits), jax.tree.map(flat, new_state)
 
 
-def _search(params, trie, input_tokens, *, cfg: T5Config, vocab: VokenVocabulary,
-            beam_size: int, top_k: int, mask_mode: str, voken_logits_only: bool
-            ) -> SearchResult:
+def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: int,
+                  query_emb: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The best `top_k` items of the ranked leaves `leaf int32[B, n]` (-1: none), leaf by leaf.
+
+  Within a leaf, items are ordered by cosine similarity to `query_emb float[B, D]` when it and
+  `trie.item_emb` are given, else by id. -> `(item ids int32[B, top_k], scores float32[B, k]
+  (their leaf's), rank of their leaf int32[B, k])`; missing slots: -1, -inf, -1.
+  """
+  b, n = leaf.shape
+  by_similarity = query_emb is not None and trie.item_emb is not None
+  # In id order only a leaf's first top_k images can be results; by similarity any can.
+  width = trie.max_group if by_similarity else min(trie.max_group, top_k)
+  items, pos, valid = trie.leaf_members(leaf, width)                       # [B, n, G]
+  if by_similarity:
+    q = query_emb.astype(jnp.float32)
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    sim = jnp.einsum("bd,bngd->bng", q, trie.item_emb[pos])               # [B, n, G]
+    # Stable: equal similarities keep id order; invalid slots go last.
+    order = jnp.argsort(jnp.where(valid, -sim, jnp.inf), axis=-1, stable=True)
+    items = jnp.take_along_axis(items, order, axis=-1)
+    valid = jnp.take_along_axis(valid, order, axis=-1)
+  leaf_rank = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], items.shape)
+  flat = lambda x: x.reshape(b, n * width)
+  items, valid, leaf_rank = flat(items), flat(valid), flat(leaf_rank)
+  if n * width < top_k:  # fewer slots than results: pad with invalid ones
+    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, top_k - n * width)), constant_values=v)
+    items, valid, leaf_rank = pad(items, -1), pad(valid, False), pad(leaf_rank, 0)
+  # The first top_k valid slots in (leaf rank, within-leaf order): a stable sort of validity.
+  take = jnp.argsort(~valid, axis=-1, stable=True)[:, :top_k]
+  got = jnp.take_along_axis(valid, take, axis=-1)
+  rank = jnp.where(got, jnp.take_along_axis(leaf_rank, take, axis=-1), -1)
+  item_ids = jnp.where(got, jnp.take_along_axis(items, take, axis=-1), -1)
+  out_scores = jnp.where(got, jnp.take_along_axis(scores, jnp.maximum(rank, 0), axis=-1),
+                         -jnp.inf)
+  return item_ids, out_scores, rank
+
+
+def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
+            vocab: VokenVocabulary, beam_size: int, top_k: int, mask_mode: str,
+            voken_logits_only: bool, trained_length: int) -> SearchResult:
   batch = input_tokens.shape[0]
-  p = vocab.id_length
+  p = trie.id_length if trie is not None else vocab.id_length
   input_tokens = input_tokens.astype(jnp.int32)
   encoded = t5_lib.encode(params, cfg, input_tokens)                  # [B, S, D]
   # P + 1 positions are fed: the start token and the P vokens (EOS is predicted, not fed).
@@ -119,24 +176,29 @@ def _search(params, trie, input_tokens, *, cfg: T5Config, vocab: VokenVocabulary
       return logits, {k: new_cache[k] for k in state}
     return _grouped_step(params, cfg, tokens, state, fixed, batch, voken_logits_only)
 
-  token_offsets = tuple(int(o) for o in vocab.position_offsets())
+  token_offsets = tuple(int(o) for o in vocab.position_offsets()[:p])
   if voken_logits_only:
     # Column 0 is EOS, column 1 + j is token first_voken_id + j (t5.voken_logit_token_ids).
     logit_offsets = tuple(o - vocab.first_voken_id + 1 for o in token_offsets)
     eos_logit_index = 0
   else:
     logit_offsets, eos_logit_index = token_offsets, EOS_ID
-  constraint = Unconstrained(vocab.position_sizes()) if trie is None else trie
+  constraint = Unconstrained(vocab.position_sizes()[:p]) if trie is None else trie
   result = beam_lib.beam_search(
       tokens_to_logits, carried, constraint, batch_size=batch, beam_size=beam_size,
       top_k=top_k, token_offsets=token_offsets, eos_id=EOS_ID, logit_offsets=logit_offsets,
       eos_logit_index=eos_logit_index, mask_mode=mask_mode, start_token=t5_lib.DECODER_START_ID,
-      reorder_cache=functools.partial(_reorder_cache, batch=batch, beams=beam_size))
+      reorder_cache=functools.partial(_reorder_cache, batch=batch, beams=beam_size),
+      emit_eos=p == trained_length)
   if trie is None:
     item_ids = jnp.full(result.leaf.shape, -1, jnp.int32)
-  else:
-    item_ids = jnp.where(result.valid, trie.leaf_item[jnp.maximum(result.leaf, 0)], -1)
-  return SearchResult(item_ids=item_ids, scores=result.scores, codes=result.codes)
+    return SearchResult(item_ids=item_ids, scores=result.scores, codes=result.codes,
+                        sequences=result.codes)
+  item_ids, scores, rank = expand_leaves(trie, result.leaf, result.scores, top_k, query_emb)
+  codes = jnp.where((rank >= 0)[..., None],
+                    jnp.take_along_axis(result.codes, jnp.maximum(rank, 0)[..., None], axis=1),
+                    -1)
+  return SearchResult(item_ids=item_ids, scores=scores, codes=codes, sequences=result.codes)
 
 
 def _check_input_tokens(cfg: T5Config, input_tokens):
@@ -169,18 +231,19 @@ def _check_input_tokens(cfg: T5Config, input_tokens):
   return input_tokens
 
 
-_STATIC = ("cfg", "vocab", "beam_size", "top_k", "mask_mode", "voken_logits_only")
+_STATIC = ("cfg", "vocab", "beam_size", "top_k", "mask_mode", "voken_logits_only",
+           "trained_length")
 _search_jit = jax.jit(_search, static_argnames=_STATIC)
 
 
-def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode):
+def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, trained_length):
   if isinstance(trie, VokenTrie):
     # Convenient for one-off calls; services should convert once with trie.to_device().
     trie = trie.to_device()
   if trie is not None and not isinstance(trie, DeviceTrie):
     raise UserError(f"search: expected a VokenTrie, DeviceTrie or None, got "
                     f"{type(trie).__name__}")
-  _check(cfg, trie, vocab, input_tokens)
+  _check(cfg, trie, vocab, input_tokens, trained_length)
   top_k = beam_size if top_k is None else top_k
   if mask_mode not in beam_lib.MASK_MODES:
     raise UserError(f"decode.mask_mode must be one of {', '.join(beam_lib.MASK_MODES)}, got "
@@ -193,24 +256,31 @@ def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode):
 def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | None,
                        vocab: VokenVocabulary, input_tokens, *, beam_size: int,
                        top_k: int | None = None, mask_mode: str = "after_softmax",
-                       voken_logits_only: bool = False) -> SearchResult:
+                       voken_logits_only: bool = False, query_emb=None,
+                       trained_length: int | None = None) -> SearchResult:
   """Top-k indexed images per query: `input_tokens int[B, S]` (0 = padding) -> SearchResult
   with `item_ids int32[B, k]`, `scores float32[B, k]`, `codes int32[B, k, P]`.
 
   Compiled once per (shapes, trie widths, static arguments). `trie=None` searches every voken
   sequence (no constraint; item ids are -1). Arrays may be sharded: jit follows the inputs'
-  shardings; `make_search_fn` pins them explicitly for a mesh.
+  shardings; `make_search_fn` pins them explicitly for a mesh. `trained_length`: identifier
+  positions the generator emits before EOS (default: the vocabulary's P); `query_emb
+  float[B, D]`: orders images that share a leaf by similarity (module docstring).
   """
   input_tokens = _check_input_tokens(cfg, input_tokens)
-  trie, top_k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode)
-  return _search_jit(params, trie, input_tokens, cfg=cfg, vocab=vocab, beam_size=beam_size,
-                     top_k=top_k, mask_mode=mask_mode, voken_logits_only=voken_logits_only)
+  trained_length = vocab.id_length if trained_length is None else int(trained_length)
+  trie, top_k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode,
+                         trained_length)
+  return _search_jit(params, trie, input_tokens, query_emb, cfg=cfg, vocab=vocab,
+                     beam_size=beam_size, top_k=top_k, mask_mode=mask_mode,
+                     voken_logits_only=voken_logits_only, trained_length=trained_length)
 
 
 def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings, *,
                    beam_size: int, top_k: int | None = None, mask_mode: str = "after_softmax",
-                   voken_logits_only: bool = False):
-  """A `(params, device_trie, input_tokens [B, S]) -> SearchResult` for `mesh`.
+                   voken_logits_only: bool = False, trained_length: int | None = None):
+  """A `(params, device_trie, input_tokens [B, S], query_emb [B, D] | None) -> SearchResult`
+  for `mesh` (see `constrained_search` for the arguments).
 
   Params follow `param_shardings` (e.g. `t5.param_shardings(cfg, mesh)["params"]`), the trie
   is replicated, queries and results are sharded over the batch (B must divide over the
@@ -219,29 +289,36 @@ def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
   """
   replicated = partitioning.replicated(mesh)
   batch = partitioning.logical_sharding(mesh, "batch")
+  batch2 = partitioning.logical_sharding(mesh, "batch", None)
   batch3 = partitioning.logical_sharding(mesh, "batch", None, None)
-  out_shardings = SearchResult(item_ids=batch, scores=batch, codes=batch3)
+  out_shardings = SearchResult(item_ids=batch, scores=batch, codes=batch3, sequences=batch3)
+  trained_length = vocab.id_length if trained_length is None else int(trained_length)
   static = dict(cfg=cfg, vocab=vocab, beam_size=beam_size, mask_mode=mask_mode,
-                voken_logits_only=voken_logits_only)
+                voken_logits_only=voken_logits_only, trained_length=trained_length)
 
-  def fn(params, trie, input_tokens):
-    trie_, k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode)
-    return _search(params, trie_, input_tokens, top_k=k, **static)
+  def fn(params, trie, input_tokens, query_emb=None):
+    trie_, k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode,
+                        trained_length)
+    return _search(params, trie_, input_tokens, query_emb, top_k=k, **static)
 
   jitted = jax.jit(fn, in_shardings=(param_shardings, replicated, batch),
                    out_shardings=out_shardings)
+  jitted_emb = jax.jit(fn, in_shardings=(param_shardings, replicated, batch, batch2),
+                       out_shardings=out_shardings)
 
-  def search(params, trie, input_tokens) -> SearchResult:
+  def search(params, trie, input_tokens, query_emb=None) -> SearchResult:
     if isinstance(trie, VokenTrie):
       trie = trie.to_device(sharding=replicated)
     with partitioning.activation_context(mesh):
-      return jitted(params, trie, input_tokens)
+      if query_emb is None:
+        return jitted(params, trie, input_tokens)
+      return jitted_emb(params, trie, input_tokens, query_emb)
 
   return search
 
 
 def results_to_numpy(result: SearchResult) -> dict[str, np.ndarray]:
   """Host copies of a SearchResult (for evaluation and serving)."""
-  item_ids, scores, codes = jax.device_get(tuple(result))
+  item_ids, scores, codes, sequences = jax.device_get(tuple(result))
   return {"item_ids": np.asarray(item_ids), "scores": np.asarray(scores),
-          "codes": np.asarray(codes)}
+          "codes": np.asarray(codes), "sequences": np.asarray(sequences)}

@@ -305,11 +305,28 @@ class VokenTrie:
         (np.diff(lio) <= 0).any():
       raise UserError("voken trie: inconsistent leaf item offsets")
 
-  def to_device(self, dense_levels: int = 1, sharding=None) -> "DeviceTrie":
+  def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
+    """`int64[num_items]`: for each entry of `leaf_items`, its row in `item_ids [M]` (which
+    must contain every indexed item; `UserError` otherwise)."""
+    item_ids = np.asarray(item_ids, np.int64)
+    order = np.argsort(item_ids, kind="stable")
+    pos = np.minimum(np.searchsorted(item_ids, self.leaf_items, sorter=order), len(item_ids) - 1)
+    rows = order[pos] if len(item_ids) else pos
+    if len(item_ids) == 0 or (item_ids[rows] != self.leaf_items).any():
+      missing = self.leaf_items[item_ids[rows] != self.leaf_items] if len(item_ids) else \
+          self.leaf_items
+      raise UserError(f"voken trie: no embedding for indexed item {int(missing[0])}")
+    return rows
+
+  def to_device(self, dense_levels: int = 1, sharding=None,
+                item_embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> "DeviceTrie":
     """The device-resident transition structure (see `DeviceTrie`).
 
     Levels `l < dense_levels` become dense `[n_l, K_l]` child tables. `sharding`: where to put
     the arrays (default: jax's default device; pass a replicated `NamedSharding` for a mesh).
+    `item_embeddings`: `(item ids int[M], embeddings float[M, D])` covering every indexed
+    item: stored L2-normalised in `leaf_items` order, for ordering the items of a leaf by
+    similarity to a query (`DeviceTrie.leaf_members`).
     """
     if dense_levels < 0:
       raise UserError(f"decode.dense_levels must be >= 0, got {dense_levels}")
@@ -329,12 +346,22 @@ class VokenTrie:
         tables.append((put(self.offsets[level]), put(self.codes[level])))
         widths.append(self.max_children(level))
         dense.append(False)
+    item_emb = None
+    if item_embeddings is not None:
+      ids, emb = item_embeddings
+      emb = np.asarray(emb, np.float32)[self.item_rows(ids)]
+      norm = np.linalg.norm(emb, axis=1, keepdims=True)
+      item_emb = put(emb / np.maximum(norm, 1e-12))
     return DeviceTrie(
         levels=tuple(tables),
         leaf_item=put(self.leaf_first_items().astype(np.int32)),
+        leaf_item_offsets=put(self.leaf_item_offsets.astype(np.int32)),
+        leaf_items=put(self.leaf_items.astype(np.int32)),
+        item_emb=item_emb,
         position_sizes=self.position_sizes,
         dense=tuple(dense),
         widths=tuple(widths),
+        max_group=int(np.diff(self.leaf_item_offsets).max()),
     )
 
 
@@ -343,14 +370,21 @@ class DeviceTrie:
   """The trie as device arrays: per level a dense child table or a CSR pair.
 
   `levels[l]` is `(table int32[n_l, K_l],)` when `dense[l]`, else `(offsets int32[n_l + 1],
-  codes int32[n_{l+1}])`; `leaf_item int32[num_leaves]` is each leaf's (smallest) item id.
-  `widths[l]` is the candidate-window width of level l (K_l dense, largest fan-out CSR).
+  codes int32[n_{l+1}])`; `leaf_item int32[num_leaves]` is each leaf's (smallest) item id;
+  `leaf_item_offsets int32[num_leaves + 1]` / `leaf_items int32[num_items]` list every item of
+  every leaf (ascending ids); `item_emb float32[num_items, D]` (optional) their normalised
+  embeddings in `leaf_items` order. `widths[l]` is the candidate-window width of level l (K_l
+  dense, largest fan-out CSR); `max_group` the most items of one leaf.
   """
   levels: tuple
   leaf_item: jax.Array
+  leaf_item_offsets: jax.Array
+  leaf_items: jax.Array
+  item_emb: jax.Array | None
   position_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   dense: tuple[bool, ...] = flax.struct.field(pytree_node=False)
   widths: tuple[int, ...] = flax.struct.field(pytree_node=False)
+  max_group: int = flax.struct.field(pytree_node=False, default=1)
 
   @property
   def id_length(self) -> int:
@@ -362,8 +396,26 @@ class DeviceTrie:
 
   @property
   def nbytes(self) -> int:
-    """Device bytes of all arrays."""
-    return int(sum(x.nbytes for x in jax.tree.leaves(self)))
+    """Device bytes of the tree's arrays (without `item_emb`, see `embedding_nbytes`)."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(self.replace(item_emb=None))))
+
+  @property
+  def embedding_nbytes(self) -> int:
+    """Device bytes of the items' embeddings (0 without them)."""
+    return 0 if self.item_emb is None else int(self.item_emb.nbytes)
+
+  def leaf_members(self, leaf: jax.Array, width: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first `width` items of each leaf: `leaf int32[...]` (-1: none) ->
+    `items int32[..., width]`, `pos int32[..., width]` (index into `leaf_items` / `item_emb`)
+    and `valid bool[..., width]`. Items come in ascending id order."""
+    safe = jnp.maximum(leaf, 0)
+    start = self.leaf_item_offsets[safe]
+    count = jnp.where(leaf >= 0, self.leaf_item_offsets[safe + 1] - start, 0)
+    slot = jnp.arange(width, dtype=jnp.int32)
+    valid = slot < count[..., None]
+    pos = jnp.where(valid, start[..., None] + slot, 0)
+    return jnp.where(valid, self.leaf_items[pos], -1), pos, valid
 
   def children(self, level: int, node: jax.Array, width: int
                ) -> tuple[jax.Array, jax.Array, jax.Array]:

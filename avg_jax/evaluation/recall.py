@@ -32,3 +32,29 @@ def recall_at_k(ranked_ids: np.ndarray, true_ids: np.ndarray,
   # Position of the first hit (K when missing); duplicates in a ranking count once.
   first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), ranked_ids.shape[1])
   return {f"R@{k}": float(100.0 * np.mean(first_hit < k)) for k in ks}
+
+
+def code_recall_at_k(sequences: np.ndarray, true_codes: np.ndarray,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """The paper's code-level Recall@K: percent of queries for which one of the first K
+  generated sequences carries the true image's semantic codes.
+
+  sequences: `int[Q, K, P]` generated identifiers per query, best first (-1: none); only their
+    first L positions (the semantic codes) are compared.
+  true_codes: `int[Q, L]` the semantic codes of each query's image.
+  Returns `{"code R@1": ..., ...}` in percent. Several images may share semantic codes, so
+  this is never below image-level Recall@K of the same ranking of distinct code sequences.
+  """
+  sequences = np.asarray(sequences)
+  true_codes = np.asarray(true_codes)
+  if sequences.ndim != 3 or true_codes.ndim != 2 or sequences.shape[0] != true_codes.shape[0] \
+      or sequences.shape[2] < true_codes.shape[1]:
+    raise ValueError(f"expected sequences [Q, K, P] and true_codes [Q, L <= P], got "
+                     f"{sequences.shape} and {true_codes.shape}")
+  if max(ks) > sequences.shape[1]:
+    raise ValueError(f"code R@{max(ks)} needs at least {max(ks)} sequences, got "
+                     f"{sequences.shape[1]}")
+  levels = true_codes.shape[1]
+  hits = np.all(sequences[:, :, :levels] == true_codes[:, None, :], axis=-1)  # [Q, K]
+  first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), sequences.shape[1])
+  return {f"code R@{k}": float(100.0 * np.mean(first_hit < k)) for k in ks}

@@ -11,7 +11,10 @@ Identifier schemes other than the learned ones (avg / rq, see `stage.py`; hkmean
   resolved by disambiguation like any other scheme.
 
 Disambiguation appends one position: within a group of images sharing the same L codes,
-ordered by image id, the i-th image gets index i; D is the largest group size.
+ordered by image id, the i-th image gets index i; D is the largest group size. It is computed
+within one *index* (a set of images searched together: the training split, the evaluated
+split, an export's images), never across indexes: an identifier must not depend on images that
+are not searched with it (`disambiguate_per_index`).
 """
 
 import numpy as np
@@ -58,6 +61,34 @@ def disambiguate(codes: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, 
   starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
   rank[order] = np.arange(len(codes)) - starts
   return np.concatenate([codes, rank[:, None]], axis=1).astype(np.int32), largest
+
+
+def disambiguate_per_index(codes: dict, image_ids: dict) -> tuple[dict, int]:
+  """Per-index identifiers: `{index: codes [N_i, L]}`, `{index: ids [N_i]}` ->
+  (`{index: [N_i, L + 1]}`, D), or the codes unchanged and D = 0 when no image of any index
+  shares its codes with another one.
+
+  Each index is disambiguated on its own (`disambiguate`). D is the largest collision group
+  over all images of all indexes together, so that a union of indexes (e.g. an export of two
+  splits) can be disambiguated again (`disambiguate`) within the same D tokens.
+  """
+  every = np.concatenate([np.asarray(codes[k]) for k in codes])
+  all_ids = np.concatenate([np.asarray(image_ids[k], np.int64) for k in codes])
+  if len(np.unique(all_ids)) != len(all_ids):
+    raise UserError("image ids must be unique across the indexes")
+  _, sizes = collision_groups(every)
+  largest = int(sizes.max()) if len(sizes) else 0
+  if largest <= 1:
+    return {k: np.asarray(v).astype(np.int32) for k, v in codes.items()}, 0
+  out = {}
+  for k, c in codes.items():
+    c = np.asarray(c)
+    _, group_sizes = collision_groups(c)
+    if len(group_sizes) and group_sizes.max() > 1:
+      out[k] = disambiguate(c, image_ids[k])[0]
+    else:  # no collision in this index: every image is the first of its group
+      out[k] = np.concatenate([c, np.zeros((len(c), 1), c.dtype)], axis=1).astype(np.int32)
+  return out, largest
 
 
 def atomic_codes(image_ids: np.ndarray, codebook_size: int, num_levels: int) -> np.ndarray:

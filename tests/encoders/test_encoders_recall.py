@@ -36,3 +36,17 @@ def test_bad_shapes():
     recall_at_k(np.zeros((2, 5), int), np.zeros(3, int), ks=(1,))
   with pytest.raises(ValueError, match="zero queries"):
     recall_at_k(np.zeros((0, 5), int), np.zeros(0, int), ks=(1,))
+
+
+def test_code_level_recall_hand_example():
+  from avg_jax.evaluation.recall import code_recall_at_k
+  # 3 queries, 3 generated sequences each (P = 3: two semantic codes + a disambiguation one).
+  sequences = np.array([
+      [[1, 2, 0], [1, 3, 0], [2, 2, 1]],    # true codes (1, 3): second sequence
+      [[4, 4, 1], [4, 4, 0], [0, 0, 0]],    # true codes (4, 4): first (any disambiguation)
+      [[0, 1, 0], [-1, -1, -1], [-1, -1, -1]]])  # true codes (5, 5): never generated
+  true_codes = np.array([[1, 3], [4, 4], [5, 5]])
+  got = code_recall_at_k(sequences, true_codes, ks=(1, 2, 3))
+  assert got == pytest.approx({"code R@1": 100 / 3, "code R@2": 200 / 3, "code R@3": 200 / 3})
+  with pytest.raises(ValueError, match="needs at least 5"):
+    code_recall_at_k(sequences, true_codes, ks=(5,))

@@ -143,3 +143,31 @@ def test_every_scheme_gives_valid_unique_identifiers(scheme):
   ids.check_identifiers(final, vocab.position_sizes())
   if scheme == "atomic":
     assert d == 0   # unique by construction: no extra position
+
+
+def test_identifiers_are_unique_within_each_index_and_ignore_other_splits():
+  # Test image 11 shares its codes with training image 1. Disambiguated over all splits
+  # together it would get index 1 (the generator only ever saw index 0 for those codes);
+  # within its own index it is the first image with them.
+  codes = {"train": np.array([[1, 2], [1, 2], [0, 0]]), "test": np.array([[1, 2], [3, 3]]),
+           "val": np.array([[3, 3], [3, 3]])}
+  image_ids = {"train": np.array([0, 1, 2]), "test": np.array([11, 12]),
+               "val": np.array([21, 20])}
+  out, d = ids.disambiguate_per_index(codes, image_ids)
+  assert d == 3  # the largest group over all images together: (1, 2) x 3, (3, 3) x 3
+  assert out["train"].tolist() == [[1, 2, 0], [1, 2, 1], [0, 0, 0]]
+  assert out["test"].tolist() == [[1, 2, 0], [3, 3, 0]]
+  assert out["val"].tolist() == [[3, 3, 1], [3, 3, 0]]  # by image id within the group
+  for split in codes:
+    assert len(np.unique(out[split], axis=0)) == len(out[split])
+  # Independent of the other splits: the test index alone gives the same identifiers.
+  alone, _ = ids.disambiguate_per_index({"test": codes["test"], "x": np.array([[1, 2], [1, 2]])},
+                                        {"test": image_ids["test"], "x": np.array([5, 6])})
+  assert alone["test"].tolist() == out["test"].tolist()
+  # No collision anywhere: the codes unchanged, no extra position.
+  plain, d = ids.disambiguate_per_index({"a": np.array([[0, 1]]), "b": np.array([[1, 0]])},
+                                        {"a": np.array([0]), "b": np.array([1])})
+  assert d == 0 and plain["a"].tolist() == [[0, 1]]
+  with pytest.raises(UserError, match="unique across the indexes"):
+    ids.disambiguate_per_index({"a": np.array([[0]]), "b": np.array([[1]])},
+                               {"a": np.array([4]), "b": np.array([4])})

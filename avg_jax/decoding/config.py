@@ -1,0 +1,75 @@
+"""The decoding settings every caller of the search shares (`config.decode`), checked once.
+
+`DecodeConfig.from_config(config.decode, recall_ks)` is the one place that knows the config
+keys; the search functions take plain values.
+"""
+
+import dataclasses
+from typing import Sequence
+
+from avg_jax.errors import UserError
+
+MASK_MODES = ("after_softmax", "renormalize")
+# How images that share their semantic codes are ordered (see avg_jax/decoding/search.py).
+TIE_BREAKS = ("learned", "similarity", "image_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """Beam search settings.
+
+  `beam_size`: beams per query; `top_k`: results per query (the search runs with
+  `beam = max(beam_size, top_k)` beams so that k results exist); `tie_break`: "learned" (the
+  generator scores the disambiguation position, so it must be trained on it), "similarity"
+  (images that share semantic codes are ordered by the dual encoder's query-image cosine
+  similarity) or "image_id" (by image id).
+  """
+  beam_size: int = 10
+  top_k: int = 10
+  mask_mode: str = "after_softmax"
+  tie_break: str = "learned"
+  voken_logits_only: bool = False
+  dense_levels: int = 1
+  batch_size: int = 32
+
+  def __post_init__(self):
+    if self.beam_size < 1:
+      raise UserError(f"config decode.beam_size must be >= 1, got {self.beam_size}")
+    if self.top_k < 1:
+      raise UserError(f"config decode.top_k must be >= 1, got {self.top_k}")
+    if self.mask_mode not in MASK_MODES:
+      raise UserError(f"config decode.mask_mode must be one of {', '.join(MASK_MODES)}, got "
+                      f"{self.mask_mode!r}")
+    if self.tie_break not in TIE_BREAKS:
+      raise UserError(f"config decode.tie_break must be one of {', '.join(TIE_BREAKS)}, got "
+                      f"{self.tie_break!r}")
+    if self.dense_levels < 0:
+      raise UserError(f"config decode.dense_levels must be >= 0, got {self.dense_levels}")
+    if self.batch_size < 1:
+      raise UserError(f"config decode.batch_size must be >= 1, got {self.batch_size}")
+
+  @classmethod
+  def from_config(cls, decode, recall_ks: Sequence[int] = ()) -> "DecodeConfig":
+    """From `config.decode`; `top_k` is raised to the largest of `recall_ks` (evaluation)."""
+    top_k = max([int(decode.top_k)] + [int(k) for k in recall_ks])
+    return cls(beam_size=int(decode.beam_size), top_k=top_k, mask_mode=str(decode.mask_mode),
+               tie_break=str(decode.tie_break),
+               voken_logits_only=bool(decode.voken_logits_only),
+               dense_levels=int(decode.dense_levels), batch_size=int(decode.batch_size))
+
+  def with_k(self, k: int) -> "DecodeConfig":
+    return dataclasses.replace(self, top_k=int(k))
+
+  @property
+  def beam(self) -> int:
+    """Beams the search runs with: at least one per result."""
+    return max(self.beam_size, self.top_k)
+
+  @property
+  def learned_suffix(self) -> bool:
+    """The generator is trained on (and scores) the disambiguation position."""
+    return self.tie_break == "learned"
+
+  @property
+  def needs_embeddings(self) -> bool:
+    return self.tie_break == "similarity"

@@ -1,0 +1,160 @@
+"""Images that share their semantic codes: per-index identifiers, leaf expansion by id or by
+similarity, and no score from an untrained disambiguation logit (hand-computed cases)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avg_jax.decoding import beam_search as bs
+from avg_jax.decoding import search
+from avg_jax.decoding.trie import VokenTrie
+from avg_jax.tokenizer import ids
+
+
+def table_step(tokens, cache):
+  """tokens [n] -> (log-prob rows [n, V] indexed by the last token), the cache unchanged."""
+  (table,) = cache
+  return jnp.take_along_axis(table, tokens[:, None, None], axis=1)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("token_offsets", "beam_size"))
+def run(table, trie, *, token_offsets, beam_size=2):
+  return bs.beam_search(table_step, (table,), trie, batch_size=1, beam_size=beam_size,
+                        token_offsets=token_offsets, eos_id=1)
+
+
+# Tokens: 0 start, 1 EOS, 2/3 = semantic code 0/1 (L = 1), 4/5 = disambiguation index 0/1.
+# The generator learned index 0 after code 0 (training image 1 has identifier (0, 0)); index
+# 1 after code 0 was never a training target, so it is nearly impossible.
+#                      start  EOS   c0    c1    d0    d1
+PROBS = np.array([[.01, .01, .60, .30, .04, .04],    # after start
+                  [.20, .20, .20, .20, .10, .10],    # (after EOS: unused)
+                  [.01, .01, .01, .01, .959, .001],  # after c0
+                  [.01, .01, .01, .01, .80, .16],    # after c1
+                  [.01, .90, .03, .03, .02, .01],    # after d0
+                  [.01, .90, .03, .03, .02, .01]])   # after d1
+TABLE = jnp.asarray(np.log(PROBS)[None], jnp.float32)
+
+
+def test_a_test_image_sharing_codes_with_a_training_image_is_not_penalised():
+  codes = {"train": np.array([[0]]), "test": np.array([[0], [1]])}
+  image_ids = {"train": np.array([1]), "test": np.array([11, 12])}
+  # Over all splits together (the old way) test image 11 becomes (0, 1): index 1 after code 0
+  # costs log(.001) and pushes it below image 12 although its code is twice as likely.
+  everything, _ = ids.disambiguate(np.concatenate([codes["train"], codes["test"]]),
+                                   np.array([1, 11, 12]))
+  assert everything[1:].tolist() == [[0, 1], [1, 0]]
+  trie = VokenTrie.build(everything[1:], [11, 12], (2, 2)).to_device()
+  r = run(TABLE, trie, token_offsets=(2, 4))
+  got = jax.device_get(r)
+  assert got.codes.tolist() == [[[1, 0], [0, 1]]]                  # 12 first: the penalty
+  np.testing.assert_allclose(got.scores[0], np.log([.3 * .8 * .9, .6 * .001 * .9]), rtol=1e-5)
+  # Within its own index, image 11 is the first with code 0: identifier (0, 0), ranked by
+  # what the generator learned.
+  per_index, d = ids.disambiguate_per_index(codes, image_ids)
+  assert per_index["test"].tolist() == [[0, 0], [1, 0]] and d == 2
+  trie = VokenTrie.build(per_index["test"], [11, 12], (2, 2)).to_device()
+  got = jax.device_get(run(TABLE, trie, token_offsets=(2, 4)))
+  assert got.codes.tolist() == [[[0, 0], [1, 0]]]
+  np.testing.assert_allclose(got.scores[0], np.log([.6 * .959 * .9, .3 * .8 * .9]), rtol=1e-5)
+
+
+def _grouped_trie():
+  # Leaf (0, 1) holds images 5 and 7; leaf (1, 0) holds image 3.
+  return VokenTrie.build([[0, 1], [1, 0], [0, 1]], [5, 3, 7], (2, 2))
+
+
+def test_expand_leaves_by_id_and_by_similarity():
+  trie = _grouped_trie()
+  emb = (np.array([3, 5, 7]), np.array([[1., 1.], [1., 0.], [0., 1.]]))
+  dev = trie.to_device(item_embeddings=emb)
+  assert dev.max_group == 2
+  leaf = jnp.asarray([[trie.lookup(np.array([[1, 0]]))[0], trie.lookup(np.array([[0, 1]]))[0]]])
+  scores = jnp.asarray([[-1.0, -2.0]])
+  items, out_scores, rank = jax.device_get(search.expand_leaves(dev, leaf, scores, 3))
+  assert items.tolist() == [[3, 5, 7]]                   # leaf order, then image id
+  assert out_scores.tolist() == [[-1.0, -2.0, -2.0]]      # every image gets its leaf's score
+  assert rank.tolist() == [[0, 1, 1]]
+  query = jnp.asarray([[0.0, 2.0]])                       # closer to image 7 than to 5
+  items, out_scores, _ = jax.device_get(search.expand_leaves(dev, leaf, scores, 3, query))
+  assert items.tolist() == [[3, 7, 5]]
+  assert out_scores.tolist() == [[-1.0, -2.0, -2.0]]
+  # Fewer images than results, and a missing leaf (-1): empty slots.
+  items, out_scores, rank = jax.device_get(
+      search.expand_leaves(dev, jnp.asarray([[leaf[0, 0], -1]]), scores, 3))
+  assert items.tolist() == [[3, -1, -1]] and rank.tolist() == [[0, -1, -1]]
+  assert out_scores[0, 0] == -1.0 and np.all(np.isneginf(out_scores[0, 1:]))
+  # k smaller than a leaf: only the best of it.
+  items, _, _ = jax.device_get(search.expand_leaves(dev, leaf[:, 1:], scores[:, 1:], 1, query))
+  assert items.tolist() == [[7]]
+
+
+def test_item_embeddings_must_cover_the_index():
+  from avg_jax.errors import UserError
+  with pytest.raises(UserError, match="no embedding for indexed item 7"):
+    _grouped_trie().to_device(item_embeddings=(np.array([3, 5]), np.ones((2, 2))))
+
+
+# --- the same on a tiny random T5 ---------------------------------------------------------------
+
+from avg_jax.models import t5 as t5_lib  # noqa: E402
+from avg_jax.models.t5_config import T5Config  # noqa: E402
+from avg_jax.vokens import VokenVocabulary  # noqa: E402
+
+VOCAB = VokenVocabulary(text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False,
+                        disambiguation_size=3)  # P = 3
+CFG = T5Config(vocab_size=VOCAB.total_vocab_size, num_voken_tokens=VOCAB.num_voken_tokens,
+               d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=1,
+               num_decoder_layers=1, dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+  import flax.linen as nn
+  variables = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(CFG, r)))(jax.random.key(1))
+  params = dict(variables["params"])
+  params["token_embedding"] = params["token_embedding"] * 4.0
+  return params
+
+
+def _log_probs(params, queries, targets):
+  """[B, n, T] teacher-forced log-probs of `targets [n, T]` for every query."""
+  b, n = queries.shape[0], len(targets)
+  logits = jax.jit(t5_lib.logits, static_argnums=1)(
+      params, CFG, np.repeat(queries, n, axis=0), np.tile(targets, (b, 1)))
+  lp = jax.nn.log_softmax(logits, axis=-1)
+  tgt = np.tile(targets, (b, 1))
+  return np.asarray(jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]).reshape(b, n, -1)
+
+
+@pytest.mark.parametrize("trained_length", [2, 3])
+def test_search_over_semantic_codes_scores_each_leaf_once(params, trained_length):
+  # Images 40 and 41 share semantic codes (1, 2); the trie holds the semantic codes only.
+  semantic = np.array([[1, 2], [3, 0], [1, 2], [0, 1], [2, 2]])
+  image_ids = np.array([41, 42, 40, 43, 44])
+  trie = VokenTrie.build(semantic, image_ids, VOCAB.position_sizes()[:2])
+  queries = np.random.default_rng(0).integers(3, 21, (3, 5)).astype(np.int32)
+  result = jax.device_get(search.constrained_search(
+      params, CFG, trie, VOCAB, queries, beam_size=5, top_k=5, trained_length=trained_length))
+  leaves = trie.leaf_codes()                                                  # [4, 2]
+  if trained_length == 2:   # the generator stops after the semantic codes: + EOS
+    targets = VOCAB.target_tokens(leaves)
+    expected = _log_probs(params, queries, targets).sum(-1)
+  else:                     # it would go on to a disambiguation token: no EOS step
+    targets = VOCAB.codes_to_tokens(np.concatenate([leaves, np.zeros((4, 1), int)], 1))
+    expected = _log_probs(params, queries, targets)[..., :2].sum(-1)
+  for q in range(3):
+    order = np.argsort(-expected[q], kind="stable")
+    want_ids = [i for leaf in order for i in sorted(image_ids[np.all(semantic == leaves[leaf],
+                                                                      axis=1)])]
+    assert result.item_ids[q].tolist() == want_ids
+    want_scores = [expected[q, leaf] for leaf in order
+                   for _ in range(int(np.all(semantic == leaves[leaf], axis=1).sum()))]
+    np.testing.assert_allclose(result.scores[q], want_scores, rtol=1e-4, atol=1e-4)
+    # The two images of leaf (1, 2) have exactly the same score.
+    a, b = (result.item_ids[q].tolist().index(i) for i in (40, 41))
+    assert result.scores[q, a] == result.scores[q, b] and abs(a - b) == 1
+    assert result.sequences[q].tolist() == [list(leaves[l]) for l in order] + [[-1, -1]]
