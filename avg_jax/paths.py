@@ -7,9 +7,12 @@
     <workdir>/embed/                            dual-encoder checkpoint, embeddings_<split>.npz
     <workdir>/embed/shards/                     embedding rows being written, one file per shard
                                                 (removed once merged into embeddings_<split>.npz)
-    <workdir>/tokenizer/<scheme>/               RQ-VAE checkpoint, voken_table.npz, codebook.npy
-    <workdir>/train/<scheme>/                   generative-stage checkpoints
-    <workdir>/rank/<scheme>/                    learning-to-rank checkpoints
+    <workdir>/embed/pseudo_queries.npz          the prepared pseudo queries, embedded
+    <workdir>/tokenizer/<name>/                 RQ-VAE checkpoint, voken_table.npz, codebook.npy
+                                                (<name>: <scheme>, or <scheme>+pseudo for a
+                                                fit on pseudo-query pairs too)
+    <workdir>/train/<protocol>/<scheme>/        generative-stage checkpoints and parameters
+    <workdir>/rank/<protocol>/<scheme>/         learning-to-rank checkpoints and parameters
     <workdir>/evaluate/                         metrics.json, report.md, plots
     <workdir>/export/                           the serving checkpoint
 """
@@ -45,16 +48,16 @@ def embeddings_file(workdir: str, split: str) -> str:
   return os.path.join(embed_dir(workdir), f"embeddings_{split}.npz")
 
 
-def tokenizer_dir(workdir: str, scheme: str) -> str:
-  return os.path.join(workdir, "tokenizer", scheme)
+def tokenizer_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "tokenizer", name)
 
 
-def train_dir(workdir: str, scheme: str) -> str:
-  return os.path.join(workdir, "train", scheme)
+def train_dir(workdir: str, scheme: str, protocol: str) -> str:
+  return os.path.join(workdir, "train", protocol, scheme)
 
 
-def rank_dir(workdir: str, scheme: str) -> str:
-  return os.path.join(workdir, "rank", scheme)
+def rank_dir(workdir: str, scheme: str, protocol: str) -> str:
+  return os.path.join(workdir, "rank", protocol, scheme)
 
 
 def evaluate_dir(workdir: str) -> str:

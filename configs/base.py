@@ -12,6 +12,10 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "transductive" (the paper's): the tokenizer and the generator also see pseudo queries of
+  # the indexed (val / test) images; "inductive": indexed images are never seen in training.
+  # `evaluate` reports both (evaluate.protocols); the other stages run this one.
+  c.protocol = "transductive"
 
   # --- Devices -------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
@@ -37,6 +41,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       image_root="",
       skip_bad_images=False,   # missing/corrupt images: error (False) or skip and report (True)
       captions_per_image=5,    # evaluation protocol keeps the first 5 captions
+      # Pseudo queries (avg_jax/data/pseudo_queries.py): karpathy: a JSON-lines file of
+      # {"image_id", "query"} for any image (empty: none); avg_shapes: generated, this many
+      # per image of every split.
+      pseudo_queries="",
+      pseudo_queries_per_image=5,
       # Stored images are image_size x image_size (karpathy: shorter side resized, centre crop),
       # encoded as "png" (lossless) or "jpeg" (about 5x smaller for photos).
       image_encoding="png",
@@ -126,6 +135,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       dead_code_restart=False,
       dead_code_after=100,     # steps unused before a codeword is restarted
       disambiguation=True,     # append a position that makes every image's id unique
+                               # within its index (each split; see avg_jax/tokenizer/ids.py)
+      # Transductive protocol: fit the RQ-VAE on the training pairs plus the pseudo-query
+      # pairs of the indexed images (the reference's default).
+      fit_on_pseudo_queries=True,
       checkpoint_every=1000,
       keep_checkpoints=2,
       log_every=100,
@@ -169,7 +182,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,
       grad_accum_steps=1,
       temperature=1.0,         # logits / temperature in the cross-entropy (reference: 0.5 option)
-      pseudo_queries="",       # optional file of (image id, query) extra training pairs
+      # Transductive protocol: each pseudo query of an indexed image appears this many times
+      # per epoch (the training captions once).
+      pseudo_query_repeats=1,
       checkpoint_every=1000,
       keep_checkpoints=3,
       async_checkpointing=True,
@@ -205,11 +220,21 @@ def get_base_config() -> ml_collections.ConfigDict:
       # and log_softmax cover EOS + voken rows only (cheaper; scores exclude text tokens'
       # probability mass, see avg_jax/decoding/search.py).
       voken_logits_only=False,
+      # How images that share their semantic codes are ordered (avg_jax/decoding/search.py):
+      # "learned": the generator scores the disambiguation position (it is trained on it;
+      # sound only for indexes whose disambiguation it was trained on); "similarity": by the
+      # dual encoder's query-image similarity; "image_id": by image id. The last two train the
+      # generator on the semantic codes alone and search over them.
+      tie_break="similarity",
   ))
 
   # --- Evaluation ------------------------------------------------------------------------------
   c.evaluate = ml_collections.ConfigDict(dict(
       methods=("two_tower", "avg", "avg_ltr", "rq", "hkmeans", "atomic"),
+      protocols=("transductive", "inductive"),
+      # The identifier-scheme ablations (rq, hkmeans, atomic, random) run under these protocols
+      # only (each costs a tokenizer fit and a generator); avg / avg_ltr run under all.
+      ablation_protocols=("transductive", "inductive"),
       recall_ks=(1, 5, 10),
       efficiency_sizes=(1000, 10000, 100000, 1000000),
       efficiency_queries=64,

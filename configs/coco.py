@@ -8,10 +8,12 @@ from configs import paper
 
 def get_config(arg=None):
   c = paper.get_paper_config("coco", arg or "t5-large")
-  # ~566K pairs / 2048 per batch = 277 steps an epoch.
-  c.tokenizer.steps = 300_000
+  # ~566K caption + 25K pseudo-query pairs / 2048 per batch = 289 steps an epoch; the
+  # reference trains the tokenizer for 5000 epochs.
+  c.tokenizer.steps = 1_445_000
   c.train.steps = 200_000
-  c.rank.steps = 20_000
+  # Learning to rank: 5 epochs of the ~591K training queries at batch 128 (the reference).
+  c.rank.steps = 23_100
   c.evaluate.efficiency_sizes = (5000, 10000, 100000, 1000000)
   # `avg-jax compile` builds the LTR trie for this many images (Karpathy train + restval images).
   c.aot.index_size = 113_287

@@ -29,6 +29,9 @@ def get_paper_config(dataset: str, t5_size: str):
   if t5_size not in T5_SIZES:
     raise ValueError(f"expected one of {sorted(T5_SIZES)}, got {t5_size!r}")
   c = base.get_base_config()
+  # The paper's protocol: the generator (and the tokenizer) also train on pseudo queries of
+  # the indexed images, given as --config.data.pseudo_queries=<JSON lines of image_id, query>.
+  c.protocol = "transductive"
   c.data.name = "karpathy"
   c.data.image_size = 336
   c.data.image_encoding = "jpeg"          # ~5x smaller than PNG for photos
@@ -56,12 +59,17 @@ def get_paper_config(dataset: str, t5_size: str):
   c.tokenizer.batch_size = 2048
   c.tokenizer.align_loss = "mse"
   c.tokenizer.align_weight = 1.0
+  c.tokenizer.last_layer_batchnorm = True   # the reference's MLP: BatchNorm after every Linear
+  c.tokenizer.kmeans_iters = 100            # sklearn's default, as the reference's k-means
+  c.tokenizer.fit_on_pseudo_queries = True  # train pairs + indexed images' pseudo-query pairs
 
   c.train.learning_rate = 1e-3
   c.train.warmup_fraction = 0.1
-  c.train.batch_size = 256
-  c.train.temperature = 1.0             # the reference's option: 0.5
+  c.train.batch_size = 128              # the reference's effective batch on Flickr30K
+  c.train.temperature = 0.5             # the reference's T5 script divides logits by 0.5
+  c.train.grad_clip_norm = 0.0          # the reference does not clip
 
+  c.rank.batch_size = 128
   c.rank.learning_rate = 1e-4
   c.rank.rank_weight = 0.5
   c.rank.beam_size = 10

@@ -28,9 +28,16 @@ def pipeline(pipeline_workdir):
 
 def test_run_writes_results_report_and_export(pipeline):
   results = json.loads((pipeline / "evaluate" / "metrics.json").read_text())
-  assert set(results["recall"]) == {"two_tower", "avg", "avg_ltr"}
-  for r in results["recall"].values():
-    assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100
+  assert set(results["recall"]) == {"transductive", "inductive"}
+  for protocol, recall in results["recall"].items():
+    assert set(recall) == {"two_tower", "avg", "avg_ltr"}
+    for method, r in recall.items():
+      assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100
+      if method != "two_tower":  # code level: a hit whenever the image is a hit
+        assert r["R@1"] <= r["code R@1"] <= r["code R@5"] <= r["code R@10"] <= 100
+    assert results["saw_pseudo_queries"][protocol] == {
+        "two_tower": False, "avg": protocol == "transductive",
+        "avg_ltr": protocol == "transductive"}
   assert [row["num_items"] for row in results["efficiency"]["avg"]] == [100, 400]
   assert results["meta"]["config_hash"]
   report = (pipeline / "evaluate" / "report.md").read_text()
@@ -118,19 +125,20 @@ def test_rerun_skips_done_stages_and_redoes_damaged_ones(repo_root, pipeline, ca
   capsys.readouterr()
   assert cli.main(["run", *_args(repo_root, pipeline)]) == 0
   out = capsys.readouterr().out
-  for line in ("prepared is complete", "train [avg]: finished", "rank [avg]: finished",
+  for line in ("prepared is complete", "train [avg, transductive]: finished",
+               "rank [avg, transductive]: finished",
                "evaluate is complete", "export is complete"):
     assert line in out, line
   # Damage: delete the export, garble the results, truncate the train stage's final params.
   shutil.rmtree(pipeline / "export")
   (pipeline / "evaluate" / "metrics.json").write_text("{not json")
-  for root, _, files in os.walk(pipeline / "train" / "avg" / "params"):
+  for root, _, files in os.walk(pipeline / "train" / "transductive" / "avg" / "params"):
     for f in files:
       if os.path.getsize(os.path.join(root, f)) > 100:
         open(os.path.join(root, f), "wb").close()
   assert cli.main(["run", *_args(repo_root, pipeline)]) == 0
   out = capsys.readouterr().out
-  assert "train [avg]: finished" not in out  # its params were damaged: rewritten
+  assert "train [avg, transductive]: finished" not in out  # damaged params: rewritten
   assert "export: wrote" in out and "evaluate is complete" not in out
   json.loads((pipeline / "evaluate" / "metrics.json").read_text())
   Retriever.load(str(pipeline / "export"))

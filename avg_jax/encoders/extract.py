@@ -77,6 +77,17 @@ class DualEncoder:
     rows = _round_up(len(texts), _data_shards(mesh))
     return _run(self.text_fn(mesh), self.params, tokens, rows, mesh)
 
+  def encode_text_batches(self, texts: list[str], mesh: Mesh, batch_size: int,
+                          desc: str = "embed texts") -> np.ndarray:
+    """`float32[len(texts), D]` in fixed-size batches (one compilation, bounded memory)."""
+    rows = _round_up(max(1, batch_size), _data_shards(mesh))
+    out = [np.zeros((0, self.cfg.projection_dim), np.float32)]
+    for start in progress(range(0, len(texts), rows), total=-(-len(texts) // rows), desc=desc,
+                          unit="batch"):
+      tokens = self.tokenizer.encode_batch(texts[start:start + rows], self.cfg.max_text_length)
+      out.append(_run(self.text_fn(mesh), self.params, tokens, rows, mesh))
+    return np.concatenate(out).astype(np.float32)
+
 
 def _jit(fn, mesh, param_shardings, input_sharding):
   jitted = jax.jit(fn, in_shardings=(param_shardings, input_sharding),

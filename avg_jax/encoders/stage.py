@@ -12,6 +12,11 @@
                                             (not normalised; captions in caption_source order)
     <workdir>/embed/shards/                 rows being extracted, one .npz per shard (removed
                                             once merged into embeddings_<split>.npz)
+    <workdir>/embed/pseudo_queries.npz      image_ids int64[Q], query_emb float32[Q, D]: the
+                                            prepared pseudo queries of the val / test images
+                                            (avg_jax.data.pseudo_queries), file order, embedded
+                                            by the text tower; only when a tokenizer fit needs
+                                            them (`pseudo_queries_needed`)
 
 The encoder is imported from `encoder.pretrained_path` (a Hugging Face CLIP directory) when set,
 otherwise trained from scratch (on all processes together). Feature extraction is then split
@@ -37,6 +42,7 @@ from flax import linen as nn
 from avg_jax import config as config_lib
 from avg_jax import paths, partitioning
 from avg_jax.data import dataset
+from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.data import shards as shards_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import bpe, clip, extract, hf_import, preprocess, retrieval
@@ -72,6 +78,48 @@ def load_embeddings(workdir: str, split: str) -> dict:
   return data
 
 
+def pseudo_query_file(workdir: str) -> str:
+  return os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz")
+
+
+def load_pseudo_query_embeddings(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """`(image ids int64[Q], query_emb float32[Q, D])` of the prepared pseudo queries."""
+  path = pseudo_query_file(workdir)
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found; run `avg-jax embed` first (with the same config: it "
+                    f"embeds pseudo queries when tokenizer.fit_on_pseudo_queries is on)")
+  try:
+    with np.load(path) as f:
+      return f["image_ids"].astype(np.int64), f["query_emb"].astype(np.float32)
+  except (KeyError, OSError, ValueError) as e:
+    raise UserError(f"{path}: cannot read ({e}); delete it and rerun `avg-jax embed`") from e
+
+
+def pseudo_queries_needed(config: ml_collections.ConfigDict) -> bool:
+  """Their only reader is a tokenizer fit on pseudo-query pairs (transductive protocol)."""
+  protocols = {str(config.protocol), *(str(p) for p in config.evaluate.protocols)}
+  return bool(config.tokenizer.fit_on_pseudo_queries) and "transductive" in protocols
+
+
+def _embed_pseudo_queries(config: ml_collections.ConfigDict, workdir: str,
+                          encoder: extract.DualEncoder, mesh) -> None:
+  """Writes `pseudo_queries.npz` for the indexed (non-training) images' pseudo queries
+  (every process computes, process 0 writes)."""
+  train_ids = dataset.read_texts(workdir, "train")[0]
+  image_ids, queries = pseudo_lib.load(workdir)
+  keep = ~np.isin(image_ids, train_ids)
+  image_ids, queries = image_ids[keep], [q for q, k in zip(queries, keep) if k]
+  emb = encoder.encode_text_batches(queries, mesh, int(config.encoder_train.embed_batch_size),
+                                    desc="embed pseudo queries")
+  if jax.process_index() == 0:
+    path = pseudo_query_file(workdir)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, image_ids=image_ids, query_emb=emb)
+    os.replace(tmp, path)
+    log.info("embed: wrote %s (%d pseudo queries)", path, len(queries))
+  shards_lib.barrier("embed: pseudo queries written")
+
+
 def encoder_files(workdir: str) -> tuple[str, str]:
   """(params checkpoint directory, encoder.json)."""
   directory = paths.embed_dir(workdir)
@@ -80,20 +128,60 @@ def encoder_files(workdir: str) -> tuple[str, str]:
 
 def load_encoder(workdir: str, mesh=None) -> extract.DualEncoder:
   """The saved dual encoder, parameters placed (sharded) on `mesh` (default: all devices)."""
+  return load_encoder_dir(paths.embed_dir(workdir), mesh, stage_hint="run `avg-jax embed` first")
+
+
+def load_encoder_dir(directory: str, mesh=None, *,
+                     stage_hint: str = "") -> extract.DualEncoder:
+  """A dual encoder saved in `directory` (`encoder/`, `encoder.json`, its text tokenizer at
+  the path encoder.json names relative to `directory`): the embed stage's, or a copy made by
+  `copy_encoder`. Damaged or missing files are `UserError`s naming them."""
+  params_dir = os.path.join(directory, "encoder")
+  meta_file = os.path.join(directory, "encoder.json")
+  hint = f"; {stage_hint}" if stage_hint else ""
+  if not os.path.exists(meta_file):
+    raise UserError(f"{meta_file} not found{hint}")
+  try:
+    with open(meta_file, encoding="utf-8") as f:
+      meta = json.load(f)
+    cfg = clip.ClipConfig.from_dict(meta["clip"])
+    pre = preprocess.PreprocessConfig.from_dict(meta["preprocess"])
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise UserError(f"{meta_file}: unreadable ({type(e).__name__}: {e}){hint}") from e
+  mesh = mesh if mesh is not None else partitioning.make_mesh({"data": -1})
+  shardings = param_shardings(cfg, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nn.unbox(_abstract_params(cfg)), shardings)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(os.path.abspath(params_dir), abstract)
+  except Exception as e:  # orbax raises many types for missing / damaged checkpoints
+    raise UserError(f"{params_dir}: cannot restore the dual encoder ({type(e).__name__})"
+                    f"{hint}") from e
+  return extract.DualEncoder(cfg, params, pre, _load_tokenizer(meta["tokenizer"], directory),
+                             shardings)
+
+
+def copy_encoder(workdir: str, target: str) -> None:
+  """Copies the embed stage's dual encoder into `target` as a self-contained folder that
+  `load_encoder_dir(target)` reads (the text tokenizer copied in, encoder.json pointing at it)."""
+  source = paths.embed_dir(workdir)
   params_dir, meta_file = encoder_files(workdir)
   if not os.path.exists(meta_file):
     raise UserError(f"{meta_file} not found; run `avg-jax embed` first")
   with open(meta_file, encoding="utf-8") as f:
     meta = json.load(f)
-  mesh = mesh if mesh is not None else partitioning.make_mesh({"data": -1})
-  cfg = clip.ClipConfig.from_dict(meta["clip"])
-  shardings = param_shardings(cfg, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nn.unbox(_abstract_params(cfg)), shardings)
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.abspath(params_dir), abstract)
-  return extract.DualEncoder(cfg, params, preprocess.PreprocessConfig.from_dict(meta["preprocess"]),
-                             _load_tokenizer(meta["tokenizer"], workdir), shardings)
+  os.makedirs(target, exist_ok=True)
+  shutil.copytree(params_dir, os.path.join(target, "encoder"))
+  spec = dict(meta["tokenizer"])
+  tokenizer_path = os.path.join(source, spec["path"])
+  local = "clip_tokenizer" if spec["kind"] == "clip_bpe" else "text_tokenizer.model"
+  if os.path.isdir(tokenizer_path):
+    shutil.copytree(tokenizer_path, os.path.join(target, local))
+  else:
+    shutil.copyfile(tokenizer_path, os.path.join(target, local))
+  meta["tokenizer"] = dict(spec, path=local)
+  _write_json(os.path.join(target, "encoder.json"), meta)
 
 
 # --- The encoder ------------------------------------------------------------------------------
@@ -115,8 +203,8 @@ def _place(params: Any, shardings: Any) -> Any:
       params, shardings)
 
 
-def _load_tokenizer(spec: dict, workdir: str) -> Any:
-  path = os.path.join(paths.embed_dir(workdir), spec["path"])
+def _load_tokenizer(spec: dict, directory: str) -> Any:
+  path = os.path.join(directory, spec["path"])
   if spec["kind"] == "clip_bpe":
     return bpe.ClipBpeTokenizer.load(path)
   return TextTokenizer.load(path)
@@ -313,6 +401,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       todo.append(split)
   if todo:
     _extract(config, workdir, encoder, todo, fresh)
+  if pseudo_queries_needed(config) and (todo or not os.path.exists(pseudo_query_file(workdir))):
+    _embed_pseudo_queries(config, workdir, encoder, mesh)
   tcfg = config.encoder_train
   if "test" in info["splits"] and (todo or not _already_evaluated(workdir)):
     metrics = two_tower_recall(load_embeddings(workdir, "test"), config.evaluate.recall_ks, mesh,

@@ -1,7 +1,10 @@
 """Turns evaluation results into `report.md` with PNG plots and a one-screen summary.
 
 `results` is the dict the evaluate stage writes to `metrics.json`:
-  recall:      {method: {"R@1": float, "R@5": float, "R@10": float}} in percent
+  recall:      {protocol: {method: {"R@1", "R@5", "R@10" (image level), "code R@1", ...
+               (code level, generators only)}}} in percent
+  saw_pseudo_queries: {protocol: {method: bool}} whether training saw the indexed images'
+               pseudo queries
   efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
   codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
   collisions:  {scheme: {split: rate}}
@@ -17,6 +20,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 RECALL_KEYS = ("R@1", "R@5", "R@10")
+CODE_KEYS = ("code R@1", "code R@5", "code R@10")
 
 
 def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
@@ -41,17 +45,22 @@ def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
 
 
 def plot_recall(recall: dict, path: str) -> None:
-  methods = list(recall)
-  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods)), 3.5))
+  """Image-level Recall@K bars per method, one panel per protocol."""
+  protocols = list(recall)
+  fig, axes = plt.subplots(1, len(protocols), squeeze=False,
+                           figsize=(max(5, 1.1 * max(len(m) for m in recall.values()))
+                                    * len(protocols), 3.5))
   width = 0.8 / len(RECALL_KEYS)
-  for i, key in enumerate(RECALL_KEYS):
-    xs = [j + (i - 1) * width for j in range(len(methods))]
-    ax.bar(xs, [recall[m].get(key, 0.0) for m in methods], width, label=key)
-  ax.set_xticks(range(len(methods)), methods)
-  ax.set_ylabel("recall (%)")
-  ax.set_ylim(0, 100)
-  ax.set_title("Text-to-image Recall@K (test split)")
-  ax.legend()
+  for ax, protocol in zip(axes[0], protocols):
+    methods = list(recall[protocol])
+    for i, key in enumerate(RECALL_KEYS):
+      xs = [j + (i - 1) * width for j in range(len(methods))]
+      ax.bar(xs, [recall[protocol][m].get(key, 0.0) for m in methods], width, label=key)
+    ax.set_xticks(range(len(methods)), methods, rotation=30)
+    ax.set_ylabel("recall (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{protocol}: text-to-image Recall@K (test)")
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -113,12 +122,18 @@ def summary_table(results: dict) -> str:
   """A plain-text table of Recall@K per method plus the efficiency crossover (each part only
   when `results` has it)."""
   lines = []
-  recall = results.get("recall", {})
-  if recall:
-    lines.append(f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS))
-  for method, r in recall.items():
-    lines.append(f"{method:<12}" + "".join(f"{r.get(k, float('nan')):>8.1f}"
-                                           for k in RECALL_KEYS))
+  for protocol, methods in results.get("recall", {}).items():
+    seen = [m for m, v in results.get("saw_pseudo_queries", {}).get(protocol, {}).items() if v]
+    if lines:
+      lines.append("")
+    lines.append(f"protocol {protocol} (test; trained on the indexed images' pseudo queries: "
+                 f"{', '.join(seen) or 'none'})")
+    lines.append(f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS) +
+                 "".join(f"{k:>11}" for k in CODE_KEYS))
+    for method, r in methods.items():
+      cells = [f"{r[k]:>11.1f}" if k in r else f"{'-':>11}" for k in CODE_KEYS]
+      lines.append(f"{method:<12}" + "".join(f"{r.get(k, float('nan')):>8.1f}"
+                                             for k in RECALL_KEYS) + "".join(cells))
   eff = results.get("efficiency", {})
   if eff:
     if lines:
@@ -137,11 +152,18 @@ def summary_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _markdown_recall(recall: dict) -> list[str]:
-  out = ["| method | " + " | ".join(RECALL_KEYS) + " |", "|---" * (len(RECALL_KEYS) + 1) + "|"]
-  for method, r in recall.items():
-    out.append(f"| {method} | " + " | ".join(f"{r.get(k, float('nan')):.1f}"
-                                            for k in RECALL_KEYS) + " |")
+def _markdown_recall(recall: dict, seen: dict) -> list[str]:
+  keys = RECALL_KEYS + CODE_KEYS
+  out = []
+  for protocol, methods in recall.items():
+    out += [f"### {protocol}", "",
+            "| method | saw pseudo queries | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 2) + "|"]
+    for method, r in methods.items():
+      saw = "yes" if seen.get(protocol, {}).get(method) else "no"
+      out.append(f"| {method} | {saw} | " + " | ".join(
+          f"{r[k]:.1f}" if k in r else "-" for k in keys) + " |")
+    out.append("")
   return out
 
 
@@ -154,8 +176,11 @@ def write_report(results: dict, directory: str) -> str:
     md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
   if results.get("recall"):
     plot_recall(results["recall"], os.path.join(directory, "recall.png"))
-    md += ["## Recall@K (Karpathy protocol, test split, %)", ""]
-    md += _markdown_recall(results["recall"]) + ["", "![recall](recall.png)", ""]
+    md += ["## Recall@K (Karpathy protocol, test split, %)", "",
+           "Image level (R@K: the query's image is retrieved) and the paper's code level "
+           "(code R@K: a generated code sequence equals the image's semantic codes).", ""]
+    md += _markdown_recall(results["recall"], results.get("saw_pseudo_queries", {}))
+    md += ["![recall](recall.png)", ""]
   if results.get("efficiency"):
     plot_efficiency(results["efficiency"], os.path.join(directory, "efficiency.png"),
                     results.get("crossover"))

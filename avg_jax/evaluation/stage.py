@@ -2,9 +2,13 @@
 
 Methods (`evaluate.methods`): `two_tower` (the dual encoder, brute force), `avg` (generative
 only), `avg_ltr` (after learning to rank), and the identifier-scheme ablations `rq`,
-`hkmeans`, `atomic` (and `random`), each with its own generator: their tokenize and train
-stages run here when missing. Writes `<workdir>/evaluate/metrics.json` and `report.md` with
-plots, one `metrics.jsonl` record per method, and prints a summary table.
+`hkmeans`, `atomic` (and `random`), each with its own generator: their tokenize, train (and
+rank) stages run here when missing. Every method is evaluated under each protocol of
+`evaluate.protocols` ("transductive": generators trained on the indexed images' pseudo
+queries too; "inductive": never seen), the scheme ablations under `evaluate.ablation_protocols`; the two-tower baseline is the same dual encoder under
+both (it never sees pseudo queries, as in the paper). Generators report image-level Recall@K
+and the paper's code-level Recall@K. Writes `<workdir>/evaluate/metrics.json` and `report.md`
+with plots, one `metrics.jsonl` record per (protocol, method), and prints a summary table.
 """
 
 import json
@@ -19,6 +23,7 @@ import avg_jax
 from avg_jax import config as config_lib
 from avg_jax import partitioning, paths
 from avg_jax.data import dataset
+from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.encoders import stage as embed_stage
 from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval, efficiency, report
@@ -30,25 +35,29 @@ SCHEMES = ("avg", "rq", "hkmeans", "atomic", "random")
 RESULTS = "metrics.json"
 
 
-def with_scheme(config: ml_collections.ConfigDict, scheme: str) -> ml_collections.ConfigDict:
+def with_scheme(config: ml_collections.ConfigDict, scheme: str,
+                protocol: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config.to_dict())
   c.tokenizer.scheme = scheme
+  if protocol is not None:
+    c.protocol = protocol
   c.lock()
   return c
 
 
-def ensure_generator(config, workdir: str, scheme: str, stage: str) -> None:
-  """Runs the tokenize / train (/ rank) stages of `scheme` that have not finished."""
-  c = with_scheme(config, scheme)
+def ensure_generator(config, workdir: str, scheme: str, stage: str, protocol: str) -> None:
+  """Runs the tokenize / train (/ rank) stages of (`scheme`, `protocol`) not yet finished."""
+  c = with_scheme(config, scheme, protocol)
   tokenize_stage.run(c, workdir)  # keeps a complete voken table
-  if not os.path.isdir(generative.params_dir(workdir, scheme, "train")):
-    generative.train_generator(c, workdir, scheme)
-  if stage == "rank" and not os.path.isdir(generative.params_dir(workdir, scheme, "rank")):
-    ltr.rank_generator(c, workdir, scheme)
+  if not os.path.isdir(generative.params_dir(workdir, scheme, protocol, "train")):
+    generative.train_generator(c, workdir, scheme, protocol)
+  if stage == "rank" and not os.path.isdir(
+      generative.params_dir(workdir, scheme, protocol, "rank")):
+    ltr.rank_generator(c, workdir, scheme, protocol)
 
 
-def tokenizer_summary(workdir: str, scheme: str) -> dict:
-  path = os.path.join(paths.tokenizer_dir(workdir, scheme), tokenize_stage.SUMMARY)
+def tokenizer_summary(workdir: str, name: str) -> dict:
+  path = os.path.join(paths.tokenizer_dir(workdir, name), tokenize_stage.SUMMARY)
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
@@ -94,47 +103,71 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
   writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())
   mesh = partitioning.make_mesh(config.mesh)
-  results = {"recall": {}, "efficiency": {}, "codebook": {}, "collisions": {}}
+  results = {"recall": {}, "saw_pseudo_queries": {}, "efficiency": {}, "codebook": {},
+             "collisions": {}}
   methods = tuple(config.evaluate.methods)
+  protocols = tuple(pseudo_lib.check_protocol(str(p)) for p in config.evaluate.protocols)
+  if not protocols:
+    raise UserError("config evaluate.protocols is empty")
+  plan = method_plan(methods)
+  ablation_protocols = tuple(str(p) for p in config.evaluate.ablation_protocols)
+  for p in ablation_protocols:
+    pseudo_lib.check_protocol(p)
 
   test_emb = embed_stage.load_embeddings(workdir, "test")
+  two_tower = None
   if "two_tower" in methods:
     m = embed_stage.two_tower_recall(test_emb, ks, mesh)
-    results["recall"]["two_tower"] = {k: m[k] for k in m if k.startswith("R@")}
+    two_tower = {k: m[k] for k in m if k.startswith("R@")}
     writer.write(method="two_tower", split="test", **m)
 
   avg_params = None
-  for method, scheme, stage in method_plan(methods):
-    ensure_generator(config, workdir, scheme, stage)
-    c = with_scheme(config, scheme)
-    gen, gmesh, params, shardings = generative.final_params(c, workdir, scheme, stage)
-    m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
-    public = {k: v for k, v in m.items() if not k.startswith("_")}
-    results["recall"][method] = {k: public[k] for k in public if k.startswith("R@")}
-    writer.write(method=method, split="test", **public)
-    summary = tokenizer_summary(workdir, scheme)
-    results["collisions"][scheme] = {s: v["collision_rate"] for s, v in summary["splits"].items()}
-    train_stats = summary["splits"].get("train", {})
-    if "perplexity" in train_stats:
-      results["codebook"][scheme] = {"perplexity": train_stats["perplexity"],
+  for protocol in protocols:
+    recall = results["recall"][protocol] = {}
+    seen = results["saw_pseudo_queries"][protocol] = {}
+    if two_tower is not None:
+      recall["two_tower"], seen["two_tower"] = dict(two_tower), False
+    for method, scheme, stage in plan:
+      if method not in ("avg", "avg_ltr") and protocol not in ablation_protocols:
+        continue
+      ensure_generator(config, workdir, scheme, stage, protocol)
+      c = with_scheme(config, scheme, protocol)
+      gen, gmesh, params, shardings = generative.final_params(c, workdir, scheme, stage,
+                                                              protocol)
+      m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
+      public = {k: v for k, v in m.items() if not k.startswith("_")}
+      recall[method] = {k: public[k] for k in public if "R@" in k}
+      seen[method] = protocol == "transductive" and len(gen.training_splits()) > 1
+      writer.write(method=method, protocol=protocol, split="test", **public)
+      name = tokenize_stage.tokenizer_name(c, scheme, protocol)
+      summary = tokenizer_summary(workdir, name)
+      results["collisions"][name] = {s: v["collision_rate"] for s, v in summary["splits"].items()}
+      train_stats = summary["splits"].get("train", {})
+      if "perplexity" in train_stats:
+        results["codebook"][name] = {"perplexity": train_stats["perplexity"],
                                      "unused_share": train_stats["unused_share"]}
-    if method == "avg":
-      avg_params = (gen, gmesh, params, shardings, c)
+      if method == "avg" and protocol == config.protocol:
+        avg_params = (gen, gmesh, params, shardings, c)
 
   sizes = tuple(int(n) for n in config.evaluate.efficiency_sizes)
   if sizes and avg_params is not None:
     gen, gmesh, params, shardings, c = avg_params
-    inputs, _ = avg_eval.query_set(workdir, "test", gen.tokenizer,
-                                   int(c.text_tokenizer.max_length),
-                                   int(c.evaluate.efficiency_queries))
-    results["efficiency"]["avg"] = efficiency.avg_queries_per_s(gen, params, shardings, gmesh,
-                                                                c, inputs, sizes)
-    _, texts = dataset.read_texts(workdir, "test")
     n_q = int(config.evaluate.efficiency_queries)
+    inputs, _ = avg_eval.query_set(workdir, "test", gen.tokenizer,
+                                   int(c.text_tokenizer.max_length), n_q)
+    _, texts = dataset.read_texts(workdir, "test")
     encoder = embed_stage.load_encoder(workdir, mesh)
+    encode_s = efficiency.text_encode_s_per_query(encoder, mesh, texts[:n_q],
+                                                  int(config.decode.batch_size))
+    similarity = gen.decode.needs_embeddings
+    results["efficiency"]["avg"] = efficiency.avg_queries_per_s(
+        gen, params, shardings, gmesh, c, inputs, sizes,
+        query_emb=test_emb["caption_emb"][:n_q] if similarity else None,
+        image_emb=test_emb["image_emb"] if similarity else None, encode_s_per_query=encode_s)
     results["efficiency"]["two_tower"] = efficiency.two_tower_queries_per_s(
         encoder, mesh, texts[:n_q], test_emb["caption_emb"][:n_q], sizes,
-        k=int(config.decode.top_k), batch_size=int(config.decode.batch_size))
+        k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
+        encode_s_per_query=encode_s)
     for method, rows in results["efficiency"].items():
       for r in rows:
         writer.write(method=method, split="efficiency", **r)

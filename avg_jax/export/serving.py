@@ -7,6 +7,10 @@
     <export>/voken_table.npz       image_ids int64[N], codes int32[N, P], file_names str[N]
     <export>/text_tokenizer.model  the SentencePiece model
     <export>/config.json           the full training config, for the record
+    <export>/dual_encoder/         with `decode.tie_break="similarity"`: the dual encoder
+                                   (`encoders.stage.copy_encoder`) and image_embeddings.npz
+                                   (image_ids, image_emb) of the indexed images, to order
+                                   images that share their codes by query similarity
     <export>/gallery/              optional: thumbnails and captions of the indexed images for
                                    `avg-jax serve`'s page (avg_jax/export/gallery.py); older
                                    exports have none and still load
@@ -51,18 +55,24 @@ TRIE = "trie.npz"
 TABLE = "voken_table.npz"
 TOKENIZER = "text_tokenizer.model"
 CONFIG = "config.json"
+DUAL_ENCODER = "dual_encoder"
+IMAGE_EMBEDDINGS = "image_embeddings.npz"
 
 
 def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
                  image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
                  tokenizer: TextTokenizer, decode: dict, limits: dict, scheme: str,
                  source_stage: str, config: dict, config_hash: str = "",
-                 param_dtype: str = "float32", gallery: tuple | None = None) -> None:
+                 param_dtype: str = "float32", gallery: tuple | None = None,
+                 dual_encoder: tuple | None = None) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
   `decode`: beam_size, top_k, mask_mode, voken_logits_only, dense_levels. `limits`: max_length (tokens),
   max_query_chars, batch_buckets. `gallery`: optional `(entries, thumbnail_size)` for
-  `gallery.write` (thumbnails and captions of the indexed images).
+  `gallery.write` (thumbnails and captions of the indexed images). `dual_encoder`: optional
+  `(workdir, image ids [N], image embeddings [N, D])`: the workdir's dual encoder is copied in
+  with the indexed images' embeddings. `codes [N, T]` are the identifiers the generator emits
+  (T = `decode["trained_length"]`: all positions, or the semantic codes alone).
   """
   directory = os.path.abspath(directory)
   tmp = directory + ".tmp"
@@ -78,7 +88,9 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
   checkpointer.wait_until_finished()
   checkpointer.close()
   if writer:
-    trie = VokenTrie.build(codes, image_ids, position_sizes=vocab.position_sizes())
+    codes = np.asarray(codes)
+    trie = VokenTrie.build(codes, image_ids,
+                           position_sizes=vocab.position_sizes()[:codes.shape[1]])
     trie.save(os.path.join(tmp, TRIE))
     np.savez(os.path.join(tmp, TABLE), image_ids=np.asarray(image_ids, np.int64),
              codes=np.asarray(codes, np.int32), file_names=np.asarray(list(file_names), str))
@@ -88,6 +100,12 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
       json.dump(config, f, indent=1, sort_keys=True)
     if gallery is not None:
       gallery_lib.write(tmp, *gallery)
+    if dual_encoder is not None:
+      from avg_jax.encoders import stage as encoder_stage  # pylint: disable=import-outside-toplevel
+      source, emb_ids, emb = dual_encoder
+      encoder_stage.copy_encoder(source, os.path.join(tmp, DUAL_ENCODER))
+      np.savez(os.path.join(tmp, DUAL_ENCODER, IMAGE_EMBEDDINGS),
+               image_ids=np.asarray(emb_ids, np.int64), image_emb=np.asarray(emb, np.float32))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "avg_jax_version": avg_jax.__version__, "scheme": scheme, "source_stage": source_stage,
@@ -142,12 +160,37 @@ def check_files(directory: str) -> None:
     raise UserError(f"{os.path.join(directory, TABLE)}: unreadable ({e})") from e
 
 
+def _load_dual_encoder(directory: str) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+  """(dual encoder, (image ids, image embeddings)) of an export that orders shared codes by
+  similarity; `UserError` naming the file when a part is missing or damaged."""
+  from avg_jax.encoders import stage as encoder_stage  # pylint: disable=import-outside-toplevel
+  folder = os.path.join(directory, DUAL_ENCODER)
+  path = os.path.join(folder, IMAGE_EMBEDDINGS)
+  if not os.path.isfile(path):
+    raise UserError(f"serving checkpoint {directory} orders shared codes by similarity but "
+                    f"has no {DUAL_ENCODER}/{IMAGE_EMBEDDINGS}; export it again")
+  try:
+    with np.load(path) as f:
+      embeddings = (f["image_ids"].astype(np.int64), f["image_emb"].astype(np.float32))
+  except (KeyError, ValueError, OSError) as e:
+    raise UserError(f"{path}: unreadable ({e}); export again") from e
+  encoder = encoder_stage.load_encoder_dir(folder, _one_device_mesh(),
+                                           stage_hint="export again")
+  return encoder, embeddings
+
+
+def _one_device_mesh():
+  from avg_jax import partitioning  # pylint: disable=import-outside-toplevel
+  return partitioning.make_mesh({"data": 1}, jax.devices()[:1])
+
+
 class Retriever:
   """Answers text queries with ranked image ids from an exported serving checkpoint."""
 
   def __init__(self, *, params: Any, cfg: T5Config, vocab: VokenVocabulary, trie: VokenTrie,
                tokenizer: TextTokenizer, image_ids: np.ndarray, file_names: np.ndarray,
-               manifest: dict):
+               manifest: dict, dual_encoder: Any = None,
+               image_embeddings: tuple[np.ndarray, np.ndarray] | None = None):
     self.params = params
     self.cfg = cfg
     self.vocab = vocab
@@ -163,7 +206,15 @@ class Retriever:
     self.max_length = int(manifest["limits"]["max_length"])
     self.max_query_chars = int(manifest["limits"]["max_query_chars"])
     self.buckets = tuple(sorted(int(b) for b in manifest["limits"]["batch_buckets"]))
-    self.device_trie = trie.to_device(dense_levels=int(d["dense_levels"]))
+    # Exports written before the keys existed scored the learned disambiguation position.
+    self.tie_break = str(d.get("tie_break", "learned"))
+    self.trained_length = int(d.get("trained_length", vocab.id_length))
+    self.dual_encoder = dual_encoder if self.tie_break == "similarity" else None
+    if self.dual_encoder is not None:
+      self._mesh = _one_device_mesh()
+    self.device_trie = trie.to_device(
+        dense_levels=int(d["dense_levels"]),
+        item_embeddings=image_embeddings if self.dual_encoder is not None else None)
     self._file_name_of = {int(i): str(n) for i, n in zip(image_ids, file_names)}
 
   @classmethod
@@ -197,8 +248,12 @@ class Retriever:
     except (KeyError, ValueError, OSError) as e:
       raise UserError(f"{os.path.join(directory, TABLE)}: unreadable ({e})") from e
     tokenizer = TextTokenizer.load(os.path.join(directory, TOKENIZER))
+    dual_encoder, image_embeddings = None, None
+    if manifest["decode"].get("tie_break") == "similarity":
+      dual_encoder, image_embeddings = _load_dual_encoder(directory)
     return cls(params=params, cfg=cfg, vocab=vocab, trie=trie, tokenizer=tokenizer,
-               image_ids=image_ids, file_names=file_names, manifest=manifest)
+               image_ids=image_ids, file_names=file_names, manifest=manifest,
+               dual_encoder=dual_encoder, image_embeddings=image_embeddings)
 
   def file_name(self, image_id: int) -> str:
     return self._file_name_of.get(int(image_id), "")
@@ -242,9 +297,18 @@ class Retriever:
       padded = np.zeros((bucket, chunk.shape[1]), np.int32)
       padded[:chunk.shape[0]] = chunk
       padded[chunk.shape[0]:, 0] = 1  # EOS-only filler queries
+      query_emb = None
+      if self.dual_encoder is not None:
+        chunk_texts = texts[start:start + largest]
+        # Encoded as a full bucket (fillers repeat the first query): one compile per bucket,
+        # never one per batch size (avg-jax serve compiles every bucket at start).
+        filler = [chunk_texts[0]] * (bucket - len(chunk_texts))
+        query_emb = np.asarray(self.dual_encoder.encode_texts(chunk_texts + filler, self._mesh),
+                               np.float32)
       result = search_lib.constrained_search(
           self.params, self.cfg, self.device_trie, self.vocab, padded, beam_size=beam,
-          top_k=k, mask_mode=self.mask_mode, voken_logits_only=self.voken_logits_only)
+          top_k=k, mask_mode=self.mask_mode, voken_logits_only=self.voken_logits_only,
+          query_emb=query_emb, trained_length=self.trained_length)
       out = search_lib.results_to_numpy(result)
       ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))
       scores.append(out["scores"][:chunk.shape[0]])

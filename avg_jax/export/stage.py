@@ -15,10 +15,12 @@ from ml_collections import ConfigDict
 from avg_jax import config as config_lib
 from avg_jax import paths
 from avg_jax.data import dataset
+from avg_jax.encoders import stage as embed_stage
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
 from avg_jax.export import serving
 from avg_jax.metrics import MetricsWriter
+from avg_jax.tokenizer import ids as tokenizer_ids
 from avg_jax.training import generative
 
 
@@ -52,42 +54,57 @@ def export_is_current(directory: str, config: ConfigDict, stage: str) -> bool:
           and manifest["source_stage"] == stage)
 
 
-def export_is_current(directory: str, config: ConfigDict, stage: str) -> bool:
-  """True when `directory` holds a loadable export of this config and source stage."""
-  try:
-    manifest = serving.read_manifest(directory)
-    serving.check_files(directory)
-  except UserError:
-    return False
-  return (manifest.get("config_hash") == config_lib.config_hash(config)
-          and manifest["source_stage"] == stage)
+def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
+  """`(image ids [N], identifiers [N, T])` of the images of `splits`, one index: the codes the
+  generator emits (`gen.codes`). Full identifiers of several splits are disambiguated again
+  within their union (each split's are unique only within it)."""
+  ids, codes = zip(*(gen.codes(s) for s in splits))
+  ids, codes = np.concatenate(ids), np.concatenate(codes)
+  if len(splits) > 1 and gen.trained_length > gen.vocab.num_levels:
+    codes, size = tokenizer_ids.disambiguate(codes[:, :gen.vocab.num_levels], ids)
+    if size > gen.vocab.disambiguation_size:
+      raise UserError(f"config export.index_splits: {len(splits)} splits together need "
+                      f"{size} disambiguation tokens, the vocabulary has "
+                      f"{gen.vocab.disambiguation_size}")
+    if size == 0:  # no collision in the union: every image is the first of its group
+      codes = np.concatenate([codes, np.zeros((len(codes), 1), codes.dtype)], axis=1)
+  return ids, codes
 
 
 def run(config: ConfigDict, workdir: str) -> None:
   scheme = config.tokenizer.scheme
-  stage = "rank" if os.path.isdir(generative.params_dir(workdir, scheme, "rank")) else "train"
+  protocol = str(config.protocol)
+  stage = ("rank" if os.path.isdir(generative.params_dir(workdir, scheme, protocol, "rank"))
+           else "train")
   directory = paths.export_dir(workdir)
   if export_is_current(directory, config, stage):
     print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
     return
-  gen, _, params, _ = generative.final_params(config, workdir, scheme, stage)
-  ids, codes, names, entries = [], [], [], []
-  for split in config.export.index_splits:
+  gen, _, params, _ = generative.final_params(config, workdir, scheme, stage, protocol)
+  splits = list(config.export.index_splits)
+  names, entries = [], []
+  for split in splits:
     if split not in gen.table:
       raise UserError(f"config export.index_splits: no split {split!r} in the voken table")
-    image_ids, split_codes = gen.table[split]
+    image_ids = gen.table[split][0]
     name_of = file_names(workdir, split)
-    ids.append(image_ids)
-    codes.append(split_codes)
     names += [name_of.get(int(i), "") for i in image_ids]
     entries.append(gallery_entries(workdir, split, image_ids))
+  index_ids, index_codes_ = index_codes(gen, splits)
+  dual_encoder = None
+  if gen.decode.needs_embeddings:
+    parts = [embed_stage.load_embeddings(workdir, s) for s in splits]
+    dual_encoder = (workdir, np.concatenate([p["image_ids"] for p in parts]),
+                    np.concatenate([p["image_emb"] for p in parts]))
   serving.write_export(
-      directory, params=params, cfg=gen.cfg, vocab=gen.vocab, image_ids=np.concatenate(ids),
-      codes=np.concatenate(codes), file_names=names, tokenizer=gen.tokenizer,
-      decode=dict(beam_size=int(config.decode.beam_size), top_k=int(config.decode.top_k),
-                  mask_mode=config.decode.mask_mode,
-                  voken_logits_only=bool(config.decode.voken_logits_only),
-                  dense_levels=int(config.decode.dense_levels)),
+      directory, params=params, cfg=gen.cfg, vocab=gen.vocab, image_ids=index_ids,
+      codes=index_codes_, file_names=names, tokenizer=gen.tokenizer,
+      decode=dict(beam_size=gen.decode.beam_size, top_k=gen.decode.top_k,
+                  mask_mode=gen.decode.mask_mode,
+                  voken_logits_only=gen.decode.voken_logits_only,
+                  dense_levels=gen.decode.dense_levels, tie_break=gen.decode.tie_break,
+                  trained_length=gen.trained_length),
+      dual_encoder=dual_encoder,
       limits=dict(max_length=int(config.text_tokenizer.max_length),
                   max_query_chars=int(config.export.max_query_chars),
                   batch_buckets=list(config.export.batch_buckets)),
@@ -97,7 +114,7 @@ def run(config: ConfigDict, workdir: str) -> None:
       gallery=((itertools.chain(*entries), int(config.export.thumbnail_size))
                if config.export.thumbnail_size > 0 else None))
   MetricsWriter(workdir, "export", process_index=jax.process_index()).write(scheme=scheme, source_stage=stage,
-                                         num_images=int(sum(len(i) for i in ids)))
+                                         num_images=int(len(index_ids)))
   if jax.process_index() == 0:
-    print(f"export: wrote {directory} ({scheme}, {stage} parameters, "
-          f"{sum(len(i) for i in ids)} images indexed)")
+    print(f"export: wrote {directory} ({scheme}, {protocol}, {stage} parameters, "
+          f"{len(index_ids)} images indexed, tie-break {gen.decode.tie_break})")

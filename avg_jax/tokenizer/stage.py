@@ -20,8 +20,18 @@ image embeddings (`hkmeans.level_codebook`), mapped to e_dim by a fixed Gaussian
 projection (entries N(0, 1/e_dim), seeded) when the embedding width differs; atomic / random:
 N(0, 1) entries (T5's own embedding initialisation scale).
 
-Identifiers are made unique over all images of all splits by one disambiguation position
-(`tokenizer.disambiguation`); the collision rate before it is reported per split.
+Which pairs the tokenizer is fit on depends on the protocol (`config.protocol`): the
+training split's (image, caption) pairs, plus, for the transductive protocol with
+`tokenizer.fit_on_pseudo_queries`, the (image, pseudo query) pairs of the indexed (val / test)
+images (the reference's default; hkmeans then clusters those images too). Such a fit lives in
+`tokenizer/<scheme>+pseudo`, a fit on training pairs alone in `tokenizer/<scheme>`
+(`tokenizer_name`), so both protocols share a fit that does not depend on them.
+
+Identifiers are made unique within each index -- each split -- by one disambiguation position
+(`tokenizer.disambiguation`, `ids.disambiguate_per_index`): an image's identifier never depends
+on images of other splits. D is the largest group over all images together, so that an index
+made of several splits (an export) can be disambiguated with the same tokens. The collision
+rate before disambiguation is reported per split.
 Rerunning with the same config and embeddings does nothing; a directory made with another
 config is an error (remove it, or use another workdir).
 """
@@ -43,6 +53,7 @@ from avg_jax import partitioning, paths
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
 from avg_jax.progress import progress
+from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.tokenizer import analysis, hkmeans, ids, quantizer
 from avg_jax.tokenizer import losses as losses_lib
 from avg_jax.tokenizer import model as model_lib
@@ -59,11 +70,26 @@ SUMMARY = "summary.json"
 FINGERPRINT = "fingerprint.json"
 # Keys that change how the work is run or reported, not its result.
 _OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "log_every", "assign_batch_size",
-                     "analysis_split", "analysis_pairs")
+                     "analysis_split", "analysis_pairs", "fit_on_pseudo_queries")
+# Schemes whose identifiers depend on what they are fit on.
+FITTED_SCHEMES = ("avg", "rq", "hkmeans")
+PSEUDO_SUFFIX = "+pseudo"
 
 
-def voken_table_file(workdir: str, scheme: str) -> str:
-  return os.path.join(paths.tokenizer_dir(workdir, scheme), VOKEN_TABLE)
+def fits_on_pseudo_queries(config: ml_collections.ConfigDict, scheme: str, protocol: str) -> bool:
+  """Whether `scheme`'s tokenizer under `protocol` is fit on pseudo-query pairs too."""
+  return (pseudo_lib.check_protocol(protocol) == "transductive" and scheme in FITTED_SCHEMES
+          and bool(config.tokenizer.fit_on_pseudo_queries))
+
+
+def tokenizer_name(config: ml_collections.ConfigDict, scheme: str, protocol: str) -> str:
+  """The voken table a generator of `scheme` uses under `protocol` (a `tokenizer/` folder)."""
+  return scheme + (PSEUDO_SUFFIX if fits_on_pseudo_queries(config, scheme, protocol) else "")
+
+
+def voken_table_file(workdir: str, name: str) -> str:
+  """`name`: a `tokenizer_name` (a scheme, or a scheme fit on pseudo queries too)."""
+  return os.path.join(paths.tokenizer_dir(workdir, name), VOKEN_TABLE)
 
 
 # --- Reading inputs and outputs --------------------------------------------------------------
@@ -97,14 +123,17 @@ def read_embeddings(workdir: str, split: str) -> Optional[dict]:
   return data
 
 
-def load_voken_table(workdir: str, scheme: str
+def load_voken_table(workdir: str, name: str
                      ) -> tuple[VokenVocabulary, dict[str, tuple[np.ndarray, np.ndarray]],
                                 np.ndarray]:
-  """`(vocab, {split: (image_ids int64[N], codes int32[N, P])}, codebook [V, e_dim])`."""
-  directory = paths.tokenizer_dir(workdir, scheme)
+  """`(vocab, {split: (image_ids int64[N], codes int32[N, P])}, codebook [V, e_dim])` of the
+  voken table `name` (a `tokenizer_name`)."""
+  directory = paths.tokenizer_dir(workdir, name)
   if not os.path.exists(os.path.join(directory, SUMMARY)):
+    scheme, pseudo = name.removesuffix(PSEUDO_SUFFIX), name.endswith(PSEUDO_SUFFIX)
     raise UserError(f"no complete voken table in {directory}; run `avg-jax tokenize` with "
-                    f"--config.tokenizer.scheme={scheme} first")
+                    f"--config.tokenizer.scheme={scheme}"
+                    + (" --config.protocol=transductive" if pseudo else "") + " first")
   return _load_outputs(directory)
 
 
@@ -120,6 +149,39 @@ def _load_outputs(directory: str) -> tuple[VokenVocabulary, dict, np.ndarray]:
         table[split] = (f[key].astype(np.int64), codes)
   codebook = np.load(os.path.join(directory, CODEBOOK))
   return vocab, table, codebook
+
+
+def fit_pairs(embeddings: dict, pseudo: Optional[tuple[np.ndarray, np.ndarray]]) -> dict:
+  """The (image, text) pairs a tokenizer is fit on.
+
+  `embeddings`: `{split: read_embeddings(...)}`; `pseudo`: `(image ids int64[Q], query_emb
+  [Q, D])` of the pseudo queries, or None. Returns `image_ids [N]`, `image_emb [N, D]`,
+  `caption_emb [M, D]`, `caption_image_index [M]` and a `description`: the training split's
+  images and captions, plus (with `pseudo`) the images of the other splits that have pseudo
+  queries, paired with them.
+  """
+  train = embeddings["train"]
+  fit = dict(image_ids=train["image_ids"], image_emb=train["image_emb"],
+             caption_emb=train["caption_emb"], caption_image_index=train["caption_image_index"],
+             description="train pairs")
+  if pseudo is None:
+    return fit
+  pseudo_ids, pseudo_emb = pseudo
+  indexed = [s for s in embeddings if s != "train"]
+  image_ids = np.concatenate([train["image_ids"]] + [embeddings[s]["image_ids"] for s in indexed])
+  keep = np.isin(pseudo_ids, image_ids) & ~np.isin(pseudo_ids, train["image_ids"])
+  if pseudo_emb.shape[1:] != train["caption_emb"].shape[1:]:
+    raise UserError(f"pseudo query embeddings are {pseudo_emb.shape[1]}-d, captions "
+                    f"{train['caption_emb'].shape[1]}-d; rerun `avg-jax embed`")
+  row_of = {int(i): r for r, i in enumerate(image_ids)}
+  index = np.asarray([row_of[int(i)] for i in pseudo_ids[keep]], np.int64)
+  return dict(
+      image_ids=image_ids,
+      image_emb=np.concatenate([train["image_emb"]] + [embeddings[s]["image_emb"] for s in indexed]),
+      caption_emb=np.concatenate([train["caption_emb"], pseudo_emb[keep]]),
+      caption_image_index=np.concatenate([train["caption_image_index"], index]),
+      description=f"train pairs + {int(keep.sum())} pseudo-query pairs of "
+                  f"{'/'.join(indexed)} images")
 
 
 # --- Writing ---------------------------------------------------------------------------------
@@ -143,15 +205,18 @@ def _write_json(path: str, value: Any) -> None:
   _atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
-def _fingerprint(config: ml_collections.ConfigDict, embeddings: dict) -> dict:
+def _fingerprint(config: ml_collections.ConfigDict, embeddings: dict, fit: dict) -> dict:
   tok = {k: v for k, v in config_lib.to_json_dict(config.tokenizer).items()
          if k not in _OPERATIONAL_KEYS}
   digest = hashlib.blake2b(digest_size=16)
   for split in sorted(embeddings):
     for key in ("image_ids", "image_emb", "caption_image_ids", "caption_emb"):
       digest.update(np.ascontiguousarray(embeddings[split][key]).tobytes())
+  for key in ("image_emb", "caption_emb", "caption_image_index"):
+    digest.update(np.ascontiguousarray(fit[key]).tobytes())
   fingerprint = dict(tokenizer=tok, seed=int(config.seed),
-                     text_vocab_size=int(config.t5.vocab_size), embeddings=digest.hexdigest())
+                     text_vocab_size=int(config.t5.vocab_size), embeddings=digest.hexdigest(),
+                     fit_on=fit["description"])
   return json.loads(json.dumps(fingerprint))  # tuples -> lists, as it reads back from disk
 
 
@@ -166,7 +231,7 @@ def _check_fingerprint(directory: str, fingerprint: dict) -> bool:
     diffs = [f"tokenizer.{k}: {stored['tokenizer'].get(k)!r} -> {v!r}"
              for k, v in fingerprint["tokenizer"].items()
              if stored.get("tokenizer", {}).get(k) != v]
-    for k in ("seed", "text_vocab_size", "embeddings"):
+    for k in ("seed", "text_vocab_size", "embeddings", "fit_on"):
       if stored.get(k) != fingerprint[k]:
         diffs.append(f"{k} changed")
     raise UserError(f"{directory} was made with a different config or embeddings "
@@ -188,12 +253,12 @@ def _check_fingerprint(directory: str, fingerprint: dict) -> bool:
 # --- Identifier schemes ----------------------------------------------------------------------
 
 
-def _train_rqvae(config, workdir: str, directory: str, embeddings: dict, scheme: str
-                 ) -> tuple[dict, np.ndarray, dict]:
-  """Trains (or resumes) the RQ-VAE; -> ({split: codes [N, L]}, codebook, {split: stats})."""
+def _train_rqvae(config, workdir: str, directory: str, embeddings: dict, fit: dict, scheme: str,
+                 name: str) -> tuple[dict, np.ndarray, dict]:
+  """Trains (or resumes) the RQ-VAE on the pairs of `fit` (see `fit_pairs`);
+  -> ({split: codes [N, L]}, codebook, {split: stats})."""
   tok = config.tokenizer
-  train = embeddings["train"]
-  cfg = model_lib.RQVAEConfig.from_config(tok, in_dim=train["image_emb"].shape[1])
+  cfg = model_lib.RQVAEConfig.from_config(tok, in_dim=fit["image_emb"].shape[1])
   weights = losses_lib.LossWeights.from_config(tok, scheme)
   if weights.align_position == "latent" and weights.align and cfg.e_dim != cfg.in_dim:
     raise UserError(f"tokenizer.align_position='latent' needs tokenizer.e_dim={cfg.in_dim} "
@@ -201,10 +266,10 @@ def _train_rqvae(config, workdir: str, directory: str, embeddings: dict, scheme:
   trainer = train_lib.RQVAETrainer(cfg, weights, partitioning.make_mesh(config.mesh),
                                    train_lib.TrainOptions.from_config(tok, config.seed),
                                    int(tok.batch_size))
-  sampler = train_lib.PairSampler(train["image_emb"], train["caption_emb"],
-                                  train["caption_image_index"], int(tok.batch_size),
+  sampler = train_lib.PairSampler(fit["image_emb"], fit["caption_emb"],
+                                  fit["caption_image_index"], int(tok.batch_size),
                                   seed=int(config.seed))
-  state = _fit(trainer, sampler, tok, workdir, directory, scheme)
+  state = _fit(trainer, sampler, tok, workdir, directory, name)
 
   codes, stats = {}, {}
   for split, data in embeddings.items():
@@ -221,7 +286,7 @@ def _train_rqvae(config, workdir: str, directory: str, embeddings: dict, scheme:
 
 
 def _fit(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok, workdir: str,
-         directory: str, scheme: str) -> train_lib.TokenizerState:
+         directory: str, name: str) -> train_lib.TokenizerState:
   """The training loop: resume from the newest good checkpoint or init + k-means, then train.
 
   Checkpoints go through `training.checkpointing.Checkpointer`, as in the train and rank
@@ -247,17 +312,17 @@ def _fit(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok, w
                len(first) * jax.process_count(), time.time() - t0)
 
   writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index())
-  meta = {"stage": "tokenize", "scheme": scheme}
+  meta = {"stage": "tokenize", "scheme": name}
   steps, start = int(tok.steps), int(state.step)
   log_every, ckpt_every = max(1, int(tok.log_every)), max(1, int(tok.checkpoint_every))
   t0, last_logged = time.time(), start
-  for step in progress(range(start, steps), total=steps - start, desc=f"tokenize {scheme}"):
+  for step in progress(range(start, steps), total=steps - start, desc=f"tokenize {name}"):
     state, metrics = trainer.train_step(state, *sampler.batch(step))
     done = step + 1
     if done % log_every == 0 or done == steps:
       metrics = jax.tree.map(np.asarray, metrics)   # the only host sync in the loop
       elapsed = time.time() - t0
-      writer.write(method=scheme, step=done, split="train",
+      writer.write(method=name, step=done, split="train",
                    examples_per_s=(done - last_logged) * sampler.batch_size / max(elapsed, 1e-9),
                    **metrics)
       t0, last_logged = time.time(), done
@@ -279,21 +344,21 @@ def _project(rows: np.ndarray, e_dim: int, seed: int) -> np.ndarray:
   return (rows @ proj).astype(np.float32)
 
 
-def _fixed_scheme(config, embeddings: dict, scheme: str) -> tuple[dict, np.ndarray]:
-  """hkmeans / atomic / random -> ({split: codes [N, L]}, codebook [L*K, e_dim])."""
+def _fixed_scheme(config, embeddings: dict, fit: dict, scheme: str) -> tuple[dict, np.ndarray]:
+  """hkmeans (clusters the images of `fit`) / atomic / random -> ({split: codes [N, L]},
+  codebook [L*K, e_dim])."""
   tok = config.tokenizer
   k, levels, e_dim, seed = (int(tok.codebook_size), int(tok.num_levels), int(tok.e_dim),
                             int(config.seed))
   random_rows = np.random.default_rng([seed, 0]).normal(size=(levels * k, e_dim))
   all_ids = np.concatenate([d["image_ids"] for d in embeddings.values()])
   if scheme == "hkmeans":
-    train = embeddings["train"]
-    tree = hkmeans.fit(jax.random.key(seed), train["image_emb"], train["image_ids"], k, levels,
+    tree = hkmeans.fit(jax.random.key(seed), fit["image_emb"], fit["image_ids"], k, levels,
                        iters=int(tok.kmeans_iters), init=str(tok.kmeans_init_method))
     codes = {s: hkmeans.assign(tree, d["image_emb"]) for s, d in embeddings.items()}
-    fill = np.random.default_rng([seed, 0]).normal(
-        size=(levels * k, train["image_emb"].shape[1]))
-    rows = hkmeans.level_codebook(train["image_emb"], codes["train"], k, fill)
+    fill = np.random.default_rng([seed, 0]).normal(size=(levels * k, fit["image_emb"].shape[1]))
+    rows = hkmeans.level_codebook(fit["image_emb"], hkmeans.assign(tree, fit["image_emb"]), k,
+                                  fill)
     return codes, _project(rows, e_dim, seed)
   if scheme == "atomic":
     every = ids.atomic_codes(all_ids, k, levels)
@@ -336,12 +401,14 @@ def _format_summary(scheme: str, summary: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Builds and writes the voken table for `config.tokenizer.scheme` (see module doc)."""
+  """Builds and writes the voken table of `config.tokenizer.scheme` for `config.protocol`
+  (see module doc)."""
   tok = config.tokenizer
   scheme = str(tok.scheme)
   if scheme not in model_lib.SCHEMES:
     raise UserError(f"config key tokenizer.scheme must be one of {', '.join(model_lib.SCHEMES)}, "
                     f"got {scheme!r}")
+  protocol = pseudo_lib.check_protocol(str(config.protocol))
   embeddings = {}
   for split in SPLITS:
     data = read_embeddings(workdir, split)
@@ -354,13 +421,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if len(np.unique(all_ids)) != len(all_ids):
     raise UserError(f"image ids repeat across the splits' embeddings in {paths.embed_dir(workdir)}")
 
-  directory = paths.tokenizer_dir(workdir, scheme)
-  fingerprint = _fingerprint(config, embeddings)
+  name = tokenizer_name(config, scheme, protocol)
+  pseudo = None
+  if fits_on_pseudo_queries(config, scheme, protocol):
+    from avg_jax.encoders.stage import load_pseudo_query_embeddings  # the embed stage's reader
+    pseudo = load_pseudo_query_embeddings(workdir)
+  fit = fit_pairs(embeddings, pseudo)
+  directory = paths.tokenizer_dir(workdir, name)
+  fingerprint = _fingerprint(config, embeddings, fit)
   is_main = jax.process_index() == 0
   if _check_fingerprint(directory, fingerprint):
-    print(f"tokenize [{scheme}]: {directory} is complete for this config; kept")
+    print(f"tokenize [{name}]: {directory} is complete for this config; kept")
     with open(os.path.join(directory, SUMMARY), encoding="utf-8") as f:
-      print(_format_summary(scheme, json.load(f)))
+      print(_format_summary(name, json.load(f)))
     return
   if is_main:
     os.makedirs(directory, exist_ok=True)
@@ -368,15 +441,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   k, levels = int(tok.codebook_size), int(tok.num_levels)
   if scheme in model_lib.RQ_SCHEMES:
-    codes, codebook, split_stats = _train_rqvae(config, workdir, directory, embeddings, scheme)
+    codes, codebook, split_stats = _train_rqvae(config, workdir, directory, embeddings, fit,
+                                                scheme, name)
     shared = bool(tok.shared_codebook)
   else:
-    codes, codebook = _fixed_scheme(config, embeddings, scheme)
+    codes, codebook = _fixed_scheme(config, embeddings, fit, scheme)
     split_stats, shared = {s: {} for s in embeddings}, False
 
   # Statistics before disambiguation.
   all_codes = np.concatenate([codes[s] for s in embeddings])
-  summary = dict(scheme=scheme, num_levels=levels, codebook_size=k, shared_codebook=shared,
+  summary = dict(scheme=scheme, name=name, fit_on=fit["description"], num_levels=levels,
+                 codebook_size=k, shared_codebook=shared,
                  collision_rate_all=ids.collision_rate(all_codes), splits={})
   for split in embeddings:
     perplexity, unused = _usage(codes[split], k)
@@ -386,7 +461,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                     **split_stats[split])
 
   if tok.disambiguation:
-    final, disambiguation = ids.disambiguate(all_codes, all_ids)
+    per_split, disambiguation = ids.disambiguate_per_index(
+        codes, {s: d["image_ids"] for s, d in embeddings.items()})
+    final = np.concatenate([per_split[s] for s in embeddings])
   else:
     final, disambiguation = all_codes.astype(np.int32), 0
     if summary["collision_rate_all"] > 0:
@@ -397,7 +474,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                           disambiguation_size=disambiguation)
   final = vocab.validate_codes(final, f"{scheme} identifiers")
   if tok.disambiguation:
-    ids.check_identifiers(final, vocab.position_sizes(), what=f"{scheme} identifiers")
+    start = 0
+    for split, data in embeddings.items():  # unique within each index (split)
+      n = len(data["image_ids"])
+      ids.check_identifiers(final[start:start + n], vocab.position_sizes(),
+                            what=f"{scheme} identifiers of {split}")
+      start += n
   if codebook.shape != (vocab.num_level_tokens, int(tok.e_dim)):
     raise AssertionError(f"codebook {codebook.shape} != {(vocab.num_level_tokens, tok.e_dim)}")
   summary.update(id_length=vocab.id_length, disambiguation_size=disambiguation)
@@ -421,10 +503,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index())
   for split, s in summary["splits"].items():
-    writer.write(method=scheme, split=split, disambiguation_size=disambiguation,
+    writer.write(method=name, split=split, disambiguation_size=disambiguation,
                  id_length=vocab.id_length, **s)
   if summary.get("semantic"):
-    writer.write(method=scheme, split=summary["semantic_split"],
+    writer.write(method=name, split=summary["semantic_split"],
                  semantic=summary["semantic"])
   if is_main:
     _atomic_write(os.path.join(directory, VOKEN_TABLE), lambda f: np.savez(f, **table))
@@ -432,4 +514,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                   lambda f: np.save(f, codebook.astype(np.float32)))
     _write_json(os.path.join(directory, VOCAB), vocab.to_dict())
     _write_json(os.path.join(directory, SUMMARY), summary)  # last: marks the directory complete
-  print(_format_summary(scheme, summary))
+  print(_format_summary(name, summary))

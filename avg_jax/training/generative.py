@@ -1,13 +1,15 @@
 """`avg-jax train`: the generative stage (caption or pseudo query -> voken ids + EOS).
 
-Examples are (caption tokens, target tokens) pairs: every caption of every training image,
-plus optional pseudo queries from `train.pseudo_queries` (JSON lines `{"image_id", "query"}`
-or `image_id<TAB>query` lines). Cross-entropy with `train.temperature`, AdamW with linear
-warmup + decay, clipping, optional accumulation; checkpoints with the grain iterator state in
-`paths.train_dir(workdir, scheme)`; validation Recall@K through the constrained search.
+Examples are (query tokens, target tokens) pairs: every caption of every training image, and
+under the transductive protocol (`config.protocol`) every pseudo query of the indexed (val /
+test) images, `train.pseudo_query_repeats` times, with the identifier of its image in its own
+split's index. Cross-entropy with `train.temperature`, AdamW with linear warmup + decay,
+clipping, optional accumulation; checkpoints with the grain iterator state in
+`paths.train_dir(workdir, scheme, protocol)`; validation Recall@K through the constrained
+search.
 """
 
-import json
+import logging
 import os
 from typing import Any
 
@@ -20,6 +22,7 @@ from ml_collections import ConfigDict
 from avg_jax import config as config_lib
 from avg_jax import partitioning, paths
 from avg_jax.data import dataset, pipeline
+from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval
 from avg_jax.metrics import MetricsWriter
@@ -30,60 +33,50 @@ from avg_jax.training.checkpointing import Checkpointer, StopSignal, load_params
 
 CHECKPOINTS = "checkpoints"
 FINAL_PARAMS = "params"
+log = logging.getLogger(__name__)
 
 
-class EncodeExample:
-  """caption element -> {"inputs": int32[S], "targets": int32[P + 1]} (picklable for workers)."""
+class Examples:
+  """Random access to tokenized examples: index -> {"inputs": int32[S], "targets": int32[T]}
+  (rows of two arrays; a grain source, picklable for workers)."""
 
-  def __init__(self, tokenizer, max_length: int, image_ids: np.ndarray, targets: np.ndarray):
-    self.tokenizer = tokenizer
-    self.max_length = max_length
-    self.row_of = {int(i): r for r, i in enumerate(image_ids)}
-    self.targets = targets
+  def __init__(self, inputs: np.ndarray, targets: np.ndarray):
+    self.inputs, self.targets = inputs, targets
 
-  def __call__(self, element: dict) -> dict:
-    row = self.row_of[int(element["image_id"])]
-    inputs = self.tokenizer.encode_batch([str(element["caption"])], self.max_length)[0]
-    return {"inputs": inputs, "targets": self.targets[row]}
+  def __len__(self) -> int:
+    return len(self.inputs)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"inputs": self.inputs[index], "targets": self.targets[index]}
 
 
-def read_pseudo_queries(path: str, known_ids: set) -> list[dict]:
-  """Reads extra (image id, query) pairs; errors name the file and line."""
-  if not os.path.isfile(path):
-    raise UserError(f"pseudo query file not found: {path}")
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      try:
-        if line.lstrip().startswith("{"):
-          rec = json.loads(line)
-          image_id, query = int(rec["image_id"]), str(rec["query"])
-        else:
-          image_id_text, query = line.split("\t", 1)
-          image_id = int(image_id_text)
-      except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}:{n}: expected {{\"image_id\": int, \"query\": str}} or "
-                        f"'image_id<TAB>query' ({type(e).__name__})") from e
-      if image_id not in known_ids:
-        raise UserError(f"{path}:{n}: image id {image_id} is not a training image")
-      if not query.strip():
-        raise UserError(f"{path}:{n}: empty query")
-      out.append({"image_id": np.int64(image_id), "caption": query})
-  return out
+def pseudo_examples(workdir: str, gen, repeats: int) -> tuple[np.ndarray, list[str]]:
+  """The transductive protocol's extra examples: `(image ids [M], M pseudo queries)` of the
+  indexed images, each `repeats` times."""
+  indexed = [s for s in gen.training_splits() if s != "train"]
+  if not indexed:
+    return np.zeros((0,), np.int64), []
+  image_ids = np.concatenate([gen.table[s][0] for s in indexed])
+  ids, queries = pseudo_lib.of_images(workdir, image_ids)
+  if not queries:
+    log.warning("protocol 'transductive' but the prepared data has no pseudo queries for the "
+                "%s images: training sees the training captions only", "/".join(indexed))
+  return np.tile(ids, repeats), queries * repeats
 
 
 def training_source(config: ConfigDict, workdir: str, gen) -> grain.MapDataset:
-  """Every (caption or pseudo query, target) example of the training split."""
-  image_ids, targets = gen.targets("train")
-  source = dataset.caption_source(workdir, "train")
-  if config.train.pseudo_queries:
-    extra = read_pseudo_queries(config.train.pseudo_queries, set(int(i) for i in image_ids))
-    source = grain.MapDataset.concatenate([source, grain.MapDataset.source(extra)])
-  encode = EncodeExample(gen.tokenizer, int(config.text_tokenizer.max_length), image_ids, targets)
-  return source.map(encode)
+  """Every (caption or pseudo query, target) example the protocol trains on: the training
+  captions in caption order, then the pseudo queries. All texts are tokenized here in one
+  call: a per-example tokenizer call costs more CPU than a train step of the smoke model."""
+  ids, targets = zip(*(gen.targets(s) for s in gen.training_splits()))
+  row_of = {int(i): r for r, i in enumerate(np.concatenate(ids))}
+  targets = np.concatenate(targets)
+  caption_ids, texts = dataset.read_texts(workdir, "train")
+  pseudo_ids, queries = pseudo_examples(workdir, gen, int(config.train.pseudo_query_repeats))
+  example_ids = np.concatenate([caption_ids, pseudo_ids])
+  inputs = gen.tokenizer.encode_batch(texts + queries, int(config.text_tokenizer.max_length))
+  rows = np.asarray([row_of[int(i)] for i in example_ids], np.int64)
+  return grain.MapDataset.source(Examples(inputs, targets[rows]))
 
 
 def make_loss_fn(cfg, temperature: float):
@@ -157,8 +150,8 @@ def device_batches(data_iter, mesh):
 
 
 def metadata(config: ConfigDict, gen, stage: str) -> dict:
-  return {"stage": stage, "scheme": config.tokenizer.scheme, "voken_table_hash": gen.table_hash,
-          "config": config_lib.to_json_dict(config)}
+  return {"stage": stage, "scheme": gen.scheme, "protocol": gen.protocol,
+          "voken_table_hash": gen.table_hash, "config": config_lib.to_json_dict(config)}
 
 
 def check_table_hash(found_metadata: dict, gen, directory: str) -> None:
@@ -181,10 +174,10 @@ def restore_or(checkpointer: Checkpointer, state, data_iter, gen) -> loop.TrainS
   return restored
 
 
-def params_dir(workdir: str, scheme: str, stage: str = "train") -> str:
+def params_dir(workdir: str, scheme: str, protocol: str, stage: str = "train") -> str:
   """Where a finished stage keeps its final parameters."""
   base = paths.train_dir if stage == "train" else paths.rank_dir
-  return os.path.join(base(workdir, scheme), FINAL_PARAMS)
+  return os.path.join(base(workdir, scheme, protocol), FINAL_PARAMS)
 
 
 def ensure_final_params(directory: str, params) -> None:
@@ -219,14 +212,15 @@ def abstract_params(gen, mesh):
                       shapes, shardings), shardings
 
 
-def final_params(config: ConfigDict, workdir: str, scheme: str, stage: str = "train"):
+def final_params(config: ConfigDict, workdir: str, scheme: str, stage: str = "train",
+                 protocol: str | None = None):
   """`(gen, mesh, params, shardings)` of a finished train (or rank) stage."""
-  gen = generator_lib.load_generator(config, workdir, scheme)
+  gen = generator_lib.load_generator(config, workdir, scheme, protocol)
   mesh = partitioning.make_mesh(config.mesh)
-  directory = params_dir(workdir, scheme, stage)
+  directory = params_dir(workdir, scheme, gen.protocol, stage)
   if not os.path.isdir(directory):
-    raise UserError(f"no finished {stage} stage for scheme {scheme!r} ({directory} is "
-                    f"missing); run `avg-jax {stage}` first")
+    raise UserError(f"no finished {stage} stage for scheme {scheme!r}, protocol "
+                    f"{gen.protocol!r} ({directory} is missing); run `avg-jax {stage}` first")
   abstract, shardings = abstract_params(gen, mesh)
   return gen, mesh, load_params(directory, abstract), shardings
 
@@ -235,14 +229,18 @@ def run(config: ConfigDict, workdir: str) -> None:
   train_generator(config, workdir, config.tokenizer.scheme)
 
 
-def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
-  """Trains the generator of `scheme` to `train.steps` (resuming when possible)."""
+def train_generator(config: ConfigDict, workdir: str, scheme: str,
+                    protocol: str | None = None) -> None:
+  """Trains the generator of `scheme` under `protocol` (default `config.protocol`) to
+  `train.steps` (resuming when possible)."""
   c = config.train
-  gen = generator_lib.load_generator(config, workdir, scheme)
+  gen = generator_lib.load_generator(config, workdir, scheme, protocol)
+  name = f"{scheme}, {gen.protocol}"
   mesh = partitioning.make_mesh(config.mesh)
-  directory = os.path.join(paths.train_dir(workdir, scheme), CHECKPOINTS)
-  if already_finished(directory, params_dir(workdir, scheme), int(c.steps), gen, mesh):
-    print(f"train [{scheme}]: finished ({c.steps} steps) in {directory}; kept")
+  final_dir = params_dir(workdir, scheme, gen.protocol)
+  directory = os.path.join(paths.train_dir(workdir, scheme, gen.protocol), CHECKPOINTS)
+  if already_finished(directory, final_dir, int(c.steps), gen, mesh):
+    print(f"train [{name}]: finished ({c.steps} steps) in {directory}; kept")
     return
   rng = jax.random.key(int(config.seed))
   init_rng, dropout_rng = jax.random.split(rng)
@@ -254,15 +252,14 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
   data_iter = pipeline.from_config(
       training_source(config, workdir, gen), per_process_batch(int(c.batch_size)),
       config.loader, shuffle=True, num_epochs=None, drop_remainder=True, global_order=True)
-  directory = os.path.join(paths.train_dir(workdir, scheme), CHECKPOINTS)
   checkpointer = Checkpointer(directory, keep=int(c.keep_checkpoints),
                               async_save=bool(c.async_checkpointing))
   writer = MetricsWriter(workdir, "train", process_index=jax.process_index())
   try:
     state = restore_or(checkpointer, state, data_iter, gen)
     if int(jax.device_get(state.step)) >= int(c.steps):
-      ensure_final_params(params_dir(workdir, scheme), state.params)
-      print(f"train [{scheme}]: already finished ({c.steps} steps) in {directory}")
+      ensure_final_params(final_dir, state.params)
+      print(f"train [{name}]: already finished ({c.steps} steps) in {directory}")
       return
     batches = device_batches(data_iter, mesh)
     first = next(batches)
@@ -275,7 +272,7 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
     def eval_fn(s):
       m = avg_eval.evaluate_recall(gen, s.params, param_shardings, mesh, config, workdir, "val",
                                    max_queries=int(c.eval_max_queries), search_fn=search_fn)
-      return {"split": "val", "method": scheme,
+      return {"split": "val", "method": scheme, "protocol": gen.protocol,
               **{k: v for k, v in m.items() if not k.startswith("_")}}
 
     with partitioning.activation_context(mesh), StopSignal() as stop:
@@ -284,8 +281,8 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
                checkpoint_every=int(c.checkpoint_every), writer=writer, data_iter=data_iter,
                metadata=metadata(config, gen, "train"), log_every=int(c.log_every),
                examples_per_step=int(c.batch_size), eval_fn=eval_fn,
-               eval_every=int(c.eval_every), stop=stop, desc=f"train [{scheme}]")
-    save_params(params_dir(workdir, scheme), state.params)
+               eval_every=int(c.eval_every), stop=stop, desc=f"train [{name}]")
+    save_params(final_dir, state.params)
   finally:
     checkpointer.close()
 

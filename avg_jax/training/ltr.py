@@ -1,8 +1,9 @@
 """`avg-jax rank`: the discriminative (learning-to-rank) stage, from the generative checkpoint.
 
-For each training query, a constrained beam search over the *training* images (with the
-current parameters, no gradient) proposes `rank.beam_size` candidates; the ground truth is
-removed from them; all candidates and the positive are scored by teacher forcing (sum of
+For each training query, a constrained beam search over the identifiers the generator is
+trained on (the training images', plus the indexed images' under the transductive protocol;
+with the current parameters, no gradient) proposes `rank.beam_size` candidates; the ground
+truth is removed from them; all candidates and the positive are scored by teacher forcing (sum of
 full-vocabulary log-softmax over the vokens and EOS); the loss is the generative
 cross-entropy of the positive plus `rank.rank_weight` x the listwise softmax cross-entropy with
 the positive first (the reference's double softmax behind `rank.double_softmax`). Candidate
@@ -35,9 +36,11 @@ def candidate_targets(codes: jax.Array, offsets: jax.Array) -> jax.Array:
 
 def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_softmax: bool,
                       temperature: float, mask_mode: str, score_temperature: float = 1.0,
-                      skip_twin_negatives: bool = False, voken_logits_only: bool = False):
+                      skip_twin_negatives: bool = False, voken_logits_only: bool = False,
+                      trained_length: int | None = None):
   """`(params, batch, rng, trie) -> (loss, metrics)`; `batch` has `inputs [B, S]`, `targets
-  [B, P + 1]`; `trie` is the training images' `DeviceTrie`.
+  [B, T + 1]` (T = `trained_length`, default the vocabulary's P); `trie` is the `DeviceTrie`
+  of the training targets' identifiers.
 
   `skip_twin_negatives` drops candidates whose semantic codes (all levels before the
   disambiguation position) equal the positive's: they differ only in an arbitrary index that
@@ -46,18 +49,20 @@ def make_rank_loss_fn(cfg, vocab, *, beam_size: int, rank_weight: float, double_
   full-vocabulary log-softmax, as the generative loss does.
   """
   levels = vocab.num_levels
-  offsets = jnp.asarray(vocab.position_offsets(), jnp.int32)
+  trained_length = vocab.id_length if trained_length is None else int(trained_length)
+  offsets = jnp.asarray(vocab.position_offsets()[:trained_length], jnp.int32)
 
   def loss_fn(params, batch, rng, trie):
     inputs, targets = batch["inputs"], batch["targets"]
     b = inputs.shape[0]
     found = search_lib.constrained_search(
         jax.lax.stop_gradient(params), cfg, trie, vocab, inputs, beam_size=beam_size,
-        top_k=beam_size, mask_mode=mask_mode, voken_logits_only=voken_logits_only)
-    cand = candidate_targets(jnp.maximum(found.codes, 0), offsets)          # [B, beam, P+1]
+        top_k=beam_size, mask_mode=mask_mode, voken_logits_only=voken_logits_only,
+        trained_length=trained_length)
+    cand = candidate_targets(jnp.maximum(found.sequences, 0), offsets)      # [B, beam, T+1]
     is_positive = jnp.all(cand == targets[:, None, :], axis=-1)             # [B, beam]
-    negative_ok = (found.item_ids >= 0) & ~is_positive
-    if skip_twin_negatives and vocab.disambiguation_size:
+    negative_ok = jnp.all(found.sequences >= 0, axis=-1) & ~is_positive
+    if skip_twin_negatives and trained_length > levels:
       twin = jnp.all(cand[..., :levels] == targets[:, None, :levels], axis=-1)
       negative_ok = negative_ok & ~twin
     all_targets = jnp.concatenate([targets[:, None, :], cand], axis=1)      # [B, 1+beam, P+1]
@@ -91,10 +96,11 @@ def make_optimizer(config: ConfigDict):
   return optim.adamw(schedule, grad_clip_norm=float(config.train.grad_clip_norm)), schedule
 
 
-def loss_fn_from_config(config: ConfigDict, cfg, vocab):
+def loss_fn_from_config(config: ConfigDict, cfg, vocab, trained_length: int | None = None):
   """`make_rank_loss_fn` with the `rank`, `train` and `decode` settings of `config`."""
   c = config.rank
-  return make_rank_loss_fn(cfg, vocab, beam_size=int(c.beam_size),
+  return make_rank_loss_fn(cfg, vocab, trained_length=trained_length,
+                           beam_size=int(c.beam_size),
                            rank_weight=float(c.rank_weight),
                            double_softmax=bool(c.double_softmax),
                            temperature=float(config.train.temperature),
@@ -124,23 +130,27 @@ def run(config: ConfigDict, workdir: str) -> None:
   rank_generator(config, workdir, config.tokenizer.scheme)
 
 
-def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
-  """Fine-tunes the finished generator of `scheme` with the listwise loss."""
+def rank_generator(config: ConfigDict, workdir: str, scheme: str,
+                   protocol: str | None = None) -> None:
+  """Fine-tunes the finished generator of `scheme` under `protocol` (default
+  `config.protocol`) with the listwise loss."""
   c = config.rank
-  directory = os.path.join(paths.rank_dir(workdir, scheme), generative.CHECKPOINTS)
-  final_dir = generative.params_dir(workdir, scheme, "rank")
-  gen, mesh, params, param_shardings = generative.final_params(config, workdir, scheme, "train")
+  gen, mesh, params, param_shardings = generative.final_params(config, workdir, scheme, "train",
+                                                               protocol)
+  name = f"{scheme}, {gen.protocol}"
+  directory = os.path.join(paths.rank_dir(workdir, scheme, gen.protocol), generative.CHECKPOINTS)
+  final_dir = generative.params_dir(workdir, scheme, gen.protocol, "rank")
   if generative.already_finished(directory, final_dir, int(c.steps), gen, mesh):
-    print(f"rank [{scheme}]: finished ({c.steps} steps) in {directory}; kept")
+    print(f"rank [{name}]: finished ({c.steps} steps) in {directory}; kept")
     return
   rng = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
   tx, schedule = make_optimizer(config)
   state, state_shardings = generative.create_state(params, tx, mesh)
   del params
 
-  trie = avg_eval.build_trie(gen.table, "train", gen.vocab).to_device(
+  trie = gen.trie(gen.training_splits()).to_device(
       dense_levels=int(config.decode.dense_levels), sharding=partitioning.replicated(mesh))
-  loss_fn = loss_fn_from_config(config, gen.cfg, gen.vocab)
+  loss_fn = loss_fn_from_config(config, gen.cfg, gen.vocab, gen.trained_length)
 
   data_iter = pipeline.from_config(
       generative.training_source(config, workdir, gen),
@@ -153,7 +163,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
     state = generative.restore_or(checkpointer, state, data_iter, gen)
     if int(jax.device_get(state.step)) >= int(c.steps):
       generative.ensure_final_params(final_dir, state.params)
-      print(f"rank [{scheme}]: already finished ({c.steps} steps) in {directory}")
+      print(f"rank [{name}]: already finished ({c.steps} steps) in {directory}")
       return
     batches = generative.device_batches(data_iter, mesh)
     first = next(batches)
@@ -166,7 +176,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
       m = avg_eval.evaluate_recall(gen, s.params, state_shardings.params, mesh, config,
                                    workdir, "val", max_queries=int(config.train.eval_max_queries),
                                    search_fn=search_fn)
-      return {"split": "val", "method": f"{scheme}_ltr",
+      return {"split": "val", "method": f"{scheme}_ltr", "protocol": gen.protocol,
               **{k: v for k, v in m.items() if not k.startswith("_")}}
 
     with partitioning.activation_context(mesh), StopSignal() as stop:
@@ -177,7 +187,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str) -> None:
                        metadata=generative.metadata(config, gen, "rank"),
                        log_every=int(config.train.log_every),
                        examples_per_step=int(c.batch_size), eval_fn=eval_fn,
-                       eval_every=int(c.eval_every), stop=stop, desc=f"rank [{scheme}]")
+                       eval_every=int(c.eval_every), stop=stop, desc=f"rank [{name}]")
     save_params(final_dir, state.params)
   finally:
     checkpointer.close()

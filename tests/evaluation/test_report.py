@@ -27,8 +27,15 @@ def test_crossover_never_and_always():
 def test_write_report_makes_markdown_and_plots(tmp_path):
   results = {
       "meta": {"config": "smoke"},
-      "recall": {"two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
-                 "avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}},
+      "recall": {
+          "transductive": {"two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
+                           "avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0, "code R@1": 30.0,
+                                   "code R@5": 55.0, "code R@10": 80.0}},
+          "inductive": {"two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
+                        "avg": {"R@1": 20.0, "R@5": 45.0, "R@10": 70.0, "code R@1": 21.0,
+                                "code R@5": 46.0, "code R@10": 71.0}}},
+      "saw_pseudo_queries": {"transductive": {"two_tower": False, "avg": True},
+                             "inductive": {"two_tower": False, "avg": False}},
       "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
                      "two_tower": _rows([(1000, 1000.0), (100000, 10.0)])},
       "codebook": {"avg": {"perplexity": [50.0, 40.0], "unused_share": [0.1, 0.2]}},
@@ -38,17 +45,27 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
                                           results["efficiency"]["two_tower"])
   path = report.write_report(results, str(tmp_path))
   text = open(path).read()
-  assert "| avg | 25.0 | 50.0 | 75.0 |" in text
+  assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 |" in text
+  assert "| avg | no | 20.0 | 45.0 | 70.0 | 21.0 | 46.0 | 71.0 |" in text
+  assert "| two_tower | no | 50.0 | 80.0 | 90.0 | - | - | - |" in text
+  assert text.index("### transductive") < text.index("### inductive")
   assert "| avg | 5.0% | 10.0% |" in text  # test, train columns sorted by name
   for png in ("recall.png", "efficiency.png", "codebook.png", "collisions.png"):
     assert os.path.getsize(tmp_path / png) > 1000
   table = report.summary_table(results)
   assert "two_tower" in table and "AVG faster than two-tower from N ~ " in table
+  lines = table.splitlines()
+  assert lines[0] == ("protocol transductive (test; trained on the indexed images' pseudo "
+                      "queries: avg)")
+  assert lines[1].split() == ["method", "R@1", "R@5", "R@10", "code", "R@1", "code", "R@5",
+                              "code", "R@10"]
+  assert lines[3].split() == ["avg", "25.0", "50.0", "75.0", "30.0", "55.0", "80.0"]
+  assert lines[2].split()[-3:] == ["-", "-", "-"]
 
 
 def test_efficiency_section_has_no_empty_recall_header(tmp_path):
   # report.md's efficiency block used to start with a "method R@1 R@5 R@10" header and no rows.
-  results = {"recall": {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}},
+  results = {"recall": {"inductive": {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}}},
              "efficiency": {"avg": _rows([(1000, 100.0)]), "two_tower": _rows([(1000, 50.0)])},
              "crossover": 1000.0}
   text = open(report.write_report(results, str(tmp_path))).read()
@@ -57,5 +74,6 @@ def test_efficiency_section_has_no_empty_recall_header(tmp_path):
   assert block.strip().splitlines()[0].split() == ["N", "avg", "q/s", "two_tower", "q/s"]
   # The one-screen summary keeps both parts, recall first.
   summary = report.summary_table(results).splitlines()
-  assert summary[0].split() == ["method", "R@1", "R@5", "R@10"] and summary[2] == ""
+  assert summary[0].startswith("protocol inductive") and summary[3] == ""
+  assert summary[1].split()[:4] == ["method", "R@1", "R@5", "R@10"]
   assert report.summary_table({}) == ""

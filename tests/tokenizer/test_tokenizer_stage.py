@@ -31,8 +31,22 @@ def _write_embeddings(workdir, dim=12, seed=0):
              caption_image_ids=cap_ids, caption_emb=cap)
 
 
-def _config(repo_root, scheme, mesh=("data=4", "model=2"), **extra):
-  overrides = [f"tokenizer.scheme={scheme}", "tokenizer.steps=6", "tokenizer.batch_size=64",
+def _write_pseudo_queries(workdir, seed=1):
+  """Embedded pseudo queries: 2 per val / test image, near their image."""
+  rng = np.random.default_rng(seed)
+  ids, emb = [], []
+  for split in ("val", "test"):
+    with np.load(paths.embeddings_file(workdir, split)) as f:
+      ids.append(np.repeat(f["image_ids"], 2))
+      emb.append(np.repeat(f["image_emb"], 2, axis=0) + 0.5 * rng.normal(
+          size=(2 * len(f["image_ids"]), f["image_emb"].shape[1])))
+  np.savez(os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz"),
+           image_ids=np.concatenate(ids), query_emb=np.concatenate(emb).astype(np.float32))
+
+
+def _config(repo_root, scheme, mesh=("data=4", "model=2"), protocol="inductive", **extra):
+  overrides = [f"protocol={protocol}", f"tokenizer.scheme={scheme}", "tokenizer.steps=6",
+               "tokenizer.batch_size=64",
                "tokenizer.codebook_size=8", "tokenizer.num_levels=3", "tokenizer.e_dim=8",
                "tokenizer.hidden_dims=(16,)", "tokenizer.log_every=3",
                "tokenizer.checkpoint_every=3", "t5.vocab_size=50"]
@@ -40,20 +54,17 @@ def _config(repo_root, scheme, mesh=("data=4", "model=2"), **extra):
   return config_lib.load_config(str(repo_root / "configs" / "smoke.py") + ":tiny", overrides)
 
 
-def _check_table(workdir, scheme):
-  vocab, table, codebook = stage.load_voken_table(workdir, scheme)
+def _check_table(workdir, name):
+  vocab, table, codebook = stage.load_voken_table(workdir, name)
   assert list(table) == [s for s, _ in SPLIT_SIZES]
-  all_codes, all_ids = [], []
   for split, n in SPLIT_SIZES:
     image_ids, codes = table[split]
     assert image_ids.dtype == np.int64 and codes.dtype == np.int32
     assert codes.shape == (n, vocab.id_length)
     with np.load(paths.embeddings_file(workdir, split)) as f:
       np.testing.assert_array_equal(image_ids, f["image_ids"])
-    all_codes.append(codes)
-    all_ids.append(image_ids)
-  # Unique across all images of all splits, codes within each position's range.
-  ids.check_identifiers(np.concatenate(all_codes), vocab.position_sizes())
+    # Unique within each index (split), codes within each position's range.
+    ids.check_identifiers(codes, vocab.position_sizes())
   assert codebook.dtype == np.float32 and codebook.shape == (vocab.num_level_tokens, 8)
   assert vocab.text_vocab_size == 50 and vocab.codebook_size == 8 and vocab.num_levels == 3
   return vocab, table, codebook
@@ -160,3 +171,32 @@ def test_bad_embeddings_and_scheme_are_user_errors(tmp_path, repo_root):
     stage.run(_config(repo_root, "semantic"), workdir)
   with pytest.raises(UserError, match="run `avg-jax tokenize`"):
     stage.load_voken_table(workdir, "avg")
+
+
+def test_transductive_fit_uses_the_indexed_images_pseudo_queries(tmp_path, repo_root):
+  workdir = str(tmp_path)
+  _write_embeddings(workdir)
+  config = _config(repo_root, "avg", mesh=("data=8",), protocol="transductive",
+                   fit_on_pseudo_queries=True)
+  with pytest.raises(UserError, match="pseudo_queries.npz not found; run `avg-jax embed`"):
+    stage.run(config, workdir)
+  _write_pseudo_queries(workdir)
+  stage.run(config, workdir)
+  assert stage.tokenizer_name(config, "avg", "transductive") == "avg+pseudo"
+  _check_table(workdir, "avg+pseudo")
+  with open(os.path.join(paths.tokenizer_dir(workdir, "avg+pseudo"), stage.SUMMARY)) as f:
+    assert json.load(f)["fit_on"] == "train pairs + 80 pseudo-query pairs of val/test images"
+  # Without the option, and for schemes that fit nothing, both protocols share one table.
+  off = _config(repo_root, "avg", protocol="transductive", fit_on_pseudo_queries=False)
+  assert stage.tokenizer_name(off, "avg", "transductive") == "avg"
+  assert stage.tokenizer_name(config, "atomic", "transductive") == "atomic"
+  # The pairs: every training caption, then each pseudo query with its own image.
+  embeddings = {s: stage.read_embeddings(workdir, s) for s, _ in SPLIT_SIZES}
+  with np.load(os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz")) as f:
+    pseudo = (f["image_ids"], f["query_emb"])
+  fit = stage.fit_pairs(embeddings, pseudo)
+  train = embeddings["train"]
+  assert len(fit["image_ids"]) == 96 + 16 + 24
+  assert len(fit["caption_emb"]) == len(train["caption_emb"]) + 80
+  np.testing.assert_array_equal(fit["image_ids"][fit["caption_image_index"][-80:]], pseudo[0])
+  np.testing.assert_array_equal(fit["caption_emb"][-80:], pseudo[1])

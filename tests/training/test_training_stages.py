@@ -129,23 +129,6 @@ def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
   assert state.step.sharding.spec == jax.sharding.PartitionSpec()
 
 
-def test_pseudo_query_errors_name_file_and_line(tmp_path):
-  good = tmp_path / "q.jsonl"
-  good.write_text('{"image_id": 3, "query": "a red circle"}\n3\ta blue square\n')
-  assert [q["caption"] for q in generative.read_pseudo_queries(str(good), {3})] == [
-      "a red circle", "a blue square"]
-  bad = tmp_path / "bad.tsv"
-  bad.write_text("3\tok\nnot-a-number\tx\n")
-  with pytest.raises(UserError, match=r"bad.tsv:2: expected"):
-    generative.read_pseudo_queries(str(bad), {3})
-  unknown = tmp_path / "u.tsv"
-  unknown.write_text("9\tquery\n")
-  with pytest.raises(UserError, match=r"u.tsv:1: image id 9 is not a training image"):
-    generative.read_pseudo_queries(str(unknown), {3})
-  with pytest.raises(UserError, match="pseudo query file not found"):
-    generative.read_pseudo_queries(str(tmp_path / "none"), {3})
-
-
 # --- Subprocess runs of `avg-jax train` ---------------------------------------------------------
 
 STEPS = 24
@@ -178,7 +161,7 @@ def _final_params(repo_root, workdir):
 
 
 def _checkpoint_dir(workdir):
-  return workdir / "train" / "avg" / "checkpoints"
+  return workdir / "train" / "transductive" / "avg" / "checkpoints"
 
 
 def _wait_for_checkpoint(proc, directory, min_step, timeout=240):
@@ -203,7 +186,7 @@ def test_kill_9_then_resume_gives_identical_parameters(repo_root, tiny_workdir, 
   _wait_for_checkpoint(proc, _checkpoint_dir(killed), 8)
   proc.kill()  # SIGKILL: no handler runs, a save may be half-written
   proc.wait()
-  assert not (killed / "train" / "avg" / "params").exists()
+  assert not (killed / "train" / "transductive" / "avg" / "params").exists()
   subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
                  capture_output=True)
   a, b = _final_params(repo_root, reference), _final_params(repo_root, killed)
