@@ -298,7 +298,7 @@ def _describe(cfg: clip.ClipConfig) -> str:
 def two_tower_recall(embeddings: dict, ks, mesh, *, query_batch: int = 1024,
                      chunk_size: int = 65536) -> dict:
   """Recall@K (percent) of caption -> image cosine retrieval over one split's embeddings,
-  plus `queries_per_s` of the search."""
+  plus `queries_per_s` of the search and `_ranked_ids int64[Q, K]` (the ranking itself)."""
   ks = tuple(int(k) for k in ks)
   image_ids = np.asarray(embeddings["image_ids"])
   k = min(max(ks), len(image_ids))
@@ -315,6 +315,7 @@ def two_tower_recall(embeddings: dict, ks, mesh, *, query_batch: int = 1024,
     ranked_ids = np.pad(ranked_ids, ((0, 0), (0, max(ks) - k)), constant_values=-1)
   metrics = recall_at_k(ranked_ids, embeddings["caption_image_ids"], ks)
   metrics["queries_per_s"] = len(queries) / max(elapsed, 1e-9)
+  metrics["_ranked_ids"] = ranked_ids
   return metrics
 
 
@@ -409,7 +410,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                query_batch=int(tcfg.query_batch_size),
                                chunk_size=int(tcfg.retrieval_chunk_size))
     MetricsWriter(workdir, "embed", process_index=jax.process_index()).write(
-        method="two_tower", split="test", **metrics)
+        method="two_tower", split="test", **{k: v for k, v in metrics.items() if k[0] != "_"})
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("R@"))
     print(f"two-tower (test, {info['splits']['test']['num_captions']} queries over "
           f"{info['splits']['test']['num_images']} images): {shown}")

@@ -34,6 +34,25 @@ def recall_at_k(ranked_ids: np.ndarray, true_ids: np.ndarray,
   return {f"R@{k}": float(100.0 * np.mean(first_hit < k)) for k in ks}
 
 
+def hits_at_k(ranked_ids: np.ndarray, true_ids: np.ndarray, k: int) -> np.ndarray:
+  """`float64[Q]`: 1 where the true id is in the first k of the query's ranking, else 0."""
+  return np.any(np.asarray(ranked_ids)[:, :k] == np.asarray(true_ids)[:, None], axis=1
+                ).astype(np.float64)
+
+
+def paired_difference(hits_a: np.ndarray, hits_b: np.ndarray, *, bootstrap: int = 4000,
+                      seed: int = 0) -> dict:
+  """Mean of `hits_a - hits_b` over the same queries, in points, and its 95 % bootstrap
+  interval over queries: `{"diff", "ci95": [lo, hi]}` (hits as from `hits_at_k`)."""
+  diff = np.asarray(hits_a, np.float64) - np.asarray(hits_b, np.float64)
+  if diff.ndim != 1 or not len(diff):
+    raise ValueError(f"expected two equal-length [Q] hit vectors, got {diff.shape}")
+  idx = np.random.default_rng(seed).integers(0, len(diff), (bootstrap, len(diff)))
+  boot = diff[idx].mean(axis=1)
+  return {"diff": float(100 * diff.mean()),
+          "ci95": [float(100 * np.percentile(boot, 2.5)), float(100 * np.percentile(boot, 97.5))]}
+
+
 def code_recall_at_k(sequences: np.ndarray, true_codes: np.ndarray,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
   """The paper's code-level Recall@K: percent of queries for which one of the first K

@@ -5,6 +5,8 @@
                (code level, generators only)}}} in percent
   saw_pseudo_queries: {protocol: {method: bool}} whether training saw the indexed images'
                pseudo queries
+  vs_two_tower: {protocol: {method: {"R@1": {"diff", "ci95"}, ...}}} paired difference to the
+               two-tower baseline over the same queries, points, 95 % bootstrap interval
   efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
   codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
   collisions:  {scheme: {split: rate}}
@@ -129,9 +131,13 @@ def summary_table(results: dict) -> str:
     lines.append(f"protocol {protocol} (test; trained on the indexed images' pseudo queries: "
                  f"{', '.join(seen) or 'none'})")
     lines.append(f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS) +
-                 "".join(f"{k:>11}" for k in CODE_KEYS))
+                 "".join(f"{k:>11}" for k in CODE_KEYS) + "   R@1 vs two-tower [95% CI]")
+    versus = results.get("vs_two_tower", {}).get(protocol, {})
     for method, r in methods.items():
       cells = [f"{r[k]:>11.1f}" if k in r else f"{'-':>11}" for k in CODE_KEYS]
+      d = versus.get(method, {}).get("R@1")
+      if d:
+        cells.append(f"   {d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
       lines.append(f"{method:<12}" + "".join(f"{r.get(k, float('nan')):>8.1f}"
                                              for k in RECALL_KEYS) + "".join(cells))
   eff = results.get("efficiency", {})
@@ -152,17 +158,19 @@ def summary_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _markdown_recall(recall: dict, seen: dict) -> list[str]:
+def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
   keys = RECALL_KEYS + CODE_KEYS
   out = []
   for protocol, methods in recall.items():
     out += [f"### {protocol}", "",
-            "| method | saw pseudo queries | " + " | ".join(keys) + " |",
-            "|---" * (len(keys) + 2) + "|"]
+            "| method | saw pseudo queries | " + " | ".join(keys) + " | R@1 vs two-tower |",
+            "|---" * (len(keys) + 3) + "|"]
     for method, r in methods.items():
       saw = "yes" if seen.get(protocol, {}).get(method) else "no"
+      d = versus.get(protocol, {}).get(method, {}).get("R@1")
+      vs = f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "-"
       out.append(f"| {method} | {saw} | " + " | ".join(
-          f"{r[k]:.1f}" if k in r else "-" for k in keys) + " |")
+          f"{r[k]:.1f}" if k in r else "-" for k in keys) + f" | {vs} |")
     out.append("")
   return out
 
@@ -179,7 +187,8 @@ def write_report(results: dict, directory: str) -> str:
     md += ["## Recall@K (Karpathy protocol, test split, %)", "",
            "Image level (R@K: the query's image is retrieved) and the paper's code level "
            "(code R@K: a generated code sequence equals the image's semantic codes).", ""]
-    md += _markdown_recall(results["recall"], results.get("saw_pseudo_queries", {}))
+    md += _markdown_recall(results["recall"], results.get("saw_pseudo_queries", {}),
+                           results.get("vs_two_tower", {}))
     md += ["![recall](recall.png)", ""]
   if results.get("efficiency"):
     plot_efficiency(results["efficiency"], os.path.join(directory, "efficiency.png"),

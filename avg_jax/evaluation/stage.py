@@ -27,6 +27,7 @@ from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.encoders import stage as embed_stage
 from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval, efficiency, report
+from avg_jax.evaluation import recall as recall_lib
 from avg_jax.metrics import MetricsWriter
 from avg_jax.tokenizer import stage as tokenize_stage
 from avg_jax.training import generative, ltr
@@ -103,8 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
   writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())
   mesh = partitioning.make_mesh(config.mesh)
-  results = {"recall": {}, "saw_pseudo_queries": {}, "efficiency": {}, "codebook": {},
-             "collisions": {}}
+  results = {"recall": {}, "saw_pseudo_queries": {}, "vs_two_tower": {}, "efficiency": {},
+             "codebook": {}, "collisions": {}}
   methods = tuple(config.evaluate.methods)
   protocols = tuple(pseudo_lib.check_protocol(str(p)) for p in config.evaluate.protocols)
   if not protocols:
@@ -119,7 +120,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if "two_tower" in methods:
     m = embed_stage.two_tower_recall(test_emb, ks, mesh)
     two_tower = {k: m[k] for k in m if k.startswith("R@")}
-    writer.write(method="two_tower", split="test", **m)
+    two_tower_ranked = m["_ranked_ids"]
+    writer.write(method="two_tower", split="test", **{k: v for k, v in m.items() if k[0] != "_"})
 
   avg_params = None
   for protocol in protocols:
@@ -137,6 +139,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
       public = {k: v for k, v in m.items() if not k.startswith("_")}
       recall[method] = {k: public[k] for k in public if "R@" in k}
+      if two_tower is not None:  # the same test captions, in the same order
+        results["vs_two_tower"].setdefault(protocol, {})[method] = {
+            f"R@{k}": recall_lib.paired_difference(
+                recall_lib.hits_at_k(m["_results"]["item_ids"], m["_true_ids"], k),
+                recall_lib.hits_at_k(two_tower_ranked, test_emb["caption_image_ids"], k))
+            for k in ks}
       seen[method] = protocol == "transductive" and len(gen.training_splits()) > 1
       writer.write(method=method, protocol=protocol, split="test", **public)
       name = tokenize_stage.tokenizer_name(c, scheme, protocol)

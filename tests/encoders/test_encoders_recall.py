@@ -50,3 +50,14 @@ def test_code_level_recall_hand_example():
   assert got == pytest.approx({"code R@1": 100 / 3, "code R@2": 200 / 3, "code R@3": 200 / 3})
   with pytest.raises(ValueError, match="needs at least 5"):
     code_recall_at_k(sequences, true_codes, ks=(5,))
+
+
+def test_paired_difference_by_hand():
+  from avg_jax.evaluation.recall import hits_at_k, paired_difference
+  ranked = np.array([[1, 2], [3, 4], [5, 6], [7, 8]])
+  np.testing.assert_array_equal(hits_at_k(ranked, np.array([2, 3, 9, 8]), 1), [0, 1, 0, 0])
+  a = np.array([1.0, 1.0, 0.0, 0.0])
+  b = np.array([0.0, 1.0, 0.0, 1.0])
+  d = paired_difference(a, b)          # differences +1, 0, 0, -1: mean 0 points
+  assert d["diff"] == 0.0 and d["ci95"][0] < 0 < d["ci95"][1]
+  assert paired_difference(a, a)["ci95"] == [0.0, 0.0]

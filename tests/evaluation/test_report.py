@@ -36,6 +36,7 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
                                 "code R@5": 46.0, "code R@10": 71.0}}},
       "saw_pseudo_queries": {"transductive": {"two_tower": False, "avg": True},
                              "inductive": {"two_tower": False, "avg": False}},
+      "vs_two_tower": {"inductive": {"avg": {"R@1": {"diff": -2.0, "ci95": [-4.0, 0.5]}}}},
       "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
                      "two_tower": _rows([(1000, 1000.0), (100000, 10.0)])},
       "codebook": {"avg": {"perplexity": [50.0, 40.0], "unused_share": [0.1, 0.2]}},
@@ -45,9 +46,9 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
                                           results["efficiency"]["two_tower"])
   path = report.write_report(results, str(tmp_path))
   text = open(path).read()
-  assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 |" in text
-  assert "| avg | no | 20.0 | 45.0 | 70.0 | 21.0 | 46.0 | 71.0 |" in text
-  assert "| two_tower | no | 50.0 | 80.0 | 90.0 | - | - | - |" in text
+  assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 | - |" in text
+  assert "| avg | no | 20.0 | 45.0 | 70.0 | 21.0 | 46.0 | 71.0 | -2.0 [-4.0, +0.5] |" in text
+  assert "| two_tower | no | 50.0 | 80.0 | 90.0 | - | - | - | - |" in text
   assert text.index("### transductive") < text.index("### inductive")
   assert "| avg | 5.0% | 10.0% |" in text  # test, train columns sorted by name
   for png in ("recall.png", "efficiency.png", "codebook.png", "collisions.png"):
@@ -57,8 +58,10 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
   lines = table.splitlines()
   assert lines[0] == ("protocol transductive (test; trained on the indexed images' pseudo "
                       "queries: avg)")
-  assert lines[1].split() == ["method", "R@1", "R@5", "R@10", "code", "R@1", "code", "R@5",
-                              "code", "R@10"]
+  assert lines[1].split()[:10] == ["method", "R@1", "R@5", "R@10", "code", "R@1", "code",
+                                   "R@5", "code", "R@10"]
+  inductive_avg = [l for l in lines if l.startswith("avg ")][1]
+  assert inductive_avg.split()[-3:] == ["-2.0", "[-4.0,", "+0.5]"]  # vs two-tower
   assert lines[3].split() == ["avg", "25.0", "50.0", "75.0", "30.0", "55.0", "80.0"]
   assert lines[2].split()[-3:] == ["-", "-", "-"]
 
