@@ -11,9 +11,11 @@ exit 0), loads the same export in this process and measures `Retriever.search` t
 the server's mean batch size of each level, for the same duration: the service's overhead
 is 1 - served / in-process throughput. Writes `<workdir>/bench_serve.json`.
 
-The clients run in this process, on the same machine as the server: on a small machine they
-take CPU from it, so the overhead includes the load generator's cost. `--quick`: 1 and 4
-clients for 2 s each (tests).
+The clients run in this process, on the same machine as the server. So that they do not take
+CPU from it, the CPUs this process may use are split (when there are at least 2): the server
+gets the first half, the clients the rest, and the in-process measurement runs in its own
+process on the server's half -- both sides of the comparison get the same CPUs.
+`--quick`: 1 and 4 clients for 2 s each (tests).
 """
 
 import asyncio
@@ -52,12 +54,29 @@ def _parse_clients(text: str) -> list[int]:
   return clients
 
 
+def cpu_split() -> tuple[set, set]:
+  """(server CPUs, client CPUs): halves of this process's CPUs, or all for both on one."""
+  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  if len(cpus) < 2:
+    return set(cpus), set(cpus)
+  half = len(cpus) // 2
+  return set(cpus[:half]), set(cpus[half:])
+
+
+def _pinned(cpus: set):
+  """A `preexec_fn` that pins the child process to `cpus` (nothing when unknown)."""
+  if not cpus or not hasattr(os, "sched_setaffinity"):
+    return None
+  return lambda: os.sched_setaffinity(0, cpus)
+
+
 class _ServerProcess:
 
-  def __init__(self, model: str):
+  def __init__(self, model: str, cpus: set | None = None):
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "avg_jax", "serve", "--model", model, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_pinned(cpus or set()))
     self.log: list[str] = []
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
@@ -148,6 +167,30 @@ async def _level(url: str, clients: int, duration: float, queries: list[str], k:
           "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+def in_process_main(model: str, batches: list[int], k: int, duration: float) -> None:
+  """Entry of the in-process measurement's own process: prints `{batch: [q/s, ms/call]}`."""
+  retriever = Retriever.load(model)
+  queries = _queries(model)
+  # The server answers every k <= beam with one program of k = min(beam, N): time that one.
+  program_k = max(k, min(retriever.beam_size, len(retriever.image_ids)))
+  out = {b: _in_process(retriever, b, program_k, duration, queries) for b in batches}
+  print("IN_PROCESS " + json.dumps(out), flush=True)
+
+
+def _in_process_subprocess(model: str, batches: list[int], k: int, duration: float,
+                           cpus: set) -> dict[int, tuple[float, float]]:
+  code = ("import sys; from avg_jax.serve import loadtest; "
+          "loadtest.in_process_main(sys.argv[1], [int(b) for b in sys.argv[2].split(',')], "
+          "int(sys.argv[3]), float(sys.argv[4]))")
+  proc = subprocess.run([sys.executable, "-c", code, model, ",".join(map(str, batches)), str(k),
+                         str(duration)], capture_output=True, text=True,
+                        preexec_fn=_pinned(cpus), timeout=START_TIMEOUT_S + 10 * duration)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("IN_PROCESS ")]
+  if proc.returncode or not lines:
+    raise UserError("bench serve: the in-process measurement failed:\n" + proc.stderr[-2000:])
+  return {int(b): tuple(v) for b, v in json.loads(lines[-1][len("IN_PROCESS "):]).items()}
+
+
 def _in_process(retriever: Retriever, batch: int, k: int, duration: float,
                 queries: list[str]) -> tuple[float, float]:
   """(queries/s, ms per call) of back-to-back `Retriever.search` calls of `batch` queries."""
@@ -177,7 +220,11 @@ def run(config, workdir: str, args) -> dict:
   if duration <= 0:
     raise UserError(f"bench serve --duration: must be > 0, got {duration}")
   queries = _queries(model)
-  server = _ServerProcess(model)
+  server_cpus, client_cpus = cpu_split()
+  server = _ServerProcess(model, server_cpus)
+  own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+  if client_cpus and own_cpus is not None:
+    os.sched_setaffinity(0, client_cpus)
   try:
     info = json.loads(urllib.request.urlopen(server.url + "/v1/info", timeout=60).read())
     k = int(info["default_k"])
@@ -207,14 +254,13 @@ def run(config, workdir: str, args) -> dict:
             f"{result['mean_batch']}, {result['errors']} errors", flush=True)
   finally:
     exit_code = server.stop()
+    if own_cpus is not None:
+      os.sched_setaffinity(0, own_cpus)
 
-  retriever = Retriever.load(model)
-  program_k = max(k, min(retriever.beam_size, len(retriever.image_ids)))
-  in_process = {}
+  batches = sorted({max(1, round(level["mean_batch"])) for level in levels})
+  in_process = _in_process_subprocess(model, batches, k, duration, server_cpus)
   for level in levels:
     batch = max(1, round(level["mean_batch"]))
-    if batch not in in_process:
-      in_process[batch] = _in_process(retriever, batch, program_k, duration, queries)
     qps, ms_per_call = in_process[batch]
     level["in_process_batch"] = batch
     level["in_process_qps"] = round(qps, 2)
@@ -222,6 +268,7 @@ def run(config, workdir: str, args) -> dict:
     level["overhead"] = round(1 - level["throughput_qps"] / qps, 4)
 
   report = {"model": os.path.abspath(model), "k": k, "duration_s": duration,
+            "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus),
             "server_exit_code": exit_code, "levels": levels,
             "machine": common.machine_info()}
   _print_table(report)
