@@ -17,6 +17,12 @@ torch and transformers import, the reference path (Hugging Face `generate` with
 same weights. Then it builds indexes of N = 1K, 10K, 100K, 1M random identifiers and reports
 trie build time, device bytes per image and queries/s with the small model.
 `--quick`: the tiny model and N up to 10K only.
+
+Fairness: the reference runs in its own process (`reference_worker`: `OMP_WAIT_POLICY=PASSIVE`,
+as many torch threads as this process's CPU affinity allows) on the same weights, queries,
+trie and full vocabulary; after a warm-up call of every contender, rounds of ours and of the
+reference alternate and each side's median is kept. Ours is the public `constrained_search`
+under the process setting the product applies (`avg_jax.runtime.prefer_heap_allocations`).
 """
 
 import dataclasses
@@ -31,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avg_jax import runtime
 from avg_jax.bench import common
+from avg_jax.bench import reference_worker
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.models import t5 as t5_lib
@@ -46,8 +54,6 @@ MODELS = {
     "base": dict(text_vocab=32128, d_model=768, d_kv=64, heads=12, d_ff=3072, layers=12,
                  batch=8),
 }
-# Reference queries/s (uncached, cached) measured earlier on this machine (issue text).
-REFERENCE_EARLIER = {"small": (24.0, 46.0), "base": (1.2, 2.5)}
 INDEX_SIZES = {"full": (1_000, 10_000, 100_000, 1_000_000), "quick": (1_000, 10_000)}
 GOALS = dict(matmul_fraction=0.5, speedup_vs_reference_uncached=3.0, qps_1m_over_1k=0.85,
              constraint_overhead=1.1, trie_bytes_per_image=48, trie_build_s_1m=10.0)
@@ -65,44 +71,27 @@ def _machine() -> dict:
   return common.machine_info()
 
 
-def prefer_heap_allocations() -> bool:
-  """Stops glibc from serving large buffers with fresh mmap()s (Linux only).
+def _race(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tuple[float, float]]:
+  """`{name: (first call seconds incl. compile, median seconds of `rounds` calls)}`.
 
-  XLA:CPU allocates every intermediate of every call anew; buffers above glibc's mmap
-  threshold (at most 32 MB by default) come from mmap and are page-faulted in on first touch
-  each call. For a `[320, 33152]` float32 logits array that costs ~10x the arithmetic (an
-  elementwise op over it took 29 ms instead of 2 ms here). Raising the threshold keeps them
-  on the heap, where freed pages are reused. Returns whether the setting took.
+  Every contender is called once (warm-up, compile), then the rounds call them in turn, so a
+  change of machine load affects all of them alike. A callable returns None (timed here) or
+  its own measured seconds (a reference worker's).
   """
-  try:
-    import ctypes
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  m_trim_threshold, m_mmap_threshold = -1, -3
-  ok = libc.mallopt(m_mmap_threshold, 2**31 - 1) == 1
-  return ok and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-
-
-def _race(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, float]]:
-  """`{name: (first call seconds incl. compile, best seconds of `repeats` calls)}`.
-
-  The calls are interleaved round-robin after every function's first call, and the best is
-  kept, not the median: on a shared machine other processes only ever add time, and drifting
-  load then affects all contenders alike.
-  """
-  first, best = {}, {}
-  for name, fn in fns.items():
+  def timed(fn):
     start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first[name] = time.perf_counter() - start
-    best[name] = float("inf")
-  for _ in range(repeats):
+    out = fn()
+    if isinstance(out, float):
+      return out
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+  first = {name: timed(fn) for name, fn in fns.items()}
+  samples = {name: [] for name in fns}
+  for _ in range(rounds):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[name] = min(best[name], time.perf_counter() - start)
-  return {name: (first[name], best[name]) for name in fns}
+      samples[name].append(timed(fn))
+  return {name: (first[name], float(np.median(samples[name]))) for name in fns}
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
@@ -168,15 +157,6 @@ def _random_index(rng: np.random.Generator, n: int) -> np.ndarray:
 
 # --- the reference path (optional: torch + transformers) ----------------------------------------
 
-def _reference_available() -> bool:
-  try:
-    import torch  # noqa: F401  (only for the reference row; never used by avg_jax at run time)
-    import transformers  # noqa: F401
-  except ImportError:
-    return False
-  return True
-
-
 class _DictTrie:
   """The reference's trie: nested dicts over token ids from the decoder start token."""
 
@@ -196,40 +176,42 @@ class _DictTrie:
     return list(node)
 
 
-def reference_qps(cfg: T5Config, vocab: VokenVocabulary, params, codes: np.ndarray,
-                  queries: np.ndarray, repeats: int) -> dict:
-  """Hugging Face generate + dict trie on the same weights: queries/s uncached and cached,
-  and its top-1 item per query (for agreement with ours)."""
+def write_reference_payload(folder: str, cfg: T5Config, vocab: VokenVocabulary, params,
+                            codes: np.ndarray, queries: np.ndarray) -> None:
+  """The reference worker's inputs: Hugging Face weights and the same queries and index."""
+  from avg_jax.models import t5_hf
+  t5_hf.save_hf_t5(os.path.join(folder, "hf"), jax.device_get(params), cfg)
+  np.savez(os.path.join(folder, "inputs.npz"), queries=queries,
+           tokens=vocab.codes_to_tokens(codes), id_length=vocab.id_length,
+           first_voken_id=vocab.first_voken_id)
+
+
+def reference_setup(folder: str) -> dict:
+  """(In the reference worker.) Hugging Face `generate` with `prefix_allowed_tokens_fn` over a
+  dict trie, uncached and cached, and its top-1 identifier tokens per query."""
   import torch
   import transformers
-  from avg_jax.models import t5_hf
-  torch.set_num_threads(os.cpu_count() or 1)
-  trie = _DictTrie(vocab.codes_to_tokens(codes))
-  p = vocab.id_length
-  with tempfile.TemporaryDirectory() as tmp:
-    folder = os.path.join(tmp, "hf")
-    t5_hf.save_hf_t5(folder, jax.device_get(params), cfg)
-    model = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+  model = transformers.T5ForConditionalGeneration.from_pretrained(
+      os.path.join(folder, "hf")).eval()
+  with np.load(os.path.join(folder, "inputs.npz")) as f:
+    queries, tokens = f["queries"], f["tokens"]
+    p = int(f["id_length"])
+  trie = _DictTrie(tokens)
   input_ids = torch.as_tensor(queries, dtype=torch.long)
   mask = (input_ids != 0).long()
-  out = {}
-  for use_cache in (False, True):
-    def gen():
-      with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids, attention_mask=mask, num_beams=BEAM,
-            num_return_sequences=BEAM, max_new_tokens=p + 1, length_penalty=1.0,
-            early_stopping=True, do_sample=False, use_cache=use_cache,
-            prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()))
-    times, seqs = [], None
-    for _ in range(repeats):
-      start = time.perf_counter()
-      seqs = gen()
-      times.append(time.perf_counter() - start)
-    out["cached" if use_cache else "uncached"] = len(queries) / min(times)  # best, as ours
-  top1 = seqs.numpy().reshape(len(queries), BEAM, -1)[:, 0, 1:1 + p]
-  out["top1_codes"] = vocab.tokens_to_codes(top1)
-  return out
+
+  def generate(use_cache):
+    with torch.no_grad():
+      return model.generate(
+          input_ids=input_ids, attention_mask=mask, num_beams=BEAM, num_return_sequences=BEAM,
+          max_new_tokens=p + 1, length_penalty=1.0, early_stopping=True, do_sample=False,
+          use_cache=use_cache, prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()))
+
+  def top1():
+    seqs = generate(True).numpy().reshape(len(queries), BEAM, -1)
+    return seqs[:, 0, 1:1 + p].tolist()
+
+  return {"uncached": lambda: generate(False), "cached": lambda: generate(True), "top1": top1}
 
 
 # --- the measurements ----------------------------------------------------------------------------
@@ -252,7 +234,7 @@ class Row:
   note: str = ""
 
 
-def measure_model(name: str, seed: int, matmul: float, with_reference: bool, repeats: int,
+def measure_model(name: str, seed: int, matmul: float, with_reference: bool, rounds: int,
                   variants: bool) -> tuple[list[Row], dict]:
   m = MODELS[name]
   rng = np.random.default_rng(seed)
@@ -262,51 +244,62 @@ def measure_model(name: str, seed: int, matmul: float, with_reference: bool, rep
   device_trie = trie.to_device(1)
   queries = _queries(rng, m["batch"], m["text_vocab"])
   b, s = queries.shape
-  q = jnp.asarray(queries)
 
   def ours(trie_arg, voken_only=False):
-    return lambda: search_lib.constrained_search(params, cfg, trie_arg, vocab, q,
+    # The public entry with numpy queries, as a user calls it.
+    return lambda: search_lib.constrained_search(params, cfg, trie_arg, vocab, queries,
                                                  beam_size=BEAM, voken_logits_only=voken_only)
 
   contenders = {"search": ours(device_trie)}
   if variants:
     contenders.update(vokens=ours(device_trie, True), unconstrained=ours(None))
-  times = _race(contenders, repeats)
-  first, best = times["search"]
+  worker, tmp = None, None
+  if with_reference:
+    tmp = tempfile.TemporaryDirectory()
+    write_reference_payload(tmp.name, cfg, vocab, params, codes, queries)
+    worker = reference_worker.ReferenceWorker("avg_jax.bench.decode:reference_setup", tmp.name)
+    contenders.update(ref_uncached=lambda: worker.time("uncached"),
+                      ref_cached=lambda: worker.time("cached"))
+  try:
+    times = _race(contenders, rounds)
+    ref_top1 = np.asarray(worker.call("top1")) if worker else None
+  finally:
+    if worker:
+      worker.close()
+      tmp.cleanup()
+  first, med = times["search"]
   flops = search_flops(cfg, b, s, BEAM, vocab.id_length, cfg.vocab_size)
-  rows = [Row("search", name, INDEX_N, b, b / best, gflop_per_query=flops["total"] / b / 1e9,
-              gflop_per_s=flops["total"] / best / 1e9,
-              matmul_fraction=flops["total"] / best / matmul, compile_s=first,
+  rows = [Row("search", name, INDEX_N, b, b / med, gflop_per_query=flops["total"] / b / 1e9,
+              gflop_per_s=flops["total"] / med / 1e9,
+              matmul_fraction=flops["total"] / med / matmul, compile_s=first,
               note="full-vocab log_softmax (reference semantics)")]
-  detail = dict(model=m, flops=flops, search_s=best, input_length=s)
+  detail = dict(model=m, flops=flops, search_s=med, input_length=s, rounds=rounds)
   if variants:
     flops_v = search_flops(cfg, b, s, BEAM, vocab.id_length, 1 + vocab.num_voken_tokens)
-    first_v, best_v = times["vokens"]
-    rows.append(Row("search voken_logits_only", name, INDEX_N, b, b / best_v,
+    first_v, med_v = times["vokens"]
+    rows.append(Row("search voken_logits_only", name, INDEX_N, b, b / med_v,
                     gflop_per_query=flops_v["total"] / b / 1e9,
-                    gflop_per_s=flops_v["total"] / best_v / 1e9,
-                    matmul_fraction=flops_v["total"] / best_v / matmul, compile_s=first_v,
+                    gflop_per_s=flops_v["total"] / med_v / 1e9,
+                    matmul_fraction=flops_v["total"] / med_v / matmul, compile_s=first_v,
                     note="log_softmax over EOS + voken rows"))
-    first_u, best_u = times["unconstrained"]
-    rows.append(Row("unconstrained", name, 0, b, b / best_u, compile_s=first_u,
-                    note=f"constraint overhead {best / best_u:.3f}x"))
-    detail["constraint_overhead"] = best / best_u
-  if with_reference:
+    first_u, med_u = times["unconstrained"]
+    rows.append(Row("unconstrained", name, 0, b, b / med_u, compile_s=first_u,
+                    note=f"constraint overhead {med / med_u:.3f}x"))
+    detail["constraint_overhead"] = med / med_u
+  if worker:
+    ref_u, ref_c = b / times["ref_uncached"][1], b / times["ref_cached"][1]
+    rows[0].ref_uncached, rows[0].ref_cached = ref_u, ref_c
     ours_top1 = np.asarray(contenders["search"]().codes)[:, 0]
-    ref = reference_qps(cfg, vocab, params, codes, queries, repeats=2)
-    rows[0].ref_uncached, rows[0].ref_cached = ref["uncached"], ref["cached"]
-    agree = float(np.mean(np.all(ref["top1_codes"] == ours_top1, axis=-1)))
-    detail.update(reference_measured=dict(uncached=ref["uncached"], cached=ref["cached"]),
+    agree = float(np.mean(np.all(vocab.tokens_to_codes(ref_top1) == ours_top1, axis=-1)))
+    detail.update(reference_measured=dict(uncached=ref_u, cached=ref_c,
+                                          threads=worker.info["threads"]),
                   top1_agreement=agree)
-    rows[0].note += f"; top-1 agrees with HF on {agree:.0%} of queries"
-  earlier = REFERENCE_EARLIER.get(name)
-  if earlier:
-    detail["reference_earlier"] = dict(uncached=earlier[0], cached=earlier[1])
-    detail["speedup_vs_reference_earlier_uncached"] = b / best / earlier[0]
+    rows[0].note += (f"; reference: {worker.info['threads']} torch threads, PASSIVE; top-1 "
+                     f"agrees with it on {agree:.0%} of queries")
   return rows, detail
 
 
-def measure_index_sizes(name: str, sizes: tuple[int, ...], seed: int, repeats: int
+def measure_index_sizes(name: str, sizes: tuple[int, ...], seed: int, rounds: int
                         ) -> tuple[list[Row], dict]:
   m = MODELS[name]
   rng = np.random.default_rng(seed + 1)
@@ -325,7 +318,7 @@ def measure_index_sizes(name: str, sizes: tuple[int, ...], seed: int, repeats: i
     return lambda: search_lib.constrained_search(params, cfg, device_trie, vocab, q,
                                                  beam_size=BEAM)
 
-  times = _race({n: ours(t) for n, (_, t) in tries.items()}, repeats)
+  times = _race({n: ours(t) for n, (_, t) in tries.items()}, rounds)
   rows, detail = [], {}
   for n in sizes:
     host_bytes, device_trie = tries[n]
@@ -357,11 +350,6 @@ def goal_checks(rows: list[Row], details: dict, index_detail: dict) -> list[dict
     add(f"{model} q/s >= {GOALS['speedup_vs_reference_uncached']:g}x reference uncached", x,
         x >= GOALS["speedup_vs_reference_uncached"],
         f"{main.qps:.1f} vs {ref['uncached']:.1f} q/s re-measured here")
-  if "speedup_vs_reference_earlier_uncached" in details[model]:
-    x = details[model]["speedup_vs_reference_earlier_uncached"]
-    add(f"{model} q/s >= {GOALS['speedup_vs_reference_uncached']:g}x reference uncached "
-        "(earlier number)", x, x >= GOALS["speedup_vs_reference_uncached"],
-        f"{main.qps:.1f} vs {details[model]['reference_earlier']['uncached']:.1f} q/s")
   if "constraint_overhead" in details[model]:
     x = details[model]["constraint_overhead"]
     add(f"{model} constrained / unconstrained time <= {GOALS['constraint_overhead']}", x,
@@ -404,21 +392,21 @@ def run(config, workdir: str, args) -> None:
   """Measures, prints one table and writes `<workdir>/bench_decode.json`."""
   quick = bool(getattr(args, "quick", False))
   seed = int(config.seed)
-  heap = prefer_heap_allocations()  # affects ours and the reference alike (same process)
-  with_reference = _reference_available()
+  heap = runtime.prefer_heap_allocations()  # as every avg-jax process does (the product)
+  with_reference = reference_worker.available()
   matmul = matmul_flops_per_s(1024 if quick else 2048)
   models = ("tiny",) if quick else ("tiny", "small", "base")
   rows, details = [], {}
   for name in models:
     model_rows, detail = measure_model(name, seed, matmul, with_reference,
-                                       repeats=5 if name != "base" else 3,
+                                       rounds=5 if name != "base" else 3,
                                        variants=name != "base")
     rows += model_rows
     details[name] = detail
   index_model = "tiny" if quick else "small"
   index_rows, index_detail = measure_index_sizes(index_model, INDEX_SIZES["quick" if quick
                                                                           else "full"],
-                                                 seed, repeats=5)
+                                                 seed, rounds=5)
   rows += index_rows
   goals = goal_checks(rows, details, index_detail)
   summary = dict(matmul_gflop_per_s=matmul / 1e9, heap_allocations=heap,
@@ -426,7 +414,7 @@ def run(config, workdir: str, args) -> None:
   print(f"bench decode ({'quick' if quick else 'full'}): beam {BEAM}, top {BEAM}, K={CODEBOOK}, "
         f"L={LEVELS}, {jax.device_count()} {jax.default_backend()} device(s); dense matmul "
         f"{matmul / 1e9:.1f} GFLOP/s; reference {'measured' if with_reference else 'skipped'}; "
-        f"times are the best of interleaved repeats")
+        f"times are medians of interleaved rounds after a warm-up")
   print(format_table(rows))
   for g in goals:
     print(f"goal {g['goal']}: {g['measured']:.3g} ({'met' if g['met'] else 'NOT met'}; "
@@ -434,8 +422,7 @@ def run(config, workdir: str, args) -> None:
   record = dict(bench="decode", command=_command(args), size="quick" if quick else "full",
                 machine=_machine(),
                 goals=GOALS, summary=summary, rows=[dataclasses.asdict(r) for r in rows],
-                models=details, index_sizes={str(k): v for k, v in index_detail.items()},
-                reference_earlier=REFERENCE_EARLIER)
+                models=details, index_sizes={str(k): v for k, v in index_detail.items()})
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_decode.json")
   tmp = path + ".tmp"
