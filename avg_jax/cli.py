@@ -1,12 +1,14 @@
-"""`avg-jax`: thin command-line entry over the library's stage functions.
+"""`avg-jax`: the command line over the pipeline's stages (avg_jax/stages) and the tools.
 
     avg-jax STAGE --config configs/smoke.py[:arg] --workdir W [--config.key=value ...] [--debug]
+    avg-jax run --config ... --workdir W                            (every stage in order)
     avg-jax bench NAME [--config ...] [--workdir W]
     avg-jax compile --config C --topology v5e:4x4 [--out F.json]   (TPU AOT, libtpu extra)
+    avg-jax search --model EXPORT "a query"                         (answer queries)
     avg-jax serve --model EXPORT [--host H] [--port P]              (HTTP search service)
 
-Every stage is a function `run(config, workdir) -> None` in an importable module (see
-`STAGES`). User errors (`UserError`) print one line and exit 2; `--debug` shows tracebacks.
+Every stage is a module of avg_jax.stages with `run(config, workdir) -> None`. User errors
+(`UserError`) print one line and exit 2; `--debug` shows tracebacks.
 """
 
 import argparse
@@ -14,50 +16,26 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from types import ModuleType
+from typing import Sequence
 
 from avg_jax.errors import Preempted, UserError
+from avg_jax.stages import PIPELINE
 
-# stage name -> "module:function"; each function takes (config, workdir).
-STAGES: dict[str, str] = {
-    "prepare": "avg_jax.data.prepare:run",
-    "embed": "avg_jax.encoders.stage:run",
-    "tokenize": "avg_jax.tokenizer.stage:run",
-    "train": "avg_jax.training.generative:run",
-    "rank": "avg_jax.training.ltr:run",
-    "evaluate": "avg_jax.evaluation.stage:run",
-    "export": "avg_jax.export.stage:run",
-}
-PIPELINE = ("prepare", "embed", "tokenize", "train", "rank", "evaluate", "export")
-
-# benchmark name -> "module:function"; each function takes (config, workdir, args) and
-# writes <workdir>/bench_NAME.json.
-BENCHES: dict[str, str] = {
-    "embed": "avg_jax.bench.embed:run",
-    "tokenize": "avg_jax.bench.tokenize:run",
-    "t5": "avg_jax.bench.t5:run",
-    "decode": "avg_jax.bench.decode:run",
-    "train": "avg_jax.bench.train:run",
-    "data": "avg_jax.bench.data:run",
-    "serve": "avg_jax.serve.loadtest:run",
-}
+# Benchmarks: modules of avg_jax.bench whose `run(config, workdir, args)` writes
+# <workdir>/bench_NAME.json.
+BENCHES = ("embed", "tokenize", "t5", "decode", "train", "data", "serve")
 
 DEFAULT_CONFIG = os.path.join("configs", "smoke.py")
 
 
-class NotBuiltYet(UserError):
-  """A stage that a later step of the project builds."""
-
-
-def _resolve(target: str, what: str) -> Callable:
-  module_name, _, fn_name = target.partition(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-      raise NotBuiltYet(f"{what} is not built yet") from e
-    raise
-  return getattr(module, fn_name)
+def stage_modules() -> dict[str, ModuleType]:
+  """`{name: module}` of the pipeline's stages, in order (imported on first use, so that
+  `--help`, `search` and `serve` start without them)."""
+  from avg_jax.stages import embed, evaluate, export, prepare, rank, tokenize, train
+  modules = dict(prepare=prepare, embed=embed, tokenize=tokenize, train=train, rank=rank,
+                 evaluate=evaluate, export=export)
+  return {name: modules[name] for name in PIPELINE}
 
 
 def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -91,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="config file[:arg], e.g. configs/smoke.py:tiny (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
-  for name in STAGES:
+  for name in PIPELINE:
     p = sub.add_parser(name, help=f"run the {name} stage")
     common(p)
     p.add_argument("--workdir", required=True, help="where the stage reads and writes")
@@ -126,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--debug", action="store_true")
   p.add_argument("queries", nargs="*", help="queries (default: one per line on stdin)")
   p = sub.add_parser("serve", help="HTTP search service and search page for an export")
-  _resolve("avg_jax.serve.options:add_arguments", "serve")(p)
+  from avg_jax.serve import options  # argparse only: cheap
+  options.add_arguments(p)
   p.add_argument("--debug", action="store_true")
   return parser
 
@@ -145,28 +124,38 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   if args.command == "search":
     if overrides:
       raise UserError("search takes no --config overrides (the exported model has its config)")
-    return _resolve("avg_jax.export.search_cli:main", "search")(args)
+    from avg_jax.export import search_cli
+    return search_cli.main(args)
   if args.command == "serve":
     if overrides:
       raise UserError("serve takes no --config overrides (the exported model has its config)")
-    return _resolve("avg_jax.serve.server:main", "serve")(args)
+    from avg_jax.serve import server
+    return server.main(args)
 
   from avg_jax import config as config_lib
   from avg_jax import partitioning
   config = config_lib.load_config(args.config, overrides)
+  with partitioning.rules_in_use(config.partitioning.rules):
+    return _run_with_config(args, config, overrides)
+
+
+def _run_with_config(args, config, overrides) -> int:
+  """A command that reads the config, inside its sharding rules table."""
+  from avg_jax import partitioning
   if args.command == "compile":
     # Ahead-of-time: one host process compiles for the whole slice; no distributed runtime.
     argv = ["compile", "--config", args.config, "--topology", args.topology,
             *(["--out", args.out] if args.out else []), *(f"--config.{o}" for o in overrides)]
-    _resolve("avg_jax.aot.command:run", "compile")(config, args, argv)
+    from avg_jax.aot import command
+    command.run(config, args, argv)
     return 0
   partitioning.maybe_initialize_distributed(config.distributed)
   if args.command == "bench":
-    _resolve(BENCHES[args.name], f"bench {args.name}")(config, args.workdir, args)
+    importlib.import_module(f"avg_jax.bench.{args.name}").run(config, args.workdir, args)
     return 0
-  stages = PIPELINE if args.command == "run" else (args.command,)
-  for stage in stages:
-    _resolve(STAGES[stage], f"stage {stage!r}")(config, args.workdir)
+  stages = stage_modules()
+  for name in PIPELINE if args.command == "run" else (args.command,):
+    stages[name].run(config, args.workdir)
   return 0
 
 

@@ -132,11 +132,3 @@ def get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
   """A plain-dict copy of the config (tuples become lists) for metadata files."""
   return ml_collections.ConfigDict(config).to_dict()
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short stable hash of the whole config (for result metadata)."""
-  import hashlib
-  import json
-  text = json.dumps(to_json_dict(config), sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,12 +1,15 @@
 """Meshes, the logical-axis rules table, sharded parameter creation and host-batch sharding.
 
 Every model annotates parameters (`nn.with_logical_partitioning`) and activations
-(`nn.with_logical_constraint`) with *logical* axis names. `LOGICAL_RULES` is the one table that
-maps them onto the mesh axes `data`, `fsdp` and `model`. Changing how a model shards means
-changing this table or the mesh shape in the config, never the model code.
+(`nn.with_logical_constraint`) with *logical* axis names. One rules table maps them onto the mesh
+axes `data`, `fsdp` and `model`: `LOGICAL_RULES` by default, or the config's
+`partitioning.rules` (config data: the CLI runs each command inside `rules_in_use`). Changing
+how a model shards means changing that table or the mesh shape in the config, never the model
+code.
 """
 
 import contextlib
+import contextvars
 import math
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -48,6 +51,56 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# The table in use, scoped (a context variable, not a module global): `rules_in_use` sets it
+# for one block, so two configs in one process (tests, notebooks) never see each other's.
+_rules_in_use: contextvars.ContextVar = contextvars.ContextVar("avg_jax_logical_rules",
+                                                              default=LOGICAL_RULES)
+
+
+def _as_axes(value: Any) -> Any:
+  """A rule's mesh axes as flax reads them: None, one axis name, or a tuple of names."""
+  if value is None or isinstance(value, str):
+    return value
+  return tuple(value)
+
+
+def checked_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """`rules` (`((logical name, mesh axes), ...)`, e.g. the config's `partitioning.rules`) as
+  a rules table; a one-line `UserError` naming the bad entry otherwise."""
+  table = []
+  for i, rule in enumerate(rules):
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise UserError(f"config partitioning.rules[{i}]: expected (logical name, mesh axes), "
+                      f"got {rule!r}")
+    axes = _as_axes(rule[1])
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    unknown = [a for a in names if a not in MESH_AXES]
+    if unknown:
+      raise UserError(f"config partitioning.rules[{i}] ({rule[0]!r}): unknown mesh axis "
+                      f"{unknown[0]!r} (known: {', '.join(MESH_AXES)})")
+    table.append((rule[0], axes))
+  return tuple(table)
+
+
+@contextlib.contextmanager
+def rules_in_use(rules: Sequence[Sequence[Any]]) -> Iterator[tuple[tuple[str, Any], ...]]:
+  """Within the block, every function here given no `rules` uses `rules` (checked)."""
+  token = _rules_in_use.set(checked_rules(rules))
+  try:
+    yield _rules_in_use.get()
+  finally:
+    _rules_in_use.reset(token)
+
+
+def active_rules() -> tuple[tuple[str, Any], ...]:
+  """The table in use: `LOGICAL_RULES` outside any `rules_in_use` block."""
+  return _rules_in_use.get()
+
+
+def _or_active(rules: Sequence[tuple[str, Any]] | None) -> Sequence[tuple[str, Any]]:
+  return active_rules() if rules is None else rules
+
+
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves `{"data": -1, "fsdp": 1, "model": 2}` into sizes over `MESH_AXES`.
 
@@ -87,15 +140,26 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh,
-                        rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+                        rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """Maps a pytree of logical `PartitionSpec`s to a pytree of `NamedSharding`s."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, _or_active(rules))
 
 
 def logical_sharding(mesh: Mesh, *names: str | None,
-                     rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> NamedSharding:
+                     rules: Sequence[tuple[str, Any]] | None = None) -> NamedSharding:
   """The `NamedSharding` for one array whose dimensions have logical `names`."""
   return logical_to_sharding(PartitionSpec(*names), mesh, rules)
+
+
+def abstract(tree: Any, shardings: Any = None, *, dtype: Any = None) -> Any:
+  """`jax.ShapeDtypeStruct`s of `tree`'s leaves (arrays or shapes), with `shardings` (a
+  matching tree; default: each leaf's own `.sharding`) and optionally another `dtype`: the
+  targets of a restore or the arguments of an ahead-of-time compile."""
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: x.sharding, tree)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype, sharding=s),
+      tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -104,13 +168,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
-                 rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> tuple[Any, Any]:
+                 rules: Sequence[tuple[str, Any]] | None = None) -> tuple[Any, Any]:
   """Creates variables already sharded: no host ever holds the full unsharded tree.
 
   `init_fn(*args)` returns a variable tree whose leaves may be `nn.LogicallyPartitioned`
   boxes. Returns `(variables, shardings)` with boxes removed and `shardings` a matching tree
   of `NamedSharding`s (leaves without annotation are replicated).
   """
+  rules = _or_active(rules)
   abstract = jax.eval_shape(init_fn, *args)
   shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
   unboxed_init = lambda *a: nn.unbox(init_fn(*a))
@@ -120,7 +185,7 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
 
 
 def param_specs(abstract_variables: Any, mesh: Mesh,
-                rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+                rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """Mesh `PartitionSpec` per leaf of a (possibly boxed) abstract variable tree."""
   shardings = logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
   return jax.tree.map(lambda s: s.spec, shardings)
@@ -128,21 +193,22 @@ def param_specs(abstract_variables: Any, mesh: Mesh,
 
 @contextlib.contextmanager
 def activation_context(mesh: Mesh,
-                       rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Iterator[None]:
+                       rules: Sequence[tuple[str, Any]] | None = None) -> Iterator[None]:
   """Makes `nn.with_logical_constraint` inside models resolve against `mesh` and `rules`."""
   set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh")
-  with set_mesh(mesh), nn.logical_axis_rules(rules):
+  with set_mesh(mesh), nn.logical_axis_rules(_or_active(rules)):
     yield
 
 
 def shard_host_batch(batch: Any, mesh: Mesh, *names: str | None,
-                     rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+                     rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """Turns each process's local numpy batch into global arrays sharded along `batch`.
 
   Every leaf is `[local_batch, ...]`; the global batch is the concatenation over processes in
   process order. `names` are the logical names of the leading dims (default: `batch` only).
   """
   names = names or ("batch",)
+  rules = _or_active(rules)
 
   def put(x):
     x = np.asarray(x)

@@ -32,12 +32,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avg_jax import config as config_lib  # noqa: E402
-from avg_jax import paths  # noqa: E402
 from avg_jax.bench import common  # noqa: E402
 from avg_jax.errors import UserError  # noqa: E402
 from avg_jax.evaluation import avg_eval  # noqa: E402
-from avg_jax.tokenizer import stage as tokenize_stage  # noqa: E402
-from avg_jax.training import generative, ltr  # noqa: E402
+from avg_jax.stages import rank, tokenize, train  # noqa: E402
+from avg_jax.training import state as state_lib  # noqa: E402
 
 KS = (1, 5, 10)
 BOOTSTRAP = 4000
@@ -79,8 +78,8 @@ def seed_from(source: str, target: str) -> None:
 def hit_ranks(config, workdir: str, stage: str, splits) -> dict:
   """`{split: {"image": int[Q], "code": int[Q]}}`: rank of the true image among the returned
   ids, and of its semantic codes among the generated sequences (10 when absent)."""
-  gen, mesh, params, shardings = generative.final_params(config, workdir,
-                                                         config.tokenizer.scheme, stage)
+  gen, mesh, params, shardings = state_lib.final_params(config, workdir,
+                                                        config.tokenizer.scheme, stage)
   out = {}
   for split in splits:
     m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, workdir, split)
@@ -115,10 +114,10 @@ def run_variant(config_spec: str, workdir: str, overrides: list[str], stage: str
   config = config_lib.load_config(config_spec, [
       "train.eval_max_queries=0", f"seed={seed}", f"loader.shuffle_seed={seed}",
       f"train.eval_every={10**9}", f"rank.eval_every={10**9}", *overrides])
-  tokenize_stage.run(config, workdir)
-  generative.train_generator(config, workdir, config.tokenizer.scheme)
+  tokenize.run(config, workdir)
+  train.run(config, workdir)
   if stage == "rank":
-    ltr.rank_generator(config, workdir, config.tokenizer.scheme)
+    rank.run(config, workdir)
   return config
 
 

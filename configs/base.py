@@ -2,11 +2,13 @@
 
 Each stage reads its own section. Sizes differ between configs (`smoke`, `flickr30k`, `coco`)
 only through values set here or in those files, never through code branches.
-Sections: seed, mesh, distributed, data, loader, text_tokenizer, encoder, encoder_train,
+Sections: seed, protocol, mesh, partitioning, distributed, data, loader, text_tokenizer, encoder, encoder_train,
 tokenizer, t5, train, rank, decode, evaluate, export, bench.
 """
 
 import ml_collections
+
+from avg_jax import partitioning
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -19,6 +21,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Devices -------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # Logical axis name -> mesh axes, first match wins (avg_jax/partitioning.py); e.g.
+  # --config.partitioning.rules="(('batch', 'data'), ('embed', None), ...)" to stop fsdp.
+  c.partitioning = ml_collections.ConfigDict(dict(rules=partitioning.LOGICAL_RULES))
   c.distributed = ml_collections.ConfigDict(dict(
       enabled="auto",          # "auto" | True | False (see partitioning.maybe_initialize_distributed)
       coordinator_address="",  # host:port; empty lets jax discover it (TPU pods)
@@ -168,7 +173,6 @@ def get_base_config() -> ml_collections.ConfigDict:
       remat=False,
       scan_layers=False,
       voken_init="codebook",   # "codebook" | "random"
-      voken_logits_only=True,  # decode-time output projection over voken rows + EOS only
   ))
 
   # --- Generative training ---------------------------------------------------------------------

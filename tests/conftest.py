@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, no progress bars, no GPU/TPU."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests, no progress bars, no GPU/TPU; the
+shared fixtures (tiny configs and workdirs, a Karpathy-format fixture writer)."""
 
 import os
 
@@ -7,10 +8,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("AVG_JAX_NO_PROGRESS", "1")
 
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from avg_jax import config as config_lib  # noqa: E402
+from avg_jax.stages import prepare  # noqa: E402
 from helpers import pipeline_args  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -43,3 +49,119 @@ def pipeline_workdir(repo_root, tiny_workdir, tmp_path_factory) -> pathlib.Path:
   shutil.copytree(tiny_workdir, workdir)
   assert cli.main(["run", *pipeline_args(repo_root, workdir)]) == 0
   return workdir
+
+
+@pytest.fixture(scope="session")
+def serve_export(pipeline_workdir, tmp_path_factory) -> pathlib.Path:
+  """The tiny pipeline's export (with its gallery), copied so other tests may rewrite theirs."""
+  import shutil
+  target = tmp_path_factory.mktemp("serve") / "export"
+  shutil.copytree(pipeline_workdir / "export", target)
+  return target
+
+
+SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """`load(*overrides)`: configs/smoke.py:tiny with `key=value` overrides."""
+  def load(*overrides):
+    return config_lib.load_config(f"{SMOKE_CONFIG}:tiny", overrides)
+  return load
+
+
+@pytest.fixture(scope="session")
+def prepared_workdir(tmp_path_factory, tiny_config):
+  """A workdir prepared once with configs/smoke.py:tiny (240/40/40 images, 32 px)."""
+  workdir = tmp_path_factory.mktemp("prepared_tiny")
+  prepare.run(tiny_config(), str(workdir))
+  return str(workdir)
+
+
+RED, GREEN, BLUE = (220, 30, 30), (30, 200, 30), (30, 30, 220)
+
+
+def _stripes(width, height, vertical):
+  """Green | red | blue bands (red is the middle half), across the longer side."""
+  image = np.zeros((height, width, 3), np.uint8)
+  long_side = width if vertical else height
+  a, b = long_side // 4, 3 * long_side // 4
+  for lo, hi, color in ((0, a, GREEN), (a, b, RED), (b, long_side, BLUE)):
+    if vertical:
+      image[:, lo:hi] = color
+    else:
+      image[lo:hi, :] = color
+  return image
+
+
+def _sentences(n, tag):
+  return [{"raw": f" a photo number {k} of {tag} ", "tokens": [], "imgid": 0, "sentid": k}
+          for k in range(n)]
+
+
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>\n'
+
+
+def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=False,
+                  svg=False, empty=False):
+  """Writes images + a Karpathy JSON under `root`; returns (json_path, image_root).
+
+  Each flag adds one bad entry: corrupt (broken.jpg, not an image), truncated (cut.jpg), missing
+  (gone.png), short (few.png, 2 captions), svg (logo.svg, and drawing.png: SVG text under a
+  PNG name), empty (zero.png, 0 bytes)."""
+  images_dir = root / "images"
+  (images_dir / "train2014").mkdir(parents=True)
+  (images_dir / "val2014").mkdir()
+  Image.fromarray(_stripes(60, 20, vertical=True)).save(images_dir / "train2014" / "a.png")
+  Image.fromarray(_stripes(20, 60, vertical=False)).save(images_dir / "val2014" / "b.jpg",
+                                                         quality=95)
+  Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(images_dir / "c.png")
+  Image.fromarray(np.full((30, 40), 90, np.uint8)).save(images_dir / "d.jpg")  # grey (L)
+  Image.fromarray(np.full((16, 16, 3), 10, np.uint8)).save(images_dir / "e.png")
+  records = [
+      {"filename": "a.png", "filepath": "train2014", "imgid": 10, "split": "train",
+       "sentences": _sentences(5, "a")},
+      {"filename": "b.jpg", "filepath": "val2014", "imgid": 11, "split": "restval",
+       "sentences": _sentences(6, "b")},
+      {"filename": "c.png", "imgid": 12, "split": "val", "sentences": _sentences(5, "c")},
+      {"filename": "d.jpg", "imgid": 13, "split": "test", "sentences": _sentences(5, "d")},
+      {"filename": "e.png", "imgid": 14, "split": "test", "sentences": _sentences(5, "e")},
+  ]
+  if corrupt:
+    (images_dir / "broken.jpg").write_bytes(b"this is not an image")
+    records.append({"filename": "broken.jpg", "imgid": 15, "split": "train",
+                    "sentences": _sentences(5, "broken")})
+  if truncated:
+    Image.fromarray(_stripes(64, 64, True)).save(images_dir / "full.jpg", quality=95)
+    data = (images_dir / "full.jpg").read_bytes()
+    (images_dir / "cut.jpg").write_bytes(data[:len(data) // 2])
+    records.append({"filename": "cut.jpg", "imgid": 16, "split": "test",
+                    "sentences": _sentences(5, "cut")})
+  if missing:
+    records.append({"filename": "gone.png", "imgid": 17, "split": "val",
+                    "sentences": _sentences(5, "gone")})
+  if short:
+    Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(images_dir / "few.png")
+    records.append({"filename": "few.png", "imgid": 18, "split": "train",
+                    "sentences": _sentences(2, "few")})
+  if svg:
+    (images_dir / "logo.svg").write_bytes(SVG)
+    (images_dir / "drawing.png").write_bytes(SVG)
+    records += [{"filename": name, "imgid": imgid, "split": "train",
+                 "sentences": _sentences(5, name)}
+                for imgid, name in ((19, "logo.svg"), (20, "drawing.png"))]
+  if empty:
+    (images_dir / "zero.png").write_bytes(b"")
+    records.append({"filename": "zero.png", "imgid": 21, "split": "val",
+                    "sentences": _sentences(5, "zero")})
+  json_path = root / "dataset_test.json"
+  json_path.write_text(json.dumps({"dataset": "fixture", "images": records}))
+  return str(json_path), str(images_dir)
+
+
+@pytest.fixture
+def karpathy_files():
+  """`write(root, corrupt=, truncated=, missing=, short=, svg=, empty=) -> (json_path,
+  image_root)`."""
+  return write_fixture

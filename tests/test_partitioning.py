@@ -113,3 +113,26 @@ def test_logical_sharding_helper():
   s = partitioning.logical_sharding(mesh, "items", "embed")
   # Rules are claimed in table order: "items" takes data+fsdp first, so "embed" stays whole.
   assert s.spec == P(("data", "fsdp"), None)
+
+
+def test_rules_from_the_config_apply_inside_their_block_only():
+  mesh = partitioning.make_mesh({"data": 4, "fsdp": 2})
+  # The default table shards `embed` over fsdp; a config that stops fsdp for parameters.
+  no_fsdp = [(name, None if name == "embed" else axes)
+             for name, axes in partitioning.LOGICAL_RULES]
+  assert partitioning.logical_sharding(mesh, "embed", "mlp").spec == P("fsdp", "model")
+  with partitioning.rules_in_use(no_fsdp):
+    assert partitioning.logical_sharding(mesh, "embed", "mlp").spec == P(None, "model")
+  assert partitioning.active_rules() == partitioning.LOGICAL_RULES
+
+
+@pytest.mark.parametrize("rules,message", [
+    ([("embed",)], r"partitioning.rules\[0\]: expected"),
+    ([("batch", "data"), ("embed", "tensor")],
+     r"partitioning.rules\[1\] \('embed'\): unknown mesh axis 'tensor'"),
+])
+def test_bad_rules_table_names_the_entry(rules, message):
+  with pytest.raises(UserError, match=message):
+    with partitioning.rules_in_use(rules):
+      pass
+  assert partitioning.active_rules() == partitioning.LOGICAL_RULES

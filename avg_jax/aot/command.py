@@ -12,16 +12,15 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
 import jax
 from ml_collections import ConfigDict
 
-from avg_jax import config as config_lib
 from avg_jax import partitioning
 from avg_jax.aot import analysis, topology
+from avg_jax.artifacts import fingerprint, io
 from avg_jax.errors import UserError
 
 
@@ -78,22 +77,6 @@ def compile_all(config: ConfigDict, topology_name: str) -> dict:
   }
 
 
-def write_json(path: str, data: dict) -> None:
-  """Writes `data` to `path` atomically (temporary file in the same folder, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=1)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def run(config: ConfigDict, args: Any, argv: Sequence[str] = ()) -> dict:
   """The CLI entry: `args.topology`, `args.config` and optional `args.out`."""
   if not topology.libtpu_available():
@@ -108,9 +91,9 @@ def run(config: ConfigDict, args: Any, argv: Sequence[str] = ()) -> dict:
         f"{chip['hbm_bandwidth_gbps']:.0f} GB/s; t_assumed = roofline / "
         f"{result['roofline_efficiency']}")
   print(analysis.format_table(reports))
-  result.update(config=args.config, config_hash=config_lib.config_hash(config),
+  result.update(config=args.config, config_hash=fingerprint.config_hash(config),
                 machine=machine_info(argv), total_s=time.perf_counter() - start)
   if getattr(args, "out", None):
-    write_json(args.out, result)
+    io.write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
   return result

@@ -8,8 +8,12 @@ on the mesh's devices.
 
 Programs that run the constrained search contain its decode loop (`jax.lax.fori_loop` over
 the P identifier steps after the first), whose body XLA's cost analysis counts once. Such a
-program carries `loop_body`, one decoder step (`search._grouped_step`) on the same shapes,
+program carries `loop_body`, one decoder step (`search.grouped_step`) on the same shapes,
 and `loop_extra` = P - 1, so the report can add the FLOPs of the uncounted iterations.
+
+Every program is built by the same public functions the stages call (`RQVAETrainer.train_step`,
+`generative.make_step` + `compile_step`, `ltr.compile_rank_step`, `search.build_search` +
+`search_shardings`): what compiles here is what runs.
 """
 
 import dataclasses
@@ -25,12 +29,14 @@ from avg_jax import partitioning
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.errors import UserError
+from avg_jax.evaluation.avg_eval import eval_decode
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.tokenizer import losses as tok_losses
 from avg_jax.tokenizer import train as tok_train
 from avg_jax.tokenizer.model import RQVAEConfig
-from avg_jax.training import generative, loop, ltr
+from avg_jax.training import generative, ltr
+from avg_jax.training import state as state_lib
 from avg_jax.vokens import VokenVocabulary
 
 STEPS = ("tokenizer", "train", "rank", "search")
@@ -46,12 +52,6 @@ class Program:
   description: str
   loop_body: Optional["Program"] = None
   loop_extra: int = 0
-
-
-def abstract(tree: Any, shardings: Any) -> Any:
-  """`ShapeDtypeStruct`s of `tree`'s leaves (arrays or shapes) with matching `shardings`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
 
 
 def voken_vocabulary(config: ConfigDict) -> VokenVocabulary:
@@ -82,20 +82,6 @@ def _check_batch(mesh: Mesh, batch: int, key: str) -> None:
                     f"shards of mesh {dict(mesh.shape)}")
 
 
-def abstract_params(cfg: T5Config, mesh: Mesh) -> tuple[Any, Any]:
-  """`(params, shardings)` of the T5 as the train stage creates them, abstract."""
-  shardings = t5_lib.param_shardings(cfg, mesh)["params"]
-  shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))
-  return abstract(shapes, shardings), shardings
-
-
-def abstract_state(params: Any, tx, mesh: Mesh) -> tuple[Any, Any]:
-  """`(state, shardings)` of the `TrainState` `generative.create_state` makes, abstract."""
-  shardings = generative.state_shardings(params, tx, mesh)
-  shapes = jax.eval_shape(lambda p: loop.create_state(p, tx), params)
-  return abstract(shapes, shardings), shardings
-
-
 def tokenizer_program(config: ConfigDict, mesh: Mesh) -> Program:
   """`RQVAETrainer`'s own jitted train step on CLIP-sized (image, caption) embeddings."""
   tok = config.tokenizer
@@ -107,7 +93,7 @@ def tokenizer_program(config: ConfigDict, mesh: Mesh) -> Program:
                                    int(tok.batch_size))
   pairs = jax.ShapeDtypeStruct((trainer.batch_size, in_dim), jnp.float32,
                                sharding=trainer.batch_sharding)
-  return Program("tokenizer", trainer._train_step, (trainer.abstract_state, pairs, pairs),
+  return Program("tokenizer", trainer.jitted_train_step, (trainer.abstract_state, pairs, pairs),
                  trainer.batch_size,
                  f"RQ-VAE step: {in_dim}->{cfg.hidden_dims}->{cfg.e_dim}, "
                  f"L={cfg.num_levels} K={cfg.codebook_size}")
@@ -119,17 +105,17 @@ def _t5(config: ConfigDict) -> tuple[T5Config, VokenVocabulary]:
 
 
 def train_program(config: ConfigDict, mesh: Mesh) -> Program:
-  """The generative stage's step (`generative.compile_step`), optimizer as `train_generator`."""
+  """The generative stage's step (`generative.compile_step`), optimizer as the train stage's."""
   c = config.train
   cfg, vocab = _t5(config)
   batch = int(c.batch_size)
   _check_batch(mesh, batch, "train.batch_size")
   tx, schedule = generative.make_optimizer(config)
-  params, _ = abstract_params(cfg, mesh)
-  state, state_shardings = abstract_state(params, tx, mesh)
+  params, _ = t5_lib.abstract_params(cfg, mesh)
+  state, state_shardings = state_lib.abstract_state(params, tx, mesh)
   example = {"inputs": _batch_of(mesh, batch, int(config.text_tokenizer.max_length)),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
-  step = loop.make_train_step(generative.make_loss_fn(cfg, float(c.temperature)), tx, schedule)
+  step = generative.make_step(config, cfg, tx, schedule)
   jitted = generative.compile_step(step, mesh, state_shardings, example)
   return Program("train", jitted, (state, example, _rng(mesh)), batch,
                  f"T5 teacher-forced step: {_describe(cfg)}, S={example['inputs'].shape[1]}, "
@@ -154,60 +140,55 @@ def abstract_trie(config: ConfigDict, vocab: VokenVocabulary, mesh: Mesh) -> Any
   host = VokenTrie.build(index_codes(config, vocab), position_sizes=vocab.position_sizes())
   device = host.to_device(dense_levels=int(config.decode.dense_levels))
   replicated = partitioning.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      device)
+  return partitioning.abstract(device, jax.tree.map(lambda _: replicated, device))
 
 
 def decode_body_program(cfg: T5Config, vocab: VokenVocabulary, params: Any, param_shardings,
                         mesh: Mesh, batch: int, source_length: int, beam: int,
                         voken_logits_only: bool) -> Program:
-  """One decoder step of the search loop: `search._grouped_step` on `batch * beam` rows."""
+  """One decoder step of the search loop: `search.grouped_step` on `batch * beam` rows."""
   inputs = _batch_of(mesh, batch, source_length)
   p = vocab.id_length
   with partitioning.activation_context(mesh):
     cache = jax.eval_shape(
         lambda prm, x: t5_lib.init_decode_state(prm, cfg, t5_lib.encode(prm, cfg, x), x, p + 1),
         params, inputs)
-  fixed_keys = [k for k in cache if k in search_lib._BEAM_INVARIANT and k != "index"]
+  carried, fixed = search_lib.split_cache(cache)
   rows = partitioning.logical_sharding(mesh, "batch")
   lead = lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       rows.spec[0], *([None] * (len(x.shape) - 1))))
-  fixed = {k: jax.ShapeDtypeStruct(cache[k].shape, cache[k].dtype, sharding=lead(cache[k]))
-           for k in fixed_keys}
-  state = {}
-  for k, v in cache.items():
-    if k not in fixed:
-      shape = (v.shape[0] * beam,) + v.shape[1:]
-      state[k] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=lead(v))
+  fixed = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=lead(v)) for k, v in fixed.items()}
+  state = {k: jax.ShapeDtypeStruct((v.shape[0] * beam,) + v.shape[1:], v.dtype, sharding=lead(v))
+           for k, v in carried.items()}
   tokens = jax.ShapeDtypeStruct((batch * beam,), jnp.int32, sharding=rows)
 
   def body(prm, tok, st, fx):
-    return search_lib._grouped_step(prm, cfg, tok, st, fx, batch, voken_logits_only)
+    return search_lib.grouped_step(prm, cfg, tok, st, fx, batch, voken_logits_only)
 
-  jitted = jax.jit(body, in_shardings=(param_shardings, rows, jax.tree.map(lambda s: s.sharding,
-                                                                           state),
-                                       jax.tree.map(lambda s: s.sharding, fixed)))
+  shardings_of = lambda tree: jax.tree.map(lambda s: s.sharding, tree)
+  jitted = jax.jit(body, in_shardings=(param_shardings, rows, shardings_of(state),
+                                       shardings_of(fixed)))
   return Program("decode_step", jitted, (params, tokens, state, fixed), batch,
                  f"one decoder step on {batch}x{beam} rows")
 
 
 def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
-  """The LTR step as `ltr.rank_generator` jits it: search + scoring + listwise loss."""
-  c = config.rank
+  """The LTR step as the rank stage jits it: search + scoring + listwise loss."""
+  options = ltr.RankOptions.from_config(config)
   cfg, vocab = _t5(config)
-  batch, beam = int(c.batch_size), int(c.beam_size)
+  batch, beam = options.batch_size, options.decode.beam
   _check_batch(mesh, batch, "rank.batch_size")
   source_length = int(config.text_tokenizer.max_length)
-  tx, schedule = ltr.make_optimizer(config)
-  params, param_shardings = abstract_params(cfg, mesh)
-  state, state_shardings = abstract_state(params, tx, mesh)
+  tx, schedule = ltr.make_optimizer(options)
+  params, param_shardings = t5_lib.abstract_params(cfg, mesh)
+  state, state_shardings = state_lib.abstract_state(params, tx, mesh)
   trie = abstract_trie(config, vocab, mesh)
-  loss_fn = ltr.loss_fn_from_config(config, cfg, vocab)
+  loss_fn = ltr.loss_fn_from_config(options, cfg, vocab)
   example = {"inputs": _batch_of(mesh, batch, source_length),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
   jitted = ltr.compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, example, trie)
   body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
-                             beam, voken_logits_only=bool(config.decode.voken_logits_only))
+                             beam, voken_logits_only=options.decode.voken_logits_only)
   return Program("rank", jitted, (state, example, _rng(mesh), trie), batch,
                  f"LTR step: search (beam {beam}) + {1 + beam} scored targets per query, "
                  f"index {trie.leaf_item.shape[0]} leaves",
@@ -215,35 +196,21 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
 
 
 def search_program(config: ConfigDict, mesh: Mesh) -> Program:
-  """Constrained beam search as `search.make_search_fn` jits it (params as trained)."""
-  d = config.decode
+  """The constrained beam search evaluation runs (`search.build_search` with its decode
+  settings, `search.search_shardings`), params as trained."""
+  d = eval_decode(config)
   cfg, vocab = _t5(config)
-  # As evaluation.avg_eval.evaluate_recall: k covers every Recall@K, the beam covers k.
-  top_k = max(max(config.evaluate.recall_ks), int(d.top_k))
-  batch, beam = int(d.batch_size), max(int(d.beam_size), top_k)
+  batch, beam = d.batch_size, d.beam
   _check_batch(mesh, batch, "decode.batch_size")
   source_length = int(config.text_tokenizer.max_length)
-  params, param_shardings = abstract_params(cfg, mesh)
+  params, param_shardings = t5_lib.abstract_params(cfg, mesh)
   trie = abstract_trie(config, vocab, mesh)
-  static = dict(cfg=cfg, vocab=vocab, beam_size=beam, mask_mode=d.mask_mode,
-                voken_logits_only=bool(d.voken_logits_only))
-
-  # The function make_search_fn jits (it keeps its jitted function private).
-  def fn(params_, trie_, input_tokens):
-    checked, k = search_lib._prepare(cfg, trie_, vocab, input_tokens, beam, top_k, d.mask_mode)
-    return search_lib._search(params_, checked, input_tokens, top_k=k, **static)
-
-  replicated = partitioning.replicated(mesh)
-  rows = partitioning.logical_sharding(mesh, "batch")
-  rows3 = partitioning.logical_sharding(mesh, "batch", None, None)
-  jitted = jax.jit(fn, in_shardings=(param_shardings, replicated,
-                                     partitioning.logical_sharding(mesh, "batch", None)),
-                   out_shardings=search_lib.SearchResult(item_ids=rows, scores=rows,
-                                                         codes=rows3))
+  ins, outs = search_lib.search_shardings(mesh, param_shardings)
+  jitted = jax.jit(search_lib.build_search(cfg, vocab, d), in_shardings=ins, out_shardings=outs)
   body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
-                             beam, voken_logits_only=bool(d.voken_logits_only))
+                             beam, voken_logits_only=d.voken_logits_only)
   return Program("search", jitted, (params, trie, _batch_of(mesh, batch, source_length)), batch,
-                 f"constrained beam search: beam {beam}, top {top_k}, "
+                 f"constrained beam search: beam {beam}, top {d.top_k}, "
                  f"index {trie.leaf_item.shape[0]} leaves",
                  loop_body=body, loop_extra=vocab.id_length - 1)
 

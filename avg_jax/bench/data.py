@@ -6,16 +6,16 @@ thread, decoding with the configured threads, and decoding in 2 worker processes
 Prints a table and writes `<workdir>/bench_data.json`.
 """
 
-import json
 import os
 import time
 from typing import Any
 
 
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.data import dataset
 from avg_jax.data import pipeline
-from avg_jax.data import prepare
+from avg_jax.stages import prepare
 
 BATCH_SIZE = 64
 
@@ -97,9 +97,6 @@ def run(config: Any, workdir: str, args: Any) -> dict:
     print(f"{r['stage']:<22} {r['worker_count']:>7} {r['read_threads']:>7} {r['examples']:>8} "
           f"{r['startup_s']:>9.2f} {r['examples_per_s']:>11.1f}")
   path = os.path.join(workdir, "bench_data.json")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)
+  io.write_json(path, result)
   print(f"wrote {path}")
   return result

@@ -26,7 +26,6 @@ under the process setting the product applies (`avg_jax.runtime.prefer_heap_allo
 """
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avg_jax import runtime
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.bench import reference_worker
 from avg_jax.decoding import search as search_lib
@@ -425,8 +425,5 @@ def run(config, workdir: str, args) -> None:
                 models=details, index_sizes={str(k): v for k, v in index_detail.items()})
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_decode.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1, default=float)
-  os.replace(tmp, path)
+  io.write_json(path, record, default=float)
   print(f"wrote {path}")

@@ -10,7 +10,6 @@
 `--quick`: the config's encoder only and N up to 10K. Writes `<workdir>/bench_embed.json`.
 """
 
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax import partitioning
 from avg_jax.encoders import clip, extract, preprocess, retrieval
@@ -131,9 +131,6 @@ def run(config: Any, workdir: str, args: Any) -> dict:
   _print_tables(result)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_embed.json")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)
+  io.write_json(path, result)
   print(f"\nwrote {path}")
   return result

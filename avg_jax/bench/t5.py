@@ -16,11 +16,9 @@ the bench says so and reports ours only. Writes `<workdir>/bench_t5.json`.
 """
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.models import t5
 
@@ -241,14 +240,6 @@ def _ratio(ours: float, ref: float | None) -> float | None:
   return None if ref is None else ours / ref
 
 
-def _write_json(path: str, data: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".bench_t5_", dir=os.path.dirname(os.path.abspath(path)))
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2)
-  os.replace(tmp, path)
-
-
 def run(config, workdir: str, args) -> dict:
   """Runs the benchmark, prints a table and writes `<workdir>/bench_t5.json`."""
   quick = bool(getattr(args, "quick", False))
@@ -295,7 +286,7 @@ def run(config, workdir: str, args) -> dict:
           "results": results}
   _print_table(results)
   path = os.path.join(workdir, "bench_t5.json")
-  _write_json(path, data)
+  io.write_json(path, data, indent=2)
   print(f"wrote {path}")
   return data
 

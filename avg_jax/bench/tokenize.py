@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.bench import reference_worker
 from avg_jax import partitioning
@@ -224,8 +225,5 @@ def run(config, workdir: str, args) -> None:
                 reference_historical=REFERENCE_HISTORICAL, speedup_vs_reference=speedup)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_tokenize.json")
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp_path, path)
+  io.write_json(path, record)
   print(f"wrote {path}")

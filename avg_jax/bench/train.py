@@ -6,7 +6,7 @@ starts), float32. Accelerator: one in-process run on all local devices of the de
 (GPU/TPU), bfloat16 compute, the config's own training batch, MFU = XLA's FLOPs per step /
 step time / (devices x `--peak-tflops`). Mesh: `fsdp` over all devices (parameters sharded,
 batch split). Models: the smoke config's T5 and T5-base shapes (configs/flickr30k.py), with the
-real step (`training.generative.make_loss_fn` + `training.loop.make_train_step`, explicit
+real step (`training.generative.make_loss_fn` + `loop.make_train_step`, explicit
 shardings, donated state). Batches are random token ids of the configured lengths.
 """
 
@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.errors import UserError
 
@@ -46,10 +47,11 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
   step for the config `spec` on all local devices; `batch` 0 means `train.batch_size`."""
   import jax
   from avg_jax import config as config_lib
-  from avg_jax import partitioning
+  from avg_jax import loop, partitioning
   from avg_jax.models import t5 as t5_lib
   from avg_jax.models.t5_config import T5Config
-  from avg_jax.training import generative, loop, optim
+  from avg_jax.training import generative, optim
+  from avg_jax.training import state as state_lib
   from avg_jax.vokens import VokenVocabulary
 
   config = config_lib.load_config(spec, [f"t5.dtype={dtype}"])
@@ -64,7 +66,7 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
   tx = optim.adamw(1e-4, grad_clip_norm=1.0)
   variables, _ = partitioning.sharded_init(lambda r: t5_lib.init_variables(cfg, r), mesh,
                                            jax.random.key(0))
-  state, shardings = generative.create_state(variables["params"], tx, mesh)
+  state, shardings = state_lib.create_state(variables["params"], tx, mesh)
   rng = np.random.default_rng(0)
   source = int(config.text_tokenizer.max_length)
   host = {"inputs": rng.integers(3, vocab.text_vocab_size, (batch, source)).astype(np.int32),
@@ -143,9 +145,7 @@ def run(config, workdir: str, args) -> dict:
                      "not speed-up")}
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_train.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + ".tmp", path)
+  io.write_json(path, result)
   print(f"wrote {path}")
   return result
 

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
+from avg_jax.artifacts import io
 from avg_jax.data import images as images_lib
 from avg_jax.data import karpathy as karpathy_lib
 from avg_jax.data import shapes as shapes_lib
@@ -235,29 +236,28 @@ def write_shard(source: Source, shard: shards_lib.Shard, shards_dir: str, tag: s
   path, manifest_path = _shard_files(shards_dir, shard)
   feats = features(int(source.config.captions_per_image))
   serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
-  tmp = f"{path}.tmp-{os.getpid()}"
-  # group_size:1 is what TFDS writes: every record is its own chunk (random access).
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   num_examples = num_bytes = 0
   bad = []
-  try:
-    examples = _examples(source, shard.split, shard.start, shard.stop)
-    for example, failure in progress(examples, total=len(shard), unit="img",
-                                     desc=f"{source.config.name} {shard.name}"):
-      if example is None:
-        bad.append(list(failure))
-        continue
-      record = serializer.serialize_example(feats.encode_example(example))
-      writer.write(record)
-      num_examples += 1
-      num_bytes += len(record)
-  finally:
-    writer.close()
-  os.replace(tmp, path)
+  with io.atomic_path(path) as tmp:
+    # group_size:1 is what TFDS writes: every record is its own chunk (random access).
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      examples = _examples(source, shard.split, shard.start, shard.stop)
+      for example, failure in progress(examples, total=len(shard), unit="img",
+                                       desc=f"{source.config.name} {shard.name}"):
+        if example is None:
+          bad.append(list(failure))
+          continue
+        record = serializer.serialize_example(feats.encode_example(example))
+        writer.write(record)
+        num_examples += 1
+        num_bytes += len(record)
+    finally:
+      writer.close()
   manifest = {"tag": tag, "split": shard.split, "start": shard.start, "stop": shard.stop,
               "num_examples": num_examples, "num_bytes": num_bytes,
-              "size": os.path.getsize(path), "sha256": shards_lib.file_sha256(path), "bad": bad}
-  shards_lib.write_json(manifest_path, manifest)
+              "size": os.path.getsize(path), "sha256": io.file_sha256(path), "bad": bad}
+  io.write_json(manifest_path, manifest)
   return manifest
 
 
@@ -266,7 +266,7 @@ def shard_status(shards_dir: str, shard: shards_lib.Shard, tag: str, *,
   """`(manifest, "")` for a finished shard; `(None, why)` for a half-written or damaged one;
   `(None, "")` for one never started. `verify` checks the SHA-256 too (reads the file)."""
   path, manifest_path = _shard_files(shards_dir, shard)
-  manifest = shards_lib.read_json(manifest_path)
+  manifest = io.read_json(manifest_path)
   if manifest is None:
     if os.path.exists(manifest_path):
       return None, "has an unreadable manifest"
@@ -278,7 +278,7 @@ def shard_status(shards_dir: str, shard: shards_lib.Shard, tag: str, *,
     return None, "is missing its records file"
   if os.path.getsize(path) != manifest.get("size"):
     return None, f"has {os.path.getsize(path)} bytes, its manifest says {manifest.get('size')}"
-  if verify and shards_lib.file_sha256(path) != manifest.get("sha256"):
+  if verify and io.file_sha256(path) != manifest.get("sha256"):
     return None, "does not match its manifest's SHA-256 (damaged)"
   return manifest, ""
 

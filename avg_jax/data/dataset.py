@@ -19,7 +19,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from avg_jax import paths
+from avg_jax.artifacts import paths
 from avg_jax.data import images as images_lib
 from avg_jax.errors import UserError
 

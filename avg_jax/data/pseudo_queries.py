@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from avg_jax import paths
+from avg_jax.artifacts import paths
 from avg_jax.errors import UserError
 
 FILE_NAME = "pseudo_queries.jsonl"

@@ -10,17 +10,11 @@ p, p + n, p + 2n, ... (`assigned`).
     plan({"train": 10, "val": 3}, 4) -> train 0-4, train 4-8, train 8-10, val 0-3
     assigned(that, 1, 2)           -> train 4-8, val 0-3
 
-The helpers at the end synchronise processes; with one process they do nothing.
+Synchronising the processes around them: avg_jax.processes.
 """
 
 import dataclasses
-import hashlib
-import json
-import os
-from typing import Any, Mapping, Sequence
-
-import jax
-import numpy as np
+from typing import Mapping, Sequence
 
 from avg_jax.errors import UserError
 
@@ -58,35 +52,6 @@ def assigned(shards: Sequence[Shard], process_index: int, process_count: int) ->
   return list(shards[process_index::process_count])
 
 
-def file_sha256(path: str) -> str:
-  """Hex SHA-256 of a file, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically (temp name + rename): readers see the whole file or none."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict | None:
-  """The JSON object in `path`, or None when it is absent or unreadable."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
-
-
 def describe(stage: str, split: str, total: int, skipped: int, written: int,
              process_index: int, process_count: int) -> str:
   """The line a process prints per split, e.g. `embed train: 3 of 5 shards already done,
@@ -104,38 +69,3 @@ def report(stage: str, counts: Mapping[str, list], process_index: int,
     if total:
       print(describe(stage, split, total, skipped, written, process_index, process_count))
   return {split: tuple(c) for split, c in counts.items()}
-
-
-# --- Synchronising processes -------------------------------------------------------------------
-# These are collectives over all processes' devices: they return once every process has
-# called them, however long that takes (checked: a gloo CPU collective waited 75 s for a
-# late process; TPU collectives do not time out). A process that dies instead ends the job
-# (avg_jax.cloud.local_multiprocess stops the others; on a pod the job is restarted), so
-# nobody waits forever. A file-based wait on the shared workdir would need polling and a
-# timeout of its own; every multi-process run already has the collectives.
-
-
-def sum_over_processes(counts: np.ndarray) -> np.ndarray:
-  """`int64 [K]` counts summed over all processes. Also a barrier: after it, every process
-  has finished whatever it did before the call."""
-  counts = np.asarray(counts, np.int64)
-  if jax.process_count() == 1:
-    return counts
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier `name`."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def process_0_succeeded(ok: bool) -> bool:
-  """Process 0's `ok`, on every process: the others wait here while process 0 finishes a
-  stage's shared outputs, then learn whether it succeeded (and fail too if it did not)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from avg_jax.artifacts import io as artifacts_io
 from avg_jax.errors import UserError
 from avg_jax.vokens import EOS_ID, PAD_ID, UNK_ID
 
@@ -68,10 +69,7 @@ class TextTokenizer:
       raise UserError(f"config text_tokenizer.vocab_size={vocab_size}: SentencePiece training "
                       f"failed: {str(e).strip()}{hint}") from e
     tokenizer = cls(buffer.getvalue(), source=path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(tokenizer._proto)
-    os.replace(tmp, path)
+    artifacts_io.write_bytes(path, tokenizer._proto)
     return tokenizer
 
   @property

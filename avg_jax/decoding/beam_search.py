@@ -128,13 +128,13 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     `BeamResult` with `[B, k]` leaves (codes `[B, k, P]`), best first.
   """
   if mask_mode not in MASK_MODES:
-    raise UserError(f"decode.mask_mode must be one of {', '.join(MASK_MODES)}, got "
+    raise UserError(f"beam search: mask_mode must be one of {', '.join(MASK_MODES)}, got "
                     f"{mask_mode!r}")
   top_k = beam_size if top_k is None else top_k
   if beam_size < 1:
-    raise UserError(f"decode.beam_size must be >= 1, got {beam_size}")
+    raise UserError(f"beam search: beam_size must be >= 1, got {beam_size}")
   if not 1 <= top_k <= beam_size:
-    raise UserError(f"decode.top_k must lie in [1, beam_size={beam_size}], got {top_k}")
+    raise UserError(f"beam search: top_k must lie in [1, beam_size={beam_size}], got {top_k}")
   p = constraint.id_length
   if len(token_offsets) != p:
     raise UserError(f"beam search: {len(token_offsets)} token offsets for identifiers of "

@@ -1,15 +1,17 @@
 """The decoding settings every caller of the search shares (`config.decode`), checked once.
 
 `DecodeConfig.from_config(config.decode, recall_ks)` is the one place that knows the config
-keys; the search functions take plain values.
+keys, and `DecodeConfig.beam` the one place that sizes the beam for k results; the search
+functions take plain values (`search_kwargs`). An export stores them (`to_dict`) and a
+`Retriever` reads them back (`from_dict`).
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+from avg_jax.decoding.beam_search import MASK_MODES
 from avg_jax.errors import UserError
 
-MASK_MODES = ("after_softmax", "renormalize")
 # How images that share their semantic codes are ordered (see avg_jax/decoding/search.py).
 TIE_BREAKS = ("learned", "similarity", "image_id")
 
@@ -57,8 +59,24 @@ class DecodeConfig:
                voken_logits_only=bool(decode.voken_logits_only),
                dense_levels=int(decode.dense_levels), batch_size=int(decode.batch_size))
 
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "DecodeConfig":
+    """From an export's `decode` settings (`to_dict`; keys it lacks keep their defaults:
+    exports written before `voken_logits_only` and `tie_break` existed scored over the full
+    vocabulary and scored the learned disambiguation position)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in fields})
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
   def with_k(self, k: int) -> "DecodeConfig":
     return dataclasses.replace(self, top_k=int(k))
+
+  def search_kwargs(self) -> dict:
+    """The plain arguments of `search.constrained_search` for these settings."""
+    return dict(beam_size=self.beam, top_k=self.top_k, mask_mode=self.mask_mode,
+                voken_logits_only=self.voken_logits_only)
 
   @property
   def beam(self) -> int:

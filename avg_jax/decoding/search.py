@@ -5,7 +5,7 @@
 step on one row per query, the others on `batch * beam` rows. Only the self-attention cache
 is expanded to the beams and reordered by beam gathers; the cross-attention K/V and encoder
 mask are the same for every beam of a query, so they are kept once per query and the beams
-of a query attend to them together (`_grouped_step`).
+of a query attend to them together (`grouped_step`).
 
 Normalisation of the scores (`voken_logits_only`):
   False (default, the reference): the decoder's output projection covers the whole
@@ -45,6 +45,7 @@ import numpy as np
 
 from avg_jax import partitioning
 from avg_jax.decoding import beam_search as beam_lib
+from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import DeviceTrie, Unconstrained, VokenTrie
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
@@ -52,7 +53,7 @@ from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import EOS_ID, VokenVocabulary
 
 # Cache entries that are identical across the beams of one query: never reordered.
-_BEAM_INVARIANT = frozenset({"cross_k", "cross_v", "encoder_mask", "index"})
+BEAM_INVARIANT = frozenset({"cross_k", "cross_v", "encoder_mask", "index"})
 
 
 class SearchResult(NamedTuple):
@@ -82,15 +83,22 @@ def _check(cfg: T5Config, trie: Any, vocab: VokenVocabulary, input_tokens,
                     f"{list(input_tokens.shape)}")
 
 
+def split_cache(cache: dict) -> tuple[dict, dict]:
+  """`(carried, fixed)` of a decoding cache: the entries a beam search carries per beam, and
+  those it keeps once per query (cross-attention K/V, encoder mask; see `grouped_step`)."""
+  fixed = {k: v for k, v in cache.items() if k in BEAM_INVARIANT and k != "index"}
+  return {k: v for k, v in cache.items() if k not in fixed}, fixed
+
+
 def _reorder_cache(cache: dict, parent: jax.Array, batch: int, beams: int) -> dict:
   out = {}
   for key, value in cache.items():
-    out[key] = value if key in _BEAM_INVARIANT else beam_lib.gather_beams(value, parent, batch,
+    out[key] = value if key in BEAM_INVARIANT else beam_lib.gather_beams(value, parent, batch,
                                                                           beams)
   return out
 
 
-def _grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch: int,
+def grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch: int,
                   voken_logits_only: bool):
   """`t5.decode_step` for `tokens [B * beam]` whose beams share one copy of `fixed [B, ...]`.
 
@@ -165,16 +173,15 @@ def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
   # P + 1 positions are fed: the start token and the P vokens (EOS is predicted, not fed).
   cache = t5_lib.init_decode_state(params, cfg, encoded, input_tokens, p + 1)
   # Beam-invariant entries (cross-attention K/V, encoder mask) stay out of the loop state and
-  # are never copied per beam: each query's beams attend to its one copy (see _grouped_step).
-  fixed = {k: v for k, v in cache.items() if k in _BEAM_INVARIANT and k != "index"}
-  carried = {k: v for k, v in cache.items() if k not in fixed}
+  # are never copied per beam: each query's beams attend to its one copy (see grouped_step).
+  carried, fixed = split_cache(cache)
 
   def tokens_to_logits(tokens, state):
     if tokens.shape[0] == batch:  # step 0 (or beam 1): one row per query
       logits, new_cache = t5_lib.decode_step(params, cfg, tokens, dict(state, **fixed),
                                              voken_logits_only=voken_logits_only)
       return logits, {k: new_cache[k] for k in state}
-    return _grouped_step(params, cfg, tokens, state, fixed, batch, voken_logits_only)
+    return grouped_step(params, cfg, tokens, state, fixed, batch, voken_logits_only)
 
   token_offsets = tuple(int(o) for o in vocab.position_offsets()[:p])
   if voken_logits_only:
@@ -246,7 +253,7 @@ def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, traine
   _check(cfg, trie, vocab, input_tokens, trained_length)
   top_k = beam_size if top_k is None else top_k
   if mask_mode not in beam_lib.MASK_MODES:
-    raise UserError(f"decode.mask_mode must be one of {', '.join(beam_lib.MASK_MODES)}, got "
+    raise UserError(f"search: mask_mode must be one of {', '.join(beam_lib.MASK_MODES)}, got "
                     f"{mask_mode!r}")
   if beam_size < 1 or not 1 <= top_k <= beam_size:
     raise UserError(f"search: need 1 <= top_k ({top_k}) <= beam_size ({beam_size})")
@@ -276,35 +283,55 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
                      voken_logits_only=voken_logits_only, trained_length=trained_length)
 
 
-def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings, *,
-                   beam_size: int, top_k: int | None = None, mask_mode: str = "after_softmax",
-                   voken_logits_only: bool = False, trained_length: int | None = None):
+def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
+                 trained_length: int | None = None):
+  """The search program every caller jits: `(params, trie, input_tokens [B, S], query_emb
+  [B, D] | None) -> SearchResult` with `decode.beam` beams and `decode.top_k` results (see
+  `constrained_search`; its checks run while tracing). `make_search_fn` jits it for a mesh,
+  the ahead-of-time compile (avg_jax/aot) for a TPU topology."""
+  trained_length = vocab.id_length if trained_length is None else int(trained_length)
+  kwargs = decode.search_kwargs()
+  static = dict(cfg=cfg, vocab=vocab, beam_size=kwargs["beam_size"],
+                mask_mode=kwargs["mask_mode"], voken_logits_only=kwargs["voken_logits_only"],
+                trained_length=trained_length)
+
+  def fn(params, trie, input_tokens, query_emb=None):
+    trie_, k = _prepare(cfg, trie, vocab, input_tokens, kwargs["beam_size"], kwargs["top_k"],
+                        kwargs["mask_mode"], trained_length)
+    return _search(params, trie_, input_tokens, query_emb, top_k=k, **static)
+
+  return fn
+
+
+def search_shardings(mesh, param_shardings, *, with_query_emb: bool = False
+                     ) -> tuple[tuple, SearchResult]:
+  """`(in_shardings, out_shardings)` of `build_search`'s program on `mesh`: params as
+  `param_shardings`, the trie replicated, queries (and their embeddings) and results sharded
+  over the batch."""
+  batch = partitioning.logical_sharding(mesh, "batch")
+  batch2 = partitioning.logical_sharding(mesh, "batch", None)
+  batch3 = partitioning.logical_sharding(mesh, "batch", None, None)
+  ins = (param_shardings, partitioning.replicated(mesh), batch) + (
+      (batch2,) if with_query_emb else ())
+  return ins, SearchResult(item_ids=batch, scores=batch, codes=batch3, sequences=batch3)
+
+
+def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
+                   decode: DecodeConfig, *, trained_length: int | None = None):
   """A `(params, device_trie, input_tokens [B, S], query_emb [B, D] | None) -> SearchResult`
-  for `mesh` (see `constrained_search` for the arguments).
+  for `mesh`: `build_search` jitted with `search_shardings`.
 
   Params follow `param_shardings` (e.g. `t5.param_shardings(cfg, mesh)["params"]`), the trie
   is replicated, queries and results are sharded over the batch (B must divide over the
   `data` x `fsdp` devices). The trie should be placed with
   `trie.to_device(sharding=partitioning.replicated(mesh))`.
   """
+  fn = build_search(cfg, vocab, decode, trained_length=trained_length)
+  ins, outs = search_shardings(mesh, param_shardings)
+  jitted = jax.jit(fn, in_shardings=ins, out_shardings=outs)
+  ins_emb, _ = search_shardings(mesh, param_shardings, with_query_emb=True)
+  jitted_emb = jax.jit(fn, in_shardings=ins_emb, out_shardings=outs)
   replicated = partitioning.replicated(mesh)
-  batch = partitioning.logical_sharding(mesh, "batch")
-  batch2 = partitioning.logical_sharding(mesh, "batch", None)
-  batch3 = partitioning.logical_sharding(mesh, "batch", None, None)
-  out_shardings = SearchResult(item_ids=batch, scores=batch, codes=batch3, sequences=batch3)
-  trained_length = vocab.id_length if trained_length is None else int(trained_length)
-  static = dict(cfg=cfg, vocab=vocab, beam_size=beam_size, mask_mode=mask_mode,
-                voken_logits_only=voken_logits_only, trained_length=trained_length)
-
-  def fn(params, trie, input_tokens, query_emb=None):
-    trie_, k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode,
-                        trained_length)
-    return _search(params, trie_, input_tokens, query_emb, top_k=k, **static)
-
-  jitted = jax.jit(fn, in_shardings=(param_shardings, replicated, batch),
-                   out_shardings=out_shardings)
-  jitted_emb = jax.jit(fn, in_shardings=(param_shardings, replicated, batch, batch2),
-                       out_shardings=out_shardings)
 
   def search(params, trie, input_tokens, query_emb=None) -> SearchResult:
     if isinstance(trie, VokenTrie):

@@ -27,7 +27,6 @@ sequences, duplicate item ids, or item ids outside int32 all raise `UserError`.
 
 import dataclasses
 import os
-import tempfile
 from typing import Sequence
 
 import flax.struct
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avg_jax.artifacts import io
 from avg_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -243,7 +243,7 @@ class VokenTrie:
 
   # --- persistence ----------------------------------------------------------------------------
   def save(self, path: str) -> None:
-    """Writes an .npz atomically (temporary file in the same folder, then rename)."""
+    """Writes an .npz atomically (avg_jax.artifacts.io)."""
     arrays = {
         "format_version": np.asarray(FORMAT_VERSION, np.int32),
         "position_sizes": np.asarray(self.position_sizes, np.int64),
@@ -253,17 +253,7 @@ class VokenTrie:
     for level in range(self.id_length):
       arrays[f"offsets_{level}"] = self.offsets[level]
       arrays[f"codes_{level}"] = self.codes[level]
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    io.write_npz(path, **arrays)
 
   @classmethod
   def load(cls, path: str) -> "VokenTrie":
@@ -329,7 +319,7 @@ class VokenTrie:
     similarity to a query (`DeviceTrie.leaf_members`).
     """
     if dense_levels < 0:
-      raise UserError(f"decode.dense_levels must be >= 0, got {dense_levels}")
+      raise UserError(f"trie: dense_levels must be >= 0, got {dense_levels}")
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
     tables, widths, dense = [], [], []
     for level in range(self.id_length):

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from avg_jax import partitioning
+from avg_jax import loop, partitioning
 from avg_jax.encoders import clip, preprocess
-from avg_jax.training import loop
 
 # CLIP clamps the learned logit scale at 100 so the temperature cannot collapse.
 MAX_LOGIT_SCALE = math.log(100.0)

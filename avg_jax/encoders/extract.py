@@ -19,7 +19,10 @@ takes `embed_batch_size` rows per call) XLA may order sums differently: equal to
 """
 
 import dataclasses
+import logging
 import os
+import shutil
+import time
 import zipfile
 from typing import Any, Sequence
 
@@ -28,16 +31,19 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from avg_jax import paths, partitioning
+from avg_jax import partitioning, processes
+from avg_jax.artifacts import embeddings, paths
+from avg_jax.artifacts.npz_writer import NpzWriter
 from avg_jax.data import dataset, pipeline
+from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.data import shards as shards_lib
 from avg_jax.encoders import clip, preprocess
-from avg_jax.encoders.npz_writer import NpzWriter
 from avg_jax.encoders.train import Tokenize
 from avg_jax.errors import UserError
 from avg_jax.progress import progress
 
-EMBEDDING_KEYS = ("image_ids", "image_emb", "caption_image_ids", "caption_emb")
+log = logging.getLogger(__name__)
+
 SHARD_KEY = "encoder_train.embed_images_per_shard"
 
 
@@ -152,15 +158,9 @@ def shard_file(workdir: str, shard: shards_lib.Shard) -> str:
   return os.path.join(paths.embed_shards_dir(workdir), f"{shard.name}.npz")
 
 
-def _embedding_arrays(n: int, m: int, dim: int) -> dict:
-  """`{name: (dtype, shape)}` of the embeddings contract for `n` images and `m` captions."""
-  return {"image_ids": (np.int64, (n,)), "image_emb": (np.float32, (n, dim)),
-          "caption_image_ids": (np.int64, (m,)), "caption_emb": (np.float32, (m, dim))}
-
-
 def _shard_arrays(shard: shards_lib.Shard, captions_per_image: int, dim: int) -> dict:
-  """`_embedding_arrays` for a shard's rows."""
-  return _embedding_arrays(len(shard), len(shard) * captions_per_image, dim)
+  """`embeddings.arrays` for a shard's rows."""
+  return embeddings.arrays(len(shard), len(shard) * captions_per_image, dim)
 
 
 def read_shard(path: str, shard: shards_lib.Shard, captions_per_image: int,
@@ -171,7 +171,7 @@ def read_shard(path: str, shard: shards_lib.Shard, captions_per_image: int,
     return None, ""
   try:
     with np.load(path) as f:
-      arrays = {k: f[k] for k in EMBEDDING_KEYS}
+      arrays = {k: f[k] for k in embeddings.KEYS}
   except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     return None, f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())})"
   for name, (dtype, shape) in _shard_arrays(shard, captions_per_image, dim).items():
@@ -258,7 +258,7 @@ def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, di
   c = int(info["captions_per_image"])
   n, m = int(info["splits"][split]["num_images"]), int(info["splits"][split]["num_captions"])
   path = paths.embeddings_file(workdir, split)
-  arrays = _embedding_arrays(n, m, dim)
+  arrays = embeddings.arrays(n, m, dim)
   shards = plan(workdir, [split], config.encoder_train.embed_images_per_shard)
   with NpzWriter(path, arrays) as writer:
     for shard in shards:
@@ -274,3 +274,50 @@ def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, di
   for shard in shards:
     os.remove(shard_file(workdir, shard))
   return path
+
+
+def extract_splits(config: ml_collections.ConfigDict, workdir: str, encoder: DualEncoder,
+                   local: tuple[DualEncoder, Mesh], splits: Sequence[str],
+                   fresh: bool) -> tuple[np.ndarray, float]:
+  """Writes `embeddings_<split>.npz` of `splits`: every process its shards with `local` (the
+  encoder on its own devices), then process 0 merges them (the others wait, see
+  avg_jax.processes). `fresh`: shards of an earlier encoder are removed first. -> (`int64
+  [splits, 3]` shards / skipped / written summed over processes, seconds)."""
+  index, count = jax.process_index(), jax.process_count()
+  shards_dir = paths.embed_shards_dir(workdir)
+  if fresh:  # shards left by an earlier encoder hold its rows, not this one's
+    if index == 0:
+      shutil.rmtree(shards_dir, ignore_errors=True)
+    processes.barrier("embed: stale shards removed")
+  t0 = time.perf_counter()
+  mine, mesh = local
+  counts = write_shards(mine, workdir, splits, mesh, config, index, count)
+  # A collective: once it returns, every process has written its shards.
+  totals = processes.sum_over_processes(np.array([counts[s] for s in splits]))
+  error = None
+  if index == 0:
+    try:
+      for split in splits:
+        path = merge_shards(workdir, split, config, encoder.cfg.projection_dim)
+        log.info("embed: wrote %s", path)
+      shutil.rmtree(shards_dir, ignore_errors=True)
+    except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
+      error = e             # the other processes, which would otherwise wait forever)
+  if not processes.process_0_succeeded(error is None):
+    if error is not None:
+      raise error
+    raise UserError("embed: merging the shards failed in process 0 (see its error)")
+  return totals, time.perf_counter() - t0
+
+
+def embed_pseudo_queries(config: ml_collections.ConfigDict, workdir: str, encoder: DualEncoder,
+                         mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """`(image ids int64[Q], query_emb float32[Q, D])` of the prepared pseudo queries of the
+  indexed (non-training) images, in file order (every process computes them)."""
+  train_ids = dataset.read_texts(workdir, "train")[0]
+  image_ids, queries = pseudo_lib.load(workdir)
+  keep = ~np.isin(image_ids, train_ids)
+  image_ids, queries = image_ids[keep], [q for q, k in zip(queries, keep) if k]
+  emb = encoder.encode_text_batches(queries, mesh, int(config.encoder_train.embed_batch_size),
+                                    desc="embed pseudo queries")
+  return image_ids, emb

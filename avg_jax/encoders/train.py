@@ -6,7 +6,6 @@ iterator state are checkpointed together so a resumed run continues with the sam
 """
 
 import logging
-import os
 from typing import Any
 
 import grain
@@ -15,12 +14,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from avg_jax import paths, partitioning
+from avg_jax import loop, partitioning
+from avg_jax.artifacts import checkpoints, paths
 from avg_jax.data import dataset, pipeline
 from avg_jax.encoders import clip, contrastive, preprocess
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
-from avg_jax.training import checkpointing, loop
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +85,10 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, t
       pair_source(workdir, "train", pre), batch_size // processes, config.loader,
       shuffle=True, num_epochs=None, drop_remainder=True,
       batch_map_fn=Tokenize(tokenizer, cfg.max_text_length))
-  checkpointer = checkpointing.Checkpointer(
-      os.path.join(paths.embed_dir(workdir), "checkpoints"), keep=2)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
-  restored = checkpointer.restore_latest_good(abstract, data_iter=data_iter)
+  checkpointer = checkpoints.Checkpointer(
+      paths.checkpoints_dir(paths.embed_dir(workdir)), keep=2)
+  restored = checkpointer.restore_latest_good(partitioning.abstract(state, shardings),
+                                              data_iter=data_iter)
   if restored is not None:
     log.info("embed: resuming encoder training at step %d", restored[0])
     state = restored[1]

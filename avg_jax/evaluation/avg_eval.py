@@ -15,12 +15,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from avg_jax import partitioning
+from avg_jax.artifacts import embeddings
 from avg_jax.data import dataset
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import DeviceTrie
-from avg_jax.encoders.stage import load_embeddings
 from avg_jax.evaluation.recall import code_recall_at_k, recall_at_k
 from avg_jax.progress import progress
 
@@ -43,7 +43,7 @@ def device_index(gen, splits, mesh, decode: DecodeConfig, workdir: str) -> Devic
   trie = gen.trie(splits)
   item_embeddings = None
   if decode.needs_embeddings:
-    parts = [load_embeddings(workdir, s) for s in splits]
+    parts = [embeddings.load(workdir, s) for s in splits]
     item_embeddings = (np.concatenate([p["image_ids"] for p in parts]),
                        np.concatenate([p["image_emb"] for p in parts]))
   return trie.to_device(dense_levels=decode.dense_levels,
@@ -52,7 +52,7 @@ def device_index(gen, splits, mesh, decode: DecodeConfig, workdir: str) -> Devic
 
 def query_embeddings(workdir: str, split: str, max_queries: int = 0) -> np.ndarray:
   """`float32[Q, D]` dual-encoder embeddings of the split's captions (query_set order)."""
-  emb = load_embeddings(workdir, split)["caption_emb"]
+  emb = embeddings.load(workdir, split)["caption_emb"]
   return emb[:max_queries] if max_queries else emb
 
 
@@ -110,11 +110,8 @@ def eval_decode(config) -> DecodeConfig:
 
 def make_eval_search_fn(gen, mesh, param_shardings: Any, config):
   """The jitted search `evaluate_recall` uses (build once, reuse across evaluations)."""
-  d = eval_decode(config)
-  return search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings, beam_size=d.beam,
-                                   top_k=d.top_k, mask_mode=d.mask_mode,
-                                   voken_logits_only=d.voken_logits_only,
-                                   trained_length=gen.trained_length)
+  return search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
+                                   eval_decode(config), trained_length=gen.trained_length)
 
 
 def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,

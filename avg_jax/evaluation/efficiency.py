@@ -71,10 +71,7 @@ def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.nda
   image_ids, codes = gen.codes("test")
   d = avg_eval.eval_decode(config).with_k(int(config.decode.top_k))
   sizes_p = gen.vocab.position_sizes()[:gen.trained_length]
-  search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
-                                        beam_size=d.beam, top_k=d.top_k,
-                                        mask_mode=d.mask_mode,
-                                        voken_logits_only=d.voken_logits_only,
+  search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings, d,
                                         trained_length=gen.trained_length)
   use_emb = query_emb is not None and image_emb is not None
   rng = np.random.default_rng(seed)

@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from avg_jax.artifacts import io  # noqa: E402
+
 RECALL_KEYS = ("R@1", "R@5", "R@10")
 CODE_KEYS = ("code R@1", "code R@5", "code R@10")
 
@@ -211,7 +213,5 @@ def write_report(results: dict, directory: str) -> str:
                 + " |")
     md += ["", "![collisions](collisions.png)", ""]
   path = os.path.join(directory, "report.md")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(md) + "\n")
-  os.replace(path + ".tmp", path)
+  io.write_text(path, "\n".join(md) + "\n")
   return path

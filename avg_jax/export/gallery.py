@@ -21,6 +21,7 @@ from typing import Iterable, NamedTuple
 
 from PIL import Image
 
+from avg_jax.artifacts import io as artifact_io
 from avg_jax.errors import UserError
 
 DIRECTORY = "gallery"
@@ -68,9 +69,10 @@ def write(export_dir: str, entries: Iterable[Entry], thumbnail_size: int) -> Non
                      "captions": [str(c) for c in e.captions], "offset": offset,
                      "length": len(data), "type": mime})
       offset += len(data)
-  with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as f:
-    json.dump({"format": FORMAT, "version": VERSION, "thumbnail_size": int(thumbnail_size),
-               "images": images}, f, ensure_ascii=False)
+  artifact_io.write_json(os.path.join(directory, INDEX),
+                         {"format": FORMAT, "version": VERSION,
+                          "thumbnail_size": int(thumbnail_size), "images": images},
+                         ensure_ascii=False, indent=None)
 
 
 class Gallery:

@@ -1,19 +1,6 @@
-"""The serving checkpoint: a self-describing folder a `Retriever` loads in a few lines.
+"""The serving checkpoint: written by `write_export`, loaded by a `Retriever` in a few lines.
 
-    <export>/manifest.json         format version, avg-jax version, scheme, source stage, T5 and
-                                   voken-vocabulary configs, decode settings, query limits
-    <export>/params/               orbax checkpoint of the generator's parameters (no optimizer)
-    <export>/trie.npz              prefix tree over the indexed images (VokenTrie.save)
-    <export>/voken_table.npz       image_ids int64[N], codes int32[N, P], file_names str[N]
-    <export>/text_tokenizer.model  the SentencePiece model
-    <export>/config.json           the full training config, for the record
-    <export>/dual_encoder/         with `decode.tie_break="similarity"`: the dual encoder
-                                   (`encoders.stage.copy_encoder`) and image_embeddings.npz
-                                   (image_ids, image_emb) of the indexed images, to order
-                                   images that share their codes by query similarity
-    <export>/gallery/              optional: thumbnails and captions of the indexed images for
-                                   `avg-jax serve`'s page (avg_jax/export/gallery.py); older
-                                   exports have none and still load
+The folder's layout and manifest: avg_jax/artifacts/exports.py.
 
     retriever = Retriever.load("runs/smoke/export")
     ids, scores = retriever.search(["a red circle above a blue square"], k=10)
@@ -26,7 +13,6 @@ batches are split), so each (bucket, k) compiles once.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any, Sequence
@@ -35,29 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 import avg_jax
+from avg_jax import partitioning, processes
+from avg_jax.artifacts import exports, io
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding import search as search_lib
+from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import VokenTrie
+from avg_jax.encoders import store
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import VokenVocabulary
-
-FORMAT = "avg-jax-serving"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-PARAMS = "params"
-TRIE = "trie.npz"
-TABLE = "voken_table.npz"
-TOKENIZER = "text_tokenizer.model"
-CONFIG = "config.json"
-DUAL_ENCODER = "dual_encoder"
-IMAGE_EMBEDDINGS = "image_embeddings.npz"
-
 
 def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
                  image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
@@ -67,120 +44,63 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
                  dual_encoder: tuple | None = None) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
-  `decode`: beam_size, top_k, mask_mode, voken_logits_only, dense_levels. `limits`: max_length (tokens),
-  max_query_chars, batch_buckets. `gallery`: optional `(entries, thumbnail_size)` for
-  `gallery.write` (thumbnails and captions of the indexed images). `dual_encoder`: optional
-  `(workdir, image ids [N], image embeddings [N, D])`: the workdir's dual encoder is copied in
-  with the indexed images' embeddings. `codes [N, T]` are the identifiers the generator emits
-  (T = `decode["trained_length"]`: all positions, or the semantic codes alone).
+  `decode`: `DecodeConfig.to_dict()` and the generator's trained_length. `limits`:
+  max_length (tokens), max_query_chars, batch_buckets. `gallery`: optional `(entries,
+  thumbnail_size)` for `gallery.write` (thumbnails and captions of the indexed images).
+  `dual_encoder`: optional `(workdir, image ids [N], image embeddings [N, D])`: the workdir's
+  dual encoder is copied in with the indexed images' embeddings. `codes [N, T]` are the
+  identifiers the generator emits (T = `decode["trained_length"]`: all positions, or the
+  semantic codes alone).
   """
   directory = os.path.abspath(directory)
+  # One name every process knows: all of them join the orbax save into it.
   tmp = directory + ".tmp"
-  writer = jax.process_index() == 0  # every process joins the orbax save; one writes the rest
+  writer = processes.is_main()  # every process joins the orbax save; one writes the rest
   if writer:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-  _sync("export: temp folder ready")
+  processes.barrier("export: temp folder ready")
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
   stored = jax.tree.map(lambda x: x.astype(dtype), params)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(tmp, PARAMS), stored)
+  checkpointer.save(os.path.join(tmp, exports.PARAMS), stored)
   checkpointer.wait_until_finished()
   checkpointer.close()
   if writer:
     codes = np.asarray(codes)
     trie = VokenTrie.build(codes, image_ids,
                            position_sizes=vocab.position_sizes()[:codes.shape[1]])
-    trie.save(os.path.join(tmp, TRIE))
-    np.savez(os.path.join(tmp, TABLE), image_ids=np.asarray(image_ids, np.int64),
-             codes=np.asarray(codes, np.int32), file_names=np.asarray(list(file_names), str))
-    with open(os.path.join(tmp, TOKENIZER), "wb") as f:
-      f.write(tokenizer.model_proto)
-    with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=1, sort_keys=True)
+    trie.save(os.path.join(tmp, exports.TRIE))
+    exports.write_table(tmp, image_ids, codes, file_names)
+    io.write_bytes(os.path.join(tmp, exports.TOKENIZER), tokenizer.model_proto)
+    io.write_json(os.path.join(tmp, exports.CONFIG), config, sort_keys=True)
     if gallery is not None:
       gallery_lib.write(tmp, *gallery)
     if dual_encoder is not None:
-      from avg_jax.encoders import stage as encoder_stage  # pylint: disable=import-outside-toplevel
       source, emb_ids, emb = dual_encoder
-      encoder_stage.copy_encoder(source, os.path.join(tmp, DUAL_ENCODER))
-      np.savez(os.path.join(tmp, DUAL_ENCODER, IMAGE_EMBEDDINGS),
-               image_ids=np.asarray(emb_ids, np.int64), image_emb=np.asarray(emb, np.float32))
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+      store.copy_encoder(source, os.path.join(tmp, exports.DUAL_ENCODER))
+      exports.write_image_embeddings(tmp, emb_ids, emb)
+    exports.write_manifest(tmp, {
         "avg_jax_version": avg_jax.__version__, "scheme": scheme, "source_stage": source_stage,
         "param_dtype": param_dtype, "config_hash": config_hash,
         "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg),
         "vocab": vocab.to_dict(), "decode": dict(decode), "limits": dict(limits),
-    }
-    # The manifest goes last: a folder without it is never taken for an export.
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=1, sort_keys=True)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-  _sync("export: written")
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def read_manifest(directory: str) -> dict:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
-    raise UserError(f"not an avg-jax serving checkpoint (no {MANIFEST}): {directory}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: malformed JSON ({e})") from e
-  if manifest.get("format") != FORMAT:
-    raise UserError(f"{path}: not an avg-jax serving manifest")
-  if manifest.get("format_version") != FORMAT_VERSION:
-    raise UserError(f"{path}: format version {manifest.get('format_version')}, this avg-jax "
-                    f"reads {FORMAT_VERSION}")
-  for key in ("t5", "vocab", "decode", "limits", "scheme"):
-    if key not in manifest:
-      raise UserError(f"{path}: missing key {key!r}")
-  return manifest
+    })
+    io.replace_dir(tmp, directory)
+  processes.barrier("export: written")
 
 
 def check_files(directory: str) -> None:
   """Every part of the export is present and the small parts parse (`UserError` otherwise)."""
-  for name in (PARAMS, TRIE, TABLE, TOKENIZER):
+  for name in (exports.PARAMS, exports.TRIE, exports.TABLE, exports.TOKENIZER):
     if not os.path.exists(os.path.join(directory, name)):
       raise UserError(f"serving checkpoint {directory} is missing {name}")
-  VokenTrie.load(os.path.join(directory, TRIE))
-  TextTokenizer.load(os.path.join(directory, TOKENIZER))
-  try:
-    with np.load(os.path.join(directory, TABLE)) as t:
-      t["image_ids"], t["file_names"]
-  except (KeyError, ValueError, OSError) as e:
-    raise UserError(f"{os.path.join(directory, TABLE)}: unreadable ({e})") from e
-
-
-def _load_dual_encoder(directory: str) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
-  """(dual encoder, (image ids, image embeddings)) of an export that orders shared codes by
-  similarity; `UserError` naming the file when a part is missing or damaged."""
-  from avg_jax.encoders import stage as encoder_stage  # pylint: disable=import-outside-toplevel
-  folder = os.path.join(directory, DUAL_ENCODER)
-  path = os.path.join(folder, IMAGE_EMBEDDINGS)
-  if not os.path.isfile(path):
-    raise UserError(f"serving checkpoint {directory} orders shared codes by similarity but "
-                    f"has no {DUAL_ENCODER}/{IMAGE_EMBEDDINGS}; export it again")
-  try:
-    with np.load(path) as f:
-      embeddings = (f["image_ids"].astype(np.int64), f["image_emb"].astype(np.float32))
-  except (KeyError, ValueError, OSError) as e:
-    raise UserError(f"{path}: unreadable ({e}); export again") from e
-  encoder = encoder_stage.load_encoder_dir(folder, _one_device_mesh(),
-                                           stage_hint="export again")
-  return encoder, embeddings
+  VokenTrie.load(os.path.join(directory, exports.TRIE))
+  TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
+  exports.read_table(directory)
 
 
 def _one_device_mesh():
-  from avg_jax import partitioning  # pylint: disable=import-outside-toplevel
   return partitioning.make_mesh({"data": 1}, jax.devices()[:1])
 
 
@@ -199,28 +119,28 @@ class Retriever:
     self.file_names = file_names
     self.manifest = manifest
     d = manifest["decode"]
-    self.beam_size = int(d["beam_size"])
-    self.mask_mode = str(d["mask_mode"])
-    # Exports written before the key existed scored over the full vocabulary.
-    self.voken_logits_only = bool(d.get("voken_logits_only", False))
+    self.decode = DecodeConfig.from_dict(d)
     self.max_length = int(manifest["limits"]["max_length"])
     self.max_query_chars = int(manifest["limits"]["max_query_chars"])
     self.buckets = tuple(sorted(int(b) for b in manifest["limits"]["batch_buckets"]))
-    # Exports written before the keys existed scored the learned disambiguation position.
-    self.tie_break = str(d.get("tie_break", "learned"))
+    # Exports written before the key existed scored the learned disambiguation position.
     self.trained_length = int(d.get("trained_length", vocab.id_length))
-    self.dual_encoder = dual_encoder if self.tie_break == "similarity" else None
+    self.dual_encoder = dual_encoder if self.decode.needs_embeddings else None
     if self.dual_encoder is not None:
       self._mesh = _one_device_mesh()
     self.device_trie = trie.to_device(
-        dense_levels=int(d["dense_levels"]),
+        dense_levels=self.decode.dense_levels,
         item_embeddings=image_embeddings if self.dual_encoder is not None else None)
     self._file_name_of = {int(i): str(n) for i, n in zip(image_ids, file_names)}
+
+  @property
+  def beam_size(self) -> int:
+    return self.decode.beam_size
 
   @classmethod
   def load(cls, directory: str) -> "Retriever":
     """Reads a folder written by `avg-jax export`; damaged files are `UserError`s."""
-    manifest = read_manifest(directory)
+    manifest = exports.read_manifest(directory)
     check_files(directory)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
@@ -229,28 +149,26 @@ class Retriever:
     # Restored onto this process's first device, whatever the device count of the run that
     # saved them (an export from 8 devices or a pod serves from one).
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=device),
-                            shapes)
+    abstract = partitioning.abstract(shapes, jax.tree.map(lambda _: device, shapes),
+                                     dtype=dtype)
+    params_dir = os.path.join(directory, exports.PARAMS)
     checkpointer = ocp.StandardCheckpointer()
     try:
-      params = checkpointer.restore(os.path.abspath(os.path.join(directory, PARAMS)), abstract)
+      params = checkpointer.restore(os.path.abspath(params_dir), abstract)
     except Exception as e:
-      raise UserError(f"{os.path.join(directory, PARAMS)}: cannot restore parameters "
-                      f"({type(e).__name__})") from e
+      raise UserError(f"{params_dir}: cannot restore parameters ({type(e).__name__})") from e
     finally:
       checkpointer.close()
     # Compute in the training dtype whatever the storage dtype.
     params = jax.tree.map(lambda x: x.astype(cfg.storage_dtype), params)
-    trie = VokenTrie.load(os.path.join(directory, TRIE))
-    try:
-      with np.load(os.path.join(directory, TABLE)) as t:
-        image_ids, file_names = t["image_ids"], t["file_names"]
-    except (KeyError, ValueError, OSError) as e:
-      raise UserError(f"{os.path.join(directory, TABLE)}: unreadable ({e})") from e
-    tokenizer = TextTokenizer.load(os.path.join(directory, TOKENIZER))
+    trie = VokenTrie.load(os.path.join(directory, exports.TRIE))
+    image_ids, file_names = exports.read_table(directory)
+    tokenizer = TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
     dual_encoder, image_embeddings = None, None
-    if manifest["decode"].get("tie_break") == "similarity":
-      dual_encoder, image_embeddings = _load_dual_encoder(directory)
+    if DecodeConfig.from_dict(manifest["decode"]).needs_embeddings:
+      image_embeddings = exports.read_image_embeddings(directory)
+      dual_encoder = store.load_encoder_dir(os.path.join(directory, exports.DUAL_ENCODER),
+                                            _one_device_mesh(), stage_hint="export again")
     return cls(params=params, cfg=cfg, vocab=vocab, trie=trie, tokenizer=tokenizer,
                image_ids=image_ids, file_names=file_names, manifest=manifest,
                dual_encoder=dual_encoder, image_embeddings=image_embeddings)
@@ -287,7 +205,7 @@ class Retriever:
     texts = self.validate(queries)
     if not 1 <= k <= len(self.image_ids):
       raise UserError(f"search: k must be in [1, {len(self.image_ids)}], got {k}")
-    beam = max(self.beam_size, k)
+    decode = self.decode.with_k(k)
     tokens = self.tokenizer.encode_batch(texts, self.max_length)
     ids, scores = [], []
     largest = self.buckets[-1]
@@ -306,9 +224,8 @@ class Retriever:
         query_emb = np.asarray(self.dual_encoder.encode_texts(chunk_texts + filler, self._mesh),
                                np.float32)
       result = search_lib.constrained_search(
-          self.params, self.cfg, self.device_trie, self.vocab, padded, beam_size=beam,
-          top_k=k, mask_mode=self.mask_mode, voken_logits_only=self.voken_logits_only,
-          query_emb=query_emb, trained_length=self.trained_length)
+          self.params, self.cfg, self.device_trie, self.vocab, padded,
+          **decode.search_kwargs(), query_emb=query_emb, trained_length=self.trained_length)
       out = search_lib.results_to_numpy(result)
       ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))
       scores.append(out["scores"][:chunk.shape[0]])

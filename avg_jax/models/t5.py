@@ -47,7 +47,8 @@ from avg_jax.vokens import EOS_ID, PAD_ID
 __all__ = [
     "T5Config", "T5", "encode", "init_decode_state", "decode_step", "logits", "score",
     "cross_entropy_loss", "shift_right", "voken_logit_token_ids", "tokens_to_voken_columns",
-    "init_variables", "init_params", "abstract_variables", "param_shardings", "stack_layer_params",
+    "init_variables", "init_params", "abstract_variables", "abstract_params", "param_shardings",
+    "stack_layer_params",
     "unstack_layer_params",
 ]
 
@@ -179,24 +180,23 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   cfg: T5Config
-  deterministic: bool
-  mode: str = "full"  # "full" | "cross_kv" | "step" (see DecoderLayer)
 
   @nn.compact
-  def __call__(self, x, encoded=None, encoder_mask=None, cache=None):
-    """full: `x [batch, target_length, embed]` -> same shape (after the final norm).
-    cross_kv: returns {"cross_k", "cross_v"} `[batch, layers, input_length, heads, kv]`.
-    step: `x [batch, 1, embed]` and the decode cache -> (`[batch, 1, embed]`, new self KV).
-    """
-    cfg, det = self.cfg, self.deterministic
+  def __call__(self, x, encoded=None, encoder_mask=None, cache=None, *, mode: str = "full",
+               deterministic: bool = True):
+    """`mode` (see DecoderLayer) -- full: `x [batch, target_length, embed]` -> same shape
+    (after the final norm). cross_kv: returns {"cross_k", "cross_v"} `[batch, layers,
+    input_length, heads, kv]`. step: `x [batch, 1, embed]` and the decode cache ->
+    (`[batch, 1, embed]`, new self KV)."""
+    cfg, det = self.cfg, deterministic
     n = cfg.num_decoder_layers
-    if self.mode == "cross_kv":
+    if mode == "cross_kv":
       _, ys = _run_layers(cfg, DecoderLayer, n, jnp.zeros((), cfg.compute_dtype),
                           {"encoded": encoded}, None, deterministic=True, mode="cross_kv")
       return ys
 
     relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
-    if self.mode == "full":
+    if mode == "full":
       length = x.shape[1]
       causal = jnp.tril(jnp.ones((length, length), bool))
       self_bias = relpos(length, length)[None] + jnp.where(causal, 0.0, MASK_VALUE)[None, None]
@@ -216,41 +216,48 @@ class Decoder(nn.Module):
 
     x = dropout(self, x, cfg.dropout_rate, det)
     x, ys = _run_layers(cfg, DecoderLayer, n, x, shared, per_layer, deterministic=det,
-                        mode=self.mode)
+                        mode=mode)
     x = RMSNorm(cfg, name="final_norm")(x)
     x = dropout(self, x, cfg.dropout_rate, det)
-    return x if self.mode == "full" else (x, ys)
+    return x if mode == "full" else (x, ys)
 
 
 class T5(nn.Module):
-  """T5 with a `mode` per entry point; all modes share one parameter tree.
+  """T5 whose entry points are methods sharing one parameter tree.
 
-  "train" (and init): `(input_tokens [batch, in_len], decoder_input_tokens [batch, tgt_len])`
-  -> logits `[batch, tgt_len, vocab]` float32. "encode": `(input_tokens)` -> encoded.
-  "cross_kv": `(encoded)` -> cross-attention K/V. "step": `(token [batch], cache)` ->
-  (logits, new self K/V); `voken_logits_only` restricts the step's output columns.
+  `__call__(input_tokens [batch, in_len], decoder_input_tokens [batch, tgt_len])`: teacher
+  forcing (and init) -> logits `[batch, tgt_len, vocab]` float32. `encode(input_tokens)` ->
+  encoded. `cross_kv(encoded)` -> cross-attention K/V. `decode_step(token [batch], cache,
+  voken_logits_only)` -> (logits, new self K/V); `voken_logits_only` restricts the output
+  columns. Use them with `apply(..., method=T5.encode)` etc., or the pure functions below.
   """
   cfg: T5Config
-  mode: str = "train"
   deterministic: bool = True
-  voken_logits_only: bool = False
 
-  def _embed(self, embedding, tokens):
-    x = jnp.take(embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+  def setup(self):
+    cfg = self.cfg
+    self.token_embedding = self.param(
+        "token_embedding", nn.with_logical_partitioning(normal_init(1.0), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+    if not cfg.tie_embeddings:
+      self.output_embedding = self.param(
+          "output_embedding",
+          nn.with_logical_partitioning(normal_init(cfg.d_model ** -0.5), ("vocab", "embed")),
+          (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+    self.encoder = Encoder(cfg, self.deterministic)
+    self.decoder = Decoder(cfg)
+
+  def _embed(self, tokens):
+    x = jnp.take(self.token_embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-  def _output_rows(self, embedding):
+  def _output_rows(self):
     """The `[vocab, embed]` matrix of the output projection."""
-    cfg = self.cfg
-    if cfg.tie_embeddings:
-      return embedding
-    return self.param("output_embedding",
-                      nn.with_logical_partitioning(normal_init(cfg.d_model ** -0.5),
-                                                   ("vocab", "embed")),
-                      (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+    return self.token_embedding if self.cfg.tie_embeddings else self.output_embedding
 
-  def _logits(self, x, rows, voken_only: bool):
+  def _logits(self, x, voken_only: bool):
     cfg = self.cfg
+    rows = self._output_rows()
     if voken_only:
       rows = jnp.concatenate([rows[EOS_ID:EOS_ID + 1], rows[cfg.first_voken_id:]], axis=0)
     if cfg.tie_embeddings:
@@ -261,31 +268,21 @@ class T5(nn.Module):
                      preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
-  @nn.compact
-  def __call__(self, *args):
-    cfg, det = self.cfg, self.deterministic
-    embedding = self.param("token_embedding",
-                           nn.with_logical_partitioning(normal_init(1.0), ("vocab", "embed")),
-                           (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
-    if self.mode in ("train", "encode"):
-      input_tokens = args[0]
-      encoded = Encoder(cfg, det, name="encoder")(self._embed(embedding, input_tokens),
-                                                  input_tokens != PAD_ID)
-      if self.mode == "encode":
-        return encoded
-      decoder_input_tokens = args[1]
-      x = Decoder(cfg, det, "full", name="decoder")(
-          self._embed(embedding, decoder_input_tokens), encoded, input_tokens != PAD_ID)
-      return self._logits(x, self._output_rows(embedding), False)
-    if self.mode == "cross_kv":
-      return Decoder(cfg, True, "cross_kv", name="decoder")(None, encoded=args[0])
-    if self.mode == "step":
-      token, cache = args
-      x, new_kv = Decoder(cfg, True, "step", name="decoder")(
-          self._embed(embedding, token[:, None]), cache=cache)
-      out = self._logits(x, self._output_rows(embedding), self.voken_logits_only)
-      return out[:, 0], new_kv
-    raise ValueError(f"unknown T5 mode {self.mode!r}")
+  def __call__(self, input_tokens, decoder_input_tokens):
+    encoded = self.encode(input_tokens)
+    x = self.decoder(self._embed(decoder_input_tokens), encoded, input_tokens != PAD_ID,
+                     mode="full", deterministic=self.deterministic)
+    return self._logits(x, False)
+
+  def encode(self, input_tokens):
+    return self.encoder(self._embed(input_tokens), input_tokens != PAD_ID)
+
+  def cross_kv(self, encoded):
+    return self.decoder(None, encoded=encoded, mode="cross_kv")
+
+  def decode_step(self, token, cache, voken_logits_only: bool = False):
+    x, new_kv = self.decoder(self._embed(token[:, None]), cache=cache, mode="step")
+    return self._logits(x, voken_logits_only)[:, 0], new_kv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +304,7 @@ def shift_right(target_tokens: jax.Array) -> jax.Array:
 
 def encode(params, cfg: T5Config, input_tokens: jax.Array) -> jax.Array:
   """`input_tokens int[batch, input_length]` (0 = padding) -> `[batch, input_length, embed]`."""
-  return T5(cfg, mode="encode").apply(_variables(params), input_tokens)
+  return T5(cfg).apply(_variables(params), input_tokens, method=T5.encode)
 
 
 def init_decode_state(params, cfg: T5Config, encoded: jax.Array, input_tokens: jax.Array,
@@ -317,7 +314,7 @@ def init_decode_state(params, cfg: T5Config, encoded: jax.Array, input_tokens: j
   Cross-attention keys/values are computed here, once; `max_decode_length` is the number of
   decoder positions (identifier length + EOS, plus one if the caller feeds a final token).
   """
-  cross = T5(cfg, mode="cross_kv").apply(_variables(params), encoded)
+  cross = T5(cfg).apply(_variables(params), encoded, method=T5.cross_kv)
   batch = encoded.shape[0]
   shape = (batch, cfg.num_decoder_layers, int(max_decode_length), cfg.num_heads, cfg.d_kv)
   zeros = jnp.zeros(shape, cfg.compute_dtype)
@@ -337,8 +334,8 @@ def decode_step(params, cfg: T5Config, token: jax.Array, cache: dict, *,
   normalisation is then not available. The first call feeds the start token 0.
   Positions at or beyond `max_decode_length` are not checked (inside jit they cannot be).
   """
-  model = T5(cfg, mode="step", voken_logits_only=voken_logits_only)
-  out, new_kv = model.apply(_variables(params), token, cache)
+  out, new_kv = T5(cfg).apply(_variables(params), token, cache, voken_logits_only,
+                             method=T5.decode_step)
   new_cache = dict(cache)
   new_cache.update(new_kv)
   new_cache["index"] = cache["index"] + 1
@@ -353,7 +350,7 @@ def logits(params, cfg: T5Config, input_tokens: jax.Array, decoder_target_tokens
   Decoder inputs are the targets shifted right with start token 0; pass `rngs={"dropout":
   key}` when not deterministic.
   """
-  model = T5(cfg, mode="train", deterministic=deterministic)
+  model = T5(cfg, deterministic=deterministic)
   return model.apply(_variables(params), input_tokens, shift_right(decoder_target_tokens),
                      rngs=rngs)
 
@@ -421,7 +418,7 @@ def init_variables(cfg: T5Config, rng: jax.Array, *, input_length: int = 4,
   """
   inputs = jnp.ones((1, input_length), jnp.int32)
   targets = jnp.ones((1, target_length), jnp.int32)
-  return T5(cfg, mode="train").init({"params": rng}, inputs, targets)
+  return T5(cfg).init({"params": rng}, inputs, targets)
 
 
 def init_params(cfg: T5Config, rng: jax.Array) -> dict:
@@ -437,10 +434,17 @@ def abstract_variables(cfg: T5Config) -> dict:
   return jax.eval_shape(lambda r: init_variables(cfg, r), jax.random.key(0))
 
 
-def param_shardings(cfg: T5Config, mesh, rules=partitioning.LOGICAL_RULES) -> dict:
+def param_shardings(cfg: T5Config, mesh, rules=None) -> dict:
   """`{"params": tree of NamedSharding}` matching `init_variables(cfg, ...)` on `mesh`."""
   specs = nn.get_partition_spec(abstract_variables(cfg))
   return partitioning.logical_to_sharding(specs, mesh, rules)
+
+
+def abstract_params(cfg: T5Config, mesh) -> tuple[Any, Any]:
+  """`(params, shardings)` as training creates them on `mesh`: `jax.ShapeDtypeStruct`s with
+  their `NamedSharding`s (restore targets, ahead-of-time compile arguments)."""
+  shardings = param_shardings(cfg, mesh)["params"]
+  return partitioning.abstract(nn.unbox(abstract_variables(cfg))["params"], shardings), shardings
 
 
 def _layer_keys(tree: Mapping[str, Any]) -> list[str]:

@@ -9,7 +9,6 @@ with heads split out (see avg_jax/models/t5.py).
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator, Mapping
 
 import ml_dtypes
@@ -17,6 +16,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from avg_jax.artifacts import io
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config, hf_architecture, read_hf_config
@@ -225,21 +225,12 @@ def save_hf_t5(path: str, params: Mapping[str, Any], cfg: T5Config) -> None:
   The directory is written next to `path` and renamed into place, so a failure never leaves
   a partial checkpoint; an existing `path` is replaced.
   """
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".t5_export_", dir=parent)
+  tmp = io.temp_dir(path)
   try:
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(hf_config_dict(cfg), f, indent=2)
+    io.write_json(os.path.join(tmp, "config.json"), hf_config_dict(cfg), indent=2)
     save_file(params_to_hf(params, cfg), os.path.join(tmp, WEIGHTS_FILE),
               metadata={"format": "pt"})
-    if os.path.exists(path):
-      old = tmp + ".old"
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, path)
+    io.replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -6,7 +6,7 @@
     requests.py  request bodies -> validated searches, or a 4xx error naming the field
     batcher.py   dynamic batching: concurrent searches -> one Retriever call on one device thread
     metrics.py   Prometheus metrics, including XLA compiles counted from jax.monitoring
-    loadtest.py  `avg-jax bench serve`: N concurrent clients against a server process
+    (`avg-jax bench serve`, N concurrent clients against a server process: avg_jax/bench/serve.py)
     page/        the search page (HTML, JS, CSS; package data, no build step, no CDN)
 
 The service only uses the `Retriever`'s public surface (`load`, `search`, `validate`,

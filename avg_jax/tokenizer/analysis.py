@@ -21,7 +21,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from avg_jax import paths
+from avg_jax.artifacts import paths, voken_tables
+from avg_jax.data import dataset
 from avg_jax.errors import UserError
 
 _STOPWORDS = frozenset(
@@ -121,10 +122,6 @@ def load_features(workdir: str, split: str, image_ids: np.ndarray) -> Optional[l
   """Attribute sets for `image_ids` from the prepared dataset; None when it is not available."""
   if not os.path.exists(paths.dataset_info_file(workdir)):
     return None
-  try:
-    from avg_jax.data import dataset  # the data stage's reader; absent before it is built
-  except ImportError:
-    return None
   source = dataset.image_source(workdir, split)
   by_id = {}
   for i in range(len(source)):
@@ -155,12 +152,11 @@ def format_table(rows: dict, prefix_lengths: Sequence[int] = (1, 2)) -> str:
 def compare_schemes(workdir: str, schemes: Sequence[str], split: str = "test", *,
                     num_pairs: int = 2000, seed: int = 0) -> dict:
   """Semantic measure of each scheme's voken table in `workdir` (schemes without one skipped)."""
-  from avg_jax.tokenizer import stage  # late: stage imports this module
   rows, features = {}, None
   for scheme in schemes:
-    if not os.path.exists(stage.voken_table_file(workdir, scheme)):
+    if not os.path.exists(voken_tables.voken_table_file(workdir, scheme)):
       continue
-    _, table, _ = stage.load_voken_table(workdir, scheme)
+    _, table, _ = voken_tables.load(workdir, scheme)
     if split not in table:
       continue
     image_ids, codes = table[split]

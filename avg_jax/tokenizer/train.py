@@ -132,10 +132,8 @@ class RQVAETrainer:
     abstract = jax.eval_shape(self._boxed_init, jax.random.key(0))
     self.state_shardings = partitioning.logical_to_sharding(
         nn.get_partition_spec(abstract), mesh)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.unbox(abstract), self.state_shardings)
-    self._train_step = jax.jit(
+    self.abstract_state = partitioning.abstract(nn.unbox(abstract), self.state_shardings)
+    self.jitted_train_step = jax.jit(
         self._train_step_impl,
         in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
         out_shardings=(self.state_shardings, self.replicated),
@@ -241,7 +239,7 @@ class RQVAETrainer:
     with partitioning.activation_context(self.mesh):
       images = partitioning.shard_host_batch(images, self.mesh)
       captions = partitioning.shard_host_batch(captions, self.mesh)
-      return self._train_step(state, images, captions)
+      return self.jitted_train_step(state, images, captions)
 
   # --- Inference ------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ scheme's voken table, creates (or imports) its parameters already sharded on a m
 voken rows initialised from the tokenizer's codebook, and loads the text tokenizer.
 
 A generator belongs to a (scheme, protocol): its voken table is `tokenize`'s fit for that
-protocol (`tokenizer.stage.tokenizer_name`), its training examples follow the protocol. What
+protocol (`tokenizer.fit.tokenizer_name`), its training examples follow the protocol. What
 it is trained to emit depends on `decode.tie_break`: the full identifier (semantic codes and
 disambiguation position, "learned") or the semantic codes alone; then EOS.
 """
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from avg_jax import paths
+from avg_jax.artifacts import paths, voken_tables
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding.config import DecodeConfig
@@ -26,7 +26,7 @@ from avg_jax.decoding.trie import VokenTrie
 from avg_jax.errors import UserError
 from avg_jax.models import t5_init
 from avg_jax.models.t5_config import T5Config, hf_architecture, read_hf_config
-from avg_jax.tokenizer.stage import load_voken_table, tokenizer_name
+from avg_jax.tokenizer.fit import tokenizer_name
 from avg_jax.vokens import VokenVocabulary
 
 
@@ -99,7 +99,7 @@ def load_generator(config: ConfigDict, workdir: str, scheme: str,
   text tokenizer; builds the T5 config."""
   protocol = pseudo_lib.check_protocol(str(config.protocol if protocol is None else protocol))
   decode = DecodeConfig.from_config(config.decode)
-  table_vocab, table, codebook = load_voken_table(workdir,
+  table_vocab, table, codebook = voken_tables.load(workdir,
                                                   tokenizer_name(config, scheme, protocol))
   tokenizer = TextTokenizer.load(paths.text_tokenizer_model(workdir))
   text_rows = model_text_rows(config.t5)

@@ -1,7 +1,6 @@
 """The reference side's worker process: its environment, its own timing, results back."""
 
 import os
-import sys
 
 import pytest
 

@@ -301,7 +301,7 @@ def test_karpathy_local_config_prepares_own_images(repo_root, tmp_path):
   # configs/karpathy_local.py:tiny on a folder of one-caption PNGs (RGBA clip-art style):
   # no other override than the two paths.
   from avg_jax import config as config_lib
-  from avg_jax.data import prepare
+  from avg_jax.stages import prepare
   rng = np.random.default_rng(0)
   # Made-up words: enough distinct text for the config's 200 SentencePiece pieces (fewer
   # would be the one-line error "vocab_size=200 ... at most N for these captions").

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from avg_jax import paths
-from avg_jax.data import builders, dataset, images, prepare, shards
+from avg_jax.artifacts import paths
+from avg_jax.data import builders, dataset, images, prepared, shards
+from avg_jax.stages import prepare
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
 
@@ -88,7 +89,7 @@ def test_two_processes_write_their_shards_and_match_one(tmp_path, tiny_config, c
   config, workdir = tiny_config(*SHARDED), str(tmp_path / "w")
   shards_dir = paths.prepared_shards_dir(workdir)
   # Process 1 of 2 writes shards 1, 3, 5 and nothing else.
-  assert prepare.write_shards(config, workdir, 1, 2) == {
+  assert prepared.write_shards(config, workdir, 1, 2) == {
       "train": (2, 0, 2), "val": (0, 0, 0), "test": (1, 0, 1)}
   assert sorted(os.listdir(shards_dir)) == sorted(
       f"{n}{ext}" for n in PROCESS_1_OF_2 for ext in (".array_record", ".json"))
@@ -108,7 +109,7 @@ def test_two_processes_write_their_shards_and_match_one(tmp_path, tiny_config, c
 def test_a_rerun_skips_finished_shards(tmp_path, tiny_config, capsys, monkeypatch,
                                        one_shard_reference):
   config, workdir = tiny_config(*SHARDED), str(tmp_path / "w")
-  prepare.write_shards(config, workdir, 1, 2)  # a 2-process run that lost process 0
+  prepared.write_shards(config, workdir, 1, 2)  # a 2-process run that lost process 0
   shards_dir = paths.prepared_shards_dir(workdir)
   mtimes = {n: os.stat(os.path.join(shards_dir, n)).st_mtime_ns for n in os.listdir(shards_dir)}
   capsys.readouterr()
@@ -132,7 +133,7 @@ def test_a_rerun_skips_finished_shards(tmp_path, tiny_config, capsys, monkeypatc
 def test_damaged_and_half_written_shards_are_redone(tmp_path, tiny_config, capsys, monkeypatch,
                                                     one_shard_reference):
   config, workdir = tiny_config(*SHARDED), str(tmp_path / "w")
-  prepare.write_shards(config, workdir, 0, 1)
+  prepared.write_shards(config, workdir, 0, 1)
   shards_dir = paths.prepared_shards_dir(workdir)
   path = lambda name, ext=".array_record": os.path.join(shards_dir, name + ext)
   with open(path("train-000000000-000000016"), "r+b") as f:  # one flipped bit, same size

@@ -10,6 +10,7 @@ import pytest
 
 from avg_jax import partitioning
 from avg_jax.decoding import search
+from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
@@ -131,7 +132,7 @@ def test_sharded_search_matches_single_device(params):
   sharded_params = jax.device_put(params, shardings)
   trie = _trie(seed=2)
   queries = _queries(3, batch=8)
-  fn = search.make_search_fn(CFG, VOCAB, mesh, shardings, beam_size=3)
+  fn = search.make_search_fn(CFG, VOCAB, mesh, shardings, DecodeConfig(beam_size=3, top_k=3))
   dev_trie = trie.to_device(sharding=partitioning.replicated(mesh))
   got = fn(sharded_params, dev_trie, jax.device_put(
       queries, partitioning.logical_sharding(mesh, "batch")))

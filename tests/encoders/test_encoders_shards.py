@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from avg_jax import config as config_lib
-from avg_jax import partitioning, paths
-from avg_jax.data import prepare
+from avg_jax import partitioning
+from avg_jax.artifacts import embeddings, paths
 from avg_jax.data.text_tokenizer import TextTokenizer
-from avg_jax.encoders import clip, extract, preprocess, stage
+from avg_jax.encoders import clip, extract, preprocess, store
 from avg_jax.errors import UserError
+from avg_jax.stages import prepare
 
 SPLITS = ("train", "val", "test")
 # 60 / 8 / 8 images; 16 per shard: train 0-16, 16-32, 32-48, 48-60, val 0-8, test 0-8. Batches
@@ -62,7 +63,7 @@ def _copy(prepared, target):
 
 def _merge(workdir, split, config, cfg):
   extract.merge_shards(workdir, split, config, cfg.projection_dim)
-  return stage.load_embeddings(workdir, split)
+  return embeddings.load(workdir, split)
 
 
 def _assert_equal_to_reference(workdir, config, encoder, reference):
@@ -86,7 +87,7 @@ def _count_shard_writes(monkeypatch):
 
 def test_local_encoder_keeps_the_parameters(setup, repo_root):
   _, encoder, _, _ = setup
-  local, mesh = stage.local_encoder(encoder, _config(repo_root, SMALL).mesh)
+  local, mesh = store.local_encoder(encoder, _config(repo_root, SMALL).mesh)
   assert mesh.devices.size == jax.local_device_count()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(local.params),
                jax.device_get(encoder.params))

@@ -1,11 +1,11 @@
-"""Fixtures for the service tests: a copy of the tiny pipeline's export and `avg-jax serve`
-processes on free ports (the server picks one: --port 0 and prints it)."""
+"""Fixtures for the service tests: `avg-jax serve` processes on free ports (the server picks
+one: --port 0 and prints it) over a copy of the tiny pipeline's export (`serve_export`,
+tests/conftest.py)."""
 
 import json
 import os
 import pathlib
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +18,6 @@ import pytest
 # Generous bounds so a busy machine never fails a test; they only stop a hung test.
 START_TIMEOUT_S = 900
 REQUEST_TIMEOUT_S = 300
-
-
-@pytest.fixture(scope="session")
-def serve_export(pipeline_workdir, tmp_path_factory) -> pathlib.Path:
-  """The tiny pipeline's export (with its gallery), copied so other tests may rewrite theirs."""
-  target = tmp_path_factory.mktemp("serve") / "export"
-  shutil.copytree(pipeline_workdir / "export", target)
-  return target
 
 
 class Server:

@@ -8,8 +8,8 @@ import numpy as np
 from avg_jax import config as config_lib
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
-from avg_jax.tokenizer import stage as tokenize_stage
-from avg_jax.training import generative
+from avg_jax.stages import tokenize as tokenize_stage
+from avg_jax.training import examples
 from avg_jax.training import generator as generator_lib
 
 
@@ -27,7 +27,7 @@ def test_pseudo_queries_of_indexed_images_are_training_examples(repo_root, tiny_
     config = _config(repo_root, f"protocol={protocol}", f"train.pseudo_query_repeats={repeats}")
     tokenize_stage.run(config, str(workdir))
     gen = generator_lib.load_generator(config, str(workdir), "avg")
-    source = generative.training_source(config, str(workdir), gen)
+    source = examples.training_source(config, str(workdir), gen)
     if protocol == "inductive":
       assert gen.training_splits() == ("train",)
       assert len(source) == captions

@@ -3,7 +3,7 @@
 import json
 
 from avg_jax import cli
-from avg_jax.serve import loadtest
+from avg_jax.bench import serve as loadtest
 
 
 def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys):

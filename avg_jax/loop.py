@@ -1,4 +1,5 @@
-"""The train-step shape shared by every stage and the loop that drives it.
+"""The train-step shape every trainer shares (dual encoder, generator, LTR) and the loop that
+drives it.
 
 A step is a pure function `(state, batch, rng) -> (state, metrics)`: the rng is the run's base
 key and each step folds in its own step number, so a resumed run draws the same dropout masks as
@@ -7,6 +8,8 @@ unchanged and reports `finite = False`; the loop then stops with an error naming
 saves nothing after it, so the last good checkpoint stays the newest.
 """
 
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -16,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from avg_jax import processes
+from avg_jax.artifacts.checkpoints import Checkpointer
 from avg_jax.errors import Preempted, UserError
 from avg_jax.metrics import MetricsWriter
 from avg_jax.progress import progress
-from avg_jax.training.checkpointing import Checkpointer, StopSignal, all_processes_agree
 
 
 class TrainingDiverged(UserError):
@@ -67,6 +71,33 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, dict]],
     return new_state, metrics
 
   return train_step
+
+
+class StopSignal:
+  """Turns SIGTERM (preemption) into a flag the train loop checks between steps.
+
+  Only installs a handler when running in the main thread; restores the old handler on exit.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def set(self) -> None:
+    self._event.set()
 
 
 def fit(*, step_fn: Callable, state: TrainState, rng: jax.Array,
@@ -121,7 +152,7 @@ def fit(*, step_fn: Callable, state: TrainState, rng: jax.Array,
       bar.update(1)
     last = step == num_steps
     save_now = last or (checkpoint_every and step % checkpoint_every == 0)
-    preempt = all_processes_agree(stop.requested) or checkpointer.reached_preemption(step)
+    preempt = processes.any_process(stop.requested) or checkpointer.reached_preemption(step)
     if last or preempt or save_now or step % max(log_every, 1) == 0:
       flush(step)
     if save_now or preempt:

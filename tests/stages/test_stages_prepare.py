@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from avg_jax import cli
-from avg_jax import paths
-from avg_jax.data import dataset
-from avg_jax.data import prepare
+from avg_jax.artifacts import paths
+from avg_jax.artifacts import io
+from avg_jax.data import dataset, prepared as prepared_lib
+from avg_jax.stages import prepare
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
@@ -93,7 +94,7 @@ def test_prepare_is_idempotent(tmp_path, tiny_config, capsys):
   assert [r["reused"] for r in records] == [False] * 3 + [True] * 3
   assert {r["split"]: r["num_images"] for r in records} == {"train": 60, "val": 8, "test": 8}
   # A different data config in the same workdir is refused, naming the change.
-  with pytest.raises(UserError, match=r"different data config \(data.generator_seed: 0 -> 3\)"):
+  with pytest.raises(UserError, match=r"made from other inputs \(data.generator_seed: 0 -> 3\)"):
     prepare.run(tiny_config(*SMALL, "data.generator_seed=3"), workdir)
 
 
@@ -107,7 +108,7 @@ def test_half_written_outputs_are_detected_and_redone(tmp_path, tiny_config, cap
   workdir = str(tmp_path / "w")
   prepared = paths.prepared_dir(workdir)
   # A temp dir left by a killed run (its pid is not alive) is removed.
-  stale = tmp_path / "w" / f"{os.path.basename(prepare._temp_prefix(prepared))}x"
+  stale = tmp_path / "w" / f"{os.path.basename(io._temp_prefix(prepared))}x"
   stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", "-99999999-"))
   stale.mkdir(parents=True)
   (stale / "junk").write_text("half")
@@ -123,10 +124,10 @@ def test_half_written_outputs_are_detected_and_redone(tmp_path, tiny_config, cap
   record_file = _array_record(prepared)
   with open(record_file, "r+b") as f:
     f.truncate(100)
-  assert prepare.check_prepared(prepared)[0] == "incomplete"
+  assert prepared_lib.check_prepared(prepared)[0] == "incomplete"
   prepare.run(config, workdir)
   assert "is incomplete" in capsys.readouterr().out
-  assert prepare.check_prepared(prepared)[0] == "complete"
+  assert prepared_lib.check_prepared(prepared)[0] == "complete"
   assert os.path.getsize(record_file) == good[os.path.relpath(record_file, prepared)][0]
   assert len(dataset.image_source(workdir, "train")) == 60
 
@@ -141,18 +142,18 @@ def test_a_concurrent_prepare_that_finished_first_is_kept(tmp_path, tiny_config,
                                                           capsys):
   workdir = str(tmp_path / "w")
   prepared = paths.prepared_dir(workdir)
-  build = prepare._build
+  build = prepared_lib.build
 
   def build_while_another_process_finishes(config, tmp, *args):
     info = build(config, tmp, *args)
     shutil.copytree(tmp, prepared)  # the other process renames its output into place first
     return info
-  monkeypatch.setattr(prepare, "_build", build_while_another_process_finishes)
+  monkeypatch.setattr(prepared_lib, "build", build_while_another_process_finishes)
   prepare.run(tiny_config(*SMALL), workdir)
   assert "completed by another process" in capsys.readouterr().out
   # Our temp is gone, and so are the shards.
   assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]
-  assert prepare.check_prepared(prepared)[0] == "complete"
+  assert prepared_lib.check_prepared(prepared)[0] == "complete"
 
 
 def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypatch, capsys):

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from avg_jax import config as config_lib
-from avg_jax import partitioning, paths
-from avg_jax.data import dataset, prepare
-from avg_jax.encoders import bpe, clip, extract, hf_import, stage
+from avg_jax import partitioning
+from avg_jax.artifacts import embeddings, paths
+from avg_jax.data import dataset
+from avg_jax.encoders import bpe, clip, extract, hf_import, store
+from avg_jax.stages import embed, prepare
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
 
@@ -42,7 +44,7 @@ def _check_contract(workdir, dim):
   info = dataset.load_info(workdir)
   c = info["captions_per_image"]
   for split, counts in info["splits"].items():
-    data = stage.load_embeddings(workdir, split)
+    data = embeddings.load(workdir, split)
     n, m = counts["num_images"], counts["num_captions"]
     assert data["image_ids"].shape == (n,) and data["image_ids"].dtype == np.int64
     assert data["image_emb"].shape == (n, dim) and data["image_emb"].dtype == np.float32
@@ -65,7 +67,7 @@ SHORT = ("encoder_train.steps=10", "encoder_train.checkpoint_every=5")
 def test_trained_encoder_stage(prepared, tmp_path, repo_root):
   workdir = _copy_prepared(prepared, tmp_path)
   config = _config(repo_root, *SHORT)
-  stage.run(config, workdir)
+  embed.run(config, workdir)
   _check_contract(workdir, config.encoder.projection_dim)
   assert not os.path.exists(os.path.join(paths.embed_dir(workdir), "checkpoints"))
   assert not os.path.exists(paths.embed_shards_dir(workdir))  # merged and removed
@@ -81,8 +83,8 @@ def test_trained_encoder_stage(prepared, tmp_path, repo_root):
   assert steps and steps[-1] == config.encoder_train.steps
 
   # Rows are the features of the right images/captions: recompute a few with the saved encoder.
-  encoder = stage.load_encoder(workdir)
-  test = stage.load_embeddings(workdir, "test")
+  encoder = store.load_encoder(workdir)
+  test = embeddings.load(workdir, "test")
   captions = dataset.caption_source(workdir, "test")
   picks = [0, 7, len(captions) - 1]
   texts = [captions[i]["caption"] for i in picks]
@@ -92,20 +94,20 @@ def test_trained_encoder_stage(prepared, tmp_path, repo_root):
   # Rerun: everything kept, nothing re-evaluated.
   files = {s: paths.embeddings_file(workdir, s) for s in ("train", "val", "test")}
   mtimes = {s: os.path.getmtime(f) for s, f in files.items()}
-  stage.run(config, workdir)
+  embed.run(config, workdir)
   assert {s: os.path.getmtime(f) for s, f in files.items()} == mtimes
   assert len([r for r in read_metrics(workdir) if r.get("method") == "two_tower"]) == 1
 
   # A missing split file is recomputed, identical to the first time.
-  before = stage.load_embeddings(workdir, "val")
+  before = embeddings.load(workdir, "val")
   os.remove(files["val"])
-  stage.run(config, workdir)
-  after = stage.load_embeddings(workdir, "val")
-  for key in stage.EMBEDDING_KEYS:
+  embed.run(config, workdir)
+  after = embeddings.load(workdir, "val")
+  for key in embeddings.KEYS:
     np.testing.assert_allclose(after[key], before[key], rtol=1e-6, atol=1e-6)
 
-  with pytest.raises(UserError, match=r"encoder_train\.learning_rate changed"):
-    stage.run(_config(repo_root, *SHORT, "encoder_train.learning_rate=0.5"), workdir)
+  with pytest.raises(UserError, match=r"encoder_train\.learning_rate: 0\.002 -> 0\.5"):
+    embed.run(_config(repo_root, *SHORT, "encoder_train.learning_rate=0.5"), workdir)
 
 
 @pytest.mark.slow
@@ -113,12 +115,12 @@ def test_pretrained_encoder_stage(prepared, tmp_path, repo_root):
   workdir = _copy_prepared(prepared, tmp_path)
   clip_dir = str(repo_root / "tests" / "fixtures" / "clip_tiny_a")
   config = _config(repo_root, f"encoder.pretrained_path={clip_dir}")
-  stage.run(config, workdir)
+  embed.run(config, workdir)
   cfg, params = hf_import.load_hf_clip(clip_dir)
   _check_contract(workdir, cfg.projection_dim)
   # Caption rows equal the imported model applied to our BPE tokens of those captions.
   tokenizer = bpe.ClipBpeTokenizer.load(clip_dir)
-  test = stage.load_embeddings(workdir, "test")
+  test = embeddings.load(workdir, "test")
   captions = dataset.caption_source(workdir, "test")
   tokens = tokenizer.encode_batch([captions[i]["caption"] for i in range(3)], cfg.max_text_length)
   np.testing.assert_allclose(clip.encode_texts(params, cfg, tokens), test["caption_emb"][:3],
@@ -126,11 +128,11 @@ def test_pretrained_encoder_stage(prepared, tmp_path, repo_root):
   with open(os.path.join(paths.embed_dir(workdir), "encoder.json")) as f:
     meta = json.load(f)
   assert meta["tokenizer"]["kind"] == "clip_bpe" and meta["clip"]["text_pooling"] == "argmax"
-  assert isinstance(stage.load_encoder(workdir), extract.DualEncoder)
+  assert isinstance(store.load_encoder(workdir), extract.DualEncoder)
 
 
 def test_missing_inputs_are_user_errors(tmp_path, repo_root):
   with pytest.raises(UserError, match="no prepared data"):
-    stage.run(_config(repo_root), str(tmp_path))
+    embed.run(_config(repo_root), str(tmp_path))
   with pytest.raises(UserError, match="run `avg-jax embed` first"):
-    stage.load_embeddings(str(tmp_path), "test")
+    embeddings.load(str(tmp_path), "test")

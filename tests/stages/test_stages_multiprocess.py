@@ -9,11 +9,12 @@ import shutil
 import jax
 import numpy as np
 
-from avg_jax import cli, paths
+from avg_jax import cli
+from avg_jax.artifacts import paths
 from avg_jax import config as config_lib
 from avg_jax.cloud import local_multiprocess
 from avg_jax.metrics import read_metrics
-from avg_jax.training import generative
+from avg_jax.training import state as state_lib
 from helpers import PIPELINE_OVERRIDES, pipeline_args
 
 # Small, well-separated embeddings (the tiny dual encoder's are nearly constant).
@@ -44,7 +45,7 @@ def _tokenizer_runs(repo_root, workdirs):
   from avg_jax.tokenizer import losses as losses_lib
   from avg_jax.tokenizer import model as model_lib
   from avg_jax.tokenizer import train as train_lib
-  from avg_jax.training.checkpointing import Checkpointer
+  from avg_jax.artifacts.checkpoints import Checkpointer
   tok = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"),
                                TOKENIZER_OVERRIDES).tokenizer
   trainer = train_lib.RQVAETrainer(
@@ -142,8 +143,8 @@ def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
   # A damaged newest checkpoint under 2 processes: it is set aside once (one rename, both
   # processes agree on the name), both resume from step 4 and retrain to the same table as
   # the undamaged 2-process run (same layout, so bit for bit).
-  from avg_jax.tokenizer import stage
-  os.remove(os.path.join(two, stage.SUMMARY))
+  from avg_jax.artifacts import voken_tables
+  os.remove(os.path.join(two, voken_tables.SUMMARY))
   for folder, _, files in os.walk(os.path.join(two, "checkpoints", "8")):
     for name in files:
       with open(os.path.join(folder, name), "wb") as f:
@@ -160,7 +161,7 @@ def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
 
 def _params(repo_root, workdir, stage):
   config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), PIPELINE_OVERRIDES)
-  return jax.device_get(generative.final_params(config, str(workdir), "avg", stage)[2])
+  return jax.device_get(state_lib.final_params(config, str(workdir), "avg", stage)[2])
 
 
 def test_training_evaluation_and_export_two_processes_match_one(repo_root, tiny_workdir,

@@ -7,11 +7,15 @@ import os
 import numpy as np
 import pytest
 
-from avg_jax import cli, paths
+from avg_jax import cli
 from avg_jax import config as config_lib
+from avg_jax.artifacts import embeddings as embeddings_lib
+from avg_jax.artifacts import fingerprint, paths, voken_tables
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
-from avg_jax.tokenizer import ids, stage
+from avg_jax.stages import tokenize
+from avg_jax.tokenizer import fit as fit_lib
+from avg_jax.tokenizer import ids
 
 SPLIT_SIZES = (("train", 96), ("val", 16), ("test", 24))
 
@@ -55,7 +59,7 @@ def _config(repo_root, scheme, mesh=("data=4", "model=2"), protocol="inductive",
 
 
 def _check_table(workdir, name):
-  vocab, table, codebook = stage.load_voken_table(workdir, name)
+  vocab, table, codebook = voken_tables.load(workdir, name)
   assert list(table) == [s for s, _ in SPLIT_SIZES]
   for split, n in SPLIT_SIZES:
     image_ids, codes = table[split]
@@ -75,7 +79,7 @@ def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_r
   workdir = str(tmp_path)
   _write_embeddings(workdir)
   config = _config(repo_root, "avg", shared_codebook=True, dropout=0.25)   # the reference's
-  stage.run(config, workdir)
+  tokenize.run(config, workdir)
   vocab, table, codebook = _check_table(workdir, "avg")
   assert vocab.shared_codebook and codebook.shape[0] == 8
   printed = capsys.readouterr().out
@@ -92,25 +96,25 @@ def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_r
   assert sorted(os.listdir(ckpt_dir)) == ["3", "6"]
 
   # Same config again: nothing is recomputed or rewritten.
-  table_file = stage.voken_table_file(workdir, "avg")
+  table_file = voken_tables.voken_table_file(workdir, "avg")
   mtime = os.stat(table_file).st_mtime_ns
   capsys.readouterr()
-  stage.run(config, workdir)
+  tokenize.run(config, workdir)
   assert os.stat(table_file).st_mtime_ns == mtime
   assert "tokenize [avg]: " in capsys.readouterr().out
 
   # A damaged output is redone (from the final checkpoint: no retraining).
   with open(table_file, "wb") as f:
     f.write(b"garbage")
-  stage.run(config, workdir)
+  tokenize.run(config, workdir)
   _, redone, _ = _check_table(workdir, "avg")
   for split in table:
     np.testing.assert_array_equal(redone[split][1], table[split][1])
 
   # A crash after training (summary missing): the rerun resumes from the last checkpoint and
   # writes the same identifiers.
-  os.remove(os.path.join(paths.tokenizer_dir(workdir, "avg"), stage.SUMMARY))
-  stage.run(config, workdir)
+  os.remove(os.path.join(paths.tokenizer_dir(workdir, "avg"), voken_tables.SUMMARY))
+  tokenize.run(config, workdir)
   _, again, codebook_again = _check_table(workdir, "avg")
   for split in table:
     np.testing.assert_array_equal(again[split][1], table[split][1])
@@ -118,13 +122,13 @@ def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_r
 
   # A damaged newest checkpoint: the rerun warns, resumes from the previous one (step 3) and
   # trains the last 3 steps again to the same identifiers.
-  os.remove(os.path.join(paths.tokenizer_dir(workdir, "avg"), stage.SUMMARY))
+  os.remove(os.path.join(paths.tokenizer_dir(workdir, "avg"), voken_tables.SUMMARY))
   for folder, _, files in os.walk(os.path.join(ckpt_dir, "6")):
     for name in files:
       with open(os.path.join(folder, name), "wb") as f:
         f.write(b"garbage")
   with caplog.at_level(logging.WARNING):
-    stage.run(config, workdir)
+    tokenize.run(config, workdir)
   assert any(os.path.join(ckpt_dir, "6") in r.getMessage() for r in caplog.records)
   _, after_damage, _ = _check_table(workdir, "avg")
   for split in table:
@@ -132,17 +136,35 @@ def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_r
 
   # Another config into the same directory is refused with the differing key named.
   with pytest.raises(UserError, match="tokenizer.steps"):
-    stage.run(_config(repo_root, "avg", shared_codebook=True, dropout=0.25, steps=7), workdir)
+    tokenize.run(_config(repo_root, "avg", shared_codebook=True, dropout=0.25, steps=7), workdir)
+
+
+def test_a_failed_tokenize_does_not_block_the_corrected_rerun(tmp_path, repo_root):
+  workdir = str(tmp_path)
+  _write_embeddings(workdir)
+  # A config error that shows only once the stage has started: aligning at the latent needs
+  # e_dim equal to the embedding width (12).
+  bad = _config(repo_root, "avg", mesh=("data=8",), align_position="latent")
+  with pytest.raises(UserError, match="align_position"):
+    tokenize.run(bad, workdir)
+  with open(os.path.join(paths.tokenizer_dir(workdir, "avg"), fingerprint.RECORD)) as f:
+    assert json.load(f)["complete"] is False  # claimed, never finished
+  # The corrected config runs (it used to be refused: "made with a different config").
+  tokenize.run(_config(repo_root, "avg", mesh=("data=8",)), workdir)
+  _check_table(workdir, "avg")
+  # Once finished, another config is refused, not silently redone.
+  with pytest.raises(UserError, match="tokenizer.align_position: 'decoder' -> 'latent'"):
+    tokenize.run(bad, workdir)
 
 
 @pytest.mark.parametrize("scheme", ["rq", "hkmeans", "atomic", "random"])
 def test_other_schemes_on_data8_mesh_write_valid_tables(tmp_path, repo_root, scheme):
   workdir = str(tmp_path)
   _write_embeddings(workdir)
-  stage.run(_config(repo_root, scheme, mesh=("data=8",), shared_codebook=False), workdir)
+  tokenize.run(_config(repo_root, scheme, mesh=("data=8",), shared_codebook=False), workdir)
   vocab, _, codebook = _check_table(workdir, scheme)
   assert not vocab.shared_codebook and codebook.shape[0] == 3 * 8   # one row per level token
-  with open(os.path.join(paths.tokenizer_dir(workdir, scheme), stage.SUMMARY)) as f:
+  with open(os.path.join(paths.tokenizer_dir(workdir, scheme), voken_tables.SUMMARY)) as f:
     summary = json.load(f)
   assert summary["disambiguation_size"] == vocab.disambiguation_size
   for split, n in SPLIT_SIZES:
@@ -166,11 +188,11 @@ def test_bad_embeddings_and_scheme_are_user_errors(tmp_path, repo_root):
            image_emb=np.zeros((3, 4), np.float32), caption_image_ids=np.array([0, 7]),
            caption_emb=np.zeros((2, 4), np.float32))
   with pytest.raises(UserError, match="caption_image_ids"):
-    stage.run(_config(repo_root, "random"), workdir)
+    tokenize.run(_config(repo_root, "random"), workdir)
   with pytest.raises(UserError, match="tokenizer.scheme"):
-    stage.run(_config(repo_root, "semantic"), workdir)
+    tokenize.run(_config(repo_root, "semantic"), workdir)
   with pytest.raises(UserError, match="run `avg-jax tokenize`"):
-    stage.load_voken_table(workdir, "avg")
+    voken_tables.load(workdir, "avg")
 
 
 def test_transductive_fit_uses_the_indexed_images_pseudo_queries(tmp_path, repo_root):
@@ -179,22 +201,22 @@ def test_transductive_fit_uses_the_indexed_images_pseudo_queries(tmp_path, repo_
   config = _config(repo_root, "avg", mesh=("data=8",), protocol="transductive",
                    fit_on_pseudo_queries=True)
   with pytest.raises(UserError, match="pseudo_queries.npz not found; run `avg-jax embed`"):
-    stage.run(config, workdir)
+    tokenize.run(config, workdir)
   _write_pseudo_queries(workdir)
-  stage.run(config, workdir)
-  assert stage.tokenizer_name(config, "avg", "transductive") == "avg+pseudo"
+  tokenize.run(config, workdir)
+  assert fit_lib.tokenizer_name(config, "avg", "transductive") == "avg+pseudo"
   _check_table(workdir, "avg+pseudo")
-  with open(os.path.join(paths.tokenizer_dir(workdir, "avg+pseudo"), stage.SUMMARY)) as f:
+  with open(os.path.join(paths.tokenizer_dir(workdir, "avg+pseudo"), voken_tables.SUMMARY)) as f:
     assert json.load(f)["fit_on"] == "train pairs + 80 pseudo-query pairs of val/test images"
   # Without the option, and for schemes that fit nothing, both protocols share one table.
   off = _config(repo_root, "avg", protocol="transductive", fit_on_pseudo_queries=False)
-  assert stage.tokenizer_name(off, "avg", "transductive") == "avg"
-  assert stage.tokenizer_name(config, "atomic", "transductive") == "atomic"
+  assert fit_lib.tokenizer_name(off, "avg", "transductive") == "avg"
+  assert fit_lib.tokenizer_name(config, "atomic", "transductive") == "atomic"
   # The pairs: every training caption, then each pseudo query with its own image.
-  embeddings = {s: stage.read_embeddings(workdir, s) for s, _ in SPLIT_SIZES}
+  embeddings = {s: embeddings_lib.load_checked(workdir, s) for s, _ in SPLIT_SIZES}
   with np.load(os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz")) as f:
     pseudo = (f["image_ids"], f["query_emb"])
-  fit = stage.fit_pairs(embeddings, pseudo)
+  fit = fit_lib.fit_pairs(embeddings, pseudo)
   train = embeddings["train"]
   assert len(fit["image_ids"]) == 96 + 16 + 24
   assert len(fit["caption_emb"]) == len(train["caption_emb"]) + 80

@@ -1,24 +1,17 @@
-"""The train and rank stages: sharded == single-device steps, kill -9 and SIGTERM resume,
-pseudo-query input errors."""
-
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
+"""The generator's train and rank steps (training.generative, training.ltr, training.state):
+sharded == single-device, twin negatives, optimizer state sharded like the parameters."""
 
 import jax
 import numpy as np
 import pytest
 
-from avg_jax import partitioning
+from avg_jax import loop, partitioning
+from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import VokenTrie
-from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
-from avg_jax.training import generative, loop, ltr, optim
-from avg_jax.training.checkpointing import Checkpointer
+from avg_jax.training import generative, ltr, optim
+from avg_jax.training import state as state_lib
 from avg_jax.vokens import VokenVocabulary
 
 
@@ -45,7 +38,7 @@ def _one_step(mesh, loss_fn, batch, cfg, *extra):
   tx = optim.adamw(1e-2, grad_clip_norm=1.0)
   variables, _ = partitioning.sharded_init(
       lambda r: t5_lib.init_variables(cfg, r), mesh, jax.random.key(0))
-  state, state_shardings = generative.create_state(variables["params"], tx, mesh)
+  state, state_shardings = state_lib.create_state(variables["params"], tx, mesh)
   device_batch = partitioning.shard_host_batch(batch, mesh)
   step = loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, *extra), tx)
   jitted = generative.compile_step(step, mesh, state_shardings, device_batch)
@@ -78,9 +71,8 @@ def test_sharded_generative_step_equals_single_device(mesh_config):
 def test_sharded_rank_step_equals_single_device():
   cfg, vocab, codes, batch = _tiny_model()
   trie = VokenTrie.build(codes, np.arange(8), position_sizes=vocab.position_sizes()).to_device()
-  loss_fn = ltr.make_rank_loss_fn(cfg, vocab, beam_size=3, rank_weight=0.5,
-                                  double_softmax=False, temperature=1.0,
-                                  mask_mode="after_softmax")
+  loss_fn = ltr.make_rank_loss_fn(cfg, vocab, decode=DecodeConfig(beam_size=3, top_k=3),
+                                  rank_weight=0.5, double_softmax=False, temperature=1.0)
   metrics = _compare({"data": 4, "model": 2}, loss_fn, batch, cfg, trie, name="rank")
   # Every query sees its own positive plus 2-3 negatives from the 8 indexed ids.
   assert 2.0 <= metrics["negatives"] <= 3.0
@@ -98,9 +90,9 @@ def test_rank_loss_skips_twin_negatives():
   batch = {"inputs": np.full((1, 4), 5, np.int32), "targets": vocab.target_tokens(codes[:1])}
   counts = {}
   for skip in (False, True):
-    loss_fn = ltr.make_rank_loss_fn(cfg, vocab, beam_size=4, rank_weight=1.0,
-                                    double_softmax=False, temperature=1.0,
-                                    mask_mode="after_softmax", skip_twin_negatives=skip)
+    loss_fn = ltr.make_rank_loss_fn(cfg, vocab, decode=DecodeConfig(beam_size=4, top_k=4),
+                                    rank_weight=1.0, double_softmax=False, temperature=1.0,
+                                    skip_twin_negatives=skip)
     _, metrics = loss_fn(params, batch, jax.random.key(1), trie)
     counts[skip] = float(metrics["negatives"])
   # Beam 4 finds all 4 images: 3 negatives, one of them the twin.
@@ -117,7 +109,7 @@ def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
       lambda r: t5_lib.init_variables(cfg, r), mesh, jax.random.key(0))
   param_specs = [x.sharding.spec for x in jax.tree.leaves(variables["params"])]
   tx = optim.adamw(1e-3, grad_clip_norm=1.0, accumulation_steps=accumulation_steps)
-  state, shardings = generative.create_state(variables["params"], tx, mesh)
+  state, shardings = state_lib.create_state(variables["params"], tx, mesh)
   assert any("fsdp" in str(spec) for spec in param_specs)
   moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0]
   # mu and nu, plus the accumulated gradients under MultiSteps.
@@ -127,82 +119,3 @@ def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
     assert leaf.sharding.spec == param_specs[i % len(param_specs)]
   assert jax.tree.map(lambda x: x.sharding, state) == shardings
   assert state.step.sharding.spec == jax.sharding.PartitionSpec()
-
-
-# --- Subprocess runs of `avg-jax train` ---------------------------------------------------------
-
-STEPS = 24
-OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=4",
-             "--config.train.eval_every=0", "--config.train.log_every=4",
-             "--config.train.keep_checkpoints=10"]
-
-
-def _train_cmd(repo_root, workdir):
-  return [sys.executable, "-m", "avg_jax", "train", "--config",
-          str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir), *OVERRIDES]
-
-
-def _copy(tiny_workdir, dest):
-  shutil.copytree(tiny_workdir, dest)
-  return dest
-
-
-def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-              JAX_PLATFORMS="cpu", AVG_JAX_NO_PROGRESS="1")
-
-
-def _final_params(repo_root, workdir):
-  from avg_jax import config as config_lib
-  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
-      o[len("--config."):] for o in OVERRIDES])
-  gen, mesh, params, _ = generative.final_params(config, str(workdir), "avg")
-  return jax.device_get(params)
-
-
-def _checkpoint_dir(workdir):
-  return workdir / "train" / "transductive" / "avg" / "checkpoints"
-
-
-def _wait_for_checkpoint(proc, directory, min_step, timeout=240):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"train exited early with {proc.returncode}")
-    if directory.exists() and any(p.isdigit() and int(p) >= min_step
-                                  for p in os.listdir(directory)):
-      return
-    time.sleep(0.2)
-  raise AssertionError("no checkpoint appeared")
-
-
-def test_kill_9_then_resume_gives_identical_parameters(repo_root, tiny_workdir, tmp_path):
-  reference = _copy(tiny_workdir, tmp_path / "reference")
-  subprocess.run(_train_cmd(repo_root, reference), env=_env(), check=True, timeout=600,
-                 capture_output=True)
-  killed = _copy(tiny_workdir, tmp_path / "killed")
-  proc = subprocess.Popen(_train_cmd(repo_root, killed), env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  _wait_for_checkpoint(proc, _checkpoint_dir(killed), 8)
-  proc.kill()  # SIGKILL: no handler runs, a save may be half-written
-  proc.wait()
-  assert not (killed / "train" / "transductive" / "avg" / "params").exists()
-  subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
-                 capture_output=True)
-  a, b = _final_params(repo_root, reference), _final_params(repo_root, killed)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_143(repo_root, tiny_workdir, tmp_path):
-  workdir = _copy(tiny_workdir, tmp_path / "w")
-  proc = subprocess.Popen(_train_cmd(repo_root, workdir), env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(proc, _checkpoint_dir(workdir), 4)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=240)
-  if proc.returncode == 0:
-    pytest.fail("training finished before SIGTERM arrived; raise STEPS")
-  assert proc.returncode == 143, err
-  assert "preempted at step" in err and "rerun the same command to resume" in err
-  step = int(err.split("preempted at step ")[1].split(";")[0])
-  assert step in Checkpointer(str(_checkpoint_dir(workdir))).steps()

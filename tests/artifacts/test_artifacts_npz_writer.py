@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from avg_jax.encoders.npz_writer import NpzWriter
+from avg_jax.artifacts.npz_writer import NpzWriter
 
 
 def test_writes_loadable_npz(tmp_path):

@@ -1,5 +1,8 @@
 """Where each stage writes inside a workdir: the one place that knows the layout.
 
+Every stage folder below carries `fingerprint.json` (avg_jax.artifacts.fingerprint): the
+inputs it was made from and whether it is complete.
+
     <workdir>/metrics.jsonl                     every stage's metrics (avg_jax.metrics)
     <workdir>/prepared/                         dataset_info.json, text tokenizer, ArrayRecord files
     <workdir>/prepared.shards/                  records being written, one file per shard
@@ -11,8 +14,8 @@
     <workdir>/tokenizer/<name>/                 RQ-VAE checkpoint, voken_table.npz, codebook.npy
                                                 (<name>: <scheme>, or <scheme>+pseudo for a
                                                 fit on pseudo-query pairs too)
-    <workdir>/train/<protocol>/<scheme>/        generative-stage checkpoints and parameters
-    <workdir>/rank/<protocol>/<scheme>/         learning-to-rank checkpoints and parameters
+    <workdir>/train/<protocol>/<scheme>/        generative-stage checkpoints/ and params/
+    <workdir>/rank/<protocol>/<scheme>/         learning-to-rank checkpoints/ and params/
     <workdir>/evaluate/                         metrics.json, report.md, plots
     <workdir>/export/                           the serving checkpoint
 """
@@ -48,6 +51,10 @@ def embeddings_file(workdir: str, split: str) -> str:
   return os.path.join(embed_dir(workdir), f"embeddings_{split}.npz")
 
 
+def pseudo_query_embeddings_file(workdir: str) -> str:
+  return os.path.join(embed_dir(workdir), "pseudo_queries.npz")
+
+
 def tokenizer_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "tokenizer", name)
 
@@ -58,6 +65,22 @@ def train_dir(workdir: str, scheme: str, protocol: str) -> str:
 
 def rank_dir(workdir: str, scheme: str, protocol: str) -> str:
   return os.path.join(workdir, "rank", protocol, scheme)
+
+
+def generator_dir(workdir: str, scheme: str, protocol: str, stage: str) -> str:
+  """The folder of a generator stage: `stage` is "train" or "rank"."""
+  base = {"train": train_dir, "rank": rank_dir}[stage]
+  return base(workdir, scheme, protocol)
+
+
+def checkpoints_dir(directory: str) -> str:
+  """A training stage's resumable checkpoints inside its folder."""
+  return os.path.join(directory, "checkpoints")
+
+
+def final_params_dir(directory: str) -> str:
+  """A finished training stage's parameters (no optimizer state) inside its folder."""
+  return os.path.join(directory, "params")
 
 
 def evaluate_dir(workdir: str) -> str:

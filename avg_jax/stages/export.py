@@ -13,15 +13,15 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
-from avg_jax import paths
+from avg_jax import processes
+from avg_jax.artifacts import embeddings, exports, fingerprint, paths
 from avg_jax.data import dataset
-from avg_jax.encoders import stage as embed_stage
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
 from avg_jax.export import serving
 from avg_jax.metrics import MetricsWriter
 from avg_jax.tokenizer import ids as tokenizer_ids
-from avg_jax.training import generative
+from avg_jax.training import state as state_lib
 
 
 def file_names(workdir: str, split: str) -> dict:
@@ -43,15 +43,14 @@ def gallery_entries(workdir: str, split: str, image_ids) -> Iterator[gallery_lib
     yield gallery_lib.Entry(int(image_id), r["file_name"], r["captions"], bytes(r["image"]))
 
 
-def export_is_current(directory: str, config: ConfigDict, stage: str) -> bool:
-  """True when `directory` holds a loadable export of this config and source stage."""
+def _loads(directory: str) -> str:
+  """"" when `directory` holds a loadable export, else what is wrong."""
   try:
-    manifest = serving.read_manifest(directory)
+    exports.read_manifest(directory)
     serving.check_files(directory)
-  except UserError:
-    return False
-  return (manifest.get("config_hash") == config_lib.config_hash(config)
-          and manifest["source_stage"] == stage)
+  except UserError as e:
+    return str(e)
+  return ""
 
 
 def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
@@ -74,13 +73,17 @@ def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
 def run(config: ConfigDict, workdir: str) -> None:
   scheme = config.tokenizer.scheme
   protocol = str(config.protocol)
-  stage = ("rank" if os.path.isdir(generative.params_dir(workdir, scheme, protocol, "rank"))
+  stage = ("rank" if os.path.isdir(state_lib.params_dir(workdir, scheme, protocol, "rank"))
            else "train")
   directory = paths.export_dir(workdir)
-  if export_is_current(directory, config, stage):
+  # The folder is written whole (a temporary folder renamed into place), then marked complete;
+  # made from the whole config and the stage whose parameters it serves, redone when they change.
+  out = fingerprint.Output(directory, {"config": fingerprint.config_hash(config),
+                                       "source_stage": stage}, stage="export", on_other="redo")
+  if out.done(verify=lambda: _loads(directory)):
     print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
     return
-  gen, _, params, _ = generative.final_params(config, workdir, scheme, stage, protocol)
+  gen, _, params, _ = state_lib.final_params(config, workdir, scheme, stage, protocol)
   splits = list(config.export.index_splits)
   names, entries = [], []
   for split in splits:
@@ -93,28 +96,25 @@ def run(config: ConfigDict, workdir: str) -> None:
   index_ids, index_codes_ = index_codes(gen, splits)
   dual_encoder = None
   if gen.decode.needs_embeddings:
-    parts = [embed_stage.load_embeddings(workdir, s) for s in splits]
+    parts = [embeddings.load(workdir, s) for s in splits]
     dual_encoder = (workdir, np.concatenate([p["image_ids"] for p in parts]),
                     np.concatenate([p["image_emb"] for p in parts]))
   serving.write_export(
       directory, params=params, cfg=gen.cfg, vocab=gen.vocab, image_ids=index_ids,
       codes=index_codes_, file_names=names, tokenizer=gen.tokenizer,
-      decode=dict(beam_size=gen.decode.beam_size, top_k=gen.decode.top_k,
-                  mask_mode=gen.decode.mask_mode,
-                  voken_logits_only=gen.decode.voken_logits_only,
-                  dense_levels=gen.decode.dense_levels, tie_break=gen.decode.tie_break,
-                  trained_length=gen.trained_length),
+      decode=dict(gen.decode.to_dict(), trained_length=gen.trained_length),
       dual_encoder=dual_encoder,
       limits=dict(max_length=int(config.text_tokenizer.max_length),
                   max_query_chars=int(config.export.max_query_chars),
                   batch_buckets=list(config.export.batch_buckets)),
       scheme=scheme, source_stage=stage, config=config_lib.to_json_dict(config),
-      config_hash=config_lib.config_hash(config),
+      config_hash=out.inputs["config"],
       param_dtype=config.export.param_dtype,
       gallery=((itertools.chain(*entries), int(config.export.thumbnail_size))
                if config.export.thumbnail_size > 0 else None))
-  MetricsWriter(workdir, "export", process_index=jax.process_index()).write(scheme=scheme, source_stage=stage,
-                                         num_images=int(len(index_ids)))
-  if jax.process_index() == 0:
+  out.finish()
+  MetricsWriter(workdir, "export", process_index=jax.process_index()).write(
+      scheme=scheme, source_stage=stage, num_images=int(len(index_ids)))
+  if processes.is_main():
     print(f"export: wrote {directory} ({scheme}, {protocol}, {stage} parameters, "
           f"{len(index_ids)} images indexed, tie-break {gen.decode.tie_break})")

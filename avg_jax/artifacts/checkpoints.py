@@ -1,4 +1,4 @@
-"""Orbax checkpoints holding the train state, the grain iterator state and JSON metadata.
+"""Orbax checkpoints: train state, grain iterator state and JSON metadata; final parameters.
 
 Resume priority (see `resume_or_init` callers): an existing checkpoint in the workdir, then an
 explicit init checkpoint, then from scratch. A latest checkpoint that cannot be restored
@@ -9,15 +9,13 @@ process killed mid-save leaves no step that looks finished.
 
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any, Optional
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
+from avg_jax import processes
 from avg_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,14 +82,12 @@ class Checkpointer:
     """
     path = os.path.join(self.directory, str(step))
     # One process renames (the workdir is shared); the others only wait for it.
-    if jax.process_index() == 0:
+    if processes.is_main():
       aside = f"{path}.unreadable-{int(time.time())}"
       os.rename(path, aside)
     else:
       aside = f"{path}.unreadable-* (renamed by process 0)"
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+    processes.barrier(f"checkpoint set aside {step}")
     self.manager.reload()
     return aside
 
@@ -143,40 +139,3 @@ def restore_params_from(directory: str, abstract_state: Any) -> Any:
   if found is None:
     raise UserError(f"no restorable checkpoint in {directory}")
   return found[1]
-
-
-class StopSignal:
-  """Turns SIGTERM (preemption) into a flag the train loop checks between steps.
-
-  Only installs a handler when running in the main thread; restores the old handler on exit.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-
-  def __enter__(self) -> "StopSignal":
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  @property
-  def requested(self) -> bool:
-    return self._event.is_set()
-
-  def set(self) -> None:
-    self._event.set()
-
-
-def all_processes_agree(flag: bool) -> bool:
-  """True if `flag` is true on any process (so every host stops at the same step)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  import numpy as np
-  flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
-  return bool(np.asarray(flags).any())

@@ -11,7 +11,6 @@ and the paper's code-level Recall@K. Writes `<workdir>/evaluate/metrics.json` an
 with plots, one `metrics.jsonl` record per (protocol, method), and prints a summary table.
 """
 
-import json
 import os
 import platform
 import time
@@ -20,19 +19,20 @@ import jax
 import ml_collections
 
 import avg_jax
-from avg_jax import config as config_lib
-from avg_jax import partitioning, paths
+from avg_jax import partitioning, processes
+from avg_jax.artifacts import embeddings, fingerprint, io, paths, voken_tables
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
-from avg_jax.encoders import stage as embed_stage
+from avg_jax.encoders import store
 from avg_jax.errors import UserError
-from avg_jax.evaluation import avg_eval, efficiency, report
+from avg_jax.evaluation import avg_eval, efficiency, report, two_tower
 from avg_jax.evaluation import recall as recall_lib
 from avg_jax.metrics import MetricsWriter
-from avg_jax.tokenizer import stage as tokenize_stage
-from avg_jax.training import generative, ltr
+from avg_jax.stages import rank, tokenize, train
+from avg_jax.tokenizer.fit import tokenizer_name
+from avg_jax.tokenizer.model import SCHEMES
+from avg_jax.training import state as state_lib
 
-SCHEMES = ("avg", "rq", "hkmeans", "atomic", "random")
 RESULTS = "metrics.json"
 
 
@@ -49,18 +49,12 @@ def with_scheme(config: ml_collections.ConfigDict, scheme: str,
 def ensure_generator(config, workdir: str, scheme: str, stage: str, protocol: str) -> None:
   """Runs the tokenize / train (/ rank) stages of (`scheme`, `protocol`) not yet finished."""
   c = with_scheme(config, scheme, protocol)
-  tokenize_stage.run(c, workdir)  # keeps a complete voken table
-  if not os.path.isdir(generative.params_dir(workdir, scheme, protocol, "train")):
-    generative.train_generator(c, workdir, scheme, protocol)
+  tokenize.run(c, workdir)  # keeps a complete voken table
+  if not os.path.isdir(state_lib.params_dir(workdir, scheme, protocol, "train")):
+    train.train_generator(c, workdir, scheme, protocol)
   if stage == "rank" and not os.path.isdir(
-      generative.params_dir(workdir, scheme, protocol, "rank")):
-    ltr.rank_generator(c, workdir, scheme, protocol)
-
-
-def tokenizer_summary(workdir: str, name: str) -> dict:
-  path = os.path.join(paths.tokenizer_dir(workdir, name), tokenize_stage.SUMMARY)
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+      state_lib.params_dir(workdir, scheme, protocol, "rank")):
+    rank.rank_generator(c, workdir, scheme, protocol)
 
 
 def method_plan(methods) -> list[tuple[str, str, str]]:
@@ -79,27 +73,25 @@ def method_plan(methods) -> list[tuple[str, str, str]]:
   return plan
 
 
-def completed_results(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """The stored results when they exist, parse and were made with this exact config."""
-  path = os.path.join(paths.evaluate_dir(workdir), RESULTS)
-  try:
-    with open(path, encoding="utf-8") as f:
-      results = json.load(f)
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-    return None
-  if results.get("meta", {}).get("config_hash") != config_lib.config_hash(config):
-    return None
-  if not os.path.exists(os.path.join(paths.evaluate_dir(workdir), "report.md")):
-    return None
-  return results
+def _results_load(directory: str) -> str:
+  """"" when the stored results parse and the report exists, else what is wrong."""
+  if io.read_json(os.path.join(directory, RESULTS)) is None:
+    return f"{RESULTS} missing or unreadable"
+  if not os.path.exists(os.path.join(directory, "report.md")):
+    return "report.md missing"
+  return ""
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  done = completed_results(config, workdir)
-  if done is not None:
-    print(report.summary_table(done))
-    print(f"evaluate: {paths.evaluate_dir(workdir)} is complete for this config; kept")
+  directory = paths.evaluate_dir(workdir)
+  # Results depend on every stage's config: made from the whole config, redone when it changes.
+  out = fingerprint.Output(directory, {"config": fingerprint.config_hash(config)},
+                           stage="evaluate", on_other="redo")
+  if out.done(verify=lambda: _results_load(directory)):
+    print(report.summary_table(io.read_json(os.path.join(directory, RESULTS))))
+    print(f"evaluate: {directory} is complete for this config; kept")
     return
+  out.begin()
   started = time.time()
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
   writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())
@@ -115,11 +107,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   for p in ablation_protocols:
     pseudo_lib.check_protocol(p)
 
-  test_emb = embed_stage.load_embeddings(workdir, "test")
-  two_tower = None
+  test_emb = embeddings.load(workdir, "test")
+  baseline = None
   if "two_tower" in methods:
-    m = embed_stage.two_tower_recall(test_emb, ks, mesh)
-    two_tower = {k: m[k] for k in m if k.startswith("R@")}
+    m = two_tower.recall(test_emb, ks, mesh)
+    baseline = {k: m[k] for k in m if k.startswith("R@")}
     two_tower_ranked = m["_ranked_ids"]
     writer.write(method="two_tower", split="test", **{k: v for k, v in m.items() if k[0] != "_"})
 
@@ -127,19 +119,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   for protocol in protocols:
     recall = results["recall"][protocol] = {}
     seen = results["saw_pseudo_queries"][protocol] = {}
-    if two_tower is not None:
-      recall["two_tower"], seen["two_tower"] = dict(two_tower), False
+    if baseline is not None:
+      recall["two_tower"], seen["two_tower"] = dict(baseline), False
     for method, scheme, stage in plan:
       if method not in ("avg", "avg_ltr") and protocol not in ablation_protocols:
         continue
       ensure_generator(config, workdir, scheme, stage, protocol)
       c = with_scheme(config, scheme, protocol)
-      gen, gmesh, params, shardings = generative.final_params(c, workdir, scheme, stage,
-                                                              protocol)
+      gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage,
+                                                             protocol)
       m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
       public = {k: v for k, v in m.items() if not k.startswith("_")}
       recall[method] = {k: public[k] for k in public if "R@" in k}
-      if two_tower is not None:  # the same test captions, in the same order
+      if baseline is not None:  # the same test captions, in the same order
         results["vs_two_tower"].setdefault(protocol, {})[method] = {
             f"R@{k}": recall_lib.paired_difference(
                 recall_lib.hits_at_k(m["_results"]["item_ids"], m["_true_ids"], k),
@@ -147,8 +139,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             for k in ks}
       seen[method] = protocol == "transductive" and len(gen.training_splits()) > 1
       writer.write(method=method, protocol=protocol, split="test", **public)
-      name = tokenize_stage.tokenizer_name(c, scheme, protocol)
-      summary = tokenizer_summary(workdir, name)
+      name = tokenizer_name(c, scheme, protocol)
+      summary = voken_tables.load_summary(workdir, name)
       results["collisions"][name] = {s: v["collision_rate"] for s, v in summary["splits"].items()}
       train_stats = summary["splits"].get("train", {})
       if "perplexity" in train_stats:
@@ -164,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     inputs, _ = avg_eval.query_set(workdir, "test", gen.tokenizer,
                                    int(c.text_tokenizer.max_length), n_q)
     _, texts = dataset.read_texts(workdir, "test")
-    encoder = embed_stage.load_encoder(workdir, mesh)
+    encoder = store.load_encoder(workdir, mesh)
     encode_s = efficiency.text_encode_s_per_query(encoder, mesh, texts[:n_q],
                                                   int(config.decode.batch_size))
     similarity = gen.decode.needs_embeddings
@@ -185,18 +177,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     results["crossover"] = report.crossover(measured["avg"], measured["two_tower"])
 
   results["meta"] = {
-      "config_hash": config_lib.config_hash(config), "avg_jax": avg_jax.__version__, "jax": jax.__version__,
+      "config_hash": out.inputs["config"], "avg_jax": avg_jax.__version__, "jax": jax.__version__,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "test_images":
       int(len(test_emb["image_ids"])), "seconds": round(time.time() - started, 1)}
-  directory = paths.evaluate_dir(workdir)
-  os.makedirs(directory, exist_ok=True)
-  if jax.process_index() == 0:
-    tmp = os.path.join(directory, RESULTS + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1, default=float)
-    os.replace(tmp, os.path.join(directory, RESULTS))
+  if processes.is_main():
+    io.write_json(os.path.join(directory, RESULTS), results, default=float)
     report.write_report(results, directory)
-  if jax.process_index() == 0:
+  out.finish()
+  if processes.is_main():
     print(report.summary_table(results))
     print(f"report: {os.path.join(directory, 'report.md')}")

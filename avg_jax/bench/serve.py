@@ -33,7 +33,8 @@ import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from avg_jax import paths
+from avg_jax.artifacts import paths
+from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -179,8 +180,8 @@ def in_process_main(model: str, batches: list[int], k: int, duration: float) -> 
 
 def _in_process_subprocess(model: str, batches: list[int], k: int, duration: float,
                            cpus: set) -> dict[int, tuple[float, float]]:
-  code = ("import sys; from avg_jax.serve import loadtest; "
-          "loadtest.in_process_main(sys.argv[1], [int(b) for b in sys.argv[2].split(',')], "
+  code = ("import sys; from avg_jax.bench import serve; "
+          "serve.in_process_main(sys.argv[1], [int(b) for b in sys.argv[2].split(',')], "
           "int(sys.argv[3]), float(sys.argv[4]))")
   proc = subprocess.run([sys.executable, "-c", code, model, ",".join(map(str, batches)), str(k),
                          str(duration)], capture_output=True, text=True,
@@ -274,8 +275,7 @@ def run(config, workdir: str, args) -> dict:
   _print_table(report)
   os.makedirs(workdir, exist_ok=True)
   out = os.path.join(workdir, "bench_serve.json")
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  io.write_json(out, report)
   print(f"bench serve: wrote {out}")
   return report
 

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from avg_jax import loop
+from avg_jax.artifacts.checkpoints import Checkpointer
 from avg_jax.errors import Preempted
+from avg_jax.loop import StopSignal
 from avg_jax.metrics import MetricsWriter, read_metrics
-from avg_jax.training import loop, optim
-from avg_jax.training.checkpointing import Checkpointer, StopSignal
+from avg_jax.training import optim
 
 NUM_STEPS = 12
 

@@ -1,51 +1,35 @@
-"""`avg-jax prepare`: dataset -> ArrayRecord files + text tokenizer + dataset_info.json.
+"""The prepared dataset: what `prepare` builds and how a prepared folder is checked.
 
-Output, `paths.prepared_dir(workdir)`:
+`paths.prepared_dir(workdir)` holds:
 
     dataset_info.json        counts per split, captions per image, image size, dataset name,
-                             config hash, file manifest (written last)
+                             the data identity's digest (`config_hash`), file manifest
     text_tokenizer.model     SentencePiece (trained on the training captions, or the given one)
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
                              of `data.pseudo_queries` for Karpathy data (avg_jax.data.pseudo_queries)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
+    fingerprint.json         the data identity it was made from (avg_jax.artifacts.fingerprint;
+                             written last)
 
-Several processes (a multi-host run) share the work: the images are cut into shards of
-`data.examples_per_shard` (avg_jax.data.builders), process p of n writes shards p, p+n, ...
-into `paths.prepared_shards_dir(workdir)`, skipping those a previous run finished. Once every
-shard exists, process 0 alone lays them out as the TFDS directory, trains the tokenizer and
-writes the statistics and dataset_info.json, while the others wait for it.
-
-Atomic and idempotent: process 0 assembles everything in `prepared.tmp-<host>-<pid>-*` and
-renames it into place, so `prepared/` is either absent or complete (the shards directory is
-then removed). A complete directory whose config hash matches is kept (and reported as such);
-one that fails its manifest check (a half-written or damaged copy) is removed and redone, as
-are temp directories left by interrupted runs; one prepared from a different data config is
-an error (later stages built on it would be stale).
+`data_identity` lists the config values (and input file digests) the output depends on;
+`build` assembles a folder from finished record shards (avg_jax.data.builders); `check_prepared`
+tells a complete folder from a half-written or damaged one by its manifest. The stage that runs
+them over several processes is avg_jax/stages/prepare.py.
 """
 
-import glob
-import hashlib
 import itertools
 import json
 import os
-import shutil
-import socket
-import tempfile
 import time
 from typing import Any, Iterator
 
-import jax
-import numpy as np
-
-from avg_jax import paths
+from avg_jax.artifacts import fingerprint, io, paths
 from avg_jax.data import builders
 from avg_jax.data import dataset as dataset_lib
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.data import shapes as shapes_lib
-from avg_jax.data import shards as shards_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
-from avg_jax.metrics import MetricsWriter
 from avg_jax.progress import progress
 
 FORMAT_VERSION = 2  # 2: pseudo_queries.jsonl
@@ -54,14 +38,10 @@ TOKENIZER_NAME = os.path.basename(paths.text_tokenizer_model("w"))
 
 
 def _file_sha256(path: str, what: str) -> str:
-  digest = hashlib.sha256()
   try:
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
+    return io.file_sha256(path)
   except OSError as e:
     raise UserError(f"{what} not readable: {path} ({e.strerror})") from e
-  return digest.hexdigest()
 
 
 def data_identity(config: Any) -> dict:
@@ -94,24 +74,22 @@ def data_identity(config: Any) -> dict:
   return identity
 
 
-def config_hash(identity: dict) -> str:
-  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def shard_tag(identity: dict) -> str:
   """What the record shards depend on: the identity less the text tokenizer (trained after
   the shards), so changing only the tokenizer reuses them."""
-  return config_hash({k: v for k, v in identity.items() if not k.startswith("text_tokenizer")})
+  return fingerprint.digest({k: v for k, v in identity.items()
+                             if not k.startswith("text_tokenizer")})
 
 
 def _manifest(root: str) -> dict[str, int]:
-  """`{relative path: size}` of every file under `root` (except dataset_info.json)."""
+  """`{relative path: size}` of every file under `root` (except dataset_info.json and the
+  fingerprint, written after it)."""
   files = {}
   for folder, _, names in os.walk(root):
     for name in names:
       path = os.path.join(folder, name)
       rel = os.path.relpath(path, root)
-      if rel != INFO_NAME:
+      if rel not in (INFO_NAME, fingerprint.RECORD):
         files[rel] = os.path.getsize(path)
   return dict(sorted(files.items()))
 
@@ -120,6 +98,9 @@ def check_prepared(out_dir: str) -> tuple[str, str, dict | None]:
   """("missing" | "incomplete" | "complete", reason, info) for an existing output dir."""
   if not os.path.isdir(out_dir):
     return "missing", "", None
+  record = io.read_json(os.path.join(out_dir, fingerprint.RECORD))
+  if not (record or {}).get("complete"):
+    return "incomplete", f"{fingerprint.RECORD} missing or unfinished", None
   info_path = os.path.join(out_dir, INFO_NAME)
   try:
     with open(info_path, encoding="utf-8") as f:
@@ -135,50 +116,6 @@ def check_prepared(out_dir: str) -> tuple[str, str, dict | None]:
     if os.path.getsize(path) != size:
       return "incomplete", f"{rel} has {os.path.getsize(path)} bytes, expected {size}", info
   return "complete", "", info
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _temp_prefix(out_dir: str) -> str:
-  # Host and pid in the name: only this host can tell whether the writer is still alive.
-  host = socket.gethostname().replace("-", "_") or "host"
-  return f"{os.path.basename(out_dir)}.tmp-{host}-{os.getpid()}-"
-
-
-def _remove_stale_temps(out_dir: str) -> list[str]:
-  """Removes `<out_dir>.tmp-<host>-<pid>-*` left by this host's runs that are not alive.
-
-  Temp dirs of live processes and of other hosts (a shared workdir) are left alone.
-  """
-  host = socket.gethostname().replace("-", "_") or "host"
-  removed = []
-  for path in sorted(glob.glob(glob.escape(out_dir) + ".tmp-*")):
-    parts = os.path.basename(path).split(".tmp-", 1)[1].split("-")
-    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
-      print(f"leaving {path}: written by another host or an unknown writer")
-      continue
-    pid = int(parts[1])
-    if pid != os.getpid() and _pid_alive(pid):
-      print(f"leaving {path}: process {pid} (another prepare?) is still running")
-      continue
-    shutil.rmtree(path, ignore_errors=True)
-    removed.append(path)
-  return removed
-
-
-def _identity_diff(old: dict, new: dict) -> str:
-  keys = sorted(set(old) | set(new))
-  diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-           for k in keys if old.get(k) != new.get(k)]
-  return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
 
 
 def _captions(records: Any) -> Iterator[str]:
@@ -261,10 +198,10 @@ def _write_pseudo_queries(config: Any, builder_dir: str,
   return counts, [q for image_id, q in pairs if split_of[image_id] == "train"]
 
 
-def _build(config: Any, tmp: str, identity: dict, source: builders.Source,
-           shards_dir: str) -> dict:
+def build(config: Any, tmp: str, identity: dict, source: builders.Source,
+          shards_dir: str) -> dict:
   """Writes everything into `tmp` from the finished shards; returns the dataset info (also
-  written there, last)."""
+  written there, last but for the fingerprint, which the caller adds)."""
   result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"),
                              shard_tag(identity))
   pseudo_counts, train_pseudo = _write_pseudo_queries(config, result.builder_dir,
@@ -286,8 +223,7 @@ def _build(config: Any, tmp: str, identity: dict, source: builders.Source,
       "captions_per_image": int(config.data.captions_per_image),
       "image_size": [size, size],
       "image_encoding": config.data.image_encoding,
-      "config_hash": config_hash(identity),
-      "identity": identity,
+      "config_hash": fingerprint.digest(identity),
       "format_version": FORMAT_VERSION,
       "tfds_dir": os.path.relpath(result.builder_dir, tmp),
       "text_tokenizer": {"file": TOKENIZER_NAME, "vocab_size": tokenizer.vocab_size,
@@ -299,11 +235,7 @@ def _build(config: Any, tmp: str, identity: dict, source: builders.Source,
   if frequencies is not None:
     info["attribute_frequencies"] = frequencies
   info["files"] = _manifest(tmp)
-  info_path = os.path.join(tmp, INFO_NAME)
-  with open(info_path, "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
+  io.write_json(os.path.join(tmp, INFO_NAME), info)
   return info
 
 
@@ -329,22 +261,6 @@ def format_statistics(info: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float,
-                   shard_counts: dict | None = None) -> None:
-  """One record per split; `shard_counts[split] = (shards, skipped, written)` over all
-  processes when this run built the data."""
-  writer = MetricsWriter(workdir, "prepare", process_index=jax.process_index())
-  for split, s in info["splits"].items():
-    shards = {}
-    if shard_counts is not None:
-      total, skipped, written = shard_counts[split]
-      shards = dict(shards=total, shards_skipped=skipped, shards_written=written)
-    writer.write(split=split, dataset=info["dataset"], num_images=s["num_images"],
-                 num_captions=s["num_captions"], mean_caption_tokens=s["mean_caption_tokens"],
-                 vocab_size=info["text_tokenizer"]["vocab_size"], reused=reused,
-                 seconds=round(seconds, 3), **shards)
-
-
 def write_shards(config: Any, workdir: str, process_index: int,
                  process_count: int) -> dict[str, tuple[int, int, int]]:
   """Process `process_index` of `process_count`'s part of `run`: its shards of the records
@@ -352,85 +268,3 @@ def write_shards(config: Any, workdir: str, process_index: int,
   return builders.write_shards(builders.open_source(config.data),
                                paths.prepared_shards_dir(workdir),
                                shard_tag(data_identity(config)), process_index, process_count)
-
-
-def _finish(config: Any, workdir: str, identity: dict, source: builders.Source) -> dict:
-  """Process 0, once every shard exists: `prepared/` from the shards, atomically; -> info."""
-  out_dir = paths.prepared_dir(workdir)
-  shards_dir = paths.prepared_shards_dir(workdir)
-  if check_prepared(out_dir)[0] == "incomplete":
-    shutil.rmtree(out_dir)
-  tmp = tempfile.mkdtemp(prefix=_temp_prefix(out_dir), dir=os.path.dirname(out_dir) or ".")
-  try:
-    info = _build(config, tmp, identity, source, shards_dir)
-    try:
-      os.rename(tmp, out_dir)
-    except OSError:
-      # Another job (e.g. started separately on a shared workdir) finished first: keep its
-      # output if it is complete and for the same config.
-      status, _, other = check_prepared(out_dir)
-      if status != "complete" or other.get("config_hash") != info["config_hash"]:
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)
-      print(f"{out_dir} was completed by another process meanwhile; kept it")
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  # The records now live in prepared/ (hard links or copies): the shards are no longer needed.
-  shutil.rmtree(shards_dir, ignore_errors=True)
-  return info
-
-
-def run(config: Any, workdir: str, *, process_index: int | None = None,
-        process_count: int | None = None) -> None:
-  """The prepare stage (see the module docstring). `process_index` / `process_count` default
-  to jax's; tests pass others to play one process of several."""
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  start = time.time()
-  out_dir = paths.prepared_dir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  identity = data_identity(config)
-  if index == 0:
-    for path in _remove_stale_temps(out_dir):
-      print(f"removed {path}: left by an interrupted prepare")
-
-  # Every process sees the same state here: prepared/ only changes after all have written
-  # their shards (below).
-  status, reason, info = check_prepared(out_dir)
-  if status == "complete":
-    if info.get("config_hash") != config_hash(identity):
-      raise UserError(
-          f"{out_dir} was prepared for a different data config "
-          f"({_identity_diff(info.get('identity', {}), identity)}); use another --workdir or "
-          f"delete {out_dir}")
-    print(f"{out_dir} is complete for this data config (hash {info['config_hash']}); kept")
-    print(format_statistics(info))
-    _write_metrics(workdir, info, reused=True, seconds=time.time() - start)
-    return
-  if status == "incomplete" and index == 0:
-    print(f"{out_dir} is incomplete ({reason}); preparing it again")
-
-  source = builders.open_source(config.data)
-  counts = builders.write_shards(source, paths.prepared_shards_dir(workdir),
-                                 shard_tag(identity), index, count)
-  # A collective: once it returns, every process has written its shards.
-  totals = shards_lib.sum_over_processes(np.array([counts[s] for s in builders.SPLITS]))
-  error = None
-  if index == 0:
-    try:
-      info = _finish(config, workdir, identity, source)
-    except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
-      error = e             # the other processes, which would otherwise wait forever)
-  if not shards_lib.process_0_succeeded(error is None):
-    if error is not None:
-      raise error
-    raise UserError(f"prepare failed in process 0 (see its error); {out_dir} was not written")
-  if index != 0:
-    print(f"{out_dir} was prepared by process 0")
-    return
-  print(f"prepared {info['dataset']} in {out_dir} ({time.time() - start:.1f} s)")
-  print(format_statistics(info))
-  shard_counts = {s: tuple(int(x) for x in totals[i]) for i, s in enumerate(builders.SPLITS)}
-  _write_metrics(workdir, info, reused=False, seconds=time.time() - start,
-                 shard_counts=shard_counts)

@@ -15,7 +15,7 @@ from avg_jax import config as config_lib
 from avg_jax.data import dataset
 from avg_jax.evaluation import avg_eval
 from avg_jax.export.serving import Retriever
-from avg_jax.training import generative
+from avg_jax.training import state as state_lib
 
 from helpers import PIPELINE_OVERRIDES as OVERRIDES
 from helpers import pipeline_args as _args
@@ -48,7 +48,7 @@ def test_run_writes_results_report_and_export(pipeline):
 
 def test_export_search_equals_in_process_search(repo_root, pipeline):
   config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), OVERRIDES)
-  gen, mesh, params, shardings = generative.final_params(config, str(pipeline), "avg", "rank")
+  gen, mesh, params, shardings = state_lib.final_params(config, str(pipeline), "avg", "rank")
   m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(pipeline), "test",
                                max_queries=12)
   _, texts = dataset.read_texts(str(pipeline), "test")
@@ -63,7 +63,7 @@ def test_export_search_equals_in_process_search(repo_root, pipeline):
 def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipeline, tmp_path):
   # With the key set, evaluation and the exported Retriever both score over EOS + voken rows
   # only: higher (less negative) scores than the full-vocabulary ones, and equal to each other.
-  from avg_jax.export import stage as export_stage
+  from avg_jax.stages import export as export_stage
   workdir = tmp_path / "w"
   shutil.copytree(pipeline, workdir)
   spec = str(repo_root / "configs/smoke.py:tiny")
@@ -71,7 +71,7 @@ def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipel
   export_stage.run(config, str(workdir))
   manifest = json.loads((workdir / "export" / "manifest.json").read_text())
   assert manifest["decode"]["voken_logits_only"] is True
-  gen, mesh, params, shardings = generative.final_params(config, str(workdir), "avg", "rank")
+  gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "rank")
   restricted = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir),
                                         "test", max_queries=6)
   full = avg_eval.evaluate_recall(gen, params, shardings, mesh,

@@ -1,0 +1,84 @@
+"""The tokenize stage's hand-over: a voken table per fit, `tokenizer/<name>/`.
+
+    voken_table.npz   <split>_image_ids int64[N], <split>_codes int32[N, P] for each split
+    vocab.json        VokenVocabulary.to_dict() (token layout, P, D)
+    codebook.npy      float32[V_level_tokens, e_dim] initial voken embeddings, level-token order
+    summary.json      per-split statistics
+
+`<name>` is a scheme (`avg`, `rq`, ...), or `<scheme>+pseudo` for a fit on pseudo-query pairs
+too (`tokenizer.fit.tokenizer_name`). The folder is complete when its fingerprint says so
+(avg_jax.artifacts.fingerprint), written after these files.
+"""
+
+import os
+
+import numpy as np
+
+from avg_jax.artifacts import fingerprint, io, paths
+from avg_jax.errors import UserError
+from avg_jax.vokens import VokenVocabulary
+
+VOKEN_TABLE = "voken_table.npz"
+VOCAB = "vocab.json"
+CODEBOOK = "codebook.npy"
+SUMMARY = "summary.json"
+PSEUDO_SUFFIX = "+pseudo"
+
+Table = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def voken_table_file(workdir: str, name: str) -> str:
+  return os.path.join(paths.tokenizer_dir(workdir, name), VOKEN_TABLE)
+
+
+def write(directory: str, vocab: VokenVocabulary, table: Table, codebook: np.ndarray,
+          summary: dict) -> None:
+  """Writes the table's files (each atomically); the caller then marks the folder complete."""
+  arrays = {}
+  for split, (image_ids, codes) in table.items():
+    arrays[f"{split}_image_ids"] = image_ids
+    arrays[f"{split}_codes"] = codes
+  io.write_npz(os.path.join(directory, VOKEN_TABLE), **arrays)
+  io.atomic_write(os.path.join(directory, CODEBOOK),
+                  lambda f: np.save(f, codebook.astype(np.float32)))
+  io.write_json(os.path.join(directory, VOCAB), vocab.to_dict())
+  io.write_json(os.path.join(directory, SUMMARY), summary)
+
+
+def read(directory: str) -> tuple[VokenVocabulary, Table, np.ndarray, dict]:
+  """`(vocab, {split: (image_ids int64[N], codes int32[N, P])}, codebook [V, e_dim], summary)`
+  of the files in `directory`, checked against the vocabulary (raises on damage)."""
+  vocab_dict = io.read_json(os.path.join(directory, VOCAB))
+  summary = io.read_json(os.path.join(directory, SUMMARY))
+  if vocab_dict is None or summary is None:
+    raise UserError(f"{directory}: {VOCAB} or {SUMMARY} is missing or unreadable")
+  vocab = VokenVocabulary.from_dict(vocab_dict)
+  table = {}
+  with np.load(os.path.join(directory, VOKEN_TABLE)) as f:
+    for key in f.files:
+      if key.endswith("_image_ids"):
+        split = key[:-len("_image_ids")]
+        codes = vocab.validate_codes(f[f"{split}_codes"], f"{directory}/{VOKEN_TABLE} {split}")
+        table[split] = (f[key].astype(np.int64), codes)
+  codebook = np.load(os.path.join(directory, CODEBOOK))
+  return vocab, table, codebook, summary
+
+
+def load(workdir: str, name: str) -> tuple[VokenVocabulary, Table, np.ndarray]:
+  """`(vocab, table, codebook)` of the complete voken table `name` of `workdir`."""
+  directory = paths.tokenizer_dir(workdir, name)
+  if not fingerprint.is_complete(directory):
+    scheme, pseudo = name.removesuffix(PSEUDO_SUFFIX), name.endswith(PSEUDO_SUFFIX)
+    raise UserError(f"no complete voken table in {directory}; run `avg-jax tokenize` with "
+                    f"--config.tokenizer.scheme={scheme}"
+                    + (" --config.protocol=transductive" if pseudo else "") + " first")
+  return read(directory)[:3]
+
+
+def load_summary(workdir: str, name: str) -> dict:
+  """The statistics `tokenize` wrote for the voken table `name`."""
+  path = os.path.join(paths.tokenizer_dir(workdir, name), SUMMARY)
+  summary = io.read_json(path)
+  if summary is None:
+    raise UserError(f"{path} is missing or unreadable; run `avg-jax tokenize` again")
+  return summary

@@ -1,0 +1,116 @@
+"""`avg-jax tokenize`: image embeddings -> unique voken identifiers for every image.
+
+Reads the embed stage's `embeddings_<split>.npz` (train required; val / test when present, and
+the pseudo-query embeddings for a fit on them), fits `config.tokenizer.scheme` on the pairs the
+protocol gives it (avg_jax/tokenizer/fit.py), turns its codes into identifiers unique within
+each split (avg_jax/tokenizer/schemes.py) and writes the voken table
+(avg_jax/artifacts/voken_tables.py) into `paths.tokenizer_dir(workdir, name)`, with the RQ-VAE's
+checkpoints/ (avg / rq) beside it.
+
+Rerunning with the same config and embeddings does nothing (a damaged output is redone); a
+complete folder made with another config is an error (remove it, or use another workdir); an
+unfinished one (a run that failed) is started again.
+"""
+
+import hashlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from avg_jax import config as config_lib
+from avg_jax import processes
+from avg_jax.artifacts import embeddings as embeddings_lib
+from avg_jax.artifacts import fingerprint, paths, voken_tables
+from avg_jax.data import pseudo_queries as pseudo_lib
+from avg_jax.errors import UserError
+from avg_jax.metrics import MetricsWriter
+from avg_jax.tokenizer import analysis, fit as fit_lib, schemes
+
+SPLITS = ("train", "val", "test")
+# Keys that change how the work is run or reported, not its result.
+_OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "log_every", "assign_batch_size",
+                     "analysis_split", "analysis_pairs", "fit_on_pseudo_queries")
+
+
+def inputs(config: ml_collections.ConfigDict, embeddings: dict, fit: dict) -> dict:
+  """What a voken table is made from: the tokenizer config, seed, text vocabulary size, and
+  a digest of the embeddings and of the pairs fit on."""
+  tok = {k: v for k, v in config_lib.to_json_dict(config.tokenizer).items()
+         if k not in _OPERATIONAL_KEYS}
+  digest = hashlib.blake2b(digest_size=16)
+  for split in sorted(embeddings):
+    for key in embeddings_lib.KEYS:
+      digest.update(np.ascontiguousarray(embeddings[split][key]).tobytes())
+  for key in ("image_emb", "caption_emb", "caption_image_index"):
+    digest.update(np.ascontiguousarray(fit[key]).tobytes())
+  return dict(tokenizer=tok, seed=int(config.seed), text_vocab_size=int(config.t5.vocab_size),
+              embeddings=digest.hexdigest(), fit_on=fit["description"])
+
+
+def _loads(directory: str) -> str:
+  """"" when every output of `directory` still loads, else what is wrong."""
+  try:
+    voken_tables.read(directory)
+  except Exception as e:  # numpy / json / zip errors of damaged files have many types
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  return ""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Builds and writes the voken table of `config.tokenizer.scheme` for `config.protocol`
+  (see module doc)."""
+  tok = config.tokenizer
+  scheme = fit_lib.check_scheme(str(tok.scheme))
+  protocol = pseudo_lib.check_protocol(str(config.protocol))
+  embeddings = {}
+  for split in SPLITS:
+    data = embeddings_lib.load_checked(workdir, split)
+    if data is not None:
+      embeddings[split] = data
+  if "train" not in embeddings:
+    raise UserError(f"{paths.embeddings_file(workdir, 'train')} not found; run `avg-jax embed` "
+                    f"first")
+  all_ids = np.concatenate([d["image_ids"] for d in embeddings.values()])
+  if len(np.unique(all_ids)) != len(all_ids):
+    raise UserError(f"image ids repeat across the splits' embeddings in {paths.embed_dir(workdir)}")
+
+  name = fit_lib.tokenizer_name(config, scheme, protocol)
+  pseudo = None
+  if fit_lib.fits_on_pseudo_queries(config, scheme, protocol):
+    pseudo = embeddings_lib.load_pseudo_queries(workdir)
+  fit = fit_lib.fit_pairs(embeddings, pseudo)
+  directory = paths.tokenizer_dir(workdir, name)
+  out = fingerprint.Output(directory, inputs(config, embeddings, fit), stage=f"tokenize [{name}]")
+  if out.done(verify=lambda: _loads(directory)):
+    print(f"tokenize [{name}]: {directory} is complete for this config; kept")
+    print(schemes.format_summary(name, voken_tables.load_summary(workdir, name)))
+    return
+  out.begin()
+
+  codes, codebook, split_stats, shared = schemes.codes_and_codebook(
+      config, workdir, directory, embeddings, fit, scheme, name)
+  vocab, table, summary = schemes.identifiers(
+      config, embeddings, codes, codebook, split_stats, scheme=scheme, name=name,
+      fit_on=fit["description"], shared=shared)
+
+  analysis_split = str(tok.analysis_split)
+  if analysis_split in table:
+    image_ids, split_codes = table[analysis_split]
+    features = analysis.load_features(workdir, analysis_split, image_ids)
+    if features is not None:
+      summary["semantic_split"] = analysis_split
+      summary["semantic"] = analysis.semantic_similarity(
+          split_codes, features, num_pairs=int(tok.analysis_pairs), seed=int(config.seed))
+
+  writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index())
+  for split, s in summary["splits"].items():
+    writer.write(method=name, split=split, disambiguation_size=vocab.disambiguation_size,
+                 id_length=vocab.id_length, **s)
+  if summary.get("semantic"):
+    writer.write(method=name, split=summary["semantic_split"],
+                 semantic=summary["semantic"])
+  if processes.is_main():
+    voken_tables.write(directory, vocab, table, codebook, summary)
+  out.finish()
+  print(schemes.format_summary(name, summary))

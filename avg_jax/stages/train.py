@@ -1,0 +1,78 @@
+"""`avg-jax train`: the generative stage (caption or pseudo query -> voken ids + EOS).
+
+Trains the generator of `config.tokenizer.scheme` under `config.protocol` (its examples:
+avg_jax/training/examples.py; its loss and optimizer: avg_jax/training/generative.py) to
+`train.steps` in `paths.train_dir(workdir, scheme, protocol)`, resuming from its checkpoints,
+with validation Recall@K through the constrained search every `train.eval_every` steps. The
+folder is made from the voken table (and the targets the generator emits): a finished one is
+kept, one finished with fewer steps is trained further.
+"""
+
+import jax
+from ml_collections import ConfigDict
+
+from avg_jax import partitioning
+from avg_jax.artifacts import paths
+from avg_jax.evaluation import avg_eval
+from avg_jax.metrics import MetricsWriter
+from avg_jax.training import examples, generative
+from avg_jax.training import generator as generator_lib
+from avg_jax.training import state as state_lib
+
+
+def run(config: ConfigDict, workdir: str) -> None:
+  train_generator(config, workdir, config.tokenizer.scheme)
+
+
+def eval_fn_for(config: ConfigDict, workdir: str, gen: generator_lib.Generator, mesh,
+                param_shardings, method: str, max_queries: int):
+  """`state -> metrics` of validation Recall@K (the search compiled once)."""
+  search_fn = avg_eval.make_eval_search_fn(gen, mesh, param_shardings, config)
+
+  def eval_fn(s):
+    m = avg_eval.evaluate_recall(gen, s.params, param_shardings, mesh, config, workdir, "val",
+                                 max_queries=max_queries, search_fn=search_fn)
+    return {"split": "val", "method": method, "protocol": gen.protocol,
+            **{k: v for k, v in m.items() if not k.startswith("_")}}
+
+  return eval_fn
+
+
+def train_generator(config: ConfigDict, workdir: str, scheme: str,
+                    protocol: str | None = None) -> None:
+  """Trains the generator of `scheme` under `protocol` (default `config.protocol`) to
+  `train.steps` (resuming when possible)."""
+  c = config.train
+  gen = generator_lib.load_generator(config, workdir, scheme, protocol)
+  name = f"{scheme}, {gen.protocol}"
+  mesh = partitioning.make_mesh(config.mesh)
+  out = state_lib.stage_output(gen, workdir, "train")
+  checkpoints = paths.checkpoints_dir(out.directory)
+  if state_lib.finished(out, gen, mesh, int(c.steps)):
+    print(f"train [{name}]: finished ({c.steps} steps) in {checkpoints}; kept")
+    return
+  out.begin()
+  rng = jax.random.key(int(config.seed))
+  init_rng, dropout_rng = jax.random.split(rng)
+  params, _ = generator_lib.init_params(config, gen, mesh, init_rng)
+  tx, schedule = generative.make_optimizer(config)
+  state, state_shardings = state_lib.create_state(params, tx, mesh)
+  del params
+
+  data_iter = examples.loader(config, workdir, gen, int(c.batch_size))
+  step = generative.make_step(config, gen.cfg, tx, schedule)
+  trained = state_lib.train_to(
+      out.directory, steps=int(c.steps), state=state,
+      step_fn_for=lambda first: generative.compile_step(step, mesh, state_shardings, first),
+      data_iter=data_iter, mesh=mesh, rng=dropout_rng,
+      writer=MetricsWriter(workdir, "train", process_index=jax.process_index()),
+      metadata=generative.metadata(config, gen, "train"),
+      keep_checkpoints=int(c.keep_checkpoints), async_checkpointing=bool(c.async_checkpointing),
+      checkpoint_every=int(c.checkpoint_every), log_every=int(c.log_every),
+      examples_per_step=int(c.batch_size),
+      eval_fn=eval_fn_for(config, workdir, gen, mesh, state_shardings.params, scheme,
+                          int(c.eval_max_queries)),
+      eval_every=int(c.eval_every), desc=f"train [{name}]")
+  if not trained:
+    print(f"train [{name}]: already finished ({c.steps} steps) in {checkpoints}")
+  out.finish(steps=int(c.steps))

@@ -1,0 +1,92 @@
+"""`avg-jax train` in a subprocess: kill -9 then resume gives identical parameters, SIGTERM
+saves a checkpoint and exits 143."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from avg_jax.artifacts.checkpoints import Checkpointer
+from avg_jax.training import state as state_lib
+
+STEPS = 24
+OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=4",
+             "--config.train.eval_every=0", "--config.train.log_every=4",
+             "--config.train.keep_checkpoints=10"]
+
+
+def _train_cmd(repo_root, workdir):
+  return [sys.executable, "-m", "avg_jax", "train", "--config",
+          str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir), *OVERRIDES]
+
+
+def _copy(tiny_workdir, dest):
+  shutil.copytree(tiny_workdir, dest)
+  return dest
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+              JAX_PLATFORMS="cpu", AVG_JAX_NO_PROGRESS="1")
+
+
+def _final_params(repo_root, workdir):
+  from avg_jax import config as config_lib
+  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
+      o[len("--config."):] for o in OVERRIDES])
+  gen, mesh, params, _ = state_lib.final_params(config, str(workdir), "avg")
+  return jax.device_get(params)
+
+
+def _checkpoint_dir(workdir):
+  return workdir / "train" / "transductive" / "avg" / "checkpoints"
+
+
+def _wait_for_checkpoint(proc, directory, min_step, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"train exited early with {proc.returncode}")
+    if directory.exists() and any(p.isdigit() and int(p) >= min_step
+                                  for p in os.listdir(directory)):
+      return
+    time.sleep(0.2)
+  raise AssertionError("no checkpoint appeared")
+
+
+def test_kill_9_then_resume_gives_identical_parameters(repo_root, tiny_workdir, tmp_path):
+  reference = _copy(tiny_workdir, tmp_path / "reference")
+  subprocess.run(_train_cmd(repo_root, reference), env=_env(), check=True, timeout=600,
+                 capture_output=True)
+  killed = _copy(tiny_workdir, tmp_path / "killed")
+  proc = subprocess.Popen(_train_cmd(repo_root, killed), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for_checkpoint(proc, _checkpoint_dir(killed), 8)
+  proc.kill()  # SIGKILL: no handler runs, a save may be half-written
+  proc.wait()
+  assert not (killed / "train" / "transductive" / "avg" / "params").exists()
+  subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
+                 capture_output=True)
+  a, b = _final_params(repo_root, reference), _final_params(repo_root, killed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(repo_root, tiny_workdir, tmp_path):
+  workdir = _copy(tiny_workdir, tmp_path / "w")
+  proc = subprocess.Popen(_train_cmd(repo_root, workdir), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(proc, _checkpoint_dir(workdir), 4)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  if proc.returncode == 0:
+    pytest.fail("training finished before SIGTERM arrived; raise STEPS")
+  assert proc.returncode == 143, err
+  assert "preempted at step" in err and "rerun the same command to resume" in err
+  step = int(err.split("preempted at step ")[1].split(";")[0])
+  assert step in Checkpointer(str(_checkpoint_dir(workdir))).steps()
