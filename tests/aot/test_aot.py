@@ -174,14 +174,16 @@ def test_optimizer_state_follows_parameter_shardings(repo_root):
   from avg_jax import config as config_lib
   from avg_jax import partitioning
   from avg_jax.aot import programs
+  from avg_jax.models import t5 as t5_lib
   from avg_jax.training import optim
+  from avg_jax.training import state as state_lib
   config = config_lib.load_config(str(repo_root / "configs" / "smoke.py:tiny"),
                                   ["mesh.fsdp=4"])
   mesh = partitioning.make_mesh(config.mesh, devices=jax.devices()[:4])
   cfg, _ = programs._t5(config)
-  params, param_shardings = programs.abstract_params(cfg, mesh)
+  params, param_shardings = t5_lib.abstract_params(cfg, mesh)
   tx = optim.adamw(1e-3, grad_clip_norm=1.0)
-  state, shardings = programs.abstract_state(params, tx, mesh)
+  state, shardings = state_lib.abstract_state(params, tx, mesh)
   adam = shardings.opt_state[1][0]
   spec = lambda tree: [s.spec for s in jax.tree.leaves(tree)]
   assert spec(adam.mu) == spec(adam.nu) == spec(param_shardings)
