@@ -47,6 +47,7 @@ from avg_jax import partitioning
 from avg_jax.decoding import beam_search as beam_lib
 from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import DeviceTrie, Unconstrained, VokenTrie
+from avg_jax.decoding.union_trie import UnionTrie
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
@@ -134,15 +135,16 @@ def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: i
   `trie.item_emb` are given, else by id. -> `(item ids int32[B, top_k], scores float32[B, k]
   (their leaf's), rank of their leaf int32[B, k])`; missing slots: -1, -inf, -1.
   """
-  b, n = leaf.shape
+  b, n = jax.tree.leaves(leaf)[0].shape
   by_similarity = query_emb is not None and trie.item_emb is not None
   # In id order only a leaf's first top_k images can be results; by similarity any can.
   width = trie.max_group if by_similarity else min(trie.max_group, top_k)
-  items, pos, valid = trie.leaf_members(leaf, width)                       # [B, n, G]
+  items, valid, emb = trie.members(leaf, width, by_similarity)             # [B, n, G]
+  width = items.shape[-1]
   if by_similarity:
     q = query_emb.astype(jnp.float32)
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    sim = jnp.einsum("bd,bngd->bng", q, trie.item_emb[pos])               # [B, n, G]
+    sim = jnp.einsum("bd,bngd->bng", q, emb)                              # [B, n, G]
     # Stable: equal similarities keep id order; invalid slots go last.
     order = jnp.argsort(jnp.where(valid, -sim, jnp.inf), axis=-1, stable=True)
     items = jnp.take_along_axis(items, order, axis=-1)
@@ -247,8 +249,8 @@ def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, traine
   if isinstance(trie, VokenTrie):
     # Convenient for one-off calls; services should convert once with trie.to_device().
     trie = trie.to_device()
-  if trie is not None and not isinstance(trie, DeviceTrie):
-    raise UserError(f"search: expected a VokenTrie, DeviceTrie or None, got "
+  if trie is not None and not isinstance(trie, (DeviceTrie, UnionTrie)):
+    raise UserError(f"search: expected a VokenTrie, DeviceTrie, UnionTrie or None, got "
                     f"{type(trie).__name__}")
   _check(cfg, trie, vocab, input_tokens, trained_length)
   top_k = beam_size if top_k is None else top_k
