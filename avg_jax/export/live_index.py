@@ -115,10 +115,20 @@ class LiveIndex:
                       f"{list(semantic.shape)}")
     if not self.learned_suffix:
       return semantic
-    every = np.concatenate([self.base_codes, self.delta_codes])
+    levels = self.num_levels
     taken: dict[tuple, int] = {}
-    for row in every:                  # next free index per group of shared codes
-      key = tuple(row[:self.num_levels].tolist())
+    if self._base_trie is not None and len(semantic):
+      # The base's largest index under each new image's codes: the last child of that node
+      # (children are sorted by code) -- O(added), whatever the base's size.
+      node = self._base_trie.lookup_prefixes(semantic)
+      offsets, codes = self._base_trie.offsets[levels], self._base_trie.codes[levels]
+      safe = np.maximum(node, 0)
+      last = codes[np.maximum(offsets[safe + 1] - 1, 0)]
+      for row, n, c in zip(semantic, node, last):
+        if n >= 0:
+          taken[tuple(row.tolist())] = int(c) + 1
+    for row in self.delta_codes:       # the delta is small: a plain loop
+      key = tuple(row[:levels].tolist())
       taken[key] = max(taken.get(key, 0), int(row[-1]) + 1)
     out = np.zeros((len(semantic), len(self.position_sizes)), np.int32)
     limit = self.position_sizes[-1]
