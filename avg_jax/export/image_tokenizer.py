@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from avg_jax.artifacts import io
 from avg_jax.errors import UserError
 from avg_jax.tokenizer.model import RQVAE, RQVAEConfig
 
@@ -31,9 +32,8 @@ def save(folder: str, cfg: RQVAEConfig, params, batch_stats) -> None:
           for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
   flat.update({f"batch_stats/{'/'.join(k)}": np.asarray(v)
                for k, v in traverse_util.flatten_dict(jax.device_get(batch_stats)).items()})
-  np.savez(os.path.join(folder, WEIGHTS), **flat)
-  with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1)
+  io.write_npz(os.path.join(folder, WEIGHTS), **flat)
+  io.write_json(os.path.join(folder, CONFIG), dataclasses.asdict(cfg))
 
 
 class ImageTokenizer:

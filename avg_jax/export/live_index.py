@@ -31,10 +31,10 @@ import os
 import shutil
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avg_jax.artifacts import io
 from avg_jax.decoding.trie import DeviceTrie, VokenTrie
 from avg_jax.decoding.union_trie import UnionTrie
 from avg_jax.errors import UserError
@@ -209,20 +209,9 @@ class LiveIndex:
     arrays = dict(image_ids=self.delta_ids, codes=self.delta_codes, file_names=self.delta_names)
     if self.delta_embeddings is not None:
       arrays["embeddings"] = self.delta_embeddings
-    with open(os.path.join(target, "delta.npz"), "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    with open(os.path.join(target, "removed.npy"), "wb") as f:
-      np.save(f, self.removed)
-      f.flush()
-      os.fsync(f.fileno())
-    tmp = os.path.join(folder, f"{CURRENT}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"version": version}, f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, CURRENT))   # the switch
+    io.write_npz(os.path.join(target, "delta.npz"), **arrays)
+    io.write_npz(os.path.join(target, "removed.npz"), removed=self.removed)
+    io.write_json(os.path.join(folder, CURRENT), {"version": version})   # the switch
     self.version = version
     # Older versions go after the switch; the previous one stays for a reader that read
     # CURRENT just before it.
@@ -240,10 +229,13 @@ class LiveIndex:
       with open(current, encoding="utf-8") as f:
         version = int(json.load(f)["version"])
       target = os.path.join(folder, f"v{version}")
-      with np.load(os.path.join(target, "delta.npz")) as f:
-        ids, codes, names = f["image_ids"], f["codes"], f["file_names"]
-        emb = f["embeddings"] if "embeddings" in f.files else None
-      removed = np.load(os.path.join(target, "removed.npy"))
+      delta_path = os.path.join(target, "delta.npz")
+      with np.load(delta_path) as f:
+        has_emb = "embeddings" in f.files
+      f = io.read_npz(delta_path, ("image_ids", "codes", "file_names")
+                      + (("embeddings",) if has_emb else ()))
+      ids, codes, names, emb = f["image_ids"], f["codes"], f["file_names"], f.get("embeddings")
+      removed = io.read_npz(os.path.join(target, "removed.npz"), ("removed",))["removed"]
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
       raise UserError(f"{folder}: damaged live index ({type(e).__name__}: {e})") from e
     if codes.ndim != 2 or codes.shape[1] != len(self.position_sizes) or len(ids) != len(codes):
