@@ -230,6 +230,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       # dual encoder's query-image similarity; "image_id": by image id. The last two train the
       # generator on the semantic codes alone and search over them.
       tie_break="similarity",
+      # avg_hybrid: None = plain AVG; a weight re-ranks the beam's images by log-prob +
+      # weight x dual-encoder similarity (B dot products per query, independent of N).
+      hybrid_weight=None,
   ))
 
   # --- Evaluation ------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ class BeamState:
   step: jax.Array      # [] int32: the position generated next (0 .. P; P is EOS)
   tokens: jax.Array    # [B, beam] int32: token fed to the model at this step
   codes: jax.Array     # [B, beam, P] int32: codes chosen so far
-  node: jax.Array      # [B, beam] int32: trie node at level `step` (a leaf after step P-1)
+  node: Any            # [B, beam] int32: trie node at level `step` (a leaf after step P-1);
+                       # a pytree of such arrays for constraints with composite nodes
   scores: jax.Array    # [B, beam] float32: summed log-probs; -inf for dead beams
   alive: jax.Array     # [B, beam] bool
   cache: Any
@@ -64,13 +65,21 @@ class BeamResult:
   """Top-k results per query, best first."""
   codes: jax.Array     # [B, k, P] int32 (-1 where not valid)
   scores: jax.Array    # [B, k] float32 (-inf where not valid)
-  leaf: jax.Array      # [B, k] int32 leaf index in the trie (-1 where not valid)
+  leaf: Any            # [B, k] int32 leaf index in the trie (-1 where not valid); a pytree
+                       # of such arrays for composite nodes
   valid: jax.Array     # [B, k] bool
 
 
 def _constrain(x: jax.Array, *names: str | None) -> jax.Array:
   # A no-op outside partitioning.activation_context; under a mesh it keeps `batch` sharded.
   return nn.with_logical_constraint(x, names + (None,) * (x.ndim - len(names)))
+
+
+def root_node(constraint: Any, shape: tuple[int, ...]) -> Any:
+  """The constraint's root node for every row: `zeros(shape)`, or its own composite form."""
+  if hasattr(constraint, "root_node"):
+    return constraint.root_node(shape)
+  return jnp.zeros(shape, jnp.int32)
 
 
 def expand_to_beams(tree: Any, beam_size: int) -> Any:
@@ -150,12 +159,14 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
   def advance(state: BeamState, step, children_fn, width: int, beams_in: int) -> BeamState:
     """One model step for `beams_in` beams per query -> `beams` beams per query.
 
-    `children_fn(node [B*beams_in]) -> (codes, child, valid)`, each `[B*beams_in, width]`.
+    `children_fn(node [B*beams_in]) -> (codes, child, valid)`, each `[B*beams_in, width]`
+    (`node` and `child`: pytrees of such arrays when the constraint's nodes are composite).
     """
     n = b * beams_in
     logits, cache = tokens_to_logits(state.tokens.reshape(n), state.cache)     # [n, V]
     logits = logits.astype(jnp.float32)
-    codes_w, child_w, valid_w = children_fn(state.node.reshape(n))             # [n, W]
+    codes_w, child_w, valid_w = children_fn(
+        jax.tree.map(lambda x: x.reshape(n), state.node))                      # [n, W]
     lp = jnp.take_along_axis(logits, logit_base[step] + codes_w, axis=-1)      # [n, W]
     if not logits_are_log_probs:
       # log_softmax at the candidates only: the full [n, V] log-prob array is never built.
@@ -168,13 +179,14 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     # A zero-probability token is as good as absent: it must never outrank a real result.
     cand_valid = valid_w & (cand > NEG_INF)
     flat = lambda x: x.reshape(b, beams_in * width)
-    cand, cand_valid, codes_w, child_w = map(flat, (jnp.where(cand_valid, cand, NEG_INF),
-                                                    cand_valid, codes_w, child_w))
+    cand, cand_valid, codes_w = map(flat, (jnp.where(cand_valid, cand, NEG_INF), cand_valid,
+                                           codes_w))
+    child_w = jax.tree.map(flat, child_w)
     short = beams - beams_in * width  # fewer candidate slots than beams: pad with invalid
     if short > 0:
       pad = lambda x, v: jnp.pad(x, ((0, 0), (0, short)), constant_values=v)
       cand, cand_valid = pad(cand, NEG_INF), pad(cand_valid, False)
-      codes_w, child_w = pad(codes_w, 0), pad(child_w, 0)
+      codes_w, child_w = pad(codes_w, 0), jax.tree.map(lambda x: pad(x, 0), child_w)
     top_scores, top_index = jax.lax.top_k(cand, beams)                         # [B, beam]
     parent = jnp.minimum(top_index // width, beams_in - 1)                     # [B, beam]
     take = lambda x: jnp.take_along_axis(x, top_index, axis=1)
@@ -194,7 +206,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
         step=jnp.asarray(step, jnp.int32) + 1,
         tokens=_constrain(token_base[step] + new_code, "batch", "beam"),
         codes=_constrain(codes, "batch", "beam"),
-        node=_constrain(take(child_w), "batch", "beam"),
+        node=jax.tree.map(lambda x: _constrain(take(x), "batch", "beam"), child_w),
         scores=_constrain(jnp.where(new_alive, top_scores, NEG_INF), "batch", "beam"),
         alive=_constrain(new_alive, "batch", "beam"),
         cache=cache,
@@ -208,7 +220,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
       step=jnp.zeros((), jnp.int32),
       tokens=jnp.full((b, 1), start_token, jnp.int32),
       codes=jnp.zeros((b, 1, p), jnp.int32),
-      node=jnp.zeros((b, 1), jnp.int32),
+      node=root_node(constraint, (b, 1)),
       scores=jnp.zeros((b, 1), jnp.float32),
       alive=jnp.ones((b, 1), bool),
       cache=cache,
@@ -221,8 +233,10 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
 
   def eos_children(n):
     slot = jnp.arange(width, dtype=jnp.int32)[None, :]
-    shape = (n.shape[0], width)
-    return (jnp.zeros(shape, jnp.int32), jnp.broadcast_to(n[:, None], shape),
+    rows = jax.tree.leaves(n)[0].shape[0]
+    shape = (rows, width)
+    return (jnp.zeros(shape, jnp.int32),
+            jax.tree.map(lambda x: jnp.broadcast_to(x[:, None], shape), n),
             jnp.broadcast_to(slot == 0, shape))
 
   def level_children(level):
@@ -241,6 +255,6 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
   return BeamResult(
       codes=jnp.where(alive[:, :, None], state.codes[:, :top_k], -1),
       scores=jnp.where(alive, state.scores[:, :top_k], NEG_INF),
-      leaf=jnp.where(alive, state.node[:, :top_k], -1),
+      leaf=jax.tree.map(lambda x: jnp.where(alive, x[:, :top_k], -1), state.node),
       valid=alive,
   )

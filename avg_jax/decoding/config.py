@@ -24,7 +24,9 @@ class DecodeConfig:
   `beam = max(beam_size, top_k)` beams so that k results exist); `tie_break`: "learned" (the
   generator scores the disambiguation position, so it must be trained on it), "similarity"
   (images that share semantic codes are ordered by the dual encoder's query-image cosine
-  similarity) or "image_id" (by image id).
+  similarity) or "image_id" (by image id). `hybrid_weight`: None for plain AVG; a number
+  re-ranks the beam's images by log-prob + weight x the dual encoder's query-image cosine
+  similarity (`avg_hybrid`, see `search.hybrid_rescore`).
   """
   beam_size: int = 10
   top_k: int = 10
@@ -33,6 +35,7 @@ class DecodeConfig:
   voken_logits_only: bool = False
   dense_levels: int = 1
   batch_size: int = 32
+  hybrid_weight: float | None = None
 
   def __post_init__(self):
     if self.beam_size < 1:
@@ -57,7 +60,9 @@ class DecodeConfig:
     return cls(beam_size=int(decode.beam_size), top_k=top_k, mask_mode=str(decode.mask_mode),
                tie_break=str(decode.tie_break),
                voken_logits_only=bool(decode.voken_logits_only),
-               dense_levels=int(decode.dense_levels), batch_size=int(decode.batch_size))
+               dense_levels=int(decode.dense_levels), batch_size=int(decode.batch_size),
+               hybrid_weight=(None if decode.hybrid_weight is None
+                              else float(decode.hybrid_weight)))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DecodeConfig":
@@ -76,7 +81,7 @@ class DecodeConfig:
   def search_kwargs(self) -> dict:
     """The plain arguments of `search.constrained_search` for these settings."""
     return dict(beam_size=self.beam, top_k=self.top_k, mask_mode=self.mask_mode,
-                voken_logits_only=self.voken_logits_only)
+                voken_logits_only=self.voken_logits_only, hybrid_weight=self.hybrid_weight)
 
   @property
   def beam(self) -> int:
@@ -90,4 +95,5 @@ class DecodeConfig:
 
   @property
   def needs_embeddings(self) -> bool:
-    return self.tie_break == "similarity"
+    """The search reads query and image embeddings (similarity tie-break or avg_hybrid)."""
+    return self.tie_break == "similarity" or self.hybrid_weight is not None

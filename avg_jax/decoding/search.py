@@ -47,6 +47,7 @@ from avg_jax import partitioning
 from avg_jax.decoding import beam_search as beam_lib
 from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import DeviceTrie, Unconstrained, VokenTrie
+from avg_jax.decoding.union_trie import UnionTrie
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
@@ -127,32 +128,39 @@ def grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch:
 
 
 def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: int,
-                  query_emb: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  query_emb: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """The best `top_k` items of the ranked leaves `leaf int32[B, n]` (-1: none), leaf by leaf.
 
   Within a leaf, items are ordered by cosine similarity to `query_emb float[B, D]` when it and
   `trie.item_emb` are given, else by id. -> `(item ids int32[B, top_k], scores float32[B, k]
-  (their leaf's), rank of their leaf int32[B, k])`; missing slots: -1, -inf, -1.
+  (their leaf's), rank of their leaf int32[B, k], their similarity float32[B, k] or None)`;
+  missing slots: -1, -inf, -1, -inf.
   """
-  b, n = leaf.shape
+  b, n = jax.tree.leaves(leaf)[0].shape
   by_similarity = query_emb is not None and trie.item_emb is not None
   # In id order only a leaf's first top_k images can be results; by similarity any can.
   width = trie.max_group if by_similarity else min(trie.max_group, top_k)
-  items, pos, valid = trie.leaf_members(leaf, width)                       # [B, n, G]
+  items, valid, emb = trie.members(leaf, width, by_similarity)             # [B, n, G]
+  width = items.shape[-1]
   if by_similarity:
     q = query_emb.astype(jnp.float32)
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    sim = jnp.einsum("bd,bngd->bng", q, trie.item_emb[pos])               # [B, n, G]
+    sim = jnp.einsum("bd,bngd->bng", q, emb)                              # [B, n, G]
     # Stable: equal similarities keep id order; invalid slots go last.
     order = jnp.argsort(jnp.where(valid, -sim, jnp.inf), axis=-1, stable=True)
     items = jnp.take_along_axis(items, order, axis=-1)
     valid = jnp.take_along_axis(valid, order, axis=-1)
+    sim = jnp.take_along_axis(sim, order, axis=-1)
+  else:
+    sim = jnp.zeros(items.shape, jnp.float32)
   leaf_rank = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], items.shape)
   flat = lambda x: x.reshape(b, n * width)
-  items, valid, leaf_rank = flat(items), flat(valid), flat(leaf_rank)
+  items, valid, leaf_rank, sim = flat(items), flat(valid), flat(leaf_rank), flat(sim)
   if n * width < top_k:  # fewer slots than results: pad with invalid ones
     pad = lambda x, v: jnp.pad(x, ((0, 0), (0, top_k - n * width)), constant_values=v)
     items, valid, leaf_rank = pad(items, -1), pad(valid, False), pad(leaf_rank, 0)
+    sim = pad(sim, 0.0)
   # The first top_k valid slots in (leaf rank, within-leaf order): a stable sort of validity.
   take = jnp.argsort(~valid, axis=-1, stable=True)[:, :top_k]
   got = jnp.take_along_axis(valid, take, axis=-1)
@@ -160,12 +168,25 @@ def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: i
   item_ids = jnp.where(got, jnp.take_along_axis(items, take, axis=-1), -1)
   out_scores = jnp.where(got, jnp.take_along_axis(scores, jnp.maximum(rank, 0), axis=-1),
                          -jnp.inf)
-  return item_ids, out_scores, rank
+  out_sim = jnp.where(got, jnp.take_along_axis(sim, take, axis=-1), -jnp.inf)
+  return item_ids, out_scores, rank, (out_sim if by_similarity else None)
+
+
+def hybrid_rescore(item_ids: jax.Array, scores: jax.Array, sim: jax.Array, weight: float,
+                   top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`avg_hybrid`: re-ranks the beam's images `[B, n]` by `score + weight * similarity` (the
+  generator's log-prob and the dual encoder's cosine; missing slots stay last) and keeps
+  `top_k`. -> `(item ids, fused scores, positions in the input [B, top_k])`."""
+  fused = jnp.where(item_ids >= 0, scores + weight * sim, -jnp.inf)
+  order = jnp.argsort(-fused, axis=-1, stable=True)[:, :top_k]
+  take = lambda x: jnp.take_along_axis(x, order, axis=-1)
+  return take(item_ids), take(fused), order
 
 
 def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
             vocab: VokenVocabulary, beam_size: int, top_k: int, mask_mode: str,
-            voken_logits_only: bool, trained_length: int) -> SearchResult:
+            voken_logits_only: bool, trained_length: int,
+            hybrid_weight: float | None = None) -> SearchResult:
   batch = input_tokens.shape[0]
   p = trie.id_length if trie is not None else vocab.id_length
   input_tokens = input_tokens.astype(jnp.int32)
@@ -191,9 +212,13 @@ def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
   else:
     logit_offsets, eos_logit_index = token_offsets, EOS_ID
   constraint = Unconstrained(vocab.position_sizes()[:p]) if trie is None else trie
+  hybrid = hybrid_weight is not None and trie is not None
+  if hybrid and (query_emb is None or trie.item_emb is None):
+    raise UserError("search: hybrid re-scoring needs query embeddings and the index's image "
+                    "embeddings")
   result = beam_lib.beam_search(
       tokens_to_logits, carried, constraint, batch_size=batch, beam_size=beam_size,
-      top_k=top_k, token_offsets=token_offsets, eos_id=EOS_ID, logit_offsets=logit_offsets,
+      top_k=beam_size if hybrid else top_k, token_offsets=token_offsets, eos_id=EOS_ID, logit_offsets=logit_offsets,
       eos_logit_index=eos_logit_index, mask_mode=mask_mode, start_token=t5_lib.DECODER_START_ID,
       reorder_cache=functools.partial(_reorder_cache, batch=batch, beams=beam_size),
       emit_eos=p == trained_length)
@@ -201,11 +226,20 @@ def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
     item_ids = jnp.full(result.leaf.shape, -1, jnp.int32)
     return SearchResult(item_ids=item_ids, scores=result.scores, codes=result.codes,
                         sequences=result.codes)
-  item_ids, scores, rank = expand_leaves(trie, result.leaf, result.scores, top_k, query_emb)
+  if hybrid:
+    # The beam's images (one per beam slot: the cost stays independent of N), re-scored.
+    item_ids, scores, rank, sim = expand_leaves(trie, result.leaf, result.scores, beam_size,
+                                                query_emb)
+    item_ids, scores, order = hybrid_rescore(item_ids, scores, sim, hybrid_weight, top_k)
+    rank = jnp.where(item_ids >= 0, jnp.take_along_axis(rank, order, axis=-1), -1)
+  else:
+    item_ids, scores, rank, _ = expand_leaves(trie, result.leaf, result.scores, top_k,
+                                              query_emb)
   codes = jnp.where((rank >= 0)[..., None],
                     jnp.take_along_axis(result.codes, jnp.maximum(rank, 0)[..., None], axis=1),
                     -1)
-  return SearchResult(item_ids=item_ids, scores=scores, codes=codes, sequences=result.codes)
+  return SearchResult(item_ids=item_ids, scores=scores, codes=codes,
+                      sequences=result.codes[:, :top_k])
 
 
 def _check_input_tokens(cfg: T5Config, input_tokens):
@@ -239,7 +273,7 @@ def _check_input_tokens(cfg: T5Config, input_tokens):
 
 
 _STATIC = ("cfg", "vocab", "beam_size", "top_k", "mask_mode", "voken_logits_only",
-           "trained_length")
+           "trained_length", "hybrid_weight")
 _search_jit = jax.jit(_search, static_argnames=_STATIC)
 
 
@@ -247,8 +281,8 @@ def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, traine
   if isinstance(trie, VokenTrie):
     # Convenient for one-off calls; services should convert once with trie.to_device().
     trie = trie.to_device()
-  if trie is not None and not isinstance(trie, DeviceTrie):
-    raise UserError(f"search: expected a VokenTrie, DeviceTrie or None, got "
+  if trie is not None and not isinstance(trie, (DeviceTrie, UnionTrie)):
+    raise UserError(f"search: expected a VokenTrie, DeviceTrie, UnionTrie or None, got "
                     f"{type(trie).__name__}")
   _check(cfg, trie, vocab, input_tokens, trained_length)
   top_k = beam_size if top_k is None else top_k
@@ -264,7 +298,8 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
                        vocab: VokenVocabulary, input_tokens, *, beam_size: int,
                        top_k: int | None = None, mask_mode: str = "after_softmax",
                        voken_logits_only: bool = False, query_emb=None,
-                       trained_length: int | None = None) -> SearchResult:
+                       trained_length: int | None = None,
+                       hybrid_weight: float | None = None) -> SearchResult:
   """Top-k indexed images per query: `input_tokens int[B, S]` (0 = padding) -> SearchResult
   with `item_ids int32[B, k]`, `scores float32[B, k]`, `codes int32[B, k, P]`.
 
@@ -272,7 +307,8 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
   sequence (no constraint; item ids are -1). Arrays may be sharded: jit follows the inputs'
   shardings; `make_search_fn` pins them explicitly for a mesh. `trained_length`: identifier
   positions the generator emits before EOS (default: the vocabulary's P); `query_emb
-  float[B, D]`: orders images that share a leaf by similarity (module docstring).
+  float[B, D]`: orders images that share a leaf by similarity (module docstring);
+  `hybrid_weight`: re-rank the beam's images by log-prob + weight x similarity (`avg_hybrid`).
   """
   input_tokens = _check_input_tokens(cfg, input_tokens)
   trained_length = vocab.id_length if trained_length is None else int(trained_length)
@@ -280,7 +316,8 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
                          trained_length)
   return _search_jit(params, trie, input_tokens, query_emb, cfg=cfg, vocab=vocab,
                      beam_size=beam_size, top_k=top_k, mask_mode=mask_mode,
-                     voken_logits_only=voken_logits_only, trained_length=trained_length)
+                     voken_logits_only=voken_logits_only, trained_length=trained_length,
+                     hybrid_weight=None if hybrid_weight is None else float(hybrid_weight))
 
 
 def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
@@ -293,7 +330,7 @@ def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
   kwargs = decode.search_kwargs()
   static = dict(cfg=cfg, vocab=vocab, beam_size=kwargs["beam_size"],
                 mask_mode=kwargs["mask_mode"], voken_logits_only=kwargs["voken_logits_only"],
-                trained_length=trained_length)
+                trained_length=trained_length, hybrid_weight=kwargs["hybrid_weight"])
 
   def fn(params, trie, input_tokens, query_emb=None):
     trie_, k = _prepare(cfg, trie, vocab, input_tokens, kwargs["beam_size"], kwargs["top_k"],

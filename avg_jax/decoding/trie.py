@@ -348,6 +348,7 @@ class VokenTrie:
         leaf_item_offsets=put(self.leaf_item_offsets.astype(np.int32)),
         leaf_items=put(self.leaf_items.astype(np.int32)),
         item_emb=item_emb,
+        item_alive=None,
         position_sizes=self.position_sizes,
         dense=tuple(dense),
         widths=tuple(widths),
@@ -371,6 +372,7 @@ class DeviceTrie:
   leaf_item_offsets: jax.Array
   leaf_items: jax.Array
   item_emb: jax.Array | None
+  item_alive: jax.Array | None     # bool[num_items] in `leaf_items` order; None: all alive
   position_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   dense: tuple[bool, ...] = flax.struct.field(pytree_node=False)
   widths: tuple[int, ...] = flax.struct.field(pytree_node=False)
@@ -387,7 +389,8 @@ class DeviceTrie:
   @property
   def nbytes(self) -> int:
     """Device bytes of the tree's arrays (without `item_emb`, see `embedding_nbytes`)."""
-    return int(sum(x.nbytes for x in jax.tree.leaves(self.replace(item_emb=None))))
+    return int(sum(x.nbytes for x in jax.tree.leaves(self.replace(item_emb=None,
+                                                                   item_alive=None))))
 
   @property
   def embedding_nbytes(self) -> int:
@@ -405,7 +408,28 @@ class DeviceTrie:
     slot = jnp.arange(width, dtype=jnp.int32)
     valid = slot < count[..., None]
     pos = jnp.where(valid, start[..., None] + slot, 0)
+    if self.item_alive is not None:  # removed items stay in the tree, marked dead
+      valid = valid & self.item_alive[pos]
     return jnp.where(valid, self.leaf_items[pos], -1), pos, valid
+
+  def members(self, leaf: jax.Array, width: int, with_embeddings: bool
+              ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`leaf_members` as `(items [..., width], valid [..., width], embeddings [..., width, D]
+    or None)`: the form `search.expand_leaves` uses for every kind of index."""
+    items, pos, valid = self.leaf_members(leaf, width)
+    emb = self.item_emb[pos] if with_embeddings and self.item_emb is not None else None
+    return items, valid, emb
+
+  def with_alive(self, alive: jax.Array | None) -> "DeviceTrie":
+    """The same tree with `item_alive` replaced (bool[num_items] in `leaf_items` order)."""
+    return self.replace(item_alive=alive)
+
+  def children_guarded(self, level: int, node: jax.Array, width: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`children` for nodes that may be -1 (absent): no children there."""
+    codes, child, valid = self.children(level, jnp.maximum(node, 0), width)
+    valid = valid & (node >= 0)[:, None]
+    return jnp.where(valid, codes, 0), jnp.where(valid, child, -1), valid
 
   def children(self, level: int, node: jax.Array, width: int
                ) -> tuple[jax.Array, jax.Array, jax.Array]:

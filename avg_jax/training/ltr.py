@@ -71,7 +71,9 @@ class RankOptions:
                async_checkpointing=bool(t.async_checkpointing), log_every=int(t.log_every),
                eval_max_queries=int(t.eval_max_queries),
                decode=dataclasses.replace(DecodeConfig.from_config(config.decode),
-                                          beam_size=beam, top_k=beam))
+                                          beam_size=beam, top_k=beam,
+                                          # Candidates are the generator's own beam.
+                                          hybrid_weight=None))
 
 
 def candidate_targets(codes: jax.Array, offsets: jax.Array) -> jax.Array:

@@ -74,22 +74,41 @@ def test_expand_leaves_by_id_and_by_similarity():
   assert dev.max_group == 2
   leaf = jnp.asarray([[trie.lookup(np.array([[1, 0]]))[0], trie.lookup(np.array([[0, 1]]))[0]]])
   scores = jnp.asarray([[-1.0, -2.0]])
-  items, out_scores, rank = jax.device_get(search.expand_leaves(dev, leaf, scores, 3))
+  items, out_scores, rank, sim = jax.device_get(search.expand_leaves(dev, leaf, scores, 3))
+  assert sim is None
   assert items.tolist() == [[3, 5, 7]]                   # leaf order, then image id
   assert out_scores.tolist() == [[-1.0, -2.0, -2.0]]      # every image gets its leaf's score
   assert rank.tolist() == [[0, 1, 1]]
   query = jnp.asarray([[0.0, 2.0]])                       # closer to image 7 than to 5
-  items, out_scores, _ = jax.device_get(search.expand_leaves(dev, leaf, scores, 3, query))
+  items, out_scores, _, sim = jax.device_get(search.expand_leaves(dev, leaf, scores, 3, query))
   assert items.tolist() == [[3, 7, 5]]
+  np.testing.assert_allclose(sim, [[2 ** -0.5, 1.0, 0.0]], atol=1e-6)
   assert out_scores.tolist() == [[-1.0, -2.0, -2.0]]
   # Fewer images than results, and a missing leaf (-1): empty slots.
-  items, out_scores, rank = jax.device_get(
+  items, out_scores, rank, _ = jax.device_get(
       search.expand_leaves(dev, jnp.asarray([[leaf[0, 0], -1]]), scores, 3))
   assert items.tolist() == [[3, -1, -1]] and rank.tolist() == [[0, -1, -1]]
   assert out_scores[0, 0] == -1.0 and np.all(np.isneginf(out_scores[0, 1:]))
   # k smaller than a leaf: only the best of it.
-  items, _, _ = jax.device_get(search.expand_leaves(dev, leaf[:, 1:], scores[:, 1:], 1, query))
+  items, _, _, _ = jax.device_get(search.expand_leaves(dev, leaf[:, 1:], scores[:, 1:], 1,
+                                                       query))
   assert items.tolist() == [[7]]
+
+
+def test_hybrid_rescoring_by_hand():
+  # The beam's images with their generative log-probs and cosine similarities to the query.
+  ids = jnp.asarray([[3, 5, 7, -1]])
+  scores = jnp.asarray([[-1.0, -1.5, -3.0, -jnp.inf]])
+  sim = jnp.asarray([[0.1, 0.5, 0.9, -jnp.inf]])
+  # weight 2: fused -0.8, -0.5, -1.2 -> 5, 3, 7; weight 0 keeps the generator's order.
+  got, fused, order = jax.device_get(search.hybrid_rescore(ids, scores, sim, 2.0, 3))
+  assert got.tolist() == [[5, 3, 7]] and order.tolist() == [[1, 0, 2]]
+  np.testing.assert_allclose(fused, [[-0.5, -0.8, -1.2]], atol=1e-6)
+  got, _, _ = jax.device_get(search.hybrid_rescore(ids, scores, sim, 0.0, 4))
+  assert got.tolist() == [[3, 5, 7, -1]]
+  # weight 10: similarity dominates -> 7 (8.0), 5 (3.5), 3 (0.0)
+  got, _, _ = jax.device_get(search.hybrid_rescore(ids, scores, sim, 10.0, 2))
+  assert got.tolist() == [[7, 5]]
 
 
 def test_item_embeddings_must_cover_the_index():
@@ -158,3 +177,24 @@ def test_search_over_semantic_codes_scores_each_leaf_once(params, trained_length
     a, b = (result.item_ids[q].tolist().index(i) for i in (40, 41))
     assert result.scores[q, a] == result.scores[q, b] and abs(a - b) == 1
     assert result.sequences[q].tolist() == [list(leaves[l]) for l in order] + [[-1, -1]]
+
+
+def test_hybrid_search_reranks_the_beam_by_similarity(params):
+  semantic = np.array([[1, 2], [3, 0], [0, 1], [2, 2]])
+  image_ids = np.array([40, 41, 42, 43])
+  emb = np.eye(4, dtype=np.float32)                   # image i's embedding: the i-th axis
+  trie = VokenTrie.build(semantic, image_ids, VOCAB.position_sizes()[:2]).to_device(
+      item_embeddings=(image_ids, emb))
+  queries = np.random.default_rng(0).integers(3, 21, (2, 5)).astype(np.int32)
+  query_emb = np.asarray([[0, 0, 0, 1.0], [0, 0, 0, 1.0]], np.float32)   # like image 43
+  kw = dict(beam_size=4, top_k=4, trained_length=2, query_emb=query_emb)
+  plain = jax.device_get(search.constrained_search(params, CFG, trie, VOCAB, queries, **kw))
+  strong = jax.device_get(search.constrained_search(params, CFG, trie, VOCAB, queries,
+                                                    hybrid_weight=1e4, **kw))
+  zero = jax.device_get(search.constrained_search(params, CFG, trie, VOCAB, queries,
+                                                  hybrid_weight=0.0, **kw))
+  np.testing.assert_array_equal(zero.item_ids, plain.item_ids)   # weight 0: the generator's
+  assert strong.item_ids[:, 0].tolist() == [43, 43]              # similarity decides
+  for q in range(2):
+    rank = plain.item_ids[q].tolist().index(43)
+    assert strong.scores[q, 0] == pytest.approx(plain.scores[q, rank] + 1e4, rel=1e-6)
