@@ -8,6 +8,7 @@
   vs_two_tower: {protocol: {method: {"R@1": {"diff", "ci95"}, ...}}} paired difference to the
                two-tower baseline over the same queries, points, 95 % bootstrap interval
   efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
+  hybrid:      {protocol: {"weight": w, "validation": [{"weight", "R@1", ...}]}} (avg_hybrid)
   codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
   collisions:  {scheme: {split: rate}}
 """
@@ -177,6 +178,20 @@ def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
   return out
 
 
+def _markdown_hybrid(hybrid: dict) -> list[str]:
+  """avg_hybrid's weight per protocol and the validation Recall@K of every weight tried."""
+  out = ["## avg_hybrid: fusion weight chosen on validation", "",
+         "score = generative log-prob + weight x dual-encoder cosine over avg_ltr's beam; the "
+         "weight with the best validation R@1 is used on test.", ""]
+  for protocol, h in hybrid.items():
+    out += [f"### {protocol} (chosen: {h['weight']:g})", "",
+            "| weight | " + " | ".join(RECALL_KEYS) + " |", "|---" * (len(RECALL_KEYS) + 1) + "|"]
+    out += [f"| {row['weight']:g} | " + " | ".join(f"{row[k]:.1f}" for k in RECALL_KEYS) + " |"
+            for row in h["validation"]]
+    out.append("")
+  return out
+
+
 def write_report(results: dict, directory: str) -> str:
   """Writes `report.md` and its PNG plots into `directory`; returns the report path."""
   os.makedirs(directory, exist_ok=True)
@@ -192,6 +207,8 @@ def write_report(results: dict, directory: str) -> str:
     md += _markdown_recall(results["recall"], results.get("saw_pseudo_queries", {}),
                            results.get("vs_two_tower", {}))
     md += ["![recall](recall.png)", ""]
+  if results.get("hybrid"):
+    md += _markdown_hybrid(results["hybrid"])
   if results.get("efficiency"):
     plot_efficiency(results["efficiency"], os.path.join(directory, "efficiency.png"),
                     results.get("crossover"))

@@ -138,10 +138,20 @@ class Retriever:
     return self.decode.beam_size
 
   @classmethod
-  def load(cls, directory: str) -> "Retriever":
-    """Reads a folder written by `avg-jax export`; damaged files are `UserError`s."""
+  def load(cls, directory: str, *, hybrid_weight: float | None = None) -> "Retriever":
+    """Reads a folder written by `avg-jax export`; damaged files are `UserError`s.
+
+    `hybrid_weight`: serve avg_hybrid with this fusion weight (instead of the export's own
+    setting); the export must carry the dual encoder (`export.hybrid` or the similarity
+    tie-break)."""
     manifest = exports.read_manifest(directory)
     check_files(directory)
+    if hybrid_weight is not None:
+      if not os.path.isdir(os.path.join(directory, exports.DUAL_ENCODER)):
+        raise UserError(f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
+                        f"export it with --config.export.hybrid=true")
+      manifest = dict(manifest, decode=dict(manifest["decode"],
+                                            hybrid_weight=float(hybrid_weight)))
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
     shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))
