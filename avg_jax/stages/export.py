@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
 from avg_jax import processes
-from avg_jax.artifacts import embeddings, exports, fingerprint, paths
+from avg_jax.artifacts import embeddings, exports, fingerprint, locks, paths
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -70,6 +70,7 @@ def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
   return ids, codes
 
 
+@locks.holding("export")
 def run(config: ConfigDict, workdir: str) -> None:
   scheme = config.tokenizer.scheme
   protocol = str(config.protocol)

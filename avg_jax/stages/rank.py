@@ -10,7 +10,7 @@ import jax
 from ml_collections import ConfigDict
 
 from avg_jax import partitioning
-from avg_jax.artifacts import paths
+from avg_jax.artifacts import locks, paths
 from avg_jax.metrics import MetricsWriter
 from avg_jax.stages.train import eval_fn_for
 from avg_jax.training import examples, generative, ltr
@@ -21,6 +21,7 @@ def run(config: ConfigDict, workdir: str) -> None:
   rank_generator(config, workdir, config.tokenizer.scheme)
 
 
+@locks.holding("rank")
 def rank_generator(config: ConfigDict, workdir: str, scheme: str,
                    protocol: str | None = None) -> None:
   """Fine-tunes the finished generator of `scheme` under `protocol` (default
