@@ -3,6 +3,7 @@ SIGTERM-style preemption. A linear model keeps it fast; the real stages use the 
 
 import logging
 import os
+import shutil
 
 import grain
 import jax
@@ -90,6 +91,23 @@ def test_resume_after_preemption_is_bit_identical(tmp_path):
   records = [r for r in read_metrics(str(tmp_path / "a")) if r["stage"] == "train"]
   assert records[-1]["step"] == NUM_STEPS and "examples_per_s" in records[-1]
   assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, capsys):
+  reference = _run(str(tmp_path / "a"))
+  crashed = tmp_path / "b"
+  _run(str(crashed))
+  # As if killed right after logging step 12 but before saving steps 8 and 12: the rerun
+  # resumes from step 4 and redoes steps 5..12.
+  for step in ("8", "12"):
+    shutil.rmtree(crashed / "ckpt" / step)
+  capsys.readouterr()
+  resumed = _run(str(crashed))
+  assert f"train: resumed from step 4 ({crashed / 'ckpt'})" in capsys.readouterr().out
+  np.testing.assert_array_equal(resumed.params["w"], reference.params["w"])
+  logged = lambda d: [(r["step"], r["loss"]) for r in read_metrics(str(d)) if "loss" in r]
+  assert logged(crashed) == logged(tmp_path / "a")  # each step once, with the same values
+  assert [s for s, _ in logged(crashed)] == [2, 4, 6, 8, 10, 12]
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):

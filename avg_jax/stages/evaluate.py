@@ -22,7 +22,7 @@ import ml_collections
 
 import avg_jax
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import embeddings, fingerprint, io, paths, voken_tables
+from avg_jax.artifacts import embeddings, fingerprint, io, locks, paths, voken_tables
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.encoders import store
@@ -119,6 +119,7 @@ def _results_load(directory: str) -> str:
   return ""
 
 
+@locks.holding("evaluate")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   directory = paths.evaluate_dir(workdir)
   # Results depend on every stage's config: made from the whole config, redone when it changes.

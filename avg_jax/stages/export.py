@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
 from avg_jax import processes
-from avg_jax.artifacts import embeddings, exports, fingerprint, io, paths
+from avg_jax.artifacts import embeddings, exports, fingerprint, io, locks, paths
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -89,6 +89,7 @@ def hybrid_config(config: ConfigDict, workdir: str) -> ConfigDict:
   return c
 
 
+@locks.holding("export")
 def run(config: ConfigDict, workdir: str) -> None:
   config = hybrid_config(config, workdir)
   scheme = config.tokenizer.scheme
