@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import os
 import shutil
 
 import pytest
