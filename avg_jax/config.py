@@ -250,6 +250,8 @@ RULES: dict[str, Rule] = {
     "evaluate.recall_ks": COUNTS, "evaluate.efficiency_sizes": COUNTS,
     "evaluate.efficiency_queries": COUNT,
     "evaluate.hybrid_weights": Rule(low=0, each=True),
+    "evaluate.ann_m": COUNT, "evaluate.ann_ef_construction": COUNT,
+    "evaluate.ann_target_recall": FRACTION,
     "export.batch_buckets": COUNTS, "export.max_query_chars": COUNT,
     "export.thumbnail_size": COUNT_OR_0,
     "aot.index_size": COUNT_OR_0, "aot.disambiguation_size": COUNT,
@@ -274,6 +276,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     present, value = _lookup(config, key)
     if present and not rule.accepts(value):
       raise UserError(f"config key {key}: must be {rule.describe()}, got {value!r}")
+  present, efs = _lookup(config, "evaluate.ann_ef_search")
+  if present and efs and not COUNTS.accepts(efs):   # () is valid: no HNSW baseline
+    raise UserError(f"config key evaluate.ann_ef_search: must be () or "
+                    f"{COUNTS.describe()}, got {efs!r}")
   present, weight = _lookup(config, "decode.hybrid_weight")
   if present and weight is not None and not NON_NEGATIVE.accepts(weight):
     raise UserError(f"config key decode.hybrid_weight: must be None or "

@@ -248,6 +248,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       hybrid_weights=(0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0),
       efficiency_sizes=(1000, 10000, 100000, 1000000),
       efficiency_queries=64,
+      # Two-tower over a faiss HNSW index (avg_jax/evaluation/ann.py) at the same sizes: graph
+      # degree, build-time and search-time candidate lists (each ef_search is a point of the
+      # recall-vs-speed frontier; () skips HNSW). The efficiency table's HNSW row is the
+      # fastest setting whose recall@k against exact search reaches ann_target_recall.
+      ann_m=16,
+      ann_ef_construction=64,
+      ann_ef_search=(16, 32, 64, 128, 256),
+      ann_target_recall=0.95,
   ))
 
   # --- Export ----------------------------------------------------------------------------------

@@ -217,6 +217,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         encoder, mesh, texts[:n_q], test_emb["caption_emb"][:n_q], sizes,
         k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
         encode_s_per_query=encode_s)
+    ef_search = tuple(int(e) for e in config.evaluate.ann_ef_search)
+    if ef_search:
+      frontier = efficiency.ann_queries_per_s(
+          test_emb["image_emb"], test_emb["caption_emb"][:n_q], sizes,
+          k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
+          m=int(config.evaluate.ann_m), ef_construction=int(config.evaluate.ann_ef_construction),
+          ef_search=ef_search, encode_s_per_query=encode_s)
+      results["ann_frontier"] = frontier
+      results["efficiency"]["two_tower_hnsw"] = efficiency.fastest_at_recall(
+          frontier, float(config.evaluate.ann_target_recall))
     for method, rows in results["efficiency"].items():
       for r in rows:
         writer.write(method=method, split="efficiency", **r)
