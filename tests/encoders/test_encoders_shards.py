@@ -69,7 +69,7 @@ def _merge(workdir, split, config, cfg):
 def _assert_equal_to_reference(workdir, config, encoder, reference):
   for split in SPLITS:
     merged = _merge(workdir, split, config, encoder.cfg)
-    for key in extract.EMBEDDING_KEYS:
+    for key in embeddings.KEYS:
       np.testing.assert_array_equal(merged[key], reference[split][key], err_msg=key)
   assert os.listdir(paths.embed_shards_dir(workdir)) == []  # merged shards are removed
 

@@ -8,7 +8,7 @@ import pytest
 
 from avg_jax import cli
 from avg_jax import config as config_lib
-from avg_jax.artifacts import embeddings
+from avg_jax.artifacts import checksums, embeddings
 from avg_jax.data import dataset
 from avg_jax.evaluation import avg_eval, hybrid
 from avg_jax.export.serving import Retriever
@@ -103,6 +103,8 @@ def test_retriever_hybrid_needs_the_dual_encoder(pipeline_workdir, tmp_path):
   from avg_jax.errors import UserError
   target = tmp_path / "export"
   shutil.copytree(pipeline_workdir / "export", target)
+  # An export without the dual encoder (as the image_id tie-break writes it), whole.
   shutil.rmtree(target / "dual_encoder", ignore_errors=True)
+  checksums.write(str(target))
   with pytest.raises(UserError, match="no dual encoder for avg_hybrid"):
     Retriever.load(str(target), hybrid_weight=4.0)

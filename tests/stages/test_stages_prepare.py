@@ -138,21 +138,25 @@ def test_half_written_outputs_are_detected_and_redone(tmp_path, tiny_config, cap
   assert dataset.load_info(workdir)["splits"]["val"]["num_images"] == 8
 
 
+def _outputs(workdir) -> list[str]:
+  """What a stage left in the workdir, less the stage locks (which stay, by design)."""
+  return sorted(p for p in os.listdir(workdir) if p != ".locks")
+
+
 def test_a_concurrent_prepare_that_finished_first_is_kept(tmp_path, tiny_config, monkeypatch,
                                                           capsys):
   workdir = str(tmp_path / "w")
   prepared = paths.prepared_dir(workdir)
-  build = prepared_lib.build
+  publish = io.publish_dir
 
-  def build_while_another_process_finishes(config, tmp, *args):
-    info = build(config, tmp, *args)
-    shutil.copytree(tmp, prepared)  # the other process renames its output into place first
-    return info
-  monkeypatch.setattr(prepared_lib, "build", build_while_another_process_finishes)
+  def another_process_finishes_first(tmp, path):
+    shutil.copytree(tmp, path)  # the other process's complete output lands first
+    return publish(tmp, path)
+  monkeypatch.setattr(io, "publish_dir", another_process_finishes_first)
   prepare.run(tiny_config(*SMALL), workdir)
   assert "completed by another process" in capsys.readouterr().out
   # Our temp is gone, and so are the shards.
-  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]
+  assert _outputs(workdir) == ["metrics.jsonl", "prepared"]
   assert prepared_lib.check_prepared(prepared)[0] == "complete"
 
 
@@ -161,21 +165,21 @@ def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypa
 
   def fail_after_writing(*args, **kwargs):
     raise RuntimeError("disk full")
-  monkeypatch.setattr(prepare, "_make_tokenizer", fail_after_writing)  # after the records
+  monkeypatch.setattr(prepared_lib, "_make_tokenizer", fail_after_writing)  # after the records
   with pytest.raises(RuntimeError, match="disk full"):
     prepare.run(tiny_config(*SMALL), str(workdir))
   # No prepared/ and no temp dir; only the finished shards, kept for the next run.
-  assert os.listdir(workdir) == ["prepared.shards"]
+  assert _outputs(workdir) == ["prepared.shards"]
   # A user error (too large a vocabulary) also leaves no output; the shards are reused.
   monkeypatch.undo()
   capsys.readouterr()
   with pytest.raises(UserError, match="text_tokenizer.vocab_size=100000"):
     prepare.run(tiny_config(*SMALL[:3], "text_tokenizer.vocab_size=100000"), str(workdir))
-  assert sorted(p for p in os.listdir(workdir) if p != "metrics.jsonl") == ["prepared.shards"]
+  assert [p for p in _outputs(workdir) if p != "metrics.jsonl"] == ["prepared.shards"]
   assert "prepare train: 1 of 1 shards already done, skipped" in capsys.readouterr().out
   prepare.run(tiny_config(*SMALL), str(workdir))
   assert "prepare train: 1 of 1 shards already done, skipped" in capsys.readouterr().out
-  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "prepared"]
+  assert _outputs(workdir) == ["metrics.jsonl", "prepared"]
 
 
 def test_karpathy_data_with_a_given_tokenizer(tmp_path, tiny_config, karpathy_files,
