@@ -152,6 +152,7 @@ class Rule:
   open_high: bool = False
   integer: bool = False
   each: bool = False
+  may_be_empty: bool = False   # with `each`: () switches the feature off
 
   def describe(self) -> str:
     kind = "integers" if self.integer else "numbers"
@@ -163,7 +164,7 @@ class Rule:
     else:
       text = kind
     if self.each:
-      return f"a non-empty list of {text}"
+      return f"{'a' if self.may_be_empty else 'a non-empty'} list of {text}"
     return ("an integer" if self.integer else "a number") + text[len(kind):]
 
   def accepts_one(self, value: Any) -> bool:
@@ -183,7 +184,7 @@ class Rule:
   def accepts(self, value: Any) -> bool:
     if not self.each:
       return self.accepts_one(value)
-    return (isinstance(value, (tuple, list)) and len(value) > 0
+    return (isinstance(value, (tuple, list)) and (len(value) > 0 or self.may_be_empty)
             and all(self.accepts_one(v) for v in value))
 
 
@@ -194,6 +195,7 @@ NON_NEGATIVE = Rule(low=0)                   # weights, decays, clip norms (0: o
 FRACTION = Rule(low=0, high=1)
 PROBABILITY = Rule(low=0, high=1, open_high=True)  # dropout: 1 would drop everything
 COUNTS = Rule(low=1, integer=True, each=True)
+COUNTS_OR_NONE = Rule(low=1, integer=True, each=True, may_be_empty=True)
 
 # Every count, size, rate and fraction a stage reads -> the values that make sense. Checked
 # before any work: a bad value used to run anyway (train.steps=-5 "finished" at once and
@@ -247,9 +249,10 @@ RULES: dict[str, Rule] = {
     "rank.eval_every": COUNT_OR_0,
     "decode.beam_size": COUNT, "decode.top_k": COUNT, "decode.batch_size": COUNT,
     "decode.dense_levels": COUNT_OR_0,
-    "evaluate.recall_ks": COUNTS, "evaluate.efficiency_sizes": COUNTS,
+    "evaluate.recall_ks": COUNTS, "evaluate.efficiency_sizes": COUNTS_OR_NONE,
     "evaluate.efficiency_queries": COUNT,
     "evaluate.hybrid_weights": Rule(low=0, each=True),
+    "evaluate.ann_ef_search": COUNTS_OR_NONE,
     "evaluate.ann_m": COUNT, "evaluate.ann_ef_construction": COUNT,
     "evaluate.ann_target_recall": FRACTION,
     "export.batch_buckets": COUNTS, "export.max_query_chars": COUNT,
@@ -276,10 +279,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     present, value = _lookup(config, key)
     if present and not rule.accepts(value):
       raise UserError(f"config key {key}: must be {rule.describe()}, got {value!r}")
-  present, efs = _lookup(config, "evaluate.ann_ef_search")
-  if present and efs and not COUNTS.accepts(efs):   # () is valid: no HNSW baseline
-    raise UserError(f"config key evaluate.ann_ef_search: must be () or "
-                    f"{COUNTS.describe()}, got {efs!r}")
   present, weight = _lookup(config, "decode.hybrid_weight")
   if present and weight is not None and not NON_NEGATIVE.accepts(weight):
     raise UserError(f"config key decode.hybrid_weight: must be None or "

