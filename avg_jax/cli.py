@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_runtime() -> None:
+  from avg_jax import runtime
+  # Every command runs under the process settings the benchmarks measure with.
+  runtime.prefer_heap_allocations()
   # grain's multiprocess workers read absl flags; mark them parsed once for the whole CLI.
   from absl import flags
   if not flags.FLAGS.is_parsed():

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import avg_jax
-from avg_jax import partitioning, processes
+from avg_jax import partitioning, processes, runtime
 from avg_jax.artifacts import checksums, exports, io
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding import search as search_lib
@@ -175,6 +175,8 @@ class Retriever:
     `hybrid_weight`: serve avg_hybrid with this fusion weight (instead of the export's own
     setting); the export must carry the dual encoder (`export.hybrid` or the similarity
     tie-break)."""
+    # A service built on the Python API gets the process settings `avg-jax` applies.
+    runtime.prefer_heap_allocations()
     manifest = exports.read_manifest(directory)
     check_files(directory, require_checksums=False)
     if hybrid_weight is not None:
