@@ -21,7 +21,9 @@ change is the size of the delta (it is rewritten whole) and never the base's.
 
 Searching: the base tree is built once; the delta's tree is rebuilt from the delta alone at
 each change (O(added), independent of the index size) and searched together with the base as
-one `UnionTrie`. Removed images are marked dead in the trees (they keep their leaves).
+one `UnionTrie`. Removed images are marked dead in the trees (they keep their leaves), and
+every node whose subtree has no live image left is masked, so the search never spends a beam
+slot on a removed image's path (`VokenTrie.node_alive`: one O(nodes) pass, no rebuild).
 
 Identifiers of added images: their semantic codes (from the export's frozen RQ tokenizer);
 with a learned disambiguation position, the next free index among the images of the index
@@ -199,10 +201,14 @@ class LiveIndex:
     self.removed = np.union1d(self.removed, image_ids)
 
   # --- search structure -----------------------------------------------------------------------
-  def _alive(self, trie: VokenTrie):
+  def _with_alive(self, device: DeviceTrie, trie: VokenTrie) -> DeviceTrie:
+    """`device` with the removed images marked dead, their emptied subtrees pruned (one
+    O(nodes) numpy pass over the tree, no rebuild)."""
     if not len(self.removed):
-      return None
-    return jnp.asarray(~np.isin(trie.leaf_items, self.removed))
+      return device
+    alive = ~np.isin(trie.leaf_items, self.removed)
+    return device.with_alive(jnp.asarray(alive),
+                             tuple(jnp.asarray(a) for a in trie.node_alive(alive)))
 
   def device(self, dense_levels: int = 1, sharding=None) -> DeviceTrie | UnionTrie:
     """The search constraint: the base tree, or the base and the delta as one."""
@@ -212,13 +218,13 @@ class LiveIndex:
     parts = []
     if self._base_trie is not None:
       emb = (self.base_ids, self.base_embeddings) if embed else None
-      parts.append(self._base_trie.to_device(dense_levels, sharding, item_embeddings=emb)
-                   .with_alive(self._alive(self._base_trie)))
+      parts.append(self._with_alive(
+          self._base_trie.to_device(dense_levels, sharding, item_embeddings=emb),
+          self._base_trie))
     if len(self.delta_ids):
       delta = VokenTrie.build(self.delta_codes, self.delta_ids, self.position_sizes)
       emb = (self.delta_ids, self.delta_embeddings) if embed else None
-      parts.append(delta.to_device(0, sharding, item_embeddings=emb)
-                   .with_alive(self._alive(delta)))
+      parts.append(self._with_alive(delta.to_device(0, sharding, item_embeddings=emb), delta))
     return parts[0] if len(parts) == 1 else UnionTrie.of(*parts)
 
   # --- persistence ----------------------------------------------------------------------------
