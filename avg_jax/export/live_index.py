@@ -102,6 +102,9 @@ class LiveIndex:
     if base_trie is None and len(self.base_ids):
       base_trie = VokenTrie.build(self.base_codes, self.base_ids, self.position_sizes)
     self._base_trie = base_trie
+    # The base's device arrays, made once per (dense_levels, sharding): a change then costs
+    # O(added) (+ an O(nodes) mask pass when images were removed), never a copy of the base.
+    self._base_device: dict = {}
 
   # --- what is indexed ------------------------------------------------------------------------
   @property
@@ -217,10 +220,12 @@ class LiveIndex:
     embed = self.base_embeddings is not None
     parts = []
     if self._base_trie is not None:
-      emb = (self.base_ids, self.base_embeddings) if embed else None
-      parts.append(self._with_alive(
-          self._base_trie.to_device(dense_levels, sharding, item_embeddings=emb),
-          self._base_trie))
+      key = (dense_levels, sharding)
+      if key not in self._base_device:
+        emb = (self.base_ids, self.base_embeddings) if embed else None
+        self._base_device[key] = self._base_trie.to_device(dense_levels, sharding,
+                                                           item_embeddings=emb)
+      parts.append(self._with_alive(self._base_device[key], self._base_trie))
     if len(self.delta_ids):
       delta = VokenTrie.build(self.delta_codes, self.delta_ids, self.position_sizes)
       emb = (self.delta_ids, self.delta_embeddings) if embed else None
