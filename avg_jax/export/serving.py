@@ -309,9 +309,9 @@ class Retriever:
     with live_lib.WriteLock(self.directory):
       live = copy.copy(self.state.live)
       live.load_changes(self.directory)
-      if len(live.live_ids()) <= len(np.unique(ids)):
+      live.remove(ids)   # on a copy: an unknown id leaves this Retriever as it was
+      if not len(live.live_ids()):
         raise UserError("remove: the index would be empty (at least one image must stay)")
-      live.remove(ids)
       live.save(self.directory)
     self.state = self._state(live)
 
