@@ -10,6 +10,11 @@ and a query longer than `max_query_chars` characters are `UserError`s naming the
 position. Queries that tokenize to more than `max_length - 1` tokens are truncated (EOS
 kept), as in training. Batches are padded to the smallest configured bucket that fits (larger
 batches are split), so each (bucket, k) compiles once.
+
+The live index (avg / rq exports): `retriever.add(images)` / `retriever.remove(ids)` change
+the indexed images without retraining (live_index.py: versions under `<export>/live`);
+`Retriever.load` reads the current version. After a change the search tree has new shapes, so
+each (bucket, k) compiles once more.
 """
 
 import copy
