@@ -9,7 +9,7 @@
     avg-jax index add|remove|list --model EXPORT ...                (the live index)
 
 Every stage is a module of avg_jax.stages with `run(config, workdir) -> None`. User errors
-(`UserError`) print one line and exit 2; `--debug` shows tracebacks.
+(`UserError`) and a full disk print one line and exit 2; `--debug` shows tracebacks.
 """
 
 import argparse
@@ -188,6 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("avg-jax: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:
+    # A full disk is the user's to fix, whichever writer met it: one line, not a traceback
+    # (the writers remove their temporary files on the way out).
+    from avg_jax.artifacts import io
+    if debug or not io.disk_full(e):
+      raise
+    where = io.failed_path(e)
+    print(f"avg-jax: error: no space left on device{': ' + where if where else ''}; free "
+          f"space and rerun", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

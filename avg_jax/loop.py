@@ -107,12 +107,18 @@ def fit(*, step_fn: Callable, state: TrainState, rng: jax.Array,
         eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: int = 0,
         stop: Optional[StopSignal] = None, desc: str = "train") -> TrainState:
   """Runs `step_fn` from `state.step` to `num_steps`, logging, checkpointing and evaluating.
+  A `state` past step 0 (restored) is announced, and `writer`'s records past it are dropped.
 
   `batches` yields device-ready batches; `data_iter` is the grain iterator behind it, saved
   with each checkpoint. Raises `TrainingDiverged` on a non-finite step and `Preempted` after
   saving when `stop` is requested or the platform signals preemption.
   """
   start = int(jax.device_get(state.step))
+  if start:
+    # Say so (a resumed run otherwise looks like a fresh one), and forget the records of the
+    # steps about to be redone so that metrics.jsonl holds each step once.
+    print(f"{desc}: resumed from step {start} ({checkpointer.directory})")
+    writer.drop_after(start)
   pending: list[tuple[int, dict]] = []
   last_log_time, last_log_step = time.perf_counter(), start
   stop = stop or StopSignal()

@@ -3,15 +3,24 @@
 Field names shared across stages: `stage`, `step` (training), `method` (evaluation: `two_tower`,
 `avg`, `avg_ltr`, `rq`, `hkmeans`, `atomic`), `split`, and metric names such as `R@1`, `R@5`,
 `R@10`, `queries_per_s`, `loss`, `learning_rate`, `grad_norm`, `examples_per_s`.
+
+A training run's records carry the fields that tell it from other runs of its stage (`run`:
+e.g. the train stage's `scheme` and `protocol`). When it resumes from a checkpoint at step N it
+calls `drop_after(N)`: its records past N (written before a crash, about to be redone) are
+removed, so the file holds each (run, step) once and readers need not de-duplicate.
 """
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
+
+from avg_jax.artifacts import io
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,23 +38,70 @@ def _plain(value: Any) -> Any:
   return value
 
 
-class MetricsWriter:
-  """Appends metric records to `<workdir>/metrics.jsonl`; only process 0 writes."""
+@contextlib.contextmanager
+def _file_lock(workdir: str) -> Iterator[None]:
+  """Excludes other writers of `metrics.jsonl` (stages of other runs on this workdir) while
+  appending or rewriting: an append into a file being replaced would be lost."""
+  directory = os.path.join(workdir, ".locks")
+  os.makedirs(directory, exist_ok=True)
+  fd = os.open(os.path.join(directory, "metrics.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
 
-  def __init__(self, workdir: str, stage: str, *, process_index: int = 0):
+
+class MetricsWriter:
+  """Appends metric records to `<workdir>/metrics.jsonl`; only process 0 writes. `run`:
+  fields added to every record that identify this run among its stage's (see `drop_after`)."""
+
+  def __init__(self, workdir: str, stage: str, *, process_index: int = 0,
+               run: Optional[Mapping[str, Any]] = None):
+    self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)
     self.stage = stage
+    self.run = dict(run or {})
     self._enabled = process_index == 0
     if self._enabled:
       os.makedirs(workdir, exist_ok=True)
 
   def write(self, **fields: Any) -> dict:
-    """Writes one record `{"stage": ..., "time": ..., **fields}` and returns it."""
-    record = {"stage": self.stage, "time": round(time.time(), 3), **_plain(fields)}
+    """Writes one record `{"stage": ..., "time": ..., **run, **fields}` and returns it."""
+    record = {"stage": self.stage, "time": round(time.time(), 3), **_plain(self.run),
+              **_plain(fields)}
     if self._enabled:
-      with open(self.path, "a", encoding="utf-8") as f:
+      with _file_lock(self.workdir), open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=False) + "\n")
     return record
+
+  def _mine(self, record: dict) -> bool:
+    return record.get("stage") == self.stage and all(
+        record.get(k) == v for k, v in _plain(self.run).items())
+
+  def drop_after(self, step: int) -> int:
+    """Removes this run's records whose `step` is past `step` (the run resumes there and
+    writes them again), rewriting the file atomically; -> how many were removed."""
+    if not self._enabled or not os.path.exists(self.path):
+      return 0
+    with _file_lock(self.workdir):
+      with open(self.path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+      kept = []
+      for line in lines:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          kept.append(line)  # not ours to judge: keep what we cannot read
+          continue
+        stale = (isinstance(record, dict) and self._mine(record)
+                 and isinstance(record.get("step"), int) and record["step"] > step)
+        if not stale:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      removed = len(lines) - len(kept)
+      if removed:
+        io.write_text(self.path, "".join(kept))
+    return removed
 
 
 def read_metrics(workdir: str) -> Iterator[dict]:

@@ -237,14 +237,25 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Evaluation ------------------------------------------------------------------------------
   c.evaluate = ml_collections.ConfigDict(dict(
-      methods=("two_tower", "avg", "avg_ltr", "rq", "hkmeans", "atomic"),
+      methods=("two_tower", "avg", "avg_ltr", "avg_hybrid", "rq", "hkmeans", "atomic"),
       protocols=("transductive", "inductive"),
       # The identifier-scheme ablations (rq, hkmeans, atomic, random) run under these protocols
       # only (each costs a tokenizer fit and a generator); avg / avg_ltr run under all.
       ablation_protocols=("transductive", "inductive"),
       recall_ks=(1, 5, 10),
+      # avg_hybrid: fusion weights tried on the validation split (the best R@1 is kept).
+      # Log-probs span a few nats and cosines [-1, 1], so useful weights reach the hundreds.
+      hybrid_weights=(0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0),
       efficiency_sizes=(1000, 10000, 100000, 1000000),
       efficiency_queries=64,
+      # Two-tower over a faiss HNSW index (avg_jax/evaluation/ann.py) at the same sizes: graph
+      # degree, build-time and search-time candidate lists (each ef_search is a point of the
+      # recall-vs-speed frontier; () skips HNSW). The efficiency table's HNSW row is the
+      # fastest setting whose recall@k against exact search reaches ann_target_recall.
+      ann_m=16,
+      ann_ef_construction=64,
+      ann_ef_search=(16, 32, 64, 128, 256),
+      ann_target_recall=0.95,
   ))
 
   # --- Export ----------------------------------------------------------------------------------
@@ -254,6 +265,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       batch_buckets=(1, 8, 32),
       max_query_chars=1000,
       thumbnail_size=256,      # longer side of the page's thumbnails in the export; 0: none
+      # Serve avg_hybrid: decode.hybrid_weight, or else the weight `evaluate` chose on
+      # validation; the export then carries the dual encoder and the images' embeddings.
+      hybrid=False,
   ))
 
   # --- Ahead-of-time TPU compile checks (`avg-jax compile`, avg_jax/aot) ---------------------

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from avg_jax import cli
 
 
@@ -39,3 +41,24 @@ def test_debug_shows_traceback(repo_root):
        "unused"], capture_output=True, text=True, cwd=repo_root, timeout=120)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip() == "avg-jax: error: config file not found: configs/nope.py"
+
+
+def test_disk_full_in_any_stage_is_one_line(repo_root, tmp_path, capsys, monkeypatch):
+  # Plain OSError (numpy, open) and a wrapper that kept only the message (orbax/tensorstore).
+  import errno
+  from avg_jax.stages import prepare
+  target = str(tmp_path / "w" / "x.npz")
+  args = ["prepare", "--config", str(repo_root / "configs/smoke.py:tiny"),
+          "--workdir", str(tmp_path / "w")]
+  for error, line in [
+      (OSError(errno.ENOSPC, "No space left on device", target), f": {target}"),
+      (ValueError("Error writing local file: [OS error 28: No space left on device]"), "")]:
+    def fail(*_, error=error):
+      raise error
+    monkeypatch.setattr(prepare, "run", fail)
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"avg-jax: error: no space left on device{line}; free space and rerun"]
+  monkeypatch.setattr(prepare, "run", lambda *_: (_ for _ in ()).throw(ValueError("other")))
+  with pytest.raises(ValueError, match="other"):
+    cli.main(args)

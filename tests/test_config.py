@@ -102,3 +102,59 @@ def test_karpathy_local_config(repo_root, tmp_path, monkeypatch):
   for arg in ("huge", "captions=0", "captions=x", "captions"):
     with pytest.raises(UserError, match=rf"karpathy_local.py: bad argument '{arg}': expected"):
       config_lib.load_config(f"configs/karpathy_local.py:{arg}")
+
+
+@pytest.mark.parametrize("command, override, key", [
+    ("train", "train.steps=-5", "train.steps"),
+    ("train", "train.steps=0", "train.steps"),
+    ("train", "train.batch_size=0", "train.batch_size"),
+    ("train", "train.learning_rate=0", "train.learning_rate"),
+    ("train", "train.learning_rate=-1e-3", "train.learning_rate"),
+    ("train", "train.warmup_fraction=1.5", "train.warmup_fraction"),
+    ("train", "train.checkpoint_every=-1", "train.checkpoint_every"),
+    ("train", "train.temperature=nan", "train.temperature"),
+    ("rank", "rank.beam_size=0", "rank.beam_size"),
+    ("export", "decode.beam_size=0", "decode.beam_size"),
+    ("export", "decode.top_k=-1", "decode.top_k"),
+    ("export", "export.batch_buckets=()", "export.batch_buckets"),
+    ("evaluate", "evaluate.recall_ks=(1, 0)", "evaluate.recall_ks"),
+    ("tokenize", "tokenizer.codebook_size=0", "tokenizer.codebook_size"),
+    ("tokenize", "tokenizer.num_levels=0", "tokenizer.num_levels"),
+    ("tokenize", "tokenizer.dropout=1.0", "tokenizer.dropout"),
+    ("tokenize", "tokenizer.hidden_dims=(64, 0)", "tokenizer.hidden_dims"),
+    ("embed", "encoder.patch_size=0", "encoder.patch_size"),
+    ("embed", "encoder.vision_heads=3", "encoder.vision_width"),
+    ("embed", "encoder_train.batch_size=-8", "encoder_train.batch_size"),
+    ("prepare", "data.num_train=0", "data.num_train"),
+    ("prepare", "data.jpeg_quality=101", "data.jpeg_quality"),
+    ("prepare", "loader.read_threads=0", "loader.read_threads"),
+    ("run", "t5.d_model=0", "t5.d_model"),
+    ("run", "distributed.process_id=1", "distributed.process_id"),
+])
+def test_bad_values_stop_every_command_before_any_work(repo_root, tmp_path, capsys, command,
+                                                       override, key):
+  from avg_jax import cli
+  workdir = tmp_path / "w"
+  rc = cli.main([command, "--config", str(repo_root / "configs/smoke.py:tiny"),
+                 "--workdir", str(workdir), f"--config.{override}"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2
+  assert len(err) == 1 and err[0].startswith(f"avg-jax: error: config key {key}: "), err
+  assert not workdir.exists()
+
+
+def test_good_edge_values_pass(repo_root):
+  # 0 where it means "none / never / only at the end", 1 for fractions and weights.
+  config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
+      "train.eval_every=0", "train.checkpoint_every=0", "train.warmup_fraction=1.0",
+      "rank.rank_weight=0.0", "train.grad_clip_norm=0.0", "encoder_train.steps=0",
+      "export.thumbnail_size=0", "tokenizer.dropout=0.0", "train.eval_max_queries=0"])
+
+
+def test_bench_and_compile_validate_too(repo_root, capsys):
+  from avg_jax import cli
+  for argv in (["bench", "train", "--quick"], ["compile", "--topology", "v5e:4x4"]):
+    rc = cli.main([*argv, "--config", str(repo_root / "configs/smoke.py:tiny"),
+                   "--config.train.batch_size=0"])
+    assert rc == 2
+    assert "config key train.batch_size: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -3,6 +3,7 @@ SIGTERM-style preemption. A linear model keeps it fast; the real stages use the 
 
 import logging
 import os
+import shutil
 
 import grain
 import jax
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 
 from avg_jax import loop
+from avg_jax.artifacts import checksums
 from avg_jax.artifacts.checkpoints import Checkpointer
 from avg_jax.errors import Preempted
 from avg_jax.loop import StopSignal
 from avg_jax.metrics import MetricsWriter, read_metrics
 from avg_jax.training import optim
+from helpers import flip_bytes, largest_file
 
 NUM_STEPS = 12
 
@@ -92,6 +95,23 @@ def test_resume_after_preemption_is_bit_identical(tmp_path):
   assert records[-1]["loss"] < records[0]["loss"]
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, capsys):
+  reference = _run(str(tmp_path / "a"))
+  crashed = tmp_path / "b"
+  _run(str(crashed))
+  # As if killed right after logging step 12 but before saving steps 8 and 12: the rerun
+  # resumes from step 4 and redoes steps 5..12.
+  for step in ("8", "12"):
+    shutil.rmtree(crashed / "ckpt" / step)
+  capsys.readouterr()
+  resumed = _run(str(crashed))
+  assert f"train: resumed from step 4 ({crashed / 'ckpt'})" in capsys.readouterr().out
+  np.testing.assert_array_equal(resumed.params["w"], reference.params["w"])
+  logged = lambda d: [(r["step"], r["loss"]) for r in read_metrics(str(d)) if "loss" in r]
+  assert logged(crashed) == logged(tmp_path / "a")  # each step once, with the same values
+  assert [s for s, _ in logged(crashed)] == [2, 4, 6, 8, 10, 12]
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   _run(str(tmp_path))
   directory = tmp_path / "ckpt"
@@ -129,3 +149,43 @@ def test_warmup_linear_schedule_by_hand():
   s = optim.warmup_linear_schedule(1.0, total_steps=10, warmup_steps=2, end_fraction=0.0)
   np.testing.assert_allclose([s(0), s(1), s(2), s(6), s(10)], [0.0, 0.5, 1.0, 0.5, 0.0],
                              atol=1e-6)
+
+
+def test_flipped_bytes_in_latest_checkpoint_fall_back_with_a_warning(tmp_path, caplog):
+  # Same size, changed contents. Random weights do not compress, so orbax stores them raw and
+  # alone restores the damaged leaf silently (checked below on a copy without the record).
+  rng = np.random.default_rng(0)
+  states = {step: {"w": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)}
+            for step in (1, 2)}
+  directory = tmp_path / "ckpt"
+  ckpt = Checkpointer(str(directory), async_save=True)
+  for step, state in states.items():
+    ckpt.save(step, state)
+  ckpt.close()
+  damaged = largest_file(directory / "2")
+  flip_bytes(damaged)
+  abstract = jax.eval_shape(lambda: states[1])
+  unchecked = tmp_path / "unchecked"
+  shutil.copytree(directory, unchecked)
+  os.remove(unchecked / "2" / checksums.NAME)
+  step, state, _ = Checkpointer(str(unchecked)).restore_latest_good(abstract)
+  assert step == 2 and not np.array_equal(state["w"], states[2]["w"])  # the silent load
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = Checkpointer(str(directory)).restore_latest_good(abstract)
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], states[1]["w"])
+  assert "cannot be restored" in caplog.text and "does not match its checksum" in caplog.text
+  assert os.path.basename(damaged) in caplog.text
+
+
+def test_async_checkpoints_get_checksums_once_committed(tmp_path):
+  schedule, tx = _optimizer()
+  state = loop.create_state({"w": jnp.ones((3,)), "b": jnp.zeros(())}, tx)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=True)
+  for step in (1, 2, 3):
+    ckpt.save(step, state)
+  ckpt.close()
+  # Step 1 was removed by keep=2; the kept ones, including the last, carry their record.
+  assert ckpt.steps() == [2, 3]
+  for step in (2, 3):
+    assert checksums.verify(str(tmp_path / "ckpt" / str(step))) == ""

@@ -5,6 +5,11 @@ explicit init checkpoint, then from scratch. A latest checkpoint that cannot be 
 (corrupt or half-written) is skipped with a warning naming it, and the previous good one is
 used. Orbax writes each step into a temporary directory and renames it when complete, so a
 process killed mid-save leaves no step that looks finished.
+
+Each committed step (and the final parameters) carries `checksums.json`
+(avg_jax/artifacts/checksums.py); a step whose bytes changed since is skipped like an
+unreadable one, and final parameters that changed are an error naming the file. A step
+committed just before a crash may lack the record: it is restored unverified (logged).
 """
 
 import logging
@@ -16,6 +21,7 @@ import grain
 import orbax.checkpoint as ocp
 
 from avg_jax import processes
+from avg_jax.artifacts import checksums
 from avg_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,24 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unrecorded: list[int] = []
+
+  def _record_committed(self) -> None:
+    """Writes the checksums of the steps saved since the last call, once orbax committed them.
+
+    Hooked where the save is known complete (the start of the next `save`, `wait`, `close`)
+    rather than into orbax's `post_finalization_callback`: that callback does not say which
+    step it finished and is refused for synchronous saving; and orbax's own `save` waits for
+    the previous save first, so waiting here costs no overlap of saving with training.
+    """
+    self.manager.wait_until_finished()
+    pending, self._unrecorded = self._unrecorded, []
+    if not processes.is_main():
+      return
+    for step in pending:
+      path = os.path.join(self.directory, str(step))
+      if os.path.isdir(path):  # else already removed by max_to_keep
+        checksums.write(path)
 
   def save(self, step: int, state: Any, *, data_iter: Any = None,
            metadata: Optional[dict] = None, force: bool = True) -> None:
@@ -38,7 +62,9 @@ class Checkpointer:
              "metadata": ocp.args.JsonSave(dict(metadata or {}, step=int(step)))}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    self._record_committed()
+    if self.manager.save(int(step), args=ocp.args.Composite(**items), force=force):
+      self._unrecorded.append(int(step))
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -48,7 +74,16 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def restore(self, step: int, abstract_state: Any, *, data_iter: Any = None) -> tuple[Any, dict]:
-    """Restores `(state, metadata)` at `step`; `data_iter` is restored in place."""
+    """Restores `(state, metadata)` at `step`; `data_iter` is restored in place. Raises
+    `UserError` when the step's files changed since they were written."""
+    path = os.path.join(self.directory, str(step))
+    if checksums.has_record(path):
+      problem = checksums.verify(path)
+      if problem:
+        raise UserError(problem)
+    else:
+      log.info("checkpoint %s has no %s (saved just before a crash, or by an older avg-jax); "
+               "restoring it unverified", path, checksums.NAME)
     items = {"state": ocp.args.StandardRestore(abstract_state),
              "metadata": ocp.args.JsonRestore()}
     if data_iter is not None:
@@ -96,10 +131,10 @@ class Checkpointer:
     return self.manager.reached_preemption(int(step))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._record_committed()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self._record_committed()
     self.manager.close()
 
 
@@ -110,6 +145,9 @@ def save_params(directory: str, params: Any) -> None:
   checkpointer.save(os.path.abspath(directory), params, force=True)
   checkpointer.wait_until_finished()
   checkpointer.close()
+  if processes.is_main():
+    checksums.write(os.path.abspath(directory))
+  processes.barrier(f"checksums of {directory}")
 
 
 def load_params(directory: str, abstract_params: Any) -> Any:
@@ -117,6 +155,10 @@ def load_params(directory: str, abstract_params: Any) -> Any:
   `jax.ShapeDtypeStruct`s with the target shardings."""
   if not os.path.isdir(directory):
     raise UserError(f"parameters not found: {directory}")
+  # Parameters saved by an older avg-jax have no record and load unverified.
+  problem = checksums.verify(directory) if checksums.has_record(directory) else ""
+  if problem:
+    raise UserError(f"parameters damaged: {problem}")
   checkpointer = ocp.StandardCheckpointer()
   try:
     return checkpointer.restore(os.path.abspath(directory), abstract_params)

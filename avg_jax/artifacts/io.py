@@ -8,6 +8,7 @@ an abandoned one from a live one: `remove_stale_temps`) and moved into place (`r
 """
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -15,7 +16,8 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+import zipfile
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -77,17 +79,65 @@ def read_json(path: str) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
-def read_npz(path: str, names: Sequence[str], *, remedy: str = "") -> dict[str, np.ndarray]:
-  """The arrays `names` of the `.npz` at `path`, read into memory; a one-line `UserError`
-  naming the file (and the missing array), with `remedy` appended, when it cannot be read."""
+def read_npz(path: str, names: Optional[Sequence[str]] = None, *,
+             remedy: str = "") -> dict[str, np.ndarray]:
+  """The arrays `names` (default: all) of the `.npz` at `path`, read into memory; a one-line
+  `UserError` naming the file (and the missing array), with `remedy` appended, when it is
+  missing or cannot be read (a truncated file is a `BadZipFile`)."""
   suffix = f"; {remedy}" if remedy else ""
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing{suffix}")
   try:
     with np.load(path, allow_pickle=False) as f:
-      return {name: f[name] for name in names}
+      return {name: f[name] for name in (f.files if names is None else names)}
   except KeyError as e:
     raise UserError(f"{path}: missing array {e.args[0]}{suffix}") from e
-  except (OSError, ValueError, EOFError) as e:
-    raise UserError(f"{path}: cannot read ({e}){suffix}") from e
+  except READ_ERRORS as e:
+    raise UserError(f"{path}: cannot read ({type(e).__name__}: {_first_line(e)}){suffix}") from e
+
+
+def read_npy(path: str, *, remedy: str = "") -> np.ndarray:
+  """The array in the `.npy` at `path`; a one-line `UserError` like `read_npz`'s."""
+  suffix = f"; {remedy}" if remedy else ""
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing{suffix}")
+  try:
+    return np.load(path, allow_pickle=False)
+  except READ_ERRORS as e:
+    raise UserError(f"{path}: cannot read ({type(e).__name__}: {_first_line(e)}){suffix}") from e
+
+
+# What numpy raises for a damaged .npy/.npz: truncated zip members and headers, bad pickles.
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+def _first_line(e: BaseException) -> str:
+  return str(e).splitlines()[0][:200] if str(e) else ""
+
+
+def _chain(e: Optional[BaseException]) -> Iterator[BaseException]:
+  """`e` and the exceptions it was raised from or during, outermost first."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException) -> bool:
+  """Whether `e` (or an exception it was raised from) is "no space left on device": an
+  `OSError` with ENOSPC (or EDQUOT, a full quota), or a wrapped one that kept only the message
+  (orbax's and tensorstore's)."""
+  return any((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
+             or "No space left on device" in str(x) or "ENOSPC" in str(x) for x in _chain(e))
+
+
+def failed_path(e: BaseException) -> str:
+  """The file name of the first `OSError` in `e`'s chain that has one, else ""."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.filename:
+      return str(x.filename)
+  return ""
 
 
 def file_sha256(path: str) -> str:

@@ -45,34 +45,41 @@ def write(directory: str, vocab: VokenVocabulary, table: Table, codebook: np.nda
   io.write_json(os.path.join(directory, SUMMARY), summary)
 
 
-def read(directory: str) -> tuple[VokenVocabulary, Table, np.ndarray, dict]:
+def read(directory: str, remedy: str = "") -> tuple[VokenVocabulary, Table, np.ndarray, dict]:
   """`(vocab, {split: (image_ids int64[N], codes int32[N, P])}, codebook [V, e_dim], summary)`
-  of the files in `directory`, checked against the vocabulary (raises on damage)."""
+  of the files in `directory`, checked against the vocabulary: a missing or damaged file is a
+  one-line `UserError` naming it, with `remedy` appended."""
+  suffix = f"; {remedy}" if remedy else ""
   vocab_dict = io.read_json(os.path.join(directory, VOCAB))
   summary = io.read_json(os.path.join(directory, SUMMARY))
   if vocab_dict is None or summary is None:
-    raise UserError(f"{directory}: {VOCAB} or {SUMMARY} is missing or unreadable")
+    raise UserError(f"{directory}: {VOCAB} or {SUMMARY} is missing or unreadable{suffix}")
   vocab = VokenVocabulary.from_dict(vocab_dict)
+  path = os.path.join(directory, VOKEN_TABLE)
+  arrays = io.read_npz(path, remedy=remedy)
   table = {}
-  with np.load(os.path.join(directory, VOKEN_TABLE)) as f:
-    for key in f.files:
-      if key.endswith("_image_ids"):
-        split = key[:-len("_image_ids")]
-        codes = vocab.validate_codes(f[f"{split}_codes"], f"{directory}/{VOKEN_TABLE} {split}")
-        table[split] = (f[key].astype(np.int64), codes)
-  codebook = np.load(os.path.join(directory, CODEBOOK))
+  for key in arrays:
+    if key.endswith("_image_ids"):
+      split = key[:-len("_image_ids")]
+      if f"{split}_codes" not in arrays:
+        raise UserError(f"{path}: missing array {split}_codes{suffix}")
+      codes = vocab.validate_codes(arrays[f"{split}_codes"], f"{path} {split}")
+      table[split] = (arrays[key].astype(np.int64), codes)
+  codebook = io.read_npy(os.path.join(directory, CODEBOOK), remedy=remedy)
   return vocab, table, codebook, summary
 
 
 def load(workdir: str, name: str) -> tuple[VokenVocabulary, Table, np.ndarray]:
   """`(vocab, table, codebook)` of the complete voken table `name` of `workdir`."""
   directory = paths.tokenizer_dir(workdir, name)
+  scheme, pseudo = name.removesuffix(PSEUDO_SUFFIX), name.endswith(PSEUDO_SUFFIX)
+  flags = f"--config.tokenizer.scheme={scheme}" + (
+      " --config.protocol=transductive" if pseudo else "")
   if not fingerprint.is_complete(directory):
-    scheme, pseudo = name.removesuffix(PSEUDO_SUFFIX), name.endswith(PSEUDO_SUFFIX)
     raise UserError(f"no complete voken table in {directory}; run `avg-jax tokenize` with "
-                    f"--config.tokenizer.scheme={scheme}"
-                    + (" --config.protocol=transductive" if pseudo else "") + " first")
-  return read(directory)[:3]
+                    f"{flags} first")
+  # Rerunning tokenize redoes a damaged output (its up-to-date check reads these files).
+  return read(directory, f"rerun `avg-jax tokenize` with {flags}")[:3]
 
 
 def load_summary(workdir: str, name: str) -> dict:

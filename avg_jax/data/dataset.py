@@ -50,11 +50,26 @@ def records_in(builder_dir: str, split: str) -> Any:
   return tfds.builder_from_directory(builder_dir).as_data_source(split)
 
 
+def check_files(workdir: str, info: dict) -> None:
+  """Every file `prepare` wrote is there with the size it was written with: a truncated
+  ArrayRecord file otherwise fails deep inside grain's readers (a Riegeli RuntimeError).
+  Sizes only (a stat per file), so opening a source stays cheap."""
+  out_dir = paths.prepared_dir(workdir)
+  for rel, size in sorted(info.get("files", {}).items()):
+    path = os.path.join(out_dir, rel)
+    if not os.path.isfile(path):
+      raise UserError(f"{path} is missing; rerun `avg-jax prepare` (it rewrites it)")
+    if os.path.getsize(path) != size:
+      raise UserError(f"{path} has {os.path.getsize(path)} bytes, {size} were written "
+                      f"(damaged); rerun `avg-jax prepare` (it rewrites it)")
+
+
 def record_source(workdir: str, split: str) -> Any:
   """The raw TFDS data source of a split: records with `image` still PNG/JPEG bytes and text
-  fields as bytes. Random access, picklable."""
+  fields as bytes. Random access, picklable. Damaged prepared files are `UserError`s."""
   info = load_info(workdir)
   _check_split(info, split, workdir)
+  check_files(workdir, info)
   return records_in(os.path.join(paths.prepared_dir(workdir), info["tfds_dir"]), split)
 
 

@@ -271,8 +271,9 @@ class VokenTrie:
         codes = tuple(data[f"codes_{l}"].astype(np.int32) for l in range(len(sizes)))
         trie = cls(sizes, offsets, codes, data["leaf_item_offsets"].astype(np.int32),
                    data["leaf_items"].astype(np.int64))
-    except (KeyError, ValueError, OSError) as e:
-      raise UserError(f"voken trie {path}: unreadable ({e})") from e
+    except (KeyError, *io.READ_ERRORS) as e:  # a truncated file is a zipfile.BadZipFile
+      raise UserError(f"voken trie {path}: unreadable ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
     trie.check()
     return trie
 

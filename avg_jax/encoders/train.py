@@ -90,7 +90,6 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, t
   restored = checkpointer.restore_latest_good(partitioning.abstract(state, shardings),
                                               data_iter=data_iter)
   if restored is not None:
-    log.info("embed: resuming encoder training at step %d", restored[0])
     state = restored[1]
 
   def batches():

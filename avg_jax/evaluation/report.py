@@ -8,6 +8,8 @@
   vs_two_tower: {protocol: {method: {"R@1": {"diff", "ci95"}, ...}}} paired difference to the
                two-tower baseline over the same queries, points, 95 % bootstrap interval
   efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
+  hybrid:      {protocol: {"weight": w, "validation": [{"weight", "R@1", ...}]}} (avg_hybrid)
+  ann_frontier: [{"num_items", "ef_search", "queries_per_s", "recall_at_k", ...}] (HNSW)
   codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
   collisions:  {scheme: {split: rate}}
 """
@@ -87,6 +89,41 @@ def plot_efficiency(efficiency: dict, path: str, cross: Optional[float]) -> None
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_ann_frontier(frontier: list[dict], efficiency: dict, path: str) -> None:
+  """Recall@k against exact search vs queries/s of the HNSW two-tower, one line per N (its
+  points: the ef_search values), with AVG's queries/s at each N as vertical marks."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  sizes = sorted({r["num_items"] for r in frontier})
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, n in enumerate(sizes):
+    rows = sorted((r for r in frontier if r["num_items"] == n), key=lambda r: r["ef_search"])
+    color = colors[i % len(colors)]
+    ax.plot([r["queries_per_s"] for r in rows], [r["recall_at_k"] for r in rows], "o-",
+            color=color, label=f"HNSW N={n:,}")
+    for method, style in (("avg", ":"), ("avg_hybrid", "--")):
+      q = [r["queries_per_s"] for r in efficiency.get(method, []) if r["num_items"] == n]
+      if q:
+        ax.axvline(q[0], color=color, ls=style, lw=1)
+  ax.set_xscale("log")
+  ax.set_xlabel("queries / s (text encoding included)")
+  ax.set_ylabel(f"recall@{frontier[0]['k']} vs exact search")
+  ax.set_title("Two-tower HNSW frontier (dotted: AVG, dashed: avg_hybrid)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _markdown_frontier(frontier: list[dict]) -> list[str]:
+  out = ["| N | ef_search | queries/s | search-only q/s | recall@k vs exact | build s | "
+         "index MB |", "|---|---|---|---|---|---|---|"]
+  for r in sorted(frontier, key=lambda r: (r["num_items"], r["ef_search"])):
+    out.append(f"| {r['num_items']:,} | {r['ef_search']} | {r['queries_per_s']:.1f} | "
+               f"{r['search_only_queries_per_s']:.1f} | {r['recall_at_k']:.3f} | "
+               f"{r['build_s']:.1f} | {r['index_bytes'] / 2**20:.1f} |")
+  return out + [""]
 
 
 def plot_codebook(codebook: dict, path: str) -> None:
@@ -177,6 +214,20 @@ def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
   return out
 
 
+def _markdown_hybrid(hybrid: dict) -> list[str]:
+  """avg_hybrid's weight per protocol and the validation Recall@K of every weight tried."""
+  out = ["## avg_hybrid: fusion weight chosen on validation", "",
+         "score = generative log-prob + weight x dual-encoder cosine over avg_ltr's beam; the "
+         "weight with the best validation R@1 is used on test.", ""]
+  for protocol, h in hybrid.items():
+    out += [f"### {protocol} (chosen: {h['weight']:g})", "",
+            "| weight | " + " | ".join(RECALL_KEYS) + " |", "|---" * (len(RECALL_KEYS) + 1) + "|"]
+    out += [f"| {row['weight']:g} | " + " | ".join(f"{row[k]:.1f}" for k in RECALL_KEYS) + " |"
+            for row in h["validation"]]
+    out.append("")
+  return out
+
+
 def write_report(results: dict, directory: str) -> str:
   """Writes `report.md` and its PNG plots into `directory`; returns the report path."""
   os.makedirs(directory, exist_ok=True)
@@ -192,6 +243,8 @@ def write_report(results: dict, directory: str) -> str:
     md += _markdown_recall(results["recall"], results.get("saw_pseudo_queries", {}),
                            results.get("vs_two_tower", {}))
     md += ["![recall](recall.png)", ""]
+  if results.get("hybrid"):
+    md += _markdown_hybrid(results["hybrid"])
   if results.get("efficiency"):
     plot_efficiency(results["efficiency"], os.path.join(directory, "efficiency.png"),
                     results.get("crossover"))
@@ -199,6 +252,14 @@ def write_report(results: dict, directory: str) -> str:
            summary_table({"efficiency": results["efficiency"],
                           "crossover": results.get("crossover")}), "```", "",
            "![efficiency](efficiency.png)", ""]
+  if results.get("ann_frontier"):
+    plot_ann_frontier(results["ann_frontier"], results.get("efficiency", {}),
+                      os.path.join(directory, "ann_frontier.png"))
+    md += ["## Two-tower with an approximate index (faiss HNSW)", "",
+           "The efficiency table's `two_tower_hnsw` row is, per N, the fastest ef_search whose "
+           "recall against exact search reaches the target (evaluate.ann_target_recall).", ""]
+    md += _markdown_frontier(results["ann_frontier"])
+    md += ["![ann frontier](ann_frontier.png)", ""]
   if results.get("codebook"):
     plot_codebook(results["codebook"], os.path.join(directory, "codebook.png"))
     md += ["## Codebook usage", "", "![codebook](codebook.png)", ""]

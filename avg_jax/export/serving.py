@@ -19,6 +19,7 @@ each (bucket, k) compiles once more.
 
 import copy
 import dataclasses
+import logging
 import os
 import shutil
 from typing import Any, Sequence
@@ -30,7 +31,7 @@ import orbax.checkpoint as ocp
 
 import avg_jax
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import exports, io
+from avg_jax.artifacts import checksums, exports, io
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.config import DecodeConfig
@@ -45,6 +46,9 @@ from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.progress import progress
 from avg_jax.vokens import VokenVocabulary
+
+log = logging.getLogger(__name__)
+
 
 def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
                  image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
@@ -74,48 +78,75 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
   processes.barrier("export: temp folder ready")
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
-  stored = jax.tree.map(lambda x: x.astype(dtype), params)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(tmp, exports.PARAMS), stored)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  if writer:
-    codes = np.asarray(codes)
-    trie = VokenTrie.build(codes, image_ids,
-                           position_sizes=vocab.position_sizes()[:codes.shape[1]])
-    trie.save(os.path.join(tmp, exports.TRIE))
-    exports.write_table(tmp, image_ids, codes, file_names)
-    io.write_bytes(os.path.join(tmp, exports.TOKENIZER), tokenizer.model_proto)
-    io.write_json(os.path.join(tmp, exports.CONFIG), config, sort_keys=True)
-    if gallery is not None:
-      gallery_lib.write(tmp, *gallery)
-    if dual_encoder is not None:
-      source, emb_ids, emb = dual_encoder
-      store.copy_encoder(source, os.path.join(tmp, exports.DUAL_ENCODER))
-      if emb is not None:
-        exports.write_image_embeddings(tmp, emb_ids, emb)
-    if image_tokenizer is not None:
-      image_tokenizer_lib.save(os.path.join(tmp, exports.IMAGE_TOKENIZER), *image_tokenizer)
-    exports.write_manifest(tmp, {
-        "avg_jax_version": avg_jax.__version__, "scheme": scheme, "source_stage": source_stage,
-        "param_dtype": param_dtype, "config_hash": config_hash,
-        "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg),
-        "vocab": vocab.to_dict(), "decode": dict(decode), "limits": dict(limits),
-        **({"live": dict(live)} if live is not None else {}),
-    })
-    io.replace_dir(tmp, directory)
+  try:
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
+    stored = jax.tree.map(lambda x: x.astype(dtype), params)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      checkpointer.save(os.path.join(tmp, exports.PARAMS), stored)
+      checkpointer.wait_until_finished()
+    finally:
+      checkpointer.close()
+    if writer:
+      codes = np.asarray(codes)
+      trie = VokenTrie.build(codes, image_ids,
+                             position_sizes=vocab.position_sizes()[:codes.shape[1]])
+      trie.save(os.path.join(tmp, exports.TRIE))
+      exports.write_table(tmp, image_ids, codes, file_names)
+      io.write_bytes(os.path.join(tmp, exports.TOKENIZER), tokenizer.model_proto)
+      io.write_json(os.path.join(tmp, exports.CONFIG), config, sort_keys=True)
+      if gallery is not None:
+        gallery_lib.write(tmp, *gallery)
+      if dual_encoder is not None:
+        source, emb_ids, emb = dual_encoder
+        store.copy_encoder(source, os.path.join(tmp, exports.DUAL_ENCODER))
+        if emb is not None:
+          exports.write_image_embeddings(tmp, emb_ids, emb)
+      if image_tokenizer is not None:
+        image_tokenizer_lib.save(os.path.join(tmp, exports.IMAGE_TOKENIZER), *image_tokenizer)
+      exports.write_manifest(tmp, {
+          "avg_jax_version": avg_jax.__version__, "scheme": scheme,
+          "source_stage": source_stage, "param_dtype": param_dtype, "config_hash": config_hash,
+          "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg),
+          "vocab": vocab.to_dict(), "decode": dict(decode), "limits": dict(limits),
+          **({"live": dict(live)} if live is not None else {}),
+      })
+      checksums.write(tmp)  # last: the record of every file, manifest included
+      io.replace_dir(tmp, directory)
+  except BaseException as e:
+    # Whatever stopped it (a full disk, Ctrl-C), the half-written folder goes: on a full
+    # disk it holds the space the user must free.
+    if writer:
+      shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, Exception) and io.disk_full(e):
+      raise UserError(f"export: no space left on device writing {directory}; free space and "
+                      f"rerun") from e
+    raise
   processes.barrier("export: written")
 
 
-def check_files(directory: str) -> None:
-  """Every part of the export is present and the small parts parse (`UserError` otherwise)."""
+def check_files(directory: str, *, require_checksums: bool = True) -> None:
+  """Every part of the export is present, has the bytes it was written with, and the small
+  parts parse (`UserError` otherwise). Reads every file once (see avg_jax/artifacts/
+  checksums.py for the cost). An export without `checksums.json` (written by an older
+  avg-jax) is an error unless `require_checksums` is False (then it is loaded unverified,
+  with a warning)."""
   for name in (exports.PARAMS, exports.TRIE, exports.TABLE, exports.TOKENIZER):
     if not os.path.exists(os.path.join(directory, name)):
-      raise UserError(f"serving checkpoint {directory} is missing {name}")
-  VokenTrie.load(os.path.join(directory, exports.TRIE))
-  TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
-  exports.read_table(directory)
+      raise UserError(f"serving checkpoint {directory} is missing {name}; export again")
+  if checksums.has_record(directory) or require_checksums:
+    problem = checksums.verify(directory)
+    if problem:
+      raise UserError(f"damaged export: {problem}; export again")
+  else:
+    log.warning("%s has no %s (exported by an older avg-jax): its files are not verified; "
+                "export again to add it", directory, checksums.NAME)
+  try:
+    VokenTrie.load(os.path.join(directory, exports.TRIE))
+    TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
+    exports.read_table(directory)
+  except UserError as e:
+    raise UserError(f"{e}; export again") from e
 
 
 def _one_device_mesh():
@@ -173,11 +204,24 @@ class Retriever:
     return self.decode.beam_size
 
   @classmethod
-  def load(cls, directory: str) -> "Retriever":
+  def load(cls, directory: str, *, hybrid_weight: float | None = None) -> "Retriever":
     """Reads a folder written by `avg-jax export` and its live changes (the version
-    `live/CURRENT` names); damaged files are `UserError`s."""
+    `live/CURRENT` names); damaged files are `UserError`s.
+
+    `hybrid_weight`: serve avg_hybrid with this fusion weight (instead of the export's own
+    setting); the export must carry the dual encoder (`export.hybrid` or the similarity
+    tie-break)."""
     manifest = exports.read_manifest(directory)
-    check_files(directory)
+    check_files(directory, require_checksums=False)
+    if hybrid_weight is not None:
+      # avg / rq exports carry the encoder for live adds; avg_hybrid also needs the indexed
+      # images' embeddings.
+      if not os.path.isfile(os.path.join(directory, exports.DUAL_ENCODER,
+                                         exports.IMAGE_EMBEDDINGS)):
+        raise UserError(f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
+                        f"export it with --config.export.hybrid=true")
+      manifest = dict(manifest, decode=dict(manifest["decode"],
+                                            hybrid_weight=float(hybrid_weight)))
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
     shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))

@@ -7,7 +7,8 @@ artifacts, avg_jax/artifacts), wires the libraries below (data, encoders, tokeni
 decoding, training, evaluation, export) and writes its own output folder with a fingerprint.
 Libraries never import a stage; a stage may run an earlier one (evaluate runs the tokenize,
 train and rank stages of its ablations). `avg-jax STAGE` and `avg-jax run` call them
-(avg_jax/cli.py).
+(avg_jax/cli.py). One run owns a stage of a workdir at a time (avg_jax/artifacts/locks.py): a
+second one stops with the owner named.
 """
 
 PIPELINE = ("prepare", "embed", "tokenize", "train", "rank", "evaluate", "export")

@@ -26,7 +26,7 @@ import ml_collections
 
 from avg_jax import config as config_lib
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import embeddings, fingerprint, paths
+from avg_jax.artifacts import embeddings, fingerprint, locks, paths
 from avg_jax.data import dataset
 from avg_jax.encoders import extract, store
 from avg_jax.evaluation import two_tower
@@ -62,6 +62,7 @@ def _already_evaluated(workdir: str) -> bool:
              and r.get("split") == "test" for r in read_metrics(workdir))
 
 
+@locks.holding("embed")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Builds or loads the encoder, writes missing embeddings, reports two-tower Recall@K."""
   info = dataset.load_info(workdir)

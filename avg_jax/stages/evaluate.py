@@ -1,7 +1,9 @@
 """`avg-jax evaluate`: Recall@K of every method on the test split, efficiency vs N, report.
 
 Methods (`evaluate.methods`): `two_tower` (the dual encoder, brute force), `avg` (generative
-only), `avg_ltr` (after learning to rank), and the identifier-scheme ablations `rq`,
+only), `avg_ltr` (after learning to rank), `avg_hybrid` (avg_ltr's beam re-ranked by
+log-prob + weight x dual-encoder similarity, the weight chosen on validation among
+`evaluate.hybrid_weights`), and the identifier-scheme ablations `rq`,
 `hkmeans`, `atomic` (and `random`), each with its own generator: their tokenize, train (and
 rank) stages run here when missing. Every method is evaluated under each protocol of
 `evaluate.protocols` ("transductive": generators trained on the indexed images' pseudo
@@ -20,12 +22,12 @@ import ml_collections
 
 import avg_jax
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import embeddings, fingerprint, io, paths, voken_tables
+from avg_jax.artifacts import embeddings, fingerprint, io, locks, paths, voken_tables
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.encoders import store
 from avg_jax.errors import UserError
-from avg_jax.evaluation import avg_eval, efficiency, report, two_tower
+from avg_jax.evaluation import avg_eval, efficiency, hybrid, report, two_tower
 from avg_jax.evaluation import recall as recall_lib
 from avg_jax.metrics import MetricsWriter
 from avg_jax.stages import rank, tokenize, train
@@ -63,14 +65,49 @@ def method_plan(methods) -> list[tuple[str, str, str]]:
   for m in methods:
     if m == "two_tower":
       continue
-    if m == "avg_ltr":
+    if m in ("avg_ltr", "avg_hybrid"):
       plan.append((m, "avg", "rank"))
     elif m in SCHEMES:
       plan.append((m, m, "train"))
     else:
       raise UserError(f"config evaluate.methods: unknown method {m!r} (known: two_tower, "
-                      f"avg_ltr, {', '.join(SCHEMES)})")
+                      f"avg_ltr, avg_hybrid, {', '.join(SCHEMES)})")
   return plan
+
+
+def with_hybrid_weight(config: ml_collections.ConfigDict, weight: float | None
+                       ) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.decode.hybrid_weight = None if weight is None else float(weight)
+  c.lock()
+  return c
+
+
+def choose_hybrid_weight(config, workdir: str, scheme: str, stage: str, protocol: str
+                         ) -> tuple[float, list[dict]]:
+  """avg_hybrid's fusion weight, chosen on the validation split: one plain search keeps each
+  query's whole beam, every weight of `evaluate.hybrid_weights` re-ranks it (evaluation/
+  hybrid.py). -> (weight, `[{"weight", "R@1", ...}]`)."""
+  weights = [float(w) for w in config.evaluate.hybrid_weights]
+  if not weights:
+    raise UserError("config evaluate.hybrid_weights is empty (avg_hybrid chooses among them)")
+  plain = with_hybrid_weight(config, None)
+  beam = avg_eval.eval_decode(plain).beam
+  c = ml_collections.ConfigDict(plain.to_dict())
+  c.decode.top_k = beam  # the whole beam, as the hybrid search re-ranks it
+  c.lock()
+  gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage, protocol)
+  m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "val")
+  val = embeddings.load(workdir, "val")
+  ids = m["_results"]["item_ids"]
+  sim = hybrid.candidate_similarities(ids, val["caption_emb"], val["image_ids"],
+                                      val["image_emb"])
+  weight, table = hybrid.choose_weight(ids, m["_results"]["scores"], sim, m["_true_ids"],
+                                       weights, tuple(int(k) for k in config.evaluate.recall_ks))
+  print(f"evaluate: avg_hybrid ({protocol}) weight {weight:g} chosen on validation "
+        f"(R@1 {max(r['R@1'] for r in table):.1f}; plain {table[0]['R@1']:.1f} at weight "
+        f"{table[0]['weight']:g})")
+  return weight, table
 
 
 def _results_load(directory: str) -> str:
@@ -82,6 +119,7 @@ def _results_load(directory: str) -> str:
   return ""
 
 
+@locks.holding("evaluate")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   directory = paths.evaluate_dir(workdir)
   # Results depend on every stage's config: made from the whole config, redone when it changes.
@@ -122,10 +160,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if baseline is not None:
       recall["two_tower"], seen["two_tower"] = dict(baseline), False
     for method, scheme, stage in plan:
-      if method not in ("avg", "avg_ltr") and protocol not in ablation_protocols:
+      if method not in ("avg", "avg_ltr", "avg_hybrid") and protocol not in ablation_protocols:
         continue
       ensure_generator(config, workdir, scheme, stage, protocol)
       c = with_scheme(config, scheme, protocol)
+      if method == "avg_hybrid":
+        weight, table = choose_hybrid_weight(c, workdir, scheme, stage, protocol)
+        results.setdefault("hybrid", {})[protocol] = {"weight": weight, "validation": table}
+        c = with_hybrid_weight(c, weight)
       gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage,
                                                              protocol)
       m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
@@ -164,10 +206,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         gen, params, shardings, gmesh, c, inputs, sizes,
         query_emb=test_emb["caption_emb"][:n_q] if similarity else None,
         image_emb=test_emb["image_emb"] if similarity else None, encode_s_per_query=encode_s)
+    chosen = results.get("hybrid", {}).get(str(c.protocol))
+    if chosen is not None:
+      # The same search re-ranking its beam: the generator's parameters do not change its cost.
+      results["efficiency"]["avg_hybrid"] = efficiency.avg_queries_per_s(
+          gen, params, shardings, gmesh, with_hybrid_weight(c, chosen["weight"]), inputs, sizes,
+          query_emb=test_emb["caption_emb"][:n_q], image_emb=test_emb["image_emb"],
+          encode_s_per_query=encode_s)
     results["efficiency"]["two_tower"] = efficiency.two_tower_queries_per_s(
         encoder, mesh, texts[:n_q], test_emb["caption_emb"][:n_q], sizes,
         k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
         encode_s_per_query=encode_s)
+    ef_search = tuple(int(e) for e in config.evaluate.ann_ef_search)
+    if ef_search:
+      frontier = efficiency.ann_queries_per_s(
+          test_emb["image_emb"], test_emb["caption_emb"][:n_q], sizes,
+          k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
+          m=int(config.evaluate.ann_m), ef_construction=int(config.evaluate.ann_ef_construction),
+          ef_search=ef_search, encode_s_per_query=encode_s)
+      results["ann_frontier"] = frontier
+      results["efficiency"]["two_tower_hnsw"] = efficiency.fastest_at_recall(
+          frontier, float(config.evaluate.ann_target_recall))
     for method, rows in results["efficiency"].items():
       for r in rows:
         writer.write(method=method, split="efficiency", **r)

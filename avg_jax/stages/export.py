@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
 from avg_jax import processes
-from avg_jax.artifacts import embeddings, exports, fingerprint, paths
+from avg_jax.artifacts import embeddings, exports, fingerprint, io, locks, paths
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -108,7 +108,28 @@ def _live_parts(config: ConfigDict, workdir: str, gen, splits, index_ids: np.nda
   return (cfg, params, batch_stats), live
 
 
+def hybrid_config(config: ConfigDict, workdir: str) -> ConfigDict:
+  """`config` with the avg_hybrid fusion weight in `decode.hybrid_weight` when
+  `export.hybrid` is on: the config's own weight, else the one `evaluate` chose on validation
+  for this protocol."""
+  if not config.export.hybrid:
+    return config
+  weight = config.decode.hybrid_weight
+  if weight is None:
+    results = io.read_json(os.path.join(paths.evaluate_dir(workdir), "metrics.json")) or {}
+    weight = results.get("hybrid", {}).get(str(config.protocol), {}).get("weight")
+    if weight is None:
+      raise UserError("config export.hybrid: no fusion weight; set decode.hybrid_weight or run "
+                      "`avg-jax evaluate` with avg_hybrid in evaluate.methods first")
+  c = ConfigDict(config.to_dict())
+  c.decode.hybrid_weight = float(weight)
+  c.lock()
+  return c
+
+
+@locks.holding("export")
 def run(config: ConfigDict, workdir: str) -> None:
+  config = hybrid_config(config, workdir)
   scheme = config.tokenizer.scheme
   protocol = str(config.protocol)
   stage = ("rank" if os.path.isdir(state_lib.params_dir(workdir, scheme, protocol, "rank"))
@@ -162,4 +183,6 @@ def run(config: ConfigDict, workdir: str) -> None:
       scheme=scheme, source_stage=stage, num_images=int(len(index_ids)))
   if processes.is_main():
     print(f"export: wrote {directory} ({scheme}, {protocol}, {stage} parameters, "
-          f"{len(index_ids)} images indexed, tie-break {gen.decode.tie_break})")
+          f"{len(index_ids)} images indexed, tie-break {gen.decode.tie_break}"
+          + (f", avg_hybrid weight {gen.decode.hybrid_weight:g})" if gen.decode.hybrid_weight
+             is not None else ")"))

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from avg_jax import processes
-from avg_jax.artifacts import fingerprint, io, paths
+from avg_jax.artifacts import fingerprint, io, locks, paths
 from avg_jax.data import builders, prepared
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
@@ -73,6 +73,7 @@ def _finish(workdir: str, out: fingerprint.Output, config: Any, source: builders
   return info
 
 
+@locks.holding("prepare")
 def run(config: Any, workdir: str, *, process_index: int | None = None,
         process_count: int | None = None) -> None:
   """The prepare stage (see the module docstring). `process_index` / `process_count` default

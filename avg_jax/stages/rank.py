@@ -10,7 +10,7 @@ import jax
 from ml_collections import ConfigDict
 
 from avg_jax import partitioning
-from avg_jax.artifacts import paths
+from avg_jax.artifacts import locks, paths
 from avg_jax.metrics import MetricsWriter
 from avg_jax.stages.train import eval_fn_for
 from avg_jax.training import examples, generative, ltr
@@ -21,6 +21,7 @@ def run(config: ConfigDict, workdir: str) -> None:
   rank_generator(config, workdir, config.tokenizer.scheme)
 
 
+@locks.holding("rank")
 def rank_generator(config: ConfigDict, workdir: str, scheme: str,
                    protocol: str | None = None) -> None:
   """Fine-tunes the finished generator of `scheme` under `protocol` (default
@@ -52,7 +53,8 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str,
   trained = state_lib.train_to(
       out.directory, steps=options.steps, state=state, step_fn_for=step_fn_for,
       data_iter=data_iter, mesh=mesh, rng=rng,
-      writer=MetricsWriter(workdir, "rank", process_index=jax.process_index()),
+      writer=MetricsWriter(workdir, "rank", process_index=jax.process_index(),
+                           run={"scheme": scheme, "protocol": gen.protocol}),
       metadata=generative.metadata(config, gen, "rank"),
       keep_checkpoints=options.keep_checkpoints,
       async_checkpointing=options.async_checkpointing,

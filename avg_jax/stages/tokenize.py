@@ -21,7 +21,7 @@ import numpy as np
 from avg_jax import config as config_lib
 from avg_jax import processes
 from avg_jax.artifacts import embeddings as embeddings_lib
-from avg_jax.artifacts import fingerprint, paths, voken_tables
+from avg_jax.artifacts import fingerprint, locks, paths, voken_tables
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
@@ -57,6 +57,7 @@ def _loads(directory: str) -> str:
   return ""
 
 
+@locks.holding("tokenize")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Builds and writes the voken table of `config.tokenizer.scheme` for `config.protocol`
   (see module doc)."""

@@ -12,7 +12,7 @@ import jax
 from ml_collections import ConfigDict
 
 from avg_jax import partitioning
-from avg_jax.artifacts import paths
+from avg_jax.artifacts import locks, paths
 from avg_jax.evaluation import avg_eval
 from avg_jax.metrics import MetricsWriter
 from avg_jax.training import examples, generative
@@ -38,6 +38,7 @@ def eval_fn_for(config: ConfigDict, workdir: str, gen: generator_lib.Generator, 
   return eval_fn
 
 
+@locks.holding("train")
 def train_generator(config: ConfigDict, workdir: str, scheme: str,
                     protocol: str | None = None) -> None:
   """Trains the generator of `scheme` under `protocol` (default `config.protocol`) to
@@ -65,7 +66,8 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str,
       out.directory, steps=int(c.steps), state=state,
       step_fn_for=lambda first: generative.compile_step(step, mesh, state_shardings, first),
       data_iter=data_iter, mesh=mesh, rng=dropout_rng,
-      writer=MetricsWriter(workdir, "train", process_index=jax.process_index()),
+      writer=MetricsWriter(workdir, "train", process_index=jax.process_index(),
+                           run={"scheme": scheme, "protocol": gen.protocol}),
       metadata=generative.metadata(config, gen, "train"),
       keep_checkpoints=int(c.keep_checkpoints), async_checkpointing=bool(c.async_checkpointing),
       checkpoint_every=int(c.checkpoint_every), log_every=int(c.log_every),

@@ -104,9 +104,12 @@ def _train(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok,
   checkpointer = Checkpointer(paths.checkpoints_dir(directory),
                               keep=int(tok.keep_checkpoints), async_save=False)
   found = checkpointer.restore_latest_good(trainer.abstract_state)
+  writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index(),
+                         run={"method": name})
   if found is not None:
     state = found[1]
-    log.info("tokenizer: resumed from %s at step %d", directory, int(state.step))
+    print(f"tokenize {name}: resumed from step {int(state.step)} ({checkpointer.directory})")
+    writer.drop_after(int(state.step))  # those steps are redone: keep each step's record once
   else:
     state = trainer.init_state()
     if tok.kmeans_init:
@@ -117,7 +120,6 @@ def _train(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok,
       log.info("tokenizer: k-means init on %d encoder outputs in %.1fs",
                len(first) * jax.process_count(), time.time() - t0)
 
-  writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index())
   meta = {"stage": "tokenize", "scheme": name}
   steps, start = int(tok.steps), int(state.step)
   log_every, ckpt_every = max(1, int(tok.log_every)), max(1, int(tok.checkpoint_every))
@@ -128,7 +130,7 @@ def _train(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok,
     if done % log_every == 0 or done == steps:
       metrics = jax.tree.map(np.asarray, metrics)   # the only host sync in the loop
       elapsed = time.time() - t0
-      writer.write(method=name, step=done, split="train",
+      writer.write(step=done, split="train",
                    examples_per_s=(done - last_logged) * sampler.batch_size / max(elapsed, 1e-9),
                    **metrics)
       t0, last_logged = time.time(), done

@@ -105,7 +105,11 @@ def final_params(config: ConfigDict, workdir: str, scheme: str, stage: str = "tr
     raise UserError(f"no finished {stage} stage for scheme {scheme!r}, protocol "
                     f"{gen.protocol!r} ({directory} is missing); run `avg-jax {stage}` first")
   abstract, shardings = t5_lib.abstract_params(gen.cfg, mesh)
-  return gen, mesh, load_params(directory, abstract), shardings
+  try:
+    params = load_params(directory, abstract)
+  except UserError as e:  # rerunning the stage rewrites damaged final parameters
+    raise UserError(f"{e}; rerun `avg-jax {stage}`") from e
+  return gen, mesh, params, shardings
 
 
 def train_to(directory: str, *, steps: int, state, step_fn_for: Callable, data_iter, mesh,

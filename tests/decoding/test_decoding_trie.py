@@ -120,6 +120,11 @@ def test_load_errors(tmp_path):
            leaf_item_offsets=np.asarray([0, 1, 2], np.int32), leaf_items=np.asarray([0, 1]))
   with pytest.raises(UserError, match="inconsistent"):
     VokenTrie.load(str(inconsistent))
+  # A truncated file is a zipfile.BadZipFile, not one of numpy's own errors.
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(inconsistent.read_bytes()[:200])
+  with pytest.raises(UserError, match=r"truncated.npz: unreadable \(BadZipFile: "):
+    VokenTrie.load(str(truncated))
 
 
 @pytest.mark.parametrize("codes,ids,sizes,message", [

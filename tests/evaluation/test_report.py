@@ -80,3 +80,20 @@ def test_efficiency_section_has_no_empty_recall_header(tmp_path):
   assert summary[0].startswith("protocol inductive") and summary[3] == ""
   assert summary[1].split()[:4] == ["method", "R@1", "R@5", "R@10"]
   assert report.summary_table({}) == ""
+
+
+def test_hybrid_and_hnsw_sections(tmp_path):
+  frontier = [{"num_items": n, "ef_search": ef, "queries_per_s": q, "recall_at_k": r, "k": 10,
+               "search_only_queries_per_s": 2 * q, "build_s": 1.5, "index_bytes": 3 * 2**20}
+              for n, ef, q, r in [(1000, 16, 900.0, 0.91), (1000, 64, 400.0, 0.99),
+                                  (100000, 16, 500.0, 0.70), (100000, 64, 150.0, 0.96)]]
+  results = {"hybrid": {"transductive": {"weight": 64.0, "validation": [
+                 {"weight": 0.0, "R@1": 20.0, "R@5": 40.0, "R@10": 60.0},
+                 {"weight": 64.0, "R@1": 26.5, "R@5": 50.0, "R@10": 70.0}]}},
+             "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
+                            "two_tower_hnsw": [frontier[1], frontier[3]]},
+             "ann_frontier": frontier}
+  text = open(report.write_report(results, str(tmp_path))).read()
+  assert "### transductive (chosen: 64)" in text and "| 64 | 26.5 | 50.0 | 70.0 |" in text
+  assert "| 100,000 | 64 | 150.0 | 300.0 | 0.960 | 1.5 | 3.0 |" in text
+  assert os.path.getsize(tmp_path / "ann_frontier.png") > 1000

@@ -39,6 +39,10 @@ def test_run_writes_results_report_and_export(pipeline):
         "two_tower": False, "avg": protocol == "transductive",
         "avg_ltr": protocol == "transductive"}
   assert [row["num_items"] for row in results["efficiency"]["avg"]] == [100, 400]
+  # The HNSW two-tower at the same sizes: one deployed row per N, the whole frontier beside.
+  assert [row["num_items"] for row in results["efficiency"]["two_tower_hnsw"]] == [100, 400]
+  assert {(r["num_items"], r["ef_search"]) for r in results["ann_frontier"]} == {
+      (n, ef) for n in (100, 400) for ef in (16, 32, 64, 128, 256)}
   assert results["meta"]["config_hash"]
   report = (pipeline / "evaluate" / "report.md").read_text()
   assert "| avg_ltr |" in report and (pipeline / "evaluate" / "efficiency.png").exists()

@@ -127,9 +127,14 @@ def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_r
     for name in files:
       with open(os.path.join(folder, name), "wb") as f:
         f.write(b"garbage")
+  capsys.readouterr()
   with caplog.at_level(logging.WARNING):
     tokenize.run(config, workdir)
   assert any(os.path.join(ckpt_dir, "6") in r.getMessage() for r in caplog.records)
+  assert "tokenize avg: resumed from step 3" in capsys.readouterr().out
+  # Step 6 was trained (and logged) twice; metrics.jsonl keeps one record of it.
+  steps = [r["step"] for r in read_metrics(workdir) if r["stage"] == "tokenize" and "step" in r]
+  assert steps == [3, 6]
   _, after_damage, _ = _check_table(workdir, "avg")
   for split in table:
     np.testing.assert_array_equal(after_damage[split][1], table[split][1])

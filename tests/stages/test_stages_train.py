@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from avg_jax.artifacts.checkpoints import Checkpointer
+from avg_jax.metrics import read_metrics
 from avg_jax.training import state as state_lib
 
 STEPS = 24
@@ -71,10 +72,16 @@ def test_kill_9_then_resume_gives_identical_parameters(repo_root, tiny_workdir, 
   proc.kill()  # SIGKILL: no handler runs, a save may be half-written
   proc.wait()
   assert not (killed / "train" / "transductive" / "avg" / "params").exists()
-  subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
-                 capture_output=True)
+  resumed = subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
+                           capture_output=True, text=True)
+  assert "train [avg, transductive]: resumed from step " in resumed.stdout
   a, b = _final_params(repo_root, reference), _final_params(repo_root, killed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+  # The steps redone after the kill are logged once: the same records as the uninterrupted run.
+  steps = lambda w: [(r["scheme"], r["protocol"], r["step"]) for r in read_metrics(str(w))
+                     if r["stage"] == "train" and "loss" in r]
+  assert steps(killed) == steps(reference)
+  assert [s for _, _, s in steps(killed)] == list(range(4, STEPS + 1, 4))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(repo_root, tiny_workdir, tmp_path):
