@@ -212,7 +212,8 @@ class Retriever:
     setting); the export must carry the dual encoder (`export.hybrid` or the similarity
     tie-break)."""
     manifest = exports.read_manifest(directory)
-    check_files(directory, require_checksums=False)
+    # Before the checksums: an export that never had the dual encoder (or lost it) gets this
+    # message, not "damaged export".
     if hybrid_weight is not None:
       # avg / rq exports carry the encoder for live adds; avg_hybrid also needs the indexed
       # images' embeddings.
@@ -222,6 +223,7 @@ class Retriever:
                         f"export it with --config.export.hybrid=true")
       manifest = dict(manifest, decode=dict(manifest["decode"],
                                             hybrid_weight=float(hybrid_weight)))
+    check_files(directory, require_checksums=False)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
     shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))
