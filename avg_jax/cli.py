@@ -6,6 +6,7 @@
     avg-jax compile --config C --topology v5e:4x4 [--out F.json]   (TPU AOT, libtpu extra)
     avg-jax search --model EXPORT "a query"                         (answer queries)
     avg-jax serve --model EXPORT [--host H] [--port P]              (HTTP search service)
+    avg-jax index add|remove|list --model EXPORT ...                (the live index)
 
 Every stage is a module of avg_jax.stages with `run(config, workdir) -> None`. User errors
 (`UserError`) and a full disk print one line and exit 2; `--debug` shows tracebacks.
@@ -103,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="one JSON object per query")
   p.add_argument("--debug", action="store_true")
   p.add_argument("queries", nargs="*", help="queries (default: one per line on stdin)")
+  from avg_jax.export import index_cli  # argparse only here; the Retriever loads lazily
+  index_cli.add_arguments(sub)
+
   p = sub.add_parser("serve", help="HTTP search service and search page for an export")
   from avg_jax.serve import options  # argparse only: cheap
   options.add_arguments(p)
@@ -129,6 +133,11 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
       raise UserError("search takes no --config overrides (the exported model has its config)")
     from avg_jax.export import search_cli
     return search_cli.main(args)
+  if args.command == "index":
+    if overrides:
+      raise UserError("index takes no --config overrides (the exported model has its config)")
+    from avg_jax.export import index_cli
+    return index_cli.main(args)
   if args.command == "serve":
     if overrides:
       raise UserError("serve takes no --config overrides (the exported model has its config)")

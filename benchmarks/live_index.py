@@ -4,8 +4,9 @@ Synthetic identifiers (the speed part of the live-index work): a base index of N
 identifiers, then 10K and then 100K more added live (`LiveIndex.add` + `save` + the delta's
 device tree, i.e. everything but computing the new images' codes), against a random T5 of the
 decode benchmark's sizes. Prints and writes: add throughput (images/s), search queries/s
-before and after each addition (median of interleaved rounds after a warm-up), and the same
-index built from scratch as one tree for comparison.
+before and after each addition and after removing as many images as the first addition
+added (median of rounds after a warm-up), and the same index built from scratch as one tree
+for comparison.
 
     python benchmarks/live_index.py --out benchmarks/results/live_index.json [--base 1000000]
 """
@@ -77,6 +78,19 @@ def main(argv=None) -> int:
       total += m
       rows.append(dict(stage=f"+{m:,}", added=m, indexed=args.base + total, add_s=add_s,
                        images_per_s=m / add_s, delta=total, queries_per_s=qps(constraint)))
+    # Removal: base and added images marked dead, their emptied subtrees masked (an O(nodes)
+    # pass over both trees, no rebuild).
+    gone = rng.choice(index.all_ids(), size=min(adds[0], len(index.all_ids()) // 2),
+                      replace=False)
+    t0 = time.perf_counter()
+    with live_index.WriteLock(export):
+      index.remove(gone)
+      index.save(export)
+    constraint = index.device()
+    jax.block_until_ready(jax.tree.leaves(constraint))
+    remove_s = time.perf_counter() - t0
+    rows.append(dict(stage=f"-{len(gone):,} removed", added=0, indexed=len(index.live_ids()),
+                     remove_s=remove_s, queries_per_s=qps(constraint)))
     every = np.concatenate([index.base_codes, index.delta_codes])
     t0 = time.perf_counter()
     whole = VokenTrie.build(every, index.all_ids(), sizes).to_device(1)
@@ -86,11 +100,12 @@ def main(argv=None) -> int:
   print(f"live index: {args.model} model, batch {queries.shape[0]}, beam {decode_bench.BEAM}, "
         f"K={decode_bench.CODEBOOK}, L={decode_bench.LEVELS}; medians of {args.rounds} rounds")
   print(f"{'stage':<20} {'indexed':>10} {'added':>8} {'images/s':>10} {'add s':>7} "
-        f"{'build s':>8} {'q/s':>8}")
+        f"{'remove s':>8} {'build s':>8} {'q/s':>8}")
   for r in rows:
     print(f"{r['stage']:<20} {r['indexed']:>10,} {r['added']:>8,} "
           f"{r.get('images_per_s', float('nan')):>10.0f} {r.get('add_s', float('nan')):>7.2f} "
-          f"{r.get('build_s', float('nan')):>8.2f} {r['queries_per_s']:>8.1f}")
+          f"{r.get('remove_s', float('nan')):>8.2f} {r.get('build_s', float('nan')):>8.2f} "
+          f"{r['queries_per_s']:>8.1f}")
   record = dict(bench="live_index", base=args.base, adds=adds, model=args.model, rows=rows,
                 machine=common.machine_info(" ".join([sys.executable] + sys.argv)))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -8,9 +8,15 @@
     <export>/voken_table.npz       image_ids int64[N], codes int32[N, P], file_names str[N]
     <export>/text_tokenizer.model  the SentencePiece model
     <export>/config.json           the full training config, for the record
-    <export>/dual_encoder/         with `decode.tie_break="similarity"`: the dual encoder
-                                   (avg_jax/encoders/store.py) and image_embeddings.npz
-                                   (image_ids, image_emb) of the indexed images
+    <export>/dual_encoder/         the dual encoder (avg_jax/encoders/store.py), for avg / rq
+                                   (live adds embed images with it) and with
+                                   `decode.tie_break="similarity"`, which also stores
+                                   image_embeddings.npz (image_ids, image_emb) of the indexed
+                                   images
+    <export>/image_tokenizer/      avg / rq: the frozen RQ tokenizer (rqvae.json, rqvae.npz) that
+                                   gives added images their codes; with dual_encoder/ and the
+                                   manifest's "live" key the index can grow (export/live_index.py)
+    <export>/live/                 images added / removed since export (export/live_index.py)
     <export>/gallery/              optional: thumbnails and captions (avg_jax/export/gallery.py)
 
 What is written and read here is plain data; avg_jax/export/serving.py composes the folder
@@ -34,6 +40,7 @@ TOKENIZER = "text_tokenizer.model"
 CONFIG = "config.json"
 DUAL_ENCODER = "dual_encoder"
 IMAGE_EMBEDDINGS = "image_embeddings.npz"
+IMAGE_TOKENIZER = "image_tokenizer"
 _REQUIRED = ("t5", "vocab", "decode", "limits", "scheme")
 
 

@@ -104,8 +104,22 @@ def check_file(path: str) -> str:
     return "empty file (0 bytes)"
   if _is_svg(path, head):
     return "unsupported format (SVG)"
+  return _decode_problem(path)
+
+
+def check_bytes(data: bytes) -> str:
+  """`check_file` for an encoded image held in memory ("" when it can be used)."""
+  if not data:
+    return "empty (0 bytes)"
+  if _is_svg("", bytes(data[:1024])):
+    return "unsupported format (SVG)"
+  return _decode_problem(io.BytesIO(data))
+
+
+def _decode_problem(source) -> str:
+  """Why `source` (a path or a binary stream) does not decode whole ("" when it does)."""
   try:
-    with Image.open(path) as pil:
+    with Image.open(source) as pil:
       if pil.format == "JPEG":
         pil.draft("RGB", (max(1, pil.size[0] // 8), max(1, pil.size[1] // 8)))
       pil.load()

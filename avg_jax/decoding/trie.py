@@ -309,6 +309,18 @@ class VokenTrie:
       raise UserError(f"voken trie: no embedding for indexed item {int(missing[0])}")
     return rows
 
+  def node_alive(self, item_alive: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Which nodes still lead to a live item: `item_alive bool[num_items]` (`leaf_items`
+    order) -> per level l = 1..P a `bool[n_l]` (a vectorised pass up the levels, O(nodes);
+    every node has at least one child and every leaf one item, so `reduceat` is exact)."""
+    alive = np.add.reduceat(np.asarray(item_alive, np.int32),
+                            self.leaf_item_offsets[:-1]) > 0              # [num_leaves]
+    out = [alive]
+    for level in range(self.id_length - 1, 0, -1):
+      alive = np.add.reduceat(alive.astype(np.int32), self.offsets[level][:-1]) > 0
+      out.append(alive)
+    return tuple(reversed(out))
+
   def to_device(self, dense_levels: int = 1, sharding=None,
                 item_embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> "DeviceTrie":
     """The device-resident transition structure (see `DeviceTrie`).
@@ -350,6 +362,7 @@ class VokenTrie:
         leaf_items=put(self.leaf_items.astype(np.int32)),
         item_emb=item_emb,
         item_alive=None,
+        node_alive=None,
         position_sizes=self.position_sizes,
         dense=tuple(dense),
         widths=tuple(widths),
@@ -374,6 +387,10 @@ class DeviceTrie:
   leaf_items: jax.Array
   item_emb: jax.Array | None
   item_alive: jax.Array | None     # bool[num_items] in `leaf_items` order; None: all alive
+  # Per level l = 1..P, bool[n_l]: the node leads to a live item (`VokenTrie.node_alive`).
+  # A search never enters a subtree whose items are all removed, so removed images cost no
+  # beam slots. None: all alive.
+  node_alive: tuple | None
   position_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   dense: tuple[bool, ...] = flax.struct.field(pytree_node=False)
   widths: tuple[int, ...] = flax.struct.field(pytree_node=False)
@@ -390,8 +407,8 @@ class DeviceTrie:
   @property
   def nbytes(self) -> int:
     """Device bytes of the tree's arrays (without `item_emb`, see `embedding_nbytes`)."""
-    return int(sum(x.nbytes for x in jax.tree.leaves(self.replace(item_emb=None,
-                                                                   item_alive=None))))
+    return int(sum(x.nbytes for x in jax.tree.leaves(self.replace(
+        item_emb=None, item_alive=None, node_alive=None))))
 
   @property
   def embedding_nbytes(self) -> int:
@@ -421,9 +438,11 @@ class DeviceTrie:
     emb = self.item_emb[pos] if with_embeddings and self.item_emb is not None else None
     return items, valid, emb
 
-  def with_alive(self, alive: jax.Array | None) -> "DeviceTrie":
-    """The same tree with `item_alive` replaced (bool[num_items] in `leaf_items` order)."""
-    return self.replace(item_alive=alive)
+  def with_alive(self, alive: jax.Array | None,
+                 node_alive: tuple | None = None) -> "DeviceTrie":
+    """The same tree with `item_alive` replaced (bool[num_items] in `leaf_items` order) and,
+    optionally, `node_alive` (`VokenTrie.node_alive`: dead subtrees are never entered)."""
+    return self.replace(item_alive=alive, node_alive=node_alive)
 
   def children_guarded(self, level: int, node: jax.Array, width: int
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -437,8 +456,17 @@ class DeviceTrie:
     """Candidate children of `node [n]` at static `level` (< P) in a window of `width`.
 
     Returns `codes int32[n, width]`, `child int32[n, width]` (node index at level+1) and
-    `valid bool[n, width]`. `node` must be a node of `level` (beams always are).
+    `valid bool[n, width]`. `node` must be a node of `level` (beams always are). Children
+    whose subtree holds no live item (`node_alive`) are not valid.
     """
+    codes, child, valid = self._children(level, node, width)
+    if self.node_alive is None:
+      return codes, child, valid
+    valid = valid & self.node_alive[level][jnp.maximum(child, 0)]
+    return jnp.where(valid, codes, 0), jnp.where(valid, child, -1), valid
+
+  def _children(self, level: int, node: jax.Array, width: int
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     if self.dense[level]:
       (table,) = self.levels[level]
       child = table[node]                                       # [n, K_l]

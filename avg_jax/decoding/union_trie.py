@@ -10,7 +10,8 @@ carries the pair as a composite node (`beam_search.BeamState.node` is a pytree).
 Order of a union node's children (ties in the beam search, which keeps the lower slot): the
 base's children by code, then the delta's codes that the base lacks. A union leaf's images:
 the base's, then the delta's, each in id order. Removed images are marked dead in either
-tree (`item_alive`); their leaves stay until the next compaction and expand to fewer images.
+tree (`item_alive`) and subtrees left without a live image are masked (`node_alive`), so the
+search never enters them; their nodes stay until the next compaction.
 """
 
 import flax.struct
@@ -75,8 +76,11 @@ class UnionTrie:
     codes_d, child_d, valid_d = self.delta.children_guarded(level, nd, self.delta.widths[level])
     if self.base.dense[level]:
       # The base's window is every code: scatter the delta's children into the same slots.
-      codes, child_b, valid_b = self.base.children_guarded(level, nb, self.base.widths[level])
-      k = codes.shape[1]
+      _, child_b, valid_b = self.base.children_guarded(level, nb, self.base.widths[level])
+      k = child_b.shape[1]
+      # Slot c holds code c. (Not the base's codes: those are zeroed where the base has no
+      # child, which would label a delta-only child with code 0.)
+      codes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), child_b.shape)
       rows = jnp.broadcast_to(jnp.arange(n)[:, None], codes_d.shape)
       child_dd = jnp.full((n, k), -1, jnp.int32).at[rows, jnp.where(valid_d, codes_d, k)].set(
           child_d, mode="drop")

@@ -95,6 +95,17 @@ class DualEncoder:
     return np.concatenate(out).astype(np.float32)
 
 
+  def encode_images(self, images: np.ndarray, mesh: Mesh, batch_size: int) -> np.ndarray:
+    """`uint8[N, S, S, 3]` (already `preprocess.resize_and_crop`ped) -> `float32[N, D]`, in
+    fixed-size batches (one compilation)."""
+    rows = _round_up(max(1, batch_size), _data_shards(mesh))
+    out = [np.zeros((0, self.cfg.projection_dim), np.float32)]
+    for start in range(0, len(images), rows):
+      out.append(_run(self.image_fn(mesh), self.params, np.asarray(images[start:start + rows],
+                                                                   np.uint8), rows, mesh))
+    return np.concatenate(out).astype(np.float32)
+
+
 def _jit(fn, mesh, param_shardings, input_sharding):
   jitted = jax.jit(fn, in_shardings=(param_shardings, input_sharding),
                    out_shardings=partitioning.replicated(mesh))

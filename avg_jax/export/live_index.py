@@ -5,10 +5,13 @@ in versioned folders beside them:
 
     <export>/live/CURRENT            {"version": n}: the state readers load
     <export>/live/v<n>/delta.npz     image_ids int64[M], codes int32[M, T], file_names str[M],
-                                     embeddings float32[M, D] (when the export has them): every
+                                     embeddings float32[M, D] (when the export has them),
+                                     captions str[M] (each a JSON list; optional): every
                                      image added since the base was written
     <export>/live/v<n>/removed.npy   int64[R]: image ids removed (from the base or the delta)
     <export>/live/LOCK               held by the one process that writes
+    <export>/live/thumbnails/<id>    added images' thumbnails (written before the version that
+                                     adds them; ids are never reused, so one never changes)
 
 A change writes the next version's folder completely, then replaces CURRENT (an atomic
 rename): a crash or kill -9 at any point leaves the previous version loadable, and a reader
@@ -18,7 +21,9 @@ change is the size of the delta (it is rewritten whole) and never the base's.
 
 Searching: the base tree is built once; the delta's tree is rebuilt from the delta alone at
 each change (O(added), independent of the index size) and searched together with the base as
-one `UnionTrie`. Removed images are marked dead in the trees (they keep their leaves).
+one `UnionTrie`. Removed images are marked dead in the trees (they keep their leaves), and
+every node whose subtree has no live image left is masked, so the search never spends a beam
+slot on a removed image's path (`VokenTrie.node_alive`: one O(nodes) pass, no rebuild).
 
 Identifiers of added images: their semantic codes (from the export's frozen RQ tokenizer);
 with a learned disambiguation position, the next free index among the images of the index
@@ -29,6 +34,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -42,6 +48,10 @@ from avg_jax.errors import UserError
 FOLDER = "live"
 CURRENT = "CURRENT"
 LOCK = "LOCK"
+THUMBNAILS = "thumbnails"
+# Seconds `save` sleeps between writing a version and switching to it: lets the crash test
+# kill a writer at exactly that point (never set in normal use).
+PAUSE_ENV = "AVG_JAX_LIVE_PAUSE_BEFORE_SWITCH"
 
 
 class WriteLock:
@@ -73,7 +83,8 @@ class LiveIndex:
 
   def __init__(self, *, base_ids: np.ndarray, base_codes: np.ndarray, base_names: np.ndarray,
                position_sizes: Sequence[int], num_levels: int,
-               base_embeddings: np.ndarray | None = None):
+               base_embeddings: np.ndarray | None = None, base_trie: VokenTrie | None = None):
+    """`base_trie`: the tree of the base codes when already built (an export's trie.npz)."""
     self.position_sizes = tuple(int(s) for s in position_sizes)
     self.num_levels = int(num_levels)
     self.base_ids = np.asarray(base_ids, np.int64)
@@ -83,12 +94,17 @@ class LiveIndex:
     self.delta_ids = np.zeros((0,), np.int64)
     self.delta_codes = np.zeros((0, len(self.position_sizes)), np.int32)
     self.delta_names = np.zeros((0,), str)
+    self.delta_captions = np.zeros((0,), str)   # JSON lists of captions, "[]" when none
     self.delta_embeddings = (None if base_embeddings is None
                              else np.zeros((0, base_embeddings.shape[1]), np.float32))
     self.removed = np.zeros((0,), np.int64)
     self.version = 0
-    self._base_trie = (VokenTrie.build(self.base_codes, self.base_ids, self.position_sizes)
-                       if len(self.base_ids) else None)
+    if base_trie is None and len(self.base_ids):
+      base_trie = VokenTrie.build(self.base_codes, self.base_ids, self.position_sizes)
+    self._base_trie = base_trie
+    # The base's device arrays, made once per (dense_levels, sharding): a change then costs
+    # O(added) (+ an O(nodes) mask pass when images were removed), never a copy of the base.
+    self._base_device: dict = {}
 
   # --- what is indexed ------------------------------------------------------------------------
   @property
@@ -101,6 +117,11 @@ class LiveIndex:
   def live_ids(self) -> np.ndarray:
     """Ids of the images a search can return, ascending."""
     return np.setdiff1d(self.all_ids(), self.removed)
+
+  def captions(self) -> dict[int, list[str]]:
+    """Captions given with added images (the base's live in the export's gallery)."""
+    return {int(i): json.loads(c) for i, c in zip(self.delta_ids, self.delta_captions)
+            if c and c != "[]"}
 
   def file_names(self) -> dict[int, str]:
     return {int(i): str(n) for i, n in zip(np.concatenate([self.base_ids, self.delta_ids]),
@@ -144,8 +165,11 @@ class LiveIndex:
     return out
 
   def add(self, image_ids: np.ndarray, semantic: np.ndarray, file_names: Sequence[str],
-          embeddings: np.ndarray | None = None) -> np.ndarray:
+          embeddings: np.ndarray | None = None,
+          captions: Sequence[Sequence[str]] | None = None) -> np.ndarray:
     """Adds images (ids must be new to the index, removed ones included); -> identifiers."""
+    if captions is not None and len(captions) != len(file_names):
+      raise UserError("live index: give one list of captions per added image")
     image_ids = np.asarray(image_ids, np.int64)
     if image_ids.ndim != 1 or len(image_ids) != len(semantic) or len(file_names) != len(image_ids):
       raise UserError("live index: image ids, codes and file names must have one row each")
@@ -163,6 +187,10 @@ class LiveIndex:
     self.delta_ids = np.concatenate([self.delta_ids, image_ids])
     self.delta_codes = np.concatenate([self.delta_codes, codes])
     self.delta_names = np.concatenate([self.delta_names, np.asarray(list(file_names), str)])
+    caption_rows = [json.dumps([str(c) for c in row]) for row in
+                    (captions if captions is not None else [[]] * len(image_ids))]
+    self.delta_captions = np.concatenate([self.delta_captions,
+                                          np.asarray(caption_rows, str).reshape(-1)])
     if embeddings is not None:
       self.delta_embeddings = np.concatenate([self.delta_embeddings,
                                               np.asarray(embeddings, np.float32)])
@@ -176,10 +204,14 @@ class LiveIndex:
     self.removed = np.union1d(self.removed, image_ids)
 
   # --- search structure -----------------------------------------------------------------------
-  def _alive(self, trie: VokenTrie):
+  def _with_alive(self, device: DeviceTrie, trie: VokenTrie) -> DeviceTrie:
+    """`device` with the removed images marked dead, their emptied subtrees pruned (one
+    O(nodes) numpy pass over the tree, no rebuild)."""
     if not len(self.removed):
-      return None
-    return jnp.asarray(~np.isin(trie.leaf_items, self.removed))
+      return device
+    alive = ~np.isin(trie.leaf_items, self.removed)
+    return device.with_alive(jnp.asarray(alive),
+                             tuple(jnp.asarray(a) for a in trie.node_alive(alive)))
 
   def device(self, dense_levels: int = 1, sharding=None) -> DeviceTrie | UnionTrie:
     """The search constraint: the base tree, or the base and the delta as one."""
@@ -188,14 +220,16 @@ class LiveIndex:
     embed = self.base_embeddings is not None
     parts = []
     if self._base_trie is not None:
-      emb = (self.base_ids, self.base_embeddings) if embed else None
-      parts.append(self._base_trie.to_device(dense_levels, sharding, item_embeddings=emb)
-                   .with_alive(self._alive(self._base_trie)))
+      key = (dense_levels, sharding)
+      if key not in self._base_device:
+        emb = (self.base_ids, self.base_embeddings) if embed else None
+        self._base_device[key] = self._base_trie.to_device(dense_levels, sharding,
+                                                           item_embeddings=emb)
+      parts.append(self._with_alive(self._base_device[key], self._base_trie))
     if len(self.delta_ids):
       delta = VokenTrie.build(self.delta_codes, self.delta_ids, self.position_sizes)
       emb = (self.delta_ids, self.delta_embeddings) if embed else None
-      parts.append(delta.to_device(0, sharding, item_embeddings=emb)
-                   .with_alive(self._alive(delta)))
+      parts.append(self._with_alive(delta.to_device(0, sharding, item_embeddings=emb), delta))
     return parts[0] if len(parts) == 1 else UnionTrie.of(*parts)
 
   # --- persistence ----------------------------------------------------------------------------
@@ -206,11 +240,16 @@ class LiveIndex:
     target = os.path.join(folder, f"v{version}")
     shutil.rmtree(target, ignore_errors=True)   # left by a writer that died before switching
     os.makedirs(target)
-    arrays = dict(image_ids=self.delta_ids, codes=self.delta_codes, file_names=self.delta_names)
+    arrays = dict(image_ids=self.delta_ids, codes=self.delta_codes, file_names=self.delta_names,
+                  captions=self.delta_captions)
     if self.delta_embeddings is not None:
       arrays["embeddings"] = self.delta_embeddings
     io.write_npz(os.path.join(target, "delta.npz"), **arrays)
     io.write_npz(os.path.join(target, "removed.npz"), removed=self.removed)
+    if os.environ.get(PAUSE_ENV):
+      print(f"live index: v{version} written, switching in {os.environ[PAUSE_ENV]} s",
+            flush=True)
+      time.sleep(float(os.environ[PAUSE_ENV]))
     io.write_json(os.path.join(folder, CURRENT), {"version": version})   # the switch
     self.version = version
     # Older versions go after the switch; the previous one stays for a reader that read
@@ -231,10 +270,10 @@ class LiveIndex:
       target = os.path.join(folder, f"v{version}")
       delta_path = os.path.join(target, "delta.npz")
       with np.load(delta_path) as f:
-        has_emb = "embeddings" in f.files
-      f = io.read_npz(delta_path, ("image_ids", "codes", "file_names")
-                      + (("embeddings",) if has_emb else ()))
+        optional = tuple(k for k in ("embeddings", "captions") if k in f.files)
+      f = io.read_npz(delta_path, ("image_ids", "codes", "file_names") + optional)
       ids, codes, names, emb = f["image_ids"], f["codes"], f["file_names"], f.get("embeddings")
+      captions = f.get("captions", np.full(len(ids), "[]"))
       removed = io.read_npz(os.path.join(target, "removed.npz"), ("removed",))["removed"]
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
       raise UserError(f"{folder}: damaged live index ({type(e).__name__}: {e})") from e
@@ -243,6 +282,7 @@ class LiveIndex:
                       f"this export's identifiers")
     self.delta_ids, self.delta_codes = ids.astype(np.int64), codes.astype(np.int32)
     self.delta_names = names.astype(str)
+    self.delta_captions = np.asarray(captions, str).reshape(-1)
     if self.delta_embeddings is not None:
       if emb is None:
         raise UserError(f"{target}/delta.npz: no embeddings for the added images")

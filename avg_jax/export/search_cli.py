@@ -24,6 +24,9 @@ def _caption_of(retriever: Retriever) -> Callable[[int], str] | None:
   gallery = getattr(retriever, "gallery", None)
   if gallery is not None and callable(getattr(gallery, "captions", None)):
     return lambda image_id: next(iter(gallery.captions(image_id)), "")
+  added = getattr(retriever, "added_captions", None)
+  if callable(added):   # captions given with images added live
+    return lambda image_id: next(iter(added(image_id)), "")
   return None
 
 

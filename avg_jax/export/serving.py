@@ -10,8 +10,14 @@ and a query longer than `max_query_chars` characters are `UserError`s naming the
 position. Queries that tokenize to more than `max_length - 1` tokens are truncated (EOS
 kept), as in training. Batches are padded to the smallest configured bucket that fits (larger
 batches are split), so each (bucket, k) compiles once.
+
+The live index (avg / rq exports): `retriever.add(images)` / `retriever.remove(ids)` change
+the indexed images without retraining (live_index.py: versions under `<export>/live`);
+`Retriever.load` reads the current version. After a change the search tree has new shapes, so
+each (bucket, k) compiles once more.
 """
 
+import copy
 import dataclasses
 import logging
 import os
@@ -33,8 +39,12 @@ from avg_jax.decoding.trie import VokenTrie
 from avg_jax.encoders import store
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
+from avg_jax.export import image_tokenizer as image_tokenizer_lib
+from avg_jax.export import live_index as live_lib
+from avg_jax.export import new_images
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
+from avg_jax.progress import progress
 from avg_jax.vokens import VokenVocabulary
 
 log = logging.getLogger(__name__)
@@ -45,14 +55,18 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
                  tokenizer: TextTokenizer, decode: dict, limits: dict, scheme: str,
                  source_stage: str, config: dict, config_hash: str = "",
                  param_dtype: str = "float32", gallery: tuple | None = None,
-                 dual_encoder: tuple | None = None) -> None:
+                 dual_encoder: tuple | None = None, image_tokenizer: tuple | None = None,
+                 live: dict | None = None) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
   `decode`: `DecodeConfig.to_dict()` and the generator's trained_length. `limits`:
   max_length (tokens), max_query_chars, batch_buckets. `gallery`: optional `(entries,
   thumbnail_size)` for `gallery.write` (thumbnails and captions of the indexed images).
   `dual_encoder`: optional `(workdir, image ids [N], image embeddings [N, D])`: the workdir's
-  dual encoder is copied in with the indexed images' embeddings. `codes [N, T]` are the
+  dual encoder is copied in with the indexed images' embeddings (None, None: the encoder
+  alone). `image_tokenizer`: optional `(RQVAEConfig, params, batch_stats)` of the frozen RQ
+  tokenizer; with the dual encoder and `live` (how `prepare` stored images: image_size,
+  image_encoding, jpeg_quality) new images can be added live. `codes [N, T]` are the
   identifiers the generator emits (T = `decode["trained_length"]`: all positions, or the
   semantic codes alone).
   """
@@ -86,12 +100,16 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
       if dual_encoder is not None:
         source, emb_ids, emb = dual_encoder
         store.copy_encoder(source, os.path.join(tmp, exports.DUAL_ENCODER))
-        exports.write_image_embeddings(tmp, emb_ids, emb)
+        if emb is not None:
+          exports.write_image_embeddings(tmp, emb_ids, emb)
+      if image_tokenizer is not None:
+        image_tokenizer_lib.save(os.path.join(tmp, exports.IMAGE_TOKENIZER), *image_tokenizer)
       exports.write_manifest(tmp, {
           "avg_jax_version": avg_jax.__version__, "scheme": scheme,
           "source_stage": source_stage, "param_dtype": param_dtype, "config_hash": config_hash,
           "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg),
           "vocab": vocab.to_dict(), "decode": dict(decode), "limits": dict(limits),
+          **({"live": dict(live)} if live is not None else {}),
       })
       checksums.write(tmp)  # last: the record of every file, manifest included
       io.replace_dir(tmp, directory)
@@ -135,20 +153,29 @@ def _one_device_mesh():
   return partitioning.make_mesh({"data": 1}, jax.devices()[:1])
 
 
-class Retriever:
-  """Answers text queries with ranked image ids from an exported serving checkpoint."""
+@dataclasses.dataclass(frozen=True)
+class IndexState:
+  """What one search reads, replaced whole after a change (a reader never sees half of one)."""
+  live: live_lib.LiveIndex
+  device_trie: Any            # DeviceTrie | UnionTrie
+  image_ids: np.ndarray       # int64[N]: the images a search can return, ascending
+  file_names: dict
+  captions: dict              # captions given with added images
 
-  def __init__(self, *, params: Any, cfg: T5Config, vocab: VokenVocabulary, trie: VokenTrie,
-               tokenizer: TextTokenizer, image_ids: np.ndarray, file_names: np.ndarray,
-               manifest: dict, dual_encoder: Any = None,
-               image_embeddings: tuple[np.ndarray, np.ndarray] | None = None):
+
+class Retriever:
+  """Answers text queries with ranked image ids from an exported serving checkpoint; images
+  can be added and removed without retraining (`add`, `remove`: avg / rq exports)."""
+
+  def __init__(self, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
+               live: live_lib.LiveIndex, tokenizer: TextTokenizer, manifest: dict,
+               directory: str = "", dual_encoder: Any = None):
     self.params = params
     self.cfg = cfg
     self.vocab = vocab
     self.tokenizer = tokenizer
-    self.image_ids = image_ids
-    self.file_names = file_names
     self.manifest = manifest
+    self.directory = directory
     d = manifest["decode"]
     self.decode = DecodeConfig.from_dict(d)
     self.max_length = int(manifest["limits"]["max_length"])
@@ -157,12 +184,20 @@ class Retriever:
     # Exports written before the key existed scored the learned disambiguation position.
     self.trained_length = int(d.get("trained_length", vocab.id_length))
     self.dual_encoder = dual_encoder if self.decode.needs_embeddings else None
-    if self.dual_encoder is not None:
-      self._mesh = _one_device_mesh()
-    self.device_trie = trie.to_device(
-        dense_levels=self.decode.dense_levels,
-        item_embeddings=image_embeddings if self.dual_encoder is not None else None)
-    self._file_name_of = {int(i): str(n) for i, n in zip(image_ids, file_names)}
+    self._mesh = _one_device_mesh()
+    self._image_encoder = dual_encoder
+    self._image_tokenizer = None
+    self.state = self._state(live)
+
+  def _state(self, live: live_lib.LiveIndex) -> IndexState:
+    return IndexState(live=live, device_trie=live.device(dense_levels=self.decode.dense_levels),
+                      image_ids=live.live_ids(), file_names=live.file_names(),
+                      captions=live.captions())
+
+  @property
+  def image_ids(self) -> np.ndarray:
+    """int64[N]: the indexed images (base and added, minus removed), ascending."""
+    return self.state.image_ids
 
   @property
   def beam_size(self) -> int:
@@ -170,7 +205,8 @@ class Retriever:
 
   @classmethod
   def load(cls, directory: str, *, hybrid_weight: float | None = None) -> "Retriever":
-    """Reads a folder written by `avg-jax export`; damaged files are `UserError`s.
+    """Reads a folder written by `avg-jax export` and its live changes (the version
+    `live/CURRENT` names); damaged files are `UserError`s.
 
     `hybrid_weight`: serve avg_hybrid with this fusion weight (instead of the export's own
     setting); the export must carry the dual encoder (`export.hybrid` or the similarity
@@ -178,13 +214,18 @@ class Retriever:
     # A service built on the Python API gets the process settings `avg-jax` applies.
     runtime.prefer_heap_allocations()
     manifest = exports.read_manifest(directory)
-    check_files(directory, require_checksums=False)
+    # Before the checksums: an export that never had the dual encoder (or lost it) gets this
+    # message, not "damaged export".
     if hybrid_weight is not None:
-      if not os.path.isdir(os.path.join(directory, exports.DUAL_ENCODER)):
+      # avg / rq exports carry the encoder for live adds; avg_hybrid also needs the indexed
+      # images' embeddings.
+      if not os.path.isfile(os.path.join(directory, exports.DUAL_ENCODER,
+                                         exports.IMAGE_EMBEDDINGS)):
         raise UserError(f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
                         f"export it with --config.export.hybrid=true")
       manifest = dict(manifest, decode=dict(manifest["decode"],
                                             hybrid_weight=float(hybrid_weight)))
+    check_files(directory, require_checksums=False)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
     shapes = jax.eval_shape(lambda r: t5_lib.init_params(cfg, r), jax.random.key(0))
@@ -205,19 +246,165 @@ class Retriever:
     # Compute in the training dtype whatever the storage dtype.
     params = jax.tree.map(lambda x: x.astype(cfg.storage_dtype), params)
     trie = VokenTrie.load(os.path.join(directory, exports.TRIE))
-    image_ids, file_names = exports.read_table(directory)
+    table = io.read_npz(os.path.join(directory, exports.TABLE),
+                        ("image_ids", "codes", "file_names"))
     tokenizer = TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
-    dual_encoder, image_embeddings = None, None
+    dual_encoder, base_emb = None, None
     if DecodeConfig.from_dict(manifest["decode"]).needs_embeddings:
-      image_embeddings = exports.read_image_embeddings(directory)
+      emb_ids, emb = exports.read_image_embeddings(directory)
+      row_of = {int(i): r for r, i in enumerate(emb_ids)}
+      missing = [int(i) for i in table["image_ids"] if int(i) not in row_of]
+      if missing:
+        raise UserError(f"{directory}/{exports.DUAL_ENCODER}/{exports.IMAGE_EMBEDDINGS}: no "
+                        f"embedding for image {missing[0]}; export again")
+      base_emb = emb[[row_of[int(i)] for i in table["image_ids"]]]
       dual_encoder = store.load_encoder_dir(os.path.join(directory, exports.DUAL_ENCODER),
                                             _one_device_mesh(), stage_hint="export again")
-    return cls(params=params, cfg=cfg, vocab=vocab, trie=trie, tokenizer=tokenizer,
-               image_ids=image_ids, file_names=file_names, manifest=manifest,
-               dual_encoder=dual_encoder, image_embeddings=image_embeddings)
+    live = live_lib.LiveIndex(
+        base_ids=table["image_ids"], base_codes=table["codes"], base_names=table["file_names"],
+        position_sizes=trie.position_sizes, num_levels=vocab.num_levels,
+        base_embeddings=base_emb, base_trie=trie)
+    live.load_changes(directory)
+    return cls(params=params, cfg=cfg, vocab=vocab, live=live, tokenizer=tokenizer,
+               manifest=manifest, directory=directory, dual_encoder=dual_encoder)
+
+  # --- the live index ---------------------------------------------------------------------------
+  def _live_spec(self) -> dict:
+    spec = self.manifest.get("live")
+    if spec is None:
+      raise UserError(f"{self.directory}: this export cannot add images (scheme "
+                      f"{self.manifest.get('scheme')!r}; only avg / rq exports written by this "
+                      f"version carry the image encoder and tokenizer a new image needs)")
+    return spec
+
+  def _adding_tools(self):
+    """(image encoder, frozen RQ tokenizer), loaded on the first add."""
+    if self._image_encoder is None:
+      self._image_encoder = store.load_encoder_dir(
+          os.path.join(self.directory, exports.DUAL_ENCODER), self._mesh,
+          stage_hint="export again")
+    if self._image_tokenizer is None:
+      self._image_tokenizer = image_tokenizer_lib.load(
+          os.path.join(self.directory, exports.IMAGE_TOKENIZER))
+    return self._image_encoder, self._image_tokenizer
+
+  def embed_images(self, images: Sequence[Any], batch_size: int = 64, progress_bar: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """`(embeddings float32[M, D], semantic codes int32[M, L], stored images)` of new images,
+    computed as the embed and tokenize stages did; bad images are a `UserError` first."""
+    spec = self._live_spec()
+    new_images.check_all(images)
+    encoder, tok = self._adding_tools()
+    embs, stored = [np.zeros((0, encoder.cfg.projection_dim), np.float32)], []
+    starts = range(0, len(images), batch_size)
+    if progress_bar:
+      starts = progress(starts, total=-(-len(images) // batch_size), desc="add images",
+                        unit="batch")
+    for start in starts:
+      crops = []
+      for image in images[start:start + batch_size]:
+        crop, data = new_images.encoder_input(
+            image, image_size=int(spec["image_size"]), encoding=str(spec["image_encoding"]),
+            jpeg_quality=int(spec["jpeg_quality"]), pre=encoder.preprocess)
+        crops.append(crop)
+        stored.append(data)
+      embs.append(encoder.encode_images(np.stack(crops), self._mesh, batch_size))
+    emb = np.concatenate(embs)
+    return emb, tok.codes(emb), stored
+
+  def add(self, images: Sequence[Any], *, ids: Sequence[int] | None = None,
+          captions: Sequence[Sequence[str]] | None = None,
+          file_names: Sequence[str] | None = None, progress_bar: bool = False) -> np.ndarray:
+    """Adds images (file paths, encoded bytes or PIL images) to the index; -> their ids
+    (given, or the next free ones). Persisted (a new live version) before searches see them."""
+    if isinstance(images, (str, bytes, os.PathLike)):
+      raise UserError("add: pass a list of images, not a single one")
+    images = list(images)
+    if not images:
+      raise UserError("add: no images")
+    for name, values in (("ids", ids), ("captions", captions), ("file_names", file_names)):
+      if values is not None and len(values) != len(images):
+        raise UserError(f"add: {len(values)} {name} for {len(images)} images")
+    if captions is not None and any(isinstance(c, str) for c in captions):
+      raise UserError("add: captions: give a list of captions per image")
+    emb, semantic, stored = self.embed_images(images, progress_bar=progress_bar)
+    names = (list(file_names) if file_names is not None
+             else [new_images.file_name(image) for image in images])
+    with live_lib.WriteLock(self.directory):
+      live = copy.copy(self.state.live)
+      live.load_changes(self.directory)   # another process may have changed it meanwhile
+      if ids is None:
+        start = int(live.all_ids().max()) + 1 if len(live.all_ids()) else 0
+        new_ids = np.arange(start, start + len(images), dtype=np.int64)
+      else:
+        try:
+          new_ids = np.asarray([int(i) for i in ids], np.int64)
+        except (TypeError, ValueError) as e:
+          raise UserError(f"add: ids must be integers ({e})") from e
+      live.add(new_ids, semantic, names, emb if live.delta_embeddings is not None else None,
+               captions)
+      self._write_thumbnails(new_ids, stored)
+      live.save(self.directory)
+    self.state = self._state(live)   # one assignment: searches see all of it or none
+    return new_ids
+
+  def remove(self, image_ids: Sequence[int]) -> None:
+    """Removes images (base or added) from search results, persisted; an id that is not
+    indexed is a `UserError` naming it."""
+    if isinstance(image_ids, (str, bytes)):
+      raise UserError("remove: pass a list of image ids")
+    try:
+      ids = np.asarray([int(i) for i in image_ids], np.int64)
+    except (TypeError, ValueError) as e:
+      raise UserError(f"remove: image ids must be integers ({e})") from e
+    if not len(ids):
+      raise UserError("remove: no image ids")
+    with live_lib.WriteLock(self.directory):
+      live = copy.copy(self.state.live)
+      live.load_changes(self.directory)
+      live.remove(ids)   # on a copy: an unknown id leaves this Retriever as it was
+      if not len(live.live_ids()):
+        raise UserError("remove: the index would be empty (at least one image must stay)")
+      live.save(self.directory)
+    self.state = self._state(live)
+
+  def reload_changes(self) -> bool:
+    """Reads the newest live version written by another process; whether it changed."""
+    live = copy.copy(self.state.live)
+    live.load_changes(self.directory)
+    if live.version == self.state.live.version:
+      return False
+    self.state = self._state(live)
+    return True
+
+  def _write_thumbnails(self, image_ids: np.ndarray, stored: list[bytes]) -> None:
+    size = int(self._live_spec().get("thumbnail_size", 256))
+    folder = os.path.join(self.directory, live_lib.FOLDER, live_lib.THUMBNAILS)
+    os.makedirs(folder, exist_ok=True)
+    for image_id, data in zip(image_ids, stored):
+      thumb, _ = gallery_lib.thumbnail(data, size)
+      if thumb:
+        io.write_bytes(os.path.join(folder, str(int(image_id))), thumb)
+
+  def live_thumbnail(self, image_id: int) -> tuple[bytes, str] | None:
+    """`(bytes, MIME type)` of an added image's thumbnail, None when there is none."""
+    if not np.isin(int(image_id), self.state.live.delta_ids):
+      return None
+    path = os.path.join(self.directory, live_lib.FOLDER, live_lib.THUMBNAILS, str(int(image_id)))
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError:
+      return None
+    return data, ("image/png" if data.startswith(b"\x89PNG") else "image/jpeg")
+
+  def added_captions(self, image_id: int) -> list[str]:
+    """The captions given with an added image ([] when none; the base's are in the
+    export's gallery)."""
+    return list(self.state.captions.get(int(image_id), []))
 
   def file_name(self, image_id: int) -> str:
-    return self._file_name_of.get(int(image_id), "")
+    return self.state.file_names.get(int(image_id), "")
 
   def validate(self, queries: Sequence[str | bytes]) -> list[str]:
     """Checks and decodes queries (see the module docstring)."""
@@ -246,8 +433,12 @@ class Retriever:
     """`(image ids int64[Q, k], scores float32[Q, k])`, best first; -1 / -inf fill slots
     when fewer than k images are reachable."""
     texts = self.validate(queries)
-    if not 1 <= k <= len(self.image_ids):
-      raise UserError(f"search: k must be in [1, {len(self.image_ids)}], got {k}")
+    state = self.state   # read once: a concurrent change swaps in a whole new one
+    # Bounded by every image the index ever held (removal never shrinks it), so a compiled
+    # program stays valid; slots beyond the reachable images are -1.
+    limit = len(state.live.all_ids())
+    if not 1 <= k <= limit:
+      raise UserError(f"search: k must be in [1, {limit}], got {k}")
     decode = self.decode.with_k(k)
     tokens = self.tokenizer.encode_batch(texts, self.max_length)
     ids, scores = [], []
@@ -267,7 +458,7 @@ class Retriever:
         query_emb = np.asarray(self.dual_encoder.encode_texts(chunk_texts + filler, self._mesh),
                                np.float32)
       result = search_lib.constrained_search(
-          self.params, self.cfg, self.device_trie, self.vocab, padded,
+          self.params, self.cfg, state.device_trie, self.vocab, padded,
           **decode.search_kwargs(), query_emb=query_emb, trained_length=self.trained_length)
       out = search_lib.results_to_numpy(result)
       ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))

@@ -47,6 +47,11 @@ class Metrics:
         "avg_jax_serve_warmup_seconds", "time spent compiling every bucket at start", registry=r)
     self.index_images = prom.Gauge(
         "avg_jax_serve_index_images", "images in the served index", registry=r)
+    self.index_changes = prom.Counter(
+        "avg_jax_serve_index_changes", "live index changes (adds, removals) applied", registry=r)
+    self.rewarm_seconds = prom.Histogram(
+        "avg_jax_serve_rewarm_seconds", "compiling the search again after an index change",
+        buckets=_LATENCY_BUCKETS, registry=r)
     self.draining = prom.Gauge(
         "avg_jax_serve_draining", "1 after SIGTERM while in-flight requests finish", registry=r)
     self._lock = threading.Lock()
@@ -69,6 +74,12 @@ class Metrics:
   def mark_warm(self) -> None:
     with self._lock:
       self._warm = True
+
+  def mark_cold(self) -> None:
+    """Compiles from now until `mark_warm` are a warm-up's (after an index change), not a
+    request's."""
+    with self._lock:
+      self._warm = False
 
   @property
   def compile_count(self) -> int:

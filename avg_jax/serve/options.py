@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="how long the first request of a batch waits for others (%(default)s)")
   p.add_argument("--max-queries", type=int, default=64,
                  help="queries in one request (%(default)s)")
+  p.add_argument("--max-add-images", type=int, default=64,
+                 help="images in one POST /v1/images (%(default)s)")
   p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                  help="request body limit, 413 above (%(default)s)")
   p.add_argument("--drain-timeout", type=float, default=30.0,

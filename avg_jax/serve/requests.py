@@ -1,4 +1,5 @@
-"""Request bodies -> validated searches; anything wrong is an `ApiError` naming the field.
+"""Request bodies -> validated searches and index changes; anything wrong is an `ApiError`
+naming the field.
 
     POST /v1/search  {"queries": ["a red circle", ...], "k": 10}
 
@@ -7,13 +8,25 @@
 (JSON can carry lone surrogates, which the text tokenizer cannot take). `k`: optional
 integer in [1, max_k] (default `default_k`); booleans and floats are refused. Unknown keys are
 refused, so a misspelt `"K"` is not silently ignored.
+
+    POST /v1/images  {"images": [{"data": "<base64 PNG/JPEG bytes>", "id": 17,
+                                  "captions": ["..."], "file_name": "a.png"}, ...]}
+
+`images`: a non-empty list of at most `max_images` objects; `data` (required) is standard
+base64 of an encoded image that `prepare` would accept; `id` (optional, an integer; default:
+the next free ids), `captions` (optional list of strings) and `file_name` (optional string).
+Either every image gives an `id` or none does.
 """
+
+import base64
+import binascii
 
 import dataclasses
 import json
 from typing import Any, Callable, Sequence
 
 from avg_jax.errors import UserError
+from avg_jax.export import new_images
 
 
 class ApiError(Exception):
@@ -93,6 +106,68 @@ def parse_search(document: Any, limits: Limits,
   if not 1 <= k <= limits.max_k:
     raise ApiError(400, "k", f"must be in [1, {limits.max_k}], got {k}")
   return SearchRequest(queries=list(queries), k=k)
+
+
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+  images: list[bytes]
+  ids: list[int] | None
+  captions: list[list[str]]
+  file_names: list[str]
+
+
+_IMAGE_KEYS = ("data", "id", "captions", "file_name")
+
+
+def parse_add(document: Any, max_images: int) -> AddRequest:
+  """Checks a decoded `POST /v1/images` document (module doc); every image is decoded here,
+  so a bad one is refused naming its field before the index changes."""
+  if not isinstance(document, dict):
+    raise ApiError(400, "body", f"expected a JSON object, got {_json_type(document)}")
+  unknown = sorted(set(document) - {"images"})
+  if unknown:
+    raise ApiError(400, unknown[0], "unknown field (expected images)")
+  items = document.get("images")
+  if not isinstance(items, list) or not items:
+    raise ApiError(400, "images", "expected a non-empty list of image objects")
+  if len(items) > max_images:
+    raise ApiError(400, "images", f"{len(items)} images, the limit is {max_images}")
+  images, ids, captions, names = [], [], [], []
+  for i, item in enumerate(items):
+    where = f"images[{i}]"
+    if not isinstance(item, dict):
+      raise ApiError(400, where, f"expected an object, got {_json_type(item)}")
+    extra = sorted(set(item) - set(_IMAGE_KEYS))
+    if extra:
+      raise ApiError(400, f"{where}.{extra[0]}", f"unknown field (expected "
+                     f"{', '.join(_IMAGE_KEYS)})")
+    data = item.get("data")
+    if not isinstance(data, str):
+      raise ApiError(400, f"{where}.data", f"expected a base64 string, got {_json_type(data)}")
+    try:
+      raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+      raise ApiError(400, f"{where}.data", f"not valid base64 ({e})") from e
+    problem = new_images.problem(raw)
+    if problem:
+      raise ApiError(400, f"{where}.data", problem)
+    images.append(raw)
+    if "id" in item:
+      value = item["id"]
+      if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ApiError(400, f"{where}.id", "expected an integer in [0, 2^31 - 1]")
+      ids.append(value)
+    caps = item.get("captions", [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+      raise ApiError(400, f"{where}.captions", "expected a list of strings")
+    captions.append(caps)
+    name = item.get("file_name", "")
+    if not isinstance(name, str):
+      raise ApiError(400, f"{where}.file_name", f"expected a string, got {_json_type(name)}")
+    names.append(name)
+  if ids and len(ids) != len(items):
+    raise ApiError(400, "images", "give an id for every image or for none")
+  return AddRequest(images=images, ids=ids or None, captions=captions, file_names=names)
 
 
 def parse_image_id(text: str) -> int:

@@ -6,24 +6,33 @@
     GET  /metrics           Prometheus text format
     GET  /v1/info           index size, k limits, query limits, buckets
     POST /v1/search         {"queries": [...], "k": 10} -> ranked images per query
-    GET  /v1/images/{id}    the image's thumbnail from the export's gallery
+    GET  /v1/images/{id}    the image's thumbnail (the export's gallery, or an added image's)
+    POST /v1/images         add images to the live index (avg / rq exports; requests.py)
+    DELETE /v1/images/{id}  remove an image from the live index
 
 Every error is JSON `{"error": {"field": ..., "message": ...}}` with a 4xx status for what the
 client sent (`field` names the offending part: `queries[2]`, `k`, `body`, `id`, `path`,
 `method`) and 500 for a bug, which is logged and never stops the server.
 
-The live index (POST /v1/images, DELETE /v1/images/{id}) registers beside `GET
-/v1/images/{id}` in `build_app` once the Retriever can add and remove images; handlers reach
-images only through `Service`, which is where that index will plug in.
+Index changes run on the device thread, one at a time between search batches: the Retriever
+writes the new live version (crash-safe, under the export's write lock), swaps its search
+state whole, then the search programs are compiled again for the new tree before the change
+is answered -- searches queued meanwhile wait and never see a half-changed index nor compile.
+A change another process makes (`avg-jax index`) is picked up at this server's next change or
+restart. Status codes: 201 added, 200 removed, 400 bad body / image, 404 unknown id, 409 id
+already indexed or another writer holds the index.
 """
 
+import asyncio
 import dataclasses
 import importlib.resources
 import logging
 import time
+from typing import Callable
 
 from aiohttp import web
 
+from avg_jax.errors import UserError
 from avg_jax.export.gallery import Gallery
 from avg_jax.export.serving import Retriever
 from avg_jax.serve import requests as req_lib
@@ -45,11 +54,56 @@ class Service:
   metrics: Metrics
   limits: req_lib.Limits
   base_k: int             # the k every search with k <= base_k runs with (server.program_k)
+  rewarm: Callable[[], None] | None = None   # compiles the search for a changed index
+  max_add_images: int = 64
   draining: bool = False
   active_requests: int = 0
 
   def program_k(self, k: int) -> int:
     return max(k, self.base_k)
+
+  async def change(self, fn: Callable[[], object]):
+    """Runs an index change, then the re-compile, on the device thread; -> fn's result."""
+    def run():
+      # Compiles of the change itself (image encoder, tokenizer, tree) and of the re-warm are
+      # not a request's: the metric that must stay 0 counts those only.
+      self.metrics.mark_cold()
+      try:
+        result = fn()
+        if self.rewarm is not None:
+          self.rewarm()
+        return result
+      finally:
+        self.metrics.mark_warm()
+    try:
+      result = await asyncio.wrap_future(self.batcher.run_on_device(run))
+    except UserError as e:
+      raise _change_error(str(e)) from e
+    self.metrics.index_images.set(len(self.retriever.image_ids))
+    self.metrics.index_changes.inc()
+    return result
+
+  def captions(self, image_id: int) -> list[str]:
+    if self.gallery is not None and self.gallery.captions(image_id):
+      return self.gallery.captions(image_id)
+    return self.retriever.added_captions(image_id)
+
+  def thumbnail(self, image_id: int) -> tuple[bytes, str] | None:
+    thumb = self.gallery.thumbnail(image_id) if self.gallery is not None else None
+    return thumb if thumb is not None else self.retriever.live_thumbnail(image_id)
+
+
+def _change_error(message: str) -> req_lib.ApiError:
+  """The HTTP form of a `UserError` from `Retriever.add` / `remove`."""
+  if "another process is changing this index" in message:
+    return req_lib.ApiError(409, None, message)
+  if "is already indexed" in message or "repeats among" in message:
+    return req_lib.ApiError(409, "id", message)
+  if "is not in the index" in message:
+    return req_lib.ApiError(404, "id", message)
+  if "would be empty" in message:
+    return req_lib.ApiError(409, "id", message)
+  return req_lib.ApiError(400, "images", message)
 
 
 SERVICE = web.AppKey("service", Service)
@@ -163,7 +217,7 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
   async def image(request):
     image_id = req_lib.parse_image_id(request.match_info["id"])
     known = image_id in service.retriever.image_ids
-    thumb = service.gallery.thumbnail(image_id) if service.gallery is not None else None
+    thumb = service.thumbnail(image_id) if known else None
     if thumb is None:
       message = (f"image {image_id} has no thumbnail in this export" if known
                  else f"no image {image_id} in the index")
@@ -178,7 +232,37 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
   app.router.add_get("/metrics", metrics)
   app.router.add_get("/v1/info", info)
   app.router.add_post("/v1/search", search)
+  async def read_body(request) -> bytes:
+    if (request.content_length or 0) > request.client_max_size:
+      raise req_lib.ApiError(413, "body", f"request body over the limit of "
+                             f"{request.client_max_size} bytes")
+    return await request.read()
+
+  async def add_images(request):
+    if service.draining:
+      raise req_lib.ApiError(503, None, "the server is shutting down")
+    add = req_lib.parse_add(req_lib.parse_json(await read_body(request)),
+                            service.max_add_images)
+    ids = await service.change(lambda: service.retriever.add(
+        add.images, ids=add.ids, captions=add.captions, file_names=add.file_names))
+    return web.json_response(
+        {"added": [int(i) for i in ids], "num_images": int(len(service.retriever.image_ids)),
+         "version": int(service.retriever.state.live.version)}, status=201)
+
+  async def remove_image(request):
+    if service.draining:
+      raise req_lib.ApiError(503, None, "the server is shutting down")
+    image_id = req_lib.parse_image_id(request.match_info["id"])
+    await service.change(lambda: service.retriever.remove([image_id]))
+    return web.json_response(
+        {"removed": image_id, "num_images": int(len(service.retriever.image_ids)),
+         "version": int(service.retriever.state.live.version)})
+
   app.router.add_get("/v1/images/{id}", image)
+  # Removing needs only the index; adding needs the image encoder and tokenizer (avg / rq).
+  app.router.add_delete("/v1/images/{id}", remove_image)
+  if service.retriever.manifest.get("live") is not None:
+    app.router.add_post("/v1/images", add_images)
   return app
 
 
@@ -188,10 +272,11 @@ def _items(service: Service, ids, scores) -> list[dict]:
   for rank, (image_id, score) in enumerate(zip(ids.tolist(), scores.tolist())):
     if image_id < 0:  # fewer than k images reachable
       continue
-    has_thumb = gallery is not None and gallery.has_thumbnail(image_id)
+    has_thumb = ((gallery is not None and gallery.has_thumbnail(image_id))
+                 or service.retriever.live_thumbnail(image_id) is not None)
     items.append({
         "rank": rank + 1, "image_id": image_id, "score": score,
         "file_name": service.retriever.file_name(image_id),
-        "captions": gallery.captions(image_id) if gallery is not None else [],
+        "captions": service.captions(image_id),
         "image_url": f"/v1/images/{image_id}" if has_thumb else None})
   return items

@@ -49,7 +49,7 @@ def limits_for(retriever: Retriever, args: argparse.Namespace) -> tuple[req_lib.
   if not 1 <= max_k <= num_images:
     raise UserError(f"serve --max-k: must be in [1, {num_images}] (the index size), got "
                     f"{args.max_k}")
-  for name in ("max_queries", "max_body_bytes"):
+  for name in ("max_queries", "max_body_bytes", "max_add_images"):
     if getattr(args, name) < 1:
       raise UserError(f"serve --{name.replace('_', '-')}: must be >= 1")
   if not 0 <= args.batch_wait_ms <= 3_600_000 or args.drain_timeout < 0:
@@ -80,6 +80,18 @@ def warm_up(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
     log.warning("serve: the search still compiles after warm-up; requests may stall")
 
 
+def rewarm(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
+  """After an index change (on the device thread, before searches resume): compiles every
+  (bucket, k program) for the new tree, so no request compiles."""
+  start = time.perf_counter()
+  for k in ks:
+    for bucket in retriever.buckets:
+      retriever.search([WARMUP_QUERY] * bucket, k=k)
+  metrics.rewarm_seconds.observe(time.perf_counter() - start)
+  log.info("serve: index changed (%d images); search compiled again in %.1f s",
+           len(retriever.image_ids), time.perf_counter() - start)
+
+
 async def serve(args: argparse.Namespace) -> None:
   start = time.perf_counter()
   retriever = Retriever.load(args.model)
@@ -98,7 +110,9 @@ async def serve(args: argparse.Namespace) -> None:
   metrics.mark_warm()
 
   service = Service(retriever=retriever, gallery=gallery, batcher=batcher, metrics=metrics,
-                    limits=limits, base_k=base_k)
+                    limits=limits, base_k=base_k,
+                    rewarm=lambda: rewarm(retriever, ks, metrics),
+                    max_add_images=args.max_add_images)
   runner = web.AppRunner(build_app(service, args.max_body_bytes), access_log=None,
                          shutdown_timeout=1.0)
   await runner.setup()

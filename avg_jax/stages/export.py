@@ -1,7 +1,9 @@
 """`avg-jax export`: writes the serving checkpoint of the finished generator.
 
 Uses the learning-to-rank parameters when that stage finished, else the generative ones.
-The indexed images are those of `export.index_splits` (default: the test split).
+The indexed images are those of `export.index_splits` (default: the test split). avg / rq
+exports also carry the dual encoder and the frozen RQ tokenizer, so images can be added later
+without retraining (avg_jax/export/live_index.py).
 """
 
 import itertools
@@ -18,10 +20,17 @@ from avg_jax.artifacts import embeddings, exports, fingerprint, io, locks, paths
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
+from avg_jax.export import image_tokenizer as image_tokenizer_lib
 from avg_jax.export import serving
 from avg_jax.metrics import MetricsWriter
+from avg_jax.tokenizer import fit as fit_lib
 from avg_jax.tokenizer import ids as tokenizer_ids
+from avg_jax.tokenizer import schemes
 from avg_jax.training import state as state_lib
+
+
+# Schemes whose identifiers a frozen tokenizer gives new images (the others cannot grow live).
+LIVE_SCHEMES = ("avg", "rq")
 
 
 def file_names(workdir: str, split: str) -> dict:
@@ -70,6 +79,35 @@ def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
   return ids, codes
 
 
+def _live_parts(config: ConfigDict, workdir: str, gen, splits, index_ids: np.ndarray,
+                index_codes_: np.ndarray) -> tuple[tuple, dict]:
+  """`(image_tokenizer, live)` for `serving.write_export`: the fit's final RQ-VAE, and the
+  manifest's "live" record. The restored tokenizer must give the indexed images the semantic
+  codes `tokenize` gave them; the share that agrees is recorded (`code_agreement`) and a
+  tokenizer that disagrees on most is refused (it is not the one the generator learned)."""
+  name = fit_lib.tokenizer_name(config, config.tokenizer.scheme, str(config.protocol))
+  parts = [embeddings.load(workdir, s) for s in splits]
+  emb_ids = np.concatenate([p["image_ids"] for p in parts]).astype(np.int64)
+  emb = np.concatenate([p["image_emb"] for p in parts]).astype(np.float32)
+  cfg, params, batch_stats = schemes.final_rqvae(config, paths.tokenizer_dir(workdir, name),
+                                                 emb.shape[1])
+  tok = image_tokenizer_lib.ImageTokenizer(cfg, {"params": params, "batch_stats": batch_stats})
+  row_of = {int(i): r for r, i in enumerate(emb_ids)}
+  rows = np.array([row_of[int(i)] for i in index_ids])
+  levels = gen.vocab.num_levels
+  agreement = float(np.mean(np.all(tok.codes(emb[rows]) == index_codes_[:, :levels], axis=1)))
+  if agreement < 0.9:
+    raise UserError(f"{paths.tokenizer_dir(workdir, name)}: the tokenizer's newest checkpoint "
+                    f"gives only {agreement:.0%} of the indexed images their voken-table codes; "
+                    f"rerun `avg-jax tokenize`")
+  live = dict(image_size=int(config.data.image_size),
+              image_encoding=str(config.data.image_encoding),
+              jpeg_quality=int(config.data.jpeg_quality), tokenizer=name,
+              thumbnail_size=int(config.export.thumbnail_size) or 256,
+              code_agreement=agreement)
+  return (cfg, params, batch_stats), live
+
+
 def hybrid_config(config: ConfigDict, workdir: str) -> ConfigDict:
   """`config` with the avg_hybrid fusion weight in `decode.hybrid_weight` when
   `export.hybrid` is on: the config's own weight, else the one `evaluate` chose on validation
@@ -115,16 +153,23 @@ def run(config: ConfigDict, workdir: str) -> None:
     names += [name_of.get(int(i), "") for i in image_ids]
     entries.append(gallery_entries(workdir, split, image_ids))
   index_ids, index_codes_ = index_codes(gen, splits)
-  dual_encoder = None
+  dual_encoder, image_tokenizer, live = None, None, None
   if gen.decode.needs_embeddings:
     parts = [embeddings.load(workdir, s) for s in splits]
     dual_encoder = (workdir, np.concatenate([p["image_ids"] for p in parts]),
                     np.concatenate([p["image_emb"] for p in parts]))
+  if scheme in LIVE_SCHEMES:
+    # What a new image needs to join the index without retraining: the image tower it is
+    # embedded with, the frozen RQ tokenizer that gives its codes, and how `prepare` stored
+    # images (the same pixels reach the encoder as in the embed stage).
+    if dual_encoder is None:
+      dual_encoder = (workdir, None, None)
+    image_tokenizer, live = _live_parts(config, workdir, gen, splits, index_ids, index_codes_)
   serving.write_export(
       directory, params=params, cfg=gen.cfg, vocab=gen.vocab, image_ids=index_ids,
       codes=index_codes_, file_names=names, tokenizer=gen.tokenizer,
       decode=dict(gen.decode.to_dict(), trained_length=gen.trained_length),
-      dual_encoder=dual_encoder,
+      dual_encoder=dual_encoder, image_tokenizer=image_tokenizer, live=live,
       limits=dict(max_length=int(config.text_tokenizer.max_length),
                   max_query_chars=int(config.export.max_query_chars),
                   batch_buckets=list(config.export.batch_buckets)),

@@ -70,6 +70,29 @@ def learned_codes(config, workdir: str, directory: str, embeddings: dict, fit: d
   return codes, books.reshape(-1, cfg.e_dim), stats
 
 
+def final_rqvae(config, directory: str, in_dim: int) -> tuple[model_lib.RQVAEConfig, dict, dict]:
+  """The trained RQ-VAE of a finished avg / rq fit in `directory` (its newest checkpoint):
+  `(config, params, batch_stats)` on the host, for an export to tokenize new images with."""
+  tok = config.tokenizer
+  cfg = model_lib.RQVAEConfig.from_config(tok, in_dim=in_dim)
+  # Only the abstract state is needed to restore; the trainer builds it for this mesh.
+  trainer = train_lib.RQVAETrainer(cfg, losses_lib.LossWeights.from_config(tok, "avg"),
+                                   partitioning.make_mesh(config.mesh),
+                                   train_lib.TrainOptions.from_config(tok, config.seed),
+                                   int(tok.batch_size))
+  checkpointer = Checkpointer(paths.checkpoints_dir(directory),
+                              keep=int(tok.keep_checkpoints), async_save=False)
+  try:
+    found = checkpointer.restore_latest_good(trainer.abstract_state)
+  finally:
+    checkpointer.close()
+  if found is None:
+    raise UserError(f"{paths.checkpoints_dir(directory)}: no RQ tokenizer checkpoint; run "
+                    f"`avg-jax tokenize` first")
+  state = found[1]
+  return cfg, jax.device_get(state.params), jax.device_get(state.batch_stats)
+
+
 def _train(trainer: train_lib.RQVAETrainer, sampler: train_lib.PairSampler, tok, workdir: str,
          directory: str, name: str) -> train_lib.TokenizerState:
   """The training loop: resume from the newest good checkpoint or init + k-means, then train.

@@ -81,3 +81,50 @@ def test_union_children_hold_each_code_once():
   # code 0: base only; code 2: both (base node 1, delta node 0); code 3: delta only.
   assert got == [(0, 0, -1), (2, 1, 0), (3, -1, 1)]
   assert u.widths == (4, 2) and u.max_group == 2
+
+
+@pytest.mark.parametrize("dense_levels", [0, 1])
+def test_removed_subtrees_cost_no_beam_slots(params, dense_levels):
+  # With a narrow beam, a search that walked into removed images' paths would return fewer
+  # or other images than a tree built from the live images alone; pruning makes them equal.
+  from avg_jax.export import live_index as live_lib
+  codes, ids = _split(seed=3, n=16)
+  index = live_lib.LiveIndex(base_ids=ids[:10], base_codes=codes[:10],
+                             base_names=np.full(10, ""), position_sizes=SIZES, num_levels=2)
+  index.add(ids[10:], codes[10:], [""] * 6)
+  removed = ids[[0, 1, 2, 3, 4, 10, 11]]
+  index.remove(removed)
+  keep = ~np.isin(ids, removed)
+  alive_only = VokenTrie.build(codes[keep], ids[keep], SIZES).to_device(dense_levels)
+  union = index.device(dense_levels)
+  queries = np.random.default_rng(4).integers(3, 21, (4, 5)).astype(np.int32)
+  kw = dict(beam_size=3, top_k=3, trained_length=2)
+  a = jax.device_get(search.constrained_search(params, CFG, alive_only, VOCAB, queries, **kw))
+  b = jax.device_get(search.constrained_search(params, CFG, union, VOCAB, queries, **kw))
+  for q in range(4):
+    assert not set(b.item_ids[q].tolist()) & set(removed.tolist())
+    np.testing.assert_allclose(np.sort(a.scores[q]), np.sort(b.scores[q]), atol=1e-5)
+    assert sorted(a.item_ids[q].tolist()) == sorted(b.item_ids[q].tolist())
+  # Without the pruning (dead leaves only) the narrow beam loses slots on some query.
+  plain = union.replace(base=union.base.with_alive(union.base.item_alive),
+                        delta=union.delta.with_alive(union.delta.item_alive))
+  c = jax.device_get(search.constrained_search(params, CFG, plain, VOCAB, queries, **kw))
+  assert (c.item_ids < 0).sum() > (b.item_ids < 0).sum()
+
+
+@pytest.mark.parametrize("dense_levels", [0, 1])
+def test_delta_only_codes_under_a_dense_base_level_keep_their_code(params, dense_levels):
+  # Seed 3: the delta holds root code 1, which the base lacks. The union once labelled that
+  # child with code 0 under a dense base level (wrong token, wrong score); with a narrow beam
+  # the results then differed from one tree over both.
+  codes, ids = _split(seed=3, n=16)
+  assert 1 in codes[10:, 0] and 1 not in codes[:10, 0]
+  union = UnionTrie.of(VokenTrie.build(codes[:10], ids[:10], SIZES).to_device(dense_levels),
+                       VokenTrie.build(codes[10:], ids[10:], SIZES).to_device(0))
+  whole = VokenTrie.build(codes, ids, SIZES).to_device(dense_levels)
+  queries = np.random.default_rng(4).integers(3, 21, (4, 5)).astype(np.int32)
+  kw = dict(beam_size=3, top_k=3, trained_length=2)
+  a = jax.device_get(search.constrained_search(params, CFG, whole, VOCAB, queries, **kw))
+  b = jax.device_get(search.constrained_search(params, CFG, union, VOCAB, queries, **kw))
+  np.testing.assert_array_equal(a.item_ids, b.item_ids)
+  np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)

@@ -119,7 +119,10 @@ def test_bad_search_is_a_4xx_naming_the_field(server, body, status, field):
     ("GET", "/static/../../etc/passwd", 404, "path"),
     ("GET", "/static/index.html", 404, "path"),
     ("GET", "/v1/search", 405, "method"),
-    ("DELETE", "/v1/images/1", 405, "method"),
+    ("PUT", "/v1/images/1", 405, "method"),
+    # DELETE is the live index's removal (tests/serve/test_live_api.py); nothing changes here.
+    ("DELETE", "/v1/images/abc", 400, "id"),
+    ("DELETE", "/v1/images/123456789", 404, "id"),
 ])
 def test_bad_paths_and_methods(server, method, path, status, field):
   got, headers, raw = server.request(method, path)

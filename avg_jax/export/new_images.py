@@ -1,0 +1,78 @@
+"""Images given to `Retriever.add`, turned into exactly what the embed stage fed the encoder.
+
+An image is a file path, a PIL image, or encoded bytes (PNG / JPEG / anything PIL reads). It
+takes the same road as an indexed image did: `prepare` (resize the shorter side to
+`data.image_size`, centre crop, store as `data.image_encoding`), then `embed`
+(`preprocess.resize_and_crop` to the encoder's crop). The store-and-decode round trip is kept
+because a JPEG-storing config changes the pixels there.
+
+Bad images are refused before anything changes, with `prepare`'s reasons:
+"2 of 120 images cannot be used: a.svg: unsupported format (SVG); b.png: missing".
+"""
+
+import io
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from avg_jax.data import images as images_lib
+from avg_jax.data import karpathy
+from avg_jax.encoders import preprocess
+from avg_jax.errors import UserError
+
+
+def describe(image: Any, position: int) -> str:
+  """How an error names an image: its path, or its position in the call."""
+  if isinstance(image, (str, os.PathLike)):
+    return os.fspath(image)
+  return f"image {position}"
+
+
+def problem(image: Any) -> str:
+  """Why `image` cannot be added ("" when it can)."""
+  if isinstance(image, (str, os.PathLike)):
+    return images_lib.check_file(os.fspath(image))
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return images_lib.check_bytes(bytes(image))
+  if isinstance(image, Image.Image):
+    return ""
+  return f"expected a file path, encoded bytes or a PIL image, got {type(image).__name__}"
+
+
+def check_all(images: Sequence[Any]) -> None:
+  """A `UserError` listing the images that cannot be added (as `prepare` words it)."""
+  bad = [(describe(image, i), reason) for i, image in enumerate(images)
+         for reason in [problem(image)] if reason]
+  if bad:
+    raise UserError(karpathy.describe_bad(bad, len(images)))
+
+
+def _pil(image: Any) -> Image.Image:
+  if isinstance(image, (str, os.PathLike)):
+    return Image.open(os.fspath(image))
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return Image.open(io.BytesIO(bytes(image)))
+  return image
+
+
+def encoder_input(image: Any, *, image_size: int, encoding: str, jpeg_quality: int,
+                  pre: preprocess.PreprocessConfig) -> tuple[np.ndarray, bytes]:
+  """`(uint8[crop, crop, 3] for the image encoder, the image as prepare stored it)`."""
+  pil = _pil(image)
+  try:
+    pil.load()
+    pixels = images_lib.resize_center_crop(pil, image_size)
+  finally:
+    if pil is not image:
+      pil.close()
+  stored = images_lib.encode(pixels, encoding, jpeg_quality)
+  return preprocess.resize_and_crop(images_lib.decode(stored), pre), stored
+
+
+def file_name(image: Any) -> str:
+  """The name results show for an added image: a path's base name, else ""."""
+  if isinstance(image, (str, os.PathLike)):
+    return os.path.basename(os.fspath(image))
+  return ""
