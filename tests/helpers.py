@@ -30,3 +30,28 @@ def flip_bytes(path, count=400) -> None:
     f.seek((size - count) // 2)
     f.write(bytes(b ^ 0xFF for b in data))
   assert os.path.getsize(path) == size
+
+
+def tiny_t5():
+  """`(vocab, cfg)`: a 1+1-layer T5 over 2 levels of 4 codes (+3 disambiguation tokens, P = 3),
+  for search tests whose answers come from a real model's scores (`tiny_t5_params`)."""
+  from avg_jax.models.t5_config import T5Config
+  from avg_jax.vokens import VokenVocabulary
+  vocab = VokenVocabulary(text_vocab_size=21, codebook_size=4, num_levels=2,
+                          shared_codebook=False, disambiguation_size=3)
+  cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
+                 d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dropout_rate=0.0)
+  return vocab, cfg
+
+
+def tiny_t5_params(cfg):
+  """Random parameters of `tiny_t5`'s model, token embeddings scaled up so beams differ
+  clearly."""
+  import flax.linen as nn
+  import jax
+  from avg_jax.models import t5 as t5_lib
+  variables = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(cfg, r)))(jax.random.key(1))
+  params = dict(variables["params"])
+  params["token_embedding"] = params["token_embedding"] * 4.0
+  return params

@@ -120,23 +120,14 @@ def test_item_embeddings_must_cover_the_index():
 # --- the same on a tiny random T5 ---------------------------------------------------------------
 
 from avg_jax.models import t5 as t5_lib  # noqa: E402
-from avg_jax.models.t5_config import T5Config  # noqa: E402
-from avg_jax.vokens import VokenVocabulary  # noqa: E402
+from helpers import tiny_t5, tiny_t5_params  # noqa: E402
 
-VOCAB = VokenVocabulary(text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False,
-                        disambiguation_size=3)  # P = 3
-CFG = T5Config(vocab_size=VOCAB.total_vocab_size, num_voken_tokens=VOCAB.num_voken_tokens,
-               d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=1,
-               num_decoder_layers=1, dropout_rate=0.0)
+VOCAB, CFG = tiny_t5()
 
 
 @pytest.fixture(scope="module")
 def params():
-  import flax.linen as nn
-  variables = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(CFG, r)))(jax.random.key(1))
-  params = dict(variables["params"])
-  params["token_embedding"] = params["token_embedding"] * 4.0
-  return params
+  return tiny_t5_params(CFG)
 
 
 def _log_probs(params, queries, targets):

@@ -1,7 +1,6 @@
 """A base tree and a delta tree searched as one equal one tree over both (when nothing is
 pruned), removed images disappear, and the union's windows hold every child once."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -9,23 +8,15 @@ import pytest
 from avg_jax.decoding import search
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.decoding.union_trie import UnionTrie
-from avg_jax.models import t5 as t5_lib
-from avg_jax.models.t5_config import T5Config
-from avg_jax.vokens import VokenVocabulary
 
-VOCAB = VokenVocabulary(text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False,
-                        disambiguation_size=3)
-CFG = T5Config(vocab_size=VOCAB.total_vocab_size, num_voken_tokens=VOCAB.num_voken_tokens,
-               d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=1,
-               num_decoder_layers=1, dropout_rate=0.0)
+from helpers import tiny_t5, tiny_t5_params
+
+VOCAB, CFG = tiny_t5()
 
 
 @pytest.fixture(scope="module")
 def params():
-  variables = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(CFG, r)))(jax.random.key(1))
-  p = dict(variables["params"])
-  p["token_embedding"] = p["token_embedding"] * 4.0
-  return p
+  return tiny_t5_params(CFG)
 
 SIZES = VOCAB.position_sizes()[:2]   # semantic codes: 4 x 4
 
