@@ -254,7 +254,7 @@ RULES: dict[str, Rule] = {
     "evaluate.hybrid_weights": Rule(low=0, each=True),
     "evaluate.ann_ef_search": COUNTS_OR_NONE,
     "evaluate.ann_m": COUNT, "evaluate.ann_ef_construction": COUNT,
-    "evaluate.ann_target_recall": FRACTION,
+    "evaluate.ann_target_recall": FRACTION, "evaluate.ann_max_items": COUNT_OR_0,
     "export.batch_buckets": COUNTS, "export.max_query_chars": COUNT,
     "export.thumbnail_size": COUNT_OR_0,
     "aot.index_size": COUNT_OR_0, "aot.disambiguation_size": COUNT,

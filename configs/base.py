@@ -256,6 +256,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       ann_ef_construction=64,
       ann_ef_search=(16, 32, 64, 128, 256),
       ann_target_recall=0.95,
+      ann_max_items=0,         # HNSW only at efficiency sizes up to this (0: all)
   ))
 
   # --- Export ----------------------------------------------------------------------------------

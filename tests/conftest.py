@@ -7,6 +7,18 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("AVG_JAX_NO_PROGRESS", "1")
+# One XLA compilation cache for the session, inherited by the CLI subprocesses the tests start:
+# many tests compile the same tiny programs again (each jit of a new closure, each process).
+# The key covers the program, flags and devices, so a hit is the same executable.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _CACHE = tempfile.mkdtemp(prefix="avg_jax_tests_xla_cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402

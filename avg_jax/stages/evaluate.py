@@ -218,9 +218,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
         encode_s_per_query=encode_s)
     ef_search = tuple(int(e) for e in config.evaluate.ann_ef_search)
-    if ef_search:
+    cap = int(config.evaluate.ann_max_items)
+    ann_sizes = tuple(n for n in sizes if not cap or n <= cap)
+    if ef_search and ann_sizes:
       frontier = efficiency.ann_queries_per_s(
-          test_emb["image_emb"], test_emb["caption_emb"][:n_q], sizes,
+          test_emb["image_emb"], test_emb["caption_emb"][:n_q], ann_sizes,
           k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),
           m=int(config.evaluate.ann_m), ef_construction=int(config.evaluate.ann_ef_construction),
           ef_search=ef_search, encode_s_per_query=encode_s)

@@ -28,7 +28,8 @@ def hybrid_workdir(repo_root, pipeline_workdir, tmp_path_factory):
           "--config.evaluate.methods=('two_tower', 'avg', 'avg_hybrid')",
           f"--config.evaluate.hybrid_weights={WEIGHTS}",
           "--config.evaluate.protocols=('transductive',)",
-          "--config.evaluate.efficiency_sizes=(100,)", "--config.export.hybrid=true"]
+          "--config.evaluate.efficiency_sizes=(100,)", "--config.export.hybrid=true",
+          "--config.evaluate.ann_max_items=50"]   # no HNSW row at N = 100
   assert cli.main(["evaluate", *args]) == 0
   assert cli.main(["export", *args]) == 0
   return workdir, args
@@ -61,6 +62,7 @@ def test_weight_is_chosen_on_validation_and_test_uses_it(repo_root, hybrid_workd
   assert results["recall"]["transductive"]["avg_hybrid"]["R@1"] == pytest.approx(r1)
   assert "R@1" in results["vs_two_tower"]["transductive"]["avg_hybrid"]
   assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [100]
+  assert "two_tower_hnsw" not in results["efficiency"] and "ann_frontier" not in results
   assert "avg_hybrid: fusion weight chosen on validation" in (
       workdir / "evaluate" / "report.md").read_text()
 
