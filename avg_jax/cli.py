@@ -163,7 +163,10 @@ def _run_with_config(args, config, overrides) -> int:
     return 0
   partitioning.maybe_initialize_distributed(config.distributed)
   if args.command == "bench":
-    importlib.import_module(f"avg_jax.bench.{args.name}").run(config, args.workdir, args)
+    bench = importlib.import_module(f"avg_jax.bench.{args.name}")
+    for name in getattr(bench, "NEEDS_STAGES", ()):
+      stage_modules()[name].run(config, args.workdir)
+    bench.run(config, args.workdir, args)
     return 0
   stages = stage_modules()
   for name in PIPELINE if args.command == "run" else (args.command,):

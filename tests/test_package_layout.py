@@ -17,9 +17,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "avg_jax"
 FOUNDATION = {"errors", "config", "partitioning", "progress", "runtime", "vokens", "metrics",
               "processes", "artifacts", "loop"}
 # Libraries in the order data flows through them: each may import only those before it.
+# The tools (ahead-of-time compile, benchmarks, cloud helpers) come last: they are libraries
+# too, and run stages only through the CLI.
 LIBRARIES = ["data", "encoders", "tokenizer", "models", "decoding", "training", "evaluation",
-             "export", "serve"]
-TOP = {"stages", "cli", "__main__", "aot", "bench", "cloud"}
+             "export", "serve", "cloud", "aot", "bench"]
+TOP = {"stages", "cli", "__main__"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -15,7 +15,6 @@ from avg_jax.artifacts import io
 from avg_jax.bench import common
 from avg_jax.data import dataset
 from avg_jax.data import pipeline
-from avg_jax.stages import prepare
 
 BATCH_SIZE = 64
 
@@ -66,9 +65,13 @@ def measure(workdir: str, *, decode: bool, worker_count: int, read_threads: int,
           "seconds": round(seconds, 3), "examples_per_s": round(examples / seconds, 1)}
 
 
+# Stages the CLI runs first (idempotent: complete outputs are kept): benchmarks are
+# libraries and never import a stage.
+NEEDS_STAGES = ("prepare",)
+
+
 def run(config: Any, workdir: str, args: Any) -> dict:
   """The benchmark (see the module docstring); returns what it writes to bench_data.json."""
-  prepare.run(config, workdir)  # idempotent: keeps complete prepared data
   info = dataset.load_info(workdir)
   quick = bool(getattr(args, "quick", False))
   num_train = info["splits"]["train"]["num_images"]

@@ -19,9 +19,11 @@ def candidate_similarities(item_ids: np.ndarray, query_emb: np.ndarray, image_id
   """`float32[Q, B]`: cosine of each query `[Q, D]` with each of its beam's images
   `item_ids [Q, B]` (-1 = empty slot, similarity 0), given the index's `image_ids [N]` and
   `image_emb [N, D]` (rows L2-normalised here, as the search does)."""
-  row_of = {int(i): r for r, i in enumerate(np.asarray(image_ids))}
-  ids = np.asarray(item_ids)
-  rows = np.array([[row_of.get(int(i), -1) for i in q] for q in ids], np.int64)
+  image_ids, ids = np.asarray(image_ids), np.asarray(item_ids)
+  # Rows of the ids by a sorted lookup (vectorised over all Q x B slots); unknown ids -> -1.
+  order = np.argsort(image_ids, kind="stable")
+  pos = np.clip(np.searchsorted(image_ids[order], ids), 0, len(order) - 1)
+  rows = np.where(image_ids[order][pos] == ids, order[pos], -1)
   unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   img = unit(np.asarray(image_emb, np.float32))
   qry = unit(np.asarray(query_emb, np.float32))
