@@ -14,6 +14,9 @@ from avg_jax.errors import UserError
 
 # How images that share their semantic codes are ordered (see avg_jax/decoding/search.py).
 TIE_BREAKS = ("learned", "similarity", "image_id")
+# Where avg_hybrid's query embedding comes from: the dual encoder's text tower, or a linear
+# head on the generator's encoder (models/query_head.py: no second transformer pass).
+HYBRID_QUERIES = ("dual_encoder", "generator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +29,9 @@ class DecodeConfig:
   (images that share semantic codes are ordered by the dual encoder's query-image cosine
   similarity) or "image_id" (by image id). `hybrid_weight`: None for plain AVG; a number
   re-ranks the beam's images by log-prob + weight x the dual encoder's query-image cosine
-  similarity (`avg_hybrid`, see `search.hybrid_rescore`).
+  similarity (`avg_hybrid`, see `search.hybrid_rescore`); `hybrid_query`: that query embedding
+  from the dual encoder's text tower ("dual_encoder") or predicted from the generator's
+  encoder ("generator", `models.query_head`).
   """
   beam_size: int = 10
   top_k: int = 10
@@ -36,6 +41,7 @@ class DecodeConfig:
   dense_levels: int = 1
   batch_size: int = 32
   hybrid_weight: float | None = None
+  hybrid_query: str = "dual_encoder"
 
   def __post_init__(self):
     if self.beam_size < 1:
@@ -48,6 +54,9 @@ class DecodeConfig:
     if self.tie_break not in TIE_BREAKS:
       raise UserError(f"config decode.tie_break must be one of {', '.join(TIE_BREAKS)}, got "
                       f"{self.tie_break!r}")
+    if self.hybrid_query not in HYBRID_QUERIES:
+      raise UserError(f"config decode.hybrid_query must be one of {', '.join(HYBRID_QUERIES)}, "
+                      f"got {self.hybrid_query!r}")
     if self.dense_levels < 0:
       raise UserError(f"config decode.dense_levels must be >= 0, got {self.dense_levels}")
     if self.batch_size < 1:
@@ -62,7 +71,8 @@ class DecodeConfig:
                voken_logits_only=bool(decode.voken_logits_only),
                dense_levels=int(decode.dense_levels), batch_size=int(decode.batch_size),
                hybrid_weight=(None if decode.hybrid_weight is None
-                              else float(decode.hybrid_weight)))
+                              else float(decode.hybrid_weight)),
+               hybrid_query=str(decode.hybrid_query))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DecodeConfig":
@@ -81,7 +91,8 @@ class DecodeConfig:
   def search_kwargs(self) -> dict:
     """The plain arguments of `search.constrained_search` for these settings."""
     return dict(beam_size=self.beam, top_k=self.top_k, mask_mode=self.mask_mode,
-                voken_logits_only=self.voken_logits_only, hybrid_weight=self.hybrid_weight)
+                voken_logits_only=self.voken_logits_only, hybrid_weight=self.hybrid_weight,
+                order_by_similarity=self.tie_break == "similarity")
 
   @property
   def beam(self) -> int:
@@ -97,3 +108,14 @@ class DecodeConfig:
   def needs_embeddings(self) -> bool:
     """The search reads query and image embeddings (similarity tie-break or avg_hybrid)."""
     return self.tie_break == "similarity" or self.hybrid_weight is not None
+
+  @property
+  def uses_query_head(self) -> bool:
+    """avg_hybrid with the generator's own query embedding (`models.query_head`); it then
+    serves the similarity tie-break too."""
+    return self.hybrid_weight is not None and self.hybrid_query == "generator"
+
+  @property
+  def needs_text_tower(self) -> bool:
+    """The query embeddings come from the dual encoder's text tower."""
+    return self.needs_embeddings and not self.uses_query_head

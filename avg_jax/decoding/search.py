@@ -49,6 +49,7 @@ from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import DeviceTrie, Unconstrained, VokenTrie
 from avg_jax.decoding.union_trie import UnionTrie
 from avg_jax.errors import UserError
+from avg_jax.models import query_head as query_head_lib
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import EOS_ID, VokenVocabulary
@@ -128,31 +129,34 @@ def grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch:
 
 
 def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: int,
-                  query_emb: jax.Array | None = None
+                  query_emb: jax.Array | None = None, *, order_by_similarity: bool = True
                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """The best `top_k` items of the ranked leaves `leaf int32[B, n]` (-1: none), leaf by leaf.
 
   Within a leaf, items are ordered by cosine similarity to `query_emb float[B, D]` when it and
-  `trie.item_emb` are given, else by id. -> `(item ids int32[B, top_k], scores float32[B, k]
-  (their leaf's), rank of their leaf int32[B, k], their similarity float32[B, k] or None)`;
-  missing slots: -1, -inf, -1, -inf.
+  `trie.item_emb` are given and `order_by_similarity`, else by id. -> `(item ids int32[B,
+  top_k], scores float32[B, k] (their leaf's), rank of their leaf int32[B, k], their
+  similarity float32[B, k] (None without `query_emb`))`; missing slots: -1, -inf, -1, -inf.
   """
   b, n = jax.tree.leaves(leaf)[0].shape
-  by_similarity = query_emb is not None and trie.item_emb is not None
-  # In id order only a leaf's first top_k images can be results; by similarity any can.
+  with_similarity = query_emb is not None and trie.item_emb is not None
+  by_similarity = with_similarity and order_by_similarity
+  # In id order only a leaf's first top_k images can be results (so the cost is bounded by
+  # k, whatever the size of the largest group); by similarity any can.
   width = trie.max_group if by_similarity else min(trie.max_group, top_k)
-  items, valid, emb = trie.members(leaf, width, by_similarity)             # [B, n, G]
+  items, valid, emb = trie.members(leaf, width, with_similarity)           # [B, n, G]
   width = items.shape[-1]
-  if by_similarity:
+  if with_similarity:
     q = query_emb.astype(jnp.float32)
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
     sim = jnp.einsum("bd,bngd->bng", q, emb)                              # [B, n, G]
+  if by_similarity:
     # Stable: equal similarities keep id order; invalid slots go last.
     order = jnp.argsort(jnp.where(valid, -sim, jnp.inf), axis=-1, stable=True)
     items = jnp.take_along_axis(items, order, axis=-1)
     valid = jnp.take_along_axis(valid, order, axis=-1)
     sim = jnp.take_along_axis(sim, order, axis=-1)
-  else:
+  elif not with_similarity:
     sim = jnp.zeros(items.shape, jnp.float32)
   leaf_rank = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], items.shape)
   flat = lambda x: x.reshape(b, n * width)
@@ -169,7 +173,7 @@ def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: i
   out_scores = jnp.where(got, jnp.take_along_axis(scores, jnp.maximum(rank, 0), axis=-1),
                          -jnp.inf)
   out_sim = jnp.where(got, jnp.take_along_axis(sim, take, axis=-1), -jnp.inf)
-  return item_ids, out_scores, rank, (out_sim if by_similarity else None)
+  return item_ids, out_scores, rank, (out_sim if with_similarity else None)
 
 
 def hybrid_rescore(item_ids: jax.Array, scores: jax.Array, sim: jax.Array, weight: float,
@@ -183,14 +187,19 @@ def hybrid_rescore(item_ids: jax.Array, scores: jax.Array, sim: jax.Array, weigh
   return take(item_ids), take(fused), order
 
 
-def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
+def _search(params, trie, input_tokens, query_emb=None, query_head=None, *, cfg: T5Config,
             vocab: VokenVocabulary, beam_size: int, top_k: int, mask_mode: str,
             voken_logits_only: bool, trained_length: int,
-            hybrid_weight: float | None = None) -> SearchResult:
+            hybrid_weight: float | None = None,
+            order_by_similarity: bool = True) -> SearchResult:
   batch = input_tokens.shape[0]
   p = trie.id_length if trie is not None else vocab.id_length
   input_tokens = input_tokens.astype(jnp.int32)
   encoded = t5_lib.encode(params, cfg, input_tokens)                  # [B, S, D]
+  if query_emb is None and query_head is not None:
+    # The generator's own query embedding (models/query_head.py): no second text tower.
+    query_emb = query_head_lib.predict(query_head,
+                                       query_head_lib.pooled_states(encoded, input_tokens))
   # P + 1 positions are fed: the start token and the P vokens (EOS is predicted, not fed).
   cache = t5_lib.init_decode_state(params, cfg, encoded, input_tokens, p + 1)
   # Beam-invariant entries (cross-attention K/V, encoder mask) stay out of the loop state and
@@ -227,14 +236,18 @@ def _search(params, trie, input_tokens, query_emb=None, *, cfg: T5Config,
     return SearchResult(item_ids=item_ids, scores=result.scores, codes=result.codes,
                         sequences=result.codes)
   if hybrid:
-    # The beam's images (one per beam slot: the cost stays independent of N), re-scored.
+    # The beam's B images as the plain search would return them (within a leaf by the
+    # tie-break), re-scored: B dot products, at most B images read per leaf, so the cost is
+    # independent of N and of the size of the largest group of shared codes.
     item_ids, scores, rank, sim = expand_leaves(trie, result.leaf, result.scores, beam_size,
-                                                query_emb)
+                                                query_emb,
+                                                order_by_similarity=order_by_similarity)
     item_ids, scores, order = hybrid_rescore(item_ids, scores, sim, hybrid_weight, top_k)
     rank = jnp.where(item_ids >= 0, jnp.take_along_axis(rank, order, axis=-1), -1)
   else:
     item_ids, scores, rank, _ = expand_leaves(trie, result.leaf, result.scores, top_k,
-                                              query_emb)
+                                              query_emb,
+                                              order_by_similarity=order_by_similarity)
   codes = jnp.where((rank >= 0)[..., None],
                     jnp.take_along_axis(result.codes, jnp.maximum(rank, 0)[..., None], axis=1),
                     -1)
@@ -273,7 +286,7 @@ def _check_input_tokens(cfg: T5Config, input_tokens):
 
 
 _STATIC = ("cfg", "vocab", "beam_size", "top_k", "mask_mode", "voken_logits_only",
-           "trained_length", "hybrid_weight")
+           "trained_length", "hybrid_weight", "order_by_similarity")
 _search_jit = jax.jit(_search, static_argnames=_STATIC)
 
 
@@ -297,9 +310,10 @@ def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, traine
 def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | None,
                        vocab: VokenVocabulary, input_tokens, *, beam_size: int,
                        top_k: int | None = None, mask_mode: str = "after_softmax",
-                       voken_logits_only: bool = False, query_emb=None,
+                       voken_logits_only: bool = False, query_emb=None, query_head=None,
                        trained_length: int | None = None,
-                       hybrid_weight: float | None = None) -> SearchResult:
+                       hybrid_weight: float | None = None,
+                       order_by_similarity: bool = True) -> SearchResult:
   """Top-k indexed images per query: `input_tokens int[B, S]` (0 = padding) -> SearchResult
   with `item_ids int32[B, k]`, `scores float32[B, k]`, `codes int32[B, k, P]`.
 
@@ -308,16 +322,21 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
   shardings; `make_search_fn` pins them explicitly for a mesh. `trained_length`: identifier
   positions the generator emits before EOS (default: the vocabulary's P); `query_emb
   float[B, D]`: orders images that share a leaf by similarity (module docstring);
-  `hybrid_weight`: re-rank the beam's images by log-prob + weight x similarity (`avg_hybrid`).
+  `hybrid_weight`: re-rank the beam's images by log-prob + weight x similarity (`avg_hybrid`);
+  `order_by_similarity=False`: images of a leaf stay in id order even with `query_emb` (the
+  "image_id" tie-break under `avg_hybrid`, which then only re-scores the beam's B images);
+  `query_head` (`models.query_head.QueryHead`): without `query_emb`, the query embeddings are
+  predicted from the generator's encoder inside the program.
   """
   input_tokens = _check_input_tokens(cfg, input_tokens)
   trained_length = vocab.id_length if trained_length is None else int(trained_length)
   trie, top_k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode,
                          trained_length)
-  return _search_jit(params, trie, input_tokens, query_emb, cfg=cfg, vocab=vocab,
+  return _search_jit(params, trie, input_tokens, query_emb, query_head, cfg=cfg, vocab=vocab,
                      beam_size=beam_size, top_k=top_k, mask_mode=mask_mode,
                      voken_logits_only=voken_logits_only, trained_length=trained_length,
-                     hybrid_weight=None if hybrid_weight is None else float(hybrid_weight))
+                     hybrid_weight=None if hybrid_weight is None else float(hybrid_weight),
+                     order_by_similarity=bool(order_by_similarity))
 
 
 def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
@@ -330,12 +349,13 @@ def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
   kwargs = decode.search_kwargs()
   static = dict(cfg=cfg, vocab=vocab, beam_size=kwargs["beam_size"],
                 mask_mode=kwargs["mask_mode"], voken_logits_only=kwargs["voken_logits_only"],
-                trained_length=trained_length, hybrid_weight=kwargs["hybrid_weight"])
+                trained_length=trained_length, hybrid_weight=kwargs["hybrid_weight"],
+                order_by_similarity=kwargs["order_by_similarity"])
 
-  def fn(params, trie, input_tokens, query_emb=None):
+  def fn(params, trie, input_tokens, query_emb=None, query_head=None):
     trie_, k = _prepare(cfg, trie, vocab, input_tokens, kwargs["beam_size"], kwargs["top_k"],
                         kwargs["mask_mode"], trained_length)
-    return _search(params, trie_, input_tokens, query_emb, top_k=k, **static)
+    return _search(params, trie_, input_tokens, query_emb, query_head, top_k=k, **static)
 
   return fn
 
@@ -354,14 +374,16 @@ def search_shardings(mesh, param_shardings, *, with_query_emb: bool = False
 
 
 def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
-                   decode: DecodeConfig, *, trained_length: int | None = None):
+                   decode: DecodeConfig, *, trained_length: int | None = None,
+                   query_head=None):
   """A `(params, device_trie, input_tokens [B, S], query_emb [B, D] | None) -> SearchResult`
   for `mesh`: `build_search` jitted with `search_shardings`.
 
   Params follow `param_shardings` (e.g. `t5.param_shardings(cfg, mesh)["params"]`), the trie
   is replicated, queries and results are sharded over the batch (B must divide over the
   `data` x `fsdp` devices). The trie should be placed with
-  `trie.to_device(sharding=partitioning.replicated(mesh))`.
+  `trie.to_device(sharding=partitioning.replicated(mesh))`. With `query_head`
+  (`models.query_head.QueryHead`), calls without `query_emb` predict it in the program.
   """
   fn = build_search(cfg, vocab, decode, trained_length=trained_length)
   ins, outs = search_shardings(mesh, param_shardings)
@@ -369,14 +391,20 @@ def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
   ins_emb, _ = search_shardings(mesh, param_shardings, with_query_emb=True)
   jitted_emb = jax.jit(fn, in_shardings=ins_emb, out_shardings=outs)
   replicated = partitioning.replicated(mesh)
+  if query_head is not None:
+    query_head = jax.device_put(query_head, replicated)
+    jitted_head = jax.jit(lambda p, t, x, h: fn(p, t, x, None, h),
+                          in_shardings=ins + (replicated,), out_shardings=outs)
 
   def search(params, trie, input_tokens, query_emb=None) -> SearchResult:
     if isinstance(trie, VokenTrie):
       trie = trie.to_device(sharding=replicated)
     with partitioning.activation_context(mesh):
-      if query_emb is None:
-        return jitted(params, trie, input_tokens)
-      return jitted_emb(params, trie, input_tokens, query_emb)
+      if query_emb is not None:
+        return jitted_emb(params, trie, input_tokens, query_emb)
+      if query_head is not None:
+        return jitted_head(params, trie, input_tokens, query_head)
+      return jitted(params, trie, input_tokens)
 
   return search
 

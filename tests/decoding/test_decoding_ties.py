@@ -189,3 +189,35 @@ def test_hybrid_search_reranks_the_beam_by_similarity(params):
   for q in range(2):
     rank = plain.item_ids[q].tolist().index(43)
     assert strong.scores[q, 0] == pytest.approx(plain.scores[q, rank] + 1e4, rel=1e-6)
+
+
+def test_hybrid_under_the_id_tie_break_rescores_the_plain_beam_only(params):
+  """With `order_by_similarity=False` ("image_id" tie-break), avg_hybrid re-scores exactly the
+  B images the plain search returns (a leaf's first images by id), so it never reads more than
+  B images of a large group; by similarity, it would reach into the whole group."""
+  from avg_jax.evaluation import hybrid
+  # Leaf (1, 2) holds images 40, 41, 42; the query is most like 42, the third by id. Two
+  # leaves and two beams: both leaves are always in the beam.
+  semantic = np.array([[1, 2], [1, 2], [1, 2], [3, 0]])
+  image_ids = np.array([40, 41, 42, 43])
+  emb = np.eye(4, dtype=np.float32)
+  trie = VokenTrie.build(semantic, image_ids, VOCAB.position_sizes()[:2]).to_device(
+      item_embeddings=(image_ids, emb))
+  queries = np.random.default_rng(0).integers(3, 21, (2, 5)).astype(np.int32)
+  query_emb = np.tile(np.float32([0, 0, 1, 0]), (2, 1))
+  kw = dict(beam_size=2, top_k=2, trained_length=2)
+  plain = jax.device_get(search.constrained_search(params, CFG, trie, VOCAB, queries, **kw))
+  by_id = jax.device_get(search.constrained_search(
+      params, CFG, trie, VOCAB, queries, query_emb=query_emb, hybrid_weight=1e4,
+      order_by_similarity=False, **kw))
+  by_sim = jax.device_get(search.constrained_search(
+      params, CFG, trie, VOCAB, queries, query_emb=query_emb, hybrid_weight=1e4, **kw))
+  for q in range(2):
+    assert set(by_id.item_ids[q]) == set(plain.item_ids[q])   # the same B images, re-ranked
+    assert 42 not in plain.item_ids[q] and 42 not in by_id.item_ids[q]
+  # The host twin (evaluate chooses the weight with it) gives the device's ranking.
+  sim = hybrid.candidate_similarities(plain.item_ids, query_emb, image_ids, emb)
+  np.testing.assert_array_equal(hybrid.rerank(plain.item_ids, plain.scores, sim, 1e4),
+                                by_id.item_ids)
+  # Ordered by similarity, the group's best match 42 is reachable (and wins at this weight).
+  assert by_sim.item_ids[:, 0].tolist() == [42, 42]
