@@ -248,7 +248,7 @@ RULES: dict[str, Rule] = {
     "rank.score_temperature": POSITIVE, "rank.checkpoint_every": COUNT_OR_0,
     "rank.eval_every": COUNT_OR_0,
     "decode.beam_size": COUNT, "decode.top_k": COUNT, "decode.batch_size": COUNT,
-    "decode.dense_levels": COUNT_OR_0,
+    "decode.dense_levels": COUNT_OR_0, "decode.query_head_l2": NON_NEGATIVE,
     "evaluate.recall_ks": COUNTS, "evaluate.efficiency_sizes": COUNTS_OR_NONE,
     "evaluate.efficiency_queries": COUNT,
     "evaluate.hybrid_weights": Rule(low=0, each=True),

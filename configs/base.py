@@ -233,6 +233,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # avg_hybrid: None = plain AVG; a weight re-ranks the beam's images by log-prob +
       # weight x dual-encoder similarity (B dot products per query, independent of N).
       hybrid_weight=None,
+      # Its query embedding: "dual_encoder" (the text tower, a second transformer pass per
+      # query) or "generator" (a linear head on the generator's encoder, fitted in closed
+      # form on the training captions; avg_jax/models/query_head.py).
+      hybrid_query="dual_encoder",
+      query_head_l2=0.01,      # ridge penalty of that head's fit
   ))
 
   # --- Evaluation ------------------------------------------------------------------------------

@@ -16,6 +16,9 @@
     <export>/image_tokenizer/      avg / rq: the frozen RQ tokenizer (rqvae.json, rqvae.npz) that
                                    gives added images their codes; with dual_encoder/ and the
                                    manifest's "live" key the index can grow (export/live_index.py)
+    <export>/query_head.npz        avg_hybrid with `decode.hybrid_query="generator"`: the linear
+                                   head that predicts query embeddings from the generator's
+                                   encoder (avg_jax/models/query_head.py)
     <export>/live/                 images added / removed since export (export/live_index.py)
     <export>/gallery/              optional: thumbnails and captions (avg_jax/export/gallery.py)
 
@@ -41,6 +44,7 @@ CONFIG = "config.json"
 DUAL_ENCODER = "dual_encoder"
 IMAGE_EMBEDDINGS = "image_embeddings.npz"
 IMAGE_TOKENIZER = "image_tokenizer"
+QUERY_HEAD = "query_head.npz"
 _REQUIRED = ("t5", "vocab", "decode", "limits", "scheme")
 
 

@@ -108,15 +108,17 @@ def eval_decode(config) -> DecodeConfig:
   return DecodeConfig.from_config(config.decode, config.evaluate.recall_ks)
 
 
-def make_eval_search_fn(gen, mesh, param_shardings: Any, config):
-  """The jitted search `evaluate_recall` uses (build once, reuse across evaluations)."""
+def make_eval_search_fn(gen, mesh, param_shardings: Any, config, query_head=None):
+  """The jitted search `evaluate_recall` uses (build once, reuse across evaluations);
+  `query_head`: avg_hybrid's query embeddings from the generator (`models.query_head`)."""
   return search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
-                                   eval_decode(config), trained_length=gen.trained_length)
+                                   eval_decode(config), trained_length=gen.trained_length,
+                                   query_head=query_head)
 
 
 def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,
                     split: str, *, max_queries: int = 0,
-                    search_fn: Optional[Any] = None) -> dict:
+                    search_fn: Optional[Any] = None, query_head: Any = None) -> dict:
   """Recall of `params` on `split`: image-level `R@K` (the image must be retrieved) and the
   paper's code-level `code R@K` (a generated sequence carries its semantic codes), plus
   `queries_per_s` and `num_queries`."""
@@ -125,9 +127,9 @@ def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdi
   inputs, true_ids = query_set(workdir, split, gen.tokenizer,
                                int(config.text_tokenizer.max_length), max_queries)
   if search_fn is None:
-    search_fn = make_eval_search_fn(gen, mesh, param_shardings, config)
+    search_fn = make_eval_search_fn(gen, mesh, param_shardings, config, query_head)
   device_trie = device_index(gen, [split], mesh, d, workdir)
-  query_emb = query_embeddings(workdir, split, max_queries) if d.needs_embeddings else None
+  query_emb = query_embeddings(workdir, split, max_queries) if d.needs_text_tower else None
   results, (seconds, timed) = run_search(search_fn, params, device_trie, inputs, mesh=mesh,
                                          batch_size=d.batch_size, desc=f"search {split}",
                                          query_emb=query_emb)

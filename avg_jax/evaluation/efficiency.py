@@ -150,18 +150,22 @@ def text_encode_s_per_query(encoder, mesh, texts: list[str], batch_size: int) ->
 def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.ndarray,
                       sizes, *, seed: int = 0, query_emb: np.ndarray | None = None,
                       image_emb: np.ndarray | None = None,
-                      encode_s_per_query: float = 0.0) -> list[dict]:
+                      encode_s_per_query: float = 0.0, query_head=None) -> list[dict]:
   """`[{"num_items", "queries_per_s", "trie_bytes", "embedding_bytes", "trie_build_s"}]` for
   each N in `sizes`.
 
-  With `query_emb [Q, D]` and `image_emb [N_test, D]` (the similarity tie-break), the search
-  orders shared codes by similarity and `encode_s_per_query` (the text tower) is added."""
+  With `image_emb [N_test, D]` the index carries image embeddings (distractors get some too)
+  for the similarity tie-break or avg_hybrid; their query embeddings are `query_emb [Q, D]`
+  from the text tower, whose time `encode_s_per_query` is then added, or come from the
+  generator's `query_head` inside the timed search."""
   image_ids, codes = gen.codes("test")
   d = avg_eval.eval_decode(config).with_k(int(config.decode.top_k))
   sizes_p = gen.vocab.position_sizes()[:gen.trained_length]
   search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings, d,
-                                        trained_length=gen.trained_length)
-  use_emb = query_emb is not None and image_emb is not None
+                                        trained_length=gen.trained_length,
+                                        query_head=query_head)
+  use_emb = image_emb is not None and (query_emb is not None or query_head is not None)
+  tower = use_emb and query_emb is not None
   rows = []
   for n in progress(sizes, desc="efficiency (AVG)", unit="N"):
     extra = max(int(n) - len(codes), 0)
@@ -185,8 +189,8 @@ def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.nda
                                  item_embeddings=item_embeddings)
     _, (seconds, timed) = avg_eval.run_search(search_fn, params, device_trie, inputs, mesh=mesh,
                                               batch_size=d.batch_size, desc=f"N={n}",
-                                              query_emb=query_emb if use_emb else None)
-    per_query = seconds / max(timed, 1) + (encode_s_per_query if use_emb else 0.0)
+                                              query_emb=query_emb if tower else None)
+    per_query = seconds / max(timed, 1) + (encode_s_per_query if tower else 0.0)
     rows.append({"num_items": int(n), "queries_per_s": 1.0 / max(per_query, 1e-12),
                  "trie_bytes": int(device_trie.nbytes),
                  "embedding_bytes": int(device_trie.embedding_nbytes), "trie_build_s": build_s})

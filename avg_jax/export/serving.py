@@ -42,6 +42,7 @@ from avg_jax.export import gallery as gallery_lib
 from avg_jax.export import image_tokenizer as image_tokenizer_lib
 from avg_jax.export import live_index as live_lib
 from avg_jax.export import new_images
+from avg_jax.models import query_head as query_head_lib
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.progress import progress
@@ -56,7 +57,7 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
                  source_stage: str, config: dict, config_hash: str = "",
                  param_dtype: str = "float32", gallery: tuple | None = None,
                  dual_encoder: tuple | None = None, image_tokenizer: tuple | None = None,
-                 live: dict | None = None) -> None:
+                 live: dict | None = None, query_head: Any = None) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
   `decode`: `DecodeConfig.to_dict()` and the generator's trained_length. `limits`:
@@ -68,7 +69,8 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
   tokenizer; with the dual encoder and `live` (how `prepare` stored images: image_size,
   image_encoding, jpeg_quality) new images can be added live. `codes [N, T]` are the
   identifiers the generator emits (T = `decode["trained_length"]`: all positions, or the
-  semantic codes alone).
+  semantic codes alone). `query_head`: avg_hybrid's `models.query_head.QueryHead`
+  (`decode.hybrid_query="generator"`).
   """
   directory = os.path.abspath(directory)
   # One name every process knows: all of them join the orbax save into it.
@@ -102,6 +104,8 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
         store.copy_encoder(source, os.path.join(tmp, exports.DUAL_ENCODER))
         if emb is not None:
           exports.write_image_embeddings(tmp, emb_ids, emb)
+      if query_head is not None:
+        query_head_lib.save(os.path.join(tmp, exports.QUERY_HEAD), query_head)
       if image_tokenizer is not None:
         image_tokenizer_lib.save(os.path.join(tmp, exports.IMAGE_TOKENIZER), *image_tokenizer)
       exports.write_manifest(tmp, {
@@ -169,7 +173,7 @@ class Retriever:
 
   def __init__(self, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
                live: live_lib.LiveIndex, tokenizer: TextTokenizer, manifest: dict,
-               directory: str = "", dual_encoder: Any = None):
+               directory: str = "", dual_encoder: Any = None, query_head: Any = None):
     self.params = params
     self.cfg = cfg
     self.vocab = vocab
@@ -183,7 +187,12 @@ class Retriever:
     self.buckets = tuple(sorted(int(b) for b in manifest["limits"]["batch_buckets"]))
     # Exports written before the key existed scored the learned disambiguation position.
     self.trained_length = int(d.get("trained_length", vocab.id_length))
-    self.dual_encoder = dual_encoder if self.decode.needs_embeddings else None
+    # The text tower runs per query unless avg_hybrid predicts the embedding (query_head).
+    self.dual_encoder = dual_encoder if self.decode.needs_text_tower else None
+    self.query_head = query_head if self.decode.uses_query_head else None
+    if self.decode.uses_query_head and query_head is None:
+      raise UserError("Retriever: avg_hybrid with decode.hybrid_query='generator' needs the "
+                      "query head")
     self._mesh = _one_device_mesh()
     self._image_encoder = dual_encoder
     self._image_tokenizer = None
@@ -249,8 +258,16 @@ class Retriever:
     table = io.read_npz(os.path.join(directory, exports.TABLE),
                         ("image_ids", "codes", "file_names"))
     tokenizer = TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
-    dual_encoder, base_emb = None, None
-    if DecodeConfig.from_dict(manifest["decode"]).needs_embeddings:
+    dual_encoder, base_emb, query_head = None, None, None
+    decode = DecodeConfig.from_dict(manifest["decode"])
+    if decode.uses_query_head:
+      path = os.path.join(directory, exports.QUERY_HEAD)
+      if not os.path.isfile(path):
+        raise UserError(f"serving checkpoint {directory} has no {exports.QUERY_HEAD} for "
+                        f"avg_hybrid with decode.hybrid_query='generator'; export it with "
+                        f"--config.export.hybrid=true")
+      query_head = query_head_lib.load(path, remedy="export again")
+    if decode.needs_embeddings:
       emb_ids, emb = exports.read_image_embeddings(directory)
       row_of = {int(i): r for r, i in enumerate(emb_ids)}
       missing = [int(i) for i in table["image_ids"] if int(i) not in row_of]
@@ -266,7 +283,8 @@ class Retriever:
         base_embeddings=base_emb, base_trie=trie)
     live.load_changes(directory)
     return cls(params=params, cfg=cfg, vocab=vocab, live=live, tokenizer=tokenizer,
-               manifest=manifest, directory=directory, dual_encoder=dual_encoder)
+               manifest=manifest, directory=directory, dual_encoder=dual_encoder,
+               query_head=query_head)
 
   # --- the live index ---------------------------------------------------------------------------
   def _live_spec(self) -> dict:
@@ -459,7 +477,8 @@ class Retriever:
                                np.float32)
       result = search_lib.constrained_search(
           self.params, self.cfg, state.device_trie, self.vocab, padded,
-          **decode.search_kwargs(), query_emb=query_emb, trained_length=self.trained_length)
+          **decode.search_kwargs(), query_emb=query_emb, query_head=self.query_head,
+          trained_length=self.trained_length)
       out = search_lib.results_to_numpy(result)
       ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))
       scores.append(out["scores"][:chunk.shape[0]])

@@ -19,6 +19,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 import avg_jax
 from avg_jax import partitioning, processes
@@ -30,9 +31,11 @@ from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval, efficiency, hybrid, report, two_tower
 from avg_jax.evaluation import recall as recall_lib
 from avg_jax.metrics import MetricsWriter
+from avg_jax.models import query_head as query_head_lib
 from avg_jax.stages import rank, tokenize, train
 from avg_jax.tokenizer.fit import tokenizer_name
 from avg_jax.tokenizer.model import SCHEMES
+from avg_jax.training import query_head_fit
 from avg_jax.training import state as state_lib
 
 RESULTS = "metrics.json"
@@ -83,11 +86,20 @@ def with_hybrid_weight(config: ml_collections.ConfigDict, weight: float | None
   return c
 
 
-def choose_hybrid_weight(config, workdir: str, scheme: str, stage: str, protocol: str
-                         ) -> tuple[float, list[dict]]:
+def hybrid_query_head(config, workdir: str, scheme: str, stage: str, protocol: str
+                      ) -> query_head_lib.QueryHead:
+  """avg_hybrid's query head for this generator (`decode.hybrid_query="generator"`), fitted
+  on the training captions (training/query_head_fit.py)."""
+  gen, gmesh, params, _ = state_lib.final_params(config, workdir, scheme, stage, protocol)
+  return query_head_fit.fit_query_head(gen, params, gmesh, workdir, config)
+
+
+def choose_hybrid_weight(config, workdir: str, scheme: str, stage: str, protocol: str,
+                         query_head=None) -> tuple[float, list[dict]]:
   """avg_hybrid's fusion weight, chosen on the validation split: one plain search keeps each
   query's whole beam, every weight of `evaluate.hybrid_weights` re-ranks it (evaluation/
-  hybrid.py). -> (weight, `[{"weight", "R@1", ...}]`)."""
+  hybrid.py) with the validation captions' query embeddings: the dual encoder's, or with
+  `query_head` the generator's prediction. -> (weight, `[{"weight", "R@1", ...}]`)."""
   weights = [float(w) for w in config.evaluate.hybrid_weights]
   if not weights:
     raise UserError("config evaluate.hybrid_weights is empty (avg_hybrid chooses among them)")
@@ -100,8 +112,13 @@ def choose_hybrid_weight(config, workdir: str, scheme: str, stage: str, protocol
   m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "val")
   val = embeddings.load(workdir, "val")
   ids = m["_results"]["item_ids"]
-  sim = hybrid.candidate_similarities(ids, val["caption_emb"], val["image_ids"],
-                                      val["image_emb"])
+  query_emb = val["caption_emb"]
+  if query_head is not None:
+    tokens = query_head_fit.caption_tokens(workdir, "val", gen.tokenizer,
+                                           int(c.text_tokenizer.max_length))
+    query_emb = np.asarray(query_head_lib.predict(
+        query_head, query_head_fit.encoder_features(params, gen.cfg, tokens, gmesh)))
+  sim = hybrid.candidate_similarities(ids, query_emb, val["image_ids"], val["image_emb"])
   weight, table = hybrid.choose_weight(ids, m["_results"]["scores"], sim, m["_true_ids"],
                                        weights, tuple(int(k) for k in config.evaluate.recall_ks))
   print(f"evaluate: avg_hybrid ({protocol}) weight {weight:g} chosen on validation "
@@ -164,13 +181,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         continue
       ensure_generator(config, workdir, scheme, stage, protocol)
       c = with_scheme(config, scheme, protocol)
+      head = None
       if method == "avg_hybrid":
-        weight, table = choose_hybrid_weight(c, workdir, scheme, stage, protocol)
-        results.setdefault("hybrid", {})[protocol] = {"weight": weight, "validation": table}
+        if str(c.decode.hybrid_query) == "generator":
+          head = hybrid_query_head(c, workdir, scheme, stage, protocol)
+        weight, table = choose_hybrid_weight(c, workdir, scheme, stage, protocol, head)
+        results.setdefault("hybrid", {})[protocol] = {
+            "weight": weight, "query": str(c.decode.hybrid_query), "validation": table}
         c = with_hybrid_weight(c, weight)
       gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage,
                                                              protocol)
-      m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test")
+      m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "test",
+                                   query_head=head)
       public = {k: v for k, v in m.items() if not k.startswith("_")}
       recall[method] = {k: public[k] for k in public if "R@" in k}
       if baseline is not None:  # the same test captions, in the same order
@@ -209,10 +231,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     chosen = results.get("hybrid", {}).get(str(c.protocol))
     if chosen is not None:
       # The same search re-ranking its beam: the generator's parameters do not change its cost.
+      # With the generator's query head, no text tower runs (its head is fitted for these
+      # parameters, so the timed program is the one a user of this generator runs).
+      head = None
+      if chosen["query"] == "generator":
+        head = query_head_fit.fit_query_head(gen, params, gmesh, workdir, c)
       results["efficiency"]["avg_hybrid"] = efficiency.avg_queries_per_s(
           gen, params, shardings, gmesh, with_hybrid_weight(c, chosen["weight"]), inputs, sizes,
-          query_emb=test_emb["caption_emb"][:n_q], image_emb=test_emb["image_emb"],
-          encode_s_per_query=encode_s)
+          query_emb=None if head is not None else test_emb["caption_emb"][:n_q],
+          image_emb=test_emb["image_emb"], encode_s_per_query=encode_s, query_head=head)
     results["efficiency"]["two_tower"] = efficiency.two_tower_queries_per_s(
         encoder, mesh, texts[:n_q], test_emb["caption_emb"][:n_q], sizes,
         k=int(config.decode.top_k), batch_size=int(config.decode.batch_size),

@@ -26,6 +26,7 @@ from avg_jax.metrics import MetricsWriter
 from avg_jax.tokenizer import fit as fit_lib
 from avg_jax.tokenizer import ids as tokenizer_ids
 from avg_jax.tokenizer import schemes
+from avg_jax.training import query_head_fit
 from avg_jax.training import state as state_lib
 
 
@@ -142,7 +143,10 @@ def run(config: ConfigDict, workdir: str) -> None:
   if out.done(verify=lambda: _loads(directory)):
     print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
     return
-  gen, _, params, _ = state_lib.final_params(config, workdir, scheme, stage, protocol)
+  gen, gmesh, params, _ = state_lib.final_params(config, workdir, scheme, stage, protocol)
+  # avg_hybrid without a text tower: the generator's query head, fitted as evaluate fits it.
+  query_head = (query_head_fit.fit_query_head(gen, params, gmesh, workdir, config)
+                if gen.decode.uses_query_head else None)
   splits = list(config.export.index_splits)
   names, entries = [], []
   for split in splits:
@@ -170,6 +174,7 @@ def run(config: ConfigDict, workdir: str) -> None:
       codes=index_codes_, file_names=names, tokenizer=gen.tokenizer,
       decode=dict(gen.decode.to_dict(), trained_length=gen.trained_length),
       dual_encoder=dual_encoder, image_tokenizer=image_tokenizer, live=live,
+      query_head=query_head,
       limits=dict(max_length=int(config.text_tokenizer.max_length),
                   max_query_chars=int(config.export.max_query_chars),
                   batch_buckets=list(config.export.batch_buckets)),

@@ -78,8 +78,11 @@ def test_hybrid_export_serves_the_chosen_weight(repo_root, hybrid_workdir):
   m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir), "test",
                                max_queries=8)
   _, texts = dataset.read_texts(str(workdir), "test")
-  ids, _ = Retriever.load(str(workdir / "export")).search(texts[:8], k=5)
-  np.testing.assert_array_equal(ids, m["_results"]["item_ids"][:, :5])
+  # k as evaluate's (the largest recall K): the same beam, so the same candidates to re-rank
+  # (a search for fewer results runs fewer beams and may find other candidates).
+  k = m["_results"]["item_ids"].shape[1]
+  ids, _ = Retriever.load(str(workdir / "export")).search(texts[:8], k=k)
+  np.testing.assert_array_equal(ids, m["_results"]["item_ids"])
   # A weight given at load time overrides the export's: a huge weight ranks by similarity.
   strong, _ = Retriever.load(str(workdir / "export"), hybrid_weight=1e6).search(texts[:8], k=5)
   test = embeddings.load(str(workdir), "test")
@@ -110,3 +113,42 @@ def test_retriever_hybrid_needs_the_dual_encoder(pipeline_workdir, tmp_path):
   checksums.write(str(target))
   with pytest.raises(UserError, match="no dual encoder for avg_hybrid"):
     Retriever.load(str(target), hybrid_weight=4.0)
+
+
+def test_hybrid_with_the_generators_query_head(repo_root, hybrid_workdir, tmp_path):
+  """decode.hybrid_query="generator": evaluate fits the head, chooses the weight with its
+  predicted validation embeddings and times no text tower; the export carries the head and
+  the Retriever answers without the dual encoder's text tower, as evaluate's search does."""
+  from avg_jax.training import query_head_fit
+  source, args = hybrid_workdir
+  workdir = tmp_path / "w"
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("evaluate", "export"))
+  args = [a.replace(str(source), str(workdir)) for a in args]
+  args = [a for a in args if not a.startswith("--config.evaluate.methods")] + [
+      "--config.evaluate.methods=('avg', 'avg_hybrid')", "--config.decode.hybrid_query=generator"]
+  assert cli.main(["evaluate", *args]) == 0
+  assert cli.main(["export", *args]) == 0
+  results = json.loads((workdir / "evaluate" / "metrics.json").read_text())
+  chosen = results["hybrid"]["transductive"]
+  assert chosen["query"] == "generator" and len(chosen["validation"]) == 3
+  assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [100]
+  assert (workdir / "export" / "query_head.npz").is_file()
+
+  config = _config(repo_root, hybrid_weight=chosen["weight"])
+  config.unlock()
+  config.decode.hybrid_query = "generator"
+  gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "rank")
+  head = query_head_fit.fit_query_head(gen, params, mesh, str(workdir), config)
+  m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir), "test",
+                               max_queries=8, query_head=head)
+  retriever = Retriever.load(str(workdir / "export"))
+  assert retriever.dual_encoder is None and retriever.query_head is not None
+  _, texts = dataset.read_texts(str(workdir), "test")
+  ids, _ = retriever.search(texts[:8], k=m["_results"]["item_ids"].shape[1])
+  np.testing.assert_array_equal(ids, m["_results"]["item_ids"])
+  # Without the head file the export is refused with a one-line reason.
+  (workdir / "export" / "query_head.npz").unlink()
+  checksums.write(str(workdir / "export"))
+  from avg_jax.errors import UserError
+  with pytest.raises(UserError, match="no query_head.npz"):
+    Retriever.load(str(workdir / "export"))
