@@ -222,3 +222,22 @@ def test_cli_prepare_exits_0_without_tensorflow(tmp_path, monkeypatch, capsys):
                    str(tmp_path / "k"), "--config.data.name=karpathy"]) == 2
   assert "data.karpathy_json is empty" in capsys.readouterr().err
   assert "tensorflow" not in sys.modules
+
+
+def test_a_pretrained_t5_brings_its_tokenizer(tmp_path, tiny_config, prepared_workdir):
+  # The paper path: no text_tokenizer.model_path, t5.pretrained_path's spiece.model is loaded
+  # (never a trained one, which the pretrained model's text rows would not match).
+  t5_dir = tmp_path / "t5"
+  t5_dir.mkdir()
+  given = open(paths.text_tokenizer_model(prepared_workdir), "rb").read()
+  (t5_dir / "spiece.model").write_bytes(given)
+  config = tiny_config(f"t5.pretrained_path={t5_dir}", "text_tokenizer.vocab_size=100000")
+  workdir = str(tmp_path / "w")
+  prepare.run(config, workdir)
+  info = dataset.load_info(workdir)
+  assert info["text_tokenizer"]["source"] == f"loaded from {t5_dir / 'spiece.model'}"
+  assert open(paths.text_tokenizer_model(workdir), "rb").read() == given
+  (t5_dir / "spiece.model").unlink()
+  with pytest.raises(UserError, match=r"text_tokenizer.model_path \(empty: t5.pretrained_path's "
+                     r"spiece.model\) not readable: .*spiece.model"):
+    prepare.run(config, str(tmp_path / "w2"))
