@@ -3,7 +3,8 @@
 `paths.prepared_dir(workdir)` holds:
 
     dataset_info.json        counts per split, captions per image, image size, dataset name,
-                             the data identity's digest (`config_hash`), file manifest
+                             the data identity's digest (`config_hash`), file manifest, and
+                             the seconds of process 0's serial steps (`build_seconds`)
     text_tokenizer.model     SentencePiece: the given one (`tokenizer_model_path`) or, when
                              none is given, one trained on the training captions
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
@@ -229,18 +230,30 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
           shards_dir: str) -> dict:
   """Writes everything into `tmp` from the finished shards; returns the dataset info (also
   written there, last but for the fingerprint, which the caller adds)."""
+  # Seconds of each serial step (process 0's alone; the shards were written in parallel).
+  seconds, clock = {}, time.perf_counter()
+
+  def lap(name: str) -> None:
+    nonlocal clock
+    now = time.perf_counter()
+    seconds[name], clock = round(now - clock, 3), now
+
   result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"),
                              shard_tag(identity))
+  lap("assemble")
   pseudo_counts, train_pseudo = _write_pseudo_queries(config, result.builder_dir,
                                                       os.path.join(tmp, pseudo_lib.FILE_NAME))
+  lap("pseudo_queries")
   tokenizer, tokenizer_source = _make_tokenizer(
       config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME), train_pseudo)
+  lap("text_tokenizer")
   splits, frequencies = {}, None
   for split in builders.SPLITS:
     want_attributes = config.data.name == "avg_shapes" and split == "train"
     splits[split], split_frequencies = _split_statistics(
         result.builder_dir, split, tokenizer, want_attributes)
     frequencies = split_frequencies or frequencies
+  lap("statistics")
   for split in builders.SPLITS:
     splits[split]["num_pseudo_queries"] = pseudo_counts[split]
   size = int(config.data.image_size)
@@ -258,6 +271,7 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
       "skipped_images": {"count": len(result.skipped),
                          "first": [f"{p} ({why})" for p, why in result.skipped[:20]]},
       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "build_seconds": seconds,
   }
   if frequencies is not None:
     info["attribute_frequencies"] = frequencies
