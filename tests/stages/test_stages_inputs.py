@@ -97,3 +97,13 @@ def test_ahead_of_time_compile_needs_no_paths(repo_root, tmp_path, monkeypatch):
   assert cli.main(["compile", "--config", str(repo_root / "configs/flickr30k.py"),
                    "--topology", "v5e:4x4"]) == 0
   assert seen == ["v5e:4x4"]
+
+
+def test_the_readme_tpu_command_passes_exactly_the_required_paths(repo_root):
+  text = (repo_root / "README.md").read_text()
+  block = text[text.index("### Reproducing the paper on Cloud TPU"):]
+  block = block[block.index("```bash"):block.index("```", block.index("```bash") + 7)]
+  keys = [part.split("=")[0][len("--config."):] for part in block.split()
+          if part.startswith("--config.")]
+  config = config_lib.load_config(str(repo_root / "configs/flickr30k.py"))
+  assert keys == list(config.required_inputs) == PAPER_KEYS
