@@ -38,7 +38,7 @@ TINY_OVERRIDES = ["evaluate.methods=('two_tower', 'avg', 'avg_ltr')",
                   "evaluate.protocols=('transductive',)",
                   "evaluate.ablation_protocols=('transductive',)",
                   "evaluate.efficiency_sizes=(100,)", "evaluate.efficiency_queries=4",
-                  "evaluate.ann_ef_search=(16,)", "train.eval_max_queries=10",
+                  "evaluate.ann_ef_search=(16,)", "train.eval_every=0", "rank.eval_every=0",
                   "train.batch_size=16", "rank.batch_size=8", "decode.batch_size=16"]
 # `avg-jax compile` step name -> the stage whose throughput it predicts.
 AOT_STAGE = {"tokenizer": "tokenize", "train": "train", "rank": "rank", "search": "evaluate"}
