@@ -18,6 +18,7 @@ beside the TPU step times `avg-jax compile` predicted. Writes a JSON results fil
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   size = paper_world.WORLD_SIZES[args.size]
   if args.images:
-    size = paper_world.dataclasses.replace(size, images=args.images)
+    size = dataclasses.replace(size, images=args.images)
   steps = None
   if args.steps:
     steps = dict(zip(("tokenizer.steps", "train.steps", "rank.steps"), args.steps))
