@@ -102,6 +102,11 @@ def load_aot(files: Sequence[str]) -> dict[str, dict]:
   return out
 
 
+def build_seconds(prepare_records: Sequence[dict]) -> dict:
+  """Process 0's serial steps in `prepare` (its metrics records), in seconds."""
+  return next((r["build_seconds"] for r in prepare_records if "build_seconds" in r), {})
+
+
 def _epoch_hours(stage: str, rate: float | None, epoch: dict) -> float | None:
   if not rate or stage not in _EPOCH_OF:
     return None
@@ -149,7 +154,7 @@ def dry_run(config_spec: str, root: str, *, size: str = "paper",
                     "clip": clip, "t5": t5, "clip_vocab": world_size.clip_vocab,
                     "t5_pieces": world_size.t5_pieces, "t5_vocab": int(config.t5.vocab_size)},
           "input_overrides": path_overrides, "dry_run_overrides": other,
-          "prepare_build_seconds": info.get("build_seconds", {}), "epoch": epoch,
+          "prepare_build_seconds": build_seconds(runs[0].records), "epoch": epoch,
           "stages": rows, "total_wall_s": round(sum(r.wall_s for r in runs), 1),
           "machine": common.machine_info(command="")}
 

@@ -4,17 +4,17 @@ For each N a Karpathy-format dataset of N small generated photos (5 captions eac
 train, 5 % val, 5 % test; avg_jax/bench/paper_world.py) is written, then `avg-jax prepare` and
 `avg-jax embed` run as measured subprocesses (avg_jax/bench/stage_runs.py): wall time, CPU
 time and peak RSS of each, process 0's serial steps in prepare (`build_seconds`: assembling
-the shards, pseudo queries, the text tokenizer, the statistics pass that reads every record)
+the shards, pseudo queries, the text tokenizer, the statistics pass that reads every record;
+from its metrics records)
 and embed's extraction seconds (the encoder's training, a fixed number of steps, is the rest).
 """
 
-import json
 import os
 import shutil
 import time
 from typing import Sequence
 
-from avg_jax.bench import paper_world, stage_runs
+from avg_jax.bench import dry_run, paper_world, stage_runs
 
 
 def splits_of(n: int) -> tuple[int, int, int]:
@@ -47,11 +47,11 @@ def run_size(n: int, root: str, config: str, overrides: Sequence[str],
     run = stage_runs.run_stage(stage, config, workdir, args, os.path.join(base, "logs"))
     row[stage] = {"wall_s": run.wall_s, "cpu_s": round(run.user_s + run.sys_s, 2),
                   "peak_rss_mib": run.peak_rss_mib}
+    if stage == "prepare":
+      row[stage]["build_seconds"] = dry_run.build_seconds(run.records)
     if stage == "embed":
       row[stage]["extraction_s"] = round(sum(r["seconds"] for r in run.records
                                              if "seconds" in r), 2)
-  with open(os.path.join(workdir, "prepared", "dataset_info.json"), encoding="utf-8") as f:
-    row["prepare"]["build_seconds"] = json.load(f)["build_seconds"]
   if not keep:
     shutil.rmtree(base, ignore_errors=True)
   return row

@@ -3,8 +3,7 @@
 `paths.prepared_dir(workdir)` holds:
 
     dataset_info.json        counts per split, captions per image, image size, dataset name,
-                             the data identity's digest (`config_hash`), file manifest, and
-                             the seconds of process 0's serial steps (`build_seconds`)
+                             the data identity's digest (`config_hash`), file manifest
     text_tokenizer.model     SentencePiece: the given one (`tokenizer_model_path`) or, when
                              none is given, one trained on the training captions
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
@@ -227,9 +226,10 @@ def _write_pseudo_queries(config: Any, builder_dir: str,
 
 
 def build(config: Any, tmp: str, identity: dict, source: builders.Source,
-          shards_dir: str) -> dict:
-  """Writes everything into `tmp` from the finished shards; returns the dataset info (also
-  written there, last but for the fingerprint, which the caller adds)."""
+          shards_dir: str) -> tuple[dict, dict[str, float]]:
+  """Writes everything into `tmp` from the finished shards; -> (the dataset info, also
+  written there, last but for the fingerprint, which the caller adds; the seconds of each
+  serial step: assemble, pseudo_queries, text_tokenizer, statistics)."""
   # Seconds of each serial step (process 0's alone; the shards were written in parallel).
   seconds, clock = {}, time.perf_counter()
 
@@ -271,13 +271,12 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
       "skipped_images": {"count": len(result.skipped),
                          "first": [f"{p} ({why})" for p, why in result.skipped[:20]]},
       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-      "build_seconds": seconds,
   }
   if frequencies is not None:
     info["attribute_frequencies"] = frequencies
   info["files"] = _manifest(tmp)
   io.write_json(os.path.join(tmp, INFO_NAME), info)
-  return info
+  return info, seconds
 
 
 def format_statistics(info: dict) -> str:

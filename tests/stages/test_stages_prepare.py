@@ -241,3 +241,17 @@ def test_a_pretrained_t5_brings_its_tokenizer(tmp_path, tiny_config, prepared_wo
   with pytest.raises(UserError, match=r"text_tokenizer.model_path \(empty: t5.pretrained_path's "
                      r"spiece.model\) not readable: .*spiece.model"):
     prepare.run(config, str(tmp_path / "w2"))
+
+
+def test_metrics_time_process_0s_serial_steps(tmp_path, tiny_config):
+  # What more processes do not shorten (assembling, pseudo queries, the text tokenizer and the
+  # statistics pass over every record), on the records of the run that built the data only.
+  workdir = str(tmp_path / "w")
+  prepare.run(tiny_config(*SMALL), workdir)
+  prepare.run(tiny_config(*SMALL), workdir)
+  records = [r for r in read_metrics(workdir) if r["stage"] == "prepare"]
+  built = [r["build_seconds"] for r in records if not r["reused"]]
+  assert len(built) == 3 and all(b == built[0] for b in built)
+  assert set(built[0]) == {"assemble", "pseudo_queries", "text_tokenizer", "statistics"}
+  assert all(v >= 0 for v in built[0].values())
+  assert not any("build_seconds" in r for r in records if r["reused"])
