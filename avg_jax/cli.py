@@ -161,9 +161,15 @@ def _run_with_config(args, config, overrides) -> int:
     from avg_jax.aot import command
     command.run(config, args, argv)
     return 0
-  partitioning.maybe_initialize_distributed(config.distributed)
+  bench = None
   if args.command == "bench":
     bench = importlib.import_module(f"avg_jax.bench.{args.name}")
+  if bench is None or getattr(bench, "NEEDS_STAGES", ()):
+    # Every input path the stages need, before any work (and before joining other processes).
+    from avg_jax.stages import inputs
+    inputs.check(config)
+  partitioning.maybe_initialize_distributed(config.distributed)
+  if bench is not None:
     for name in getattr(bench, "NEEDS_STAGES", ()):
       stage_modules()[name].run(config, args.workdir)
     bench.run(config, args.workdir, args)

@@ -1,16 +1,24 @@
 """One convention for user-facing errors.
 
-A `UserError` carries a one-line message that names the offending file, key or value. The CLI
-prints it without a traceback and exits with status 2 (`--debug` shows the traceback).
+A `UserError` carries a one-line message that names the offending file, key or value, and
+optionally one line per item when several things are wrong at once (every missing input path).
+The CLI prints it without a traceback and exits with status 2 (`--debug` shows the traceback).
 """
+
+from typing import Sequence
+
+
+def _one_line(text) -> str:
+  return " ".join(str(text).split("\n"))
 
 
 class UserError(Exception):
   """A problem with the user's input (files, config, queries), not a bug in avg-jax."""
 
-  def __init__(self, message: str):
-    # Keep it to one line: the CLI prints exactly this.
-    super().__init__(" ".join(str(message).split("\n")))
+  def __init__(self, message: str, items: Sequence[str] = ()):
+    # One line, then one indented line per item: the CLI prints exactly this.
+    self.items = tuple(_one_line(item) for item in items)
+    super().__init__("\n  ".join((_one_line(message),) + self.items))
 
 
 def require(condition: bool, message: str) -> None:

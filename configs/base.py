@@ -2,7 +2,7 @@
 
 Each stage reads its own section. Sizes differ between configs (`smoke`, `flickr30k`, `coco`)
 only through values set here or in those files, never through code branches.
-Sections: seed, protocol, mesh, partitioning, distributed, data, loader, text_tokenizer, encoder, encoder_train,
+Sections: seed, protocol, required_inputs, mesh, partitioning, distributed, data, loader, text_tokenizer, encoder, encoder_train,
 tokenizer, t5, train, rank, decode, evaluate, export, bench.
 """
 
@@ -18,6 +18,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the indexed (val / test) images; "inductive": indexed images are never seen in training.
   # `evaluate` reports both (evaluate.protocols); the other stages run this one.
   c.protocol = "transductive"
+  # Keys of the input paths a pipeline run cannot do without (avg_jax/stages/inputs.py):
+  # `avg-jax run` / a stage checks them before any work and names every missing one.
+  c.required_inputs = ()
 
   # --- Devices -------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
@@ -70,7 +73,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       prefetch_buffer_size=16,  # batches read ahead by those threads
   ))
   c.text_tokenizer = ml_collections.ConfigDict(dict(
-      model_path="",           # a SentencePiece .model (e.g. T5's); empty: train one on captions
+      # A SentencePiece .model; empty: t5.pretrained_path's spiece.model when a pretrained T5
+      # is given, else one trained on the captions (avg_jax/data/prepared.py).
+      model_path="",
       vocab_size=1000,         # when training one
       max_length=32,           # source length in tokens (the paper: <= 128)
       model_type="unigram",    # when training one: "unigram" (as T5's) | "bpe"

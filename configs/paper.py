@@ -3,7 +3,10 @@
 Used by `flickr30k.py` and `coco.py`. The user supplies data and weight paths with overrides:
 `--config.data.karpathy_json=... --config.data.image_root=...
 --config.encoder.pretrained_path=<HF clip-vit-large-patch14-336 dir>
---config.t5.pretrained_path=<HF t5-base dir> --config.text_tokenizer.model_path=<spiece.model>`.
+--config.t5.pretrained_path=<HF t5-base dir> --config.data.pseudo_queries=<JSON lines>`.
+The text tokenizer is the T5 directory's `spiece.model` (never trained;
+`--config.text_tokenizer.model_path` names another). A pipeline run without any of these
+stops before any work with one line per missing path (`required_inputs`).
 """
 
 from configs import base
@@ -32,10 +35,12 @@ def get_paper_config(dataset: str, t5_size: str):
   # The paper's protocol: the generator (and the tokenizer) also train on pseudo queries of
   # the indexed images, given as --config.data.pseudo_queries=<JSON lines of image_id, query>.
   c.protocol = "transductive"
+  c.required_inputs = ("data.karpathy_json", "data.image_root", "encoder.pretrained_path",
+                       "t5.pretrained_path", "data.pseudo_queries")
   c.data.name = "karpathy"
   c.data.image_size = 336
   c.data.image_encoding = "jpeg"          # ~5x smaller than PNG for photos
-  c.text_tokenizer.vocab_size = 32000   # T5's SentencePiece model (32000 pieces)
+  # The text tokenizer is T5's spiece.model (32000 pieces), read from t5.pretrained_path.
   c.text_tokenizer.max_length = 128     # source length <= 128 as the reference
   c.encoder.update(CLIP_VIT_L14_336)
 

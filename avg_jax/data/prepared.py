@@ -4,7 +4,8 @@
 
     dataset_info.json        counts per split, captions per image, image size, dataset name,
                              the data identity's digest (`config_hash`), file manifest
-    text_tokenizer.model     SentencePiece (trained on the training captions, or the given one)
+    text_tokenizer.model     SentencePiece: the given one (`tokenizer_model_path`) or, when
+                             none is given, one trained on the training captions
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
                              of `data.pseudo_queries` for Karpathy data (avg_jax.data.pseudo_queries)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
@@ -44,6 +45,23 @@ def _file_sha256(path: str, what: str) -> str:
     raise UserError(f"{what} not readable: {path} ({e.strerror})") from e
 
 
+T5_SPIECE = "spiece.model"  # the SentencePiece model in a Hugging Face T5 directory
+
+
+def tokenizer_model_path(config: Any) -> str:
+  """The SentencePiece model to load, or "" to train one on the training captions.
+
+  The one rule: `text_tokenizer.model_path` when set; else, with a pretrained T5
+  (`t5.pretrained_path`), that directory's `spiece.model` (a pretrained model's text rows
+  only mean something with its own tokenizer, so one is never trained for it); else "".
+  """
+  if config.text_tokenizer.model_path:
+    return str(config.text_tokenizer.model_path)
+  if config.t5.pretrained_path:
+    return os.path.join(str(config.t5.pretrained_path), T5_SPIECE)
+  return ""
+
+
 def data_identity(config: Any) -> dict:
   """The config values (and input file digests) that determine the prepared output."""
   d, t = config.data, config.text_tokenizer
@@ -65,9 +83,10 @@ def data_identity(config: Any) -> dict:
     identity["data.pseudo_queries"] = os.path.abspath(d.pseudo_queries) if d.pseudo_queries else ""
     if d.pseudo_queries and os.path.isfile(d.pseudo_queries):
       identity["pseudo_queries sha256"] = _file_sha256(d.pseudo_queries, "data.pseudo_queries")
-  if t.model_path:
-    identity["text_tokenizer.model_path"] = os.path.abspath(t.model_path)
-    identity["text_tokenizer sha256"] = _file_sha256(t.model_path, "text_tokenizer.model_path")
+  model_path = tokenizer_model_path(config)
+  if model_path:
+    identity["text_tokenizer.model_path"] = os.path.abspath(model_path)
+    identity["text_tokenizer sha256"] = _file_sha256(model_path, _model_path_key(config))
   else:
     identity["text_tokenizer.vocab_size"] = int(t.vocab_size)
     identity["text_tokenizer.model_type"] = t.model_type
@@ -125,16 +144,24 @@ def _captions(records: Any) -> Iterator[str]:
       yield caption.decode("utf-8")
 
 
+def _model_path_key(config: Any) -> str:
+  """The config key a user sets to change the loaded model (for error messages)."""
+  if config.text_tokenizer.model_path:
+    return "text_tokenizer.model_path"
+  return f"text_tokenizer.model_path (empty: t5.pretrained_path's {T5_SPIECE})"
+
+
 def _make_tokenizer(config: Any, builder_dir: str, out_path: str,
                     extra_texts: list[str]) -> tuple[TextTokenizer, str]:
-  """Loads `text_tokenizer.model_path`, or trains one on the training captions plus
+  """Loads `tokenizer_model_path(config)`, or trains one on the training captions plus
   `extra_texts` (the training images' pseudo queries, so that their words get pieces too)."""
   t = config.text_tokenizer
-  if t.model_path:
-    tokenizer = TextTokenizer.load(t.model_path)
+  model_path = tokenizer_model_path(config)
+  if model_path:
+    tokenizer = TextTokenizer.load(model_path)
     with open(out_path, "wb") as f:
       f.write(tokenizer.model_proto)
-    return tokenizer, f"loaded from {t.model_path}"
+    return tokenizer, f"loaded from {model_path}"
   records = dataset_lib.records_in(builder_dir, "train")
   # A stream, not a list: SentencePiece keeps a bounded sample (input_sentence_size).
   texts = itertools.chain(_captions(records), extra_texts)
@@ -199,21 +226,34 @@ def _write_pseudo_queries(config: Any, builder_dir: str,
 
 
 def build(config: Any, tmp: str, identity: dict, source: builders.Source,
-          shards_dir: str) -> dict:
-  """Writes everything into `tmp` from the finished shards; returns the dataset info (also
-  written there, last but for the fingerprint, which the caller adds)."""
+          shards_dir: str) -> tuple[dict, dict[str, float]]:
+  """Writes everything into `tmp` from the finished shards; -> (the dataset info, also
+  written there, last but for the fingerprint, which the caller adds; the seconds of each
+  serial step: assemble, pseudo_queries, text_tokenizer, statistics)."""
+  # Seconds of each serial step (process 0's alone; the shards were written in parallel).
+  seconds, clock = {}, time.perf_counter()
+
+  def lap(name: str) -> None:
+    nonlocal clock
+    now = time.perf_counter()
+    seconds[name], clock = round(now - clock, 3), now
+
   result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"),
                              shard_tag(identity))
+  lap("assemble")
   pseudo_counts, train_pseudo = _write_pseudo_queries(config, result.builder_dir,
                                                       os.path.join(tmp, pseudo_lib.FILE_NAME))
+  lap("pseudo_queries")
   tokenizer, tokenizer_source = _make_tokenizer(
       config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME), train_pseudo)
+  lap("text_tokenizer")
   splits, frequencies = {}, None
   for split in builders.SPLITS:
     want_attributes = config.data.name == "avg_shapes" and split == "train"
     splits[split], split_frequencies = _split_statistics(
         result.builder_dir, split, tokenizer, want_attributes)
     frequencies = split_frequencies or frequencies
+  lap("statistics")
   for split in builders.SPLITS:
     splits[split]["num_pseudo_queries"] = pseudo_counts[split]
   size = int(config.data.image_size)
@@ -236,7 +276,7 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
     info["attribute_frequencies"] = frequencies
   info["files"] = _manifest(tmp)
   io.write_json(os.path.join(tmp, INFO_NAME), info)
-  return info
+  return info, seconds
 
 
 def format_statistics(info: dict) -> str:

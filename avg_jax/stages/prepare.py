@@ -32,30 +32,35 @@ from avg_jax.metrics import MetricsWriter
 
 
 def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float,
-                   shard_counts: dict | None = None) -> None:
+                   shard_counts: dict | None = None, build_seconds: dict | None = None) -> None:
   """One record per split; `shard_counts[split] = (shards, skipped, written)` over all
-  processes when this run built the data."""
+  processes and `build_seconds` (process 0's serial steps after the shards: what more
+  processes do not shorten) when this run built the data."""
   writer = MetricsWriter(workdir, "prepare", process_index=jax.process_index())
   for split, s in info["splits"].items():
     shards = {}
     if shard_counts is not None:
       total, skipped, written = shard_counts[split]
       shards = dict(shards=total, shards_skipped=skipped, shards_written=written)
+    if build_seconds is not None:
+      shards["build_seconds"] = build_seconds
     writer.write(split=split, dataset=info["dataset"], num_images=s["num_images"],
                  num_captions=s["num_captions"], mean_caption_tokens=s["mean_caption_tokens"],
                  vocab_size=info["text_tokenizer"]["vocab_size"], reused=reused,
                  seconds=round(seconds, 3), **shards)
 
 
-def _finish(workdir: str, out: fingerprint.Output, config: Any, source: builders.Source) -> dict:
-  """Process 0, once every shard exists: `prepared/` from the shards, atomically; -> info."""
+def _finish(workdir: str, out: fingerprint.Output, config: Any,
+            source: builders.Source) -> tuple[dict, dict]:
+  """Process 0, once every shard exists: `prepared/` from the shards, atomically; -> (info,
+  seconds of the serial steps)."""
   out_dir = paths.prepared_dir(workdir)
   shards_dir = paths.prepared_shards_dir(workdir)
   if prepared.check_prepared(out_dir)[0] == "incomplete":
     shutil.rmtree(out_dir)
   tmp = io.temp_dir(out_dir)
   try:
-    info = prepared.build(config, tmp, out.inputs, source, shards_dir)
+    info, build_seconds = prepared.build(config, tmp, out.inputs, source, shards_dir)
     out.finish(into=tmp)
     if not io.publish_dir(tmp, out_dir):
       # Another job (e.g. started separately on a shared workdir) finished first: keep its
@@ -70,7 +75,7 @@ def _finish(workdir: str, out: fingerprint.Output, config: Any, source: builders
     raise
   # The records now live in prepared/ (hard links or copies): the shards are no longer needed.
   shutil.rmtree(shards_dir, ignore_errors=True)
-  return info
+  return info, build_seconds
 
 
 @locks.holding("prepare")
@@ -107,7 +112,7 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
   error = None
   if index == 0:
     try:
-      info = _finish(workdir, out, config, source)
+      info, build_seconds = _finish(workdir, out, config, source)
     except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
       error = e             # the other processes, which would otherwise wait forever)
   if not processes.process_0_succeeded(error is None):
@@ -121,4 +126,4 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
   print(prepared.format_statistics(info))
   shard_counts = {s: tuple(int(x) for x in totals[i]) for i, s in enumerate(builders.SPLITS)}
   _write_metrics(workdir, info, reused=False, seconds=time.time() - start,
-                 shard_counts=shard_counts)
+                 shard_counts=shard_counts, build_seconds=build_seconds)

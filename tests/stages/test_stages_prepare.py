@@ -222,3 +222,36 @@ def test_cli_prepare_exits_0_without_tensorflow(tmp_path, monkeypatch, capsys):
                    str(tmp_path / "k"), "--config.data.name=karpathy"]) == 2
   assert "data.karpathy_json is empty" in capsys.readouterr().err
   assert "tensorflow" not in sys.modules
+
+
+def test_a_pretrained_t5_brings_its_tokenizer(tmp_path, tiny_config, prepared_workdir):
+  # The paper path: no text_tokenizer.model_path, t5.pretrained_path's spiece.model is loaded
+  # (never a trained one, which the pretrained model's text rows would not match).
+  t5_dir = tmp_path / "t5"
+  t5_dir.mkdir()
+  given = open(paths.text_tokenizer_model(prepared_workdir), "rb").read()
+  (t5_dir / "spiece.model").write_bytes(given)
+  config = tiny_config(f"t5.pretrained_path={t5_dir}", "text_tokenizer.vocab_size=100000")
+  workdir = str(tmp_path / "w")
+  prepare.run(config, workdir)
+  info = dataset.load_info(workdir)
+  assert info["text_tokenizer"]["source"] == f"loaded from {t5_dir / 'spiece.model'}"
+  assert open(paths.text_tokenizer_model(workdir), "rb").read() == given
+  (t5_dir / "spiece.model").unlink()
+  with pytest.raises(UserError, match=r"text_tokenizer.model_path \(empty: t5.pretrained_path's "
+                     r"spiece.model\) not readable: .*spiece.model"):
+    prepare.run(config, str(tmp_path / "w2"))
+
+
+def test_metrics_time_process_0s_serial_steps(tmp_path, tiny_config):
+  # What more processes do not shorten (assembling, pseudo queries, the text tokenizer and the
+  # statistics pass over every record), on the records of the run that built the data only.
+  workdir = str(tmp_path / "w")
+  prepare.run(tiny_config(*SMALL), workdir)
+  prepare.run(tiny_config(*SMALL), workdir)
+  records = [r for r in read_metrics(workdir) if r["stage"] == "prepare"]
+  built = [r["build_seconds"] for r in records if not r["reused"]]
+  assert len(built) == 3 and all(b == built[0] for b in built)
+  assert set(built[0]) == {"assemble", "pseudo_queries", "text_tokenizer", "statistics"}
+  assert all(v >= 0 for v in built[0].values())
+  assert not any("build_seconds" in r for r in records if r["reused"])

@@ -1,0 +1,41 @@
+"""benchmarks/data_growth.py at a tiny N: prepare and embed measured on generated Karpathy data."""
+
+import importlib.util
+import json
+
+import pytest
+
+from avg_jax.bench import growth
+
+
+def _script(repo_root):
+  spec = importlib.util.spec_from_file_location(
+      "data_growth", repo_root / "benchmarks" / "data_growth.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_splits():
+  assert growth.splits_of(1000) == (900, 50, 50)
+  assert growth.splits_of(3) == (1, 1, 1)
+  with pytest.raises(ValueError, match="at least 3 images"):
+    growth.splits_of(2)
+
+
+@pytest.mark.slow
+def test_growth_at_a_tiny_size(repo_root, tmp_path, capsys):
+  out = tmp_path / "g.json"
+  assert _script(repo_root).main([
+      "--sizes", "40", "--root", str(tmp_path / "runs"), "--out", str(out), "--config",
+      str(repo_root / "configs/karpathy_local.py:tiny,captions=5"), "--encoder-steps", "2",
+      "--photo", "24x18", "--render", "16"]) == 0
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["images"] == 40 and row["splits"] == [36, 2, 2]
+  for stage in ("prepare", "embed"):
+    assert row[stage]["wall_s"] > 0 and row[stage]["peak_rss_mib"] > 50
+  assert set(row["prepare"]["build_seconds"]) == {"assemble", "pseudo_queries",
+                                                  "text_tokenizer", "statistics"}
+  assert 0 < row["embed"]["extraction_s"] < row["embed"]["wall_s"]
+  assert not (tmp_path / "runs" / "n40").exists()  # removed unless --keep
+  assert "statistics s" in capsys.readouterr().out

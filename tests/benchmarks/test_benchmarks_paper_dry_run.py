@@ -1,0 +1,52 @@
+"""benchmarks/paper_dry_run.py at tiny size: configs/flickr30k.py through every stage with T5's
+real tokenizer layout, measured per stage (the full-size run is the same code)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from avg_jax.bench import dry_run
+from avg_jax.data.text_tokenizer import TextTokenizer
+
+
+def _script(repo_root):
+  spec = importlib.util.spec_from_file_location(
+      "paper_dry_run", repo_root / "benchmarks" / "paper_dry_run.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys):
+  out = tmp_path / "r.json"
+  assert _script(repo_root).main(["--size", "tiny", "--config",
+                                  str(repo_root / "configs/flickr30k.py"),
+                                  "--root", str(tmp_path), "--out", str(out)]) == 0
+  results = json.loads(out.read_text())
+  # The README's five input paths; besides them only step counts, logging and sizes.
+  assert [o.split("=")[0] for o in results["input_overrides"]] == [
+      "data.karpathy_json", "data.image_root", "encoder.pretrained_path", "t5.pretrained_path",
+      "data.pseudo_queries"]
+  assert not any(o.startswith("text_tokenizer.") for o in results["dry_run_overrides"])
+  stages = {r["stage"]: r for r in results["stages"]}
+  assert list(stages) == list(dry_run.stage_runs.STAGES)
+  for r in stages.values():
+    assert r["wall_s"] > 0 and r["peak_rss_mib"] > 50
+  for stage in ("prepare", "embed", "tokenize", "train", "rank", "evaluate"):
+    assert stages[stage]["rate"] > 0 and stages[stage]["epoch_hours_here"] > 0
+  assert set(results["prepare_build_seconds"]) == {"assemble", "pseudo_queries",
+                                                   "text_tokenizer", "statistics"}
+  # The text tokenizer is the T5 directory's (never trained); vokens follow its 32 128 rows.
+  workdir, world = tmp_path / "workdir", tmp_path / "world"
+  info = json.loads((workdir / "prepared" / "dataset_info.json").read_text())
+  assert info["text_tokenizer"] == {"file": "text_tokenizer.model", "vocab_size": 32_000,
+                                    "source": f"loaded from {world / 't5' / 'spiece.model'}"}
+  manifest = json.loads((workdir / "export" / "manifest.json").read_text())
+  assert manifest["vocab"]["text_vocab_size"] == 32_128
+  assert manifest["t5"]["vocab_size"] == 32_128 + 1024 + manifest["vocab"]["disambiguation_size"]
+  exported = TextTokenizer.load(str(workdir / "export" / "text_tokenizer.model"))
+  assert exported.model_proto == (world / "t5" / "spiece.model").read_bytes()
+  table = capsys.readouterr().out
+  assert "peak RSS MiB" in table and "rank" in table
