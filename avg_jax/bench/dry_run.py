@@ -7,6 +7,10 @@ the overrides README's TPU section gives (the five input paths) plus only:
   * log_every 1 (tokenizer, train), so that steady step rates are logged;
   * batch sizes larger than the world's training captions, lowered to that count (the image
     tokenizer refuses a batch larger than its data);
+  * the feature-extraction batch lowered to the smallest split's image count: every call
+    computes a full `encoder_train.embed_batch_size` rows (one compiled shape), so the 256 of
+    the paper config would run a 32-image split as 256 ViT-L/14-336 images (measured: more
+    than 16 CPU-minutes for one such call on the dev box);
 and, at `size="tiny"` only (the test suite's), tiny model shapes with data.image_size and
 tokenizer.e_dim to match, and a shorter evaluation (`TINY_OVERRIDES`). Each stage's wall
 time, CPU time, peak RSS and throughput are measured (avg_jax/bench/stage_runs.py) and
@@ -73,6 +77,9 @@ def overrides(config: Any, world: dict, world_size: paper_world.WorldSize, size:
   for key in ("tokenizer.batch_size", "train.batch_size", "rank.batch_size"):
     if config_lib.get(config, key) > captions:
       extra.append(f"{key}={captions}")
+  smallest = min(world_size.images)
+  if config_lib.get(config, "encoder_train.embed_batch_size") > smallest:
+    extra.append(f"encoder_train.embed_batch_size={smallest}")
   if size == "tiny":
     clip, t5 = shapes(config, size)
     extra += [f"data.image_size={clip['image_size']}", f"tokenizer.e_dim={t5['d_model']}",

@@ -30,6 +30,8 @@ def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys):
       "data.karpathy_json", "data.image_root", "encoder.pretrained_path", "t5.pretrained_path",
       "data.pseudo_queries"]
   assert not any(o.startswith("text_tokenizer.") for o in results["dry_run_overrides"])
+  # Feature extraction runs full batches: lowered to the smallest split (12 images).
+  assert "encoder_train.embed_batch_size=12" in results["dry_run_overrides"]
   stages = {r["stage"]: r for r in results["stages"]}
   assert list(stages) == list(dry_run.stage_runs.STAGES)
   for r in stages.values():
