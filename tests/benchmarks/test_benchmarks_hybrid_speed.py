@@ -1,0 +1,21 @@
+"""benchmarks/hybrid_speed.py on the tiny pipeline: three contenders, one row per N."""
+
+import importlib.util
+import json
+
+
+def test_hybrid_speed_on_the_tiny_pipeline(repo_root, pipeline_workdir, tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "hybrid_speed", repo_root / "benchmarks" / "hybrid_speed.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "h.json"
+  assert module.main(["--workdir", str(pipeline_workdir), "--config",
+                      str(repo_root / "configs/smoke.py:tiny"), "--weight", "4",
+                      "--sizes", "50,200", "--queries", "16", "--rounds", "1",
+                      "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert [r["num_items"] for r in result["rows"]] == [50, 200]
+  for row in result["rows"]:
+    assert all(row[name] > 0 for name in module.NAMES) and row["max_group"] >= 1
+  assert result["weight"] == 4.0 and result["rounds"] == 1
