@@ -135,9 +135,14 @@ def dry_run(config_spec: str, root: str, *, size: str = "paper",
   path_overrides, other = overrides(config, world, world_size, size, steps)
   other = other + list(extra)
   workdir = os.path.join(root, "workdir")
-  runs = [stage_runs.run_stage(stage, config_spec, workdir, path_overrides + other,
-                               os.path.join(root, "logs"), env)
-          for stage in stage_runs.STAGES]
+  runs = []
+  for stage in stage_runs.STAGES:
+    runs.append(stage_runs.run_stage(stage, config_spec, workdir, path_overrides + other,
+                                     os.path.join(root, "logs"), env))
+    # As each stage ends: a run that fails later still shows what the earlier ones cost.
+    print(f"dry run: {stage}: {runs[-1].wall_s:.1f} s wall, "
+          f"{runs[-1].user_s + runs[-1].sys_s:.1f} s CPU, {runs[-1].peak_rss_mib:.0f} MiB peak",
+          flush=True)
   with open(os.path.join(workdir, "prepared", "dataset_info.json"), encoding="utf-8") as f:
     info = json.load(f)
   counts = {"images": sum(s["num_images"] for s in info["splits"].values())}
