@@ -11,13 +11,13 @@ See avg_jax/bench/growth.py for what is measured.
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avg_jax.bench import common, growth  # noqa: E402
+from avg_jax.artifacts import io  # noqa: E402
 from avg_jax.errors import UserError  # noqa: E402
 
 
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
              "machine": common.machine_info(command=command)}
   out = args.out or os.path.join(args.root, "data_growth.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
+  io.write_json(out, results)   # atomic: a killed run leaves no half-written results
   print(growth.table(rows))
   print(f"results in {out}")
   return 0

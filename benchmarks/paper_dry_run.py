@@ -19,13 +19,13 @@ beside the TPU step times `avg-jax compile` predicted. Writes a JSON results fil
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avg_jax.bench import dry_run, paper_world  # noqa: E402
+from avg_jax.artifacts import io  # noqa: E402
 from avg_jax.errors import UserError  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -79,8 +79,7 @@ def main(argv=None) -> int:
                                             *(argv if argv is not None else sys.argv[1:])])
   out = args.out or os.path.join(args.root, "dry_run.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
+  io.write_json(out, results)   # atomic: a killed run leaves no half-written results
   print(dry_run.table(results))
   print(f"total {results['total_wall_s']} s; results in {out}")
   return 0

@@ -55,3 +55,12 @@ def tiny_t5_params(cfg):
   params = dict(variables["params"])
   params["token_embedding"] = params["token_embedding"] * 4.0
   return params
+
+
+def load_script(repo_root, name: str):
+  """The module of `benchmarks/<name>.py` (benchmark scripts are not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, repo_root / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

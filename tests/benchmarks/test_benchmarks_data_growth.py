@@ -1,19 +1,11 @@
 """benchmarks/data_growth.py at a tiny N: prepare and embed measured on generated Karpathy data."""
 
-import importlib.util
 import json
 
 import pytest
 
 from avg_jax.bench import growth
-
-
-def _script(repo_root):
-  spec = importlib.util.spec_from_file_location(
-      "data_growth", repo_root / "benchmarks" / "data_growth.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from helpers import load_script
 
 
 def test_splits():
@@ -26,7 +18,7 @@ def test_splits():
 @pytest.mark.slow
 def test_growth_at_a_tiny_size(repo_root, tmp_path, capsys):
   out = tmp_path / "g.json"
-  assert _script(repo_root).main([
+  assert load_script(repo_root, "data_growth").main([
       "--sizes", "40", "--root", str(tmp_path / "runs"), "--out", str(out), "--config",
       str(repo_root / "configs/karpathy_local.py:tiny,captions=5"), "--encoder-steps", "2",
       "--photo", "24x18", "--render", "16"]) == 0

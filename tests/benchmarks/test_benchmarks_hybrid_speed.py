@@ -1,14 +1,12 @@
 """benchmarks/hybrid_speed.py on the tiny pipeline: three contenders, one row per N."""
 
-import importlib.util
 import json
+
+from helpers import load_script
 
 
 def test_hybrid_speed_on_the_tiny_pipeline(repo_root, pipeline_workdir, tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "hybrid_speed", repo_root / "benchmarks" / "hybrid_speed.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script(repo_root, "hybrid_speed")
   out = tmp_path / "h.json"
   assert module.main(["--workdir", str(pipeline_workdir), "--config",
                       str(repo_root / "configs/smoke.py:tiny"), "--weight", "4",

@@ -1,27 +1,19 @@
 """benchmarks/paper_dry_run.py at tiny size: configs/flickr30k.py through every stage with T5's
 real tokenizer layout, measured per stage (the full-size run is the same code)."""
 
-import importlib.util
 import json
 
 import pytest
 
 from avg_jax.bench import dry_run
 from avg_jax.data.text_tokenizer import TextTokenizer
-
-
-def _script(repo_root):
-  spec = importlib.util.spec_from_file_location(
-      "paper_dry_run", repo_root / "benchmarks" / "paper_dry_run.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from helpers import load_script
 
 
 @pytest.mark.slow
 def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys):
   out = tmp_path / "r.json"
-  assert _script(repo_root).main(["--size", "tiny", "--config",
+  assert load_script(repo_root, "paper_dry_run").main(["--size", "tiny", "--config",
                                   str(repo_root / "configs/flickr30k.py"),
                                   "--root", str(tmp_path), "--out", str(out)]) == 0
   results = json.loads(out.read_text())

@@ -1,7 +1,6 @@
 """benchmarks/variants.py: variants in their own workdirs, the source untouched, paired
 differences computed by hand."""
 
-import importlib.util
 import json
 import os
 
@@ -9,14 +8,7 @@ import numpy as np
 import pytest
 
 from avg_jax.errors import UserError
-
-
-def _script(repo_root):
-  spec = importlib.util.spec_from_file_location(
-      "variants", repo_root / "benchmarks" / "variants.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from helpers import load_script
 
 
 def _tree(path):
@@ -27,7 +19,7 @@ def _tree(path):
 def test_rank_variants_share_their_generator_and_leave_the_source(repo_root, tiny_workdir,
                                                                    tmp_path, monkeypatch):
   monkeypatch.chdir(repo_root)
-  script = _script(repo_root)
+  script = load_script(repo_root, "variants")
   before = _tree(tiny_workdir)
   out, keep = tmp_path / "v.json", tmp_path / "keep"
   assert script.main(["--workdir", str(tiny_workdir), "--config", "configs/smoke.py:tiny",
@@ -54,7 +46,7 @@ def test_rank_variants_share_their_generator_and_leave_the_source(repo_root, tin
 
 
 def test_paired_difference_and_keys_by_hand(repo_root):
-  script = _script(repo_root)
+  script = load_script(repo_root, "variants")
   base = np.array([[0, 3, 10, 1]])            # ranks: a hit at 1 for query 0 only
   variant = np.array([[1, 0, 10, 1], [0, 0, 10, 1]])
   # R@1 per query, seeds averaged: [0.5, 1, 0, 0] - [1, 0, 0, 0] -> mean +12.5 points.
@@ -69,7 +61,7 @@ def test_paired_difference_and_keys_by_hand(repo_root):
 
 
 def test_errors(repo_root, tmp_path):
-  script = _script(repo_root)
+  script = load_script(repo_root, "variants")
   with pytest.raises(UserError, match="expected name=override"):
     script.parse_variant("no-equals-sign")
   args = ["--config", str(repo_root / "configs/smoke.py:tiny"), "--out", str(tmp_path / "o")]
