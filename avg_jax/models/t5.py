@@ -18,7 +18,7 @@ With `scan_layers`, `layers_{i}` become one `layers` subtree whose leaves have a
 `wi_1`) `[embed, mlp]`, `wo [mlp, embed]`.
 
 Pure functions (params first, config second; `cfg` is static under jit):
-  encode, init_decode_state, decode_step, logits, score, cross_entropy_loss.
+  encode, init_decode_state, decode_step, logits, candidate_logits, score, cross_entropy_loss.
 
 Decoding cache (`init_decode_state`): every leaf has leading dim `batch` so a beam search can
 gather it; layer axis second.
@@ -45,7 +45,8 @@ from avg_jax.models.t5_layers import (MASK_VALUE, Attention, FeedForward, Relati
 from avg_jax.vokens import EOS_ID, PAD_ID
 
 __all__ = [
-    "T5Config", "T5", "encode", "init_decode_state", "decode_step", "logits", "score",
+    "T5Config", "T5", "encode", "init_decode_state", "decode_step", "logits",
+    "candidate_logits", "score",
     "cross_entropy_loss", "shift_right", "voken_logit_token_ids", "tokens_to_voken_columns",
     "init_variables", "init_params", "abstract_variables", "abstract_params", "param_shardings",
     "stack_layer_params",
@@ -183,9 +184,11 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, encoded=None, encoder_mask=None, cache=None, *, mode: str = "full",
-               deterministic: bool = True):
+               deterministic: bool = True, segment_length: int | None = None):
     """`mode` (see DecoderLayer) -- full: `x [batch, target_length, embed]` -> same shape
-    (after the final norm). cross_kv: returns {"cross_k", "cross_v"} `[batch, layers,
+    (after the final norm); with `segment_length` the target is several independent
+    sequences of that length laid end to end (self-attention stays inside a segment; all
+    attend to the same `encoded`). cross_kv: returns {"cross_k", "cross_v"} `[batch, layers,
     input_length, heads, kv]`. step: `x [batch, 1, embed]` and the decode cache ->
     (`[batch, 1, embed]`, new self KV)."""
     cfg, det = self.cfg, deterministic
@@ -199,6 +202,11 @@ class Decoder(nn.Module):
     if mode == "full":
       length = x.shape[1]
       causal = jnp.tril(jnp.ones((length, length), bool))
+      if segment_length is not None:
+        # Within a segment the global offset k - q equals the segment-local one, so the
+        # relative-position bias of the whole length is already right; only the mask changes.
+        segment = np.arange(length) // int(segment_length)
+        causal = causal & jnp.asarray(segment[:, None] == segment[None, :])
       self_bias = relpos(length, length)[None] + jnp.where(causal, 0.0, MASK_VALUE)[None, None]
       shared = {"self_bias": self_bias, "encoded": encoded,
                 "cross_bias": _key_mask_bias(encoder_mask)}
@@ -272,6 +280,16 @@ class T5(nn.Module):
     encoded = self.encode(input_tokens)
     x = self.decoder(self._embed(decoder_input_tokens), encoded, input_tokens != PAD_ID,
                      mode="full", deterministic=self.deterministic)
+    return self._logits(x, False)
+
+  def segments(self, input_tokens, decoder_input_tokens, segment_length: int):
+    """Teacher forcing of several targets per input with one encoder pass:
+    `decoder_input_tokens [batch, n * segment_length]` holds n targets' decoder inputs end
+    to end -> logits `[batch, n * segment_length, vocab]`."""
+    encoded = self.encode(input_tokens)
+    x = self.decoder(self._embed(decoder_input_tokens), encoded, input_tokens != PAD_ID,
+                     mode="full", deterministic=self.deterministic,
+                     segment_length=segment_length)
     return self._logits(x, False)
 
   def encode(self, input_tokens):
@@ -353,6 +371,24 @@ def logits(params, cfg: T5Config, input_tokens: jax.Array, decoder_target_tokens
   model = T5(cfg, deterministic=deterministic)
   return model.apply(_variables(params), input_tokens, shift_right(decoder_target_tokens),
                      rngs=rngs)
+
+
+def candidate_logits(params, cfg: T5Config, input_tokens: jax.Array,
+                     candidate_targets: jax.Array, *, deterministic: bool = True,
+                     rngs: Mapping[str, jax.Array] | None = None) -> jax.Array:
+  """Teacher-forced logits of n targets per input: `input_tokens int[batch, input_length]`,
+  `candidate_targets int[batch, n, target_length]` -> `[batch, n, target_length, vocab]`.
+
+  Equal to `logits` on each (input, target) pair, but the encoder runs once per input (its
+  dropout mask is shared by the n targets) and the n decoder inputs are packed as segments
+  of one sequence, so nothing of the input side is repeated n times.
+  """
+  b, n, length = candidate_targets.shape
+  decoder_inputs = shift_right(candidate_targets).reshape(b, n * length)
+  out = T5(cfg, deterministic=deterministic).apply(
+      _variables(params), input_tokens, decoder_inputs, length, rngs=rngs,
+      method=T5.segments)
+  return out.reshape(b, n, length, out.shape[-1])
 
 
 def _target_log_probs(out: jax.Array, target_tokens: jax.Array, temperature: float = 1.0):

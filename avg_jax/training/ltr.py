@@ -115,15 +115,14 @@ def make_rank_loss_fn(cfg, vocab, *, decode: DecodeConfig, rank_weight: float,
       negative_ok = negative_ok & ~twin
     all_targets = jnp.concatenate([targets[:, None, :], cand], axis=1)      # [B, 1+beam, P+1]
     valid = jnp.concatenate([jnp.ones((b, 1), bool), negative_ok], axis=1)
-    n = all_targets.shape[1]
-    flat_inputs = jnp.repeat(inputs, n, axis=0)                             # [B*n, S]
-    flat_targets = all_targets.reshape(b * n, -1)
-    out = t5_lib.logits(params, cfg, flat_inputs, flat_targets, deterministic=False,
-                        rngs={"dropout": rng})                              # [B*n, P+1, V]
+    # One encoder pass per query, the 1 + beam targets packed into one decoder sequence:
+    # repeating the query per candidate cost 1 + beam times the encoder's work and memory.
+    out = t5_lib.candidate_logits(params, cfg, inputs, all_targets, deterministic=False,
+                                  rngs={"dropout": rng})                    # [B, n, P+1, V]
     token_lp = jnp.sum(jax.nn.log_softmax(out, axis=-1) *
-                       jax.nn.one_hot(flat_targets, out.shape[-1]), axis=-1)
-    scores = jnp.sum(jnp.where(flat_targets != PAD_ID, token_lp, 0.0), axis=-1).reshape(b, n)
-    positives = out.reshape(b, n, *out.shape[1:])[:, 0]
+                       jax.nn.one_hot(all_targets, out.shape[-1]), axis=-1)
+    scores = jnp.sum(jnp.where(all_targets != PAD_ID, token_lp, 0.0), axis=-1)  # [B, n]
+    positives = out[:, 0]
     gen_loss, accuracy, _ = losses.token_cross_entropy(positives, targets,
                                                        temperature=temperature)
     rank_loss = losses.listwise_softmax_loss(scores, valid, double_softmax=double_softmax,

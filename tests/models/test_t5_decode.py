@@ -19,6 +19,7 @@ _init_state = jax.jit(t5.init_decode_state, static_argnums=(1, 4))
 _step = jax.jit(t5.decode_step, static_argnums=1, static_argnames=("voken_logits_only",))
 _score = jax.jit(t5.score, static_argnums=1)
 _loss = jax.jit(t5.cross_entropy_loss, static_argnums=1)
+_candidates = jax.jit(t5.candidate_logits, static_argnums=1)
 
 
 def _cfg(variant, **kw):
@@ -119,6 +120,24 @@ def test_cache_layout_and_beam_reordering():
   out_a, _ = _step(params, cfg, jnp.asarray(targets[:, 1]), cache)
   out_b, _ = _step(params, cfg, jnp.asarray(targets[:, 1])[order], reordered)
   np.testing.assert_allclose(out_b, np.asarray(out_a)[np.array([2, 0, 0])], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_candidate_logits_equal_each_pair_alone(variant, scan):
+  """n targets per input packed into one decoder sequence (one encoder pass) give the logits
+  of teacher forcing each (input, target) pair on its own: no attention across segments."""
+  cfg = _cfg(variant, scan_layers=scan)
+  params = _params(cfg, seed=6)
+  inputs, targets = _batch()
+  # Four targets per input: each row's own, the others' (one with padding), one reversed.
+  cands = np.stack([targets, np.roll(targets, 1, axis=0), np.roll(targets, 2, axis=0),
+                    targets[::-1]], axis=1)                              # [3, 4, 6]
+  packed = np.asarray(_candidates(params, cfg, inputs, cands))
+  assert packed.shape == (3, 4, 6, cfg.vocab_size)
+  for j in range(4):
+    alone = _logits(params, cfg, inputs, cands[:, j])
+    np.testing.assert_allclose(packed[:, j], alone, atol=TOL, rtol=0)
 
 
 def test_score_is_sum_of_token_log_probs():
