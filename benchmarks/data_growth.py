@@ -35,7 +35,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")]
   photo = tuple(int(x) for x in args.photo.split("x"))
-  overrides = [f"encoder_train.steps={args.encoder_steps}", *args.override]
+  # The generated captions come from a small grammar: SentencePiece finds at most ~420 pieces
+  # in them, under karpathy_local's 500, whatever N is.
+  overrides = [f"encoder_train.steps={args.encoder_steps}", "text_tokenizer.vocab_size=384",
+               *args.override]
   rows = []
   try:
     for n in sizes:
