@@ -34,6 +34,13 @@ def process_commands(avg_jax_args: Sequence[str], processes: int, port: int) -> 
            "--config.distributed.cpu_collectives=gloo"] for i in range(processes)]
 
 
+def xla_flags(inherited: str, devices: int) -> str:
+  """`inherited` XLA flags with the fake-device count set to `devices` (any other flag kept)."""
+  kept = [f for f in inherited.split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
+
+
 def _pump(stream, prefix: str, out) -> None:
   for line in iter(stream.readline, ""):
     out.write(f"{prefix} {line}")
@@ -45,7 +52,7 @@ def run(avg_jax_args: Sequence[str], *, processes: int = 2, devices: int = 4,
   """Starts the processes, streams their output, returns 0 or the first non-zero status."""
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(os.environ.get("XLA_FLAGS", ""), devices))
   procs, pumps = [], []
   for i, cmd in enumerate(process_commands(avg_jax_args, processes, port)):
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

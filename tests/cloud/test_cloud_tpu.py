@@ -85,3 +85,11 @@ def test_bad_accelerator_is_a_one_line_error(repo_root):
   assert proc.stderr.strip().splitlines()[-1] == (
       "launch/tpu.sh: error: unknown accelerator type 'v9-8' "
       "(expected e.g. v4-32, v5p-8, v5litepod-16, v6e-8)")
+
+
+def test_local_processes_keep_other_xla_flags():
+  from avg_jax.cloud import local_multiprocess
+  assert local_multiprocess.xla_flags("", 4) == "--xla_force_host_platform_device_count=4"
+  assert local_multiprocess.xla_flags(
+      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0", 2) == (
+          "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
