@@ -183,13 +183,15 @@ def summary_table(results: dict) -> str:
   if eff:
     if lines:
       lines.append("")
-    lines.append(f"{'N':>10}" + "".join(f"{m + ' q/s':>16}" for m in eff))
+    # Columns wide enough for the longest method name (two_tower_hnsw), one space apart.
+    width = max(16, max(len(m) for m in eff) + 6)
+    lines.append(f"{'N':>10}" + "".join(f"{m + ' q/s':>{width}}" for m in eff))
     sizes = sorted({int(r["num_items"]) for rows in eff.values() for r in rows})
     for n in sizes:
       cells = []
       for rows in eff.values():
         q = [r["queries_per_s"] for r in rows if int(r["num_items"]) == n]
-        cells.append(f"{q[0]:>16.1f}" if q else f"{'-':>16}")
+        cells.append(f"{q[0]:>{width}.1f}" if q else f"{'-':>{width}}")
       lines.append(f"{n:>10,}" + "".join(cells))
     cross = results.get("crossover")
     lines.append("AVG faster than two-tower from N ~ " +

@@ -82,6 +82,16 @@ def test_efficiency_section_has_no_empty_recall_header(tmp_path):
   assert report.summary_table({}) == ""
 
 
+def test_efficiency_columns_fit_long_method_names():
+  # "two_tower q/stwo_tower_hnsw q/s": a 14-letter name overran the 16-wide columns.
+  results = {"efficiency": {"two_tower": _rows([(1000, 50.0)]),
+                            "two_tower_hnsw": _rows([(1000, 3421.1)])}}
+  header, row = report.summary_table(results).splitlines()[:2]
+  assert header.split() == ["N", "two_tower", "q/s", "two_tower_hnsw", "q/s"]
+  assert row.split() == ["1,000", "50.0", "3421.1"]
+  assert len(header) == len(row)
+
+
 def test_hybrid_and_hnsw_sections(tmp_path):
   frontier = [{"num_items": n, "ef_search": ef, "queries_per_s": q, "recall_at_k": r, "k": 10,
                "search_only_queries_per_s": 2 * q, "build_s": 1.5, "index_bytes": 3 * 2**20}
