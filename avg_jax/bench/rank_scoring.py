@@ -21,15 +21,9 @@ from avg_jax import config as config_lib
 from avg_jax.bench.train import step_flops
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
-from avg_jax.vokens import PAD_ID, VokenVocabulary
+from avg_jax.vokens import VokenVocabulary
 
 FORMS = ("per_pair", "packed")
-
-
-def candidate_scores(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Sum of target log-probabilities: `logits [B, n, T, V]`, `targets [B, n, T]` -> `[B, n]`."""
-  lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)
-  return jnp.sum(jnp.where(targets != PAD_ID, lp[..., 0], 0.0), axis=-1)
 
 
 def score_fn(form: str, cfg: T5Config, deterministic: bool):
@@ -40,12 +34,12 @@ def score_fn(form: str, cfg: T5Config, deterministic: bool):
     b, n, t = targets.shape
     out = t5_lib.logits(params, cfg, jnp.repeat(inputs, n, axis=0), targets.reshape(b * n, t),
                         deterministic=deterministic, rngs=rngs(rng))
-    return candidate_scores(out.reshape(b, n, t, -1), targets)
+    return t5_lib.sequence_log_probs(out.reshape(b, n, t, -1), targets)
 
   def packed(params, inputs, targets, rng):
     out = t5_lib.candidate_logits(params, cfg, inputs, targets, deterministic=deterministic,
                                   rngs=rngs(rng))
-    return candidate_scores(out, targets)
+    return t5_lib.sequence_log_probs(out, targets)
 
   return {"per_pair": per_pair, "packed": packed}[form]
 

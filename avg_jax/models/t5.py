@@ -46,7 +46,7 @@ from avg_jax.vokens import EOS_ID, PAD_ID
 
 __all__ = [
     "T5Config", "T5", "encode", "init_decode_state", "decode_step", "logits",
-    "candidate_logits", "score",
+    "candidate_logits", "sequence_log_probs", "score",
     "cross_entropy_loss", "shift_right", "voken_logit_token_ids", "tokens_to_voken_columns",
     "init_variables", "init_params", "abstract_variables", "abstract_params", "param_shardings",
     "stack_layer_params",
@@ -399,6 +399,13 @@ def _target_log_probs(out: jax.Array, target_tokens: jax.Array, temperature: flo
   return jnp.sum(log_probs * onehot, axis=-1)
 
 
+def sequence_log_probs(out: jax.Array, target_tokens: jax.Array) -> jax.Array:
+  """Sum over non-padding targets of the full-vocabulary log-softmax: `out [..., len, vocab]`,
+  `target_tokens int[..., len]` (zero-padded) -> `[...]`."""
+  token_lp = _target_log_probs(out, target_tokens)
+  return jnp.sum(jnp.where(target_tokens != PAD_ID, token_lp, 0.0), axis=-1)
+
+
 def score(params, cfg: T5Config, input_tokens: jax.Array, target_tokens: jax.Array, *,
           deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None
           ) -> jax.Array:
@@ -408,8 +415,7 @@ def score(params, cfg: T5Config, input_tokens: jax.Array, target_tokens: jax.Arr
   """
   out = logits(params, cfg, input_tokens, target_tokens, deterministic=deterministic,
                rngs=rngs)
-  token_lp = _target_log_probs(out, target_tokens)
-  return jnp.sum(jnp.where(target_tokens != PAD_ID, token_lp, 0.0), axis=-1)
+  return sequence_log_probs(out, target_tokens)
 
 
 def cross_entropy_loss(params, cfg: T5Config, input_tokens: jax.Array,

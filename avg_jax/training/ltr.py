@@ -23,7 +23,7 @@ from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.config import DecodeConfig
 from avg_jax.models import t5 as t5_lib
 from avg_jax.training import losses, optim
-from avg_jax.vokens import EOS_ID, PAD_ID
+from avg_jax.vokens import EOS_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +120,7 @@ def make_rank_loss_fn(cfg, vocab, *, decode: DecodeConfig, rank_weight: float,
     # repeating the query per candidate cost 1 + beam times the encoder's work and memory.
     out = t5_lib.candidate_logits(params, cfg, inputs, all_targets, deterministic=False,
                                   rngs={"dropout": rng})                    # [B, n, P+1, V]
-    token_lp = jnp.sum(jax.nn.log_softmax(out, axis=-1) *
-                       jax.nn.one_hot(all_targets, out.shape[-1]), axis=-1)
-    scores = jnp.sum(jnp.where(all_targets != PAD_ID, token_lp, 0.0), axis=-1)  # [B, n]
+    scores = t5_lib.sequence_log_probs(out, all_targets)                     # [B, n]
     positives = out[:, 0]
     gen_loss, accuracy, _ = losses.token_cross_entropy(positives, targets,
                                                        temperature=temperature)
