@@ -73,8 +73,9 @@ case "$command" in
     ensure_browser
     export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
     export JAX_PLATFORMS=cpu
-    # Two workers (pytest-xdist): most of the suite is single-threaded XLA compilation.
-    exec "$VENV/bin/python" -m pytest -q -n "${AVG_JAX_TEST_WORKERS:-2}" "$@"
+    # Two workers (pytest-xdist): most of the suite is single-threaded XLA compilation. The
+    # tests on the shared tiny pipeline form one group (tests/conftest.py) so it is built once.
+    exec "$VENV/bin/python" -m pytest -q -n "${AVG_JAX_TEST_WORKERS:-2}" --dist loadgroup "$@"
     ;;
   env)
     ensure_env

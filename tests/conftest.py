@@ -30,6 +30,20 @@ from helpers import pipeline_args  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+# Session fixtures that build the tiny pipeline (minutes of compilation) or start a server on
+# it. Under pytest-xdist each worker would build its own copy: the tests that use them form one
+# group that a single worker runs (`--dist loadgroup` in launch/local.sh), so they are built once.
+SHARED_PIPELINE_FIXTURES = frozenset({"tiny_workdir", "pipeline_workdir", "serve_export",
+                                      "server", "start_server", "retriever"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook turns the mark into the node id's group
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if SHARED_PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.xdist_group("tiny_pipeline"))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
   return REPO_ROOT

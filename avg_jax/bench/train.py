@@ -78,14 +78,17 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
       device_batch)
   key = jax.random.key(1)
   with partitioning.activation_context(mesh):
-    flops = step_flops(step.lower(state, device_batch, key).compile()) * jax.device_count()
+    # The AOT-compiled program is the one that runs: calling the jitted `step` after
+    # `.lower().compile()` would compile it a second time (jit keeps its own cache).
     t0 = time.perf_counter()
-    state, metrics = step(state, device_batch, key)
-    jax.block_until_ready(metrics)
+    compiled = step.lower(state, device_batch, key).compile()
     compile_s = time.perf_counter() - t0
+    flops = step_flops(compiled) * jax.device_count()
+    state, metrics = compiled(state, device_batch, key)  # warm-up: first-run allocations
+    jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step(state, device_batch, key)
+      state, metrics = compiled(state, device_batch, key)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t0) / steps
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))

@@ -24,8 +24,9 @@ class Server:
   """One `python -m avg_jax serve` process; `url` once it listens."""
 
   def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str):
-    # One CPU device, like a serving machine: the export was written by an 8-device run.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # One CPU device, like a serving machine: the export was written by an 8-device run. LLVM
+    # -O0 as for the rest of the suite (tests/conftest.py): warm-up compiles 9 search programs.
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
