@@ -35,13 +35,25 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # group that a single worker runs (`--dist loadgroup` in launch/local.sh), so they are built once.
 SHARED_PIPELINE_FIXTURES = frozenset({"tiny_workdir", "pipeline_workdir", "serve_export",
                                       "server", "start_server", "retriever"})
+PIPELINE_GROUP = "tiny_pipeline"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's hook turns the mark into the node id's group
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if SHARED_PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
-      item.add_marker(pytest.mark.xdist_group("tiny_pipeline"))
+  # Marked before any other plugin's hook runs, so that xdist's turns the mark into the group.
+  shared = [item for item in items
+            if SHARED_PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+  for item in shared:
+    item.add_marker(pytest.mark.xdist_group(PIPELINE_GROUP))
+  result = yield
+  # xdist groups by a suffix it writes into the node id; pytest 9 keeps node ids elsewhere, so
+  # there the group silently does nothing (each worker builds the pipeline again).
+  if getattr(config.option, "loadgroup", False) and shared and not all(
+      item.nodeid.endswith("@" + PIPELINE_GROUP) for item in shared):
+    raise pytest.UsageError(
+        "--dist loadgroup did not group the shared-pipeline tests with this pytest/pytest-xdist "
+        "pair (requirements.txt pins one that does)")
+  return result
 
 
 @pytest.fixture(scope="session")
