@@ -1,5 +1,9 @@
 """Shared by several test modules (importable because pytest puts tests/ on sys.path)."""
 
+# XLA flags of a test's subprocess that should see one CPU device, as a user's host does (the
+# suite's 8 fake devices only slow its compiles), at the suite's LLVM -O0 (tests/conftest.py).
+ONE_DEVICE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 # The tiny pipeline without the slower identifier-scheme ablations.
 PIPELINE_OVERRIDES = ["evaluate.methods=('two_tower', 'avg', 'avg_ltr')",
                       "evaluate.efficiency_sizes=(100, 400)"]

@@ -15,6 +15,8 @@ import urllib.request
 
 import pytest
 
+from helpers import ONE_DEVICE_XLA_FLAGS
+
 # Generous bounds so a busy machine never fails a test; they only stop a hung test.
 START_TIMEOUT_S = 900
 REQUEST_TIMEOUT_S = 300
@@ -24,9 +26,8 @@ class Server:
   """One `python -m avg_jax serve` process; `url` once it listens."""
 
   def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str):
-    # One CPU device, like a serving machine: the export was written by an 8-device run. LLVM
-    # -O0 as for the rest of the suite (tests/conftest.py): warm-up compiles 9 search programs.
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    # One CPU device, like a serving machine: the export was written by an 8-device run.
+    env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -2,6 +2,7 @@
 run (the shared pipeline's), SIGTERM saves a checkpoint and exits 143."""
 
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from avg_jax import config as config_lib
 from avg_jax.artifacts.checkpoints import Checkpointer
 from avg_jax.metrics import read_metrics
 from avg_jax.training import state as state_lib
@@ -19,7 +21,8 @@ from avg_jax.training import state as state_lib
 # The tiny config's own step count: the uninterrupted run to compare with is then the shared
 # pipeline's train stage (`pipeline_workdir`: the same config, devices and XLA flags), not a
 # third run. Checkpoint, log and evaluation intervals do not change the parameters.
-STEPS = 40
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+STEPS = int(config_lib.load_config(str(REPO_ROOT / "configs/smoke.py:tiny"), []).train.steps)
 OVERRIDES = ["--config.train.checkpoint_every=4",
              "--config.train.eval_every=0", "--config.train.log_every=4",
              "--config.train.keep_checkpoints=10"]
@@ -42,7 +45,6 @@ def _env():
 
 
 def _final_params(repo_root, workdir):
-  from avg_jax import config as config_lib
   config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
       o[len("--config."):] for o in OVERRIDES])
   gen, mesh, params, _ = state_lib.final_params(config, str(workdir), "avg")
@@ -93,7 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(repo_root, tiny_workdir, tmp_p
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=240)
   if proc.returncode == 0:
-    pytest.fail("training finished before SIGTERM arrived; raise STEPS")
+    pytest.fail("training finished before SIGTERM arrived (too few tiny train.steps)")
   assert proc.returncode == 143, err
   assert "preempted at step" in err and "rerun the same command to resume" in err
   step = int(err.split("preempted at step ")[1].split(";")[0])
