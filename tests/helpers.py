@@ -52,11 +52,9 @@ def tiny_t5():
 def tiny_t5_params(cfg):
   """Random parameters of `tiny_t5`'s model, token embeddings scaled up so beams differ
   clearly."""
-  import flax.linen as nn
   import jax
   from avg_jax.models import t5 as t5_lib
-  variables = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(cfg, r)))(jax.random.key(1))
-  params = dict(variables["params"])
+  params = dict(t5_lib.init_params(cfg, jax.random.key(1)))
   params["token_embedding"] = params["token_embedding"] * 4.0
   return params
 
@@ -68,3 +66,27 @@ def load_script(repo_root, name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+class CompileCounter:
+  """Counts XLA compilations in a `with` block (`count`): through jax.monitoring's event for
+  each backend compile, which every jitted program that misses jax's caches emits."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def _listen(self, event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self) -> "CompileCounter":
+    import jax
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    import jax
+    jax.monitoring.unregister_event_duration_listener(self._listen)

@@ -339,25 +339,48 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
                      order_by_similarity=bool(order_by_similarity))
 
 
+class _SearchSettings(NamedTuple):
+  """Everything static about a `build_search` program (hashable: jit's static argument)."""
+  cfg: T5Config
+  vocab: VokenVocabulary
+  beam_size: int
+  top_k: int
+  mask_mode: str
+  voken_logits_only: bool
+  trained_length: int
+  hybrid_weight: float | None
+  order_by_similarity: bool
+
+
+def _settings(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig,
+              trained_length: int | None) -> _SearchSettings:
+  kwargs = decode.search_kwargs()
+  return _SearchSettings(
+      cfg=cfg, vocab=vocab, beam_size=kwargs["beam_size"], top_k=kwargs["top_k"],
+      mask_mode=kwargs["mask_mode"], voken_logits_only=kwargs["voken_logits_only"],
+      trained_length=vocab.id_length if trained_length is None else int(trained_length),
+      hybrid_weight=kwargs["hybrid_weight"], order_by_similarity=kwargs["order_by_similarity"])
+
+
+def _search_program(settings: _SearchSettings, params, trie, input_tokens, query_emb=None,
+                    query_head=None) -> SearchResult:
+  # One module-level function with the settings as a static argument: jit keys its cache on
+  # the function and the settings, so every search built with equal settings (evaluate's
+  # avg and avg_ltr, both protocols, a re-evaluation) shares one compiled program.
+  s = settings._asdict()
+  trie_, k = _prepare(s["cfg"], trie, s["vocab"], input_tokens, s["beam_size"], s["top_k"],
+                      s["mask_mode"], s["trained_length"])
+  s["top_k"] = k
+  return _search(params, trie_, input_tokens, query_emb, query_head, **s)
+
+
 def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
                  trained_length: int | None = None):
   """The search program every caller jits: `(params, trie, input_tokens [B, S], query_emb
   [B, D] | None) -> SearchResult` with `decode.beam` beams and `decode.top_k` results (see
   `constrained_search`; its checks run while tracing). `make_search_fn` jits it for a mesh,
   the ahead-of-time compile (avg_jax/aot) for a TPU topology."""
-  trained_length = vocab.id_length if trained_length is None else int(trained_length)
-  kwargs = decode.search_kwargs()
-  static = dict(cfg=cfg, vocab=vocab, beam_size=kwargs["beam_size"],
-                mask_mode=kwargs["mask_mode"], voken_logits_only=kwargs["voken_logits_only"],
-                trained_length=trained_length, hybrid_weight=kwargs["hybrid_weight"],
-                order_by_similarity=kwargs["order_by_similarity"])
-
-  def fn(params, trie, input_tokens, query_emb=None, query_head=None):
-    trie_, k = _prepare(cfg, trie, vocab, input_tokens, kwargs["beam_size"], kwargs["top_k"],
-                        kwargs["mask_mode"], trained_length)
-    return _search(params, trie_, input_tokens, query_emb, query_head, top_k=k, **static)
-
-  return fn
+  return functools.partial(_search_program, _settings(cfg, vocab, decode, trained_length))
 
 
 def search_shardings(mesh, param_shardings, *, with_query_emb: bool = False
@@ -385,26 +408,28 @@ def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
   `trie.to_device(sharding=partitioning.replicated(mesh))`. With `query_head`
   (`models.query_head.QueryHead`), calls without `query_emb` predict it in the program.
   """
-  fn = build_search(cfg, vocab, decode, trained_length=trained_length)
+  settings = _settings(cfg, vocab, decode, trained_length)
   ins, outs = search_shardings(mesh, param_shardings)
-  jitted = jax.jit(fn, in_shardings=ins, out_shardings=outs)
   ins_emb, _ = search_shardings(mesh, param_shardings, with_query_emb=True)
-  jitted_emb = jax.jit(fn, in_shardings=ins_emb, out_shardings=outs)
   replicated = partitioning.replicated(mesh)
+  # Jitted from the module-level program with static settings (not a closure), so searches
+  # built again with equal settings, shardings and shapes reuse the compiled program.
+  jit = lambda shardings: jax.jit(_search_program, static_argnums=0, in_shardings=shardings,
+                                  out_shardings=outs)
+  jitted, jitted_emb = jit(ins), jit(ins_emb)
   if query_head is not None:
     query_head = jax.device_put(query_head, replicated)
-    jitted_head = jax.jit(lambda p, t, x, h: fn(p, t, x, None, h),
-                          in_shardings=ins + (replicated,), out_shardings=outs)
+    jitted_head = jit(ins + (replicated, replicated))  # query_emb None, then the head
 
   def search(params, trie, input_tokens, query_emb=None) -> SearchResult:
     if isinstance(trie, VokenTrie):
       trie = trie.to_device(sharding=replicated)
     with partitioning.activation_context(mesh):
       if query_emb is not None:
-        return jitted_emb(params, trie, input_tokens, query_emb)
+        return jitted_emb(settings, params, trie, input_tokens, query_emb)
       if query_head is not None:
-        return jitted_head(params, trie, input_tokens, query_head)
-      return jitted(params, trie, input_tokens)
+        return jitted_head(settings, params, trie, input_tokens, None, query_head)
+      return jitted(settings, params, trie, input_tokens)
 
   return search
 

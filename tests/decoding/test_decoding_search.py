@@ -2,7 +2,6 @@
 teacher-forced `t5.score`), the restricted normalisation, renormalisation, the unconstrained
 path, batch/model sharding on 8 fake devices, and argument errors."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import VokenVocabulary
+from helpers import CompileCounter
 
 VOCAB = VokenVocabulary(text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False,
                         disambiguation_size=3)  # P = 3, sizes (4, 4, 3); 32 rows in all
@@ -26,9 +26,8 @@ CFG = T5Config(vocab_size=VOCAB.total_vocab_size, num_voken_tokens=VOCAB.num_vok
 
 @pytest.fixture(scope="module")
 def params():
-  variables = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(CFG, r)))(jax.random.key(0))
   # Larger embeddings make the output distribution peaked enough for rankings to matter.
-  params = dict(variables["params"])
+  params = dict(t5_lib.init_params(CFG, jax.random.key(0)))
   params["token_embedding"] = params["token_embedding"] * 4.0
   return params
 
@@ -141,6 +140,22 @@ def test_sharded_search_matches_single_device(params):
   got, want = search.results_to_numpy(got), search.results_to_numpy(want)
   np.testing.assert_array_equal(got["item_ids"], want["item_ids"])
   np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-5)
+
+  # Built again with equal settings (evaluate does, per method and protocol): the compiled
+  # program is reused; other settings compile their own.
+  tokens = jax.device_put(queries, partitioning.logical_sharding(mesh, "batch"))
+  again = partitioning.make_mesh({"data": 4, "fsdp": 1, "model": 2})
+  with CompileCounter() as compiles:
+    fn2 = search.make_search_fn(CFG, VOCAB, again, t5_lib.param_shardings(CFG, again)["params"],
+                                DecodeConfig(beam_size=3, top_k=3))
+    np.testing.assert_array_equal(search.results_to_numpy(fn2(sharded_params, dev_trie,
+                                                              tokens))["item_ids"],
+                                  got["item_ids"])
+  assert compiles.count == 0
+  with CompileCounter() as compiles:
+    search.make_search_fn(CFG, VOCAB, mesh, shardings, DecodeConfig(beam_size=3, top_k=2))(
+        sharded_params, dev_trie, tokens)
+  assert compiles.count == 1
 
 
 def test_argument_errors(params):
