@@ -167,20 +167,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any,
+def _unboxed(init_fn: Callable[..., Any], static: tuple, *args: Any) -> Any:
+  return nn.unbox(init_fn(*static, *args))
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any, static: tuple = (),
                  rules: Sequence[tuple[str, Any]] | None = None) -> tuple[Any, Any]:
   """Creates variables already sharded: no host ever holds the full unsharded tree.
 
-  `init_fn(*args)` returns a variable tree whose leaves may be `nn.LogicallyPartitioned`
-  boxes. Returns `(variables, shardings)` with boxes removed and `shardings` a matching tree
-  of `NamedSharding`s (leaves without annotation are replicated).
+  `init_fn(*static, *args)` returns a variable tree whose leaves may be
+  `nn.LogicallyPartitioned` boxes. Returns `(variables, shardings)` with boxes removed and
+  `shardings` a matching tree of `NamedSharding`s (leaves without annotation are replicated).
+  A module-level `init_fn` with its configuration in `static` (hashable) compiles once per
+  process for equal configurations and shapes; a lambda compiles on every call.
   """
   rules = _or_active(rules)
-  abstract = jax.eval_shape(init_fn, *args)
+  static = tuple(static)
+  abstract = jax.eval_shape(lambda *a: init_fn(*static, *a), *args)
   shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  unboxed_init = lambda *a: nn.unbox(init_fn(*a))
   with activation_context(mesh, rules):
-    variables = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+    variables = jax.jit(_unboxed, static_argnums=(0, 1), out_shardings=shardings)(
+        init_fn, static, *args)
   return variables, shardings
 
 

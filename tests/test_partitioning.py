@@ -10,16 +10,18 @@ from jax.sharding import PartitionSpec as P
 
 from avg_jax import partitioning
 from avg_jax.errors import UserError
+from helpers import CompileCounter
 
 
 class TinyMlp(nn.Module):
   """Embed -> mlp -> embed with a vocab projection, annotated like the real models."""
+  mlp: int = 32
 
   @nn.compact
   def __call__(self, x):  # x: [batch, length, embed]
     init = nn.initializers.normal(0.02)
-    w_in = self.param("w_in", nn.with_logical_partitioning(init, ("embed", "mlp")), (16, 32))
-    w_out = self.param("w_out", nn.with_logical_partitioning(init, ("mlp", "embed")), (32, 16))
+    w_in = self.param("w_in", nn.with_logical_partitioning(init, ("embed", "mlp")), (16, self.mlp))
+    w_out = self.param("w_out", nn.with_logical_partitioning(init, ("mlp", "embed")), (self.mlp, 16))
     vocab = self.param("vocab", nn.with_logical_partitioning(init, ("vocab", "embed")), (8, 16))
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (16,))
@@ -68,6 +70,24 @@ def test_param_specs_on_4x2_mesh():
   assert not isinstance(w_in, nn.LogicallyPartitioned)
   # Each device holds a 16 x 16 half of w_in (model axis of size 2).
   assert {s.data.shape for s in w_in.addressable_shards} == {(16, 16)}
+
+
+def _init_tiny(width, rng):
+  return TinyMlp(width).init(rng, jnp.ones((8, 4, 16)))
+
+
+def test_sharded_init_compiles_once_per_static_configuration():
+  mesh = partitioning.make_mesh({"data": 4, "model": 2})
+  first, _ = partitioning.sharded_init(_init_tiny, mesh, jax.random.key(0), static=(32,))
+  with CompileCounter() as compiles:
+    again, _ = partitioning.sharded_init(_init_tiny, partitioning.make_mesh(
+        {"data": 4, "model": 2}), jax.random.key(0), static=(32,))
+  assert compiles.count == 0  # e.g. evaluate's second generator of the same shapes
+  jax.tree.map(np.testing.assert_array_equal, again, first)
+  with CompileCounter() as compiles:
+    wider, _ = partitioning.sharded_init(_init_tiny, mesh, jax.random.key(0), static=(64,))
+  assert compiles.count == 1
+  assert wider["params"]["w_in"].shape == (16, 64)
 
 
 def test_jitted_step_with_donation_matches_unsharded():

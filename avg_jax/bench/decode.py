@@ -31,7 +31,6 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,8 +146,7 @@ def _model(name: str, seed: int) -> tuple[T5Config, VokenVocabulary, Any]:
                  d_model=m["d_model"], d_kv=m["d_kv"], d_ff=m["d_ff"], num_heads=m["heads"],
                  num_encoder_layers=m["layers"], num_decoder_layers=m["layers"],
                  dropout_rate=0.0)
-  params = jax.jit(lambda r: nn.unbox(t5_lib.init_variables(cfg, r)))(jax.random.key(seed))
-  return cfg, vocab, params["params"]
+  return cfg, vocab, t5_lib.init_params(cfg, jax.random.key(seed))
 
 
 def _random_index(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -65,7 +65,7 @@ def problem(spec: str, batch: int, seed: int = 0):
                           int(config.tokenizer.num_levels),
                           bool(config.tokenizer.shared_codebook), disambiguation_size=8)
   cfg = T5Config.from_config(config.t5, vocab)
-  params = jax.jit(lambda k: t5_lib.init_params(cfg, k))(jax.random.key(seed))
+  params = t5_lib.init_params(cfg, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   n = 1 + int(config.rank.beam_size)
   source = int(config.text_tokenizer.max_length)

@@ -64,8 +64,8 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
   # devices, T5-base's state would need 8 copies of host memory.
   mesh = partitioning.make_mesh({"data": 1, "fsdp": -1})
   tx = optim.adamw(1e-4, grad_clip_norm=1.0)
-  variables, _ = partitioning.sharded_init(lambda r: t5_lib.init_variables(cfg, r), mesh,
-                                           jax.random.key(0))
+  variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
+                                           static=(cfg,))
   state, shardings = state_lib.create_state(variables["params"], tx, mesh)
   rng = np.random.default_rng(0)
   source = int(config.text_tokenizer.max_length)

@@ -456,7 +456,7 @@ def init_variables(cfg: T5Config, rng: jax.Array, *, input_length: int = 4,
                    target_length: int = 2) -> dict:
   """Random variables `{"params": ...}` with `nn.LogicallyPartitioned` leaves.
 
-  Use with `partitioning.sharded_init(lambda r: init_variables(cfg, r), mesh, rng)`.
+  Use with `partitioning.sharded_init(init_variables, mesh, rng, static=(cfg,))`.
   """
   inputs = jnp.ones((1, input_length), jnp.int32)
   targets = jnp.ones((1, target_length), jnp.int32)
@@ -468,7 +468,15 @@ def init_params(cfg: T5Config, rng: jax.Array) -> dict:
 
   Training on a mesh should use `partitioning.sharded_init` with `init_variables` instead.
   """
-  return jax.jit(lambda r: nn.unbox(init_variables(cfg, r))["params"])(rng)
+  return _init_params_jit(cfg, rng)
+
+
+def _init_params(cfg: T5Config, rng: jax.Array) -> dict:
+  return nn.unbox(init_variables(cfg, rng))["params"]
+
+
+# Module level with the config static: one compile per config and process, not per call.
+_init_params_jit = jax.jit(_init_params, static_argnums=0)
 
 
 def abstract_variables(cfg: T5Config) -> dict:

@@ -38,7 +38,7 @@ def initial_params(section: Mapping[str, Any], vocab: VokenVocabulary,
     if full_cfg != cfg:  # a bug, not a user error: both come from the same sources
       raise AssertionError(f"config mismatch after import: {full_cfg} != {cfg}")
     return cfg, jax.device_put(host, shardings), shardings
-  variables, _ = partitioning.sharded_init(lambda r: t5.init_variables(cfg, r), mesh, rng)
+  variables, _ = partitioning.sharded_init(t5.init_variables, mesh, rng, static=(cfg,))
   params = voken_rows.set_voken_rows(variables["params"], cfg, vocab, codebook, init=init,
                                      seed=seed)
   return cfg, jax.device_put(params, shardings), shardings

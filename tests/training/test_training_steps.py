@@ -36,8 +36,8 @@ def _tiny_model():
 def _one_step(mesh, loss_fn, batch, cfg, *extra):
   """One donated, explicitly sharded step from the same initial parameters."""
   tx = optim.adamw(1e-2, grad_clip_norm=1.0)
-  variables, _ = partitioning.sharded_init(
-      lambda r: t5_lib.init_variables(cfg, r), mesh, jax.random.key(0))
+  variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
+                                           static=(cfg,))
   state, state_shardings = state_lib.create_state(variables["params"], tx, mesh)
   device_batch = partitioning.shard_host_batch(batch, mesh)
   step = loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, *extra), tx)
@@ -93,7 +93,8 @@ def test_rank_loss_skips_twin_negatives():
     loss_fn = ltr.make_rank_loss_fn(cfg, vocab, decode=DecodeConfig(beam_size=4, top_k=4),
                                     rank_weight=1.0, double_softmax=False, temperature=1.0,
                                     skip_twin_negatives=skip)
-    _, metrics = loss_fn(params, batch, jax.random.key(1), trie)
+    # Jitted as the step runs it (op by op, each primitive would compile on its own).
+    _, metrics = jax.jit(loss_fn)(params, batch, jax.random.key(1), trie)
     counts[skip] = float(metrics["negatives"])
   # Beam 4 finds all 4 images: 3 negatives, one of them the twin.
   assert counts == {False: 3.0, True: 2.0}
@@ -105,8 +106,8 @@ def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
   # create_state pins their shardings they come out replicated and fsdp saves nothing.
   cfg, _, _, _ = _tiny_model()
   mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "model": 2})
-  variables, _ = partitioning.sharded_init(
-      lambda r: t5_lib.init_variables(cfg, r), mesh, jax.random.key(0))
+  variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
+                                           static=(cfg,))
   param_specs = [x.sharding.spec for x in jax.tree.leaves(variables["params"])]
   tx = optim.adamw(1e-3, grad_clip_norm=1.0, accumulation_steps=accumulation_steps)
   state, shardings = state_lib.create_state(variables["params"], tx, mesh)
