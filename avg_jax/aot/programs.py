@@ -12,7 +12,7 @@ program carries `loop_body`, one decoder step (`search.grouped_step`) on the sam
 and `loop_extra` = P - 1, so the report can add the FLOPs of the uncounted iterations.
 
 Every program is built by the same public functions the stages call (`RQVAETrainer.train_step`,
-`generative.make_step` + `compile_step`, `ltr.compile_rank_step`, `search.build_search` +
+`generative.compile_train_step`, `ltr.compile_rank_step`, `search.build_search` +
 `search_shardings`): what compiles here is what runs.
 """
 
@@ -105,19 +105,20 @@ def _t5(config: ConfigDict) -> tuple[T5Config, VokenVocabulary]:
 
 
 def train_program(config: ConfigDict, mesh: Mesh) -> Program:
-  """The generative stage's step (`generative.compile_step`), optimizer as the train stage's."""
+  """The generative stage's step (`generative.compile_train_step`), optimizer as the train
+  stage's."""
   c = config.train
   cfg, vocab = _t5(config)
   batch = int(c.batch_size)
   _check_batch(mesh, batch, "train.batch_size")
-  tx, schedule = generative.make_optimizer(config)
+  tx, _ = generative.make_optimizer(config)
   params, _ = t5_lib.abstract_params(cfg, mesh)
   state, state_shardings = state_lib.abstract_state(params, tx, mesh)
   example = {"inputs": _batch_of(mesh, batch, int(config.text_tokenizer.max_length)),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
-  step = generative.make_step(config, cfg, tx, schedule)
-  jitted = generative.compile_step(step, mesh, state_shardings, example)
-  return Program("train", jitted, (state, example, _rng(mesh)), batch,
+  jitted = generative.compile_train_step(mesh, state_shardings, example)
+  return Program("train", jitted, (generative.step_settings(config, cfg), state, example,
+                                   _rng(mesh)), batch,
                  f"T5 teacher-forced step: {_describe(cfg)}, S={example['inputs'].shape[1]}, "
                  f"P+1={vocab.id_length + 1}")
 
@@ -179,17 +180,17 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
   batch, beam = options.batch_size, options.decode.beam
   _check_batch(mesh, batch, "rank.batch_size")
   source_length = int(config.text_tokenizer.max_length)
-  tx, schedule = ltr.make_optimizer(options)
+  tx, _ = ltr.make_optimizer(options)
   params, param_shardings = t5_lib.abstract_params(cfg, mesh)
   state, state_shardings = state_lib.abstract_state(params, tx, mesh)
   trie = abstract_trie(config, vocab, mesh)
-  loss_fn = ltr.loss_fn_from_config(options, cfg, vocab)
   example = {"inputs": _batch_of(mesh, batch, source_length),
              "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
-  jitted = ltr.compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, example, trie)
+  jitted = ltr.compile_rank_step(mesh, state_shardings, example, trie)
   body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
                              beam, voken_logits_only=options.decode.voken_logits_only)
-  return Program("rank", jitted, (state, example, _rng(mesh), trie), batch,
+  settings = ltr.RankStep(options, cfg, vocab)
+  return Program("rank", jitted, (settings, state, example, _rng(mesh), trie), batch,
                  f"LTR step: search (beam {beam}) + {1 + beam} scored targets per query, "
                  f"index {trie.leaf_item.shape[0]} leaves",
                  loop_body=body, loop_extra=vocab.id_length - 1)

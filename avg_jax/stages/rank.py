@@ -37,18 +37,18 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str,
     return
   out.begin()
   rng = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
-  tx, schedule = ltr.make_optimizer(options)
+  tx, _ = ltr.make_optimizer(options)
   state, state_shardings = state_lib.create_state(params, tx, mesh)
   del params
 
   trie = gen.trie(gen.training_splits()).to_device(
       dense_levels=options.decode.dense_levels, sharding=partitioning.replicated(mesh))
-  loss_fn = ltr.loss_fn_from_config(options, gen.cfg, gen.vocab, gen.trained_length)
+  settings = ltr.RankStep(options, gen.cfg, gen.vocab, gen.trained_length)
   data_iter = examples.loader(config, workdir, gen, options.batch_size, seed_offset=1)
 
   def step_fn_for(first):
-    jitted = ltr.compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, first, trie)
-    return lambda s, b, r: jitted(s, b, r, trie)
+    jitted = ltr.compile_rank_step(mesh, state_shardings, first, trie)
+    return lambda s, b, r: jitted(settings, s, b, r, trie)
 
   trained = state_lib.train_to(
       out.directory, steps=options.steps, state=state, step_fn_for=step_fn_for,

@@ -8,6 +8,8 @@ folder is made from the voken table (and the targets the generator emits): a fin
 kept, one finished with fewer steps is trained further.
 """
 
+import functools
+
 import jax
 from ml_collections import ConfigDict
 
@@ -56,15 +58,16 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str,
   rng = jax.random.key(int(config.seed))
   init_rng, dropout_rng = jax.random.split(rng)
   params, _ = generator_lib.init_params(config, gen, mesh, init_rng)
-  tx, schedule = generative.make_optimizer(config)
+  tx, _ = generative.make_optimizer(config)
   state, state_shardings = state_lib.create_state(params, tx, mesh)
   del params
 
   data_iter = examples.loader(config, workdir, gen, int(c.batch_size))
-  step = generative.make_step(config, gen.cfg, tx, schedule)
+  settings = generative.step_settings(config, gen.cfg)
   trained = state_lib.train_to(
       out.directory, steps=int(c.steps), state=state,
-      step_fn_for=lambda first: generative.compile_step(step, mesh, state_shardings, first),
+      step_fn_for=lambda first: functools.partial(
+          generative.compile_train_step(mesh, state_shardings, first), settings),
       data_iter=data_iter, mesh=mesh, rng=dropout_rng,
       writer=MetricsWriter(workdir, "train", process_index=jax.process_index(),
                            run={"scheme": scheme, "protocol": gen.protocol}),

@@ -13,6 +13,7 @@ avg_jax/stages/rank.py.
 """
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,17 +152,33 @@ def loss_fn_from_config(options: RankOptions, cfg, vocab, trained_length: int | 
                            skip_twin_negatives=options.skip_twin_negatives)
 
 
-def compile_rank_step(loss_fn, tx, schedule, mesh, state_shardings, batch_example, trie):
-  """`jax.jit` of `(state, batch, rng, trie) -> (state, metrics)` with explicit shardings
-  (those of `batch_example` and `trie`, arrays or `ShapeDtypeStruct`s), donating the state."""
+class RankStep(NamedTuple):
+  """Everything static about the rank step (hashable: the jit static argument that lets
+  every rank stage of equal settings and shapes in a process share one compiled program)."""
+  options: RankOptions
+  cfg: Any
+  vocab: Any
+  trained_length: int | None = None
 
-  def step_with_trie(state, batch, rng, trie_):
-    return loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, trie_), tx, schedule)(
-        state, batch, rng)
 
+def _rank_step(settings: RankStep, state, batch, rng, trie):
+  tx, schedule = make_optimizer(settings.options)
+  loss_fn = loss_fn_from_config(settings.options, settings.cfg, settings.vocab,
+                                settings.trained_length)
+  return loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, trie), tx, schedule)(
+      state, batch, rng)
+
+
+def compile_rank_step(mesh, state_shardings, batch_example, trie):
+  """`jax.jit` of `(settings: RankStep, state, batch, rng, trie) -> (state, metrics)` with
+  explicit shardings (those of `batch_example` and `trie`, arrays or `ShapeDtypeStruct`s),
+  donating the state. The optimizer is `make_optimizer(settings.options)`, built inside the
+  program: the state must come from the same settings."""
   shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   replicated = partitioning.replicated(mesh)
-  return jax.jit(step_with_trie,
+  # A module-level function with static settings: a rerun (evaluate's generators of the other
+  # protocol, a variant) finds the compiled program in jit's cache instead of compiling again.
+  return jax.jit(_rank_step, static_argnums=0,
                  in_shardings=(state_shardings, shardings_of(batch_example), replicated,
                                shardings_of(trie)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(state_shardings, replicated), donate_argnums=(1,))

@@ -1,5 +1,6 @@
 """Optimisers and learning-rate schedules shared by every training stage."""
 
+import dataclasses
 from typing import Callable
 
 import optax
@@ -34,3 +35,23 @@ def adamw(schedule: optax.Schedule | float, *, weight_decay: float = 0.0,
   if accumulation_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps)
   return tx
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWSchedule:
+  """`adamw` over `warmup_linear_schedule` as one hashable value: a step function can take it
+  as a jit static argument and build the optimizer inside the program."""
+  learning_rate: float
+  steps: int
+  warmup_steps: int
+  end_fraction: float = 0.0
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 0.0
+  accumulation_steps: int = 1
+
+  def build(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`(tx, schedule)`."""
+    schedule = warmup_linear_schedule(self.learning_rate, self.steps, self.warmup_steps,
+                                      self.end_fraction)
+    return adamw(schedule, weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm,
+                 accumulation_steps=self.accumulation_steps), schedule

@@ -13,6 +13,7 @@ from avg_jax.models.t5_config import T5Config
 from avg_jax.training import generative, ltr, optim
 from avg_jax.training import state as state_lib
 from avg_jax.vokens import VokenVocabulary
+from helpers import CompileCounter
 
 
 def _tiny_vocab_and_config(dropout_rate: float):
@@ -120,3 +121,39 @@ def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
     assert leaf.sharding.spec == param_specs[i % len(param_specs)]
   assert jax.tree.map(lambda x: x.sharding, state) == shardings
   assert state.step.sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_stage_step_matches_the_loop_step_and_is_compiled_once_per_settings():
+  # The stage's step (settings static, optimizer built inside) is the loop's step over the
+  # same loss and optimizer; built again with equal settings it reuses the compiled program
+  # (evaluate trains the other protocol's generator in the same process).
+  cfg, _, _, batch = _tiny_model()
+  mesh = partitioning.make_mesh({"data": 4, "fsdp": 2})
+  settings = generative.TrainStep(cfg, 1.0, optim.AdamWSchedule(1e-2, steps=10,
+                                                                warmup_steps=2,
+                                                                grad_clip_norm=1.0))
+  tx, schedule = settings.optimizer.build()
+  device_batch = partitioning.shard_host_batch(batch, mesh)
+
+  def fresh_state():
+    variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
+                                             static=(cfg,))
+    return state_lib.create_state(variables["params"], tx, mesh)
+
+  state, shardings = fresh_state()
+  reference = loop.make_train_step(generative.make_loss_fn(cfg, 1.0), tx, schedule)
+  with partitioning.activation_context(mesh):
+    want, want_metrics = generative.compile_step(reference, mesh, shardings, device_batch)(
+        state, device_batch, jax.random.key(1))
+    state, shardings = fresh_state()
+    got, metrics = generative.compile_train_step(mesh, shardings, device_batch)(
+        settings, state, device_batch, jax.random.key(1))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params),
+                 jax.device_get(want.params))
+    assert float(metrics["learning_rate"]) == float(want_metrics["learning_rate"])
+    state, shardings = fresh_state()
+    with CompileCounter() as compiles:
+      generative.compile_train_step(mesh, shardings, device_batch)(
+          generative.TrainStep(cfg, 1.0, settings.optimizer), state, device_batch,
+          jax.random.key(1))
+  assert compiles.count == 0
