@@ -82,8 +82,8 @@ def _batch():
 def test_sharded_forward_equals_single_device():
   cfg = _cfg()
   mesh = _mesh()
-  variables, shardings = partitioning.sharded_init(lambda r: t5.init_variables(cfg, r), mesh,
-                                                   jax.random.key(0))
+  variables, shardings = partitioning.sharded_init(t5.init_variables, mesh, jax.random.key(0),
+                                                   static=(cfg,))
   params = variables["params"]
   assert params["token_embedding"].sharding.spec == shardings["params"]["token_embedding"].spec
   assert len(params["token_embedding"].addressable_shards) == 8
@@ -104,8 +104,8 @@ def test_sharded_forward_equals_single_device():
 def test_training_loss_decreases_with_donated_sharded_state(scan):
   cfg = _cfg(scan_layers=scan, remat=scan)
   mesh = _mesh()
-  variables, shardings = partitioning.sharded_init(lambda r: t5.init_variables(cfg, r), mesh,
-                                                   jax.random.key(1))
+  variables, shardings = partitioning.sharded_init(t5.init_variables, mesh, jax.random.key(1),
+                                                   static=(cfg,))
   params, param_shardings = variables["params"], shardings["params"]
   tx = optax.adam(3e-3)
   with partitioning.activation_context(mesh):
@@ -173,8 +173,8 @@ def test_initial_params_are_sharded_with_codebook_rows(pretrained):
 def test_sharded_decode_equals_single_device():
   cfg = _cfg()
   mesh = _mesh()
-  variables, shardings = partitioning.sharded_init(lambda r: t5.init_variables(cfg, r), mesh,
-                                                   jax.random.key(2))
+  variables, shardings = partitioning.sharded_init(t5.init_variables, mesh, jax.random.key(2),
+                                                   static=(cfg,))
   params = variables["params"]
   inputs, targets = _batch()
 
