@@ -189,7 +189,7 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
   jitted = ltr.compile_rank_step(mesh, state_shardings, example, trie)
   body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
                              beam, voken_logits_only=options.decode.voken_logits_only)
-  settings = ltr.RankStep(options, cfg, vocab)
+  settings = ltr.RankStep.of(options, cfg, vocab)
   return Program("rank", jitted, (settings, state, example, _rng(mesh), trie), batch,
                  f"LTR step: search (beam {beam}) + {1 + beam} scored targets per query, "
                  f"index {trie.leaf_item.shape[0]} leaves",

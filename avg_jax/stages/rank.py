@@ -43,7 +43,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str,
 
   trie = gen.trie(gen.training_splits()).to_device(
       dense_levels=options.decode.dense_levels, sharding=partitioning.replicated(mesh))
-  settings = ltr.RankStep(options, gen.cfg, gen.vocab, gen.trained_length)
+  settings = ltr.RankStep.of(options, gen.cfg, gen.vocab, gen.trained_length)
   data_iter = examples.loader(config, workdir, gen, options.batch_size, seed_offset=1)
 
   def step_fn_for(first):

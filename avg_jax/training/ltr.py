@@ -160,6 +160,17 @@ class RankStep(NamedTuple):
   vocab: Any
   trained_length: int | None = None
 
+  @classmethod
+  def of(cls, options: RankOptions, cfg, vocab, trained_length: int | None = None
+         ) -> "RankStep":
+    """The step's settings, keeping of `options` only what the program depends on: the
+    loop's cadences and the batch size (a shape, not a setting) would make equal programs
+    miss jit's cache (a variant that only logs differently would compile again)."""
+    program = dataclasses.replace(options, batch_size=0, checkpoint_every=0, eval_every=0,
+                                  keep_checkpoints=0, async_checkpointing=False, log_every=0,
+                                  eval_max_queries=0)
+    return cls(program, cfg, vocab, trained_length)
+
 
 def _rank_step(settings: RankStep, state, batch, rng, trie):
   tx, schedule = make_optimizer(settings.options)

@@ -1,6 +1,8 @@
 """The generator's train and rank steps (training.generative, training.ltr, training.state):
 sharded == single-device, twin negatives, optimizer state sharded like the parameters."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -158,3 +160,20 @@ def test_stage_step_matches_the_loop_step_and_is_compiled_once_per_settings():
           generative.TrainStep(cfg, 1.0, settings.optimizer), state, device_batch,
           jax.random.key(1))
   assert compiles.count == 0
+
+
+def test_rank_step_settings_keep_only_what_the_program_depends_on(repo_root):
+  from avg_jax import config as config_lib
+  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"))
+  vocab, cfg = _tiny_vocab_and_config(dropout_rate=0.0)
+  options = ltr.RankOptions.from_config(config)
+  base = ltr.RankStep.of(options, cfg, vocab)
+  # Cadences and the batch size: the same program, so the same jit cache key.
+  cadence = dataclasses.replace(options, eval_every=10**9, log_every=3, checkpoint_every=7,
+                                batch_size=64, eval_max_queries=0, keep_checkpoints=1)
+  assert ltr.RankStep.of(cadence, cfg, vocab) == base
+  assert hash(ltr.RankStep.of(cadence, cfg, vocab)) == hash(base)
+  # Anything the loss or the optimizer reads: another program.
+  for change in (dict(rank_weight=0.0), dict(steps=options.steps + 1),
+                 dict(learning_rate=options.learning_rate * 2)):
+    assert ltr.RankStep.of(dataclasses.replace(options, **change), cfg, vocab) != base
