@@ -20,8 +20,10 @@ class TinyMlp(nn.Module):
   @nn.compact
   def __call__(self, x):  # x: [batch, length, embed]
     init = nn.initializers.normal(0.02)
-    w_in = self.param("w_in", nn.with_logical_partitioning(init, ("embed", "mlp")), (16, self.mlp))
-    w_out = self.param("w_out", nn.with_logical_partitioning(init, ("mlp", "embed")), (self.mlp, 16))
+    w_in = self.param("w_in", nn.with_logical_partitioning(init, ("embed", "mlp")),
+                      (16, self.mlp))
+    w_out = self.param("w_out", nn.with_logical_partitioning(init, ("mlp", "embed")),
+                       (self.mlp, 16))
     vocab = self.param("vocab", nn.with_logical_partitioning(init, ("vocab", "embed")), (8, 16))
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (16,))

@@ -31,12 +31,18 @@ def make_loss_fn(cfg, temperature: float):
   return loss_fn
 
 
-def compile_step(step_fn, mesh, state_shardings, batch_example):
-  """`jax.jit` with explicit shardings, donating the state."""
+def _step_shardings(mesh, state_shardings, batch_example) -> dict:
+  """jit's shardings of a `(state, batch, rng) -> (state, metrics)` step."""
   batch_shardings = jax.tree.map(lambda x: x.sharding, batch_example)
   replicated = partitioning.replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return dict(in_shardings=(state_shardings, batch_shardings, replicated),
+              out_shardings=(state_shardings, replicated))
+
+
+def compile_step(step_fn, mesh, state_shardings, batch_example):
+  """`jax.jit` with explicit shardings, donating the state."""
+  return jax.jit(step_fn, donate_argnums=(0,),
+                 **_step_shardings(mesh, state_shardings, batch_example))
 
 
 def optimizer_settings(config: ConfigDict) -> optim.AdamWSchedule:
@@ -77,13 +83,10 @@ def compile_train_step(mesh, state_shardings, batch_example):
   """`jax.jit` of the stage's step `(settings: TrainStep, state, batch, rng) -> (state,
   metrics)` with explicit shardings, donating the state. The optimizer is built inside from
   `settings.optimizer`: the state must come from the same settings (`make_optimizer`)."""
-  batch_shardings = jax.tree.map(lambda x: x.sharding, batch_example)
-  replicated = partitioning.replicated(mesh)
   # A module-level function with static settings: a rerun (evaluate's generator of the other
   # protocol, a variant) finds the compiled program in jit's cache instead of compiling again.
-  return jax.jit(_train_step, static_argnums=0,
-                 in_shardings=(state_shardings, batch_shardings, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(1,))
+  return jax.jit(_train_step, static_argnums=0, donate_argnums=(1,),
+                 **_step_shardings(mesh, state_shardings, batch_example))
 
 
 def metadata(config: ConfigDict, gen, stage: str) -> dict:

@@ -137,9 +137,9 @@ def make_rank_loss_fn(cfg, vocab, *, decode: DecodeConfig, rank_weight: float,
 
 def make_optimizer(options: RankOptions):
   """`(tx, schedule)` of the rank stage: AdamW, warmup + linear decay, the generator's clipping."""
-  schedule = optim.warmup_linear_schedule(options.learning_rate, options.steps,
-                                          int(options.warmup_fraction * options.steps))
-  return optim.adamw(schedule, grad_clip_norm=options.grad_clip_norm), schedule
+  return optim.AdamWSchedule(options.learning_rate, options.steps,
+                             int(options.warmup_fraction * options.steps),
+                             grad_clip_norm=options.grad_clip_norm).build()
 
 
 def loss_fn_from_config(options: RankOptions, cfg, vocab, trained_length: int | None = None):
