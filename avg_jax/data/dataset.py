@@ -46,7 +46,7 @@ def _check_split(info: dict, split: str, workdir: str) -> None:
 
 def records_in(builder_dir: str, split: str) -> Any:
   """The raw TFDS data source of one split of the builder written in `builder_dir`."""
-  # Imported here: TFDS takes ~0.5 s to import, and `search`, `serve` and `index` reach this
+  # Imported here: TFDS takes ~0.2 s to import, and `search`, `serve` and `index` reach this
   # module (through the encoders) without reading a prepared dataset.
   import tensorflow_datasets as tfds
   return tfds.builder_from_directory(builder_dir).as_data_source(split)
