@@ -12,9 +12,10 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("AVG_JAX_NO_PROGRESS", "1")
-# No persistent compilation cache: an 8-device CPU program with collectives loaded from it by
-# another process (a second test worker, a CLI subprocess) can deadlock its devices' threads
-# (XLA aborts: "Expected 8 threads to join the rendezvous, but only 7 of them arrived").
+# No persistent compilation cache in the test processes: an 8-device CPU program with
+# collectives loaded from it by another process (a second test worker, a CLI subprocess) can
+# deadlock its devices' threads (XLA aborts: "Expected 8 threads to join the rendezvous, but
+# only 7 of them arrived"). One-device subprocesses share one (`helpers.one_device_env`).
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -25,9 +26,27 @@ from PIL import Image  # noqa: E402
 
 from avg_jax import config as config_lib  # noqa: E402
 from avg_jax.stages import prepare  # noqa: E402
-from helpers import pipeline_args  # noqa: E402
+from helpers import ONE_DEVICE_CACHE_ENV, pipeline_args  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+  # One cache folder for the whole run: created by the process that starts the xdist workers
+  # (before it starts them, so they inherit the variable) and removed when that process ends.
+  if hasattr(config, "workerinput") or ONE_DEVICE_CACHE_ENV in os.environ:
+    return
+  import tempfile
+  config._one_device_cache = tempfile.mkdtemp(prefix="avg_jax_tests_one_device_xla_")
+  os.environ[ONE_DEVICE_CACHE_ENV] = config._one_device_cache
+
+
+def pytest_unconfigure(config):
+  folder = getattr(config, "_one_device_cache", None)
+  if folder:
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+    os.environ.pop(ONE_DEVICE_CACHE_ENV, None)
 
 
 # Session fixtures that build the tiny pipeline (minutes of compilation) or start a server on

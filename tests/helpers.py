@@ -4,6 +4,44 @@
 # suite's 8 fake devices only slow its compiles), at the suite's LLVM -O0 (tests/conftest.py).
 ONE_DEVICE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
+# The folder of a persistent XLA compilation cache that only one-device subprocesses share
+# (tests/conftest.py creates it per session): the servers, the search CLI and the benchmarks'
+# subprocesses compile the same search programs again and again. Never the test processes'
+# 8-device programs: one with collectives loaded from the cache by another process can abort
+# ("Expected 8 threads to join the rendezvous, but only 7 of them arrived").
+ONE_DEVICE_CACHE_ENV = "AVG_JAX_TESTS_ONE_DEVICE_CACHE"
+
+
+def one_device_env(**extra) -> dict:
+  """The environment of a test's subprocess that sees one CPU device, as a user's host does
+  (the suite's 8 fake devices only slow its compiles), at the suite's LLVM -O0, sharing the
+  session's one-device compilation cache; `extra` variables on top."""
+  import os
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS, JAX_PLATFORMS="cpu")
+  cache = os.environ.get(ONE_DEVICE_CACHE_ENV)
+  if cache:
+    env.update(one_device_cache_vars(cache))
+  env.update(extra)
+  return env
+
+
+def use_one_device_subprocesses(monkeypatch) -> None:
+  """Makes the subprocesses that library code starts during a test see `one_device_env`'s
+  variables (the test process read its own jax settings at import, so they stay)."""
+  import os
+  for name, value in one_device_env().items():
+    if os.environ.get(name) != value:
+      monkeypatch.setenv(name, value)
+
+
+def one_device_cache_vars(cache: str) -> dict:
+  """jax's settings for the shared cache in `cache`. A size bound turns on jax's file lock,
+  so a process never reads an entry another one is still writing."""
+  return {"JAX_COMPILATION_CACHE_DIR": cache,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30)}
+
 # The tiny pipeline without the slower identifier-scheme ablations.
 PIPELINE_OVERRIDES = ["evaluate.methods=('two_tower', 'avg', 'avg_ltr')",
                       "evaluate.efficiency_sizes=(100, 400)"]

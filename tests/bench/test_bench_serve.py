@@ -4,9 +4,12 @@ import json
 
 from avg_jax import cli
 from avg_jax.bench import serve as loadtest
+from helpers import use_one_device_subprocesses
 
 
-def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys):
+def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys, monkeypatch):
+  # The server and the in-process measurement see one CPU device, as a serving host does.
+  use_one_device_subprocesses(monkeypatch)
   assert cli.main(["bench", "serve", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
                    "--model", str(serve_export), "--workdir", str(tmp_path), "--quick"]) == 0
   out = capsys.readouterr().out

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from avg_jax.bench import growth
-from helpers import load_script
+from helpers import load_script, use_one_device_subprocesses
 
 
 def test_splits():
@@ -16,7 +16,9 @@ def test_splits():
 
 
 @pytest.mark.slow
-def test_growth_at_a_tiny_size(repo_root, tmp_path, capsys):
+def test_growth_at_a_tiny_size(repo_root, tmp_path, capsys, monkeypatch):
+  # The stage subprocesses see one CPU device, as a user's host does.
+  use_one_device_subprocesses(monkeypatch)
   out = tmp_path / "g.json"
   assert load_script(repo_root, "data_growth").main([
       "--sizes", "40", "--root", str(tmp_path / "runs"), "--out", str(out), "--config",

@@ -7,13 +7,13 @@ import pytest
 
 from avg_jax.bench import dry_run
 from avg_jax.data.text_tokenizer import TextTokenizer
-from helpers import ONE_DEVICE_XLA_FLAGS, load_script
+from helpers import load_script, use_one_device_subprocesses
 
 
 @pytest.mark.slow
 def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys, monkeypatch):
   # The stage subprocesses see one CPU device: the dry run measures a user's host.
-  monkeypatch.setenv("XLA_FLAGS", ONE_DEVICE_XLA_FLAGS)
+  use_one_device_subprocesses(monkeypatch)
   out = tmp_path / "r.json"
   assert load_script(repo_root, "paper_dry_run").main(["--size", "tiny", "--config",
                                   str(repo_root / "configs/flickr30k.py"),

@@ -20,6 +20,7 @@ from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import live_index as live_lib
 from avg_jax.export.serving import Retriever
+from helpers import one_device_env
 
 
 @pytest.fixture
@@ -116,9 +117,8 @@ def _png(pipeline_workdir, tmp_path, n=1):
 
 def _paused_writer(repo_root, export, image):
   """`avg-jax index add` that stops between writing its version and switching to it."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", AVG_JAX_NO_PROGRESS="1", **{live_lib.PAUSE_ENV: "300"},
-             PYTHONPATH=str(repo_root) + os.pathsep + env.get("PYTHONPATH", ""))
+  env = one_device_env(AVG_JAX_NO_PROGRESS="1", **{live_lib.PAUSE_ENV: "300"},
+                       PYTHONPATH=str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.Popen([sys.executable, "-m", "avg_jax", "index", "add", "--model", export,
                            image], cwd=repo_root, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -3,7 +3,6 @@ one: --port 0 and prints it) over a copy of the tiny pipeline's export (`serve_e
 tests/conftest.py)."""
 
 import json
-import os
 import pathlib
 import queue
 import signal
@@ -15,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from helpers import ONE_DEVICE_XLA_FLAGS
+from helpers import one_device_env
 
 # Generous bounds so a busy machine never fails a test; they only stop a hung test.
 START_TIMEOUT_S = 900
@@ -27,11 +26,10 @@ class Server:
 
   def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str):
     # One CPU device, like a serving machine: the export was written by an 8-device run.
-    env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(env, JAX_PLATFORMS="cpu"))
+        env=one_device_env())
     self.lines: list[str] = []
     self._lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()

@@ -17,7 +17,7 @@ from avg_jax.evaluation import avg_eval
 from avg_jax.export.serving import Retriever
 from avg_jax.training import state as state_lib
 
-from helpers import ONE_DEVICE_XLA_FLAGS
+from helpers import one_device_env
 from helpers import PIPELINE_OVERRIDES as OVERRIDES
 from helpers import pipeline_args as _args
 
@@ -94,8 +94,7 @@ def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipel
 def _search(repo_root, *args, stdin=None):
   return subprocess.run([sys.executable, "-m", "avg_jax", "search", *args], cwd=repo_root,
                         input=stdin, capture_output=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                 XLA_FLAGS=ONE_DEVICE_XLA_FLAGS))
+                        env=one_device_env())
 
 
 def test_search_cli(repo_root, pipeline):
