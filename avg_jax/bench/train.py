@@ -142,6 +142,8 @@ def run(config, workdir: str, args) -> dict:
           f"{r['achieved_tflops']:>8.3f} {mfu:>6} {r['compile_s']:>9.1f}")
   result = {"bench": "train", "quick": quick, "accelerator": accelerator,
             "peak_tflops_per_device": peak or None,
+            # Other XLA flags change the compiled code, so the figures go with them.
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "machine": common.machine_info(), "rows": rows,
             "note": ("bfloat16 on the attached accelerator" if accelerator else
                      "8 fake CPU devices share the same cores: they show sharding overhead, "
@@ -153,11 +155,19 @@ def run(config, workdir: str, args) -> dict:
   return result
 
 
+def with_device_count(xla_flags: str, devices: int) -> str:
+  """`xla_flags` with its fake CPU device count set to `devices`: the caller's other XLA
+  flags (an optimisation level, a dump folder) reach the workers too."""
+  kept = [f for f in xla_flags.split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def _cpu_rows(models: dict) -> list[dict]:
   rows = []
   for devices in DEVICE_COUNTS:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), devices))
     proc = subprocess.run([sys.executable, "-m", "avg_jax.bench.train", json.dumps(models)],
                           env=env, capture_output=True, text=True, timeout=3600)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

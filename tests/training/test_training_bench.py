@@ -1,10 +1,12 @@
 """`avg-jax bench train --quick` runs the real step on 1 and 8 devices and writes its file."""
 
 import json
+import os
 
 import pytest
 
 from avg_jax import cli
+from avg_jax.bench import train as bench_train
 
 
 def test_bench_train_quick(repo_root, tmp_path, monkeypatch, capsys):
@@ -12,6 +14,7 @@ def test_bench_train_quick(repo_root, tmp_path, monkeypatch, capsys):
   assert cli.main(["bench", "train", "--quick", "--workdir", str(tmp_path)]) == 0
   result = json.loads((tmp_path / "bench_train.json").read_text())
   assert [r["devices"] for r in result["rows"]] == [1, 8]
+  assert result["xla_flags"] == os.environ["XLA_FLAGS"]  # the workers kept all but the count
   assert all(r["examples_per_s"] > 0 and r["model"] == "tiny" for r in result["rows"])
   assert "examples/s" in capsys.readouterr().out
 
@@ -33,3 +36,10 @@ def test_bench_train_accelerator_without_one_is_a_clear_error(repo_root, tmp_pat
   monkeypatch.chdir(repo_root)
   assert cli.main(["bench", "train", "--accelerator", "--workdir", str(tmp_path)]) == 2
   assert "no GPU/TPU backend is attached" in capsys.readouterr().err
+
+
+def test_workers_keep_the_callers_xla_flags_but_their_own_device_count():
+  assert bench_train.with_device_count("", 1) == "--xla_force_host_platform_device_count=1"
+  assert bench_train.with_device_count(
+      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0", 1) == (
+      "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=1")
