@@ -20,6 +20,7 @@ import numpy as np
 
 from avg_jax.artifacts import io
 from avg_jax.bench import common
+from avg_jax.cloud import local_multiprocess
 from avg_jax.errors import UserError
 
 DEVICE_COUNTS = (1, 8)
@@ -155,19 +156,11 @@ def run(config, workdir: str, args) -> dict:
   return result
 
 
-def with_device_count(xla_flags: str, devices: int) -> str:
-  """`xla_flags` with its fake CPU device count set to `devices`: the caller's other XLA
-  flags (an optimisation level, a dump folder) reach the workers too."""
-  kept = [f for f in xla_flags.split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
-
-
 def _cpu_rows(models: dict) -> list[dict]:
   rows = []
   for devices in DEVICE_COUNTS:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), devices))
+               XLA_FLAGS=local_multiprocess.xla_flags(os.environ.get("XLA_FLAGS", ""), devices))
     proc = subprocess.run([sys.executable, "-m", "avg_jax.bench.train", json.dumps(models)],
                           env=env, capture_output=True, text=True, timeout=3600)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

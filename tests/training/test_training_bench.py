@@ -6,7 +6,6 @@ import os
 import pytest
 
 from avg_jax import cli
-from avg_jax.bench import train as bench_train
 
 
 def test_bench_train_quick(repo_root, tmp_path, monkeypatch, capsys):
@@ -37,9 +36,3 @@ def test_bench_train_accelerator_without_one_is_a_clear_error(repo_root, tmp_pat
   assert cli.main(["bench", "train", "--accelerator", "--workdir", str(tmp_path)]) == 2
   assert "no GPU/TPU backend is attached" in capsys.readouterr().err
 
-
-def test_workers_keep_the_callers_xla_flags_but_their_own_device_count():
-  assert bench_train.with_device_count("", 1) == "--xla_force_host_platform_device_count=1"
-  assert bench_train.with_device_count(
-      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0", 1) == (
-      "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=1")
