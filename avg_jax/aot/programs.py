@@ -93,7 +93,8 @@ def tokenizer_program(config: ConfigDict, mesh: Mesh) -> Program:
                                    int(tok.batch_size))
   pairs = jax.ShapeDtypeStruct((trainer.batch_size, in_dim), jnp.float32,
                                sharding=trainer.batch_sharding)
-  return Program("tokenizer", trainer.jitted_train_step, (trainer.abstract_state, pairs, pairs),
+  return Program("tokenizer", trainer.jitted_train_step,
+                 (trainer.settings, trainer.abstract_state, pairs, pairs),
                  trainer.batch_size,
                  f"RQ-VAE step: {in_dim}->{cfg.hidden_dims}->{cfg.e_dim}, "
                  f"L={cfg.num_levels} K={cfg.codebook_size}")

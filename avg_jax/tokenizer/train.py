@@ -14,6 +14,7 @@ resumed run sees the batches it would have seen.
 """
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -111,6 +112,96 @@ class PairSampler:
     return self.image_emb[self.caption_image_index[idx]], self.caption_emb[idx]
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+  """Everything the compiled programs depend on besides shapes and shardings: hashable, so
+  the programs are module-level functions that take it as a static argument and every
+  trainer with equal settings in a process reuses one compile."""
+  cfg: RQVAEConfig
+  weights: losses_lib.LossWeights
+  options: TrainOptions
+  batch_size: int
+
+  def model(self) -> RQVAE:
+    return RQVAE(self.cfg)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return optax.adamw(self.options.learning_rate, weight_decay=self.options.weight_decay)
+
+  def keys(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Independent streams: parameter init, per-step dropout (folded with the step), k-means."""
+    return tuple(jax.random.split(jax.random.key(self.options.seed), 3))
+
+
+def _boxed_init(settings: TrainerSettings, key: jax.Array) -> TokenizerState:
+  dummy = jnp.zeros((settings.batch_size, settings.cfg.in_dim), jnp.float32)
+  variables = settings.model().init({"params": key}, dummy, train=False)
+  params = variables["params"]
+  return TokenizerState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}), opt_state=settings.optimizer().init(params),
+      last_used=jnp.zeros((settings.cfg.num_codebooks, settings.cfg.codebook_size), jnp.int32))
+
+
+def _variables(state: TokenizerState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _init_latents(settings: TrainerSettings, state: TokenizerState,
+                  images: jax.Array) -> jax.Array:
+  # Train mode (dropout, batch statistics) as the reference's lazy init on its first forward;
+  # the BatchNorm statistics this pass would update are discarded.
+  latents, _ = settings.model().apply(
+      _variables(state), images, train=True, method=RQVAE.encode,
+      rngs={"dropout": settings.keys()[2]}, mutable=["batch_stats"])
+  return latents
+
+
+def _train_step(settings: TrainerSettings, state: TokenizerState, images: jax.Array,
+                captions: jax.Array) -> tuple[TokenizerState, dict]:
+  model, options = settings.model(), settings.options
+  rng = jax.random.fold_in(settings.keys()[1], state.step)
+
+  def loss_fn(params):
+    outputs, mutated = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+        rngs={"dropout": rng}, mutable=["batch_stats"])
+    total, parts = losses_lib.total_loss(outputs, images, captions, settings.weights)
+    return total, (parts, mutated["batch_stats"], outputs["rq"])
+
+  (_, (parts, batch_stats, rq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = settings.optimizer().update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  step = state.step + 1
+  if options.dead_code_after > 0:
+    books, last_used, restarted = quantizer.restart_dead_codes(
+        params["codebooks"], state.last_used, step, rq, dead_after=options.dead_code_after)
+    params = dict(params, codebooks=books)
+  else:
+    last_used = _mark_used(state.last_used, step, rq.codes)
+    restarted = jnp.zeros((), jnp.int32)
+  counts = quantizer.code_counts(rq.codes, settings.cfg.codebook_size)     # [L, K]
+  metrics = dict(parts, perplexity=quantizer.perplexity(counts),
+                 unused_share=quantizer.unused_share(counts), restarted_codes=restarted)
+  new_state = TokenizerState(step=step, params=params, batch_stats=batch_stats,
+                             opt_state=opt_state, last_used=last_used)
+  return new_state, metrics
+
+
+def _encode(settings: TrainerSettings, state: TokenizerState, images: jax.Array):
+  model, variables = settings.model(), _variables(state)
+  latent = model.apply(variables, images, train=False, method=RQVAE.encode)
+  codes = quantizer.quantize_codes(latent, state.params["codebooks"], settings.cfg.num_levels)
+  quantized = quantizer.decode_codes(codes, state.params["codebooks"])
+  decoded = model.apply(variables, quantized, train=False, method=RQVAE.decode)
+  return codes, decoded, latent
+
+
+def _codes(settings: TrainerSettings, state: TokenizerState, images: jax.Array) -> jax.Array:
+  return settings.model().apply(_variables(state), images, method=RQVAE.codes)
+
+
 class RQVAETrainer:
   """Compiled init / k-means / train / encode functions for one RQ-VAE on one mesh."""
 
@@ -122,63 +213,42 @@ class RQVAETrainer:
     if self.batch_size % shards:
       raise UserError(f"tokenizer.batch_size={batch_size} must be divisible by the {shards} "
                       f"data-parallel shards of mesh {dict(mesh.shape)}")
-    self.model = RQVAE(cfg)
-    self.tx = optax.adamw(options.learning_rate, weight_decay=options.weight_decay)
-    # Independent streams: parameter init, per-step dropout (folded with the step), k-means.
-    self.init_key, self.dropout_key, self.kmeans_key = jax.random.split(
-        jax.random.key(options.seed), 3)
+    self.settings = TrainerSettings(cfg, weights, options, self.batch_size)
+    self.init_key, self.dropout_key, self.kmeans_key = self.settings.keys()
     self.batch_sharding = partitioning.logical_sharding(mesh, "batch", None)
     self.replicated = partitioning.replicated(mesh)
-    abstract = jax.eval_shape(self._boxed_init, jax.random.key(0))
+    abstract = jax.eval_shape(lambda key: _boxed_init(self.settings, key), jax.random.key(0))
     self.state_shardings = partitioning.logical_to_sharding(
         nn.get_partition_spec(abstract), mesh)
     self.abstract_state = partitioning.abstract(nn.unbox(abstract), self.state_shardings)
+    # Called as `jitted_train_step(settings, state, images, captions)`.
     self.jitted_train_step = jax.jit(
-        self._train_step_impl,
+        _train_step, static_argnums=0,
         in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
         out_shardings=(self.state_shardings, self.replicated),
-        donate_argnums=(0,))
-    self._encode = jax.jit(
-        self._encode_impl,
+        donate_argnums=(1,))
+    self._encode = functools.partial(jax.jit(
+        _encode, static_argnums=0,
         in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.replicated, self.replicated, self.replicated))
-    self._codes = jax.jit(
-        self._codes_impl,
+        out_shardings=(self.replicated, self.replicated, self.replicated)), self.settings)
+    self._codes = functools.partial(jax.jit(
+        _codes, static_argnums=0,
         in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=self.replicated)
-    self._init_latents = jax.jit(
-        self._init_latents_impl,
+        out_shardings=self.replicated), self.settings)
+    self._init_latents = functools.partial(jax.jit(
+        _init_latents, static_argnums=0,
         in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=self.replicated)
+        out_shardings=self.replicated), self.settings)
 
   # --- State ----------------------------------------------------------------------------------
 
-  def _boxed_init(self, key: jax.Array) -> TokenizerState:
-    dummy = jnp.zeros((self.batch_size, self.cfg.in_dim), jnp.float32)
-    variables = self.model.init({"params": key}, dummy, train=False)
-    params = variables["params"]
-    return TokenizerState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=variables.get("batch_stats", {}), opt_state=self.tx.init(params),
-        last_used=jnp.zeros((self.cfg.num_codebooks, self.cfg.codebook_size), jnp.int32))
-
   def init_state(self) -> TokenizerState:
     """A fresh state, created sharded (no host holds an unsharded copy)."""
-    state, _ = partitioning.sharded_init(self._boxed_init, self.mesh, self.init_key)
+    state, _ = partitioning.sharded_init(_boxed_init, self.mesh, self.init_key,
+                                         static=(self.settings,))
     return state
 
-  def _variables(self, state: TokenizerState) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
   # --- k-means initialisation -----------------------------------------------------------------
-
-  def _init_latents_impl(self, state: TokenizerState, images: jax.Array) -> jax.Array:
-    # Train mode (dropout, batch statistics) as the reference's lazy init on its first forward;
-    # the BatchNorm statistics this pass would update are discarded.
-    latents, _ = self.model.apply(
-        self._variables(state), images, train=True, method=RQVAE.encode,
-        rngs={"dropout": self.kmeans_key}, mutable=["batch_stats"])
-    return latents
 
   def kmeans_init(self, state: TokenizerState, images: np.ndarray) -> TokenizerState:
     """Replaces the codebooks by (residual) k-means of the encoder outputs of `images [n, in]`.
@@ -202,57 +272,15 @@ class RQVAETrainer:
 
   # --- Training -------------------------------------------------------------------------------
 
-  def _train_step_impl(self, state: TokenizerState, images: jax.Array,
-                       captions: jax.Array) -> tuple[TokenizerState, dict]:
-    rng = jax.random.fold_in(self.dropout_key, state.step)
-
-    def loss_fn(params):
-      outputs, mutated = self.model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
-      total, parts = losses_lib.total_loss(outputs, images, captions, self.weights)
-      return total, (parts, mutated["batch_stats"], outputs["rq"])
-
-    (_, (parts, batch_stats, rq)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    if self.options.dead_code_after > 0:
-      books, last_used, restarted = quantizer.restart_dead_codes(
-          params["codebooks"], state.last_used, step, rq,
-          dead_after=self.options.dead_code_after)
-      params = dict(params, codebooks=books)
-    else:
-      last_used = _mark_used(state.last_used, step, rq.codes)
-      restarted = jnp.zeros((), jnp.int32)
-    counts = quantizer.code_counts(rq.codes, self.cfg.codebook_size)       # [L, K]
-    metrics = dict(parts, perplexity=quantizer.perplexity(counts),
-                   unused_share=quantizer.unused_share(counts), restarted_codes=restarted)
-    new_state = TokenizerState(step=step, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state, last_used=last_used)
-    return new_state, metrics
-
   def train_step(self, state: TokenizerState, images: np.ndarray,
                  captions: np.ndarray) -> tuple[TokenizerState, dict]:
     """One step on this process's rows `images [b, in]`, `captions [b, in]`; `state` is donated."""
     with partitioning.activation_context(self.mesh):
       images = partitioning.shard_host_batch(images, self.mesh)
       captions = partitioning.shard_host_batch(captions, self.mesh)
-      return self.jitted_train_step(state, images, captions)
+      return self.jitted_train_step(self.settings, state, images, captions)
 
   # --- Inference ------------------------------------------------------------------------------
-
-  def _encode_impl(self, state: TokenizerState, images: jax.Array):
-    variables = self._variables(state)
-    latent = self.model.apply(variables, images, train=False, method=RQVAE.encode)
-    codes = quantizer.quantize_codes(latent, state.params["codebooks"], self.cfg.num_levels)
-    quantized = quantizer.decode_codes(codes, state.params["codebooks"])
-    decoded = self.model.apply(variables, quantized, train=False, method=RQVAE.decode)
-    return codes, decoded, latent
-
-  def _codes_impl(self, state: TokenizerState, images: jax.Array) -> jax.Array:
-    return self.model.apply(self._variables(state), images, method=RQVAE.codes)
 
   def assign_codes(self, state: TokenizerState, images: np.ndarray, *,
                    batch_size: Optional[int] = None, desc: str = "assign") -> np.ndarray:

@@ -9,6 +9,7 @@ from avg_jax import partitioning
 from avg_jax.errors import UserError
 from avg_jax.tokenizer import losses, quantizer, train
 from avg_jax.tokenizer.model import RQVAE, RQVAEConfig
+from helpers import CompileCounter
 
 CFG = RQVAEConfig(in_dim=16, e_dim=8, hidden_dims=(32, 16), codebook_size=8, num_levels=2,
                   dropout=0.25)
@@ -52,6 +53,24 @@ def _run(trainer, sampler, steps):
     state, metrics = trainer.train_step(state, *sampler.batch(step))
     history.append(jax.tree.map(np.asarray, metrics))
   return state, history
+
+
+def test_trainers_with_equal_settings_share_their_programs():
+  # A stage rerun (or a second tokenizer in one process) builds a new trainer: its init, k-means
+  # latents, step and encoding are the first one's programs, not compiled again.
+  images, captions, index = _data()
+  sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
+  mesh = partitioning.make_mesh({"data": 8})
+  first, _ = _run(_trainer(mesh), sampler, 2)
+  _trainer(mesh).encode_images(first, images)
+  with CompileCounter() as compiles:
+    again, _ = _run(_trainer(mesh), sampler, 2)
+    _trainer(mesh).encode_images(again, images)
+  assert compiles.count == 0
+  # Other settings are another program.
+  with CompileCounter() as compiles:
+    _run(_trainer(mesh, dead_code_after=1), sampler, 1)
+  assert compiles.count >= 1
 
 
 def test_sharded_step_equals_single_device_step():
