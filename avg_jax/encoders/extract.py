@@ -59,21 +59,17 @@ class DualEncoder:
 
   def image_fn(self, mesh: Mesh):
     """Jitted `uint8[B, H, W, 3] -> float32[B, D]` (replicated output), built once per mesh."""
-    cfg, pre = self.cfg, self.preprocess
     if ("image", mesh) not in self._jitted:
-      fn = lambda params, images: clip.encode_images(
-          params, cfg, preprocess.normalize(images, pre.mean, pre.std))
+      pre = self.preprocess
       self._jitted["image", mesh] = _jit(
-          fn, mesh, self.param_shardings,
-          partitioning.logical_sharding(mesh, "batch", None, None, None))
+          _encode_images, (self.cfg, tuple(pre.mean), tuple(pre.std)), mesh,
+          self.param_shardings, partitioning.logical_sharding(mesh, "batch", None, None, None))
     return self._jitted["image", mesh]
 
   def text_fn(self, mesh: Mesh):
     """Jitted `int32[B, L] -> float32[B, D]` (replicated output), built once per mesh."""
-    cfg = self.cfg
     if ("text", mesh) not in self._jitted:
-      fn = lambda params, tokens: clip.encode_texts(params, cfg, tokens)
-      self._jitted["text", mesh] = _jit(fn, mesh, self.param_shardings,
+      self._jitted["text", mesh] = _jit(_encode_texts, (self.cfg,), mesh, self.param_shardings,
                                         partitioning.logical_sharding(mesh, "batch", None))
     return self._jitted["text", mesh]
 
@@ -106,13 +102,24 @@ class DualEncoder:
     return np.concatenate(out).astype(np.float32)
 
 
-def _jit(fn, mesh, param_shardings, input_sharding):
-  jitted = jax.jit(fn, in_shardings=(param_shardings, input_sharding),
+def _encode_images(cfg: clip.ClipConfig, mean: tuple, std: tuple, params, images):
+  return clip.encode_images(params, cfg, preprocess.normalize(images, mean, std))
+
+
+def _encode_texts(cfg: clip.ClipConfig, params, tokens):
+  return clip.encode_texts(params, cfg, tokens)
+
+
+def _jit(fn, static: tuple, mesh, param_shardings, input_sharding):
+  """`run(params, x)` = module-level `fn(*static, params, x)` jitted on `mesh`: encoders with
+  equal configs (every `Retriever.load` of an export builds one) share one compile."""
+  jitted = jax.jit(fn, static_argnums=tuple(range(len(static))),
+                   in_shardings=(param_shardings, input_sharding),
                    out_shardings=partitioning.replicated(mesh))
 
   def run(params, x):
     with partitioning.activation_context(mesh):
-      return jitted(params, x)
+      return jitted(*static, params, x)
 
   return run
 

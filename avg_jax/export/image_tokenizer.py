@@ -10,6 +10,7 @@ mode (dropout off, BatchNorm running statistics), as `tokenize` assigns identifi
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -36,14 +37,21 @@ def save(folder: str, cfg: RQVAEConfig, params, batch_stats) -> None:
   io.write_json(os.path.join(folder, CONFIG), dataclasses.asdict(cfg))
 
 
+def _codes(cfg: RQVAEConfig, variables: dict, embeddings: jax.Array) -> jax.Array:
+  return RQVAE(cfg).apply(variables, embeddings, method=RQVAE.codes)
+
+
+# Module-level with the config static: every load of an export reuses one compile.
+_codes_jit = jax.jit(_codes, static_argnums=0)
+
+
 class ImageTokenizer:
   """Semantic codes of image embeddings with a frozen RQ-VAE."""
 
   def __init__(self, cfg: RQVAEConfig, variables: dict):
     self.cfg = cfg
     self._variables = jax.tree.map(jnp.asarray, variables)
-    model = RQVAE(cfg)
-    self._codes = jax.jit(lambda v, x: model.apply(v, x, method=RQVAE.codes))
+    self._codes = functools.partial(_codes_jit, cfg)
 
   def codes(self, embeddings: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """`float[N, in_dim]` -> `int32[N, L]` in fixed-size batches (one compilation)."""

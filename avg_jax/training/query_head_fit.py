@@ -6,6 +6,8 @@ order). The fit is closed form and deterministic, so `evaluate` and `export` eac
 from the same inputs instead of handing a file to each other.
 """
 
+import functools
+
 import jax
 import numpy as np
 
@@ -17,14 +19,19 @@ from avg_jax.models import t5 as t5_lib
 from avg_jax.progress import progress
 
 
+def _pooled_encoder_states(cfg, params, tokens):
+  return query_head_lib.pooled_states(t5_lib.encode(params, cfg, tokens), tokens)
+
+
 def encoder_features(params, cfg, tokens: np.ndarray, mesh, batch_size: int = 256
                      ) -> np.ndarray:
   """`float32[N, d_model]`: mean-pooled encoder states of `tokens int32[N, S]`, in fixed
   batches (one compilation; the last batch is padded with empty rows and cut)."""
   rows = -(-max(1, batch_size) // mesh.size) * mesh.size
   # Replicated output: every process reads the whole result (multi-process runs too).
-  fn = jax.jit(lambda p, t: query_head_lib.pooled_states(t5_lib.encode(p, cfg, t), t),
-               out_shardings=partitioning.replicated(mesh))
+  jitted = jax.jit(_pooled_encoder_states, static_argnums=0,
+                   out_shardings=partitioning.replicated(mesh))
+  fn = functools.partial(jitted, cfg)
   out = []
   with partitioning.activation_context(mesh):
     for start in progress(range(0, len(tokens), rows), total=-(-len(tokens) // rows),

@@ -2,6 +2,7 @@
 finished ones, damaged shards are redone with a warning, and the merged files equal a
 one-shard run bit for bit."""
 
+import dataclasses
 import os
 import shutil
 
@@ -16,6 +17,7 @@ from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import clip, extract, preprocess, store
 from avg_jax.errors import UserError
 from avg_jax.stages import prepare
+from helpers import CompileCounter
 
 SPLITS = ("train", "val", "test")
 # 60 / 8 / 8 images; 16 per shard: train 0-16, 16-32, 32-48, 48-60, val 0-8, test 0-8. Batches
@@ -150,3 +152,17 @@ def test_merging_names_a_missing_shard(setup, tmp_path, repo_root):
                      "process finished"):
     extract.merge_shards(workdir, "train", config, encoder.cfg.projection_dim)
   assert not os.path.exists(paths.embeddings_file(workdir, "train"))
+
+
+def test_encoders_with_equal_configs_share_their_programs(setup):
+  # Every `Retriever.load` of an export builds a new DualEncoder: its image and text programs
+  # are the first one's, not compiled again.
+  _, encoder, mesh, _ = setup
+  images = np.zeros((3, encoder.cfg.image_size, encoder.cfg.image_size, 3), np.uint8)
+  first = (encoder.encode_images(images, mesh, 8), encoder.encode_texts(["a red circle"], mesh))
+  twin = dataclasses.replace(encoder, _jitted={})
+  with CompileCounter() as compiles:
+    again = (twin.encode_images(images, mesh, 8), twin.encode_texts(["a red circle"], mesh))
+  assert compiles.count == 0
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
