@@ -97,10 +97,10 @@ def tiny_t5_params(cfg):
   return params
 
 
-def load_script(repo_root, name: str):
-  """The module of `benchmarks/<name>.py` (benchmark scripts are not a package)."""
+def load_script(repo_root, name: str, folder: str = "benchmarks"):
+  """The module of `<folder>/<name>.py` (benchmark and docs scripts are not a package)."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location(name, repo_root / "benchmarks" / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, repo_root / folder / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

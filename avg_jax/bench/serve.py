@@ -71,7 +71,9 @@ def _pinned(cpus: set):
   return lambda: os.sched_setaffinity(0, cpus)
 
 
-class _ServerProcess:
+class ServerProcess:
+  """One `avg-jax serve --model M --port 0` process (pinned to `cpus` when given); `url` once
+  it listens, `stop()` sends SIGTERM and returns its exit status."""
 
   def __init__(self, model: str, cpus: set | None = None):
     self.proc = subprocess.Popen(
@@ -222,7 +224,7 @@ def run(config, workdir: str, args) -> dict:
     raise UserError(f"bench serve --duration: must be > 0, got {duration}")
   queries = _queries(model)
   server_cpus, client_cpus = cpu_split()
-  server = _ServerProcess(model, server_cpus)
+  server = ServerProcess(model, server_cpus)
   own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
   if client_cpus and own_cpus is not None:
     os.sched_setaffinity(0, client_cpus)

@@ -25,7 +25,7 @@ def _require_libtpu():
   if not topology.libtpu_available():
     pytest.skip("TPU compile needs libtpu, an optional extra not installed here: run "
                 "`pip install -r requirements-tpu.txt` in a separate venv, then "
-                "`.venv-tpu/bin/python -m pytest tests/test_aot.py`")
+                "`.venv-tpu/bin/python -m pytest tests/aot`")
 
 
 # --- names -----------------------------------------------------------------------------------
