@@ -3,13 +3,14 @@ shared fixtures (tiny configs and workdirs, a Karpathy-format fixture writer).""
 
 import os
 
+from helpers import with_fast_compile_flags  # noqa: E402  (imports neither jax nor numpy)
+
 # Must happen before jax is imported anywhere: sharding tests build (4, 2) and (8,) meshes.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# The suite compiles hundreds of small programs, and LLVM's optimisation passes are most of
-# each compile; the programs run on tiny shapes, so unoptimised machine code costs little
-# (compile-bound tests take ~40 % less; inherited by the CLI subprocesses the tests start).
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# The suite compiles thousands of small programs on tiny shapes: cheap compiles matter more
+# than fast machine code (helpers.fast_compile_xla_flags; inherited by the CLI subprocesses
+# the tests start).
+os.environ["XLA_FLAGS"] = with_fast_compile_flags(os.environ["XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("AVG_JAX_NO_PROGRESS", "1")
 # No persistent compilation cache in the test processes: an 8-device CPU program with

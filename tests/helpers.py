@@ -1,8 +1,34 @@
 """Shared by several test modules (importable because pytest puts tests/ on sys.path)."""
 
+
+
+def fast_compile_xla_flags() -> tuple[str, ...]:
+  """XLA flags that make the suite's compiles cheap: it compiles ~3 000 small programs on tiny
+  shapes, where how fast the machine code runs matters little. LLVM at -O0 (its passes were
+  most of each compile) and XLA:CPU's older loop emitters instead of the MLIR fusion emitters
+  (which halve the backend compile again: measured in NOTES.md, "Test suite time"). Both are
+  supported code generators of the same XLA; only float rounding may differ, never what a
+  test asserts. The emitter flag is named only for the jaxlib it was checked on (0.10): an XLA
+  that no longer knows a flag aborts at start-up, and without it the suite is only slower."""
+  import importlib.metadata
+  flags = ["--xla_backend_optimization_level=0"]
+  if importlib.metadata.version("jaxlib").startswith("0.10."):
+    flags.append("--xla_cpu_use_fusion_emitters=false")
+  return tuple(flags)
+
+
+def with_fast_compile_flags(xla_flags: str) -> str:
+  """`xla_flags` plus each of `fast_compile_xla_flags()` whose option it does not set."""
+  flags = xla_flags.split()
+  for flag in fast_compile_xla_flags():
+    if not any(f.split("=")[0] == flag.split("=")[0] for f in flags):
+      flags.append(flag)
+  return " ".join(flags)
+
+
 # XLA flags of a test's subprocess that should see one CPU device, as a user's host does (the
-# suite's 8 fake devices only slow its compiles), at the suite's LLVM -O0 (tests/conftest.py).
-ONE_DEVICE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# suite's 8 fake devices only slow its compiles), compiled as cheaply as the suite's own.
+ONE_DEVICE_XLA_FLAGS = with_fast_compile_flags("")
 
 # The folder of a persistent XLA compilation cache that only one-device subprocesses share
 # (tests/conftest.py creates it per session): the servers, the search CLI and the benchmarks'
