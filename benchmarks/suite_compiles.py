@@ -9,7 +9,7 @@ A pytest plugin and its report. Run the suite with the plugin, then summarise:
 
 Every backend compile in a test process is recorded with the test that caused it (its setup
 included), the program's name, its seconds and a hash of the lowered module (without debug
-locations). A compile whose module hash the same process compiled before is a *recompile*:
+locations); so are jax's timings of the tracing and lowering before it. A compile whose module hash the same process compiled before is a *recompile*:
 the same program built again, which reusing the jitted function (a module-level function with
 static settings) would have avoided. The CLI and server subprocesses that tests start are not
 seen. The hook wraps `jax._src.compiler.backend_compile_and_load` (jax 0.10 here): a private
@@ -26,6 +26,9 @@ import sys
 import time
 
 ENV = "SUITE_COMPILES_DIR"
+# jax's duration events of the steps before XLA's backend compile -> the report's names.
+PHASES = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+          "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
 _current = {"test": None}
 
 
@@ -56,6 +59,15 @@ def pytest_configure(config):
 
   compiler.backend_compile_and_load = recorded
 
+  # jax's own timings of the steps before the backend compile (public monitoring events).
+  from jax import monitoring
+
+  def phase(event, seconds, **_):
+    if event in PHASES:
+      out.write(json.dumps({"test": _current["test"], "phase": PHASES[event],
+                            "seconds": seconds}) + "\n")
+  monitoring.register_event_duration_secs_listener(phase)
+
 
 def pytest_runtest_setup(item):
   _current["test"] = item.nodeid
@@ -72,9 +84,13 @@ def summarise(processes: dict[str, list[dict]], top: int = 15) -> dict:
   count = recompiles = 0
   by_name = collections.defaultdict(lambda: [0, 0.0])
   by_test = collections.defaultdict(lambda: [0.0, 0.0])
+  phases = collections.Counter()
   for records in processes.values():
     seen = set()
     for r in records:
+      if "phase" in r:  # tracing or lowering, before a backend compile
+        phases[r["phase"]] += r["seconds"]
+        continue
       total += r["seconds"]
       count += 1
       by_test[r["test"]][0] += r["seconds"]
@@ -88,7 +104,9 @@ def summarise(processes: dict[str, list[dict]], top: int = 15) -> dict:
   names = sorted(by_name.items(), key=lambda kv: -kv[1][1])
   tests = sorted(by_test.items(), key=lambda kv: -kv[1][0])[:top]
   return {
-      "compiles": count, "compile_s": round(total, 1), "recompiles": recompiles,
+      "compiles": count, "compile_s": round(total, 1),
+      "trace_s": round(phases["trace"], 1), "lower_s": round(phases["lower"], 1),
+      "recompiles": recompiles,
       "recompile_s": round(recompiled, 1),
       "recompiled_programs": [{"name": n, "count": c, "seconds": round(s, 1)}
                               for n, (c, s) in names],
@@ -98,7 +116,9 @@ def summarise(processes: dict[str, list[dict]], top: int = 15) -> dict:
 
 def table(summary: dict) -> str:
   lines = [f"compiles {summary['compiles']}, {summary['compile_s']} s; recompiles of an "
-           f"identical program {summary['recompiles']}, {summary['recompile_s']} s", "",
+           f"identical program {summary['recompiles']}, {summary['recompile_s']} s",
+           f"before them: tracing {summary['trace_s']} s, lowering to MLIR "
+           f"{summary['lower_s']} s", "",
            f"{'recompiled program':40s} {'count':>6s} {'seconds':>8s}"]
   lines += [f"{r['name'][:40]:40s} {r['count']:6d} {r['seconds']:8.1f}"
             for r in summary["recompiled_programs"]]
