@@ -9,11 +9,12 @@ A pytest plugin and its report. Run the suite with the plugin, then summarise:
 
 Every backend compile in a test process is recorded with the test that caused it (its setup
 included), the program's name, its seconds and a hash of the lowered module (without debug
-locations); so are jax's timings of the tracing and lowering before it. A compile whose module hash the same process compiled before is a *recompile*:
-the same program built again, which reusing the jitted function (a module-level function with
-static settings) would have avoided. The CLI and server subprocesses that tests start are not
-seen. The hook wraps `jax._src.compiler.backend_compile_and_load` (jax 0.10 here): a private
-function, so a newer jax may need this tool updated; the product never imports it.
+locations); so are jax's timings of the tracing and lowering before it. A compile whose
+module hash the same process compiled before is a *recompile*: the same program built again,
+which reusing the jitted function (a module-level function with static settings) would have
+avoided. The CLI and server subprocesses that tests start are not seen. The hook wraps
+`jax._src.compiler.backend_compile_and_load` (jax 0.10 here): a private function, so a newer
+jax may need this tool updated; the product never imports it.
 """
 
 import argparse

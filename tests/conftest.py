@@ -3,7 +3,7 @@ shared fixtures (tiny configs and workdirs, a Karpathy-format fixture writer).""
 
 import os
 
-from helpers import with_fast_compile_flags  # noqa: E402  (imports neither jax nor numpy)
+from helpers import with_fast_compile_flags  # imports neither jax nor numpy
 
 # Must happen before jax is imported anywhere: sharding tests build (4, 2) and (8,) meshes.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

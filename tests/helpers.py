@@ -1,7 +1,6 @@
 """Shared by several test modules (importable because pytest puts tests/ on sys.path)."""
 
 
-
 def fast_compile_xla_flags() -> tuple[str, ...]:
   """XLA flags that make the suite's compiles cheap: it compiles ~3 000 small programs on tiny
   shapes, where how fast the machine code runs matters little. LLVM at -O0 (its passes were
