@@ -43,7 +43,8 @@ def thumbnail(data: bytes, size: int) -> tuple[bytes, str]:
   """`(encoded bytes, MIME type)` of the thumbnail of one encoded image; `(b"", "")` when it
   does not decode."""
   try:
-    with Image.open(io.BytesIO(data)) as pil:
+    # Only what `prepare` stores: the gallery never runs PIL's other plugins.
+    with Image.open(io.BytesIO(data), formats=list(_TYPES)) as pil:
       pil.load()
       if max(pil.size) <= size and pil.format in _TYPES:
         return data, _TYPES[pil.format]

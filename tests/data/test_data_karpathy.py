@@ -56,7 +56,8 @@ def test_builds_splits_captions_and_resized_images(karpathy_files, tmp_path):
 
 
 @pytest.mark.parametrize("kind,name,reason", [
-    ("corrupt", "broken.jpg", "not an image file PIL can read"),
+    ("corrupt", "broken.jpg", r"not an image in a format avg-jax reads \(PNG, JPEG, WebP, GIF, "
+                              r"BMP or SVG\)"),
     ("truncated", "cut.jpg", r"cannot decode \(OSError: ")])
 def test_corrupt_image_is_an_error_naming_it(karpathy_files, tmp_path, kind, name, reason):
   json_path, image_root = karpathy_files(tmp_path, **{kind: True})
@@ -135,6 +136,11 @@ def test_every_bad_image_is_named_with_its_own_reason_before_any_shard(karpathy_
                                                                        tmp_path):
   json_path, image_root = karpathy_files(tmp_path, corrupt=True, truncated=True, missing=True,
                                          short=True, svg=True, empty=True)
+  # SVGs are drawn now: these two are not SVGs resvg may draw.
+  with open(os.path.join(image_root, "logo.svg"), "w") as f:
+    f.write('<svg xmlns="http://www.w3.org/2000/svg"><rect></svg>')
+  with open(os.path.join(image_root, "drawing.png"), "w") as f:
+    f.write('<svg xmlns="http://www.w3.org/2000/svg"><image href="/etc/x.png"/></svg>')
   out = tmp_path / "out"
   with pytest.raises(UserError) as info:
     builders.build(data_config(json_path, image_root), str(out))
@@ -145,10 +151,12 @@ def test_every_bad_image_is_named_with_its_own_reason_before_any_shard(karpathy_
              (item.split(": ", 1) for item in items if item != "and 2 more")}
   # Split order (train, val, test), then file order; the first five are shown.
   assert message.startswith(f"{json_path}: 7 of 12 images cannot be used: ")
-  assert by_name == {"broken.jpg": "not an image file PIL can read",
+  assert by_name == {"broken.jpg": "not an image in a format avg-jax reads (PNG, JPEG, WebP, "
+                                   "GIF, BMP or SVG)",
                      "few.png": "2 caption(s), data.captions_per_image is 5",
-                     "logo.svg": "unsupported format (SVG)",
-                     "drawing.png": "unsupported format (SVG)",
+                     "logo.svg": "cannot decode (SVG: mismatched tag at line 1)",
+                     "drawing.png": "unsupported SVG: refers to '/etc/x.png' outside the "
+                                    "document (href)",
                      "gone.png": "missing"}
   assert message.endswith("; and 2 more (fix or remove them, lower data.captions_per_image, or "
                           "set data.skip_bad_images=True to skip them)")
@@ -282,6 +290,24 @@ def test_transparent_png_in_a_dataset_is_composited_on_white(karpathy_files, tmp
                                 np.full((16, 16, 3), 255, np.uint8))
 
 
+def test_svg_images_in_a_dataset_are_drawn_on_white(karpathy_files, tmp_path):
+  # Real clip art ships SVG (Tux Paint: 248 of 1 033 stamps); an SVG under a .png name too.
+  json_path, image_root = karpathy_files(tmp_path, svg=True)
+  square = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4">'
+            '<rect x="1" y="1" width="2" height="2" fill="#0000ff"/></svg>')
+  for name in ("logo.svg", "drawing.png"):
+    with open(os.path.join(image_root, name), "w") as f:
+      f.write(square)
+  result = builders.build(data_config(json_path, image_root), str(tmp_path / "out"))
+  assert result.num_images == {"train": 4, "val": 1, "test": 2}   # restval joins train
+  train = read_split(result.builder_dir, "train")
+  drawn = [r["image"] for r in train if int(r["image_id"]) in (19, 20)]
+  assert len(drawn) == 2
+  for pixels in drawn:   # 16 x 16: a blue centre on white (transparent) corners
+    np.testing.assert_array_equal(pixels[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(pixels[8, 8], [0, 0, 255])
+
+
 def test_check_file_reasons(tmp_path, monkeypatch):
   from avg_jax.data import images
   Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "ok.png")
@@ -289,8 +315,9 @@ def test_check_file_reasons(tmp_path, monkeypatch):
   (tmp_path / "inline.svg.txt").write_bytes(b"\xef\xbb\xbf  <svg width='1'/>")  # BOM, spaces
   assert images.check_file(str(tmp_path / "ok.png")) == ""
   assert images.check_file(str(tmp_path / "nope.png")) == "missing"
-  assert images.check_file(str(tmp_path / "page.txt")) == "not an image file PIL can read"
-  assert images.check_file(str(tmp_path / "inline.svg.txt")) == "unsupported format (SVG)"
+  assert images.check_file(str(tmp_path / "page.txt")) == (
+      "not an image in a format avg-jax reads (PNG, JPEG, WebP, GIF, BMP or SVG)")
+  assert images.check_file(str(tmp_path / "inline.svg.txt")) == ""   # drawn by resvg
   assert images.check_file(str(tmp_path)) == "cannot read (Is a directory)"
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 576 pixels > 2 x the limit
   assert images.check_file(str(tmp_path / "ok.png")) == (
