@@ -1,17 +1,93 @@
-"""Progress bars for long work (tqdm on stderr; quiet when AVG_JAX_NO_PROGRESS is set)."""
+"""Progress for long work on stderr: a tqdm bar on a terminal, plain lines in a log.
+
+A bar redraws itself with carriage returns; written to a file (a job's log, `... > log 2>&1`)
+every redraw stays in it (tens of KB of `\\r` lines per run). So when stderr is not a terminal,
+`progress` writes one plain line per `LOG_INTERVAL_S` seconds of a long loop instead, and a last
+line when a loop that wrote one ends; a loop shorter than that writes nothing. Nothing at all
+when AVG_JAX_NO_PROGRESS is set.
+"""
 
 import os
 import sys
-from typing import Iterable, Optional, TypeVar
+import time
+from typing import Callable, Iterable, Iterator, Optional, TextIO, TypeVar
 
 import tqdm
 
 T = TypeVar("T")
 
+LOG_INTERVAL_S = 30.0
+_clock = time.monotonic  # seconds; tests replace it
+
 
 def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = "",
              unit: str = "it") -> Iterable[T]:
-  """Wraps `iterable` in a progress bar on stderr."""
+  """Wraps `iterable` in a progress bar on stderr (plain lines when stderr is not a terminal).
+
+  The result iterates like `iterable` and has tqdm's `update(n)`, `set_postfix(**values)` and
+  `close()`."""
   disable = bool(os.environ.get("AVG_JAX_NO_PROGRESS"))
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
+  stream = sys.stderr
+  if not disable and not _is_terminal(stream):
+    return LogLines(iterable, total=total, desc=desc, unit=unit, file=stream)
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, file=stream,
                    disable=disable, dynamic_ncols=True, leave=False)
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False
+
+
+class LogLines:
+  """tqdm's iterate / update / set_postfix / close for a log file: at most one line per
+  `interval_s` seconds of `clock`, each ending in a newline, and a closing line if any was
+  written (so a log shows that the work it reported on ended, and in how long)."""
+
+  def __init__(self, iterable: Optional[Iterable[T]] = None, *, total: Optional[int] = None,
+               desc: str = "", unit: str = "it", file: Optional[TextIO] = None,
+               interval_s: float = LOG_INTERVAL_S,
+               clock: Optional[Callable[[], float]] = None):
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+      total = len(iterable)
+    self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+    self.file, self.interval_s, self.clock = file, float(interval_s), clock or _clock
+    self.n, self._postfix = 0, ""
+    self._start = self._last = self.clock()
+    self._wrote, self._closed = False, False
+
+  def __iter__(self) -> Iterator[T]:
+    try:
+      for item in self.iterable:
+        yield item
+        self.update(1)
+    finally:
+      self.close()
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    now = self.clock()
+    if now - self._last >= self.interval_s:
+      self._write(now)
+
+  def set_postfix(self, **values) -> None:
+    self._postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+  def close(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    if self._wrote:
+      self._write(self.clock(), final=True)
+
+  def _write(self, now: float, final: bool = False) -> None:
+    done = f"{self.n}/{self.total}" if self.total else str(self.n)
+    percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+    parts = [f"{self.desc + ': ' if self.desc else ''}{'done ' if final else ''}{done} "
+             f"{self.unit}{percent} in {now - self._start:.0f} s"]
+    if self._postfix:
+      parts.append(self._postfix)
+    print(", ".join(parts), file=self.file or sys.stderr, flush=True)
+    self._last, self._wrote = now, True
