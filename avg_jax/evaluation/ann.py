@@ -15,6 +15,7 @@ the user set it, `OMP_WAIT_POLICY=PASSIVE` before faiss loads (busy-waiting thre
 CPU from everything else on a small machine).
 """
 
+import logging
 import os
 import time
 
@@ -23,6 +24,14 @@ import numpy as np
 
 def _faiss():
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP starts
+  # faiss's loader tries its AVX512 / AVX2 builds before the generic one and logs each miss at
+  # INFO through python logging (`Could not load library with AVX2 support due to:
+  # ModuleNotFoundError(...)`), which the CLI's INFO handler prints as if it were an error.
+  # A wheel with one build always misses: only the loader's INFO lines are muted, unless the
+  # user configured that logger; a faiss that cannot load at all still raises ImportError.
+  loader = logging.getLogger("faiss.loader")
+  if loader.level == logging.NOTSET:
+    loader.setLevel(logging.WARNING)
   import faiss  # pylint: disable=import-outside-toplevel
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   faiss.omp_set_num_threads(max(1, threads or 1))

@@ -1,5 +1,8 @@
 """The two-tower side's ANN index (faiss HNSW) on a tiny index: exact where it can be."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -26,3 +29,17 @@ def test_recall_against_exact_by_hand():
   assert ann.recall_against_exact(np.array([[1, 2], [3, 4]]), np.array([[2, 9], [4, 3]])) == 0.75
   with pytest.raises(ValueError, match="differ"):
     ann.recall_against_exact(np.zeros((1, 2)), np.zeros((2, 2)))
+
+
+def test_loading_faiss_prints_nothing_at_the_clis_info_level():
+  # faiss's loader logged `Could not load library with AVX512 support due to:
+  # ModuleNotFoundError("No module named 'faiss.swigfaiss_avx512'")` (and AVX2) at INFO, which
+  # the CLI's INFO-level logging printed into every evaluate log. A fresh process: faiss loads
+  # once per process.
+  code = ("import logging; logging.basicConfig(level=logging.INFO); "
+          "from avg_jax.evaluation import ann; ann._faiss(); "
+          "print(ann.HnswIndex([[1.0, 0.0], [0.0, 1.0]]).num_items)")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=True, timeout=120)
+  assert done.stdout.strip() == "2"
+  assert done.stderr == ""
