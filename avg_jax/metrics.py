@@ -23,6 +23,16 @@ import numpy as np
 from avg_jax.artifacts import io
 
 METRICS_FILE = "metrics.jsonl"
+# What a printed table shows where a metric does not apply (hkmeans has no reconstruction
+# error) or was not measured: a dash, never `nan` (which reads as a failed computation).
+NOT_APPLICABLE = "–"  # an en dash
+
+
+def format_metric(value: Any, spec: str = "") -> str:
+  """`value` formatted with `spec` (e.g. ".4f"), or NOT_APPLICABLE for None or NaN."""
+  if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+    return NOT_APPLICABLE
+  return format(value, spec)
 
 
 def _plain(value: Any) -> Any:

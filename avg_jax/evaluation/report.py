@@ -24,6 +24,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from avg_jax.artifacts import io  # noqa: E402
+from avg_jax.metrics import NOT_APPLICABLE, format_metric  # noqa: E402
 
 RECALL_KEYS = ("R@1", "R@5", "R@10")
 CODE_KEYS = ("code R@1", "code R@5", "code R@10")
@@ -173,11 +174,12 @@ def summary_table(results: dict) -> str:
                  "".join(f"{k:>11}" for k in CODE_KEYS) + "   R@1 vs two-tower [95% CI]")
     versus = results.get("vs_two_tower", {}).get(protocol, {})
     for method, r in methods.items():
-      cells = [f"{r[k]:>11.1f}" if k in r else f"{'-':>11}" for k in CODE_KEYS]
+      # A metric a method does not have (code R@K of two_tower) shows a dash, never nan.
+      cells = [f"{format_metric(r.get(k), '.1f'):>11}" for k in CODE_KEYS]
       d = versus.get(method, {}).get("R@1")
       if d:
         cells.append(f"   {d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
-      lines.append(f"{method:<12}" + "".join(f"{r.get(k, float('nan')):>8.1f}"
+      lines.append(f"{method:<12}" + "".join(f"{format_metric(r.get(k), '.1f'):>8}"
                                              for k in RECALL_KEYS) + "".join(cells))
   eff = results.get("efficiency", {})
   if eff:
@@ -191,7 +193,7 @@ def summary_table(results: dict) -> str:
       cells = []
       for rows in eff.values():
         q = [r["queries_per_s"] for r in rows if int(r["num_items"]) == n]
-        cells.append(f"{q[0]:>{width}.1f}" if q else f"{'-':>{width}}")
+        cells.append(f"{format_metric(q[0] if q else None, '.1f'):>{width}}")
       lines.append(f"{n:>10,}" + "".join(cells))
     cross = results.get("crossover")
     lines.append("AVG faster than two-tower from N ~ " +
@@ -209,9 +211,10 @@ def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
     for method, r in methods.items():
       saw = "yes" if seen.get(protocol, {}).get(method) else "no"
       d = versus.get(protocol, {}).get(method, {}).get("R@1")
-      vs = f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else "-"
+      vs = (f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d
+            else NOT_APPLICABLE)
       out.append(f"| {method} | {saw} | " + " | ".join(
-          f"{r[k]:.1f}" if k in r else "-" for k in keys) + f" | {vs} |")
+          format_metric(r.get(k), ".1f") for k in keys) + f" | {vs} |")
     out.append("")
   return out
 
@@ -228,6 +231,12 @@ def _markdown_hybrid(hybrid: dict) -> list[str]:
             for row in h["validation"]]
     out.append("")
   return out
+
+
+def _percent(share) -> str:
+  """A share as a percentage cell; NOT_APPLICABLE when missing or NaN."""
+  cell = format_metric(share)
+  return cell if cell == NOT_APPLICABLE else f"{100 * share:.1f}%"
 
 
 def write_report(results: dict, directory: str) -> str:
@@ -272,8 +281,8 @@ def write_report(results: dict, directory: str) -> str:
     splits = sorted({s for v in results["collisions"].values() for s in v})
     md += ["|---" * (len(splits) + 1) + "|"]
     for scheme, rates in results["collisions"].items():
-      md.append(f"| {scheme} | " + " | ".join(f"{100 * rates.get(s, 0):.1f}%" for s in splits)
-                + " |")
+      # A split this scheme has no table for is a dash, not a 0.0% collision rate.
+      md.append(f"| {scheme} | " + " | ".join(_percent(rates.get(s)) for s in splits) + " |")
     md += ["", "![collisions](collisions.png)", ""]
   path = os.path.join(directory, "report.md")
   io.write_text(path, "\n".join(md) + "\n")

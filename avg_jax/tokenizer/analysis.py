@@ -24,6 +24,7 @@ import numpy as np
 from avg_jax.artifacts import paths, voken_tables
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
+from avg_jax.metrics import format_metric
 
 _STOPWORDS = frozenset(
     "a an the of on in at to and or with is are was were be by for from its it this that "
@@ -143,8 +144,9 @@ def format_table(rows: dict, prefix_lengths: Sequence[int] = (1, 2)) -> str:
     cells = [scheme]
     for n in prefix_lengths:
       r = result[f"prefix_{n}"]
-      cells.append(f"{r['similarity']:.3f} ({r['pairs']})")
-    cells.append(f"{result['random']['similarity']:.3f}")
+      # No two images share this prefix: no pairs, a dash rather than nan.
+      cells.append(f"{format_metric(r['similarity'], '.3f')} ({r['pairs']})")
+    cells.append(format_metric(result["random"]["similarity"], ".3f"))
     lines.append(" | ".join(cells))
   return "\n".join(lines)
 

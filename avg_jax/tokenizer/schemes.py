@@ -27,7 +27,7 @@ from avg_jax import partitioning
 from avg_jax.artifacts import paths
 from avg_jax.artifacts.checkpoints import Checkpointer
 from avg_jax.errors import UserError
-from avg_jax.metrics import MetricsWriter
+from avg_jax.metrics import MetricsWriter, format_metric
 from avg_jax.progress import progress
 from avg_jax.tokenizer import analysis, hkmeans, ids, quantizer
 from avg_jax.tokenizer import losses as losses_lib
@@ -202,7 +202,9 @@ def format_summary(scheme: str, summary: dict) -> str:
         f"{split} | {s['images']} | {s['collision_rate']:.4f} | "
         f"{' '.join(f'{p:.1f}' for p in s['perplexity'])} | "
         f"{' '.join(f'{u:.3f}' for u in s['unused_share'])} | "
-        f"{s.get('recon_mse', float('nan')):.5f} | {s.get('align_mse', float('nan')):.5f}")
+        # hkmeans / atomic / random have no reconstruction or alignment error: a dash.
+        f"{format_metric(s.get('recon_mse'), '.5f')} | "
+        f"{format_metric(s.get('align_mse'), '.5f')}")
   if summary.get("semantic"):
     lines.append(f"semantic measure ({summary['semantic_split']} split):")
     lines.append(analysis.format_table({scheme: summary["semantic"]}))

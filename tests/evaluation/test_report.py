@@ -46,9 +46,9 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
                                           results["efficiency"]["two_tower"])
   path = report.write_report(results, str(tmp_path))
   text = open(path).read()
-  assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 | - |" in text
+  assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 | – |" in text
   assert "| avg | no | 20.0 | 45.0 | 70.0 | 21.0 | 46.0 | 71.0 | -2.0 [-4.0, +0.5] |" in text
-  assert "| two_tower | no | 50.0 | 80.0 | 90.0 | - | - | - | - |" in text
+  assert "| two_tower | no | 50.0 | 80.0 | 90.0 | – | – | – | – |" in text
   assert text.index("### transductive") < text.index("### inductive")
   assert "| avg | 5.0% | 10.0% |" in text  # test, train columns sorted by name
   for png in ("recall.png", "efficiency.png", "codebook.png", "collisions.png"):
@@ -63,7 +63,7 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
   inductive_avg = [l for l in lines if l.startswith("avg ")][1]
   assert inductive_avg.split()[-3:] == ["-2.0", "[-4.0,", "+0.5]"]  # vs two-tower
   assert lines[3].split() == ["avg", "25.0", "50.0", "75.0", "30.0", "55.0", "80.0"]
-  assert lines[2].split()[-3:] == ["-", "-", "-"]
+  assert lines[2].split()[-3:] == ["–", "–", "–"]
 
 
 def test_efficiency_section_has_no_empty_recall_header(tmp_path):
@@ -107,3 +107,28 @@ def test_hybrid_and_hnsw_sections(tmp_path):
   assert "### transductive (chosen: 64)" in text and "| 64 | 26.5 | 50.0 | 70.0 |" in text
   assert "| 100,000 | 64 | 150.0 | 300.0 | 0.960 | 1.5 | 3.0 |" in text
   assert os.path.getsize(tmp_path / "ann_frontier.png") > 1000
+
+
+def test_metrics_that_do_not_apply_show_a_dash_never_nan(tmp_path):
+  # A recall stored as NaN, a method without some
+  # metric, an efficiency size a method skipped, a split a scheme has no collision rate for:
+  # each is a dash ("–") in the summary and in report.md, never "nan" or a made-up 0.0%.
+  results = {
+      "recall": {"inductive": {"two_tower": {"R@1": 50.0, "R@5": float("nan"), "R@10": 90.0},
+                               "hkmeans": {"R@1": 10.0, "R@5": float("nan"), "R@10": 30.0,
+                                           "code R@1": float("nan")}}},
+      "efficiency": {"avg": _rows([(1000, 100.0), (10000, 90.0)]),
+                     "two_tower": _rows([(1000, 50.0)])},
+      "crossover": None,
+      "collisions": {"avg": {"train": 0.1, "test": 0.05}, "atomic": {"test": float("nan")}},
+  }
+  table = report.summary_table(results)
+  text = open(report.write_report(results, str(tmp_path))).read()
+  for out in (table, text):
+    assert "nan" not in out.lower()
+  lines = table.splitlines()
+  assert lines[2].split() == ["two_tower", "50.0", "–", "90.0", "–", "–", "–"]
+  assert lines[3].split() == ["hkmeans", "10.0", "–", "30.0", "–", "–", "–"]
+  assert [l.split() for l in lines if l.strip().startswith("10,000")] == [["10,000", "90.0", "–"]]
+  assert "| hkmeans | no | 10.0 | – | 30.0 | – | – | – | – |" in text
+  assert "| atomic | – | – |" in text and "| avg | 5.0% | 10.0% |" in text
