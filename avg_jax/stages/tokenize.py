@@ -84,8 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   directory = paths.tokenizer_dir(workdir, name)
   out = fingerprint.Output(directory, inputs(config, embeddings, fit), stage=f"tokenize [{name}]")
   if out.done(verify=lambda: _loads(directory)):
-    print(f"tokenize [{name}]: {directory} is complete for this config; kept")
-    print(schemes.format_summary(name, voken_tables.load_summary(workdir, name)))
+    # One line: evaluate re-enters this stage for every method and protocol that uses the
+    # table, and its statistics were printed when it was made.
+    print(f"tokenize [{name}]: {directory} is complete for this config; kept (statistics in "
+          f"its {voken_tables.SUMMARY})")
     return
   out.begin()
 

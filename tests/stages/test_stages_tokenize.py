@@ -179,6 +179,26 @@ def test_other_schemes_on_data8_mesh_write_valid_tables(tmp_path, repo_root, sch
     assert summary["collision_rate_all"] == 0.0 and vocab.disambiguation_size == 0
 
 
+def test_table_printed_once_with_dashes_and_a_kept_table_is_one_line(tmp_path, repo_root,
+                                                                    capsys):
+  # evaluate re-enters tokenize for every method and protocol that uses a table: a finished
+  # one answers with one line, not its statistics again. atomic has no reconstruction or
+  # alignment error: the table shows a dash there, never nan.
+  workdir = str(tmp_path)
+  _write_embeddings(workdir)
+  config = _config(repo_root, "atomic", mesh=("data=8",))
+  tokenize.run(config, workdir)
+  first = capsys.readouterr().out
+  assert "recon MSE | align MSE" in first and "nan" not in first
+  rows = [line for line in first.splitlines() if line.startswith(("train |", "test |"))]
+  assert len(rows) == 2 and all(row.endswith("| – | –") for row in rows)
+  for _ in range(3):
+    tokenize.run(config, workdir)
+  again = capsys.readouterr().out.splitlines()
+  assert len(again) == 3 and all(line.startswith("tokenize [atomic]: ") and "kept" in line
+                                 for line in again)
+
+
 def test_cli_reports_missing_embeddings(tmp_path, repo_root, capsys):
   code = cli.main(["tokenize", "--config", str(repo_root / "configs" / "smoke.py") + ":tiny",
                    "--workdir", str(tmp_path)])
