@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.data.image_root = ""            # and --config.data.image_root=...
   c.data.captions_per_image = options["captions"]
   # Bad images (missing, unreadable, SVG, too few captions) stop `prepare` with each one named;
-  # --config.data.skip_bad_images=true leaves them out instead (listed in dataset_info.json).
+  # --config.data.skip_bad_images=true leaves them out instead (listed in skipped_images.json).
   c.data.skip_bad_images = False
   # A text vocabulary a few hundred captions can support; SentencePiece needs exactly this
   # many pieces, and a smaller corpus gets an error naming the largest size it supports

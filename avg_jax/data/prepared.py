@@ -6,6 +6,8 @@
                              the data identity's digest (`config_hash`), file manifest
     text_tokenizer.model     SentencePiece: the given one (`tokenizer_model_path`) or, when
                              none is given, one trained on the training captions
+    skipped_images.json      every image left out by `data.skip_bad_images`, with its reason
+                             (only when some were; dataset_info.json has the count)
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
                              of `data.pseudo_queries` for Karpathy data (avg_jax.data.pseudo_queries)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
@@ -225,6 +227,21 @@ def _write_pseudo_queries(config: Any, builder_dir: str,
   return counts, [q for image_id, q in pairs if split_of[image_id] == "train"]
 
 
+SKIPPED_NAME = "skipped_images.json"
+_SKIPPED_IN_INFO = 20  # dataset_info.json stays small however many images were left out
+
+
+def _write_skipped(tmp: str, skipped: list[tuple[str, str]]) -> dict:
+  """Writes every skipped image with its reason to `SKIPPED_NAME` (only when there are any)
+  -> dataset_info.json's `skipped_images`: the count, that file's name, the first few."""
+  if not skipped:
+    return {"count": 0, "first": []}
+  io.write_json(os.path.join(tmp, SKIPPED_NAME),
+                [{"path": path, "reason": why} for path, why in skipped])
+  return {"count": len(skipped), "file": SKIPPED_NAME,
+          "first": [f"{p} ({why})" for p, why in skipped[:_SKIPPED_IN_INFO]]}
+
+
 def build(config: Any, tmp: str, identity: dict, source: builders.Source,
           shards_dir: str) -> tuple[dict, dict[str, float]]:
   """Writes everything into `tmp` from the finished shards; -> (the dataset info, also
@@ -268,8 +285,7 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
       "tfds_dir": os.path.relpath(result.builder_dir, tmp),
       "text_tokenizer": {"file": TOKENIZER_NAME, "vocab_size": tokenizer.vocab_size,
                          "source": tokenizer_source},
-      "skipped_images": {"count": len(result.skipped),
-                         "first": [f"{p} ({why})" for p, why in result.skipped[:20]]},
+      "skipped_images": _write_skipped(tmp, result.skipped),
       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   if frequencies is not None:
@@ -289,8 +305,10 @@ def format_statistics(info: dict) -> str:
                  f"{s.get('num_pseudo_queries', 0):>15}")
   tok = info["text_tokenizer"]
   lines.append(f"text tokenizer: vocab size {tok['vocab_size']}, {tok['source']}")
-  if info["skipped_images"]["count"]:
-    lines.append(f"skipped images: {info['skipped_images']['count']}")
+  skipped = info["skipped_images"]
+  if skipped["count"]:
+    listed = f" (each with its reason in {skipped['file']})" if skipped.get("file") else ""
+    lines.append(f"skipped images: {skipped['count']}{listed}")
   frequencies = info.get("attribute_frequencies")
   if frequencies:
     lines.append("attribute frequencies (train):")

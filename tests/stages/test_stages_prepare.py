@@ -205,6 +205,41 @@ def test_karpathy_data_with_a_given_tokenizer(tmp_path, tiny_config, karpathy_fi
   assert dataset.image_source(workdir, "val")[0]["image"].shape == (16, 16, 3)
 
 
+def test_every_skipped_image_is_listed_with_its_reason(tmp_path, tiny_config, karpathy_files,
+                                                      prepared_workdir, capsys):
+  # README: skipped images are listed in the prepared folder. dataset_info.json used to hold
+  # only the first 20 of them; skipped_images.json has all, dataset_info.json the count.
+  json_path, image_root = karpathy_files(tmp_path, missing=True)
+  data = json.loads(open(json_path).read())
+  for k in range(24):   # 24 more images that are not images
+    with open(os.path.join(image_root, f"junk{k}.png"), "wb") as f:
+      f.write(b"not a png")
+    data["images"].append({"filename": f"junk{k}.png", "imgid": 100 + k, "split": "train",
+                           "sentences": [{"raw": f"junk {k} {n}"} for n in range(5)]})
+  with open(json_path, "w") as f:
+    json.dump(data, f)
+  config = tiny_config(
+      "data.name=karpathy", f"data.karpathy_json={json_path}", f"data.image_root={image_root}",
+      "data.image_size=16", "data.skip_bad_images=true",
+      f"text_tokenizer.model_path={paths.text_tokenizer_model(prepared_workdir)}")
+  workdir = str(tmp_path / "w")
+  prepare.run(config, workdir)
+  info = dataset.load_info(workdir)
+  assert info["skipped_images"]["count"] == 25
+  assert info["skipped_images"]["file"] == "skipped_images.json"
+  listed = json.loads(open(os.path.join(paths.prepared_dir(workdir),
+                                        "skipped_images.json")).read())
+  assert len(listed) == 25
+  assert {os.path.basename(e["path"]) for e in listed} == {"gone.png"} | {
+      f"junk{k}.png" for k in range(24)}
+  assert all(e["reason"] for e in listed)
+  assert "skipped images: 25 (each with its reason in skipped_images.json)" in (
+      capsys.readouterr().out)
+  # Part of the folder's manifest: a deleted list makes the folder incomplete, not silently
+  # kept without it.
+  assert "skipped_images.json" in info["files"]
+
+
 def test_cli_prepare_exits_0_without_tensorflow(tmp_path, monkeypatch, capsys):
   # TensorFlow must not be installed (requirements.txt leaves it out), so this run proves that
   # writing and reading the TFDS ArrayRecord data never needs it. (A None entry in sys.modules
