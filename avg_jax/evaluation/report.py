@@ -31,10 +31,12 @@ CODE_KEYS = ("code R@1", "code R@5", "code R@10")
 
 
 def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
-  """Smallest N where AVG's queries/s reaches two-tower's (log-log interpolation).
+  """Smallest N from which AVG's queries/s stays at or above two-tower's at every larger size
+  measured (log-log interpolation at the last crossing), as "AVG faster from N ~" says.
 
   Both lists hold `{"num_items", "queries_per_s"}`; only sizes measured for both count.
-  Returns None when AVG is never faster, the first size when it always is.
+  Returns None when AVG is slower at the largest size, the first size when it never is slower.
+  (AVG faster at 100 but slower at 1,000 is not "faster from 100": the last crossing counts.)
   """
   a = {int(r["num_items"]): float(r["queries_per_s"]) for r in avg}
   t = {int(r["num_items"]): float(r["queries_per_s"]) for r in two_tower}
@@ -42,13 +44,15 @@ def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
   if not sizes:
     return None
   ratio = [math.log(a[n]) - math.log(t[n]) for n in sizes]  # > 0: AVG faster
-  if ratio[0] >= 0:
+  slower = [i for i, r in enumerate(ratio) if r < 0]
+  if not slower:
     return float(sizes[0])
-  for (n0, r0), (n1, r1) in zip(zip(sizes, ratio), zip(sizes[1:], ratio[1:])):
-    if r1 >= 0 > r0:
-      frac = -r0 / (r1 - r0)
-      return float(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0))))
-  return None
+  last = slower[-1]
+  if last == len(sizes) - 1:
+    return None
+  (n0, r0), (n1, r1) = (sizes[last], ratio[last]), (sizes[last + 1], ratio[last + 1])
+  frac = -r0 / (r1 - r0)
+  return float(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0))))
 
 
 def plot_recall(recall: dict, path: str) -> None:

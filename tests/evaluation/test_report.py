@@ -24,6 +24,16 @@ def test_crossover_never_and_always():
   assert report.crossover(_rows([(10, 9.0)]), _rows([(20, 5.0)])) is None
 
 
+def test_crossover_is_where_avg_stays_faster():
+  # The tiny run printed "AVG faster than two-tower from N ~ 100" with AVG faster at 100 and
+  # slower at 1,000: only a crossing after which AVG never falls behind again counts.
+  two = _rows([(100, 326.0), (1000, 408.5)])
+  assert report.crossover(_rows([(100, 338.3), (1000, 321.8)]), two) is None
+  two = _rows([(100, 100.0), (1000, 100.0), (10000, 10.0)])
+  avg = _rows([(100, 200.0), (1000, 50.0), (10000, 50.0)])
+  assert 1000 < report.crossover(avg, two) < 10000
+
+
 def test_write_report_makes_markdown_and_plots(tmp_path):
   results = {
       "meta": {"config": "smoke"},
