@@ -19,8 +19,9 @@ import numpy as np
 
 from avg_jax.data import karpathy
 from avg_jax.errors import UserError
+from avg_jax.export.terminal import safe
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".svg", ".svgz")
 
 
 def add_arguments(sub) -> None:
@@ -72,12 +73,14 @@ def _karpathy_images(args) -> tuple[list[str], list[int], list[list[str]], list[
 
 
 def parse_ids(texts: list[str]) -> list[int]:
+  """Image ids given on the command line: ASCII digits in [0, 2^31 - 1] (`parse_id`)."""
+  from avg_jax.export.live_index import parse_id
   out = []
   for text in texts:
     try:
-      out.append(int(text, 10))
+      out.append(parse_id(text))
     except ValueError as e:
-      raise UserError(f"index remove: {text!r} is not an integer image id") from e
+      raise UserError(f"index remove: {safe(str(e))}") from e
   return out
 
 

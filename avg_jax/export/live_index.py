@@ -3,21 +3,44 @@
 An export indexes its images in `trie.npz` / `voken_table.npz` (the base). Later changes live
 in versioned folders beside them:
 
-    <export>/live/CURRENT            {"version": n}: the state readers load
-    <export>/live/v<n>/delta.npz     image_ids int64[M], codes int32[M, T], file_names str[M],
-                                     embeddings float32[M, D] (when the export has them),
-                                     captions str[M] (each a JSON list; optional): every
-                                     image added since the base was written
-    <export>/live/v<n>/removed.npy   int64[R]: image ids removed (from the base or the delta)
+    <export>/live/CURRENT            the version readers load, sealed: {"format": 2, "version":
+                                     n, "parent": p, "files": {name: {"size", "sha256"}},
+                                     "checksum": SHA-256 of the rest}
+    <export>/live/v<n>/delta.npz     every image added since the base was written:
+                                     image_ids int64[M], codes int32[M, T], embeddings
+                                     float32[M, D] (when the export has them), file names and
+                                     captions as UTF-8 bytes + offsets (names_utf8 uint8[B],
+                                     names_offsets int64[M + 1]; captions_* the same, each
+                                     image's captions one JSON list), layout int64 (2)
+    <export>/live/v<n>/removed.npz   removed int64[R]: image ids removed (base or delta)
+    <export>/live/v<n>/COMMITTED     written once CURRENT named v<n>
     <export>/live/LOCK               held by the one process that writes
     <export>/live/thumbnails/<id>    added images' thumbnails (written before the version that
                                      adds them; ids are never reused, so one never changes)
 
-A change writes the next version's folder completely, then replaces CURRENT (an atomic
-rename): a crash or kill -9 at any point leaves the previous version loadable, and a reader
-never sees a half-written one; versions older than the previous one are removed after the
-switch. The cost of a
-change is the size of the delta (it is rewritten whole) and never the base's.
+A change writes a new version's folder completely, then replaces CURRENT (an atomic rename):
+a crash or kill -9 at any point leaves the previous version loadable, and a reader never sees
+a half-written one. A writer never overwrites a version folder: a new version's number is one
+above every folder and CURRENT's. After the switch it removes the committed versions older
+than the previous one and the folders of writers that died before switching.
+
+CURRENT is checked when it is read: its checksum (a hand edit, e.g. "version": 3 -> 2, is
+refused), its version's files against their recorded sizes and SHA-256, and that no version
+newer than it was ever committed (a restored old CURRENT would silently drop the images added
+since). Any of these is a `LiveIndexDamaged` error naming what differs: the index is not
+served from a state nobody wrote. Live indexes written before the seal (CURRENT holding only
+{"version": n}, delta.npz with fixed-width string arrays) still load.
+
+Strings: file names and captions are stored as one UTF-8 byte string and offsets, so the
+files grow with the text's total length, not with the longest string times the image count
+(fixed-width numpy strings padded every name to the longest: one 100 000-character name made
+a 181 MB delta). Their lengths are bounded (`MAX_FILE_NAME_CHARS`, `MAX_CAPTION_CHARS`,
+`MAX_CAPTIONS`).
+
+Image ids lie in [0, `MAX_ID`] (2^31 - 1). Automatic ids (`next_ids`) continue after the
+largest id ever indexed (removed ones included: ids are never reused); when that would pass
+`MAX_ID` (an image was added with a very large explicit id), they are the smallest ids never
+used, so no explicit id can exhaust them.
 
 Searching: the base tree is built once; the delta's tree is rebuilt from the delta alone at
 each change (O(added), independent of the index size) and searched together with the base as
@@ -31,6 +54,7 @@ that share those codes (an image keeps its identifier after removal: it is never
 """
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -49,9 +73,94 @@ FOLDER = "live"
 CURRENT = "CURRENT"
 LOCK = "LOCK"
 THUMBNAILS = "thumbnails"
+COMMITTED = "COMMITTED"
+CURRENT_FORMAT = 2
+LAYOUT = 2          # delta.npz with UTF-8 strings + offsets
+MAX_ID = 2**31 - 1
+MAX_FILE_NAME_CHARS = 1024
+MAX_CAPTION_CHARS = 2000
+MAX_CAPTIONS = 32
 # Seconds `save` sleeps between writing a version and switching to it: lets the crash test
 # kill a writer at exactly that point (never set in normal use).
 PAUSE_ENV = "AVG_JAX_LIVE_PAUSE_BEFORE_SWITCH"
+
+
+class LiveIndexDamaged(UserError):
+  """The live index's files are damaged or were changed by hand: the fault of the machine
+  that serves them, never of a client (the service answers it with a 500)."""
+
+
+def check_texts(file_name: str, captions: Sequence[str], where: str) -> None:
+  """A `UserError` naming `where` (e.g. "image 3") when a file name or a caption is not a
+  string, is too long or holds a lone surrogate (not storable as UTF-8)."""
+  if not isinstance(file_name, str):
+    raise UserError(f"{where}: file name must be a string, got {type(file_name).__name__}")
+  if len(file_name) > MAX_FILE_NAME_CHARS:
+    raise UserError(f"{where}: file name of {len(file_name)} characters, the limit is "
+                    f"{MAX_FILE_NAME_CHARS}")
+  if isinstance(captions, str) or len(captions) > MAX_CAPTIONS:
+    raise UserError(f"{where}: expected a list of at most {MAX_CAPTIONS} captions")
+  for j, caption in enumerate(captions):
+    if not isinstance(caption, str):
+      raise UserError(f"{where}: caption {j} must be a string, got {type(caption).__name__}")
+    if len(caption) > MAX_CAPTION_CHARS:
+      raise UserError(f"{where}: caption {j} of {len(caption)} characters, the limit is "
+                      f"{MAX_CAPTION_CHARS}")
+  for text in (file_name, *captions):
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise UserError(f"{where}: text with a lone surrogate at character {e.start} (not "
+                      f"valid Unicode)") from e
+
+
+def parse_id(text: str) -> int:
+  """An image id written as decimal ASCII digits in [0, MAX_ID]; a `ValueError` with the
+  reason otherwise (signs, spaces, `1_0`, other scripts' digits: Python's `int` takes them
+  all, so an Arabic-Indic "3603" would name image 3603)."""
+  if not (isinstance(text, str) and text.isascii() and text.isdigit()):
+    raise ValueError(f"{str(text)[:40]!r} is not an image id (decimal digits 0-9)")
+  if len(text) > len(str(MAX_ID)) or int(text) > MAX_ID:
+    raise ValueError(f"{text[:40]!r}{'...' if len(text) > 40 else ''} is outside the image id "
+                     f"range [0, {MAX_ID}]")
+  return int(text)
+
+
+def _pack(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """`(UTF-8 bytes uint8[B], offsets int64[M + 1])` of M strings."""
+  encoded = [t.encode("utf-8") for t in texts]
+  offsets = np.zeros(len(encoded) + 1, np.int64)
+  np.cumsum([len(e) for e in encoded], out=offsets[1:])
+  return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+  """The strings `_pack` stored (`ValueError` when the offsets do not fit the bytes)."""
+  offsets = np.asarray(offsets, np.int64)
+  if (offsets.ndim != 1 or not len(offsets) or offsets[0] != 0
+          or (np.diff(offsets) < 0).any() or offsets[-1] != len(blob)):
+    raise ValueError("string offsets do not fit the stored bytes")
+  data = np.asarray(blob, np.uint8).tobytes()
+  return [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def _seal(record: dict) -> dict:
+  body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+  return dict(record, checksum=hashlib.sha256(body).hexdigest())
+
+
+def _versions(folder: str) -> list[int]:
+  """The numbers of the `v<n>` folders in `folder`, ascending."""
+  try:
+    names = os.listdir(folder)
+  except FileNotFoundError:
+    return []
+  return sorted(int(n[1:]) for n in names
+                if n.startswith("v") and n[1:].isascii() and n[1:].isdigit())
+
+
+def _file_record(path: str) -> dict:
+  return {"size": os.path.getsize(path), "sha256": io.file_sha256(path)}
 
 
 class WriteLock:
@@ -89,12 +198,14 @@ class LiveIndex:
     self.num_levels = int(num_levels)
     self.base_ids = np.asarray(base_ids, np.int64)
     self.base_codes = np.asarray(base_codes, np.int32)
-    self.base_names = np.asarray(base_names, str)
+    self.base_names = [str(n) for n in np.asarray(base_names, str).tolist()]
     self.base_embeddings = base_embeddings
     self.delta_ids = np.zeros((0,), np.int64)
     self.delta_codes = np.zeros((0, len(self.position_sizes)), np.int32)
-    self.delta_names = np.zeros((0,), str)
-    self.delta_captions = np.zeros((0,), str)   # JSON lists of captions, "[]" when none
+    # Python lists, replaced (never changed in place) at each change: a copy of this index
+    # shares them with the searches still reading the old one.
+    self.delta_names: list[str] = []
+    self.delta_captions: list[list[str]] = []
     self.delta_embeddings = (None if base_embeddings is None
                              else np.zeros((0, base_embeddings.shape[1]), np.float32))
     self.removed = np.zeros((0,), np.int64)
@@ -120,12 +231,27 @@ class LiveIndex:
 
   def captions(self) -> dict[int, list[str]]:
     """Captions given with added images (the base's live in the export's gallery)."""
-    return {int(i): json.loads(c) for i, c in zip(self.delta_ids, self.delta_captions)
-            if c and c != "[]"}
+    return {int(i): list(c) for i, c in zip(self.delta_ids.tolist(), self.delta_captions) if c}
 
   def file_names(self) -> dict[int, str]:
-    return {int(i): str(n) for i, n in zip(np.concatenate([self.base_ids, self.delta_ids]),
-                                           np.concatenate([self.base_names, self.delta_names]))}
+    return dict(zip(self.all_ids().tolist(), self.base_names + self.delta_names))
+
+  def next_ids(self, count: int) -> np.ndarray:
+    """`count` automatic ids (module doc): after the largest id ever indexed, else the
+    smallest never used."""
+    used = np.unique(self.all_ids())
+    start = int(used[-1]) + 1 if len(used) else 0
+    if start + count - 1 <= MAX_ID:
+      return np.arange(start, start + count, dtype=np.int64)
+    out, candidate = [], 0
+    for taken in used.tolist() + [MAX_ID + 1]:
+      while candidate < taken and len(out) < count:
+        out.append(candidate)
+        candidate += 1
+      if len(out) == count:
+        return np.asarray(out, np.int64)
+      candidate = taken + 1
+    raise UserError(f"live index: no {count} free image ids left in [0, {MAX_ID}]")
 
   # --- changes --------------------------------------------------------------------------------
   def identifiers(self, semantic: np.ndarray) -> np.ndarray:
@@ -179,18 +305,18 @@ class LiveIndex:
     if len(clash):
       raise UserError(f"live index: image id {int(clash[0])} is already indexed (ids are "
                       f"never reused, removed ones included)")
-    if (image_ids < 0).any() or (image_ids > np.iinfo(np.int32).max).any():
-      raise UserError("live index: image ids must lie in [0, 2^31 - 1]")
+    if (image_ids < 0).any() or (image_ids > MAX_ID).any():
+      raise UserError(f"live index: image ids must lie in [0, {MAX_ID}]")
+    rows = captions if captions is not None else [[]] * len(image_ids)
+    for i, (image_id, name, caps) in enumerate(zip(image_ids.tolist(), file_names, rows)):
+      check_texts(name, caps, f"live index: image {image_id}")
     if (self.delta_embeddings is None) != (embeddings is None):
       raise UserError("live index: this index keeps image embeddings; give them (or none)")
     codes = self.identifiers(semantic)
     self.delta_ids = np.concatenate([self.delta_ids, image_ids])
     self.delta_codes = np.concatenate([self.delta_codes, codes])
-    self.delta_names = np.concatenate([self.delta_names, np.asarray(list(file_names), str)])
-    caption_rows = [json.dumps([str(c) for c in row]) for row in
-                    (captions if captions is not None else [[]] * len(image_ids))]
-    self.delta_captions = np.concatenate([self.delta_captions,
-                                          np.asarray(caption_rows, str).reshape(-1)])
+    self.delta_names = self.delta_names + [str(n) for n in file_names]
+    self.delta_captions = self.delta_captions + [[str(c) for c in row] for row in rows]
     if embeddings is not None:
       self.delta_embeddings = np.concatenate([self.delta_embeddings,
                                               np.asarray(embeddings, np.float32)])
@@ -234,58 +360,129 @@ class LiveIndex:
 
   # --- persistence ----------------------------------------------------------------------------
   def save(self, export_dir: str) -> None:
-    """Writes the next version and switches CURRENT to it (hold a `WriteLock`)."""
+    """Writes a new version and switches CURRENT to it (hold a `WriteLock`; module doc)."""
     folder = os.path.join(export_dir, FOLDER)
-    version = self.version + 1
+    os.makedirs(folder, exist_ok=True)
+    on_disk = _versions(folder)
+    version = max([self.version] + on_disk) + 1   # never a folder that exists
     target = os.path.join(folder, f"v{version}")
-    shutil.rmtree(target, ignore_errors=True)   # left by a writer that died before switching
     os.makedirs(target)
-    arrays = dict(image_ids=self.delta_ids, codes=self.delta_codes, file_names=self.delta_names,
-                  captions=self.delta_captions)
+    names_utf8, names_offsets = _pack(self.delta_names)
+    captions_utf8, captions_offsets = _pack(
+        [json.dumps(c, ensure_ascii=False) for c in self.delta_captions])
+    arrays = dict(layout=np.int64(LAYOUT), image_ids=self.delta_ids, codes=self.delta_codes,
+                  names_utf8=names_utf8, names_offsets=names_offsets,
+                  captions_utf8=captions_utf8, captions_offsets=captions_offsets)
     if self.delta_embeddings is not None:
       arrays["embeddings"] = self.delta_embeddings
     io.write_npz(os.path.join(target, "delta.npz"), **arrays)
     io.write_npz(os.path.join(target, "removed.npz"), removed=self.removed)
+    files = {name: _file_record(os.path.join(target, name))
+             for name in ("delta.npz", "removed.npz")}
     if os.environ.get(PAUSE_ENV):
       print(f"live index: v{version} written, switching in {os.environ[PAUSE_ENV]} s",
             flush=True)
       time.sleep(float(os.environ[PAUSE_ENV]))
-    io.write_json(os.path.join(folder, CURRENT), {"version": version})   # the switch
-    self.version = version
-    # Older versions go after the switch; the previous one stays for a reader that read
-    # CURRENT just before it.
-    for name in os.listdir(folder):
-      if name.startswith("v") and name[1:].isdigit() and int(name[1:]) < version - 1:
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    record = {"format": CURRENT_FORMAT, "version": version, "parent": self.version,
+              "files": files}
+    io.write_json(os.path.join(folder, CURRENT), _seal(record), sort_keys=True)  # the switch
+    io.write_text(os.path.join(target, COMMITTED), f"{version}\n")
+    previous, self.version = self.version, version
+    # Committed versions older than the previous one, and folders of writers that died
+    # before their switch (never committed), go; the previous one stays for a reader that
+    # read CURRENT just before the switch.
+    for n in on_disk:
+      stale = os.path.join(folder, f"v{n}")
+      if n < previous or (n > previous and not os.path.exists(os.path.join(stale, COMMITTED))):
+        shutil.rmtree(stale, ignore_errors=True)
+
+  def _read_current(self, folder: str) -> dict | None:
+    """CURRENT's record, checked (module doc); None when the index never changed."""
+    path = os.path.join(folder, CURRENT)
+    committed = [n for n in _versions(folder)
+                 if os.path.exists(os.path.join(folder, f"v{n}", COMMITTED))]
+    if not os.path.exists(path):
+      if committed:
+        raise LiveIndexDamaged(f"{path} is missing but version {committed[-1]} was committed; "
+                               f"restore it (or remove {folder} to serve the export as "
+                               f"exported)")
+      return None
+    try:
+      with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+      version = record["version"]
+      if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version {version!r} is not a positive integer")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise LiveIndexDamaged(f"{path}: unreadable ({type(e).__name__}: {e}); restore it (or "
+                             f"remove {folder} to serve the export as exported)") from e
+    sealed = "checksum" in record
+    if sealed and _seal({k: v for k, v in record.items() if k != "checksum"}) != record:
+      raise LiveIndexDamaged(f"{path} does not match its checksum (changed by hand?); restore "
+                             f"it (or remove {folder} to serve the export as exported)")
+    if not sealed and os.path.exists(os.path.join(folder, f"v{version}", COMMITTED)):
+      raise LiveIndexDamaged(f"{path} has no checksum but names version {version}, written "
+                             f"with one (changed by hand?); restore it")
+    newer = [n for n in committed if n > version]
+    if newer:
+      raise LiveIndexDamaged(f"{path} names version {version} but version {newer[-1]} was "
+                             f"committed after it (an old CURRENT restored or edited?): "
+                             f"serving it would drop later changes; restore CURRENT, or "
+                             f"remove {folder}/v{newer[-1]} to go back on purpose")
+    for name, want in (record.get("files") or {}).items():
+      file_path = os.path.join(folder, f"v{version}", name)
+      if not os.path.exists(file_path):
+        raise LiveIndexDamaged(f"{file_path} is missing (CURRENT names it)")
+      got = _file_record(file_path)
+      if got != want:
+        what = ("has {} bytes, {} were written".format(got["size"], want.get("size"))
+                if got["size"] != want.get("size")
+                else "does not match its checksum (changed since it was written)")
+        raise LiveIndexDamaged(f"{file_path} {what}")
+    return record
 
   def load_changes(self, export_dir: str) -> None:
-    """Reads the version CURRENT names (nothing when the index never changed)."""
+    """Reads the version CURRENT names (nothing when the index never changed); a damaged or
+    hand-edited live index is a `LiveIndexDamaged` naming what differs."""
     folder = os.path.join(export_dir, FOLDER)
-    current = os.path.join(folder, CURRENT)
-    if not os.path.exists(current):
+    record = self._read_current(folder)
+    if record is None:
       return
+    version = int(record["version"])
+    target = os.path.join(folder, f"v{version}")
+    delta_path = os.path.join(target, "delta.npz")
     try:
-      with open(current, encoding="utf-8") as f:
-        version = int(json.load(f)["version"])
-      target = os.path.join(folder, f"v{version}")
-      delta_path = os.path.join(target, "delta.npz")
       with np.load(delta_path) as f:
-        optional = tuple(k for k in ("embeddings", "captions") if k in f.files)
-      f = io.read_npz(delta_path, ("image_ids", "codes", "file_names") + optional)
-      ids, codes, names, emb = f["image_ids"], f["codes"], f["file_names"], f.get("embeddings")
-      captions = f.get("captions", np.full(len(ids), "[]"))
+        present = set(f.files)
+      if "layout" in present:
+        f = io.read_npz(delta_path, ("layout", "image_ids", "codes", "names_utf8",
+                                     "names_offsets", "captions_utf8", "captions_offsets")
+                        + (("embeddings",) if "embeddings" in present else ()))
+        if int(f["layout"]) != LAYOUT:
+          raise ValueError(f"layout {int(f['layout'])}, this avg-jax reads {LAYOUT}")
+        names = _unpack(f["names_utf8"], f["names_offsets"])
+        captions = [json.loads(c) for c in _unpack(f["captions_utf8"], f["captions_offsets"])]
+      else:   # written before LAYOUT 2: fixed-width strings
+        optional = tuple(k for k in ("embeddings", "captions") if k in present)
+        f = io.read_npz(delta_path, ("image_ids", "codes", "file_names") + optional)
+        names = [str(n) for n in f["file_names"].tolist()]
+        captions = [json.loads(c) for c in np.asarray(
+            f.get("captions", np.full(len(f["image_ids"]), "[]")), str).reshape(-1).tolist()]
+      ids, codes, emb = f["image_ids"], f["codes"], f.get("embeddings")
       removed = io.read_npz(os.path.join(target, "removed.npz"), ("removed",))["removed"]
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-      raise UserError(f"{folder}: damaged live index ({type(e).__name__}: {e})") from e
-    if codes.ndim != 2 or codes.shape[1] != len(self.position_sizes) or len(ids) != len(codes):
-      raise UserError(f"{target}/delta.npz: codes of shape {list(codes.shape)} do not fit "
-                      f"this export's identifiers")
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UserError) as e:
+      raise LiveIndexDamaged(f"{folder}: damaged live index ({type(e).__name__}: {e})") from e
+    if (codes.ndim != 2 or codes.shape[1] != len(self.position_sizes) or len(ids) != len(codes)
+            or len(names) != len(ids) or len(captions) != len(ids)):
+      raise LiveIndexDamaged(f"{target}/delta.npz: codes of shape {list(codes.shape)}, "
+                             f"{len(names)} names and {len(captions)} caption lists for "
+                             f"{len(ids)} images do not fit this export's identifiers")
     self.delta_ids, self.delta_codes = ids.astype(np.int64), codes.astype(np.int32)
-    self.delta_names = names.astype(str)
-    self.delta_captions = np.asarray(captions, str).reshape(-1)
+    self.delta_names = names
+    self.delta_captions = [[str(c) for c in row] for row in captions]
     if self.delta_embeddings is not None:
       if emb is None:
-        raise UserError(f"{target}/delta.npz: no embeddings for the added images")
+        raise LiveIndexDamaged(f"{target}/delta.npz: no embeddings for the added images")
       self.delta_embeddings = emb.astype(np.float32)
     self.removed = removed.astype(np.int64)
     self.version = version

@@ -5,6 +5,10 @@ Reads one query per line from stdin when none are given. Queries are bytes until
 Retriever checks them, so a query that is not valid UTF-8 (on the command line or on stdin)
 is a one-line error naming it. `--json` prints one JSON object per query:
 {"query", "results": [{"rank", "image_id", "file_name", "score"[, "caption"]}]}.
+
+File names and captions of images added through the service come from its clients: the text
+output escapes their control characters (`terminal.safe`), so none reaches the terminal as a
+command; JSON escapes them itself.
 """
 
 import json
@@ -13,6 +17,7 @@ import sys
 from typing import Callable
 
 from avg_jax.export.serving import Retriever
+from avg_jax.export.terminal import safe
 
 
 def _caption_of(retriever: Retriever) -> Callable[[int], str] | None:
@@ -55,11 +60,11 @@ def main(args) -> int:
     if args.json:
       print(json.dumps({"query": text, "results": results}))
       continue
-    print(f"query: {text}")
+    print(f"query: {safe(text)}")
     if not results:
       print("  (no results)")
     for r in results:
-      caption = f"  \"{r['caption']}\"" if r.get("caption") else ""
-      print(f"  {r['rank']:>3}. {r['file_name'] or '(no file name)'}  score {r['score']:.4f}  "
-            f"image {r['image_id']}{caption}")
+      caption = f"  \"{safe(r['caption'])}\"" if r.get("caption") else ""
+      print(f"  {r['rank']:>3}. {safe(r['file_name']) or '(no file name)'}  score "
+            f"{r['score']:.4f}  image {r['image_id']}{caption}")
   return 0

@@ -157,6 +157,53 @@ def _one_device_mesh():
   return partitioning.make_mesh({"data": 1}, jax.devices()[:1])
 
 
+def _check_section(path: str, manifest: dict, section: str, cls) -> None:
+  """`manifest[section]` holds only fields of the dataclass `cls` and all its required ones;
+  else a `UserError` naming the key (a newer or hand-edited export)."""
+  value = manifest.get(section)
+  if not isinstance(value, dict):
+    raise UserError(f"{path}: key {section!r} must be an object")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(value) - set(fields))
+  if unknown:
+    raise UserError(f"{path}: unknown key {section}.{unknown[0]} (not a setting of this "
+                    f"avg-jax {avg_jax.__version__}: an export written by another version, or "
+                    f"edited? export again)")
+  missing = [n for n, f in fields.items() if n not in value
+             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise UserError(f"{path}: missing key {section}.{missing[0]}; export again")
+
+
+def check_manifest(directory: str) -> dict:
+  """The export's manifest, with every section a `Retriever` builds from checked (keys,
+  then values), so a bad one is one line before anything is loaded; -> the manifest."""
+  manifest = exports.read_manifest(directory)
+  path = os.path.join(directory, exports.MANIFEST)
+  _check_section(path, manifest, "t5", T5Config)
+  _check_section(path, manifest, "vocab", VokenVocabulary)
+  limits = manifest.get("limits")
+  if not isinstance(limits, dict):
+    raise UserError(f"{path}: key 'limits' must be an object")
+  for key in ("max_length", "max_query_chars", "batch_buckets"):
+    if key not in limits:
+      raise UserError(f"{path}: missing key limits.{key}; export again")
+  try:
+    T5Config(**manifest["t5"])
+    VokenVocabulary.from_dict(manifest["vocab"])
+    DecodeConfig.from_dict(manifest["decode"])
+    int(limits["max_length"]), int(limits["max_query_chars"])
+    [int(b) for b in limits["batch_buckets"]]
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from e
+  except (TypeError, ValueError, AttributeError) as e:
+    raise UserError(f"{path}: bad value ({type(e).__name__}: {e}); export again") from e
+  if manifest.get("param_dtype", "float32") not in ("float32", "bfloat16"):
+    raise UserError(f"{path}: param_dtype {manifest['param_dtype']!r} is not float32 or "
+                    f"bfloat16")
+  return manifest
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexState:
   """What one search reads, replaced whole after a change (a reader never sees half of one)."""
@@ -222,7 +269,7 @@ class Retriever:
     tie-break)."""
     # A service built on the Python API gets the process settings `avg-jax` applies.
     runtime.prefer_heap_allocations()
-    manifest = exports.read_manifest(directory)
+    manifest = check_manifest(directory)
     # Before the checksums: an export that never had the dual encoder (or lost it) gets this
     # message, not "damaged export".
     if hybrid_weight is not None:
@@ -345,20 +392,22 @@ class Retriever:
         raise UserError(f"add: {len(values)} {name} for {len(images)} images")
     if captions is not None and any(isinstance(c, str) for c in captions):
       raise UserError("add: captions: give a list of captions per image")
-    emb, semantic, stored = self.embed_images(images, progress_bar=progress_bar)
     names = (list(file_names) if file_names is not None
              else [new_images.file_name(image) for image in images])
+    for i, name in enumerate(names):   # before the images are embedded (seconds)
+      live_lib.check_texts(name, captions[i] if captions is not None else [], f"add: image {i}")
+    if ids is not None:
+      bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))
+             or not 0 <= int(i) <= live_lib.MAX_ID]
+      if bad:
+        raise UserError(f"add: image ids must be integers in [0, {live_lib.MAX_ID}], got "
+                        f"{str(bad[0])[:40]!r}")
+    emb, semantic, stored = self.embed_images(images, progress_bar=progress_bar)
     with live_lib.WriteLock(self.directory):
       live = copy.copy(self.state.live)
       live.load_changes(self.directory)   # another process may have changed it meanwhile
-      if ids is None:
-        start = int(live.all_ids().max()) + 1 if len(live.all_ids()) else 0
-        new_ids = np.arange(start, start + len(images), dtype=np.int64)
-      else:
-        try:
-          new_ids = np.asarray([int(i) for i in ids], np.int64)
-        except (TypeError, ValueError) as e:
-          raise UserError(f"add: ids must be integers ({e})") from e
+      new_ids = (live.next_ids(len(images)) if ids is None
+                 else np.asarray([int(i) for i in ids], np.int64))
       live.add(new_ids, semantic, names, emb if live.delta_embeddings is not None else None,
                captions)
       self._write_thumbnails(new_ids, stored)

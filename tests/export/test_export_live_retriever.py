@@ -146,10 +146,12 @@ def test_kill_9_before_the_switch_leaves_the_previous_index(export, repo_root,
   after = Retriever.load(export)           # the version before the killed add
   assert after.state.live.version == 0
   np.testing.assert_array_equal(after.image_ids, before.image_ids)
-  # The lock died with the writer; the next add replaces the half-written folder.
+  # The lock died with the writer; the next add never overwrites a version folder: it
+  # writes v2, then removes the half-written v1 (never committed).
   added = after.add([image])
-  assert Retriever.load(export).state.live.version == 1
+  assert Retriever.load(export).state.live.version == 2
   assert added[0] in Retriever.load(export).image_ids
+  assert not os.path.exists(os.path.join(export, "live", "v1"))
 
 
 def test_cli_add_remove_list_and_a_bad_image(export, pipeline_workdir, tmp_path, capsys):
@@ -169,7 +171,7 @@ def test_cli_add_remove_list_and_a_bad_image(export, pipeline_workdir, tmp_path,
   assert out.startswith("index: added 2 images")
   num_base = len(Retriever.load(export).state.live.base_ids)
   assert cli.main(["index", "remove", "--model", export, "nope"]) == 2
-  assert "'nope' is not an integer image id" in capsys.readouterr().err
+  assert "'nope' is not an image id (decimal digits 0-9)" in capsys.readouterr().err
   first_base = int(Retriever.load(export).state.live.base_ids[0])
   assert cli.main(["index", "remove", "--model", export, str(first_base)]) == 0
   capsys.readouterr()
@@ -185,7 +187,7 @@ def test_cli_adds_a_karpathy_file_with_ids_and_captions(export, karpathy_files, 
   # A bad entry in the chosen images stops the add, naming the file (as prepare does).
   assert cli.main(["index", "add", "--model", export, "--karpathy", json_path,
                    "--images-dir", image_root]) == 2
-  assert "broken.jpg: not an image file PIL can read" in capsys.readouterr().err
+  assert "broken.jpg: not an image in a format avg-jax reads" in capsys.readouterr().err
   assert cli.main(["index", "add", "--model", export, "--karpathy", json_path,
                    "--images-dir", image_root, "--split", "test"]) == 0
   capsys.readouterr()

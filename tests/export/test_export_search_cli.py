@@ -70,3 +70,19 @@ def test_command_line_query_that_is_not_utf8_is_a_user_error(monkeypatch, capsys
   retriever = FakeRetriever()
   _run(monkeypatch, capsys, ["café"], retriever)
   assert retriever.searched == [["café"]]
+
+
+def test_client_supplied_names_and_captions_are_escaped_on_the_terminal(monkeypatch, capsys):
+  # Names and captions of images added through the service: a screen clear, a forged line,
+  # a direction override; JSON keeps the text as it is.
+  retriever = FakeRetriever({7: "pwned\x1b]0;title\x07", 3: "abc\u202edcba"})
+  retriever.file_name = lambda image_id: {7: "a\x1b[2J.png", 3: "b.png\r\n  1. fake"}.get(
+      int(image_id), "")
+  out = _run(monkeypatch, capsys, ["q\x9b"], retriever)
+  assert "\x1b" not in out and "\r" not in out and "\u202e" not in out and "\x9b" not in out
+  assert out.splitlines() == [
+      "query: q\\x9b",
+      '    1. a\\x1b[2J.png  score -0.5000  image 7  "pwned\\x1b]0;title\\x07"',
+      '    2. b.png\\x0d\\x0a  1. fake  score -1.2500  image 3  "abc\\u202edcba"']
+  out = _run(monkeypatch, capsys, ["q"], retriever, as_json=True)
+  assert json.loads(out)["results"][0]["file_name"] == "a\x1b[2J.png"
