@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Data ------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict(dict(
-      name="avg_shapes",       # "avg_shapes" (embedded, generated) | "karpathy"
+      name="avg_shapes",       # "avg_shapes" (embedded, generated) | "karpathy" | "emoji"
       # avg_shapes
       num_train=2000,
       num_val=200,
@@ -48,6 +48,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       karpathy_json="",
       image_root="",
       skip_bad_images=False,   # missing/corrupt images: error (False) or skip and report (True)
+      # emoji (avg_jax/data/emoji.py, configs/emoji.py): Noto emoji pictures with Unicode /
+      # CLDR names from pinned npm packages, fetched with npm into this folder (shared by every
+      # workdir; packages already there are not fetched again).
+      download_dir="~/.cache/avg-jax",
       captions_per_image=5,    # evaluation protocol keeps the first 5 captions
       # Pseudo queries (avg_jax/data/pseudo_queries.py): karpathy: a JSON-lines file of
       # {"image_id", "query"} for any image (empty: none); avg_shapes: generated, this many

@@ -1,11 +1,13 @@
-"""TFDS-format ArrayRecord datasets: the generated `avg_shapes` and the Karpathy-split files.
+"""TFDS-format ArrayRecord datasets: the generated `avg_shapes`, Karpathy-split files, `emoji`.
 
 No TensorFlow is needed: features are plain tensors and text (TFDS serialises them with
 protobuf alone), images are stored as PNG/JPEG bytes that `avg_jax.data.dataset` decodes
 with PIL. Records keep input order, so record i is image i of its split (less skipped ones).
 Builders are not registered in TFDS's global registry (`skip_registration`).
 
-Every element: `image_id` int64, `image` encoded bytes, `captions` (exactly C texts),
+`emoji` (avg_jax/data/emoji.py: pinned npm packages) becomes Karpathy-style entries and is
+written by the same builder. Every element: `image_id` int64, `image` encoded bytes,
+`captions` (exactly C texts),
 `file_name` text, `attributes` text (the scene JSON for avg_shapes, "" for real data).
 
 The expensive part (generating, or reading, decoding and resizing images; encoding them) is
@@ -44,7 +46,7 @@ from avg_jax.errors import UserError
 from avg_jax.progress import progress
 
 SPLITS = ("train", "val", "test")
-DATASETS = ("avg_shapes", "karpathy")
+DATASETS = ("avg_shapes", "karpathy", "emoji")
 SHARD_KEY = "data.examples_per_shard"
 _log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class Source:
   entries: dict[str, list[karpathy_lib.Entry]] | None  # karpathy only
   skipped: list[tuple[str, str]]     # (path, reason) left out by the check
   total: int                         # images the input names (for messages)
+  # (image id, query) pairs the source itself provides (emoji); None: data.pseudo_queries
+  pseudo_queries: list[tuple[int, str]] | None = None
 
 
 def _check_config(config: Any) -> None:
@@ -86,18 +90,19 @@ def _check_config(config: Any) -> None:
                     f"(expected one of {', '.join(DATASETS)})")
 
 
-def _check_karpathy(config: Any) -> tuple[dict, list[tuple[str, str]]]:
-  """Reads the JSON and checks every entry before any shard is written: the file exists and
-  decodes (`images.check_file`), and it has >= C captions. Every process runs the same
-  checks on the same files, so all agree on the kept entries (and the shard boundaries)."""
-  entries = karpathy_lib.read_entries(config.karpathy_json, config.image_root)
+def _check_entries(config: Any, entries: dict, where: str,
+                   bad: list[tuple[str, str]]) -> tuple[dict, list[tuple[str, str]]]:
+  """Checks every entry before any shard is written: the file exists and decodes
+  (`images.check_file`), and it has >= C captions; `bad` are entries the source itself
+  found unusable. Every process runs the same checks on the same files, so all agree on the
+  kept entries (and the shard boundaries)."""
   c = int(config.captions_per_image)
-  total = sum(len(v) for v in entries.values())
-  bad = karpathy_lib.find_bad(entries, c, num_threads=min(32, os.cpu_count() or 1))
+  total = sum(len(v) for v in entries.values()) + len(bad)
+  bad = list(bad) + karpathy_lib.find_bad(entries, c, num_threads=min(32, os.cpu_count() or 1))
   if bad and not config.skip_bad_images:
     lower = ("lower data.captions_per_image, " if any("captions_per_image" in why
                                                       for _, why in bad) else "")
-    raise UserError(f"{config.karpathy_json}: " + karpathy_lib.describe_bad(bad, total) +
+    raise UserError(f"{where}: " + karpathy_lib.describe_bad(bad, total) +
                     f" (fix or remove them, {lower}or set data.skip_bad_images=True to skip "
                     "them)")
   bad_paths = {p for p, _ in bad}
@@ -115,12 +120,25 @@ def open_source(config: Any) -> Source:
         raise UserError(f"config data.num_{split}: must be >= 1, got {config[f'num_{split}']}")
     sizes = {split: int(config[f"num_{split}"]) for split in SPLITS}
     return Source(config, sizes, None, [], sum(sizes.values()))
-  entries, skipped = _check_karpathy(config)
+  pseudo = None
+  if config.name == "emoji":
+    from avg_jax.data import emoji, npm_fetch  # noqa: PLC0415 (only this source needs them)
+    roots = npm_fetch.fetch(emoji.PACKAGES, str(config.download_dir))
+    data = emoji.build(roots, int(config.captions_per_image))
+    emoji.check_separation(data)
+    where = roots["emoji-datasource-google"]
+    entries, skipped = _check_entries(config, data.entries, where, data.too_few)
+    kept_ids = {e.image_id for v in entries.values() for e in v}
+    pseudo = [(i, q) for i, q in data.pseudo_queries if i in kept_ids]
+  else:
+    entries = karpathy_lib.read_entries(config.karpathy_json, config.image_root)
+    entries, skipped = _check_entries(config, entries, config.karpathy_json, [])
+    where = config.karpathy_json
   for split in SPLITS:
     if not entries[split]:
-      raise UserError(f"{config.karpathy_json}: no usable images in split {split!r}")
+      raise UserError(f"{where}: no usable images in split {split!r}")
   sizes = {split: len(entries[split]) for split in SPLITS}
-  return Source(config, sizes, entries, skipped, sum(sizes.values()) + len(skipped))
+  return Source(config, sizes, entries, skipped, sum(sizes.values()) + len(skipped), pseudo)
 
 
 def _examples(source: Source, split: str, start: int,
