@@ -28,6 +28,7 @@ from avg_jax.metrics import MetricsWriter
 from avg_jax.tokenizer import analysis, fit as fit_lib, schemes
 
 SPLITS = ("train", "val", "test")
+_said_kept: set[str] = set()  # tables this process has reported as kept (see `run`)
 # Keys that change how the work is run or reported, not its result.
 _OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "log_every", "assign_batch_size",
                      "analysis_split", "analysis_pairs", "fit_on_pseudo_queries")
@@ -84,10 +85,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   directory = paths.tokenizer_dir(workdir, name)
   out = fingerprint.Output(directory, inputs(config, embeddings, fit), stage=f"tokenize [{name}]")
   if out.done(verify=lambda: _loads(directory)):
-    # One line: evaluate re-enters this stage for every method and protocol that uses the
-    # table, and its statistics were printed when it was made.
-    print(f"tokenize [{name}]: {directory} is complete for this config; kept (statistics in "
-          f"its {voken_tables.SUMMARY})")
+    # One line, once per process: evaluate re-enters this stage for every method and
+    # protocol that uses the table, and its statistics were printed when it was made.
+    if directory not in _said_kept:
+      _said_kept.add(directory)
+      print(f"tokenize [{name}]: {directory} is complete for this config; kept (statistics in "
+            f"its {voken_tables.SUMMARY})")
     return
   out.begin()
 
