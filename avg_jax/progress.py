@@ -56,7 +56,7 @@ class LogLines:
     self.file, self.interval_s, self.clock = file, float(interval_s), clock or _clock
     self.n, self._postfix = 0, ""
     self._start = self._last = self.clock()
-    self._wrote, self._closed = False, False
+    self._wrote, self._closed = None, False  # (count, postfix) of the last line written
 
   def __iter__(self) -> Iterator[T]:
     try:
@@ -79,7 +79,9 @@ class LogLines:
     if self._closed:
       return
     self._closed = True
-    if self._wrote:
+    # A closing line when a line was written and the count or postfix (the training loop's
+    # last loss) changed since: a last line that already reads 2/2 needs no "done 2/2".
+    if self._wrote is not None and self._wrote != (self.n, self._postfix):
       self._write(self.clock(), final=True)
 
   def _write(self, now: float, final: bool = False) -> None:
@@ -90,4 +92,4 @@ class LogLines:
     if self._postfix:
       parts.append(self._postfix)
     print(", ".join(parts), file=self.file or sys.stderr, flush=True)
-    self._last, self._wrote = now, True
+    self._last, self._wrote = now, (self.n, self._postfix)

@@ -43,6 +43,18 @@ def test_a_log_file_gets_plain_lines_at_intervals_never_carriage_returns(monkeyp
       "train [avg]: done 10/10 step (100%) in 100 s, loss=5.1751"]
 
 
+def test_no_closing_line_repeats_the_last_one(monkeypatch):
+  clock = _Clock()
+  log = io.StringIO()
+  monkeypatch.setattr(progress_lib, "_clock", clock, raising=False)
+  monkeypatch.setattr("sys.stderr", log)
+  monkeypatch.delenv("AVG_JAX_NO_PROGRESS", raising=False)
+  for _ in progress_lib.progress(range(2), desc="efficiency (AVG)", unit="N"):
+    clock.now += 40.0   # every step past the interval: a line each, the last one at 2/2
+  assert log.getvalue().splitlines() == ["efficiency (AVG): 1/2 N (50%) in 40 s",
+                                         "efficiency (AVG): 2/2 N (100%) in 80 s"]
+
+
 def test_short_work_writes_nothing_to_a_log(monkeypatch):
   log = io.StringIO()
   monkeypatch.setattr(progress_lib, "_clock", _Clock())   # no time passes
