@@ -3,8 +3,8 @@
 `results` is the dict the evaluate stage writes to `metrics.json`:
   recall:      {protocol: {method: {"R@1", "R@5", "R@10" (image level), "code R@1", ...
                (code level, generators only)}}} in percent
-  saw_pseudo_queries: {protocol: {method: bool}} whether training saw the indexed images'
-               pseudo queries
+  saw_pseudo_queries: {protocol: {method: int}} how many of the indexed images' pseudo
+               queries training saw (0: none; results before this count hold booleans)
   vs_two_tower: {protocol: {method: {"R@1": {"diff", "ci95"}, ...}}} paired difference to the
                two-tower baseline over the same queries, points, 95 % bootstrap interval
   efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
@@ -169,11 +169,14 @@ def summary_table(results: dict) -> str:
   when `results` has it)."""
   lines = []
   for protocol, methods in results.get("recall", {}).items():
-    seen = [m for m, v in results.get("saw_pseudo_queries", {}).get(protocol, {}).items() if v]
+    seen = [f"{m}{_count(v)}" for m, v in
+            results.get("saw_pseudo_queries", {}).get(protocol, {}).items() if v]
     if lines:
       lines.append("")
+    none = "none" + (" (the data has none: the same training as inductive)"
+                     if protocol == "transductive" else "")
     lines.append(f"protocol {protocol} (test; trained on the indexed images' pseudo queries: "
-                 f"{', '.join(seen) or 'none'})")
+                 f"{', '.join(seen) or none})")
     lines.append(f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS) +
                  "".join(f"{k:>11}" for k in CODE_KEYS) + "   R@1 vs two-tower [95% CI]")
     versus = results.get("vs_two_tower", {}).get(protocol, {})
@@ -205,6 +208,11 @@ def summary_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _count(value) -> str:
+  """" (817)" for a count of pseudo queries; "" for the booleans of older results."""
+  return "" if isinstance(value, bool) else f" ({int(value)})"
+
+
 def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
   keys = RECALL_KEYS + CODE_KEYS
   out = []
@@ -213,7 +221,8 @@ def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
             "| method | saw pseudo queries | " + " | ".join(keys) + " | R@1 vs two-tower |",
             "|---" * (len(keys) + 3) + "|"]
     for method, r in methods.items():
-      saw = "yes" if seen.get(protocol, {}).get(method) else "no"
+      count = seen.get(protocol, {}).get(method)
+      saw = f"yes{_count(count)}" if count else "no"
       d = versus.get(protocol, {}).get(method, {}).get("R@1")
       vs = (f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d
             else NOT_APPLICABLE)

@@ -35,6 +35,7 @@ from avg_jax.models import query_head as query_head_lib
 from avg_jax.stages import rank, tokenize, train
 from avg_jax.tokenizer.fit import tokenizer_name
 from avg_jax.tokenizer.model import SCHEMES
+from avg_jax.training import examples as examples_lib
 from avg_jax.training import query_head_fit
 from avg_jax.training import state as state_lib
 
@@ -201,7 +202,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 recall_lib.hits_at_k(m["_results"]["item_ids"], m["_true_ids"], k),
                 recall_lib.hits_at_k(two_tower_ranked, test_emb["caption_image_ids"], k))
             for k in ks}
-      seen[method] = protocol == "transductive" and len(gen.training_splits()) > 1
+      # What training really saw: the indexed images' pseudo queries it had (none when the
+      # data has none, whatever the protocol's name promises).
+      seen[method] = len(examples_lib.pseudo_examples(workdir, gen, 1)[1])
       writer.write(method=method, protocol=protocol, split="test", **public)
       name = tokenizer_name(c, scheme, protocol)
       summary = voken_tables.load_summary(workdir, name)

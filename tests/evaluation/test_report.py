@@ -142,3 +142,20 @@ def test_metrics_that_do_not_apply_show_a_dash_never_nan(tmp_path):
   assert [l.split() for l in lines if l.strip().startswith("10,000")] == [["10,000", "90.0", "–"]]
   assert "| hkmeans | no | 10.0 | – | 30.0 | – | – | – | – |" in text
   assert "| atomic | – | – |" in text and "| avg | 5.0% | 10.0% |" in text
+
+
+def test_report_says_what_training_saw():
+  """Counts of pseudo queries, and a transductive run whose data had none says so (issue 28:
+  the report once said "yes" for a protocol that trained on no pseudo query)."""
+  recall = {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}}
+  seen_some = {"recall": {"transductive": recall},
+               "saw_pseudo_queries": {"transductive": {"avg": 817}}}
+  assert "pseudo queries: avg (817))" in report.summary_table(seen_some)
+  assert "| avg | yes (817) |" in "\n".join(report._markdown_recall(
+      seen_some["recall"], seen_some["saw_pseudo_queries"], {}))
+  seen_none = {"recall": {"transductive": recall},
+               "saw_pseudo_queries": {"transductive": {"avg": 0}}}
+  table = report.summary_table(seen_none)
+  assert ("pseudo queries: none (the data has none: the same training as inductive)" in table)
+  assert "| avg | no |" in "\n".join(report._markdown_recall(
+      seen_none["recall"], seen_none["saw_pseudo_queries"], {}))
