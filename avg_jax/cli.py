@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="bench serve: concurrent client counts (%(default)s)")
   p.add_argument("--duration", type=float, default=60.0,
                  help="bench serve: seconds per client count (%(default)s)")
+  p.add_argument("--hostile", type=int, default=0,
+                 help="bench serve: also run each level with N hostile clients mixed in")
   p = sub.add_parser("compile", help="ahead-of-time compile the steps for a TPU topology "
                      "(needs the libtpu extra: requirements-tpu.txt)")
   common(p)

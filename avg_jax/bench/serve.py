@@ -16,6 +16,12 @@ CPU from it, the CPUs this process may use are split (when there are at least 2)
 gets the first half, the clients the rest, and the in-process measurement runs in its own
 process on the server's half -- both sides of the comparison get the same CPUs.
 `--quick`: 1 and 4 clients for 2 s each (tests).
+
+`--hostile N`: the server accepts writes (a bearer token written to the workdir), and each
+level is run twice: honest clients alone, then the same with N hostile clients mixed in
+(avg_jax/bench/hostile.py: slow bodies, pixel and decode bombs, an SVG entity bomb; every
+upload refused, so the index never changes). The honest clients' rows side by side show what
+the attacks cost them; the hostile clients' outcomes are counted per kind and status.
 """
 
 import asyncio
@@ -36,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from avg_jax.artifacts import paths
 from avg_jax.artifacts import io
 from avg_jax.bench import common
+from avg_jax.bench import hostile as hostile_lib
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
 from avg_jax.export.serving import Retriever
@@ -75,9 +82,10 @@ class ServerProcess:
   """One `avg-jax serve --model M --port 0` process (pinned to `cpus` when given); `url` once
   it listens, `stop()` sends SIGTERM and returns its exit status."""
 
-  def __init__(self, model: str, cpus: set | None = None):
+  def __init__(self, model: str, cpus: set | None = None, extra_args: tuple = ()):
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "avg_jax", "serve", "--model", model, "--port", "0"],
+        [sys.executable, "-m", "avg_jax", "serve", "--model", model, "--port", "0",
+         *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=_pinned(cpus or set()))
     self.log: list[str] = []
@@ -216,15 +224,61 @@ def _queries(model: str) -> list[str]:
   return captions or list(FALLBACK_QUERIES)
 
 
+def _measure(server: ServerProcess, clients_run) -> dict:
+  """One level: `clients_run()` is the coroutine of its clients, returning the honest
+  clients' `_level` result; with the server's view of the level from /metrics."""
+  load_before = os.getloadavg()[0]
+  before = server.metrics()
+  result = asyncio.run(clients_run())
+  after = server.metrics()
+  hist = _batch_histogram(before, after)
+  calls = sum(hist.values())
+  device_s = (after["avg_jax_serve_device_seconds_sum"]
+              - before.get("avg_jax_serve_device_seconds_sum", 0.0))
+  result.update(
+      # Share of the wall time the device thread spent in search calls, and their mean
+      # length: 1 - busy is the batching/scheduling idle time; a longer call than
+      # in-process at the same batch is CPU contention (HTTP work, the clients).
+      device_busy=round(device_s / result["seconds"], 4),
+      device_ms_per_call=round(1000 * device_s / calls, 3) if calls else 0.0,
+      batch_histogram=hist,
+      mean_batch=round(sum(b * c for b, c in hist.items()) / calls, 2) if calls else 0.0,
+      compiles_after_warmup=int(after["avg_jax_serve_xla_compiles_after_warmup_total"]),
+      load_average_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+  return result
+
+
+async def _with_hostile(url: str, clients: int, duration: float, queries: list[str], k: int,
+                        hostile: int, token: str, bodies: dict) -> dict:
+  """`_level` of the honest clients while `hostile` hostile ones run (their outcomes in the
+  result's "hostile_outcomes")."""
+  honest, outcomes = await asyncio.gather(
+      _level(url, clients, duration, queries, k),
+      hostile_lib.run(url, token, hostile, duration, bodies))
+  return dict(honest, hostile=hostile, hostile_outcomes=outcomes)
+
+
 def run(config, workdir: str, args) -> dict:
   model = args.model or paths.export_dir(workdir)
   clients = [1, 4] if args.quick else _parse_clients(args.clients)
   duration = min(args.duration, 2.0) if args.quick else float(args.duration)
   if duration <= 0:
     raise UserError(f"bench serve --duration: must be > 0, got {duration}")
+  hostile = int(getattr(args, "hostile", 0) or 0)
+  if hostile < 0:
+    raise UserError(f"bench serve --hostile: must be >= 0, got {hostile}")
   queries = _queries(model)
   server_cpus, client_cpus = cpu_split()
-  server = ServerProcess(model, server_cpus)
+  extra, token, bodies = (), "", {}
+  if hostile:
+    import secrets
+    os.makedirs(workdir, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    token_file = os.path.join(workdir, "bench_serve_write_token")
+    io.write_text(token_file, token + "\n")
+    extra = ("--allow-writes", "--write-token-file", token_file)
+    bodies = hostile_lib.payloads()
+  server = ServerProcess(model, server_cpus, extra)
   own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
   if client_cpus and own_cpus is not None:
     os.sched_setaffinity(0, client_cpus)
@@ -233,28 +287,14 @@ def run(config, workdir: str, args) -> dict:
     k = int(info["default_k"])
     levels = []
     for n in clients:
-      load_before = os.getloadavg()[0]
-      before = server.metrics()
-      result = asyncio.run(_level(server.url, n, duration, queries, k))
-      after = server.metrics()
-      hist = _batch_histogram(before, after)
-      calls = sum(hist.values())
-      device_s = (after["avg_jax_serve_device_seconds_sum"]
-                  - before.get("avg_jax_serve_device_seconds_sum", 0.0))
-      result.update(
-          # Share of the wall time the device thread spent in search calls, and their mean
-          # length: 1 - busy is the batching/scheduling idle time; a longer call than
-          # in-process at the same batch is CPU contention (HTTP work, the clients).
-          device_busy=round(device_s / result["seconds"], 4),
-          device_ms_per_call=round(1000 * device_s / calls, 3) if calls else 0.0,
-          batch_histogram=hist,
-          mean_batch=round(sum(b * c for b, c in hist.items()) / calls, 2) if calls else 0.0,
-          compiles_after_warmup=int(after["avg_jax_serve_xla_compiles_after_warmup_total"]),
-          load_average_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
-      levels.append(result)
-      print(f"bench serve: {n:>3} clients: {result['throughput_qps']:.1f} q/s, p50 "
-            f"{result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, mean batch "
-            f"{result['mean_batch']}, {result['errors']} errors", flush=True)
+      runs = [lambda: _level(server.url, n, duration, queries, k)]
+      if hostile:
+        runs.append(lambda: _with_hostile(server.url, n, duration, queries, k, hostile, token,
+                                          bodies))
+      for clients_run in runs:
+        result = _measure(server, clients_run)
+        levels.append(result)
+        _print_level(result)
   finally:
     exit_code = server.stop()
     if own_cpus is not None:
@@ -270,7 +310,7 @@ def run(config, workdir: str, args) -> dict:
     level["in_process_ms_per_call"] = round(ms_per_call, 3)
     level["overhead"] = round(1 - level["throughput_qps"] / qps, 4)
 
-  report = {"model": os.path.abspath(model), "k": k, "duration_s": duration,
+  report = {"model": os.path.abspath(model), "k": k, "duration_s": duration, "hostile": hostile,
             "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus),
             "server_exit_code": exit_code, "levels": levels,
             "machine": common.machine_info()}
@@ -282,6 +322,15 @@ def run(config, workdir: str, args) -> dict:
   return report
 
 
+def _print_level(result: dict) -> None:
+  extra = f" + {result['hostile']} hostile" if result.get("hostile") else ""
+  print(f"bench serve: {result['clients']:>3} clients{extra}: {result['throughput_qps']:.1f} "
+        f"q/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, mean batch "
+        f"{result['mean_batch']}, {result['errors']} errors", flush=True)
+  if result.get("hostile_outcomes"):
+    print(f"  hostile clients' requests: {result['hostile_outcomes']}", flush=True)
+
+
 def _print_table(report: dict) -> None:
   print(f"\nbench serve: {report['model']}, k={report['k']}, {report['duration_s']:g} s per "
         f"level, server exit {report['server_exit_code']}")
@@ -291,9 +340,13 @@ def _print_table(report: dict) -> None:
   print(" | ".join("-" * len(h) for h in header))
   for lv in report["levels"]:
     print(" | ".join(str(v) for v in (
-        lv["clients"], lv["requests"], lv["errors"], lv["throughput_qps"], lv["p50_ms"],
+        f"{lv['clients']} + {lv['hostile']} hostile" if lv.get("hostile") else lv["clients"],
+        lv["requests"], lv["errors"], lv["throughput_qps"], lv["p50_ms"],
         lv["p95_ms"], lv["p99_ms"], lv["mean_batch"], lv["compiles_after_warmup"],
         f"{100 * lv['device_busy']:.1f} %", lv["device_ms_per_call"], lv["in_process_qps"],
         lv["in_process_ms_per_call"], f"{100 * lv['overhead']:.1f} %")))
   for lv in report["levels"]:
-    print(f"  batch sizes at {lv['clients']} clients: {lv['batch_histogram']}")
+    extra = f" + {lv['hostile']} hostile" if lv.get("hostile") else ""
+    print(f"  batch sizes at {lv['clients']} clients{extra}: {lv['batch_histogram']}")
+    if lv.get("hostile_outcomes"):
+      print(f"  hostile clients' requests at {lv['clients']} clients: {lv['hostile_outcomes']}")

@@ -14,6 +14,10 @@ there, not in the caller), at a lower CPU priority (nice 10: a server's searches
 ignores SIGINT (its parent decides when it stops) and dies with its parent (Linux
 PR_SET_PDEATHSIG), so a hung decode never outlives the service.
 
+A new worker writes one byte when its imports are done; that wait (seconds on a busy machine,
+at nice 10) has its own generous bound (`STARTUP_TIMEOUT_S`) and never counts against a
+request's time budget.
+
 Wire format, both ways: 4-byte big-endian length + a JSON header, 8-byte length + a payload.
 Request header: `images.worker_job`'s params; payload: the encoded image. Answer header:
 {"problem": reason} or {"shape": [...]} / {"none": true}; payload: the uint8 pixels.
@@ -39,6 +43,8 @@ from avg_jax.data.images import ImageProblem
 # hour, to stand for a decoder that never returns (set in the worker's environment).
 HANG_ENV = "AVG_JAX_IMAGE_WORKER_HANG_ON"
 DEFAULT_MEMORY_BYTES = 3 << 30
+STARTUP_TIMEOUT_S = 300.0
+_READY = b"R"
 _CHUNK = 1 << 20
 
 
@@ -54,10 +60,12 @@ class Worker:
     self.memory_bytes = int(memory_bytes)
     self.env = dict(env or {})
     self._proc: subprocess.Popen | None = None
+    self._ready = False
 
   def start(self) -> None:
     if self._proc is not None and self._proc.poll() is None:
       return
+    self._ready = False
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **self.env)
     # cwd: an empty place, so nothing a decoder might resolve relative to it is ours.
     self._proc = subprocess.Popen(
@@ -85,6 +93,15 @@ class Worker:
     """`images.worker_job(params, data)` in the worker; `ImageProblem` with its reason, or
     "took longer than ..." when the worker had to be killed."""
     self.start()
+    try:
+      if not self._ready:
+        if self._read(1, time.monotonic() + STARTUP_TIMEOUT_S) != _READY:
+          raise EOFError
+        self._ready = True
+    except (TimeoutError, EOFError):
+      code = self._proc.poll()
+      self.kill()
+      raise ImageProblem(f"the decoder did not start ({_ended(code)})") from None
     deadline = time.monotonic() + timeout
     try:
       self._write(_frame(params, bytes(data)), deadline)
@@ -231,6 +248,8 @@ def main(argv: list[str]) -> int:
   import resvg_py  # noqa: F401 - loaded now, not on the first SVG
   hang_on = os.environ.get(HANG_ENV, "").encode()
   stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+  stdout.write(_READY)
+  stdout.flush()
   while True:
     try:
       head_len = struct.unpack(">I", _read_exactly(stdin, 4))[0]

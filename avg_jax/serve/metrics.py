@@ -52,6 +52,9 @@ class Metrics:
     self.rewarm_seconds = prom.Histogram(
         "avg_jax_serve_rewarm_seconds", "compiling the search again after an index change",
         buckets=_LATENCY_BUCKETS, registry=r)
+    self.decoding = prom.Gauge(
+        "avg_jax_serve_decoding_images", "uploaded images in the image workers' hands",
+        registry=r)
     self.draining = prom.Gauge(
         "avg_jax_serve_draining", "1 after SIGTERM while in-flight requests finish", registry=r)
     self._lock = threading.Lock()

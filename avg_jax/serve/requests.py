@@ -9,13 +9,17 @@ naming the field.
 integer in [1, max_k] (default `default_k`); booleans and floats are refused. Unknown keys are
 refused, so a misspelt `"K"` is not silently ignored.
 
-    POST /v1/images  {"images": [{"data": "<base64 PNG/JPEG bytes>", "id": 17,
+    POST /v1/images  {"images": [{"data": "<base64 PNG/JPEG/WebP/SVG bytes>", "id": 17,
                                   "captions": ["..."], "file_name": "a.png"}, ...]}
 
 `images`: a non-empty list of at most `max_images` objects; `data` (required) is standard
-base64 of an encoded image that `prepare` would accept; `id` (optional, an integer; default:
-the next free ids), `captions` (optional list of strings) and `file_name` (optional string).
-Either every image gives an `id` or none does.
+base64 of an encoded image (decoded later, out of process: avg_jax/serve/uploads.py); `id`
+(optional, an integer in [0, 2^31 - 1]; default: the next free ids), `captions` (optional
+list of at most 32 strings of at most 2 000 characters) and `file_name` (optional string of
+at most 1 024 characters). Either every image gives an `id` or none does.
+
+Ids in URLs (`/v1/images/{id}`) are decimal ASCII digits in [0, 2^31 - 1]: no sign, no `_`,
+no other script's digits (Python's `int` takes them all).
 """
 
 import base64
@@ -26,7 +30,7 @@ import json
 from typing import Any, Callable, Sequence
 
 from avg_jax.errors import UserError
-from avg_jax.export import new_images
+from avg_jax.export import live_index as live_lib
 
 
 class ApiError(Exception):
@@ -67,6 +71,8 @@ def parse_json(body: bytes) -> Any:
                    f"{e.colno}") from e
   except RecursionError as e:
     raise ApiError(400, "body", "JSON nested too deeply") from e
+  except ValueError as e:   # an integer of more than 4 300 digits (Python's int limit)
+    raise ApiError(400, "body", f"malformed JSON: {str(e).split(';')[0][:120]}") from e
 
 
 def parse_search(document: Any, limits: Limits,
@@ -120,8 +126,8 @@ _IMAGE_KEYS = ("data", "id", "captions", "file_name")
 
 
 def parse_add(document: Any, max_images: int) -> AddRequest:
-  """Checks a decoded `POST /v1/images` document (module doc); every image is decoded here,
-  so a bad one is refused naming its field before the index changes."""
+  """Checks a decoded `POST /v1/images` document (module doc); the images are decoded
+  afterwards (uploads.py), each error naming its field, before the index changes."""
   if not isinstance(document, dict):
     raise ApiError(400, "body", f"expected a JSON object, got {_json_type(document)}")
   unknown = sorted(set(document) - {"images"})
@@ -148,37 +154,50 @@ def parse_add(document: Any, max_images: int) -> AddRequest:
       raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
       raise ApiError(400, f"{where}.data", f"not valid base64 ({e})") from e
-    problem = new_images.problem(raw)
-    if problem:
-      raise ApiError(400, f"{where}.data", problem)
+    if not raw:
+      raise ApiError(400, f"{where}.data", "empty (0 bytes)")
     images.append(raw)
     if "id" in item:
       value = item["id"]
-      if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-        raise ApiError(400, f"{where}.id", "expected an integer in [0, 2^31 - 1]")
+      if (isinstance(value, bool) or not isinstance(value, int)
+              or not 0 <= value <= live_lib.MAX_ID):
+        raise ApiError(400, f"{where}.id", f"expected an integer in [0, {live_lib.MAX_ID}]")
       ids.append(value)
     caps = item.get("captions", [])
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
       raise ApiError(400, f"{where}.captions", "expected a list of strings")
+    if len(caps) > live_lib.MAX_CAPTIONS:
+      raise ApiError(400, f"{where}.captions", f"{len(caps)} captions, the limit is "
+                     f"{live_lib.MAX_CAPTIONS}")
+    for j, caption in enumerate(caps):
+      _check_text(caption, f"{where}.captions[{j}]", live_lib.MAX_CAPTION_CHARS)
     captions.append(caps)
     name = item.get("file_name", "")
     if not isinstance(name, str):
       raise ApiError(400, f"{where}.file_name", f"expected a string, got {_json_type(name)}")
+    _check_text(name, f"{where}.file_name", live_lib.MAX_FILE_NAME_CHARS)
     names.append(name)
   if ids and len(ids) != len(items):
     raise ApiError(400, "images", "give an id for every image or for none")
   return AddRequest(images=images, ids=ids or None, captions=captions, file_names=names)
 
 
-def parse_image_id(text: str) -> int:
-  """The `{id}` of `/v1/images/{id}` (`ApiError` 400 on field "id")."""
+def _check_text(text: str, field: str, limit: int) -> None:
+  if len(text) > limit:
+    raise ApiError(400, field, f"{len(text)} characters, the limit is {limit}")
   try:
-    value = int(text, 10)
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ApiError(400, field, f"not valid Unicode (lone surrogate at character {e.start})"
+                   ) from e
+
+
+def parse_image_id(text: str) -> int:
+  """The `{id}` of `/v1/images/{id}` (module doc; `ApiError` 400 on field "id")."""
+  try:
+    return live_lib.parse_id(text)
   except ValueError as e:
-    raise ApiError(400, "id", f"expected an integer image id, got {text[:40]!r}") from e
-  if not -2**63 <= value < 2**63:
-    raise ApiError(400, "id", "out of the int64 range")
-  return value
+    raise ApiError(400, "id", str(e)) from e
 
 
 def _json_type(value: Any) -> str:

@@ -20,11 +20,23 @@ state whole, then the search programs are compiled again for the new tree before
 is answered -- searches queued meanwhile wait and never see a half-changed index nor compile.
 A change another process makes (`avg-jax index`) is picked up at this server's next change or
 restart. Status codes: 201 added, 200 removed, 400 bad body / image, 404 unknown id, 409 id
-already indexed or another writer holds the index.
+already indexed or another writer holds the index, 500 a damaged live index on this machine.
+
+Writes (POST / DELETE /v1/images) are refused unless the server runs with `--allow-writes`
+(403 `"this server is read-only ..."`); then each needs `Authorization: Bearer <token>`
+(401 otherwise, compared in constant time), and a browser's `Origin`, when sent, must be the
+server's own (`scheme://Host`) or an `--allowed-origin` (403): a page on another site can
+make a visitor's browser send a "simple" cross-site POST (`text/plain`, no preflight), and
+the Origin header is what tells it apart. Searches stay open to every origin (the page
+itself reads /v1/info and /v1/search).
+
+Every 5xx is the server's fault: a client that hangs up before its body arrived is counted
+under status "499" (as nginx does) and not logged as an error.
 """
 
 import asyncio
 import dataclasses
+import hmac
 import importlib.resources
 import logging
 import time
@@ -33,8 +45,10 @@ from typing import Callable
 from aiohttp import web
 
 from avg_jax.errors import UserError
+from avg_jax.export import live_index as live_lib
 from avg_jax.export.gallery import Gallery
 from avg_jax.export.serving import Retriever
+from avg_jax.export.terminal import safe
 from avg_jax.serve import requests as req_lib
 from avg_jax.serve.batcher import Batcher, Closed
 from avg_jax.serve.metrics import Metrics
@@ -43,6 +57,36 @@ log = logging.getLogger("avg_jax.serve")
 
 _PAGE_FILES = {"index.html": "text/html", "page.js": "text/javascript",
                "page.css": "text/css"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteAccess:
+  """Who may change the index: nobody (token None: read-only), else holders of the token,
+  from no browser or from the server's own origin or one of `origins`."""
+  token: str | None = None
+  origins: frozenset = frozenset()
+
+  def check(self, request: web.Request) -> None:
+    """Raises the 403 / 401 `ApiError` for a write `request` that may not change the index."""
+    if self.token is None:
+      raise req_lib.ApiError(403, None, "this server is read-only: start it with "
+                             "--allow-writes and a write token to add or remove images")
+    origin = request.headers.get("Origin")
+    if origin is not None:
+      own = f"{request.scheme}://{request.host}".lower()
+      if origin.lower() not in self.origins | {own}:
+        raise req_lib.ApiError(403, "Origin", f"writes from origin {origin[:80]!r} are "
+                               f"refused (this server's own is {own[:80]!r}; see "
+                               f"--allowed-origin)")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "replace"), self.token.encode()):
+      raise req_lib.ApiError(401, "Authorization", "writes need 'Authorization: Bearer "
+                             "<token>' with the server's write token")
+
+
+class ClientGone(Exception):
+  """The client closed the connection before its request body arrived."""
 
 
 @dataclasses.dataclass
@@ -56,6 +100,8 @@ class Service:
   base_k: int             # the k every search with k <= base_k runs with (server.program_k)
   rewarm: Callable[[], None] | None = None   # compiles the search for a changed index
   max_add_images: int = 64
+  uploads: object = None                     # uploads.Uploads when writes are allowed
+  writes: WriteAccess = WriteAccess()
   draining: bool = False
   active_requests: int = 0
 
@@ -77,6 +123,13 @@ class Service:
         self.metrics.mark_warm()
     try:
       result = await asyncio.wrap_future(self.batcher.run_on_device(run))
+    except live_lib.LiveIndexDamaged as e:
+      # The index on this machine is damaged or was edited: the operator's to fix.
+      # The client learns what happened, not this machine's paths (they are in the log).
+      log.error("serve: the live index is damaged: %s", e)
+      raise req_lib.ApiError(500, None, "the server's live index is damaged or was changed "
+                             "by hand; nothing was changed (the server's log says which "
+                             "file; its operator must restore it)") from e
     except UserError as e:
       raise _change_error(str(e)) from e
     self.metrics.index_images.set(len(self.retriever.image_ids))
@@ -124,15 +177,22 @@ async def _account(request: web.Request, handler) -> web.StreamResponse:
   route_name = route.canonical if route is not None else "unmatched"
   service.active_requests += 1
   start = time.perf_counter()
-  response = None
+  response, status = None, "cancelled"
   try:
-    response = await _answer(request, handler)
+    try:
+      response = await _answer(request, handler)
+    except ClientGone:
+      # Nobody reads an answer; the connection is closed. Not a server error.
+      status = "499"
+      response = web.Response(status=499)
+      response.force_close()
+      return response
+    status = str(response.status)
     if service.draining:
       response.force_close()  # the client reconnects elsewhere; we are stopping
     return response
   finally:
     service.active_requests -= 1
-    status = str(response.status) if response is not None else "cancelled"
     service.metrics.requests.labels(route_name, status).inc()
     service.metrics.latency.labels(route_name).observe(time.perf_counter() - start)
 
@@ -154,9 +214,24 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
     return response
   except Closed as e:
     return _error(503, None, str(e))
+  except ClientGone:
+    raise
   except Exception:  # noqa: BLE001 - a bug answers 500; the server keeps serving
-    log.exception("unhandled error in %s %s", request.method, request.path)
+    # The path is the client's text: escaped, so a log read on a terminal stays inert.
+    log.exception("unhandled error in %s %s", request.method, safe(request.path[:200]))
     return _error(500, None, "internal error (logged by the server)")
+
+
+async def read_body(request: web.Request) -> bytes:
+  """The request body within the size limit (413 on the Content-Length header alone);
+  `ClientGone` when the client hangs up before sending it all."""
+  if (request.content_length or 0) > request.client_max_size:
+    raise req_lib.ApiError(413, "body", f"request body over the limit of "
+                           f"{request.client_max_size} bytes")
+  try:
+    return await request.read()
+  except ConnectionResetError as e:   # aiohttp's "Connection lost" (and its subclasses)
+    raise ClientGone() from e
 
 
 def _page_file(name: str) -> bytes:
@@ -193,15 +268,12 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
         "max_k": service.limits.max_k, "max_queries": service.limits.max_queries,
         "max_query_chars": service.limits.max_query_chars, "batch_buckets": list(r.buckets),
         "thumbnails": service.gallery is not None,
+        "writes": ("token" if service.writes.token is not None else "read-only"),
         "scheme": r.manifest.get("scheme"), "source_stage": r.manifest.get("source_stage")})
 
   async def search(request):
     start = time.perf_counter()
-    if (request.content_length or 0) > request.client_max_size:
-      # Refused on the header alone: the body is never read.
-      raise req_lib.ApiError(413, "body", f"request body over the limit of "
-                             f"{request.client_max_size} bytes")
-    document = req_lib.parse_json(await request.read())
+    document = req_lib.parse_json(await read_body(request))
     query = req_lib.parse_search(document, service.limits, service.retriever.validate)
     service.metrics.in_flight.inc()
     try:
@@ -232,24 +304,27 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
   app.router.add_get("/metrics", metrics)
   app.router.add_get("/v1/info", info)
   app.router.add_post("/v1/search", search)
-  async def read_body(request) -> bytes:
-    if (request.content_length or 0) > request.client_max_size:
-      raise req_lib.ApiError(413, "body", f"request body over the limit of "
-                             f"{request.client_max_size} bytes")
-    return await request.read()
 
   async def add_images(request):
+    service.writes.check(request)   # before the body is read
     if service.draining:
       raise req_lib.ApiError(503, None, "the server is shutting down")
     add = req_lib.parse_add(req_lib.parse_json(await read_body(request)),
                             service.max_add_images)
+    # Decoded in the upload workers (time and pixel budgets), off this event loop.
+    service.metrics.decoding.inc(len(add.images))
+    try:
+      pixels = await service.uploads.decode(add.images)
+    finally:
+      service.metrics.decoding.dec(len(add.images))
     ids = await service.change(lambda: service.retriever.add(
-        add.images, ids=add.ids, captions=add.captions, file_names=add.file_names))
+        pixels, ids=add.ids, captions=add.captions, file_names=add.file_names))
     return web.json_response(
         {"added": [int(i) for i in ids], "num_images": int(len(service.retriever.image_ids)),
          "version": int(service.retriever.state.live.version)}, status=201)
 
   async def remove_image(request):
+    service.writes.check(request)
     if service.draining:
       raise req_lib.ApiError(503, None, "the server is shutting down")
     image_id = req_lib.parse_image_id(request.match_info["id"])
@@ -262,6 +337,7 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
   # Removing needs only the index; adding needs the image encoder and tokenizer (avg / rq).
   app.router.add_delete("/v1/images/{id}", remove_image)
   if service.retriever.manifest.get("live") is not None:
+    # (The upload workers exist whenever writes are allowed: `writes.check` refuses first.)
     app.router.add_post("/v1/images", add_images)
   return app
 

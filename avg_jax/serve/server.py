@@ -13,23 +13,23 @@ truncated (the same ids and scores as `Retriever.search(queries, k)`). Each larg
 SIGTERM / SIGINT: /healthz turns 503, the listening socket closes, queued searches run at
 once, in-flight requests are answered (for at most `--drain-timeout` seconds), the process
 exits 0.
+
+Before anything is loaded (`preflight`, no jax import): the options' ranges, the write
+token, and whether the address can be listened on (a busy port, `--port 70000`) are each one
+line `avg-jax: error: ...`; then the export's manifest is checked (`check_manifest`) before
+the model is read.
 """
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import time
 
-from aiohttp import web
-
 from avg_jax.errors import UserError
-from avg_jax.export import gallery as gallery_lib
-from avg_jax.export.serving import Retriever
-from avg_jax.serve import requests as req_lib
-from avg_jax.serve.batcher import Batcher
-from avg_jax.serve.metrics import Metrics
-from avg_jax.serve.routes import Service, build_app
+from avg_jax.serve import options as options_lib
 
 log = logging.getLogger("avg_jax.serve")
 
@@ -41,26 +41,96 @@ def program_ks(base_k: int, max_k: int) -> list[int]:
   return [base_k] + list(range(base_k + 1, max_k + 1))
 
 
-def limits_for(retriever: Retriever, args: argparse.Namespace) -> tuple[req_lib.Limits, int]:
+MIN_TOKEN_CHARS = 16
+
+
+def _write_token(args: argparse.Namespace) -> str | None:
+  """The bearer token writes need (`--allow-writes`), None when the server is read-only."""
+  if not args.allow_writes:
+    if args.write_token_file:
+      raise UserError("serve --write-token-file: give --allow-writes too (without it the "
+                      "server is read-only)")
+    return None
+  if args.write_token_file:
+    try:
+      with open(args.write_token_file, encoding="utf-8") as f:
+        token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"serve --write-token-file {args.write_token_file}: cannot read "
+                      f"({getattr(e, 'strerror', None) or type(e).__name__})") from e
+    source = args.write_token_file
+  else:
+    token = os.environ.get(options_lib.TOKEN_ENV, "").strip()
+    source = f"${options_lib.TOKEN_ENV}"
+    if not token:
+      raise UserError(f"serve --allow-writes needs a bearer token: --write-token-file FILE or "
+                      f"${options_lib.TOKEN_ENV} (e.g. python -c 'import secrets; "
+                      f"print(secrets.token_urlsafe(32))')")
+  if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
+    raise UserError(f"serve: the write token in {source} must be at least {MIN_TOKEN_CHARS} "
+                    f"printable ASCII characters")
+  return token
+
+
+def _check_listen(host: str, port: int) -> None:
+  """Binds (without listening) every address `host` resolves to: a busy port or a bad host
+  fails here, in one line, before seconds of loading."""
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  except (socket.gaierror, UnicodeError) as e:
+    raise UserError(f"serve --host {host!r}: cannot resolve ({e})") from e
+  for family, kind, proto, _, address in infos:
+    with socket.socket(family, kind, proto) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's site does
+      if family == socket.AF_INET6:
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+      try:
+        probe.bind(address)
+      except OSError as e:
+        raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror})") from e
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+  """Checks what needs no model (module doc); -> the write token (None: read-only)."""
+  if not 0 <= args.port <= 65535:
+    raise UserError(f"serve --port: must be in [0, 65535], got {args.port}")
+  for name in ("max_queries", "max_body_bytes", "max_add_images", "decode_workers",
+               "max_image_pixels"):
+    if getattr(args, name) < 1:
+      raise UserError(f"serve --{name.replace('_', '-')}: must be >= 1, got "
+                      f"{getattr(args, name)}")
+  if not 0 <= args.batch_wait_ms <= 3_600_000 or not args.drain_timeout >= 0:
+    raise UserError("serve: --batch-wait-ms must be in [0, 3600000], --drain-timeout >= 0")
+  if not 0 < args.image_timeout <= 3600:
+    raise UserError(f"serve --image-timeout: must be in (0, 3600] seconds, got "
+                    f"{args.image_timeout}")
+  for origin in args.allowed_origin:
+    scheme, _, rest = origin.partition("://")
+    if scheme not in ("http", "https") or not rest or "/" in rest:
+      raise UserError(f"serve --allowed-origin {origin!r}: expected scheme://host[:port]")
+  token = _write_token(args)
+  from avg_jax.artifacts import exports   # plain JSON and numpy: no jax yet
+  exports.read_manifest(args.model)
+  _check_listen(args.host, args.port)
+  return token
+
+
+def limits_for(retriever, args: argparse.Namespace):
   """(request limits, base_k) for this export and the command-line options."""
+  from avg_jax.serve import requests as req_lib
   num_images = len(retriever.image_ids)
   base_k = min(retriever.beam_size, num_images)
   max_k = args.max_k or base_k
   if not 1 <= max_k <= num_images:
     raise UserError(f"serve --max-k: must be in [1, {num_images}] (the index size), got "
                     f"{args.max_k}")
-  for name in ("max_queries", "max_body_bytes", "max_add_images"):
-    if getattr(args, name) < 1:
-      raise UserError(f"serve --{name.replace('_', '-')}: must be >= 1")
-  if not 0 <= args.batch_wait_ms <= 3_600_000 or args.drain_timeout < 0:
-    raise UserError("serve: --batch-wait-ms must be in [0, 3600000], --drain-timeout >= 0")
   default_k = min(int(retriever.manifest["decode"].get("top_k", base_k)), max_k)
   return req_lib.Limits(max_k=max_k, default_k=max(default_k, 1),
                         max_queries=args.max_queries,
                         max_query_chars=retriever.max_query_chars), base_k
 
 
-def warm_up(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
+def warm_up(retriever, ks: list[int], metrics) -> None:
   """Compiles every (bucket, k program) on the calling (device) thread, then checks that a
   second pass compiles nothing."""
   start, before = time.perf_counter(), metrics.compile_count
@@ -80,7 +150,7 @@ def warm_up(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
     log.warning("serve: the search still compiles after warm-up; requests may stall")
 
 
-def rewarm(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
+def rewarm(retriever, ks: list[int], metrics) -> None:
   """After an index change (on the device thread, before searches resume): compiles every
   (bucket, k program) for the new tree, so no request compiles."""
   start = time.perf_counter()
@@ -92,8 +162,17 @@ def rewarm(retriever: Retriever, ks: list[int], metrics: Metrics) -> None:
            len(retriever.image_ids), time.perf_counter() - start)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, token: str | None) -> None:
+  from aiohttp import web
+  from avg_jax.export import gallery as gallery_lib
+  from avg_jax.export.serving import Retriever, check_manifest
+  from avg_jax.serve.batcher import Batcher
+  from avg_jax.serve.metrics import Metrics
+  from avg_jax.serve.routes import Service, WriteAccess, build_app
+  from avg_jax.serve.uploads import Uploads
+
   start = time.perf_counter()
+  check_manifest(args.model)   # one line for a bad manifest, before the model is read
   retriever = Retriever.load(args.model)
   gallery = gallery_lib.read(args.model)
   limits, base_k = limits_for(retriever, args)
@@ -103,6 +182,14 @@ async def serve(args: argparse.Namespace) -> None:
   log.info("serve: loaded %s (%d images, %s) in %.1f s", args.model, len(retriever.image_ids),
            "with thumbnails" if gallery is not None else "no gallery: results without "
            "pictures", time.perf_counter() - start)
+  uploads = None
+  live = retriever.manifest.get("live")
+  if token is not None and live is not None:
+    uploads = Uploads(image_size=int(live["image_size"]), workers=args.decode_workers,
+                      timeout_s=args.image_timeout, max_pixels=args.max_image_pixels)
+    uploads.start()
+  log.info("serve: %s", "writes allowed with the bearer token" if token is not None
+           else "read-only (POST / DELETE /v1/images answer 403; --allow-writes to change)")
   batcher = Batcher(retriever.search, max_batch=max(retriever.buckets),
                     wait_s=args.batch_wait_ms / 1000, metrics=metrics)
   ks = program_ks(base_k, limits.max_k)
@@ -112,7 +199,9 @@ async def serve(args: argparse.Namespace) -> None:
   service = Service(retriever=retriever, gallery=gallery, batcher=batcher, metrics=metrics,
                     limits=limits, base_k=base_k,
                     rewarm=lambda: rewarm(retriever, ks, metrics),
-                    max_add_images=args.max_add_images)
+                    max_add_images=args.max_add_images, uploads=uploads,
+                    writes=WriteAccess(token=token, origins=frozenset(
+                        o.lower() for o in args.allowed_origin)))
   runner = web.AppRunner(build_app(service, args.max_body_bytes), access_log=None,
                          shutdown_timeout=1.0)
   await runner.setup()
@@ -121,6 +210,8 @@ async def serve(args: argparse.Namespace) -> None:
     await site.start()
   except OSError as e:
     await runner.cleanup()
+    if uploads is not None:
+      uploads.close()
     raise UserError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror})") from e
   batcher.start()
   stop = asyncio.Event()
@@ -144,10 +235,13 @@ async def serve(args: argparse.Namespace) -> None:
     log.warning("serve: %d requests still running after %.0f s; closing them",
                 service.active_requests, args.drain_timeout)
   await batcher.close()
+  if uploads is not None:
+    uploads.close()
   await runner.cleanup()
   log.info("serve: stopped")
 
 
 def main(args: argparse.Namespace) -> int:
-  asyncio.run(serve(args))
+  token = preflight(args)
+  asyncio.run(serve(args, token))
   return 0

@@ -10,20 +10,29 @@ from helpers import use_one_device_subprocesses
 def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys, monkeypatch):
   # The server and the in-process measurement see one CPU device, as a serving host does.
   use_one_device_subprocesses(monkeypatch)
+  # Each level also runs with 4 hostile clients mixed in (one of each kind).
   assert cli.main(["bench", "serve", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
-                   "--model", str(serve_export), "--workdir", str(tmp_path), "--quick"]) == 0
+                   "--model", str(serve_export), "--workdir", str(tmp_path), "--quick",
+                   "--hostile", "4"]) == 0
   out = capsys.readouterr().out
   report = json.loads((tmp_path / "bench_serve.json").read_text())
   assert report["server_exit_code"] == 0
-  assert [lv["clients"] for lv in report["levels"]] == [1, 4]
+  assert [(lv["clients"], lv.get("hostile", 0)) for lv in report["levels"]] == [
+      (1, 0), (1, 4), (4, 0), (4, 4)]
+  for lv in report["levels"][1::2]:
+    outcomes = lv["hostile_outcomes"]
+    # Every upload refused (the index never changed); the slow bodies were sent.
+    assert outcomes.get("pixel_bomb 400", 0) > 0 and outcomes.get("slow_body sent", 0) > 0
+    assert all(key.endswith((" 400", " sent", "dropped by server")) for key in outcomes), outcomes
+  assert "1 + 4 hostile |" in out
   for lv in report["levels"]:
     assert lv["requests"] > 0 and lv["errors"] == 0 and lv["compiles_after_warmup"] == 0
     assert sum(lv["batch_histogram"].values()) > 0
     assert 1 <= lv["mean_batch"] <= 4 and lv["in_process_qps"] > 0
     assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
   # One client never has a second request to batch with.
-  assert report["levels"][0]["batch_histogram"] == {"1": sum(
-      report["levels"][0]["batch_histogram"].values())}
+  for lv in report["levels"][:2]:
+    assert lv["batch_histogram"] == {"1": sum(lv["batch_histogram"].values())}
   assert "clients | requests | errors | q/s" in out and "bench serve: wrote" in out
 
 

@@ -24,12 +24,14 @@ REQUEST_TIMEOUT_S = 300
 class Server:
   """One `python -m avg_jax serve` process; `url` once it listens."""
 
-  def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str):
+  def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str,
+               env: dict | None = None):
     # One CPU device, like a serving machine: the export was written by an 8-device run.
+    self.model = model
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=one_device_env())
+        env=one_device_env(**(env or {})))
     self.lines: list[str] = []
     self._lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
@@ -83,6 +85,9 @@ class Server:
     except urllib.error.HTTPError as e:
       return e.code, dict(e.headers), e.read()
 
+  def metrics_text(self) -> str:
+    return self.request("GET", "/metrics")[2].decode()
+
   def search(self, queries, k=None, **extra) -> tuple[int, dict]:
     document = {"queries": queries, **({} if k is None else {"k": k}), **extra}
     status, _, body = self.request("POST", "/v1/search", json.dumps(document).encode())
@@ -99,11 +104,12 @@ class Server:
 
 @pytest.fixture(scope="session")
 def start_server(repo_root):
-  """`start_server(model, *args) -> Server`; every server still running is stopped at the end."""
+  """`start_server(model, *args, env=None) -> Server`; every server still running is stopped
+  at the end."""
   servers = []
 
-  def start(model, *args):
-    servers.append(Server(repo_root, model, *args))
+  def start(model, *args, env=None):
+    servers.append(Server(repo_root, model, *args, env=env))
     return servers[-1]
 
   yield start
@@ -123,3 +129,24 @@ def server(start_server, serve_export) -> Server:
 def retriever(serve_export):
   from avg_jax.export.serving import Retriever
   return Retriever.load(str(serve_export))
+
+
+WRITE_TOKEN = "test-write-token-0123456789"
+HANG_PREFIX = "HANG"   # an upload starting with these bytes hangs its decoder (image_worker)
+
+
+@pytest.fixture(scope="session")
+def writable_server(start_server, serve_export, tmp_path_factory) -> Server:
+  """A server that accepts writes with `WRITE_TOKEN` (`.token`), on its own copy of the
+  export (`.model`); its image decoders hang on uploads starting with `HANG_PREFIX` and are
+  stopped after 10 s."""
+  import shutil
+  from avg_jax.data import image_worker
+  root = tmp_path_factory.mktemp("writable")
+  shutil.copytree(serve_export, root / "export")
+  (root / "token").write_text(WRITE_TOKEN + "\n")
+  server = start_server(root / "export", "--batch-wait-ms", "5", "--allow-writes",
+                        "--write-token-file", str(root / "token"), "--image-timeout", "10",
+                        env={image_worker.HANG_ENV: HANG_PREFIX})
+  server.token = WRITE_TOKEN
+  return server

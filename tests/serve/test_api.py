@@ -114,15 +114,20 @@ def test_bad_search_is_a_4xx_naming_the_field(server, body, status, field):
     ("GET", "/v1/images/abc", 400, "id"),
     ("GET", "/v1/images/99999999999999999999999", 400, "id"),
     ("GET", "/v1/images/123456789", 404, "id"),
-    ("GET", "/v1/images/-1", 404, "id"),
+    ("GET", "/v1/images/-1", 400, "id"),
+    ("GET", "/v1/images/%D9%A3", 400, "id"),      # an Arabic-Indic digit
+    ("GET", "/v1/images/1_0", 400, "id"),
+    ("GET", "/v1/images/" + "9" * 5000, 400, "id"),
     ("GET", "/v1/nothing", 404, "path"),
     ("GET", "/static/../../etc/passwd", 404, "path"),
     ("GET", "/static/index.html", 404, "path"),
     ("GET", "/v1/search", 405, "method"),
     ("PUT", "/v1/images/1", 405, "method"),
-    # DELETE is the live index's removal (tests/serve/test_live_api.py); nothing changes here.
-    ("DELETE", "/v1/images/abc", 400, "id"),
-    ("DELETE", "/v1/images/123456789", 404, "id"),
+    # DELETE is the live index's removal (tests/serve/test_live_api.py): this server is
+    # read-only (the default), so it is refused before the id is read.
+    ("DELETE", "/v1/images/abc", 403, None),
+    ("DELETE", "/v1/images/123456789", 403, None),
+    ("POST", "/v1/images", 403, None),
 ])
 def test_bad_paths_and_methods(server, method, path, status, field):
   got, headers, raw = server.request(method, path)
@@ -179,7 +184,7 @@ def test_page_info_and_static_files(server, retriever):
   default_k = min(retriever.manifest["decode"]["top_k"], 7)
   assert info == {"num_images": 40, "default_k": default_k, "max_k": 7, "max_queries": 64,
                   "max_query_chars": 1000, "batch_buckets": [1, 8, 32], "thumbnails": True,
-                  "scheme": "avg", "source_stage": retriever.manifest["source_stage"]}
+                  "writes": "read-only", "scheme": "avg", "source_stage": retriever.manifest["source_stage"]}
 
 
 def test_metrics_and_no_compile_after_warmup(server):

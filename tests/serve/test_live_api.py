@@ -1,10 +1,10 @@
-"""The service's live index: POST /v1/images adds, DELETE /v1/images/{id} removes; results
-equal a Retriever that loads the same export afterwards; bad requests get their 4xx naming
-the field; nothing a request does compiles (the change re-compiles before it answers)."""
+"""The service's live index: POST /v1/images adds, DELETE /v1/images/{id} removes (with the
+write token, from the server's own origin); results equal a Retriever that loads the same
+export afterwards; bad requests get their 4xx naming the field; nothing a request does
+compiles (the change re-compiles before it answers)."""
 
 import base64
 import json
-import shutil
 
 import numpy as np
 
@@ -12,16 +12,20 @@ from avg_jax.data import dataset
 from avg_jax.export.serving import Retriever
 
 
+def _auth(server) -> dict:
+  # What the search page's origin would send, with the token.
+  return {"Authorization": f"Bearer {server.token}", "Origin": server.url}
+
+
 def _post_images(server, images):
   status, _, body = server.request("POST", "/v1/images", json.dumps({"images": images}).encode(),
-                                   {"Content-Type": "application/json"})
+                                   {"Content-Type": "application/json", **_auth(server)})
   return status, json.loads(body)
 
 
-def test_add_and_remove_over_http(start_server, serve_export, pipeline_workdir, tmp_path):
-  model = tmp_path / "export"
-  shutil.copytree(serve_export, model)
-  server = start_server(model, "--batch-wait-ms", "5")
+def test_add_and_remove_over_http(writable_server, pipeline_workdir):
+  server, model = writable_server, writable_server.model
+  changes = server.metric("avg_jax_serve_index_changes_total")
   source = dataset.image_source(str(pipeline_workdir), "test", decode_image=False)
   record = source[0]
   original = int(record["image_id"])
@@ -39,7 +43,7 @@ def test_add_and_remove_over_http(start_server, serve_export, pipeline_workdir, 
       ([], 400, "images")):
     got, body = _post_images(server, images)
     assert (got, body["error"]["field"]) == (status, field), body
-  status, _, body = server.request("DELETE", "/v1/images/987654321")
+  status, _, body = server.request("DELETE", "/v1/images/987654321", headers=_auth(server))
   assert status == 404 and json.loads(body)["error"]["field"] == "id"
 
   # Add a copy of an indexed image under a new id (its captions given).
@@ -60,7 +64,7 @@ def test_add_and_remove_over_http(start_server, serve_export, pipeline_workdir, 
   assert status == 200 and thumb.startswith(b"\x89PNG")
 
   # Remove the original: gone from every result, and from a reloaded Retriever.
-  status, _, body = server.request("DELETE", f"/v1/images/{original}")
+  status, _, body = server.request("DELETE", f"/v1/images/{original}", headers=_auth(server))
   assert status == 200 and json.loads(body)["removed"] == original
   status, response = server.search([caption, "a red circle", "a small blue square"], k=5)
   ids = [it["image_id"] for r in response["results"] for it in r["items"]]
@@ -69,6 +73,6 @@ def test_add_and_remove_over_http(start_server, serve_export, pipeline_workdir, 
   status, _, _ = server.request("GET", f"/v1/images/{original}")
   assert status == 404
   assert server.metric("avg_jax_serve_xla_compiles_after_warmup_total") == 0
-  assert server.metric("avg_jax_serve_index_changes_total") == 2
+  assert server.metric("avg_jax_serve_index_changes_total") == changes + 2
   status, _, body = server.request("GET", "/healthz")
   assert status == 200
