@@ -160,8 +160,8 @@ def test_cli_add_remove_list_and_a_bad_image(export, pipeline_workdir, tmp_path,
   bad.write_bytes(b"not an image")
   assert cli.main(["index", "add", "--model", export, *good, str(bad)]) == 2
   err = capsys.readouterr().err.strip()
-  assert err == f"avg-jax: error: 1 of 3 images cannot be used: {bad}: not an image file PIL " \
-                f"can read"
+  assert err == (f"avg-jax: error: 1 of 3 images cannot be used: {bad}: not an image in a "
+                 f"format avg-jax reads (PNG, JPEG, WebP, GIF, BMP or SVG)")
   assert not os.path.exists(os.path.join(export, "live", "CURRENT"))   # nothing changed
   assert cli.main(["index", "add", "--model", export, str(tmp_path)]) == 2   # folder with bad
   capsys.readouterr()
