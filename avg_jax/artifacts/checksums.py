@@ -1,9 +1,16 @@
-"""Content checksums of a finished folder: `checksums.json`, the size and SHA-256 of every file
-in it, written last (atomically) once its files are final, and checked before it is trusted.
+"""Content checksums of a folder's files: `checksums.json`, the size and SHA-256 of each file,
+recorded when it is written and checked before it is trusted.
 
 Neither orbax nor numpy checks contents: bytes changed in place (a bad disk sector, a bad
-copy) load silently as wrong weights or an empty trie. `verify` reads every file once, so it
-is I/O-bound: SHA-256 runs at about 1 GB/s, so a t5-large export (~3 GB) adds ~3 s to a load.
+copy) load silently as wrong weights or an empty trie. Two ways to keep the record:
+
+- a folder written whole (a checkpoint step, final parameters, an export, `prepared/`):
+  `write` records every file once they are final, `verify` checks them all;
+- a stage folder whose files are written one by one (`embed/`, a voken table): `add` records
+  the files just written, `check` verifies the ones about to be read.
+
+Checking reads every byte once, so it is I/O-bound: SHA-256 runs at about 1 GB/s here, so a
+t5-large export (~3 GB) adds ~3 s to a load (NOTES.md, "Checksums: what verification costs").
 
     {"format": 1, "files": {"params/d/0a1b...": {"size": 1234, "sha256": "..."}, ...}}
 """
@@ -15,26 +22,48 @@ from avg_jax.artifacts import io
 
 NAME = "checksums.json"
 FORMAT = 1
+# Never recorded: the record itself, and a stage folder's fingerprint.json, which the stage
+# rewrites after its outputs (avg_jax/artifacts/fingerprint.py).
+_UNRECORDED = (NAME, "fingerprint.json")
 
 
 def _files(folder: str) -> list[str]:
-  """Paths relative to `folder` of its files (not the checksums file itself), sorted."""
+  """Paths relative to `folder` of its files (not the records), sorted."""
   out = []
   for root, dirs, files in os.walk(folder):
     dirs.sort()
     for name in files:
       rel = os.path.relpath(os.path.join(root, name), folder)
-      if rel != NAME:
+      if rel not in _UNRECORDED:
         out.append(rel)
   return sorted(out)
 
 
+def _entry(path: str) -> dict:
+  return {"size": os.path.getsize(path), "sha256": io.file_sha256(path)}
+
+
 def write(folder: str) -> None:
   """Records the size and SHA-256 of every file under `folder` in `folder/checksums.json`."""
-  files = {}
-  for rel in _files(folder):
-    path = os.path.join(folder, rel)
-    files[rel] = {"size": os.path.getsize(path), "sha256": io.file_sha256(path)}
+  files = {rel: _entry(os.path.join(folder, rel)) for rel in _files(folder)}
+  io.write_json(os.path.join(folder, NAME), {"format": FORMAT, "files": files}, sort_keys=True)
+
+
+def add(folder: str, *names: str) -> None:
+  """Records `names` (paths relative to `folder`: files, or folders for every file in them)
+  as they are now, keeping the record's other entries; a file no longer there is dropped.
+  One writer per folder (the stages' process 0)."""
+  files = dict(read(folder) or {})
+  for name in names:
+    path = os.path.join(folder, name)
+    for rel in list(files):
+      if rel == name or rel.startswith(name.rstrip("/") + "/"):
+        del files[rel]
+    if os.path.isdir(path):
+      files.update({os.path.join(name, rel): _entry(os.path.join(path, rel))
+                    for rel in _files(path)})
+    elif os.path.isfile(path):
+      files[name] = _entry(path)
   io.write_json(os.path.join(folder, NAME), {"format": FORMAT, "files": files}, sort_keys=True)
 
 
@@ -52,6 +81,34 @@ def has_record(folder: str) -> bool:
   return os.path.exists(os.path.join(folder, NAME))
 
 
+def _problem(path: str, want: dict) -> str:
+  if not os.path.isfile(path):
+    return f"{path} is missing"
+  size = os.path.getsize(path)
+  if size != want.get("size"):
+    return f"{path} has {size} bytes, {want.get('size')} were written"
+  if io.file_sha256(path) != want.get("sha256"):
+    return f"{path} does not match its checksum (changed since it was written)"
+  return ""
+
+
+def check(folder: str, *names: str) -> str:
+  """"" when each of `names` (files, or folders: every file recorded under them) matches
+  what `add` or `write` recorded, else one line naming the first that differs (a name with
+  no record is one: its file was never finished, or the record is gone)."""
+  files = read(folder)
+  for name in names:
+    prefix = name.rstrip("/") + "/"
+    recorded = sorted(r for r in (files or {}) if r == name or r.startswith(prefix))
+    if not recorded:
+      return f"{os.path.join(folder, name)} has no checksum in {os.path.join(folder, NAME)}"
+    for rel in recorded:
+      problem = _problem(os.path.join(folder, rel), files[rel])
+      if problem:
+        return problem
+  return ""
+
+
 def verify(folder: str) -> str:
   """"" when every recorded file of `folder` is there with its recorded size and SHA-256,
   else one line naming the first file that differs. Files added after the record are not
@@ -62,12 +119,7 @@ def verify(folder: str) -> str:
   if files is None:
     return f"{os.path.join(folder, NAME)} is unreadable"
   for rel, want in sorted(files.items()):
-    path = os.path.join(folder, rel)
-    if not os.path.isfile(path):
-      return f"{path} is missing"
-    size = os.path.getsize(path)
-    if size != want.get("size"):
-      return f"{path} has {size} bytes, {want.get('size')} were written"
-    if io.file_sha256(path) != want.get("sha256"):
-      return f"{path} does not match its checksum (changed since it was written)"
+    problem = _problem(os.path.join(folder, rel), want)
+    if problem:
+      return problem
   return ""
