@@ -13,7 +13,9 @@ Client i plays kind `KINDS[i % 4]`, back to back until the level ends:
                   amplification limit stops it
 
 Every upload is refused (400), so the index never changes during the measurement: the honest
-clients' latency shows the cost of the attacks alone, not of a re-compile.
+clients' latency shows the cost of the attacks alone, not of a re-compile. The hostile clients
+run in a process of their own (`Attack`), so their work never delays the honest clients'
+event loop in the measuring process (on a 2-CPU machine they still share the clients' CPU).
 """
 
 import asyncio
@@ -21,6 +23,8 @@ import base64
 import collections
 import io
 import json
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -99,3 +103,38 @@ async def run(url: str, token: str, clients: int, duration: float,
         tasks.append(_uploads(session, url, token, bodies[kind], kind, deadline, counts))
     await asyncio.gather(*tasks)
   return dict(sorted(counts.items()))
+
+
+class Attack:
+  """`run(...)` in a child process: started (payloads built) before the level, `go()` at its
+  start, `result()` at its end (-> the outcome counts)."""
+
+  def __init__(self, url: str, token: str, clients: int, duration: float, preexec_fn=None):
+    code = ("import sys; from avg_jax.bench import hostile; "
+            "hostile.child(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-c", code, url, token, str(clients), str(duration)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+    if self.proc.stdout.readline().strip() != "READY":
+      raise RuntimeError(f"bench serve: the hostile clients did not start ({self.proc.wait()})")
+
+  def go(self) -> None:
+    self.proc.stdin.write("GO\n")
+    self.proc.stdin.flush()
+
+  def result(self) -> dict[str, int]:
+    out, _ = self.proc.communicate(timeout=600)
+    lines = [l for l in out.splitlines() if l.startswith("OUTCOMES ")]
+    if self.proc.returncode or not lines:
+      raise RuntimeError(f"bench serve: the hostile clients failed ({self.proc.returncode})")
+    return json.loads(lines[-1][len("OUTCOMES "):])
+
+
+def child(url: str, token: str, clients: int, duration: float) -> None:
+  """The hostile clients' process: builds the payloads, says READY, waits for GO, attacks
+  for `duration` seconds and prints `OUTCOMES {...}`."""
+  bodies = payloads()
+  print("READY", flush=True)
+  sys.stdin.readline()
+  outcomes = asyncio.run(run(url, token, clients, duration, bodies))
+  print("OUTCOMES " + json.dumps(outcomes), flush=True)

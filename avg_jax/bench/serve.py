@@ -20,7 +20,8 @@ process on the server's half -- both sides of the comparison get the same CPUs.
 `--hostile N`: the server accepts writes (a bearer token written to the workdir), and each
 level is run twice: honest clients alone, then the same with N hostile clients mixed in
 (avg_jax/bench/hostile.py: slow bodies, pixel and decode bombs, an SVG entity bomb; every
-upload refused, so the index never changes). The honest clients' rows side by side show what
+upload refused, so the index never changes), run from a process of their own on the clients'
+CPUs. The honest clients' rows side by side show what
 the attacks cost them; the hostile clients' outcomes are counted per kind and status.
 """
 
@@ -248,14 +249,18 @@ def _measure(server: ServerProcess, clients_run) -> dict:
   return result
 
 
-async def _with_hostile(url: str, clients: int, duration: float, queries: list[str], k: int,
-                        hostile: int, token: str, bodies: dict) -> dict:
-  """`_level` of the honest clients while `hostile` hostile ones run (their outcomes in the
-  result's "hostile_outcomes")."""
-  honest, outcomes = await asyncio.gather(
-      _level(url, clients, duration, queries, k),
-      hostile_lib.run(url, token, hostile, duration, bodies))
-  return dict(honest, hostile=hostile, hostile_outcomes=outcomes)
+def _with_hostile(server: ServerProcess, clients: int, duration: float, queries: list[str],
+                  k: int, hostile: int, token: str, cpus: set) -> dict:
+  """One level of honest clients while `hostile` hostile ones (their own process, on the
+  clients' CPUs) attack; the outcomes of theirs in "hostile_outcomes"."""
+  attack = hostile_lib.Attack(server.url, token, hostile, duration, _pinned(cpus))
+
+  async def level():
+    attack.go()
+    return await _level(server.url, clients, duration, queries, k)
+  result = _measure(server, level)
+  result.update(hostile=hostile, hostile_outcomes=attack.result())
+  return result
 
 
 def run(config, workdir: str, args) -> dict:
@@ -269,7 +274,7 @@ def run(config, workdir: str, args) -> dict:
     raise UserError(f"bench serve --hostile: must be >= 0, got {hostile}")
   queries = _queries(model)
   server_cpus, client_cpus = cpu_split()
-  extra, token, bodies = (), "", {}
+  extra, token = (), ""
   if hostile:
     import secrets
     os.makedirs(workdir, exist_ok=True)
@@ -277,7 +282,6 @@ def run(config, workdir: str, args) -> dict:
     token_file = os.path.join(workdir, "bench_serve_write_token")
     io.write_text(token_file, token + "\n")
     extra = ("--allow-writes", "--write-token-file", token_file)
-    bodies = hostile_lib.payloads()
   server = ServerProcess(model, server_cpus, extra)
   own_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
   if client_cpus and own_cpus is not None:
@@ -287,14 +291,13 @@ def run(config, workdir: str, args) -> dict:
     k = int(info["default_k"])
     levels = []
     for n in clients:
-      runs = [lambda: _level(server.url, n, duration, queries, k)]
+      results = [_measure(server, lambda: _level(server.url, n, duration, queries, k))]
+      _print_level(results[-1])
       if hostile:
-        runs.append(lambda: _with_hostile(server.url, n, duration, queries, k, hostile, token,
-                                          bodies))
-      for clients_run in runs:
-        result = _measure(server, clients_run)
-        levels.append(result)
-        _print_level(result)
+        results.append(_with_hostile(server, n, duration, queries, k, hostile, token,
+                                     client_cpus))
+        _print_level(results[-1])
+      levels += results
   finally:
     exit_code = server.stop()
     if own_cpus is not None:
