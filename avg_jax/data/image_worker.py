@@ -24,6 +24,7 @@ Request header: `images.worker_job`'s params; payload: the encoded image. Answer
 """
 
 import atexit
+import concurrent.futures
 import json
 import os
 import select
@@ -68,10 +69,13 @@ class Worker:
     self._ready = False
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **self.env)
     # cwd: an empty place, so nothing a decoder might resolve relative to it is ours.
-    self._proc = subprocess.Popen(
-        [sys.executable, "-m", "avg_jax.data.image_worker", str(self.memory_bytes)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        cwd=tempfile.gettempdir(), env=env)
+    command = [sys.executable, "-m", "avg_jax.data.image_worker", str(self.memory_bytes)]
+    # Started from one thread that lives as long as this process: the worker's "die with the
+    # parent" signal fires when the *thread* that started it ends (Linux PR_SET_PDEATHSIG),
+    # and the caller may be a short-lived pool thread (prepare's image checks).
+    self._proc = _spawner().submit(
+        subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir(), env=env).result()
     os.set_blocking(self._proc.stdin.fileno(), False)
 
   def kill(self) -> None:
@@ -201,6 +205,16 @@ class WorkerPool:
 
 _SHARED: WorkerPool | None = None
 _SHARED_LOCK = threading.Lock()
+_SPAWNER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+  """The one thread that starts every worker (see `Worker.start`)."""
+  global _SPAWNER
+  with _SHARED_LOCK:
+    if _SPAWNER is None:
+      _SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="avg-jax-spawn")
+    return _SPAWNER
 
 
 def shared_pool() -> WorkerPool:

@@ -138,3 +138,22 @@ def test_worker_memory_cap_turns_a_huge_allocation_into_a_reason():
       pool.run({"formats": ["PNG"], "max_pixels": 10**9, "size": 8}, data, timeout=300)
   finally:
     pool.close()
+
+
+def test_a_worker_outlives_the_thread_that_first_used_it():
+  # prepare checks images in a thread pool that ends before the shards are written; a worker
+  # started from one of its threads must still answer afterwards.
+  import threading
+  pool = image_worker.WorkerPool(1)
+  params = {"formats": ["PNG"], "size": 4}
+  png = _png(Image.new("RGB", (6, 6), (9, 9, 9)))
+  try:
+    thread = threading.Thread(target=lambda: pool.run(params, png, timeout=120))
+    thread.start()
+    thread.join()
+    pid = pool.workers[0].pid
+    threading.Event().wait(0.5)   # time for a death signal to arrive, were one sent
+    np.testing.assert_array_equal(pool.run(params, png, timeout=120), np.full((4, 4, 3), 9))
+    assert pool.workers[0].pid == pid
+  finally:
+    pool.close()
