@@ -54,7 +54,7 @@ def pytest_unconfigure(config):
 # it. Under pytest-xdist each worker would build its own copy: the tests that use them form one
 # group that a single worker runs (`--dist loadgroup` in launch/local.sh), so they are built once.
 SHARED_PIPELINE_FIXTURES = frozenset({"tiny_workdir", "pipeline_workdir", "serve_export",
-                                      "server", "start_server", "retriever"})
+                                      "server", "start_server", "retriever", "config_reads"})
 PIPELINE_GROUP = "tiny_pipeline"
 
 
@@ -82,26 +82,36 @@ def repo_root() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory) -> pathlib.Path:
+def config_reads():
+  """The config keys each stage read while `tiny_workdir` and `pipeline_workdir` were built
+  (tests/config_reads.py; checked by tests/artifacts/test_artifacts_stage_inputs.py)."""
+  from config_reads import ConfigReads
+  return ConfigReads()
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory, config_reads) -> pathlib.Path:
   """A workdir with the tiny config's prepare, embed and tokenize stages done (read-only:
   copy it before running stages that write)."""
   from avg_jax import cli
   workdir = tmp_path_factory.mktemp("tiny") / "work"
   config = str(REPO_ROOT / "configs" / "smoke.py:tiny")
-  for stage in ("prepare", "embed", "tokenize"):
-    assert cli.main([stage, "--config", config, "--workdir", str(workdir)]) == 0, stage
+  with config_reads.recording(), config_reads.stage_runs(cli.stage_modules()):
+    for stage in ("prepare", "embed", "tokenize"):
+      assert cli.main([stage, "--config", config, "--workdir", str(workdir)]) == 0, stage
   return workdir
 
 
 @pytest.fixture(scope="session")
-def pipeline_workdir(repo_root, tiny_workdir, tmp_path_factory) -> pathlib.Path:
+def pipeline_workdir(repo_root, tiny_workdir, tmp_path_factory, config_reads) -> pathlib.Path:
   """`avg-jax run` of the tiny config (one process, 8 fake devices) on a copy of
   `tiny_workdir`."""
   import shutil
   from avg_jax import cli
   workdir = tmp_path_factory.mktemp("pipeline") / "w"
   shutil.copytree(tiny_workdir, workdir)
-  assert cli.main(["run", *pipeline_args(repo_root, workdir)]) == 0
+  with config_reads.recording(), config_reads.stage_runs(cli.stage_modules()):
+    assert cli.main(["run", *pipeline_args(repo_root, workdir)]) == 0
   return workdir
 
 

@@ -7,7 +7,8 @@
                                    pseudo queries of the val / test images, file order
 
 Large splits are written row block by row block (`NpzWriter`, avg_jax/encoders/extract.py);
-readers here check what later stages rely on and name the file in every error.
+the writer then records the file's checksum (`record`, in `embed/checksums.json`), and readers
+here check it and what later stages rely on, and name the file in every error.
 """
 
 import os
@@ -15,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from avg_jax.artifacts import io, paths
+from avg_jax.artifacts import checksums, io, paths
 from avg_jax.errors import UserError
 
 KEYS = ("image_ids", "image_emb", "caption_image_ids", "caption_emb")
@@ -28,12 +29,33 @@ def arrays(num_images: int, num_captions: int, dim: int) -> dict:
           "caption_emb": (np.float32, (num_captions, dim))}
 
 
+REMEDY = "rerun `avg-jax embed` (it rewrites it)"
+
+
+def record(workdir: str, path: str) -> None:
+  """Records the checksum of an embed output just written (process 0)."""
+  checksums.add(paths.embed_dir(workdir), os.path.relpath(path, paths.embed_dir(workdir)))
+
+
+def problem(workdir: str, path: str) -> str:
+  """"" when the embed output `path` holds the bytes it was written with, else what differs."""
+  return checksums.check(paths.embed_dir(workdir), os.path.relpath(path, paths.embed_dir(workdir)))
+
+
+def _checked(workdir: str, path: str) -> None:
+  found = problem(workdir, path)
+  if found:
+    raise UserError(f"{found}; {REMEDY}")
+
+
 def load(workdir: str, split: str) -> dict:
-  """The embeddings of `split` as stored (raises `UserError` if absent or unreadable)."""
+  """The embeddings of `split` as stored (raises `UserError` if absent, damaged or
+  unreadable)."""
   path = paths.embeddings_file(workdir, split)
   if not os.path.exists(path):
     raise UserError(f"{path} not found; run `avg-jax embed` first")
-  return io.read_npz(path, KEYS)
+  _checked(workdir, path)
+  return io.read_npz(path, KEYS, remedy=REMEDY)
 
 
 def load_checked(workdir: str, split: str) -> Optional[dict]:
@@ -68,6 +90,7 @@ def write_pseudo_queries(workdir: str, image_ids: np.ndarray, query_emb: np.ndar
   """Writes `embed/pseudo_queries.npz`; -> its path."""
   path = paths.pseudo_query_embeddings_file(workdir)
   io.write_npz(path, image_ids=image_ids, query_emb=query_emb)
+  record(workdir, path)
   return path
 
 
@@ -77,5 +100,6 @@ def load_pseudo_queries(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   if not os.path.exists(path):
     raise UserError(f"{path} not found; run `avg-jax embed` first (with the same config: it "
                     f"embeds pseudo queries when tokenizer.fit_on_pseudo_queries is on)")
+  _checked(workdir, path)
   f = io.read_npz(path, ("image_ids", "query_emb"), remedy="delete it and rerun `avg-jax embed`")
   return f["image_ids"].astype(np.int64), f["query_emb"].astype(np.float32)

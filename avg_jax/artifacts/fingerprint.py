@@ -2,22 +2,27 @@
 
 A stage's output folder carries `fingerprint.json`, written by process 0:
 
-    {"format": 1, "stage": "tokenize", "inputs": {...}, "complete": false | true, "facts": {...}}
+    {"format": 2, "stage": "tokenize", "inputs": {...}, "complete": false | true, "facts": {...}}
 
-`inputs` are what the result depends on: the config values that change it (not those that
-only change how it is computed) and digests of the input artifacts. `facts` describe the
-finished result where a rerun may ask for more of the same (a train stage's `steps`).
+`inputs` are what the result depends on: `avg_jax.artifacts.stage_inputs.inputs` -- the value
+of every config key the stage and the stages before it read that can change a result, and
+digests of the input files such keys name -- plus what a stage adds of its own (the voken
+table a generator is trained on). `facts` describe the finished result.
 
 A stage asks `Output.done()` first: complete from these inputs (and facts, and its own check
-that the files still load) means nothing to do. A complete output from other inputs is refused
-with the changed keys named (`on_other="refuse"`: later stages were built on it) or redone
-(`"redo"`: results that are cheap and nothing depends on). Before writing, `begin()` claims the
-folder: an unfinished record from other inputs means its partial outputs (checkpoints, shards)
-were made from them, so they are removed and a corrected rerun starts clean instead of being
-refused. `finish()` marks the folder complete, after its last output.
+that its files are intact and load) means nothing to do. A complete output from other inputs
+is refused with the changed keys named (`on_other="refuse"`: expensive results, e.g. the
+prepared data) or redone (`"redo"`: a generator retrained after a tuning change, results that
+are cheap). Before writing, `begin()` claims the folder: an unfinished record from other
+inputs means its partial outputs (checkpoints, shards) were made from them, so they are
+removed and a corrected rerun starts clean instead of being refused. `finish()` marks the
+folder complete, after its last output. A stage that loads another's output first asks
+`require()`: complete, and made from what this config says, or a one-line error naming the
+changed keys and the stage to rerun -- so no stage builds on an output of other settings.
 
-Room for the next steps: the record is where content checksums of what a stage wrote would be
-kept and verified on load, and a per-(workdir, stage) lock would be taken around begin/finish.
+Beside it: the content checksums of the stage's files (avg_jax/artifacts/checksums.py),
+checked by the stage's `done()` and by every reader, and the per-(workdir, stage) lock held
+around a stage (avg_jax/artifacts/locks.py).
 """
 
 import hashlib
@@ -35,7 +40,7 @@ from avg_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 RECORD = "fingerprint.json"
-FORMAT = 1
+FORMAT = 2  # 2: inputs from the stage table (stage_inputs); records of format 1 are redone
 
 
 def canonical(value: Any) -> Any:
@@ -77,6 +82,34 @@ def is_complete(directory: str) -> bool:
   another stage's output; the stage itself checks its inputs with `Output.done`)."""
   stored = io.read_json(os.path.join(directory, RECORD))
   return bool(stored and stored.get("format") == FORMAT and stored.get("complete"))
+
+
+def made_from(directory: str, inputs: dict) -> str:
+  """"" when `directory` holds a complete output whose recorded inputs include `inputs`
+  (the keys of `inputs` only: what a stage adds of its own is its business), else why not:
+  "missing" when there is no complete record (an unfinished or older one counts as none)."""
+  stored = io.read_json(os.path.join(directory, RECORD))
+  if not (stored and stored.get("format") == FORMAT and stored.get("complete")):
+    return "missing"
+  expected = canonical(inputs)
+  recorded = stored.get("inputs") if isinstance(stored.get("inputs"), dict) else {}
+  recorded = {k: recorded.get(k) for k in expected}
+  return "" if recorded == expected else changes(recorded, expected)
+
+
+def require(directory: str, inputs: dict, *, stage: str, remedy: str) -> None:
+  """Raises a one-line `UserError` unless `directory` holds a complete output of `stage`
+  made from `inputs` (`made_from`); `remedy` says what to do (the stage to run). Without any
+  record there (no such folder, or files put there by hand) the reader's own loading says
+  what is missing."""
+  if not os.path.exists(os.path.join(directory, RECORD)):
+    return
+  problem = made_from(directory, inputs)
+  if problem == "missing":
+    raise UserError(f"no complete {stage} output in {directory}; {remedy}")
+  if problem:
+    raise UserError(f"{directory} was made from other inputs than this config's ({problem}); "
+                    f"{remedy}")
 
 
 class Output:

@@ -7,14 +7,15 @@
 
 `<name>` is a scheme (`avg`, `rq`, ...), or `<scheme>+pseudo` for a fit on pseudo-query pairs
 too (`tokenizer.fit.tokenizer_name`). The folder is complete when its fingerprint says so
-(avg_jax.artifacts.fingerprint), written after these files.
+(avg_jax.artifacts.fingerprint), written after these files; `checksums.json` records them as
+written, and `read` checks them (a changed byte in codebook.npy would otherwise train on).
 """
 
 import os
 
 import numpy as np
 
-from avg_jax.artifacts import fingerprint, io, paths
+from avg_jax.artifacts import checksums, fingerprint, io, paths, stage_inputs
 from avg_jax.errors import UserError
 from avg_jax.vokens import VokenVocabulary
 
@@ -23,6 +24,7 @@ VOCAB = "vocab.json"
 CODEBOOK = "codebook.npy"
 SUMMARY = "summary.json"
 PSEUDO_SUFFIX = "+pseudo"
+FILES = (VOKEN_TABLE, CODEBOOK, VOCAB, SUMMARY)
 
 Table = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -43,6 +45,7 @@ def write(directory: str, vocab: VokenVocabulary, table: Table, codebook: np.nda
                   lambda f: np.save(f, codebook.astype(np.float32)))
   io.write_json(os.path.join(directory, VOCAB), vocab.to_dict())
   io.write_json(os.path.join(directory, SUMMARY), summary)
+  checksums.add(directory, *FILES)
 
 
 def read(directory: str, remedy: str = "") -> tuple[VokenVocabulary, Table, np.ndarray, dict]:
@@ -50,6 +53,9 @@ def read(directory: str, remedy: str = "") -> tuple[VokenVocabulary, Table, np.n
   of the files in `directory`, checked against the vocabulary: a missing or damaged file is a
   one-line `UserError` naming it, with `remedy` appended."""
   suffix = f"; {remedy}" if remedy else ""
+  problem = checksums.check(directory, *FILES)
+  if problem:
+    raise UserError(f"{problem}{suffix}")
   vocab_dict = io.read_json(os.path.join(directory, VOCAB))
   summary = io.read_json(os.path.join(directory, SUMMARY))
   if vocab_dict is None or summary is None:
@@ -69,8 +75,10 @@ def read(directory: str, remedy: str = "") -> tuple[VokenVocabulary, Table, np.n
   return vocab, table, codebook, summary
 
 
-def load(workdir: str, name: str) -> tuple[VokenVocabulary, Table, np.ndarray]:
-  """`(vocab, table, codebook)` of the complete voken table `name` of `workdir`."""
+def load(workdir: str, name: str, made_from: dict | None = None
+         ) -> tuple[VokenVocabulary, Table, np.ndarray]:
+  """`(vocab, table, codebook)` of the complete voken table `name` of `workdir`; with
+  `made_from` (the tokenize stage's inputs under the reader's config), one made from those."""
   directory = paths.tokenizer_dir(workdir, name)
   scheme, pseudo = name.removesuffix(PSEUDO_SUFFIX), name.endswith(PSEUDO_SUFFIX)
   flags = f"--config.tokenizer.scheme={scheme}" + (
@@ -78,6 +86,9 @@ def load(workdir: str, name: str) -> tuple[VokenVocabulary, Table, np.ndarray]:
   if not fingerprint.is_complete(directory):
     raise UserError(f"no complete voken table in {directory}; run `avg-jax tokenize` with "
                     f"{flags} first")
+  if made_from is not None:
+    fingerprint.require(directory, made_from, stage="tokenize",
+                        remedy=stage_inputs.remedy("tokenize", f" with {flags}"))
   # Rerunning tokenize redoes a damaged output (its up-to-date check reads these files).
   return read(directory, f"rerun `avg-jax tokenize` with {flags}")[:3]
 

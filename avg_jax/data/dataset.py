@@ -18,11 +18,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from avg_jax.artifacts import paths
+from avg_jax.artifacts import checksums, paths
 from avg_jax.data import images as images_lib
 from avg_jax.errors import UserError
 
 SPLITS = ("train", "val", "test")
+_REMEDY = "rerun `avg-jax prepare` (it rewrites it)"
 
 
 def load_info(workdir: str) -> dict:
@@ -60,18 +61,45 @@ def check_files(workdir: str, info: dict) -> None:
   for rel, size in sorted(info.get("files", {}).items()):
     path = os.path.join(out_dir, rel)
     if not os.path.isfile(path):
-      raise UserError(f"{path} is missing; rerun `avg-jax prepare` (it rewrites it)")
+      raise UserError(f"{path} is missing; {_REMEDY}")
     if os.path.getsize(path) != size:
       raise UserError(f"{path} has {os.path.getsize(path)} bytes, {size} were written "
-                      f"(damaged); rerun `avg-jax prepare` (it rewrites it)")
+                      f"(damaged); {_REMEDY}")
+
+
+def check_contents(workdir: str, names) -> None:
+  """The prepared files `names` (relative to the folder) hold the bytes `prepare` wrote
+  (checksums.json): bytes changed in place keep the size and would otherwise load as other
+  images or fail deep inside the readers (`UserError` naming the file)."""
+  problem = checksums.check(paths.prepared_dir(workdir), *names)
+  if problem:
+    raise UserError(f"{problem}; {_REMEDY}")
+
+
+def _split_files(info: dict, split: str) -> list[str]:
+  """The files a reader of `split` opens: its ArrayRecord files and the small metadata
+  files beside them (never another split's records)."""
+  tfds_dir = info["tfds_dir"].rstrip("/") + "/"
+  return sorted(rel for rel in info.get("files", {}) if rel.startswith(tfds_dir) and (
+      f"-{split}.array_record" in rel or ".array_record" not in rel))
+
+
+def text_tokenizer_file(workdir: str) -> str:
+  """The prepared text tokenizer's path, its contents checked."""
+  path = paths.text_tokenizer_model(workdir)
+  check_contents(workdir, [os.path.relpath(path, paths.prepared_dir(workdir))])
+  return path
 
 
 def record_source(workdir: str, split: str) -> Any:
   """The raw TFDS data source of a split: records with `image` still PNG/JPEG bytes and text
-  fields as bytes. Random access, picklable. Damaged prepared files are `UserError`s."""
+  fields as bytes. Random access, picklable. Damaged prepared files are `UserError`s: every
+  file's size, and the contents of this split's files (SHA-256: about 1 ms per MB, less than
+  decoding the images it protects)."""
   info = load_info(workdir)
   _check_split(info, split, workdir)
   check_files(workdir, info)
+  check_contents(workdir, _split_files(info, split))
   return records_in(os.path.join(paths.prepared_dir(workdir), info["tfds_dir"]), split)
 
 

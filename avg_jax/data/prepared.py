@@ -11,13 +11,15 @@
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
                              of `data.pseudo_queries` for Karpathy data (avg_jax.data.pseudo_queries)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
+    checksums.json           size and SHA-256 of each file above (avg_jax.artifacts.checksums):
+                             readers check the files they open (`dataset.record_source`)
     fingerprint.json         the data identity it was made from (avg_jax.artifacts.fingerprint;
                              written last)
 
 `data_identity` lists the config values (and input file digests) the output depends on;
 `build` assembles a folder from finished record shards (avg_jax.data.builders); `check_prepared`
-tells a complete folder from a half-written or damaged one by its manifest. The stage that runs
-them over several processes is avg_jax/stages/prepare.py.
+tells a complete folder from a half-written or damaged one by its manifest and checksums. The
+stage that runs them over several processes is avg_jax/stages/prepare.py.
 """
 
 import itertools
@@ -26,7 +28,7 @@ import os
 import time
 from typing import Any, Iterator
 
-from avg_jax.artifacts import fingerprint, io, paths
+from avg_jax.artifacts import checksums, fingerprint, io, paths, stage_inputs
 from avg_jax.data import builders
 from avg_jax.data import dataset as dataset_lib
 from avg_jax.data import pseudo_queries as pseudo_lib
@@ -35,16 +37,9 @@ from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
 from avg_jax.progress import progress
 
-FORMAT_VERSION = 2  # 2: pseudo_queries.jsonl
+FORMAT_VERSION = 3  # 2: pseudo_queries.jsonl; 3: checksums.json
 INFO_NAME = os.path.basename(paths.dataset_info_file("w"))
 TOKENIZER_NAME = os.path.basename(paths.text_tokenizer_model("w"))
-
-
-def _file_sha256(path: str, what: str) -> str:
-  try:
-    return io.file_sha256(path)
-  except OSError as e:
-    raise UserError(f"{what} not readable: {path} ({e.strerror})") from e
 
 
 T5_SPIECE = "spiece.model"  # the SentencePiece model in a Hugging Face T5 directory
@@ -64,42 +59,40 @@ def tokenizer_model_path(config: Any) -> str:
   return ""
 
 
+def _model_path_key(config: Any) -> str:
+  """The config key a user sets to change the loaded model (for error messages)."""
+  if config.text_tokenizer.model_path:
+    return "text_tokenizer.model_path"
+  return f"text_tokenizer.model_path (empty: t5.pretrained_path's {T5_SPIECE})"
+
+
 def data_identity(config: Any) -> dict:
-  """The config values (and input file digests) that determine the prepared output."""
-  d, t = config.data, config.text_tokenizer
-  identity = {"format_version": FORMAT_VERSION, "data.name": d.name,
-              "data.image_size": int(d.image_size),
-              "data.captions_per_image": int(d.captions_per_image),
-              "data.image_encoding": d.image_encoding}
-  if d.image_encoding == "jpeg":
-    identity["data.jpeg_quality"] = int(d.jpeg_quality)
-  if d.name == "avg_shapes":
-    for key in ("num_train", "num_val", "num_test", "generator_seed", "pseudo_queries_per_image"):
-      identity[f"data.{key}"] = int(d[key])
-  elif d.name == "karpathy":
-    identity["data.karpathy_json"] = os.path.abspath(d.karpathy_json) if d.karpathy_json else ""
-    if d.karpathy_json and os.path.isfile(d.karpathy_json):
-      identity["karpathy_json sha256"] = _file_sha256(d.karpathy_json, "data.karpathy_json")
-    identity["data.image_root"] = os.path.abspath(d.image_root) if d.image_root else ""
-    identity["data.skip_bad_images"] = bool(d.skip_bad_images)
-    identity["data.pseudo_queries"] = os.path.abspath(d.pseudo_queries) if d.pseudo_queries else ""
-    if d.pseudo_queries and os.path.isfile(d.pseudo_queries):
-      identity["pseudo_queries sha256"] = _file_sha256(d.pseudo_queries, "data.pseudo_queries")
+  """What the prepared output is made from: the prepare stage's inputs (the config keys it
+  reads and digests of the input files they name: avg_jax/artifacts/stage_inputs.py) and
+  this module's format. A text tokenizer model that cannot be read is named before any
+  work."""
   model_path = tokenizer_model_path(config)
   if model_path:
-    identity["text_tokenizer.model_path"] = os.path.abspath(model_path)
-    identity["text_tokenizer sha256"] = _file_sha256(model_path, _model_path_key(config))
-  else:
-    identity["text_tokenizer.vocab_size"] = int(t.vocab_size)
-    identity["text_tokenizer.model_type"] = t.model_type
-  return identity
+    try:
+      with open(model_path, "rb"):
+        pass
+    except OSError as e:
+      raise UserError(f"{_model_path_key(config)} not readable: {model_path} "
+                      f"({e.strerror})") from e
+  return dict(stage_inputs.inputs("prepare", config), format_version=FORMAT_VERSION)
+
+
+# Keys of the text tokenizer, trained or loaded after the shards are written.
+_TOKENIZER_KEYS = ("text_tokenizer.", "t5.")
 
 
 def shard_tag(identity: dict) -> str:
   """What the record shards depend on: the identity less the text tokenizer (trained after
   the shards), so changing only the tokenizer reuses them."""
-  return fingerprint.digest({k: v for k, v in identity.items()
-                             if not k.startswith("text_tokenizer")})
+  return fingerprint.digest({
+      part: ({k: v for k, v in value.items() if not k.startswith(_TOKENIZER_KEYS)}
+             if isinstance(value, dict) else value)
+      for part, value in identity.items()})
 
 
 def _manifest(root: str) -> dict[str, int]:
@@ -136,6 +129,10 @@ def check_prepared(out_dir: str) -> tuple[str, str, dict | None]:
       return "incomplete", f"{rel} is missing", info
     if os.path.getsize(path) != size:
       return "incomplete", f"{rel} has {os.path.getsize(path)} bytes, expected {size}", info
+  # Bytes changed in place keep the sizes: only the contents tell (reads every file once).
+  problem = checksums.verify(out_dir)
+  if problem:
+    return "incomplete", f"damaged: {problem}", info
   return "complete", "", info
 
 
@@ -144,13 +141,6 @@ def _captions(records: Any) -> Iterator[str]:
   for i in range(len(records)):
     for caption in records[i]["captions"]:
       yield caption.decode("utf-8")
-
-
-def _model_path_key(config: Any) -> str:
-  """The config key a user sets to change the loaded model (for error messages)."""
-  if config.text_tokenizer.model_path:
-    return "text_tokenizer.model_path"
-  return f"text_tokenizer.model_path (empty: t5.pretrained_path's {T5_SPIECE})"
 
 
 def _make_tokenizer(config: Any, builder_dir: str, out_path: str,
@@ -292,6 +282,7 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
     info["attribute_frequencies"] = frequencies
   info["files"] = _manifest(tmp)
   io.write_json(os.path.join(tmp, INFO_NAME), info)
+  checksums.write(tmp)  # every file, dataset_info.json included; readers check them
   return info, seconds
 
 

@@ -289,6 +289,7 @@ def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, di
         writer[name][shard.start:shard.stop] = rows[name]
       for name in ("caption_image_ids", "caption_emb"):
         writer[name][shard.start * c:shard.stop * c] = rows[name]
+  embeddings.record(workdir, path)
   for shard in shards:
     os.remove(shard_file(workdir, shard))
   return path

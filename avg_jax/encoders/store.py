@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import io, paths
+from avg_jax.artifacts import checksums, io, paths
+from avg_jax.data import dataset
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import bpe, clip, extract, hf_import, preprocess
 from avg_jax.encoders.train import train_encoder
@@ -58,9 +59,23 @@ def place(params: Any, shardings: Any) -> Any:
       params, shardings)
 
 
+def encoder_problem(workdir: str) -> str:
+  """"" when the embed stage's encoder files hold the bytes they were written with (its
+  checksums), else what differs."""
+  return checksums.check(paths.embed_dir(workdir), PARAMS, META)
+
+
+def _check_encoder(workdir: str) -> None:
+  problem = encoder_problem(workdir)
+  if problem:
+    raise UserError(f"{problem}; rerun `avg-jax embed` (it rebuilds the encoder)")
+
+
 def load_encoder(workdir: str, mesh=None) -> extract.DualEncoder:
   """The embed stage's dual encoder, parameters placed (sharded) on `mesh` (default: all
-  devices)."""
+  devices); its files checked first."""
+  if os.path.exists(encoder_files(workdir)[1]):
+    _check_encoder(workdir)
   return load_encoder_dir(paths.embed_dir(workdir), mesh, stage_hint="run `avg-jax embed` first")
 
 
@@ -101,6 +116,7 @@ def copy_encoder(workdir: str, target: str) -> None:
   params_dir, meta_file = encoder_files(workdir)
   if not os.path.exists(meta_file):
     raise UserError(f"{meta_file} not found; run `avg-jax embed` first")
+  _check_encoder(workdir)  # a damaged copy would carry a checksum of its own
   meta = io.read_json(meta_file)
   if meta is None:
     raise UserError(f"{meta_file}: unreadable; run `avg-jax embed` again")
@@ -152,7 +168,7 @@ def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extr
           shutil.copyfile(os.path.join(pretrained, name), os.path.join(target, name))
     log.info("embed: imported CLIP from %s (%s)", pretrained, describe(cfg))
   else:
-    tokenizer_file = paths.text_tokenizer_model(workdir)
+    tokenizer_file = dataset.text_tokenizer_file(workdir)
     tokenizer = TextTokenizer.load(tokenizer_file)
     cfg, params = train_encoder(config, workdir, mesh, tokenizer)
     pre = preprocess.PreprocessConfig.for_image_size(cfg.image_size)
@@ -166,6 +182,7 @@ def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extr
   if processes.is_main():
     io.write_json(meta_file, {"clip": cfg.to_dict(), "preprocess": pre.to_dict(),
                               "tokenizer": tokenizer_spec, "pretrained_path": pretrained})
+    checksums.add(directory, PARAMS, META, *(["clip_tokenizer"] if pretrained else []))
     # The train state's only use was resuming; the encoder is now saved on its own.
     shutil.rmtree(paths.checkpoints_dir(directory), ignore_errors=True)
   return extract.DualEncoder(cfg, params, pre, tokenizer, shardings)

@@ -24,9 +24,8 @@ import time
 import jax
 import ml_collections
 
-from avg_jax import config as config_lib
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import embeddings, fingerprint, locks, paths
+from avg_jax.artifacts import embeddings, fingerprint, locks, paths, stage_inputs
 from avg_jax.data import dataset
 from avg_jax.encoders import extract, store
 from avg_jax.evaluation import two_tower
@@ -34,21 +33,10 @@ from avg_jax.metrics import MetricsWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
-# Settings that change how, not what, is computed: left out of the fingerprint.
-_OPERATIONAL_KEYS = ("embed_batch_size", "embed_images_per_shard", "log_every",
-                     "checkpoint_every", "query_batch_size", "retrieval_chunk_size")
-
-
-def inputs(config: ml_collections.ConfigDict, info: dict) -> dict:
-  """What the embed folder is made from: the encoder (and its training) config, the seed and
-  the prepared data's identity."""
-  train = {k: v for k, v in config_lib.to_json_dict(config.encoder_train).items()
-           if k not in _OPERATIONAL_KEYS}
-  encoder = {k: v for k, v in config_lib.to_json_dict(config.encoder).items() if k != "remat"}
-  made_from = dict(encoder=encoder, seed=int(config.seed), data=info.get("config_hash", ""))
-  if not config.encoder.pretrained_path:
-    made_from["encoder_train"] = train
-  return made_from
+def inputs(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """What the embed folder is made from (avg_jax/artifacts/stage_inputs.py: the encoder, its
+  training, the seed, and the prepare stage's inputs)."""
+  return stage_inputs.inputs("embed", config, workdir=workdir)
 
 
 def pseudo_queries_needed(config: ml_collections.ConfigDict) -> bool:
@@ -65,14 +53,20 @@ def _already_evaluated(workdir: str) -> bool:
 @locks.holding("embed")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Builds or loads the encoder, writes missing embeddings, reports two-tower Recall@K."""
+  stage_inputs.require(config, workdir, "prepare")
   info = dataset.load_info(workdir)
-  out = fingerprint.Output(paths.embed_dir(workdir), inputs(config, info), stage="embed")
+  out = fingerprint.Output(paths.embed_dir(workdir), inputs(config, workdir), stage="embed",
+                           on_other=stage_inputs.STAGES["embed"].on_other)
   complete = out.done()
   if not complete:
     out.begin()
   mesh = partitioning.make_mesh(config.mesh)
   _, meta_file = store.encoder_files(workdir)
   fresh = not os.path.exists(meta_file)
+  if not fresh and store.encoder_problem(workdir):
+    # Bytes changed since it was saved: built again, with every embedding made from it.
+    log.warning("embed: %s; building the encoder again", store.encoder_problem(workdir))
+    fresh = True
   t0 = time.perf_counter()
   encoder = store.build_encoder(config, workdir, mesh) if fresh else store.load_encoder(workdir,
                                                                                        mesh)
@@ -81,9 +75,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   todo = []
   for split in info["splits"]:
     path = paths.embeddings_file(workdir, split)
-    if os.path.exists(path) and not fresh:
+    damage = embeddings.problem(workdir, path) if os.path.exists(path) and not fresh else ""
+    if os.path.exists(path) and not fresh and not damage:
       log.info("embed: keeping %s", path)
     else:
+      if damage:
+        log.warning("embed: %s; redoing it", damage)
       todo.append(split)
   if todo:
     local = store.local_encoder(encoder, config.mesh)
@@ -95,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not complete or todo:
     out.finish()
   pseudo_file = paths.pseudo_query_embeddings_file(workdir)
-  if pseudo_queries_needed(config) and (todo or not os.path.exists(pseudo_file)):
+  if pseudo_queries_needed(config) and (todo or not os.path.exists(pseudo_file)
+                                        or embeddings.problem(workdir, pseudo_file)):
     image_ids, emb = extract.embed_pseudo_queries(config, workdir, encoder, mesh)
     if processes.is_main():
       embeddings.write_pseudo_queries(workdir, image_ids, emb)

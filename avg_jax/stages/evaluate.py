@@ -23,7 +23,8 @@ import numpy as np
 
 import avg_jax
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import embeddings, fingerprint, io, locks, paths, voken_tables
+from avg_jax.artifacts import checksums, embeddings, fingerprint, io, locks, paths
+from avg_jax.artifacts import stage_inputs, voken_tables
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.encoders import store
@@ -53,13 +54,13 @@ def with_scheme(config: ml_collections.ConfigDict, scheme: str,
 
 
 def ensure_generator(config, workdir: str, scheme: str, stage: str, protocol: str) -> None:
-  """Runs the tokenize / train (/ rank) stages of (`scheme`, `protocol`) not yet finished."""
+  """Runs the tokenize / train (/ rank) stages of (`scheme`, `protocol`) not yet finished
+  from this config's settings (a generator of other settings is trained again)."""
   c = with_scheme(config, scheme, protocol)
   tokenize.run(c, workdir)  # keeps a complete voken table
-  if not os.path.isdir(state_lib.params_dir(workdir, scheme, protocol, "train")):
+  if not state_lib.is_current(c, workdir, scheme, protocol, "train"):
     train.train_generator(c, workdir, scheme, protocol)
-  if stage == "rank" and not os.path.isdir(
-      state_lib.params_dir(workdir, scheme, protocol, "rank")):
+  if stage == "rank" and not state_lib.is_current(c, workdir, scheme, protocol, "rank"):
     rank.rank_generator(c, workdir, scheme, protocol)
 
 
@@ -129,7 +130,11 @@ def choose_hybrid_weight(config, workdir: str, scheme: str, stage: str, protocol
 
 
 def _results_load(directory: str) -> str:
-  """"" when the stored results parse and the report exists, else what is wrong."""
+  """"" when the stored results are intact (checksums) and parse and the report exists, else
+  what is wrong."""
+  problem = checksums.verify(directory)
+  if problem:
+    return problem
   if io.read_json(os.path.join(directory, RESULTS)) is None:
     return f"{RESULTS} missing or unreadable"
   if not os.path.exists(os.path.join(directory, "report.md")):
@@ -140,14 +145,17 @@ def _results_load(directory: str) -> str:
 @locks.holding("evaluate")
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   directory = paths.evaluate_dir(workdir)
-  # Results depend on every stage's config: made from the whole config, redone when it changes.
-  out = fingerprint.Output(directory, {"config": fingerprint.config_hash(config)},
-                           stage="evaluate", on_other="redo")
+  # Results depend on the settings of every stage before it (and of the generators it
+  # trains): redone when one of them changes (avg_jax/artifacts/stage_inputs.py).
+  out = fingerprint.Output(directory, stage_inputs.inputs("evaluate", config, workdir=workdir),
+                           stage="evaluate", on_other=stage_inputs.STAGES["evaluate"].on_other)
   if out.done(verify=lambda: _results_load(directory)):
     print(report.summary_table(io.read_json(os.path.join(directory, RESULTS))))
     print(f"evaluate: {directory} is complete for this config; kept")
     return
   out.begin()
+  # The generators' stages are checked as they load (training/state.py).
+  stage_inputs.require(config, workdir, "prepare", "embed")
   started = time.time()
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
   writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())
@@ -268,13 +276,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     results["crossover"] = report.crossover(measured["avg"], measured["two_tower"])
 
   results["meta"] = {
-      "config_hash": out.inputs["config"], "avg_jax": avg_jax.__version__, "jax": jax.__version__,
+      "config_hash": fingerprint.config_hash(config), "avg_jax": avg_jax.__version__,
+      "jax": jax.__version__,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "test_images":
       int(len(test_emb["image_ids"])), "seconds": round(time.time() - started, 1)}
   if processes.is_main():
     io.write_json(os.path.join(directory, RESULTS), results, default=float)
     report.write_report(results, directory)
+    checksums.write(directory)
   out.finish()
   if processes.is_main():
     print(report.summary_table(results))

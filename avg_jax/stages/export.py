@@ -16,7 +16,8 @@ from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
 from avg_jax import processes
-from avg_jax.artifacts import embeddings, exports, fingerprint, io, locks, paths
+from avg_jax.artifacts import checksums, embeddings, exports, fingerprint, io, locks, paths
+from avg_jax.artifacts import stage_inputs
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -117,6 +118,9 @@ def hybrid_config(config: ConfigDict, workdir: str) -> ConfigDict:
     return config
   weight = config.decode.hybrid_weight
   if weight is None:
+    problem = checksums.check(paths.evaluate_dir(workdir), "metrics.json")
+    if problem and os.path.exists(os.path.join(paths.evaluate_dir(workdir), "metrics.json")):
+      raise UserError(f"{problem}; rerun `avg-jax evaluate` (it rewrites it)")
     results = io.read_json(os.path.join(paths.evaluate_dir(workdir), "metrics.json")) or {}
     weight = results.get("hybrid", {}).get(str(config.protocol), {}).get("weight")
     if weight is None:
@@ -137,12 +141,16 @@ def run(config: ConfigDict, workdir: str) -> None:
            else "train")
   directory = paths.export_dir(workdir)
   # The folder is written whole (a temporary folder renamed into place), then marked complete;
-  # made from the whole config and the stage whose parameters it serves, redone when they change.
-  out = fingerprint.Output(directory, {"config": fingerprint.config_hash(config),
-                                       "source_stage": stage}, stage="export", on_other="redo")
+  # made from the settings of every stage before it and the stage whose parameters it serves
+  # (avg_jax/artifacts/stage_inputs.py), redone when they change.
+  out = fingerprint.Output(directory, dict(stage_inputs.inputs("export", config,
+                                                               workdir=workdir),
+                                           source_stage=stage),
+                           stage="export", on_other=stage_inputs.STAGES["export"].on_other)
   if out.done(verify=lambda: _loads(directory)):
     print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
     return
+  stage_inputs.require(config, workdir, "prepare", "embed")
   gen, gmesh, params, _ = state_lib.final_params(config, workdir, scheme, stage, protocol)
   # avg_hybrid without a text tower: the generator's query head, fitted as evaluate fits it.
   query_head = (query_head_fit.fit_query_head(gen, params, gmesh, workdir, config)
@@ -179,7 +187,7 @@ def run(config: ConfigDict, workdir: str) -> None:
                   max_query_chars=int(config.export.max_query_chars),
                   batch_buckets=list(config.export.batch_buckets)),
       scheme=scheme, source_stage=stage, config=config_lib.to_json_dict(config),
-      config_hash=out.inputs["config"],
+      config_hash=fingerprint.config_hash(config),
       param_dtype=config.export.param_dtype,
       gallery=((itertools.chain(*entries), int(config.export.thumbnail_size))
                if config.export.thumbnail_size > 0 else None))

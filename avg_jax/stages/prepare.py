@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from avg_jax import processes
-from avg_jax.artifacts import fingerprint, io, locks, paths
+from avg_jax.artifacts import fingerprint, io, locks, paths, stage_inputs
 from avg_jax.data import builders, prepared
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
@@ -88,7 +88,8 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
   start = time.time()
   out_dir = paths.prepared_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  out = fingerprint.Output(out_dir, prepared.data_identity(config), stage="prepare")
+  out = fingerprint.Output(out_dir, prepared.data_identity(config), stage="prepare",
+                           on_other=stage_inputs.STAGES["prepare"].on_other)
   if index == 0:
     for path in io.remove_stale_temps(out_dir):
       print(f"removed {path}: left by an interrupted prepare")

@@ -30,7 +30,7 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str,
   gen, mesh, params, param_shardings = state_lib.final_params(config, workdir, scheme, "train",
                                                               protocol)
   name = f"{scheme}, {gen.protocol}"
-  out = state_lib.stage_output(gen, workdir, "rank")
+  out = state_lib.stage_output(config, gen, workdir, "rank")
   checkpoints = paths.checkpoints_dir(out.directory)
   if state_lib.finished(out, gen, mesh, options.steps):
     print(f"rank [{name}]: finished ({options.steps} steps) in {checkpoints}; kept")

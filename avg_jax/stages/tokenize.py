@@ -12,16 +12,13 @@ complete folder made with another config is an error (remove it, or use another 
 unfinished one (a run that failed) is started again.
 """
 
-import hashlib
-
 import jax
 import ml_collections
 import numpy as np
 
-from avg_jax import config as config_lib
 from avg_jax import processes
 from avg_jax.artifacts import embeddings as embeddings_lib
-from avg_jax.artifacts import fingerprint, locks, paths, voken_tables
+from avg_jax.artifacts import fingerprint, locks, paths, stage_inputs, voken_tables
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
@@ -29,30 +26,21 @@ from avg_jax.tokenizer import analysis, fit as fit_lib, schemes
 
 SPLITS = ("train", "val", "test")
 _said_kept: set[str] = set()  # tables this process has reported as kept (see `run`)
-# Keys that change how the work is run or reported, not its result.
-_OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "log_every", "assign_batch_size",
-                     "analysis_split", "analysis_pairs", "fit_on_pseudo_queries")
 
 
-def inputs(config: ml_collections.ConfigDict, embeddings: dict, fit: dict) -> dict:
-  """What a voken table is made from: the tokenizer config, seed, text vocabulary size, and
-  a digest of the embeddings and of the pairs fit on."""
-  tok = {k: v for k, v in config_lib.to_json_dict(config.tokenizer).items()
-         if k not in _OPERATIONAL_KEYS}
-  digest = hashlib.blake2b(digest_size=16)
-  for split in sorted(embeddings):
-    for key in embeddings_lib.KEYS:
-      digest.update(np.ascontiguousarray(embeddings[split][key]).tobytes())
-  for key in ("image_emb", "caption_emb", "caption_image_index"):
-    digest.update(np.ascontiguousarray(fit[key]).tobytes())
-  return dict(tokenizer=tok, seed=int(config.seed), text_vocab_size=int(config.t5.vocab_size),
-              embeddings=digest.hexdigest(), fit_on=fit["description"])
+def inputs(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """What a voken table is made from (avg_jax/artifacts/stage_inputs.py: the tokenizer
+  config, seed, text vocabulary size, and the embed stage's inputs)."""
+  return stage_inputs.inputs("tokenize", config, workdir=workdir)
 
 
 def _loads(directory: str) -> str:
-  """"" when every output of `directory` still loads, else what is wrong."""
+  """"" when every output of `directory` is intact (its checksums) and loads, else what is
+  wrong."""
   try:
     voken_tables.read(directory)
+  except UserError as e:  # names the file and what differs
+    return str(e)
   except Exception as e:  # numpy / json / zip errors of damaged files have many types
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
   return ""
@@ -65,6 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   tok = config.tokenizer
   scheme = fit_lib.check_scheme(str(tok.scheme))
   protocol = pseudo_lib.check_protocol(str(config.protocol))
+  stage_inputs.require(config, workdir, "prepare", "embed")
   embeddings = {}
   for split in SPLITS:
     data = embeddings_lib.load_checked(workdir, split)
@@ -83,7 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     pseudo = embeddings_lib.load_pseudo_queries(workdir)
   fit = fit_lib.fit_pairs(embeddings, pseudo)
   directory = paths.tokenizer_dir(workdir, name)
-  out = fingerprint.Output(directory, inputs(config, embeddings, fit), stage=f"tokenize [{name}]")
+  out = fingerprint.Output(directory, inputs(config, workdir), stage=f"tokenize [{name}]",
+                           on_other=stage_inputs.STAGES["tokenize"].on_other)
   if out.done(verify=lambda: _loads(directory)):
     # One line, once per process: evaluate re-enters this stage for every method and
     # protocol that uses the table, and its statistics were printed when it was made.

@@ -4,8 +4,10 @@ Trains the generator of `config.tokenizer.scheme` under `config.protocol` (its e
 avg_jax/training/examples.py; its loss and optimizer: avg_jax/training/generative.py) to
 `train.steps` in `paths.train_dir(workdir, scheme, protocol)`, resuming from its checkpoints,
 with validation Recall@K through the constrained search every `train.eval_every` steps. The
-folder is made from the voken table (and the targets the generator emits): a finished one is
-kept, one finished with fewer steps is trained further.
+folder is made from the settings of this stage and every stage before it
+(avg_jax/artifacts/stage_inputs.py) and the voken table: a finished one is kept; one made
+with other settings (a learning rate, the steps: the schedule spans them) is trained again
+from the start, and the rank stage built on it follows.
 """
 
 import functools
@@ -49,7 +51,7 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str,
   gen = generator_lib.load_generator(config, workdir, scheme, protocol)
   name = f"{scheme}, {gen.protocol}"
   mesh = partitioning.make_mesh(config.mesh)
-  out = state_lib.stage_output(gen, workdir, "train")
+  out = state_lib.stage_output(config, gen, workdir, "train")
   checkpoints = paths.checkpoints_dir(out.directory)
   if state_lib.finished(out, gen, mesh, int(c.steps)):
     print(f"train [{name}]: finished ({c.steps} steps) in {checkpoints}; kept")

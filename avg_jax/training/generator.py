@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from avg_jax.artifacts import paths, voken_tables
+from avg_jax.artifacts import stage_inputs, voken_tables
+from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding.config import DecodeConfig
@@ -93,15 +94,27 @@ def table_hash(table: dict, *extra: str) -> str:
   return h.hexdigest()[:16]
 
 
+def made_from_inputs(config: ConfigDict, workdir: str, scheme: str, protocol: str):
+  """`stage -> inputs` of the stages behind the generator of (`scheme`, `protocol`) under
+  `config` in `workdir` (evaluate's generators differ from the config in these two keys
+  only)."""
+  overrides = {"tokenizer.scheme": scheme, "protocol": protocol}
+  return lambda stage: stage_inputs.inputs(stage, config, overrides, workdir)
+
+
 def load_generator(config: ConfigDict, workdir: str, scheme: str,
                    protocol: str | None = None) -> Generator:
   """Reads the voken table of `scheme` for `protocol` (default `config.protocol`) and the
   text tokenizer; builds the T5 config."""
   protocol = pseudo_lib.check_protocol(str(config.protocol if protocol is None else protocol))
   decode = DecodeConfig.from_config(config.decode)
-  table_vocab, table, codebook = voken_tables.load(workdir,
-                                                  tokenizer_name(config, scheme, protocol))
-  tokenizer = TextTokenizer.load(paths.text_tokenizer_model(workdir))
+  # Every output it reads was made from this config (else a one-line error naming the
+  # changed keys): a generator never trains on, or is evaluated with, another's data.
+  stage_inputs.require(config, workdir, "prepare", "embed")
+  table_vocab, table, codebook = voken_tables.load(
+      workdir, tokenizer_name(config, scheme, protocol),
+      made_from=made_from_inputs(config, workdir, scheme, protocol)("tokenize"))
+  tokenizer = TextTokenizer.load(dataset.text_tokenizer_file(workdir))
   text_rows = model_text_rows(config.t5)
   if tokenizer.vocab_size > text_rows:
     raise UserError(f"text tokenizer has {tokenizer.vocab_size} pieces but the model has only "

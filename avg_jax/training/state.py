@@ -13,7 +13,7 @@ import optax
 from ml_collections import ConfigDict
 
 from avg_jax import loop, partitioning
-from avg_jax.artifacts import fingerprint, paths
+from avg_jax.artifacts import fingerprint, paths, stage_inputs
 from avg_jax.artifacts.checkpoints import Checkpointer, load_params, save_params
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
@@ -64,12 +64,34 @@ def params_dir(workdir: str, scheme: str, protocol: str, stage: str = "train") -
   return paths.final_params_dir(paths.generator_dir(workdir, scheme, protocol, stage))
 
 
-def stage_output(gen: generator_lib.Generator, workdir: str, stage: str) -> fingerprint.Output:
-  """The folder of a train (or rank) stage: made from the generator's voken table (and the
-  targets it is trained on, `Generator.table_hash`)."""
+def stage_inputs_of(config: ConfigDict, workdir: str | None, scheme: str, protocol: str,
+                    stage: str) -> dict:
+  """What the train (or rank) stage of (`scheme`, `protocol`) is made from under `config`
+  in `workdir` (avg_jax/artifacts/stage_inputs.py): its settings and those of every stage
+  before it."""
+  return generator_lib.made_from_inputs(config, workdir, scheme, protocol)(stage)
+
+
+def stage_output(config: ConfigDict, gen: generator_lib.Generator, workdir: str,
+                 stage: str) -> fingerprint.Output:
+  """The folder of a train (or rank) stage: made from its stage inputs and the generator's
+  voken table (and the targets it is trained on, `Generator.table_hash`). A finished one from
+  other settings is trained again (a tuning change must never serve the old model)."""
   directory = paths.generator_dir(workdir, gen.scheme, gen.protocol, stage)
-  return fingerprint.Output(directory, {"voken_table": gen.table_hash},
-                            stage=f"{stage} [{gen.scheme}, {gen.protocol}]")
+  made_from = dict(stage_inputs_of(config, workdir, gen.scheme, gen.protocol, stage),
+                   voken_table=gen.table_hash)
+  return fingerprint.Output(directory, made_from, stage=f"{stage} [{gen.scheme}, {gen.protocol}]",
+                            on_other=stage_inputs.STAGES[stage].on_other)
+
+
+def is_current(config: ConfigDict, workdir: str, scheme: str, protocol: str,
+               stage: str = "train") -> bool:
+  """Whether the train (or rank) stage of (`scheme`, `protocol`) finished from `config`'s
+  settings (its parameters are then checked when loaded)."""
+  directory = paths.generator_dir(workdir, scheme, protocol, stage)
+  return (os.path.isdir(paths.final_params_dir(directory)) and not
+          fingerprint.made_from(directory,
+                                stage_inputs_of(config, workdir, scheme, protocol, stage)))
 
 
 def finished(out: fingerprint.Output, gen: generator_lib.Generator, mesh, steps: int) -> bool:
@@ -95,6 +117,14 @@ def ensure_final_params(directory: str, params) -> None:
     save_params(directory, params)
 
 
+def _flags(config: ConfigDict, gen: generator_lib.Generator) -> str:
+  """The command-line flags that name `gen`'s (scheme, protocol) when `config`'s differ."""
+  flags = [f"--config.{k}={v}" for k, v, mine in (
+      ("tokenizer.scheme", gen.scheme, config.tokenizer.scheme),
+      ("protocol", gen.protocol, config.protocol)) if v != mine]
+  return f" with {' '.join(flags)}" if flags else ""
+
+
 def final_params(config: ConfigDict, workdir: str, scheme: str, stage: str = "train",
                  protocol: str | None = None):
   """`(gen, mesh, params, shardings)` of a finished train (or rank) stage."""
@@ -104,6 +134,11 @@ def final_params(config: ConfigDict, workdir: str, scheme: str, stage: str = "tr
   if not os.path.isdir(directory):
     raise UserError(f"no finished {stage} stage for scheme {scheme!r}, protocol "
                     f"{gen.protocol!r} ({directory} is missing); run `avg-jax {stage}` first")
+  # Parameters trained with other settings (another learning rate, more steps) are not this
+  # config's: a one-line error naming the changed keys, never the old model.
+  fingerprint.require(os.path.dirname(directory),
+                      stage_inputs_of(config, workdir, scheme, gen.protocol, stage),
+                      stage=stage, remedy=stage_inputs.remedy(stage, _flags(config, gen)))
   abstract, shardings = t5_lib.abstract_params(gen.cfg, mesh)
   try:
     params = load_params(directory, abstract)

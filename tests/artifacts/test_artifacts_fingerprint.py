@@ -71,3 +71,20 @@ def test_digest_and_changes():
   assert len(fingerprint.digest({})) == 16
   assert fingerprint.changes({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "d": 3}) == (
       "a.b: 1 -> 2; c: 2 -> '<unset>'; d: '<unset>' -> 3")
+
+
+def test_require_names_the_changed_keys_and_what_to_run(tmp_path):
+  made = {"config": {"train.learning_rate": 0.001, "train.steps": 40}, "files": {}}
+  out = fingerprint.Output(str(tmp_path / "train"), dict(made, voken_table="ab"), stage="train")
+  fingerprint.require(out.directory, made, stage="train", remedy="rerun x")  # no record: the
+  out.begin()                                                 # reader's loading says what lacks
+  with pytest.raises(UserError, match=r"^no complete train output in .*/train; rerun x$"):
+    fingerprint.require(out.directory, made, stage="train", remedy="rerun x")
+  out.finish()
+  fingerprint.require(out.directory, made, stage="train", remedy="rerun x")  # the stage's own
+  assert fingerprint.made_from(out.directory, made) == ""                  # extras not compared
+  other = {"config": {"train.learning_rate": 0.5, "train.steps": 40}, "files": {}}
+  with pytest.raises(UserError, match=(
+      r"^.*/train was made from other inputs than this config's "
+      r"\(config.train.learning_rate: 0.001 -> 0.5\); rerun `avg-jax train`$")):
+    fingerprint.require(out.directory, other, stage="train", remedy="rerun `avg-jax train`")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from avg_jax import cli
-from avg_jax.artifacts import paths
+from avg_jax.artifacts import embeddings, paths
 from avg_jax import config as config_lib
 from avg_jax.cloud import local_multiprocess
 from avg_jax.metrics import read_metrics
@@ -36,6 +36,7 @@ def _write_embeddings(workdir, dim=12, seed=0):
     os.makedirs(paths.embed_dir(workdir), exist_ok=True)
     np.savez(paths.embeddings_file(workdir, split), image_ids=image_ids, image_emb=emb,
              caption_image_ids=np.repeat(image_ids, 5), caption_emb=captions.astype(np.float32))
+    embeddings.record(workdir, paths.embeddings_file(workdir, split))  # as embed does
 
 
 def _tokenizer_runs(repo_root, workdirs):

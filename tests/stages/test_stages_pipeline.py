@@ -73,12 +73,15 @@ def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipel
   from avg_jax.stages import export as export_stage
   workdir = tmp_path / "w"
   shutil.copytree(pipeline, workdir)
+  # The rank stage's candidates come from the search, so its parameters were made with the
+  # key off: the generative ones, which do not depend on it, are exported instead.
+  shutil.rmtree(workdir / "rank")
   spec = str(repo_root / "configs/smoke.py:tiny")
   config = config_lib.load_config(spec, list(OVERRIDES) + ["decode.voken_logits_only=true"])
   export_stage.run(config, str(workdir))
   manifest = json.loads((workdir / "export" / "manifest.json").read_text())
   assert manifest["decode"]["voken_logits_only"] is True
-  gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "rank")
+  gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "train")
   restricted = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir),
                                         "test", max_queries=6)
   full = avg_eval.evaluate_recall(gen, params, shardings, mesh,

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -17,6 +18,7 @@ from avg_jax.stages import prepare
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
+from helpers import flip_bytes
 
 SMALL = ("data.num_train=60", "data.num_val=8", "data.num_test=8",
          "text_tokenizer.vocab_size=100")
@@ -94,7 +96,8 @@ def test_prepare_is_idempotent(tmp_path, tiny_config, capsys):
   assert [r["reused"] for r in records] == [False] * 3 + [True] * 3
   assert {r["split"]: r["num_images"] for r in records} == {"train": 60, "val": 8, "test": 8}
   # A different data config in the same workdir is refused, naming the change.
-  with pytest.raises(UserError, match=r"made from other inputs \(data.generator_seed: 0 -> 3\)"):
+  with pytest.raises(UserError,
+                     match=r"made from other inputs \(config.data.generator_seed: 0 -> 3\)"):
     prepare.run(tiny_config(*SMALL, "data.generator_seed=3"), workdir)
 
 
@@ -130,6 +133,19 @@ def test_half_written_outputs_are_detected_and_redone(tmp_path, tiny_config, cap
   assert prepared_lib.check_prepared(prepared)[0] == "complete"
   assert os.path.getsize(record_file) == good[os.path.relpath(record_file, prepared)][0]
   assert len(dataset.image_source(workdir, "train")) == 60
+
+  # Bytes changed in place (the same size): readers refuse the file, prepare redoes it.
+  written = io.file_sha256(record_file)
+  flip_bytes(record_file, count=4)
+  with pytest.raises(UserError, match=(
+      rf"^{re.escape(record_file)} does not match its checksum \(changed since it was "
+      rf"written\); rerun `avg-jax prepare` \(it rewrites it\)$")):
+    dataset.image_source(workdir, "train")
+  assert prepared_lib.check_prepared(prepared)[0] == "incomplete"
+  prepare.run(config, workdir)
+  out = capsys.readouterr().out
+  assert "is incomplete (damaged: " in out and "kept" not in out
+  assert io.file_sha256(record_file) == written
 
   # No dataset_info.json (e.g. a copy that stopped half-way): prepared again.
   os.remove(os.path.join(prepared, "dataset_info.json"))

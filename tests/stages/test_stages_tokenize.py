@@ -33,6 +33,7 @@ def _write_embeddings(workdir, dim=12, seed=0):
     os.makedirs(paths.embed_dir(workdir), exist_ok=True)
     np.savez(paths.embeddings_file(workdir, split), image_ids=image_ids, image_emb=emb,
              caption_image_ids=cap_ids, caption_emb=cap)
+    embeddings_lib.record(workdir, paths.embeddings_file(workdir, split))  # as embed does
 
 
 def _write_pseudo_queries(workdir, seed=1):
@@ -46,6 +47,7 @@ def _write_pseudo_queries(workdir, seed=1):
           size=(2 * len(f["image_ids"]), f["image_emb"].shape[1])))
   np.savez(os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz"),
            image_ids=np.concatenate(ids), query_emb=np.concatenate(emb).astype(np.float32))
+  embeddings_lib.record(workdir, os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz"))
 
 
 def _config(repo_root, scheme, mesh=("data=4", "model=2"), protocol="inductive", **extra):
@@ -211,6 +213,7 @@ def test_bad_embeddings_and_scheme_are_user_errors(tmp_path, repo_root):
   np.savez(paths.embeddings_file(workdir, "train"), image_ids=np.arange(3),
            image_emb=np.zeros((3, 4), np.float32), caption_image_ids=np.array([0, 7]),
            caption_emb=np.zeros((2, 4), np.float32))
+  embeddings_lib.record(workdir, paths.embeddings_file(workdir, "train"))
   with pytest.raises(UserError, match="caption_image_ids"):
     tokenize.run(_config(repo_root, "random"), workdir)
   with pytest.raises(UserError, match="tokenizer.scheme"):
