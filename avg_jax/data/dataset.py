@@ -94,8 +94,8 @@ def text_tokenizer_file(workdir: str) -> str:
 def record_source(workdir: str, split: str) -> Any:
   """The raw TFDS data source of a split: records with `image` still PNG/JPEG bytes and text
   fields as bytes. Random access, picklable. Damaged prepared files are `UserError`s: every
-  file's size, and the contents of this split's files (SHA-256: about 1 ms per MB, less than
-  decoding the images it protects)."""
+  file's size, and the contents of this split's files (SHA-256: a few ms per MB, less than
+  decoding the images it protects; NOTES.md, "Checksums: what verification costs")."""
   info = load_info(workdir)
   _check_split(info, split, workdir)
   check_files(workdir, info)
