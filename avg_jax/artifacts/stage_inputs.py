@@ -47,6 +47,10 @@ class Stage:
 
 # Validation while a generator trains: metrics.jsonl only, never the parameters.
 _VALIDATION = "the validation search while training (its metrics only)"
+# Whether the disambiguation position is a target ("learned") is recorded with the voken
+# table's digest (`Generator.table_hash`) by train and rank; similarity and image_id train the
+# same generator (the rank stage's candidate search has no query embeddings to order by).
+_TARGETS = "which targets: in the record's voken table digest"
 
 # In pipeline order: a stage's upstream stages come before it.
 STAGES: dict[str, Stage] = {
@@ -82,15 +86,13 @@ STAGES: dict[str, Stage] = {
                # Which fit's voken table it is trained on (transductive: `<scheme>+pseudo`).
                "tokenizer.fit_on_pseudo_queries"),
         reports={"decode": _VALIDATION, "evaluate.recall_ks": _VALIDATION,
-                 # Whether the disambiguation position is a target ("learned") is recorded
-                 # with the voken table's digest (`Generator.table_hash`): similarity and
-                 # image_id train the same generator.
-                 "decode.tie_break": "which targets: in the record's voken table digest"}),
+                 "decode.tie_break": _TARGETS}),
     "rank": Stage(
         upstream=("prepare", "tokenize", "train"),
         # The candidates of the listwise loss come from the search: its scoring settings.
-        reads=("rank", "decode.mask_mode", "decode.voken_logits_only", "decode.tie_break"),
-        reports={"decode": _VALIDATION, "evaluate.recall_ks": _VALIDATION}),
+        reads=("rank", "decode.mask_mode", "decode.voken_logits_only"),
+        reports={"decode": _VALIDATION, "evaluate.recall_ks": _VALIDATION,
+                 "decode.tie_break": _TARGETS}),
     "evaluate": Stage(
         # It also runs the tokenize / train / rank stages of the schemes it compares.
         upstream=("prepare", "embed", "tokenize", "train", "rank"),

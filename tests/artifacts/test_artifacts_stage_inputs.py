@@ -155,8 +155,8 @@ KNOWN = {
     "encoder_train.steps": {"embed", "tokenize", "train", "rank", "evaluate", "export"},
     "data.num_train": set(stage_inputs.STAGES),
     "decode.beam_size": {"evaluate", "export"},
-    # train: "learned" (a target more) reaches it through its record's voken table digest.
-    "decode.tie_break": {"rank", "evaluate", "export"},
+    # train, rank: "learned" (a target more) reaches them through the voken table digest.
+    "decode.tie_break": {"evaluate", "export"},
     "evaluate.recall_ks": {"evaluate"},
     "export.max_query_chars": {"export"},
     "train.log_every": set(), "train.checkpoint_every": set(), "train.eval_every": set(),
