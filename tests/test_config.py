@@ -86,7 +86,7 @@ def test_cli_default_config_from_another_directory(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip() == ("avg-jax: error: config data.name: unknown dataset 'nope' "
-                                 "(expected one of avg_shapes, karpathy)")
+                                 "(expected one of avg_shapes, karpathy, emoji)")
 
 
 def test_karpathy_local_config(repo_root, tmp_path, monkeypatch):

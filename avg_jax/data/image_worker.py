@@ -5,7 +5,7 @@
                       data, timeout=10.0)          # uint8 [64, 64, 3], or ImageProblem
 
 A worker is a child process (`python -m avg_jax.data.image_worker`) that runs
-`images.worker_job` on one request at a time, read from its stdin, answered on its stdout. It
+`image_decode.worker_job` on one request at a time, read from its stdin, answered on its stdout. It
 is a process, not a thread, so that a decoder that hangs (a slow SVG drawing, a parser bug)
 can be killed: past `timeout` the worker is killed (SIGKILL) and the request answered with
 "took longer than T s to decode (stopped)"; the next request starts a fresh worker. The
@@ -19,7 +19,7 @@ at nice 10) has its own generous bound (`STARTUP_TIMEOUT_S`) and never counts ag
 request's time budget.
 
 Wire format, both ways: 4-byte big-endian length + a JSON header, 8-byte length + a payload.
-Request header: `images.worker_job`'s params; payload: the encoded image. Answer header:
+Request header: `image_decode.worker_job`'s params; payload: the encoded image. Answer header:
 {"problem": reason} or {"shape": [...]} / {"none": true}; payload: the uint8 pixels.
 """
 
@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from avg_jax.data.images import ImageProblem
+from avg_jax.data.image_decode import ImageProblem
 
 # Tests only: a request whose payload starts with these bytes makes the worker sleep for an
 # hour, to stand for a decoder that never returns (set in the worker's environment).
@@ -94,7 +94,7 @@ class Worker:
     return self._proc.pid if self._proc is not None else None
 
   def run(self, params: dict, data: bytes, timeout: float) -> np.ndarray | None:
-    """`images.worker_job(params, data)` in the worker; `ImageProblem` with its reason, or
+    """`image_decode.worker_job(params, data)` in the worker; `ImageProblem` with its reason, or
     "took longer than ..." when the worker had to be killed."""
     self.start()
     try:
@@ -258,7 +258,7 @@ def _read_exactly(stream, n: int) -> bytes:
 
 def main(argv: list[str]) -> int:
   _limit_self(int(argv[0]) if argv else DEFAULT_MEMORY_BYTES)
-  from avg_jax.data import images
+  from avg_jax.data import image_decode
   import resvg_py  # noqa: F401 - loaded now, not on the first SVG
   hang_on = os.environ.get(HANG_ENV, "").encode()
   stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -274,7 +274,7 @@ def main(argv: list[str]) -> int:
     if hang_on and data.startswith(hang_on):
       time.sleep(3600)
     try:
-      pixels = images.worker_job(params, data)
+      pixels = image_decode.worker_job(params, data)
     except ImageProblem as e:
       answer = _frame({"problem": str(e)}, b"")
     except MemoryError:

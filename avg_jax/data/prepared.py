@@ -79,7 +79,11 @@ def data_identity(config: Any) -> dict:
     except OSError as e:
       raise UserError(f"{_model_path_key(config)} not readable: {model_path} "
                       f"({e.strerror})") from e
-  return dict(stage_inputs.inputs("prepare", config), format_version=FORMAT_VERSION)
+  identity = dict(stage_inputs.inputs("prepare", config), format_version=FORMAT_VERSION)
+  if config.data.name == "emoji":  # pinned packages and caption rules: code, not config
+    from avg_jax.data import emoji  # noqa: PLC0415
+    identity["emoji"] = {"packages": emoji.PACKAGES, "rules": emoji.RULES_VERSION}
+  return identity
 
 
 # Keys of the text tokenizer, trained or loaded after the shards are written.
@@ -193,19 +197,21 @@ def _split_statistics(builder_dir: str, split: str, tokenizer: TextTokenizer,
   return stats, attributes.frequencies() if want_attributes else None
 
 
-def _write_pseudo_queries(config: Any, builder_dir: str,
-                          out_path: str) -> tuple[dict[str, int], list[str]]:
+def _write_pseudo_queries(config: Any, builder_dir: str, out_path: str,
+                          source: builders.Source) -> tuple[dict[str, int], list[str]]:
   """Writes `pseudo_queries.jsonl` (see `avg_jax.data.pseudo_queries`); -> (count per split,
   the pseudo queries of training images)."""
   d = config.data
   records = {split: dataset_lib.records_in(builder_dir, split) for split in builders.SPLITS}
   split_of = {}
-  for split, source in records.items():
-    for i in range(len(source)):
-      split_of[int(source[i]["image_id"])] = split
+  for split, split_records in records.items():
+    for i in range(len(split_records)):
+      split_of[int(split_records[i]["image_id"])] = split
   if d.name == "avg_shapes":
     pairs = list(pseudo_lib.shapes_pairs(records, int(d.generator_seed),
                                          int(d.pseudo_queries_per_image)))
+  elif source.pseudo_queries is not None:  # the source's own (emoji)
+    pairs = source.pseudo_queries
   elif d.pseudo_queries:
     pairs = pseudo_lib.read_user_file(d.pseudo_queries, set(split_of))
   else:
@@ -249,7 +255,8 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
                              shard_tag(identity))
   lap("assemble")
   pseudo_counts, train_pseudo = _write_pseudo_queries(config, result.builder_dir,
-                                                      os.path.join(tmp, pseudo_lib.FILE_NAME))
+                                                      os.path.join(tmp, pseudo_lib.FILE_NAME),
+                                                      source)
   lap("pseudo_queries")
   tokenizer, tokenizer_source = _make_tokenizer(
       config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME), train_pseudo)
