@@ -2,6 +2,10 @@
 and saves a full-page screenshot.
 
     python docs/serve_screenshot.py --model runs/smoke/export --out docs/serve_page.png
+    python docs/serve_screenshot.py --model runs/emoji/export --query-from runs/emoji --seed 0
+
+`--query-from WORKDIR` searches for a caption drawn at random (`--seed`) from that workdir's
+test split instead of `--query`.
 
 Needs Debian's `chromium` (`launch/local.sh test` installs it when run as root) and playwright
 (requirements.txt); no browser is downloaded. tests/serve/test_browser.py drives the page with
@@ -57,6 +61,18 @@ def search(page, url: str, query: str, k: int) -> None:
       "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
 
 
+def random_test_caption(workdir: str, seed: int) -> str:
+  """One caption of the workdir's prepared test split, drawn with `seed` (uniform over the
+  split's captions)."""
+  import numpy as np
+  from avg_jax.data import dataset
+  source = dataset.image_source(workdir, "test", decode_image=False)
+  captions = [str(c) for i in range(len(source)) for c in source[i]["captions"]]
+  if not captions:
+    raise ValueError(f"{workdir}: the test split has no caption")
+  return captions[int(np.random.default_rng(seed).integers(len(captions)))]
+
+
 def screenshot(page, path: pathlib.Path) -> None:
   page.screenshot(path=str(path), full_page=True)
 
@@ -66,8 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--model", required=True, help="an export folder")
   parser.add_argument("--out", default="docs/serve_page.png")
   parser.add_argument("--query", default=QUERY)
+  parser.add_argument("--query-from", default="", metavar="WORKDIR",
+                      help="search a random test caption of this workdir instead")
+  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--k", type=int, default=10)
   args = parser.parse_args(argv)
+  query = random_test_caption(args.query_from, args.seed) if args.query_from else args.query
   if chromium() is None:
     print("serve_screenshot: error: no chromium (the Debian package 'chromium')", file=sys.stderr)
     return 2
@@ -75,11 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   server = ServerProcess(args.model)
   try:
     with tempfile.TemporaryDirectory() as profile, browser_page(profile) as page:
-      search(page, server.url, args.query, args.k)
+      search(page, server.url, query, args.k)
       screenshot(page, pathlib.Path(args.out))
   finally:
     code = server.stop()
-  print(f"serve_screenshot: wrote {args.out} (server exit {code})")
+  print(f"serve_screenshot: wrote {args.out} for {query!r} (server exit {code})")
   return 0 if code == 0 else 1
 
 

@@ -63,3 +63,12 @@ def test_screenshot_script_on_the_tiny_export(serve_export, tmp_path, monkeypatc
   assert SCRIPT.main(["--model", str(serve_export), "--out", str(out), "--k", "5"]) == 0
   assert out.read_bytes().startswith(b"\x89PNG")
   assert "(server exit 0)" in capsys.readouterr().out
+
+
+def test_the_pictures_query_is_a_test_caption_drawn_by_seed(tiny_workdir):
+  from avg_jax.data import dataset
+  source = dataset.image_source(str(tiny_workdir), "test", decode_image=False)
+  captions = {str(c) for i in range(len(source)) for c in source[i]["captions"]}
+  drawn = [SCRIPT.random_test_caption(str(tiny_workdir), seed) for seed in (0, 0, 1, 2, 3)]
+  assert drawn[0] == drawn[1] and set(drawn) <= captions
+  assert len(set(drawn)) > 1       # seeds draw different captions (10+ test captions)
