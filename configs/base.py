@@ -198,6 +198,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       # Transductive protocol: each pseudo query of an indexed image appears this many times
       # per epoch (the training captions once).
       pseudo_query_repeats=1,
+      # Also train on the training images' own pseudo queries (both protocols: they are never
+      # queries). Off: they train the text tokenizer only (NOTES.md, issue 28).
+      pseudo_queries_of_training_images=False,
       checkpoint_every=1000,
       keep_checkpoints=3,
       async_checkpointing=True,

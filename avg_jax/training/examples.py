@@ -3,7 +3,8 @@
 Examples are (query tokens, target tokens) pairs: every caption of every training image, and
 under the transductive protocol (`config.protocol`) every pseudo query of the indexed (val /
 test) images, `train.pseudo_query_repeats` times, with the identifier of its image in its own
-split's index. Batches come from grain (avg_jax.data.pipeline), sharded over the mesh.
+split's index; with `train.pseudo_queries_of_training_images`, the training images' pseudo
+queries too (either protocol). Batches come from grain (avg_jax.data.pipeline), sharded over the mesh.
 """
 
 import logging
@@ -36,17 +37,19 @@ class Examples:
     return {"inputs": self.inputs[index], "targets": self.targets[index]}
 
 
-def pseudo_examples(workdir: str, gen, repeats: int) -> tuple[np.ndarray, list[str]]:
-  """The transductive protocol's extra examples: `(image ids [M], M pseudo queries)` of the
-  indexed images, each `repeats` times."""
-  indexed = [s for s in gen.training_splits() if s != "train"]
+def pseudo_examples(workdir: str, gen, repeats: int, of_training_images: bool = False
+                    ) -> tuple[np.ndarray, list[str]]:
+  """The extra examples: `(image ids [M], M pseudo queries)` of the indexed val / test images
+  (transductive protocol) and, with `of_training_images`, of the training images (either
+  protocol), each `repeats` times."""
+  indexed = [s for s in gen.training_splits() if s != "train" or of_training_images]
   if not indexed:
     return np.zeros((0,), np.int64), []
   image_ids = np.concatenate([gen.table[s][0] for s in indexed])
   ids, queries = pseudo_lib.of_images(workdir, image_ids)
   if not queries:
-    log.warning("protocol 'transductive' but the prepared data has no pseudo queries for the "
-                "%s images: training sees the training captions only", "/".join(indexed))
+    log.warning("the prepared data has no pseudo queries for the %s images: training sees "
+                "the training captions only", "/".join(indexed))
   return np.tile(ids, repeats), queries * repeats
 
 
@@ -58,7 +61,9 @@ def training_source(config: ConfigDict, workdir: str, gen) -> grain.MapDataset:
   row_of = {int(i): r for r, i in enumerate(np.concatenate(ids))}
   targets = np.concatenate(targets)
   caption_ids, texts = dataset.read_texts(workdir, "train")
-  pseudo_ids, queries = pseudo_examples(workdir, gen, int(config.train.pseudo_query_repeats))
+  pseudo_ids, queries = pseudo_examples(
+      workdir, gen, int(config.train.pseudo_query_repeats),
+      bool(config.train.pseudo_queries_of_training_images))
   example_ids = np.concatenate([caption_ids, pseudo_ids])
   inputs = gen.tokenizer.encode_batch(texts + queries, int(config.text_tokenizer.max_length))
   rows = np.asarray([row_of[int(i)] for i in example_ids], np.int64)

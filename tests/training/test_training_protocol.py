@@ -48,6 +48,37 @@ def test_pseudo_queries_of_indexed_images_are_training_examples(repo_root, tiny_
     np.testing.assert_array_equal(first["inputs"], expected)
 
 
+def test_training_images_pseudo_queries_when_asked_in_either_protocol(repo_root, tiny_workdir,
+                                                                       tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(tiny_workdir, workdir)
+  captions = len(dataset.read_texts(str(workdir), "train")[1])
+  pseudo_ids, queries = pseudo_lib.load(str(workdir))
+  for protocol in ("inductive", "transductive"):
+    config = _config(repo_root, f"protocol={protocol}",
+                     "train.pseudo_queries_of_training_images=true")
+    tokenize_stage.run(config, str(workdir))
+    gen = generator_lib.load_generator(config, str(workdir), "avg")
+    source = examples.training_source(config, str(workdir), gen)
+    splits = ("train",) if protocol == "inductive" else ("train", "val", "test")
+    mine = np.isin(pseudo_ids, np.concatenate([gen.table[s][0] for s in splits]))
+    assert mine.sum() == 5 * sum(len(gen.table[s][0]) for s in splits)
+    assert len(source) == captions + int(mine.sum())
+    # Every training image's pseudo query is an example whose target is that image's
+    # identifier in the training index (file order, after the captions).
+    ids, targets = gen.targets("train")
+    row = {int(i): r for r, i in enumerate(ids)}
+    train_rows = np.flatnonzero(np.isin(pseudo_ids[mine], ids))
+    assert len(train_rows) == 5 * len(ids)
+    for k in train_rows[:3]:
+      example, image_id = source[captions + int(k)], int(pseudo_ids[mine][k])
+      np.testing.assert_array_equal(example["targets"], targets[row[image_id]])
+      query = np.asarray(queries)[mine][k]
+      np.testing.assert_array_equal(
+          example["inputs"],
+          gen.tokenizer.encode_batch([query], config.text_tokenizer.max_length)[0])
+
+
 def test_targets_follow_the_tie_break(repo_root, tiny_workdir):
   learned = generator_lib.load_generator(_config(repo_root, "decode.tie_break=learned"),
                                          str(tiny_workdir), "avg")
