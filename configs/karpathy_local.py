@@ -52,4 +52,8 @@ def get_config(arg=None):
   # batches (at least 4 points per code of smoke's 64; the sampler wraps around small data).
   c.tokenizer.batch_size = 64
   c.tokenizer.kmeans_init_batches = 4
+  # Your data's retrieval numbers, not the paper's identifier ablations (rq, hkmeans, atomic:
+  # one more generator each; the main job runs them on avg_shapes). Add them back with
+  # --config.evaluate.methods='("two_tower","avg","avg_ltr","avg_hybrid","rq","hkmeans","atomic")'.
+  c.evaluate.methods = ("two_tower", "avg", "avg_ltr", "avg_hybrid")
   return c
