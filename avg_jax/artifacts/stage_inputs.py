@@ -52,6 +52,14 @@ _VALIDATION = "the validation search while training (its metrics only)"
 # same generator (the rank stage's candidate search has no query embeddings to order by).
 _TARGETS = "which targets: in the record's voken table digest"
 
+# Keys added after outputs were first recorded, with the value that does what the code did
+# before them. At that value a key is left out of the record, so an output made before the key
+# existed stays valid (a user's trained models survive an upgrade); any other value is an
+# input like the rest.
+ADDED_KEYS: dict[str, Any] = {
+    "train.pseudo_queries_of_training_images": False,
+}
+
 # In pipeline order: a stage's upstream stages come before it.
 STAGES: dict[str, Stage] = {
     "prepare": Stage(
@@ -256,7 +264,8 @@ def inputs(stage: str, config: Any, overrides: Mapping[str, Any] | None = None,
   stage that checks or makes a later output never needs the input files again."""
   values = leaves(config)
   values.update(overrides or {})
-  keys = input_keys(stage, values)
+  keys = [k for k in input_keys(stage, values)
+          if not (k in ADDED_KEYS and values[k] == ADDED_KEYS[k])]
   if workdir is not None:
     files = _prepared_files(workdir)
   else:

@@ -8,6 +8,7 @@
 - docs/fingerprints.md is the table these define.
 """
 
+import json
 import pathlib
 
 import pytest
@@ -188,3 +189,22 @@ def test_doc_table_is_current():
   assert table in text, (f"{DOC.relative_to(REPO_ROOT)} is out of date with {TABLE}: replace "
                          f"its table with the output of `.venv/bin/python -m "
                          f"avg_jax.artifacts.stage_inputs`")
+
+
+def test_a_key_added_later_keeps_older_outputs_valid_at_its_old_behaviour(tmp_path):
+  from avg_jax.artifacts import fingerprint
+  config = _load("smoke.py:tiny")
+  for key, old_value in stage_inputs.ADDED_KEYS.items():
+    stage = next(s for s in stage_inputs.STAGES if stage_inputs.reads_key(s, key))
+    at_old = stage_inputs.inputs(stage, config)
+    assert key not in at_old["config"]
+    # An output recorded before the key existed (its record lacks the key) is still made
+    # from this config; with the key at another value it is not.
+    older = {**at_old, "config": {k: v for k, v in at_old["config"].items() if k != key}}
+    (tmp_path / fingerprint.RECORD).write_text(json.dumps(
+        {"format": fingerprint.FORMAT, "complete": True, "inputs": older}))
+    assert fingerprint.made_from(str(tmp_path), at_old) == ""
+    changed = stage_inputs.inputs(stage, config, {key: not old_value})
+    assert changed["config"][key] == (not old_value)
+    assert {k: v for k, v in changed["config"].items() if k != key} == at_old["config"]
+    assert key in fingerprint.made_from(str(tmp_path), changed)
