@@ -74,20 +74,10 @@ def _array_record(workdir, split):
   return path
 
 
-def test_flipped_array_record_is_named_and_prepare_redoes_it(repo_root, workdir, capsys):
-  path = _array_record(workdir, "train")
-  written = io.file_sha256(path)
-  flip_bytes(path, count=4)
-  rc, err = _stage(repo_root, workdir, "train", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax prepare` (it "
-                             f"rewrites it)"]
-  rc, out, _ = _run(repo_root, workdir, "prepare", capsys)
-  assert rc == 0 and f"is incomplete (damaged: {path} {CHANGED}); preparing it again" in out
-  assert "kept" not in out and io.file_sha256(path) == written
-
-
-def test_flipped_text_tokenizer_is_named_and_prepare_redoes_it(repo_root, workdir, capsys):
-  path = paths.text_tokenizer_model(str(workdir))
+@pytest.mark.parametrize("which", ["train array_record", "text tokenizer"])
+def test_flipped_prepared_file_is_named_and_prepare_redoes_it(repo_root, workdir, capsys, which):
+  path = (_array_record(workdir, "train") if which == "train array_record"
+          else paths.text_tokenizer_model(str(workdir)))
   written = io.file_sha256(path)
   flip_bytes(path, count=4)
   rc, err = _stage(repo_root, workdir, "train", capsys)

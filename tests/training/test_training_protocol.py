@@ -17,12 +17,17 @@ def _config(repo_root, *overrides):
   return config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), list(overrides))
 
 
-def test_pseudo_queries_of_indexed_images_are_training_examples(repo_root, tiny_workdir,
-                                                                tmp_path):
+def _copy(tiny_workdir, tmp_path):
+  """A writable copy of the tiny workdir, its training caption count and pseudo queries."""
   workdir = tmp_path / "w"
   shutil.copytree(tiny_workdir, workdir)
   captions = len(dataset.read_texts(str(workdir), "train")[1])
-  pseudo_ids, queries = pseudo_lib.load(str(workdir))
+  return workdir, captions, *pseudo_lib.load(str(workdir))
+
+
+def test_pseudo_queries_of_indexed_images_are_training_examples(repo_root, tiny_workdir,
+                                                                tmp_path):
+  workdir, captions, pseudo_ids, queries = _copy(tiny_workdir, tmp_path)
   for protocol, repeats in (("transductive", 1), ("transductive", 2), ("inductive", 1)):
     config = _config(repo_root, f"protocol={protocol}", f"train.pseudo_query_repeats={repeats}")
     tokenize_stage.run(config, str(workdir))
@@ -50,10 +55,7 @@ def test_pseudo_queries_of_indexed_images_are_training_examples(repo_root, tiny_
 
 def test_training_images_pseudo_queries_when_asked_in_either_protocol(repo_root, tiny_workdir,
                                                                        tmp_path):
-  workdir = tmp_path / "w"
-  shutil.copytree(tiny_workdir, workdir)
-  captions = len(dataset.read_texts(str(workdir), "train")[1])
-  pseudo_ids, queries = pseudo_lib.load(str(workdir))
+  workdir, captions, pseudo_ids, queries = _copy(tiny_workdir, tmp_path)
   for protocol in ("inductive", "transductive"):
     config = _config(repo_root, f"protocol={protocol}",
                      "train.pseudo_queries_of_training_images=true")
