@@ -17,8 +17,8 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 from avg_jax.errors import Preempted, UserError
 from avg_jax.stages import PIPELINE
@@ -34,8 +34,16 @@ def stage_modules() -> dict[str, ModuleType]:
   """`{name: module}` of the pipeline's stages, in order (imported on first use, so that
   `--help`, `search` and `serve` start without them)."""
   from avg_jax.stages import embed, evaluate, export, prepare, rank, tokenize, train
-  modules = dict(prepare=prepare, embed=embed, tokenize=tokenize, train=train, rank=rank,
-                 evaluate=evaluate, export=export)
+
+  modules = dict(
+    prepare=prepare,
+    embed=embed,
+    tokenize=tokenize,
+    train=train,
+    rank=rank,
+    evaluate=evaluate,
+    export=export,
+  )
   return {name: modules[name] for name in PIPELINE}
 
 
@@ -47,7 +55,7 @@ def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("--config."):
-      body = arg[len("--config."):]
+      body = arg[len("--config.") :]
       if "=" not in body:
         if i + 1 >= len(argv):
           raise UserError(f"config override {arg} has no value")
@@ -62,12 +70,16 @@ def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="avg-jax", description="AVG: text-to-image retrieval as voken generation (JAX).")
+    prog="avg-jax", description="AVG: text-to-image retrieval as voken generation (JAX)."
+  )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   def common(p):
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="config file[:arg], e.g. configs/smoke.py:tiny (default: %(default)s)")
+    p.add_argument(
+      "--config",
+      default=DEFAULT_CONFIG,
+      help="config file[:arg], e.g. configs/smoke.py:tiny (default: %(default)s)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
   for name in PIPELINE:
@@ -82,23 +94,46 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("name", choices=sorted(BENCHES))
   p.add_argument("--workdir", default=os.path.join("runs", "bench"))
   p.add_argument("--quick", action="store_true", help="smallest sizes only (for tests)")
-  p.add_argument("--accelerator", action="store_true",
-                 help="bench train: measure on the attached GPU/TPU (bfloat16, paper batch)")
-  p.add_argument("--peak-tflops", type=float, default=0.0,
-                 help="bench train --accelerator: peak TFLOP/s of one device, for MFU")
-  p.add_argument("--model", default="",
-                 help="bench serve: export to serve (default: <workdir>/export)")
-  p.add_argument("--clients", default="1,8,64",
-                 help="bench serve: concurrent client counts (%(default)s)")
-  p.add_argument("--duration", type=float, default=60.0,
-                 help="bench serve: seconds per client count (%(default)s)")
-  p.add_argument("--hostile", type=int, default=0,
-                 help="bench serve: also run each level with N hostile clients mixed in")
-  p = sub.add_parser("compile", help="ahead-of-time compile the steps for a TPU topology "
-                     "(needs the libtpu extra: requirements-tpu.txt)")
+  p.add_argument(
+    "--accelerator",
+    action="store_true",
+    help="bench train: measure on the attached GPU/TPU (bfloat16, paper batch)",
+  )
+  p.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=0.0,
+    help="bench train --accelerator: peak TFLOP/s of one device, for MFU",
+  )
+  p.add_argument(
+    "--model", default="", help="bench serve: export to serve (default: <workdir>/export)"
+  )
+  p.add_argument(
+    "--clients", default="1,8,64", help="bench serve: concurrent client counts (%(default)s)"
+  )
+  p.add_argument(
+    "--duration",
+    type=float,
+    default=60.0,
+    help="bench serve: seconds per client count (%(default)s)",
+  )
+  p.add_argument(
+    "--hostile",
+    type=int,
+    default=0,
+    help="bench serve: also run each level with N hostile clients mixed in",
+  )
+  p = sub.add_parser(
+    "compile",
+    help="ahead-of-time compile the steps for a TPU topology "
+    "(needs the libtpu extra: requirements-tpu.txt)",
+  )
   common(p)
-  p.add_argument("--topology", required=True,
-                 help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x1 (or v5e-16, v4-32, v5p-8)")
+  p.add_argument(
+    "--topology",
+    required=True,
+    help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:2x2x1 (or v5e-16, v4-32, v5p-8)",
+  )
   p.add_argument("--out", default="", help="write the report as JSON to this path")
   p = sub.add_parser("search", help="answer queries with an exported model")
   p.add_argument("--model", required=True, help="exported serving checkpoint directory")
@@ -107,10 +142,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--debug", action="store_true")
   p.add_argument("queries", nargs="*", help="queries (default: one per line on stdin)")
   from avg_jax.export import index_cli  # argparse only here; the Retriever loads lazily
+
   index_cli.add_arguments(sub)
 
   p = sub.add_parser("serve", help="HTTP search service and search page for an export")
   from avg_jax.serve import options  # argparse only: cheap
+
   options.add_arguments(p)
   p.add_argument("--debug", action="store_true")
   return parser
@@ -118,10 +155,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_runtime() -> None:
   from avg_jax import runtime
+
   # Every command runs under the process settings the benchmarks measure with.
   runtime.prefer_heap_allocations()
   # grain's multiprocess workers read absl flags; mark them parsed once for the whole CLI.
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -134,20 +173,24 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
       raise UserError("search takes no --config overrides (the exported model has its config)")
     from avg_jax.export import search_cli
+
     return search_cli.main(args)
   if args.command == "index":
     if overrides:
       raise UserError("index takes no --config overrides (the exported model has its config)")
     from avg_jax.export import index_cli
+
     return index_cli.main(args)
   if args.command == "serve":
     if overrides:
       raise UserError("serve takes no --config overrides (the exported model has its config)")
     from avg_jax.serve import server
+
     return server.main(args)
 
   from avg_jax import config as config_lib
   from avg_jax import partitioning
+
   config = config_lib.load_config(args.config, overrides)
   with partitioning.rules_in_use(config.partitioning.rules):
     return _run_with_config(args, config, overrides)
@@ -156,11 +199,20 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 def _run_with_config(args, config, overrides) -> int:
   """A command that reads the config, inside its sharding rules table."""
   from avg_jax import partitioning
+
   if args.command == "compile":
     # Ahead-of-time: one host process compiles for the whole slice; no distributed runtime.
-    argv = ["compile", "--config", args.config, "--topology", args.topology,
-            *(["--out", args.out] if args.out else []), *(f"--config.{o}" for o in overrides)]
+    argv = [
+      "compile",
+      "--config",
+      args.config,
+      "--topology",
+      args.topology,
+      *(["--out", args.out] if args.out else []),
+      *(f"--config.{o}" for o in overrides),
+    ]
     from avg_jax.aot import command
+
     command.run(config, args, argv)
     return 0
   bench = None
@@ -169,6 +221,7 @@ def _run_with_config(args, config, overrides) -> int:
   if bench is None or getattr(bench, "NEEDS_STAGES", ()):
     # Every input path the stages need, before any work (and before joining other processes).
     from avg_jax.stages import inputs
+
     inputs.check(config)
   partitioning.maybe_initialize_distributed(config.distributed)
   if bench is not None:
@@ -206,11 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A full disk is the user's to fix, whichever writer met it: one line, not a traceback
     # (the writers remove their temporary files on the way out).
     from avg_jax.artifacts import io
+
     if debug or not io.disk_full(e):
       raise
     where = io.failed_path(e)
-    print(f"avg-jax: error: no space left on device{': ' + where if where else ''}; free "
-          f"space and rerun", file=sys.stderr)
+    print(
+      f"avg-jax: error: no space left on device{': ' + where if where else ''}; free "
+      f"space and rerun",
+      file=sys.stderr,
+    )
     return 2
 
 

@@ -5,7 +5,7 @@ optionally one line per item when several things are wrong at once (every missin
 The CLI prints it without a traceback and exits with status 2 (`--debug` shows the traceback).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _one_line(text) -> str:
@@ -31,6 +31,7 @@ class Preempted(Exception):
   """SIGTERM or a platform preemption notice: a checkpoint was saved; rerun to resume."""
 
   def __init__(self, step: int, directory: str):
-    super().__init__(f"preempted at step {step}; checkpoint saved in {directory}; "
-                     f"rerun the same command to resume")
+    super().__init__(
+      f"preempted at step {step}; checkpoint saved in {directory}; rerun the same command to resume"
+    )
     self.step = step

@@ -11,7 +11,8 @@ saves nothing after it, so the last good checkpoint stays the newest.
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax
 import jax
@@ -36,7 +37,7 @@ _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.glob
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array        # int32 scalar: optimizer steps taken
+  step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
   opt_state: Any
 
@@ -46,9 +47,11 @@ def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def make_train_step(loss_fn: Callable[..., tuple[jax.Array, dict]],
-                    tx: optax.GradientTransformation,
-                    schedule: Optional[optax.Schedule] = None) -> Callable:
+def make_train_step(
+  loss_fn: Callable[..., tuple[jax.Array, dict]],
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule | None = None,
+) -> Callable:
   """Builds `(state, batch, rng) -> (state, metrics)` from `loss_fn(params, batch, rng)`.
 
   `loss_fn` returns `(scalar loss, dict of scalar metrics)`.
@@ -63,8 +66,11 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, dict]],
     params = optax.apply_updates(state.params, updates)
     # Keep the last good parameters when this step diverged (the loop stops right after).
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state))
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+    )
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite)
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
@@ -100,12 +106,25 @@ class StopSignal:
     self._event.set()
 
 
-def fit(*, step_fn: Callable, state: TrainState, rng: jax.Array,
-        batches: Iterator[Any], num_steps: int, checkpointer: Checkpointer,
-        checkpoint_every: int, writer: MetricsWriter, data_iter: Any = None,
-        metadata: Optional[dict] = None, log_every: int = 10, examples_per_step: int = 0,
-        eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: int = 0,
-        stop: Optional[StopSignal] = None, desc: str = "train") -> TrainState:
+def fit(
+  *,
+  step_fn: Callable,
+  state: TrainState,
+  rng: jax.Array,
+  batches: Iterator[Any],
+  num_steps: int,
+  checkpointer: Checkpointer,
+  checkpoint_every: int,
+  writer: MetricsWriter,
+  data_iter: Any = None,
+  metadata: dict | None = None,
+  log_every: int = 10,
+  examples_per_step: int = 0,
+  eval_fn: Callable[[TrainState], dict] | None = None,
+  eval_every: int = 0,
+  stop: StopSignal | None = None,
+  desc: str = "train",
+) -> TrainState:
   """Runs `step_fn` from `state.step` to `num_steps`, logging, checkpointing and evaluating.
   A `state` past step 0 (restored) is announced, and `writer`'s records past it are dropped.
 
@@ -133,11 +152,11 @@ def fit(*, step_fn: Callable, state: TrainState, rng: jax.Array,
       if not bool(m["finite"]):
         good = checkpointer.latest_step()
         where = f"; last good checkpoint: step {good} in {checkpointer.directory}" if good else ""
-        raise TrainingDiverged(f"loss or gradient is not finite at step {s} "
-                               f"(loss={float(m['loss'])}){where}")
+        raise TrainingDiverged(
+          f"loss or gradient is not finite at step {s} (loss={float(m['loss'])}){where}"
+        )
     now = time.perf_counter()
-    mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]
-            if k != "finite"}
+    mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1] if k != "finite"}
     if "learning_rate" in mean:
       mean["learning_rate"] = float(fetched[-1][1]["learning_rate"])
     steps_done = step - last_log_step

@@ -16,7 +16,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -66,8 +67,9 @@ class MetricsWriter:
   """Appends metric records to `<workdir>/metrics.jsonl`; only process 0 writes. `run`:
   fields added to every record that identify this run among its stage's (see `drop_after`)."""
 
-  def __init__(self, workdir: str, stage: str, *, process_index: int = 0,
-               run: Optional[Mapping[str, Any]] = None):
+  def __init__(
+    self, workdir: str, stage: str, *, process_index: int = 0, run: Mapping[str, Any] | None = None
+  ):
     self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)
     self.stage = stage
@@ -78,8 +80,12 @@ class MetricsWriter:
 
   def write(self, **fields: Any) -> dict:
     """Writes one record `{"stage": ..., "time": ..., **run, **fields}` and returns it."""
-    record = {"stage": self.stage, "time": round(time.time(), 3), **_plain(self.run),
-              **_plain(fields)}
+    record = {
+      "stage": self.stage,
+      "time": round(time.time(), 3),
+      **_plain(self.run),
+      **_plain(fields),
+    }
     if self._enabled:
       with _file_lock(self.workdir), open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=False) + "\n")
@@ -87,7 +93,8 @@ class MetricsWriter:
 
   def _mine(self, record: dict) -> bool:
     return record.get("stage") == self.stage and all(
-        record.get(k) == v for k, v in _plain(self.run).items())
+      record.get(k) == v for k, v in _plain(self.run).items()
+    )
 
   def drop_after(self, step: int) -> int:
     """Removes this run's records whose `step` is past `step` (the run resumes there and
@@ -104,8 +111,12 @@ class MetricsWriter:
         except ValueError:
           kept.append(line)  # not ours to judge: keep what we cannot read
           continue
-        stale = (isinstance(record, dict) and self._mine(record)
-                 and isinstance(record.get("step"), int) and record["step"] > step)
+        stale = (
+          isinstance(record, dict)
+          and self._mine(record)
+          and isinstance(record.get("step"), int)
+          and record["step"] > step
+        )
         if not stale:
           kept.append(line if line.endswith("\n") else line + "\n")
       removed = len(lines) - len(kept)

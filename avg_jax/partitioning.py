@@ -12,7 +12,8 @@ import contextlib
 import contextvars
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,33 +29,34 @@ MESH_AXES = ("data", "fsdp", "model")
 # free in that array wins (flax semantics), so `batch` takes data+fsdp and parameters shard
 # their `embed` dimension over fsdp (ZeRO-3 style) and their wide dimension over `model`.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    # Indexed items (embeddings for brute-force search, trie nodes) shard like a batch.
-    ("items", ("data", "fsdp")),
-    ("beam", None),
-    ("length", None),
-    ("kv_length", None),
-    ("embed", "fsdp"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("vocab", "model"),
-    # Codebooks are small (K x e_dim) and read by every example: replicate them.
-    ("codebook", None),
-    ("code_dim", None),
-    ("levels", None),
-    ("layers", None),  # the stacked axis of nn.scan
-    ("relpos_buckets", None),
-    ("patch", None),
-    ("channels", None),
-    ("image_pixels", None),
+  ("batch", ("data", "fsdp")),
+  # Indexed items (embeddings for brute-force search, trie nodes) shard like a batch.
+  ("items", ("data", "fsdp")),
+  ("beam", None),
+  ("length", None),
+  ("kv_length", None),
+  ("embed", "fsdp"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("kv", None),
+  ("vocab", "model"),
+  # Codebooks are small (K x e_dim) and read by every example: replicate them.
+  ("codebook", None),
+  ("code_dim", None),
+  ("levels", None),
+  ("layers", None),  # the stacked axis of nn.scan
+  ("relpos_buckets", None),
+  ("patch", None),
+  ("channels", None),
+  ("image_pixels", None),
 )
 
 
 # The table in use, scoped (a context variable, not a module global): `rules_in_use` sets it
 # for one block, so two configs in one process (tests, notebooks) never see each other's.
-_rules_in_use: contextvars.ContextVar = contextvars.ContextVar("avg_jax_logical_rules",
-                                                              default=LOGICAL_RULES)
+_rules_in_use: contextvars.ContextVar = contextvars.ContextVar(
+  "avg_jax_logical_rules", default=LOGICAL_RULES
+)
 
 
 def _as_axes(value: Any) -> Any:
@@ -70,14 +72,17 @@ def checked_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]
   table = []
   for i, rule in enumerate(rules):
     if len(rule) != 2 or not isinstance(rule[0], str):
-      raise UserError(f"config partitioning.rules[{i}]: expected (logical name, mesh axes), "
-                      f"got {rule!r}")
+      raise UserError(
+        f"config partitioning.rules[{i}]: expected (logical name, mesh axes), got {rule!r}"
+      )
     axes = _as_axes(rule[1])
     names = () if axes is None else (axes,) if isinstance(axes, str) else axes
     unknown = [a for a in names if a not in MESH_AXES]
     if unknown:
-      raise UserError(f"config partitioning.rules[{i}] ({rule[0]!r}): unknown mesh axis "
-                      f"{unknown[0]!r} (known: {', '.join(MESH_AXES)})")
+      raise UserError(
+        f"config partitioning.rules[{i}] ({rule[0]!r}): unknown mesh axis "
+        f"{unknown[0]!r} (known: {', '.join(MESH_AXES)})"
+      )
     table.append((rule[0], axes))
   return tuple(table)
 
@@ -120,8 +125,10 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
       raise UserError(f"mesh: {num_devices} devices do not divide into fixed axes of size {fixed}")
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise UserError(f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                    f"devices, {num_devices} are available")
+    raise UserError(
+      f"mesh: shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+      f"devices, {num_devices} are available"
+    )
   return tuple(sizes)
 
 
@@ -139,14 +146,16 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
   return Mesh(device_array, MESH_AXES)
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh,
-                        rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+def logical_to_sharding(
+  logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None
+) -> Any:
   """Maps a pytree of logical `PartitionSpec`s to a pytree of `NamedSharding`s."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, _or_active(rules))
 
 
-def logical_sharding(mesh: Mesh, *names: str | None,
-                     rules: Sequence[tuple[str, Any]] | None = None) -> NamedSharding:
+def logical_sharding(
+  mesh: Mesh, *names: str | None, rules: Sequence[tuple[str, Any]] | None = None
+) -> NamedSharding:
   """The `NamedSharding` for one array whose dimensions have logical `names`."""
   return logical_to_sharding(PartitionSpec(*names), mesh, rules)
 
@@ -158,8 +167,10 @@ def abstract(tree: Any, shardings: Any = None, *, dtype: Any = None) -> Any:
   if shardings is None:
     shardings = jax.tree.map(lambda x: x.sharding, tree)
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype, sharding=s),
-      tree, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype, sharding=s),
+    tree,
+    shardings,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -171,8 +182,13 @@ def _unboxed(init_fn: Callable[..., Any], static: tuple, *args: Any) -> Any:
   return nn.unbox(init_fn(*static, *args))
 
 
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any, static: tuple = (),
-                 rules: Sequence[tuple[str, Any]] | None = None) -> tuple[Any, Any]:
+def sharded_init(
+  init_fn: Callable[..., Any],
+  mesh: Mesh,
+  *args: Any,
+  static: tuple = (),
+  rules: Sequence[tuple[str, Any]] | None = None,
+) -> tuple[Any, Any]:
   """Creates variables already sharded: no host ever holds the full unsharded tree.
 
   `init_fn(*static, *args)` returns a variable tree whose leaves may be
@@ -187,28 +203,32 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any, static: tu
   shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
   with activation_context(mesh, rules):
     variables = jax.jit(_unboxed, static_argnums=(0, 1), out_shardings=shardings)(
-        init_fn, static, *args)
+      init_fn, static, *args
+    )
   return variables, shardings
 
 
-def param_specs(abstract_variables: Any, mesh: Mesh,
-                rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+def param_specs(
+  abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None
+) -> Any:
   """Mesh `PartitionSpec` per leaf of a (possibly boxed) abstract variable tree."""
   shardings = logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
   return jax.tree.map(lambda s: s.spec, shardings)
 
 
 @contextlib.contextmanager
-def activation_context(mesh: Mesh,
-                       rules: Sequence[tuple[str, Any]] | None = None) -> Iterator[None]:
+def activation_context(
+  mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None
+) -> Iterator[None]:
   """Makes `nn.with_logical_constraint` inside models resolve against `mesh` and `rules`."""
-  set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh")
+  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
   with set_mesh(mesh), nn.logical_axis_rules(_or_active(rules)):
     yield
 
 
-def shard_host_batch(batch: Any, mesh: Mesh, *names: str | None,
-                     rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+def shard_host_batch(
+  batch: Any, mesh: Mesh, *names: str | None, rules: Sequence[tuple[str, Any]] | None = None
+) -> Any:
   """Turns each process's local numpy batch into global arrays sharded along `batch`.
 
   Every leaf is `[local_batch, ...]`; the global batch is the concatenation over processes in
@@ -237,8 +257,9 @@ def maybe_initialize_distributed(distributed_config: Mapping[str, Any]) -> None:
   enabled = distributed_config.get("enabled", "auto")
   if isinstance(enabled, str) and enabled.lower() != "auto":
     if enabled.lower() not in ("true", "false"):
-      raise UserError(f"config key distributed.enabled: expected auto, true or false, "
-                      f"got {enabled!r}")
+      raise UserError(
+        f"config key distributed.enabled: expected auto, true or false, got {enabled!r}"
+      )
     enabled = enabled.lower() == "true"
   if enabled == "auto":
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -250,7 +271,9 @@ def maybe_initialize_distributed(distributed_config: Mapping[str, Any]) -> None:
     jax.config.update("jax_cpu_collectives_implementation", collectives)
   kwargs = {}
   if distributed_config.get("coordinator_address"):
-    kwargs = dict(coordinator_address=distributed_config["coordinator_address"],
-                  num_processes=int(distributed_config["num_processes"]),
-                  process_id=int(distributed_config["process_id"]))
+    kwargs = dict(
+      coordinator_address=distributed_config["coordinator_address"],
+      num_processes=int(distributed_config["num_processes"]),
+      process_id=int(distributed_config["process_id"]),
+    )
   jax.distributed.initialize(**kwargs)

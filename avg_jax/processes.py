@@ -21,6 +21,7 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name`."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -31,6 +32,7 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return counts
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
 
 
@@ -40,6 +42,7 @@ def process_0_succeeded(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
@@ -48,5 +51,6 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
+
   flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
   return bool(np.asarray(flags).any())

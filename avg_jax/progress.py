@@ -10,7 +10,8 @@ when AVG_JAX_NO_PROGRESS is set.
 import os
 import sys
 import time
-from typing import Callable, Iterable, Iterator, Optional, TextIO, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO, TypeVar
 
 import tqdm
 
@@ -20,8 +21,9 @@ LOG_INTERVAL_S = 30.0
 _clock = time.monotonic  # seconds; tests replace it
 
 
-def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = "",
-             unit: str = "it") -> Iterable[T]:
+def progress(
+  iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it"
+) -> Iterable[T]:
   """Wraps `iterable` in a progress bar on stderr (plain lines when stderr is not a terminal).
 
   The result iterates like `iterable` and has tqdm's `update(n)`, `set_postfix(**values)` and
@@ -30,8 +32,16 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = 
   stream = sys.stderr
   if not disable and not _is_terminal(stream):
     return LogLines(iterable, total=total, desc=desc, unit=unit, file=stream)
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, file=stream,
-                   disable=disable, dynamic_ncols=True, leave=False)
+  return tqdm.tqdm(
+    iterable,
+    total=total,
+    desc=desc,
+    unit=unit,
+    file=stream,
+    disable=disable,
+    dynamic_ncols=True,
+    leave=False,
+  )
 
 
 def _is_terminal(stream) -> bool:
@@ -46,10 +56,17 @@ class LogLines:
   `interval_s` seconds of `clock`, each ending in a newline, and a closing line if any was
   written (so a log shows that the work it reported on ended, and in how long)."""
 
-  def __init__(self, iterable: Optional[Iterable[T]] = None, *, total: Optional[int] = None,
-               desc: str = "", unit: str = "it", file: Optional[TextIO] = None,
-               interval_s: float = LOG_INTERVAL_S,
-               clock: Optional[Callable[[], float]] = None):
+  def __init__(
+    self,
+    iterable: Iterable[T] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    file: TextIO | None = None,
+    interval_s: float = LOG_INTERVAL_S,
+    clock: Callable[[], float] | None = None,
+  ):
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
       total = len(iterable)
     self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
@@ -87,8 +104,10 @@ class LogLines:
   def _write(self, now: float, final: bool = False) -> None:
     done = f"{self.n}/{self.total}" if self.total else str(self.n)
     percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-    parts = [f"{self.desc + ': ' if self.desc else ''}{'done ' if final else ''}{done} "
-             f"{self.unit}{percent} in {now - self._start:.0f} s"]
+    parts = [
+      f"{self.desc + ': ' if self.desc else ''}{'done ' if final else ''}{done} "
+      f"{self.unit}{percent} in {now - self._start:.0f} s"
+    ]
     if self._postfix:
       parts.append(self._postfix)
     print(", ".join(parts), file=self.file or sys.stderr, flush=True)

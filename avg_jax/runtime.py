@@ -17,6 +17,7 @@ def prefer_heap_allocations() -> bool:
   """
   try:
     import ctypes
+
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False

@@ -24,9 +24,10 @@ UNK_ID = 2
 @dataclasses.dataclass(frozen=True)
 class VokenVocabulary:
   """Token-id layout of the voken rows appended to a text vocabulary."""
+
   text_vocab_size: int
-  codebook_size: int        # K
-  num_levels: int           # L
+  codebook_size: int  # K
+  num_levels: int  # L
   shared_codebook: bool = True
   disambiguation_size: int = 0  # D; 0 means identifiers have exactly L positions
 
@@ -78,8 +79,10 @@ class VokenVocabulary:
     bad = (codes < 0) | (codes >= sizes[None, :])
     if bad.any():
       row, col = np.argwhere(bad)[0]
-      raise UserError(f"{what}: code {int(codes[row, col])} at row {row}, position {col} is "
-                      f"outside [0, {int(sizes[col])})")
+      raise UserError(
+        f"{what}: code {int(codes[row, col])} at row {row}, position {col} is "
+        f"outside [0, {int(sizes[col])})"
+      )
     return codes.astype(np.int32)
 
   def codes_to_tokens(self, codes: np.ndarray) -> np.ndarray:

@@ -16,8 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from avg_jax.bench import common, growth  # noqa: E402
 from avg_jax.artifacts import io  # noqa: E402
+from avg_jax.bench import common, growth  # noqa: E402
 from avg_jax.errors import UserError  # noqa: E402
 
 
@@ -37,24 +37,36 @@ def main(argv=None) -> int:
   photo = tuple(int(x) for x in args.photo.split("x"))
   # The generated captions come from a small grammar: SentencePiece finds at most ~420 pieces
   # in them, under karpathy_local's 500, whatever N is.
-  overrides = [f"encoder_train.steps={args.encoder_steps}", "text_tokenizer.vocab_size=384",
-               *args.override]
+  overrides = [
+    f"encoder_train.steps={args.encoder_steps}",
+    "text_tokenizer.vocab_size=384",
+    *args.override,
+  ]
   rows = []
   try:
     for n in sizes:
-      rows.append(growth.run_size(n, os.path.abspath(args.root), args.config, overrides,
-                                  photo, args.render, keep=args.keep))
+      rows.append(
+        growth.run_size(
+          n, os.path.abspath(args.root), args.config, overrides, photo, args.render, keep=args.keep
+        )
+      )
       print(growth.table(rows[-1:]).splitlines()[-1], flush=True)
   except UserError as e:
     print(f"data_growth: error: {e}", file=sys.stderr)
     return 2
-  command = " ".join(["python", "benchmarks/data_growth.py",
-                      *(argv if argv is not None else sys.argv[1:])])
-  results = {"config": args.config, "overrides": overrides, "photo": list(photo), "rows": rows,
-             "machine": common.machine_info(command=command)}
+  command = " ".join(
+    ["python", "benchmarks/data_growth.py", *(argv if argv is not None else sys.argv[1:])]
+  )
+  results = {
+    "config": args.config,
+    "overrides": overrides,
+    "photo": list(photo),
+    "rows": rows,
+    "machine": common.machine_info(command=command),
+  }
   out = args.out or os.path.join(args.root, "data_growth.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  io.write_json(out, results)   # atomic: a killed run leaves no half-written results
+  io.write_json(out, results)  # atomic: a killed run leaves no half-written results
   print(growth.table(rows))
   print(f"results in {out}")
   return 0

@@ -36,8 +36,7 @@ def recall_at(scores: np.ndarray, caption_image: np.ndarray, ks=KS) -> dict:
   """`scores [captions, images]`, `caption_image int[captions]` -> {k: R@k in %}; a tie is
   ordered by the lower image row (stable sort), so callers break ties in the scores."""
   order = np.argsort(-scores, axis=1, kind="stable")
-  return {k: float(np.mean((order[:, :k] == caption_image[:, None]).any(axis=1)) * 100)
-          for k in ks}
+  return {k: float(np.mean((order[:, :k] == caption_image[:, None]).any(axis=1)) * 100) for k in ks}
 
 
 def perfect_generator_r1(codes: np.ndarray, caption_image: np.ndarray) -> float:
@@ -71,34 +70,50 @@ def measure(config, workdir: str, split: str, table_name: str) -> dict:
   image_ids, codes = table[split]
   if not np.array_equal(np.asarray(image_ids), np.asarray(data["image_ids"])):
     raise UserError(f"{workdir}: the voken table's {split} images differ from the embeddings'")
-  codes = np.asarray(codes)[:, :vocab.num_levels]
+  codes = np.asarray(codes)[:, : vocab.num_levels]
   image, caption = _unit(data["image_emb"]), _unit(data["caption_emb"])
   caption_image = np.asarray(data["caption_image_index"])
   similarity = caption @ image.T
   rq_config, params, batch_stats = schemes.final_rqvae(
-      config, paths.tokenizer_dir(workdir, table_name), image.shape[1])
+    config, paths.tokenizer_dir(workdir, table_name), image.shape[1]
+  )
   model = model_lib.RQVAE(rq_config)
   quantized = quantizer.decode_codes(jax.numpy.asarray(codes), params["codebooks"])
-  decoded = np.asarray(model.apply({"params": params, "batch_stats": batch_stats}, quantized,
-                                   train=False, method=model_lib.RQVAE.decode))
+  decoded = np.asarray(
+    model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      quantized,
+      train=False,
+      method=model_lib.RQVAE.decode,
+    )
+  )
   # The tie term is far below any difference of two float32 cosines of distinct codes.
   decoded_scores = caption @ _unit(decoded).T + 1e-6 * similarity
-  return {"split": split, "table": table_name, "images": int(len(codes)),
-          "captions": int(len(caption_image)), "levels": int(vocab.num_levels),
-          "two_tower": recall_at(similarity, caption_image),
-          "decoded": recall_at(decoded_scores, caption_image),
-          "perfect_generator_r1": perfect_generator_r1(codes, caption_image),
-          "collision": collision_share(codes)}
+  return {
+    "split": split,
+    "table": table_name,
+    "images": int(len(codes)),
+    "captions": int(len(caption_image)),
+    "levels": int(vocab.num_levels),
+    "two_tower": recall_at(similarity, caption_image),
+    "decoded": recall_at(decoded_scores, caption_image),
+    "perfect_generator_r1": perfect_generator_r1(codes, caption_image),
+    "collision": collision_share(codes),
+  }
 
 
 def table_text(rows: list) -> str:
-  lines = ["split | table | L | images | two-tower R@1/5/10 | decoded R@1/5/10 | "
-           "perfect generator R@1 | collision %"]
+  lines = [
+    "split | table | L | images | two-tower R@1/5/10 | decoded R@1/5/10 | "
+    "perfect generator R@1 | collision %"
+  ]
   for r in rows:
     tt = "/".join(f"{r['two_tower'][k]:.1f}" for k in KS)
     dec = "/".join(f"{r['decoded'][k]:.1f}" for k in KS)
-    lines.append(f"{r['split']} | {r['table']} | {r['levels']} | {r['images']} | {tt} | {dec} | "
-                 f"{r['perfect_generator_r1']:.1f} | {r['collision']:.1f}")
+    lines.append(
+      f"{r['split']} | {r['table']} | {r['levels']} | {r['images']} | {tt} | {dec} | "
+      f"{r['perfect_generator_r1']:.1f} | {r['collision']:.1f}"
+    )
   return "\n".join(lines)
 
 
@@ -106,8 +121,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="a workdir with tokenize done")
   p.add_argument("--config", default="configs/smoke.py")
-  p.add_argument("--table", default="", help="voken table (default: avg+pseudo if present, "
-                 "else avg)")
+  p.add_argument(
+    "--table", default="", help="voken table (default: avg+pseudo if present, else avg)"
+  )
   p.add_argument("--splits", default="val")
   p.add_argument("--out", required=True)
   p.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
@@ -115,18 +131,31 @@ def main(argv=None) -> int:
   try:
     config = config_lib.load_config(args.config, args.overrides)
     name = args.table or next(
-        (n for n in ("avg" + voken_tables.PSEUDO_SUFFIX, "avg")
-         if os.path.isdir(paths.tokenizer_dir(args.workdir, n))), "avg")
+      (
+        n
+        for n in ("avg" + voken_tables.PSEUDO_SUFFIX, "avg")
+        if os.path.isdir(paths.tokenizer_dir(args.workdir, n))
+      ),
+      "avg",
+    )
     rows = [measure(config, args.workdir, s, name) for s in args.splits.split(",")]
   except UserError as e:
     print(f"identifier_bound: {e}", file=sys.stderr)
     return 2
   print(table_text(rows))
-  command = " ".join(["python", "benchmarks/identifier_bound.py",
-                      *(argv if argv is not None else sys.argv[1:])])
+  command = " ".join(
+    ["python", "benchmarks/identifier_bound.py", *(argv if argv is not None else sys.argv[1:])]
+  )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  io.write_json(args.out, {"workdir": args.workdir, "config": args.config, "rows": rows,
-                           "machine": common.machine_info(command=command)})
+  io.write_json(
+    args.out,
+    {
+      "workdir": args.workdir,
+      "config": args.config,
+      "rows": rows,
+      "machine": common.machine_info(command=command),
+    },
+  )
   print(f"results in {args.out}")
   return 0
 

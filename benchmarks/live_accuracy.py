@@ -26,8 +26,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avg_jax.artifacts import embeddings as embeddings_lib  # noqa: E402
-from avg_jax.artifacts import io  # noqa: E402
-from avg_jax.artifacts import voken_tables  # noqa: E402
+from avg_jax.artifacts import (
+  io,  # noqa: E402
+  voken_tables,  # noqa: E402
+)
 from avg_jax.bench import common  # noqa: E402
 from avg_jax.data import dataset  # noqa: E402
 from avg_jax.export.serving import Retriever  # noqa: E402
@@ -37,13 +39,17 @@ KS = (1, 5, 10)
 
 def recall(retriever: Retriever, captions: list[str], truth: np.ndarray) -> dict:
   """Recall@K (%) of `captions` whose image `truth [Q]` is among the top K."""
-  retriever.search(captions[:len(captions) // 2 or 1], k=max(KS))   # compiles (not timed)
+  retriever.search(captions[: len(captions) // 2 or 1], k=max(KS))  # compiles (not timed)
   t0 = time.perf_counter()
   ids, _ = retriever.search(captions, k=max(KS))
   seconds = time.perf_counter() - t0
   out = {f"R@{k}": float(100 * np.mean((ids[:, :k] == truth[:, None]).any(1))) for k in KS}
-  return dict(out, queries=len(captions), queries_per_s=len(captions) / seconds,
-              indexed=int(len(retriever.image_ids)))
+  return dict(
+    out,
+    queries=len(captions),
+    queries_per_s=len(captions) / seconds,
+    indexed=int(len(retriever.image_ids)),
+  )
 
 
 def main(argv=None) -> int:
@@ -69,8 +75,9 @@ def main(argv=None) -> int:
     retriever = Retriever.load(export)
     base_ids = retriever.image_ids.copy()
     t0 = time.perf_counter()
-    retriever.add(data, ids=ids, captions=caption_lists,
-                  file_names=[str(r["file_name"]) for r in records])
+    retriever.add(
+      data, ids=ids, captions=caption_lists, file_names=[str(r["file_name"]) for r in records]
+    )
     add_s = time.perf_counter() - t0
     # Does the live road reproduce the embed and tokenize stages on these images?
     emb = embeddings_lib.load(args.workdir, args.split)
@@ -79,31 +86,56 @@ def main(argv=None) -> int:
     emb_diff = float(np.max(np.abs(again - emb["image_emb"][[row[int(i)] for i in ids]])))
     live = retriever.state.live
     tok_name = retriever.manifest["live"]["tokenizer"]
-    table = io.read_npz(voken_tables.voken_table_file(args.workdir, tok_name),
-                        (f"{args.split}_image_ids", f"{args.split}_codes"))
+    table = io.read_npz(
+      voken_tables.voken_table_file(args.workdir, tok_name),
+      (f"{args.split}_image_ids", f"{args.split}_codes"),
+    )
     trow = {int(i): r for r, i in enumerate(table[f"{args.split}_image_ids"])}
     levels = retriever.vocab.num_levels
     expected = table[f"{args.split}_codes"][[trow[int(i)] for i in live.delta_ids]][:, :levels]
     agree = float(np.mean(np.all(live.delta_codes[:, :levels] == expected, axis=1)))
-    rows.append(dict(index=f"live: val at export + {args.split} added", add_s=add_s,
-                     images_per_s=len(ids) / add_s, **recall(retriever, captions, truth)))
+    rows.append(
+      dict(
+        index=f"live: val at export + {args.split} added",
+        add_s=add_s,
+        images_per_s=len(ids) / add_s,
+        **recall(retriever, captions, truth),
+      )
+    )
     t0 = time.perf_counter()
     retriever.remove(base_ids)
-    rows.append(dict(index=f"live: {args.split} added, val removed",
-                     remove_s=time.perf_counter() - t0, **recall(retriever, captions, truth)))
+    rows.append(
+      dict(
+        index=f"live: {args.split} added, val removed",
+        remove_s=time.perf_counter() - t0,
+        **recall(retriever, captions, truth),
+      )
+    )
   for spec in args.static:
     name, path = spec.split("=", 1)
-    rows.append(dict(index=f"static export: {name}", **recall(Retriever.load(path), captions,
-                                                                truth)))
-  print(f"{len(ids)} {args.split} images, {len(captions)} captions; live codes equal the "
-        f"voken table's for {agree:.1%}; embeddings differ by at most {emb_diff}")
+    rows.append(
+      dict(index=f"static export: {name}", **recall(Retriever.load(path), captions, truth))
+    )
+  print(
+    f"{len(ids)} {args.split} images, {len(captions)} captions; live codes equal the "
+    f"voken table's for {agree:.1%}; embeddings differ by at most {emb_diff}"
+  )
   print(f"{'index':<44} {'N':>5} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'q/s':>6}")
   for r in rows:
-    print(f"{r['index']:<44} {r['indexed']:>5} {r['R@1']:>6.1f} {r['R@5']:>6.1f} "
-          f"{r['R@10']:>6.1f} {r['queries_per_s']:>6.1f}")
-  record = dict(bench="live_accuracy", split=args.split, images=len(ids),
-                captions=len(captions), code_agreement=agree, max_embedding_diff=emb_diff,
-                rows=rows, machine=common.machine_info(" ".join([sys.executable] + sys.argv)))
+    print(
+      f"{r['index']:<44} {r['indexed']:>5} {r['R@1']:>6.1f} {r['R@5']:>6.1f} "
+      f"{r['R@10']:>6.1f} {r['queries_per_s']:>6.1f}"
+    )
+  record = dict(
+    bench="live_accuracy",
+    split=args.split,
+    images=len(ids),
+    captions=len(captions),
+    code_agreement=agree,
+    max_embedding_diff=emb_diff,
+    rows=rows,
+    machine=common.machine_info(" ".join([sys.executable] + sys.argv)),
+  )
   io.write_json(args.out, record, indent=1)
   print(f"wrote {args.out}")
   return 0

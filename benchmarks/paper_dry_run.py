@@ -24,8 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from avg_jax.bench import dry_run, paper_world  # noqa: E402
 from avg_jax.artifacts import io  # noqa: E402
+from avg_jax.bench import dry_run, paper_world  # noqa: E402
 from avg_jax.errors import UserError  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -51,15 +51,33 @@ def main(argv=None) -> int:
   p.add_argument("--root", required=True, help="world, workdir and logs go here")
   p.add_argument("--out", default="", help="results JSON (default: <root>/dry_run.json)")
   p.add_argument("--size", choices=sorted(paper_world.WORLD_SIZES), default="paper")
-  p.add_argument("--images", type=_images, default=None,
-                 help="TRAIN,VAL,TEST generated images (default: the size's)")
-  p.add_argument("--steps", type=int, nargs=3, metavar=("TOKENIZER", "TRAIN", "RANK"),
-                 default=None, help="step counts (default: 5 5 4; tiny: 3 3 3)")
-  p.add_argument("--aot", action="append", default=None,
-                 help="`avg-jax compile --out` reports to show (default: this config's in "
-                      "benchmarks/results for v4-32 and v5e-16)")
-  p.add_argument("--override", action="append", default=[],
-                 help="another config override KEY=VALUE (say why in the results)")
+  p.add_argument(
+    "--images",
+    type=_images,
+    default=None,
+    help="TRAIN,VAL,TEST generated images (default: the size's)",
+  )
+  p.add_argument(
+    "--steps",
+    type=int,
+    nargs=3,
+    metavar=("TOKENIZER", "TRAIN", "RANK"),
+    default=None,
+    help="step counts (default: 5 5 4; tiny: 3 3 3)",
+  )
+  p.add_argument(
+    "--aot",
+    action="append",
+    default=None,
+    help="`avg-jax compile --out` reports to show (default: this config's in "
+    "benchmarks/results for v4-32 and v5e-16)",
+  )
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="another config override KEY=VALUE (say why in the results)",
+  )
   args = p.parse_args(argv)
   size = paper_world.WORLD_SIZES[args.size]
   if args.images:
@@ -68,18 +86,28 @@ def main(argv=None) -> int:
   if args.steps:
     steps = dict(zip(("tokenizer.steps", "train.steps", "rank.steps"), args.steps))
   try:
-    results = dry_run.dry_run(args.config, os.path.abspath(args.root), size=args.size,
-                              world_size=size, steps=steps, extra=args.override,
-                              aot_files=args.aot if args.aot is not None
-                              else _default_aot(args.config) if args.size == "paper" else [])
+    results = dry_run.dry_run(
+      args.config,
+      os.path.abspath(args.root),
+      size=args.size,
+      world_size=size,
+      steps=steps,
+      extra=args.override,
+      aot_files=args.aot
+      if args.aot is not None
+      else _default_aot(args.config)
+      if args.size == "paper"
+      else [],
+    )
   except UserError as e:
     print(f"paper_dry_run: error: {e}", file=sys.stderr)
     return 2
-  results["machine"]["command"] = " ".join(["python", "benchmarks/paper_dry_run.py",
-                                            *(argv if argv is not None else sys.argv[1:])])
+  results["machine"]["command"] = " ".join(
+    ["python", "benchmarks/paper_dry_run.py", *(argv if argv is not None else sys.argv[1:])]
+  )
   out = args.out or os.path.join(args.root, "dry_run.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  io.write_json(out, results)   # atomic: a killed run leaves no half-written results
+  io.write_json(out, results)  # atomic: a killed run leaves no half-written results
   print(dry_run.table(results))
   print(f"total {results['total_wall_s']} s; results in {out}")
   return 0

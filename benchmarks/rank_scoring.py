@@ -25,11 +25,19 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   rows = rank_scoring.measure(args.config, args.batch, args.rounds)
   print(rank_scoring.table(rows))
-  command = " ".join(["python", "benchmarks/rank_scoring.py",
-                      *(argv if argv is not None else sys.argv[1:])])
+  command = " ".join(
+    ["python", "benchmarks/rank_scoring.py", *(argv if argv is not None else sys.argv[1:])]
+  )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  io.write_json(args.out, {"config": args.config, "batch": args.batch, "rows": rows,
-                           "machine": common.machine_info(command=command)})
+  io.write_json(
+    args.out,
+    {
+      "config": args.config,
+      "batch": args.batch,
+      "rows": rows,
+      "machine": common.machine_info(command=command),
+    },
+  )
   print(f"results in {args.out}")
   return 0
 

@@ -28,14 +28,17 @@ import time
 
 ENV = "SUITE_COMPILES_DIR"
 # jax's duration events of the steps before XLA's backend compile -> the report's names.
-PHASES = {"/jax/core/compile/jaxpr_trace_duration": "trace",
-          "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
+PHASES = {
+  "/jax/core/compile/jaxpr_trace_duration": "trace",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+}
 _current = {"test": None}
 
 
 # ---------------------------------------------------------------------------------------------
 # The pytest plugin (`-p suite_compiles`)
 # ---------------------------------------------------------------------------------------------
+
 
 def pytest_configure(config):
   directory = os.environ.get(ENV)
@@ -45,16 +48,25 @@ def pytest_configure(config):
   worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
   out = open(os.path.join(directory, f"{worker}.jsonl"), "w")
   from jax._src import compiler
+
   original = compiler.backend_compile_and_load
 
   def recorded(backend, module, devices, options, host_callbacks):
     text = module.operation.get_asm(enable_debug_info=False)
     start = time.perf_counter()
     executable = original(backend, module, devices, options, host_callbacks)
-    out.write(json.dumps({
-        "test": _current["test"], "name": str(module.operation.attributes["sym_name"]).strip('"'),
-        "hash": hashlib.sha1(text.encode()).hexdigest()[:16], "devices": len(devices),
-        "seconds": time.perf_counter() - start}) + "\n")
+    out.write(
+      json.dumps(
+        {
+          "test": _current["test"],
+          "name": str(module.operation.attributes["sym_name"]).strip('"'),
+          "hash": hashlib.sha1(text.encode()).hexdigest()[:16],
+          "devices": len(devices),
+          "seconds": time.perf_counter() - start,
+        }
+      )
+      + "\n"
+    )
     out.flush()
     return executable
 
@@ -65,8 +77,10 @@ def pytest_configure(config):
 
   def phase(event, seconds, **_):
     if event in PHASES:
-      out.write(json.dumps({"test": _current["test"], "phase": PHASES[event],
-                            "seconds": seconds}) + "\n")
+      out.write(
+        json.dumps({"test": _current["test"], "phase": PHASES[event], "seconds": seconds}) + "\n"
+      )
+
   monitoring.register_event_duration_secs_listener(phase)
 
 
@@ -77,6 +91,7 @@ def pytest_runtest_setup(item):
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
+
 
 def summarise(processes: dict[str, list[dict]], top: int = 15) -> dict:
   """`{process: [records in compile order]}` -> totals, recompiles by program name, and the
@@ -105,27 +120,35 @@ def summarise(processes: dict[str, list[dict]], top: int = 15) -> dict:
   names = sorted(by_name.items(), key=lambda kv: -kv[1][1])
   tests = sorted(by_test.items(), key=lambda kv: -kv[1][0])[:top]
   return {
-      "compiles": count, "compile_s": round(total, 1),
-      "trace_s": round(phases["trace"], 1), "lower_s": round(phases["lower"], 1),
-      "recompiles": recompiles,
-      "recompile_s": round(recompiled, 1),
-      "recompiled_programs": [{"name": n, "count": c, "seconds": round(s, 1)}
-                              for n, (c, s) in names],
-      "top_tests": [{"test": t, "compile_s": round(s, 1), "recompile_s": round(d, 1)}
-                    for t, (s, d) in tests]}
+    "compiles": count,
+    "compile_s": round(total, 1),
+    "trace_s": round(phases["trace"], 1),
+    "lower_s": round(phases["lower"], 1),
+    "recompiles": recompiles,
+    "recompile_s": round(recompiled, 1),
+    "recompiled_programs": [{"name": n, "count": c, "seconds": round(s, 1)} for n, (c, s) in names],
+    "top_tests": [
+      {"test": t, "compile_s": round(s, 1), "recompile_s": round(d, 1)} for t, (s, d) in tests
+    ],
+  }
 
 
 def table(summary: dict) -> str:
-  lines = [f"compiles {summary['compiles']}, {summary['compile_s']} s; recompiles of an "
-           f"identical program {summary['recompiles']}, {summary['recompile_s']} s",
-           f"before them: tracing {summary['trace_s']} s, lowering to MLIR "
-           f"{summary['lower_s']} s", "",
-           f"{'recompiled program':40s} {'count':>6s} {'seconds':>8s}"]
-  lines += [f"{r['name'][:40]:40s} {r['count']:6d} {r['seconds']:8.1f}"
-            for r in summary["recompiled_programs"]]
+  lines = [
+    f"compiles {summary['compiles']}, {summary['compile_s']} s; recompiles of an "
+    f"identical program {summary['recompiles']}, {summary['recompile_s']} s",
+    f"before them: tracing {summary['trace_s']} s, lowering to MLIR {summary['lower_s']} s",
+    "",
+    f"{'recompiled program':40s} {'count':>6s} {'seconds':>8s}",
+  ]
+  lines += [
+    f"{r['name'][:40]:40s} {r['count']:6d} {r['seconds']:8.1f}"
+    for r in summary["recompiled_programs"]
+  ]
   lines += ["", f"{'compile s':>9s} {'recompile s':>11s}  test"]
-  lines += [f"{r['compile_s']:9.1f} {r['recompile_s']:11.1f}  {r['test']}"
-            for r in summary["top_tests"]]
+  lines += [
+    f"{r['compile_s']:9.1f} {r['recompile_s']:11.1f}  {r['test']}" for r in summary["top_tests"]
+  ]
   return "\n".join(lines)
 
 
@@ -138,12 +161,14 @@ def main(argv=None) -> int:
   if not files:
     print(f"suite_compiles: no records in {args.dir}", file=sys.stderr)
     return 2
-  processes = {os.path.basename(f): [json.loads(line) for line in open(f) if line.strip()]
-               for f in files}
+  processes = {
+    os.path.basename(f): [json.loads(line) for line in open(f) if line.strip()] for f in files
+  }
   summary = summarise(processes)
   print(table(summary))
-  command = " ".join(["python", "benchmarks/suite_compiles.py",
-                      *(argv if argv is not None else sys.argv[1:])])
+  command = " ".join(
+    ["python", "benchmarks/suite_compiles.py", *(argv if argv is not None else sys.argv[1:])]
+  )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(summary, command=command), f, indent=1)

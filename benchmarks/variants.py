@@ -71,28 +71,30 @@ def seed_from(source: str, target: str) -> None:
   rank variant starts from the same finished generator without training it again."""
   for name in ("tokenizer", "train"):
     if os.path.isdir(os.path.join(source, name)):
-      shutil.copytree(os.path.join(source, name), os.path.join(target, name),
-                      dirs_exist_ok=True)
+      shutil.copytree(os.path.join(source, name), os.path.join(target, name), dirs_exist_ok=True)
 
 
 def hit_ranks(config, workdir: str, stage: str, splits) -> dict:
   """`{split: {"image": int[Q], "code": int[Q]}}`: rank of the true image among the returned
   ids, and of its semantic codes among the generated sequences (10 when absent)."""
-  gen, mesh, params, shardings = state_lib.final_params(config, workdir,
-                                                        config.tokenizer.scheme, stage)
+  gen, mesh, params, shardings = state_lib.final_params(
+    config, workdir, config.tokenizer.scheme, stage
+  )
   out = {}
   for split in splits:
     m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, workdir, split)
     res, true_ids = m["_results"], m["_true_ids"]
-    found = res["item_ids"] == true_ids[:, None]                            # [Q, k]
+    found = res["item_ids"] == true_ids[:, None]  # [Q, k]
     k = found.shape[1]
     image_ids, codes = gen.table[split]
     row_of = {int(i): r for r, i in enumerate(image_ids)}
     levels = gen.vocab.num_levels
     true_codes = codes[[row_of[int(i)] for i in true_ids], :levels]
     code_hit = np.all(res["sequences"][:, :, :levels] == true_codes[:, None], axis=-1)
-    out[split] = {"image": np.where(found.any(axis=1), found.argmax(axis=1), k),
-                  "code": np.where(code_hit.any(axis=1), code_hit.argmax(axis=1), k)}
+    out[split] = {
+      "image": np.where(found.any(axis=1), found.argmax(axis=1), k),
+      "code": np.where(code_hit.any(axis=1), code_hit.argmax(axis=1), k),
+    }
   return out
 
 
@@ -108,12 +110,21 @@ def make_copy(workdir: str, target: str) -> str:
   return target
 
 
-def run_variant(config_spec: str, workdir: str, overrides: list[str], stage: str,
-                seed: int) -> tuple:
+def run_variant(
+  config_spec: str, workdir: str, overrides: list[str], stage: str, seed: int
+) -> tuple:
   """Runs tokenize / train (/ rank) of one variant in `workdir`; -> its config."""
-  config = config_lib.load_config(config_spec, [
-      "train.eval_max_queries=0", f"seed={seed}", f"loader.shuffle_seed={seed}",
-      f"train.eval_every={10**9}", f"rank.eval_every={10**9}", *overrides])
+  config = config_lib.load_config(
+    config_spec,
+    [
+      "train.eval_max_queries=0",
+      f"seed={seed}",
+      f"loader.shuffle_seed={seed}",
+      f"train.eval_every={10**9}",
+      f"rank.eval_every={10**9}",
+      *overrides,
+    ],
+  )
   tokenize.run(config, workdir)
   train.run(config, workdir)
   if stage == "rank":
@@ -131,8 +142,10 @@ def paired(variant: np.ndarray, base: np.ndarray, k: int, rng) -> dict:
   diff = recall(variant, k).mean(axis=0) - recall(base, k).mean(axis=0)
   idx = rng.integers(0, diff.shape[0], (BOOTSTRAP, diff.shape[0]))
   boot = diff[idx].mean(axis=1)
-  return {"diff": 100 * diff.mean(), "ci95": [100 * np.percentile(boot, 2.5),
-                                               100 * np.percentile(boot, 97.5)]}
+  return {
+    "diff": 100 * diff.mean(),
+    "ci95": [100 * np.percentile(boot, 2.5), 100 * np.percentile(boot, 97.5)],
+  }
 
 
 def main(argv=None) -> int:
@@ -142,8 +155,9 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   parser.add_argument("--variant", action="append", required=True)
   parser.add_argument("--baseline", default="", help="variant name (default: the first)")
-  parser.add_argument("--stage", choices=("train", "rank"), default="train",
-                      help="evaluate after this stage")
+  parser.add_argument(
+    "--stage", choices=("train", "rank"), default="train", help="evaluate after this stage"
+  )
   parser.add_argument("--splits", default="val")
   parser.add_argument("--seeds", default="0")
   parser.add_argument("--keep", default="", help="keep (and reuse) variant workdirs here")
@@ -162,7 +176,7 @@ def main(argv=None) -> int:
       raise UserError(f"{args.workdir}: no {name}/ (run `avg-jax prepare` and `embed` first)")
 
   scratch = args.keep or tempfile.mkdtemp(prefix="variants-")
-  trained: dict = {}     # (training key of the evaluated stage, seed) -> workdir
+  trained: dict = {}  # (training key of the evaluated stage, seed) -> workdir
   generators: dict = {}  # (training key of the train stage, seed) -> workdir
   ranks = {}
   try:
@@ -193,8 +207,12 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(0)
   rows = []
   for name, overrides in variants:
-    row = {"variant": name, "overrides": overrides, "seeds": seeds,
-           "seconds_per_seed": ranks[name]["seconds_per_seed"]}
+    row = {
+      "variant": name,
+      "overrides": overrides,
+      "seeds": seeds,
+      "seconds_per_seed": ranks[name]["seconds_per_seed"],
+    }
     for s in splits:
       r = ranks[name][s]
       row[s] = {f"R@{k}": 100 * recall(r["image"], k).mean() for k in KS}
@@ -202,12 +220,14 @@ def main(argv=None) -> int:
       row[s]["per_seed_R@1"] = [100 * recall(x, 1).mean() for x in r["image"]]
       if name != baseline:
         base = ranks[baseline][s]
-        row[s]["vs_baseline"] = {f"R@{k}": paired(r["image"], base["image"], k, rng)
-                                 for k in KS}
+        row[s]["vs_baseline"] = {f"R@{k}": paired(r["image"], base["image"], k, rng) for k in KS}
     rows.append(row)
 
-  header = f"{'variant':<14} " + " ".join(f"{s + ' R@' + str(k):>24}" for s in splits
-                                          for k in (1, 5)) + "  code R@1"
+  header = (
+    f"{'variant':<14} "
+    + " ".join(f"{s + ' R@' + str(k):>24}" for s in splits for k in (1, 5))
+    + "  code R@1"
+  )
   print(f"baseline: {baseline}; stage: {args.stage}; seeds: {seeds}")
   print(header)
   for row in rows:
@@ -222,9 +242,16 @@ def main(argv=None) -> int:
           cells.append(f"{value:5.1f}")
     code = " ".join(f"{row[s]['code R@1']:5.1f}" for s in splits)
     print(f"{row['variant']:<14} " + " ".join(f"{c:>24}" for c in cells) + f"  {code}")
-  result = {"bench": "variants", "workdir": os.path.abspath(args.workdir), "stage": args.stage,
-            "config": args.config, "baseline": baseline, "bootstrap": BOOTSTRAP,
-            "machine": common.machine_info(" ".join([sys.executable] + sys.argv)), "rows": rows}
+  result = {
+    "bench": "variants",
+    "workdir": os.path.abspath(args.workdir),
+    "stage": args.stage,
+    "config": args.config,
+    "baseline": baseline,
+    "bootstrap": BOOTSTRAP,
+    "machine": common.machine_info(" ".join([sys.executable] + sys.argv)),
+    "rows": rows,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out + ".tmp", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)

@@ -18,12 +18,18 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 # No network, no background services, a fresh profile: nothing but the page itself.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+]
 QUERY = "a large blue square near the bottom"
 
 
@@ -36,11 +42,16 @@ def chromium() -> str | None:
 def browser_page(profile: str) -> Iterator:
   """A playwright page in headless Chromium with the fresh profile folder `profile`."""
   from playwright import sync_api
+
   with sync_api.sync_playwright() as p:
     # A persistent context is how playwright takes an explicit, fresh --user-data-dir.
     context = p.chromium.launch_persistent_context(
-        profile, executable_path=chromium(), headless=True, args=CHROMIUM_ARGS,
-        viewport={"width": 1100, "height": 760})
+      profile,
+      executable_path=chromium(),
+      headless=True,
+      args=CHROMIUM_ARGS,
+      viewport={"width": 1100, "height": 760},
+    )
     try:
       yield context.new_page()
     finally:
@@ -57,15 +68,18 @@ def search(page, url: str, query: str, k: int) -> None:
   page.wait_for_selector("#results li.card img")
   # Every result image has loaded: naturalWidth is 0 until the bytes decode.
   page.wait_for_function(
-      f"[...document.querySelectorAll('#results img')].length === {k} && "
-      "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    f"[...document.querySelectorAll('#results img')].length === {k} && "
+    "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+  )
 
 
 def random_test_caption(workdir: str, seed: int) -> str:
   """One caption of the workdir's prepared test split, drawn with `seed` (uniform over the
   split's captions)."""
   import numpy as np
+
   from avg_jax.data import dataset
+
   source = dataset.image_source(workdir, "test", decode_image=False)
   captions = [str(c) for i in range(len(source)) for c in source[i]["captions"]]
   if not captions:
@@ -82,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--model", required=True, help="an export folder")
   parser.add_argument("--out", default="docs/serve_page.png")
   parser.add_argument("--query", default=QUERY)
-  parser.add_argument("--query-from", default="", metavar="WORKDIR",
-                      help="search a random test caption of this workdir instead")
+  parser.add_argument(
+    "--query-from",
+    default="",
+    metavar="WORKDIR",
+    help="search a random test caption of this workdir instead",
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--k", type=int, default=10)
   args = parser.parse_args(argv)
@@ -92,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("serve_screenshot: error: no chromium (the Debian package 'chromium')", file=sys.stderr)
     return 2
   from avg_jax.bench.serve import ServerProcess
+
   server = ServerProcess(args.model)
   try:
     with tempfile.TemporaryDirectory() as profile, browser_page(profile) as page:

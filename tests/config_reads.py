@@ -15,7 +15,8 @@ declared inputs by tests/artifacts/test_artifacts_stage_inputs.py.
 import contextlib
 import threading
 from collections import defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 
@@ -25,10 +26,10 @@ class ConfigReads:
 
   def __init__(self):
     self.reads: dict[str, set[str]] = defaultdict(set)
-    self._paths: dict[int, str] = {}    # id of a ConfigDict (or a to_dict copy) -> its path
-    self._keep: list[Any] = []          # keeps those objects alive, so ids stay unique
+    self._paths: dict[int, str] = {}  # id of a ConfigDict (or a to_dict copy) -> its path
+    self._keep: list[Any] = []  # keeps those objects alive, so ids stay unique
     self._stages: list[str] = []
-    self._local = threading.local()     # per-thread depth of bulk copies (not reads)
+    self._local = threading.local()  # per-thread depth of bulk copies (not reads)
 
   def _name(self, obj: Any, path: str) -> None:
     if id(obj) not in self._paths:
@@ -50,6 +51,7 @@ class ConfigReads:
     """Records reads through every config `avg_jax.config.load_config` returns within the
     block (a root) and through copies of it."""
     from avg_jax import config as config_lib
+
     cls = ml_collections.ConfigDict
     load_config = config_lib.load_config
     original = (cls.__getitem__, cls.to_dict, cls.__init__)
@@ -110,6 +112,7 @@ class ConfigReads:
           return run(*args, **kwargs)
         finally:
           recorder._stages.pop()
+
       return run_recorded
 
     for name, module in stage_modules.items():

@@ -23,11 +23,11 @@ import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import ONE_DEVICE_CACHE_ENV, pipeline_args  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from avg_jax import config as config_lib  # noqa: E402
 from avg_jax.stages import prepare  # noqa: E402
-from helpers import ONE_DEVICE_CACHE_ENV, pipeline_args  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,7 @@ def pytest_configure(config):
   if hasattr(config, "workerinput") or ONE_DEVICE_CACHE_ENV in os.environ:
     return
   import tempfile
+
   config._one_device_cache = tempfile.mkdtemp(prefix="avg_jax_tests_one_device_xla_")
   os.environ[ONE_DEVICE_CACHE_ENV] = config._one_device_cache
 
@@ -46,6 +47,7 @@ def pytest_unconfigure(config):
   folder = getattr(config, "_one_device_cache", None)
   if folder:
     import shutil
+
     shutil.rmtree(folder, ignore_errors=True)
     os.environ.pop(ONE_DEVICE_CACHE_ENV, None)
 
@@ -53,26 +55,40 @@ def pytest_unconfigure(config):
 # Session fixtures that build the tiny pipeline (minutes of compilation) or start a server on
 # it. Under pytest-xdist each worker would build its own copy: the tests that use them form one
 # group that a single worker runs (`--dist loadgroup` in launch/local.sh), so they are built once.
-SHARED_PIPELINE_FIXTURES = frozenset({"tiny_workdir", "pipeline_workdir", "serve_export",
-                                      "server", "start_server", "retriever", "config_reads"})
+SHARED_PIPELINE_FIXTURES = frozenset(
+  {
+    "tiny_workdir",
+    "pipeline_workdir",
+    "serve_export",
+    "server",
+    "start_server",
+    "retriever",
+    "config_reads",
+  }
+)
 PIPELINE_GROUP = "tiny_pipeline"
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
   # Marked before any other plugin's hook runs, so that xdist's turns the mark into the group.
-  shared = [item for item in items
-            if SHARED_PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+  shared = [
+    item for item in items if SHARED_PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+  ]
   for item in shared:
     item.add_marker(pytest.mark.xdist_group(PIPELINE_GROUP))
   result = yield
   # xdist groups by a suffix it writes into the node id; pytest 9 keeps node ids elsewhere, so
   # there the group silently does nothing (each worker builds the pipeline again).
-  if getattr(config.option, "loadgroup", False) and shared and not all(
-      item.nodeid.endswith("@" + PIPELINE_GROUP) for item in shared):
+  if (
+    getattr(config.option, "loadgroup", False)
+    and shared
+    and not all(item.nodeid.endswith("@" + PIPELINE_GROUP) for item in shared)
+  ):
     raise pytest.UsageError(
-        "--dist loadgroup did not group the shared-pipeline tests with this pytest/pytest-xdist "
-        "pair (requirements.txt pins one that does)")
+      "--dist loadgroup did not group the shared-pipeline tests with this pytest/pytest-xdist "
+      "pair (requirements.txt pins one that does)"
+    )
   return result
 
 
@@ -86,6 +102,7 @@ def config_reads():
   """The config keys each stage read while `tiny_workdir` and `pipeline_workdir` were built
   (tests/config_reads.py; checked by tests/artifacts/test_artifacts_stage_inputs.py)."""
   from config_reads import ConfigReads
+
   return ConfigReads()
 
 
@@ -94,6 +111,7 @@ def tiny_workdir(tmp_path_factory, config_reads) -> pathlib.Path:
   """A workdir with the tiny config's prepare, embed and tokenize stages done (read-only:
   copy it before running stages that write)."""
   from avg_jax import cli
+
   workdir = tmp_path_factory.mktemp("tiny") / "work"
   config = str(REPO_ROOT / "configs" / "smoke.py:tiny")
   with config_reads.recording(), config_reads.stage_runs(cli.stage_modules()):
@@ -107,7 +125,9 @@ def pipeline_workdir(repo_root, tiny_workdir, tmp_path_factory, config_reads) ->
   """`avg-jax run` of the tiny config (one process, 8 fake devices) on a copy of
   `tiny_workdir`."""
   import shutil
+
   from avg_jax import cli
+
   workdir = tmp_path_factory.mktemp("pipeline") / "w"
   shutil.copytree(tiny_workdir, workdir)
   with config_reads.recording(), config_reads.stage_runs(cli.stage_modules()):
@@ -119,6 +139,7 @@ def pipeline_workdir(repo_root, tiny_workdir, tmp_path_factory, config_reads) ->
 def serve_export(pipeline_workdir, tmp_path_factory) -> pathlib.Path:
   """The tiny pipeline's export (with its gallery), copied so other tests may rewrite theirs."""
   import shutil
+
   target = tmp_path_factory.mktemp("serve") / "export"
   shutil.copytree(pipeline_workdir / "export", target)
   return target
@@ -130,8 +151,10 @@ SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.py"
 @pytest.fixture(scope="session")
 def tiny_config():
   """`load(*overrides)`: configs/smoke.py:tiny with `key=value` overrides."""
+
   def load(*overrides):
     return config_lib.load_config(f"{SMOKE_CONFIG}:tiny", overrides)
+
   return load
 
 
@@ -160,15 +183,18 @@ def _stripes(width, height, vertical):
 
 
 def _sentences(n, tag):
-  return [{"raw": f" a photo number {k} of {tag} ", "tokens": [], "imgid": 0, "sentid": k}
-          for k in range(n)]
+  return [
+    {"raw": f" a photo number {k} of {tag} ", "tokens": [], "imgid": 0, "sentid": k}
+    for k in range(n)
+  ]
 
 
 SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>\n'
 
 
-def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=False,
-                  svg=False, empty=False):
+def write_fixture(
+  root, *, corrupt=False, truncated=False, missing=False, short=False, svg=False, empty=False
+):
   """Writes images + a Karpathy JSON under `root`; returns (json_path, image_root).
 
   Each flag adds one bad entry: corrupt (broken.jpg, not an image), truncated (cut.jpg), missing
@@ -178,47 +204,69 @@ def write_fixture(root, *, corrupt=False, truncated=False, missing=False, short=
   (images_dir / "train2014").mkdir(parents=True)
   (images_dir / "val2014").mkdir()
   Image.fromarray(_stripes(60, 20, vertical=True)).save(images_dir / "train2014" / "a.png")
-  Image.fromarray(_stripes(20, 60, vertical=False)).save(images_dir / "val2014" / "b.jpg",
-                                                         quality=95)
+  Image.fromarray(_stripes(20, 60, vertical=False)).save(
+    images_dir / "val2014" / "b.jpg", quality=95
+  )
   Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(images_dir / "c.png")
   Image.fromarray(np.full((30, 40), 90, np.uint8)).save(images_dir / "d.jpg")  # grey (L)
   Image.fromarray(np.full((16, 16, 3), 10, np.uint8)).save(images_dir / "e.png")
   records = [
-      {"filename": "a.png", "filepath": "train2014", "imgid": 10, "split": "train",
-       "sentences": _sentences(5, "a")},
-      {"filename": "b.jpg", "filepath": "val2014", "imgid": 11, "split": "restval",
-       "sentences": _sentences(6, "b")},
-      {"filename": "c.png", "imgid": 12, "split": "val", "sentences": _sentences(5, "c")},
-      {"filename": "d.jpg", "imgid": 13, "split": "test", "sentences": _sentences(5, "d")},
-      {"filename": "e.png", "imgid": 14, "split": "test", "sentences": _sentences(5, "e")},
+    {
+      "filename": "a.png",
+      "filepath": "train2014",
+      "imgid": 10,
+      "split": "train",
+      "sentences": _sentences(5, "a"),
+    },
+    {
+      "filename": "b.jpg",
+      "filepath": "val2014",
+      "imgid": 11,
+      "split": "restval",
+      "sentences": _sentences(6, "b"),
+    },
+    {"filename": "c.png", "imgid": 12, "split": "val", "sentences": _sentences(5, "c")},
+    {"filename": "d.jpg", "imgid": 13, "split": "test", "sentences": _sentences(5, "d")},
+    {"filename": "e.png", "imgid": 14, "split": "test", "sentences": _sentences(5, "e")},
   ]
   if corrupt:
     (images_dir / "broken.jpg").write_bytes(b"this is not an image")
-    records.append({"filename": "broken.jpg", "imgid": 15, "split": "train",
-                    "sentences": _sentences(5, "broken")})
+    records.append(
+      {
+        "filename": "broken.jpg",
+        "imgid": 15,
+        "split": "train",
+        "sentences": _sentences(5, "broken"),
+      }
+    )
   if truncated:
     Image.fromarray(_stripes(64, 64, True)).save(images_dir / "full.jpg", quality=95)
     data = (images_dir / "full.jpg").read_bytes()
-    (images_dir / "cut.jpg").write_bytes(data[:len(data) // 2])
-    records.append({"filename": "cut.jpg", "imgid": 16, "split": "test",
-                    "sentences": _sentences(5, "cut")})
+    (images_dir / "cut.jpg").write_bytes(data[: len(data) // 2])
+    records.append(
+      {"filename": "cut.jpg", "imgid": 16, "split": "test", "sentences": _sentences(5, "cut")}
+    )
   if missing:
-    records.append({"filename": "gone.png", "imgid": 17, "split": "val",
-                    "sentences": _sentences(5, "gone")})
+    records.append(
+      {"filename": "gone.png", "imgid": 17, "split": "val", "sentences": _sentences(5, "gone")}
+    )
   if short:
     Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(images_dir / "few.png")
-    records.append({"filename": "few.png", "imgid": 18, "split": "train",
-                    "sentences": _sentences(2, "few")})
+    records.append(
+      {"filename": "few.png", "imgid": 18, "split": "train", "sentences": _sentences(2, "few")}
+    )
   if svg:
     (images_dir / "logo.svg").write_bytes(SVG)
     (images_dir / "drawing.png").write_bytes(SVG)
-    records += [{"filename": name, "imgid": imgid, "split": "train",
-                 "sentences": _sentences(5, name)}
-                for imgid, name in ((19, "logo.svg"), (20, "drawing.png"))]
+    records += [
+      {"filename": name, "imgid": imgid, "split": "train", "sentences": _sentences(5, name)}
+      for imgid, name in ((19, "logo.svg"), (20, "drawing.png"))
+    ]
   if empty:
     (images_dir / "zero.png").write_bytes(b"")
-    records.append({"filename": "zero.png", "imgid": 21, "split": "val",
-                    "sentences": _sentences(5, "zero")})
+    records.append(
+      {"filename": "zero.png", "imgid": 21, "split": "val", "sentences": _sentences(5, "zero")}
+    )
   json_path = root / "dataset_test.json"
   json_path.write_text(json.dumps({"dataset": "fixture", "images": records}))
   return str(json_path), str(images_dir)

@@ -36,15 +36,41 @@ EOS, START = 1, 0
 BEAMS = (1, 5, 10)
 
 CONFIGS = {
-    # T5 v1.0: ReLU, tied embeddings; one codebook shared by L = 3 levels.
-    "v10": dict(text_vocab=24, codebook=12, levels=3, shared=True, disambiguation=0,
-                d_model=32, d_kv=8, d_ff=64, heads=4, enc_layers=2, dec_layers=2,
-                feed_forward="relu", tie=True, seed=0),
-    # T5 v1.1: gated GELU, untied; per-level codebooks and a disambiguation position.
-    # (Equal encoder/decoder depths: HF 4.57's cached generate fails when they differ.)
-    "v11": dict(text_vocab=20, codebook=10, levels=2, shared=False, disambiguation=4,
-                d_model=24, d_kv=6, d_ff=48, heads=4, enc_layers=2, dec_layers=2,
-                feed_forward="gated-gelu", tie=False, seed=1),
+  # T5 v1.0: ReLU, tied embeddings; one codebook shared by L = 3 levels.
+  "v10": dict(
+    text_vocab=24,
+    codebook=12,
+    levels=3,
+    shared=True,
+    disambiguation=0,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    heads=4,
+    enc_layers=2,
+    dec_layers=2,
+    feed_forward="relu",
+    tie=True,
+    seed=0,
+  ),
+  # T5 v1.1: gated GELU, untied; per-level codebooks and a disambiguation position.
+  # (Equal encoder/decoder depths: HF 4.57's cached generate fails when they differ.)
+  "v11": dict(
+    text_vocab=20,
+    codebook=10,
+    levels=2,
+    shared=False,
+    disambiguation=4,
+    d_model=24,
+    d_kv=6,
+    d_ff=48,
+    heads=4,
+    enc_layers=2,
+    dec_layers=2,
+    feed_forward="gated-gelu",
+    tie=False,
+    seed=1,
+  ),
 }
 
 
@@ -75,10 +101,16 @@ def make_tries(rng, sizes):
   rows = sorted(rows)
   big = np.asarray(rows, np.int64)
   # ... and nodes with exactly one child must exist (checked, not assumed).
-  one_child = any(len({r[l] for r in rows if r[:l] == pre}) == 1
-                  for l in range(1, p) for pre in {r[:l] for r in rows})
-  shared = any(len({r[l] for r in rows if r[:l] == pre}) >= 3
-               for l in range(1, p) for pre in {r[:l] for r in rows})
+  one_child = any(
+    len({r[l] for r in rows if r[:l] == pre}) == 1
+    for l in range(1, p)
+    for pre in {r[:l] for r in rows}
+  )
+  shared = any(
+    len({r[l] for r in rows if r[:l] == pre}) >= 3
+    for l in range(1, p)
+    for pre in {r[:l] for r in rows}
+  )
   assert one_child and shared, "trie lacks a one-child node or a shared prefix"
   small = big[rng.permutation(len(big))[:3]]
   return {"big": big, "small": small}
@@ -105,11 +137,22 @@ class DictTrie:
 
 def build_model(c, total_vocab):
   cfg = transformers.T5Config(
-      vocab_size=total_vocab, d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"],
-      num_heads=c["heads"], num_layers=c["enc_layers"], num_decoder_layers=c["dec_layers"],
-      feed_forward_proj=c["feed_forward"], tie_word_embeddings=c["tie"], dropout_rate=0.0,
-      relative_attention_num_buckets=8, relative_attention_max_distance=20,
-      pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=START)
+    vocab_size=total_vocab,
+    d_model=c["d_model"],
+    d_kv=c["d_kv"],
+    d_ff=c["d_ff"],
+    num_heads=c["heads"],
+    num_layers=c["enc_layers"],
+    num_decoder_layers=c["dec_layers"],
+    feed_forward_proj=c["feed_forward"],
+    tie_word_embeddings=c["tie"],
+    dropout_rate=0.0,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    pad_token_id=0,
+    eos_token_id=EOS,
+    decoder_start_token_id=START,
+  )
   torch.manual_seed(c["seed"])
   model = transformers.T5ForConditionalGeneration(cfg).eval()
   with torch.no_grad():
@@ -131,12 +174,20 @@ def teacher_forced_sum(model, input_ids, attention_mask, token_rows):
 def generate(model, input_ids, attention_mask, trie, beam, p, use_cache, early_stopping):
   """HF's sequences `[B * beam, 1 + P + 1]` and scores `[B * beam]` (sum / (P + 1))."""
   out = model.generate(
-      input_ids=input_ids, attention_mask=attention_mask, num_beams=beam,
-      num_return_sequences=beam, max_new_tokens=p + 1, length_penalty=1.0,
-      early_stopping=early_stopping, do_sample=False, use_cache=use_cache,
-      prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()),
-      output_scores=True, return_dict_in_generate=True)
-  seqs = out.sequences.numpy()            # start, vokens, EOS
+    input_ids=input_ids,
+    attention_mask=attention_mask,
+    num_beams=beam,
+    num_return_sequences=beam,
+    max_new_tokens=p + 1,
+    length_penalty=1.0,
+    early_stopping=early_stopping,
+    do_sample=False,
+    use_cache=use_cache,
+    prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()),
+    output_scores=True,
+    return_dict_in_generate=True,
+  )
+  seqs = out.sequences.numpy()  # start, vokens, EOS
   if beam == 1:
     # num_beams=1 is HF's greedy path, which reports no sequence score: recompute it.
     q = np.arange(input_ids.shape[0])
@@ -159,16 +210,21 @@ def main():
 
     batch, length = 3, 7
     tokens = rng.integers(3, c["text_vocab"], (batch, length))
-    tokens[1, 5:] = 0   # a padded query
+    tokens[1, 5:] = 0  # a padded query
     tokens[2, 3:] = 0
     input_ids = torch.as_tensor(tokens)
     attention_mask = (input_ids != 0).long()
     tries = make_tries(rng, sizes)
     arrays = dict(
-        input_tokens=tokens.astype(np.int32), position_sizes=sizes, position_offsets=offsets,
-        text_vocab=np.int64(c["text_vocab"]), codebook=np.int64(c["codebook"]),
-        levels=np.int64(c["levels"]), shared=np.bool_(c["shared"]),
-        disambiguation=np.int64(c["disambiguation"]))
+      input_tokens=tokens.astype(np.int32),
+      position_sizes=sizes,
+      position_offsets=offsets,
+      text_vocab=np.int64(c["text_vocab"]),
+      codebook=np.int64(c["codebook"]),
+      levels=np.int64(c["levels"]),
+      shared=np.bool_(c["shared"]),
+      disambiguation=np.int64(c["disambiguation"]),
+    )
     for trie_name, codes in tries.items():
       token_rows = codes + offsets[None, :]
       trie = DictTrie(token_rows)
@@ -176,8 +232,9 @@ def main():
       for beam in BEAMS:
         seqs, scores = generate(model, input_ids, attention_mask, trie, beam, p, False, True)
         for use_cache, early in ((True, True), (False, False)):
-          seqs2, scores2 = generate(model, input_ids, attention_mask, trie, beam, p, use_cache,
-                                    early)
+          seqs2, scores2 = generate(
+            model, input_ids, attention_mask, trie, beam, p, use_cache, early
+          )
           np.testing.assert_array_equal(seqs, seqs2)
           np.testing.assert_allclose(scores, scores2, rtol=1e-5, atol=1e-6)
         assert seqs.shape[1] == p + 2 and (seqs[:, 0] == START).all()
@@ -186,12 +243,12 @@ def main():
         got = seqs[:, 1:-1] - offsets[None, :]
         # HF's score * (P + 1) is the summed full-vocabulary log-prob of vokens + EOS.
         q_of_row = np.repeat(np.arange(batch), beam)
-        sums = teacher_forced_sum(model, input_ids[q_of_row], attention_mask[q_of_row],
-                                  seqs[:, 1:-1])
+        sums = teacher_forced_sum(
+          model, input_ids[q_of_row], attention_mask[q_of_row], seqs[:, 1:-1]
+        )
         np.testing.assert_allclose(scores[real] * (p + 1), sums[real], rtol=1e-4, atol=1e-4)
         arrays[f"{trie_name}_beam{beam}_codes"] = got.reshape(batch, beam, p).astype(np.int32)
-        arrays[f"{trie_name}_beam{beam}_scores"] = scores.reshape(batch, beam).astype(
-            np.float32)
+        arrays[f"{trie_name}_beam{beam}_scores"] = scores.reshape(batch, beam).astype(np.float32)
         print(f"{name} {trie_name} beam {beam}: {int(real.sum())} real of {real.size}")
     np.savez_compressed(FIXTURES / f"decode_{name}.npz", **arrays)
     print("wrote", folder, FIXTURES / f"decode_{name}.npz")

@@ -23,9 +23,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avg_jax.data import emoji, npm_fetch  # noqa: E402
 
-CHOSEN = ("1F44B", "1F1EB-1F1F7", "1F1E9-1F1EA", "1F1EF-1F1F5", "1F401", "1F42D",
-          "0023-FE0F-20E3", "002A-FE0F-20E3", "1F41D", "1F600", "2764-FE0F", "1F355",
-          "1F680", "1F333", "1F436", "1F431", "1F34E", "2B50", "1F308", "1F3B8")
+CHOSEN = (
+  "1F44B",
+  "1F1EB-1F1F7",
+  "1F1E9-1F1EA",
+  "1F1EF-1F1F5",
+  "1F401",
+  "1F42D",
+  "0023-FE0F-20E3",
+  "002A-FE0F-20E3",
+  "1F41D",
+  "1F600",
+  "2764-FE0F",
+  "1F355",
+  "1F680",
+  "1F333",
+  "1F436",
+  "1F431",
+  "1F34E",
+  "2B50",
+  "1F308",
+  "1F3B8",
+)
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "emoji")
 
 

@@ -32,26 +32,48 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 
 TEXT_VOCAB = 64
-VOKEN_VOCAB = dict(text_vocab_size=TEXT_VOCAB, codebook_size=12, num_levels=2,
-                   shared_codebook=True, disambiguation_size=3)
+VOKEN_VOCAB = dict(
+  text_vocab_size=TEXT_VOCAB,
+  codebook_size=12,
+  num_levels=2,
+  shared_codebook=True,
+  disambiguation_size=3,
+)
 NUM_VOKEN_ROWS = 12 + 3
 
 VARIANTS = {
-    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-    "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+  "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+  "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
-BUCKET_SETTINGS = [(32, 128, True), (32, 128, False), (8, 20, True), (16, 64, False),
-                   (64, 256, True)]
+BUCKET_SETTINGS = [
+  (32, 128, True),
+  (32, 128, False),
+  (8, 20, True),
+  (16, 64, False),
+  (64, 256, True),
+]
 
 
 def tiny_config(variant: str) -> HFConfig:
   # 2 encoder / 3 decoder layers so a layer-count mix-up shows; max_distance 20 with inputs
   # of 24 tokens exercises the exact, logarithmic and saturated bucket ranges.
-  return HFConfig(vocab_size=TEXT_VOCAB, d_model=32, d_kv=8, d_ff=48, num_heads=4,
-                  num_layers=2, num_decoder_layers=3, relative_attention_num_buckets=32,
-                  relative_attention_max_distance=20, dropout_rate=0.0,
-                  layer_norm_epsilon=1e-6, decoder_start_token_id=0, pad_token_id=0,
-                  eos_token_id=1, **VARIANTS[variant])
+  return HFConfig(
+    vocab_size=TEXT_VOCAB,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_heads=4,
+    num_layers=2,
+    num_decoder_layers=3,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=20,
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+    **VARIANTS[variant],
+  )
 
 
 def adjust_init(model) -> None:
@@ -67,13 +89,13 @@ def adjust_init(model) -> None:
       if "layer_norm" in name:
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
     if not model.config.tie_word_embeddings:
-      model.lm_head.weight.normal_(0.0, model.config.d_model ** -0.5)
+      model.lm_head.weight.normal_(0.0, model.config.d_model**-0.5)
 
 
 def inputs(rng: np.random.Generator):
   batch, src, tgt = 3, 24, 5
   input_tokens = rng.integers(3, TEXT_VOCAB, size=(batch, src))
-  input_tokens[0, 20:] = 0   # padding
+  input_tokens[0, 20:] = 0  # padding
   input_tokens[1, 9:] = 0
   input_tokens[0, 19] = input_tokens[1, 8] = input_tokens[2, -1] = 1  # EOS
   targets = rng.integers(3, TEXT_VOCAB, size=(batch, tgt))
@@ -90,8 +112,11 @@ def shift_right(targets: np.ndarray) -> np.ndarray:
 def run(model, input_tokens, targets):
   ids = torch.tensor(input_tokens)
   with torch.no_grad():
-    out = model(input_ids=ids, attention_mask=(ids != 0).long(),
-                decoder_input_ids=torch.tensor(shift_right(targets)))
+    out = model(
+      input_ids=ids,
+      attention_mask=(ids != 0).long(),
+      decoder_input_ids=torch.tensor(shift_right(targets)),
+    )
   logits = out.logits.float()
   lp = torch.log_softmax(logits, dim=-1)
   tgt = torch.tensor(targets)
@@ -121,7 +146,7 @@ def make_variant(variant: str, seed: int) -> None:
   codebook = rng.standard_normal((12, d)).astype(np.float32)
   disamb = (rng.standard_normal((3, d)) * 0.7).astype(np.float32)
   in_rows = np.concatenate([codebook, disamb])
-  out_rows = np.concatenate([codebook * d ** -0.5, disamb * 0.05]).astype(np.float32)
+  out_rows = np.concatenate([codebook * d**-0.5, disamb * 0.05]).astype(np.float32)
   model.resize_token_embeddings(TEXT_VOCAB + NUM_VOKEN_ROWS)
   with torch.no_grad():
     model.shared.weight[TEXT_VOCAB:] = torch.tensor(in_rows)
@@ -133,12 +158,18 @@ def make_variant(variant: str, seed: int) -> None:
   voken_targets[2, 1] = 1
   _, voken_logits, voken_scores = run(model, input_tokens, voken_targets)
 
-  arrays = dict(input_tokens=input_tokens.astype(np.int32),
-                target_tokens=targets.astype(np.int32), encoded=encoded, logits=logits,
-                scores=scores, voken_input_rows=in_rows,
-                voken_vocab=np.asarray(json.dumps(VOKEN_VOCAB)),
-                voken_target_tokens=voken_targets.astype(np.int32),
-                voken_logits=voken_logits, voken_scores=voken_scores)
+  arrays = dict(
+    input_tokens=input_tokens.astype(np.int32),
+    target_tokens=targets.astype(np.int32),
+    encoded=encoded,
+    logits=logits,
+    scores=scores,
+    voken_input_rows=in_rows,
+    voken_vocab=np.asarray(json.dumps(VOKEN_VOCAB)),
+    voken_target_tokens=voken_targets.astype(np.int32),
+    voken_logits=voken_logits,
+    voken_scores=voken_scores,
+  )
   if not model.config.tie_word_embeddings:
     arrays["voken_output_rows"] = out_rows
   np.savez_compressed(os.path.join(FIXTURES, f"t5_{variant}_golden.npz"), **arrays)
@@ -149,8 +180,9 @@ def make_buckets() -> None:
   rel = torch.arange(-1000, 1001)
   arrays = {"relative_position": rel.numpy().astype(np.int32)}
   for nb, md, bidi in BUCKET_SETTINGS:
-    b = T5Attention._relative_position_bucket(rel, bidirectional=bidi, num_buckets=nb,
-                                              max_distance=md)
+    b = T5Attention._relative_position_bucket(
+      rel, bidirectional=bidi, num_buckets=nb, max_distance=md
+    )
     arrays[f"buckets_{nb}_{md}_{int(bidi)}"] = b.numpy().astype(np.int32)
   np.savez_compressed(os.path.join(FIXTURES, "t5_buckets.npz"), **arrays)
 

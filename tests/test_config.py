@@ -23,9 +23,16 @@ def test_paper_configs_load(repo_root, name):
 
 
 def test_overrides_are_typed(repo_root):
-  c = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
-      "t5.d_model=256", "train.learning_rate=3e-4", "tokenizer.shared_codebook=false",
-      "tokenizer.hidden_dims=(8, 4)", "data.karpathy_json=/x/y.json"])
+  c = config_lib.load_config(
+    str(repo_root / "configs/smoke.py:tiny"),
+    [
+      "t5.d_model=256",
+      "train.learning_rate=3e-4",
+      "tokenizer.shared_codebook=false",
+      "tokenizer.hidden_dims=(8, 4)",
+      "data.karpathy_json=/x/y.json",
+    ],
+  )
   assert c.t5.d_model == 256 and isinstance(c.t5.d_model, int)
   assert c.train.learning_rate == pytest.approx(3e-4)
   assert c.tokenizer.shared_codebook is False
@@ -33,13 +40,16 @@ def test_overrides_are_typed(repo_root):
   assert c.data.karpathy_json == "/x/y.json"
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("t5.d_modle=256", "unknown config key: t5.d_modle"),
     ("nosuch.key=1", "unknown config key: nosuch"),
     ("t5.d_model=big", "config key t5.d_model: cannot parse 'big' as int"),
     ("t5=1", "config key t5 is a section"),
     ("t5.d_model", "expected key=value"),
-])
+  ],
+)
 def test_bad_overrides_name_the_key(repo_root, override, message):
   with pytest.raises(UserError, match=message):
     config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [override])
@@ -68,8 +78,9 @@ def test_config_paths_do_not_depend_on_the_current_directory(repo_root, tmp_path
   assert c.data.num_train == 240
   (tmp_path / "configs").mkdir()  # a file in the current directory still comes first
   (tmp_path / "configs" / "smoke.py").write_text(
-      "from configs import base\n"
-      "def get_config(arg):\n  c = base.get_base_config()\n  c.seed = 7\n  return c\n")
+    "from configs import base\n"
+    "def get_config(arg):\n  c = base.get_base_config()\n  c.seed = 7\n  return c\n"
+  )
   (tmp_path / "configs" / "base.py").write_text((repo_root / "configs/base.py").read_text())
   assert config_lib.load_config("configs/smoke.py").seed == 7
   with pytest.raises(UserError, match="config file not found: configs/nope.py"):
@@ -81,12 +92,27 @@ def test_cli_default_config_from_another_directory(tmp_path):
   # config loads and the bad override is what the one-line error names.
   import subprocess
   import sys
-  proc = subprocess.run([sys.executable, "-m", "avg_jax", "prepare", "--workdir",
-                         str(tmp_path / "w"), "--config.data.name=nope"], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=300)
+
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "avg_jax",
+      "prepare",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.data.name=nope",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr
-  assert proc.stderr.strip() == ("avg-jax: error: config data.name: unknown dataset 'nope' "
-                                 "(expected one of avg_shapes, karpathy, emoji)")
+  assert proc.stderr.strip() == (
+    "avg-jax: error: config data.name: unknown dataset 'nope' "
+    "(expected one of avg_shapes, karpathy, emoji)"
+  )
 
 
 def test_karpathy_local_config(repo_root, tmp_path, monkeypatch):
@@ -104,7 +130,9 @@ def test_karpathy_local_config(repo_root, tmp_path, monkeypatch):
       config_lib.load_config(f"configs/karpathy_local.py:{arg}")
 
 
-@pytest.mark.parametrize("command, override, key", [
+@pytest.mark.parametrize(
+  "command, override, key",
+  [
     ("train", "train.steps=-5", "train.steps"),
     ("train", "train.steps=0", "train.steps"),
     ("train", "train.batch_size=0", "train.batch_size"),
@@ -130,13 +158,24 @@ def test_karpathy_local_config(repo_root, tmp_path, monkeypatch):
     ("prepare", "loader.read_threads=0", "loader.read_threads"),
     ("run", "t5.d_model=0", "t5.d_model"),
     ("run", "distributed.process_id=1", "distributed.process_id"),
-])
-def test_bad_values_stop_every_command_before_any_work(repo_root, tmp_path, capsys, command,
-                                                       override, key):
+  ],
+)
+def test_bad_values_stop_every_command_before_any_work(
+  repo_root, tmp_path, capsys, command, override, key
+):
   from avg_jax import cli
+
   workdir = tmp_path / "w"
-  rc = cli.main([command, "--config", str(repo_root / "configs/smoke.py:tiny"),
-                 "--workdir", str(workdir), f"--config.{override}"])
+  rc = cli.main(
+    [
+      command,
+      "--config",
+      str(repo_root / "configs/smoke.py:tiny"),
+      "--workdir",
+      str(workdir),
+      f"--config.{override}",
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2
   assert len(err) == 1 and err[0].startswith(f"avg-jax: error: config key {key}: "), err
@@ -145,16 +184,28 @@ def test_bad_values_stop_every_command_before_any_work(repo_root, tmp_path, caps
 
 def test_good_edge_values_pass(repo_root):
   # 0 where it means "none / never / only at the end", 1 for fractions and weights.
-  config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
-      "train.eval_every=0", "train.checkpoint_every=0", "train.warmup_fraction=1.0",
-      "rank.rank_weight=0.0", "train.grad_clip_norm=0.0", "encoder_train.steps=0",
-      "export.thumbnail_size=0", "tokenizer.dropout=0.0", "train.eval_max_queries=0"])
+  config_lib.load_config(
+    str(repo_root / "configs/smoke.py:tiny"),
+    [
+      "train.eval_every=0",
+      "train.checkpoint_every=0",
+      "train.warmup_fraction=1.0",
+      "rank.rank_weight=0.0",
+      "train.grad_clip_norm=0.0",
+      "encoder_train.steps=0",
+      "export.thumbnail_size=0",
+      "tokenizer.dropout=0.0",
+      "train.eval_max_queries=0",
+    ],
+  )
 
 
 def test_bench_and_compile_validate_too(repo_root, capsys):
   from avg_jax import cli
+
   for argv in (["bench", "train", "--quick"], ["compile", "--topology", "v5e:4x4"]):
-    rc = cli.main([*argv, "--config", str(repo_root / "configs/smoke.py:tiny"),
-                   "--config.train.batch_size=0"])
+    rc = cli.main(
+      [*argv, "--config", str(repo_root / "configs/smoke.py:tiny"), "--config.train.batch_size=0"]
+    )
     assert rc == 2
     assert "config key train.batch_size: must be an integer >= 1, got 0" in capsys.readouterr().err

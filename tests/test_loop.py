@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import flip_bytes, largest_file
 
 from avg_jax import loop
 from avg_jax.artifacts import checksums
@@ -18,7 +19,6 @@ from avg_jax.errors import Preempted
 from avg_jax.loop import StopSignal
 from avg_jax.metrics import MetricsWriter, read_metrics
 from avg_jax.training import optim
-from helpers import flip_bytes, largest_file
 
 NUM_STEPS = 12
 
@@ -72,10 +72,20 @@ def _run(workdir, *, stop_after=None, nan_at_batch=None, num_steps=NUM_STEPS):
       yield b
 
   try:
-    state = loop.fit(step_fn=step_fn, state=state, rng=jax.random.key(7), batches=batches(),
-                     num_steps=num_steps, checkpointer=ckpt, checkpoint_every=4,
-                     writer=MetricsWriter(workdir, "train"), data_iter=data_iter, log_every=2,
-                     examples_per_step=4, stop=stop)
+    state = loop.fit(
+      step_fn=step_fn,
+      state=state,
+      rng=jax.random.key(7),
+      batches=batches(),
+      num_steps=num_steps,
+      checkpointer=ckpt,
+      checkpoint_every=4,
+      writer=MetricsWriter(workdir, "train"),
+      data_iter=data_iter,
+      log_every=2,
+      examples_per_step=4,
+      stop=stop,
+    )
   finally:
     ckpt.close()
   return state
@@ -121,8 +131,9 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"\x00garbage")
-  abstract = jax.eval_shape(lambda: loop.create_state(
-      {"w": jnp.zeros((3,)), "b": jnp.zeros(())}, _optimizer()[1]))
+  abstract = jax.eval_shape(
+    lambda: loop.create_state({"w": jnp.zeros((3,)), "b": jnp.zeros(())}, _optimizer()[1])
+  )
   with caplog.at_level(logging.WARNING):
     step, state, metadata = Checkpointer(str(directory)).restore_latest_good(abstract)
   assert step == 8 and int(state.step) == 8 and metadata["step"] == 8
@@ -139,24 +150,23 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
 
 def test_nan_stops_with_the_step_and_keeps_good_checkpoint(tmp_path):
   # Batch index 5 holds a NaN: it is consumed by step 6.
-  with pytest.raises(loop.TrainingDiverged,
-                     match="not finite at step 6 .*last good checkpoint: step 4"):
+  with pytest.raises(
+    loop.TrainingDiverged, match="not finite at step 6 .*last good checkpoint: step 4"
+  ):
     _run(str(tmp_path), nan_at_batch=5)
   assert Checkpointer(str(tmp_path / "ckpt")).steps() == [4]
 
 
 def test_warmup_linear_schedule_by_hand():
   s = optim.warmup_linear_schedule(1.0, total_steps=10, warmup_steps=2, end_fraction=0.0)
-  np.testing.assert_allclose([s(0), s(1), s(2), s(6), s(10)], [0.0, 0.5, 1.0, 0.5, 0.0],
-                             atol=1e-6)
+  np.testing.assert_allclose([s(0), s(1), s(2), s(6), s(10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
 
 def test_flipped_bytes_in_latest_checkpoint_fall_back_with_a_warning(tmp_path, caplog):
   # Same size, changed contents. Random weights do not compress, so orbax stores them raw and
   # alone restores the damaged leaf silently (checked below on a copy without the record).
   rng = np.random.default_rng(0)
-  states = {step: {"w": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)}
-            for step in (1, 2)}
+  states = {step: {"w": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)} for step in (1, 2)}
   directory = tmp_path / "ckpt"
   ckpt = Checkpointer(str(directory), async_save=True)
   for step, state in states.items():

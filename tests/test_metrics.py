@@ -36,13 +36,18 @@ def test_drop_after_removes_only_this_runs_later_steps(tmp_path):
   for step in (2, 4, 6):
     avg.write(step=step, loss=1.0 / step)
     rq.write(step=step, loss=2.0 / step)
-  MetricsWriter(workdir, "rank").write(step=6, loss=0.1)   # another stage
-  avg.write(split="val", method="avg")                      # no step: not a training record
+  MetricsWriter(workdir, "rank").write(step=6, loss=0.1)  # another stage
+  avg.write(split="val", method="avg")  # no step: not a training record
   assert avg.drop_after(2) == 2
   records = list(read_metrics(workdir))
   assert [(r["stage"], r.get("scheme"), r.get("step")) for r in records] == [
-      ("train", "avg", 2), ("train", "rq", 2), ("train", "rq", 4), ("train", "rq", 6),
-      ("rank", None, 6), ("train", "avg", None)]
+    ("train", "avg", 2),
+    ("train", "rq", 2),
+    ("train", "rq", 4),
+    ("train", "rq", 6),
+    ("rank", None, 6),
+    ("train", "avg", None),
+  ]
   assert records[0]["protocol"] == "transductive"
   assert avg.drop_after(2) == 0
   assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "metrics.jsonl"]

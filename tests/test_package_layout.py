@@ -14,13 +14,35 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "avg_jax"
 
-FOUNDATION = {"errors", "config", "partitioning", "progress", "runtime", "vokens", "metrics",
-              "processes", "artifacts", "loop"}
+FOUNDATION = {
+  "errors",
+  "config",
+  "partitioning",
+  "progress",
+  "runtime",
+  "vokens",
+  "metrics",
+  "processes",
+  "artifacts",
+  "loop",
+}
 # Libraries in the order data flows through them: each may import only those before it.
 # The tools (ahead-of-time compile, benchmarks, cloud helpers) come last: they are libraries
 # too, and run stages only through the CLI.
-LIBRARIES = ["data", "encoders", "tokenizer", "models", "decoding", "training", "evaluation",
-             "export", "serve", "cloud", "aot", "bench"]
+LIBRARIES = [
+  "data",
+  "encoders",
+  "tokenizer",
+  "models",
+  "decoding",
+  "training",
+  "evaluation",
+  "export",
+  "serve",
+  "cloud",
+  "aot",
+  "bench",
+]
 TOP = {"stages", "cli", "__main__"}
 
 
@@ -40,7 +62,7 @@ def _imports(path: pathlib.Path, module: str, known: set[str]) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:
-        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
         base = ".".join(anchor + ([base] if base else []))
       for alias in node.names:
         candidate = f"{base}.{alias.name}"
@@ -51,8 +73,9 @@ def _imports(path: pathlib.Path, module: str, known: set[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
   files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
   known = set(files)
-  return {m: {i for i in _imports(p, m, known) if i != m and i != "avg_jax"}
-          for m, p in files.items()}
+  return {
+    m: {i for i in _imports(p, m, known) if i != m and i != "avg_jax"} for m, p in files.items()
+  }
 
 
 def _top(module: str) -> str:
@@ -71,8 +94,7 @@ def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
       if src in FOUNDATION:
         ok = dst in FOUNDATION
       elif src in LIBRARIES:
-        ok = dst in FOUNDATION or (dst in LIBRARIES and
-                                   LIBRARIES.index(dst) < LIBRARIES.index(src))
+        ok = dst in FOUNDATION or (dst in LIBRARIES and LIBRARIES.index(dst) < LIBRARIES.index(src))
       else:
         bad.append(f"{module}: top-level folder {src!r} is in no layer of this test")
         continue
@@ -130,7 +152,9 @@ def test_no_import_cycle():
 def test_every_pipeline_stage_is_a_module_of_stages_with_run():
   import importlib
   import inspect
+
   from avg_jax import stages
+
   for name in stages.PIPELINE:
     module = importlib.import_module(f"avg_jax.stages.{name}")
     assert list(inspect.signature(module.run).parameters)[:2] == ["config", "workdir"], name
@@ -138,20 +162,29 @@ def test_every_pipeline_stage_is_a_module_of_stages_with_run():
 
 def test_the_checks_catch_a_backward_import_and_a_cycle():
   """The rules themselves on a hand-made graph, so a broken checker cannot pass silently."""
-  graph = {"avg_jax.data.a": {"avg_jax.training.b"}, "avg_jax.training.b": {"avg_jax.data.a"},
-           "avg_jax.models.c": {"avg_jax.stages.train"}, "avg_jax.stages.train": set()}
-  assert _layer_violations(graph) == ["avg_jax.data.a imports avg_jax.training.b",
-                                      "avg_jax.models.c imports avg_jax.stages.train"]
+  graph = {
+    "avg_jax.data.a": {"avg_jax.training.b"},
+    "avg_jax.training.b": {"avg_jax.data.a"},
+    "avg_jax.models.c": {"avg_jax.stages.train"},
+    "avg_jax.stages.train": set(),
+  }
+  assert _layer_violations(graph) == [
+    "avg_jax.data.a imports avg_jax.training.b",
+    "avg_jax.models.c imports avg_jax.stages.train",
+  ]
   assert _cycles(graph) == [["avg_jax.data.a", "avg_jax.training.b"]]
 
 
-@pytest.mark.parametrize("source,expected", [
+@pytest.mark.parametrize(
+  "source,expected",
+  [
     ("from avg_jax.decoding import trie\n", {"avg_jax.decoding.trie"}),
     ("from avg_jax.decoding.trie import VokenTrie\n", {"avg_jax.decoding.trie"}),
     ("from . import trie\n", {"avg_jax.decoding.trie"}),
     ("from ..models import t5\n", {"avg_jax.models.t5"}),
     ("import numpy\n", set()),
-])
+  ],
+)
 def test_import_reader(tmp_path, source, expected):
   path = tmp_path / "search.py"
   path.write_text(source)

@@ -20,17 +20,21 @@ def test_per_level_layout_with_disambiguation():
   # levels at 100, 108, 116; disambiguation tokens after the 24 level tokens, at 124.
   np.testing.assert_array_equal(v.position_offsets(), [100, 108, 116, 124])
   assert v.total_vocab_size == 128 and v.id_length == 4
-  np.testing.assert_array_equal(v.target_tokens(np.array([[1, 2, 3, 0]])),
-                                [[101, 110, 119, 124, EOS_ID]])
+  np.testing.assert_array_equal(
+    v.target_tokens(np.array([[1, 2, 3, 0]])), [[101, 110, 119, 124, EOS_ID]]
+  )
   assert VokenVocabulary.from_dict(v.to_dict()) == v
 
 
-@pytest.mark.parametrize("codes, message", [
+@pytest.mark.parametrize(
+  "codes, message",
+  [
     (np.zeros((2, 3), np.int32), r"expected shape \[N, 4\]"),
     (np.array([[0, 0, 8, 0]]), "code 8 at row 0, position 2 is outside"),
     (np.array([[0, 0, 0, 4]]), "code 4 at row 0, position 3 is outside"),
     (np.array([[0.0, 0, 0, 0]]), "expected integers"),
-])
+  ],
+)
 def test_validate_codes_errors(codes, message):
   v = VokenVocabulary(100, 8, 3, shared_codebook=False, disambiguation_size=4)
   with pytest.raises(UserError, match=message):

@@ -19,7 +19,7 @@ compiler's one-line reason instead of numbers.
 import dataclasses
 import re
 import time
-from typing import Any, Optional
+from typing import Any
 
 from avg_jax import partitioning
 from avg_jax.aot.programs import Program
@@ -29,6 +29,7 @@ from avg_jax.aot.topology import Chip, GiB
 @dataclasses.dataclass
 class StepReport:
   """What one step costs on one device of the topology (bytes per device, FLOPs per device)."""
+
   step: str
   description: str
   batch: int
@@ -40,8 +41,8 @@ class StepReport:
   temp_bytes: int = 0
   total_bytes: int = 0
   hbm_bytes: int = 0
-  flops_counted: float = 0.0        # XLA cost analysis as is (loop bodies once)
-  flops: float = 0.0                # with the uncounted loop iterations added
+  flops_counted: float = 0.0  # XLA cost analysis as is (loop bodies once)
+  flops: float = 0.0  # with the uncounted loop iterations added
   bytes_accessed: float = 0.0
   t_at_peak_s: float = 0.0
   t_roofline_s: float = 0.0
@@ -75,15 +76,17 @@ def cost(compiled) -> tuple[float, float]:
 _HBM_USED = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
 
 
-def _resource_exhausted(error: Exception) -> Optional[str]:
+def _resource_exhausted(error: Exception) -> str | None:
   """The compiler's one-line reason when `error` is an out-of-memory compile failure."""
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
     return None
   used = _HBM_USED.search(text)
   if used:
-    return f"RESOURCE_EXHAUSTED: used {used.group(1)}{used.group(2)} of {used.group(3)}" \
-           f"{used.group(4)} HBM"
+    return (
+      f"RESOURCE_EXHAUSTED: used {used.group(1)}{used.group(2)} of {used.group(3)}"
+      f"{used.group(4)} HBM"
+    )
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   return lines[0][:300] if lines else "RESOURCE_EXHAUSTED"
 
@@ -97,9 +100,15 @@ def analyse(program: Program, mesh, chip: Chip, roofline_efficiency: float) -> S
     reason = _resource_exhausted(e)
     if reason is None:
       raise
-    return StepReport(program.name, program.description, program.batch, fits=False,
-                      compile_s=time.perf_counter() - start, hbm_bytes=chip.hbm_bytes,
-                      error=reason)
+    return StepReport(
+      program.name,
+      program.description,
+      program.batch,
+      fits=False,
+      compile_s=time.perf_counter() - start,
+      hbm_bytes=chip.hbm_bytes,
+      error=reason,
+    )
   mem = compiled.memory_analysis()
   flops_counted, bytes_accessed = cost(compiled)
   flops = flops_counted
@@ -115,31 +124,69 @@ def analyse(program: Program, mesh, chip: Chip, roofline_efficiency: float) -> S
   t_roof = max(t_peak, bytes_accessed / chip.hbm_bandwidth)
   t_assumed = t_roof / roofline_efficiency
   return StepReport(
-      program.name, program.description, program.batch, fits=total <= chip.hbm_bytes,
-      compile_s=compile_s, argument_bytes=args, output_bytes=out, alias_bytes=alias,
-      temp_bytes=temp, total_bytes=total, hbm_bytes=chip.hbm_bytes,
-      flops_counted=flops_counted, flops=flops, bytes_accessed=bytes_accessed,
-      t_at_peak_s=t_peak, t_roofline_s=t_roof, t_assumed_s=t_assumed,
-      mfu_estimate=t_peak / t_assumed if t_assumed > 0 else 0.0)
+    program.name,
+    program.description,
+    program.batch,
+    fits=total <= chip.hbm_bytes,
+    compile_s=compile_s,
+    argument_bytes=args,
+    output_bytes=out,
+    alias_bytes=alias,
+    temp_bytes=temp,
+    total_bytes=total,
+    hbm_bytes=chip.hbm_bytes,
+    flops_counted=flops_counted,
+    flops=flops,
+    bytes_accessed=bytes_accessed,
+    t_at_peak_s=t_peak,
+    t_roofline_s=t_roof,
+    t_assumed_s=t_assumed,
+    mfu_estimate=t_peak / t_assumed if t_assumed > 0 else 0.0,
+  )
 
 
 def format_table(reports: list[StepReport]) -> str:
   """A fixed-width table of the reports (GiB per device, GFLOPs per device and step)."""
-  header = ("step", "batch", "args GiB", "temp GiB", "out GiB", "total GiB", "HBM %", "fits",
-            "GFLOP/dev", "t@100% ms", "t_assumed ms", "MFU est")
+  header = (
+    "step",
+    "batch",
+    "args GiB",
+    "temp GiB",
+    "out GiB",
+    "total GiB",
+    "HBM %",
+    "fits",
+    "GFLOP/dev",
+    "t@100% ms",
+    "t_assumed ms",
+    "MFU est",
+  )
   rows = []
   for r in reports:
     if r.error:
       rows.append((r.step, str(r.batch), "-", "-", "-", "-", "-", "no", "-", "-", "-", "-"))
       continue
     gib = lambda b: f"{b / GiB:.3g}"
-    rows.append((r.step, str(r.batch), gib(r.argument_bytes), gib(r.temp_bytes),
-                 gib(r.output_bytes), gib(r.total_bytes), f"{100 * r.total_bytes / r.hbm_bytes:.0f}",
-                 "yes" if r.fits else "no", f"{r.flops / 1e9:.4g}", f"{1e3 * r.t_at_peak_s:.3g}",
-                 f"{1e3 * r.t_assumed_s:.3g}", f"{100 * r.mfu_estimate:.1f}%"))
+    rows.append(
+      (
+        r.step,
+        str(r.batch),
+        gib(r.argument_bytes),
+        gib(r.temp_bytes),
+        gib(r.output_bytes),
+        gib(r.total_bytes),
+        f"{100 * r.total_bytes / r.hbm_bytes:.0f}",
+        "yes" if r.fits else "no",
+        f"{r.flops / 1e9:.4g}",
+        f"{1e3 * r.t_at_peak_s:.3g}",
+        f"{1e3 * r.t_assumed_s:.3g}",
+        f"{100 * r.mfu_estimate:.1f}%",
+      )
+    )
   widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-  line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths)))
+  line = lambda cells: "  ".join(
+    c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+  )
   out = [line(header), line(["-" * w for w in widths])]
   out += [line(row) for row in rows]
   out += [f"  {r.step}: {r.error}" for r in reports if r.error]

@@ -17,7 +17,8 @@ Every program is built by the same public functions the stages call (`RQVAETrain
 """
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ STEPS = ("tokenizer", "train", "rank", "search")
 @dataclasses.dataclass
 class Program:
   """One step to compile: `jitted.lower(*args)`; `batch` examples (or queries) per step."""
+
   name: str
   jitted: Any
   args: tuple
@@ -58,10 +60,13 @@ def voken_vocabulary(config: ConfigDict) -> VokenVocabulary:
   """The voken vocabulary a trained tokenizer of `config` would give (D from `aot`)."""
   tok = config.tokenizer
   disambiguation = int(config.aot.disambiguation_size) if tok.disambiguation else 0
-  return VokenVocabulary(text_vocab_size=int(config.t5.vocab_size),
-                         codebook_size=int(tok.codebook_size), num_levels=int(tok.num_levels),
-                         shared_codebook=bool(tok.shared_codebook),
-                         disambiguation_size=disambiguation)
+  return VokenVocabulary(
+    text_vocab_size=int(config.t5.vocab_size),
+    codebook_size=int(tok.codebook_size),
+    num_levels=int(tok.num_levels),
+    shared_codebook=bool(tok.shared_codebook),
+    disambiguation_size=disambiguation,
+  )
 
 
 def _rng(mesh: Mesh) -> jax.ShapeDtypeStruct:
@@ -78,8 +83,10 @@ def _batch_of(mesh: Mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:
 def _check_batch(mesh: Mesh, batch: int, key: str) -> None:
   shards = tok_train.data_parallel_size(mesh)
   if batch % shards:
-    raise UserError(f"config key {key}={batch} does not divide over the {shards} data-parallel "
-                    f"shards of mesh {dict(mesh.shape)}")
+    raise UserError(
+      f"config key {key}={batch} does not divide over the {shards} data-parallel "
+      f"shards of mesh {dict(mesh.shape)}"
+    )
 
 
 def tokenizer_program(config: ConfigDict, mesh: Mesh) -> Program:
@@ -88,16 +95,20 @@ def tokenizer_program(config: ConfigDict, mesh: Mesh) -> Program:
   in_dim = int(config.encoder.projection_dim)
   cfg = RQVAEConfig.from_config(tok, in_dim=in_dim)
   weights = tok_losses.LossWeights.from_config(tok, tok.scheme)
-  trainer = tok_train.RQVAETrainer(cfg, weights, mesh,
-                                   tok_train.TrainOptions.from_config(tok, config.seed),
-                                   int(tok.batch_size))
-  pairs = jax.ShapeDtypeStruct((trainer.batch_size, in_dim), jnp.float32,
-                               sharding=trainer.batch_sharding)
-  return Program("tokenizer", trainer.jitted_train_step,
-                 (trainer.settings, trainer.abstract_state, pairs, pairs),
-                 trainer.batch_size,
-                 f"RQ-VAE step: {in_dim}->{cfg.hidden_dims}->{cfg.e_dim}, "
-                 f"L={cfg.num_levels} K={cfg.codebook_size}")
+  trainer = tok_train.RQVAETrainer(
+    cfg, weights, mesh, tok_train.TrainOptions.from_config(tok, config.seed), int(tok.batch_size)
+  )
+  pairs = jax.ShapeDtypeStruct(
+    (trainer.batch_size, in_dim), jnp.float32, sharding=trainer.batch_sharding
+  )
+  return Program(
+    "tokenizer",
+    trainer.jitted_train_step,
+    (trainer.settings, trainer.abstract_state, pairs, pairs),
+    trainer.batch_size,
+    f"RQ-VAE step: {in_dim}->{cfg.hidden_dims}->{cfg.e_dim}, "
+    f"L={cfg.num_levels} K={cfg.codebook_size}",
+  )
 
 
 def _t5(config: ConfigDict) -> tuple[T5Config, VokenVocabulary]:
@@ -115,13 +126,19 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
   tx, _ = generative.make_optimizer(config)
   params, _ = t5_lib.abstract_params(cfg, mesh)
   state, state_shardings = state_lib.abstract_state(params, tx, mesh)
-  example = {"inputs": _batch_of(mesh, batch, int(config.text_tokenizer.max_length)),
-             "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
+  example = {
+    "inputs": _batch_of(mesh, batch, int(config.text_tokenizer.max_length)),
+    "targets": _batch_of(mesh, batch, vocab.id_length + 1),
+  }
   jitted = generative.compile_train_step(mesh, state_shardings, example)
-  return Program("train", jitted, (generative.step_settings(config, cfg), state, example,
-                                   _rng(mesh)), batch,
-                 f"T5 teacher-forced step: {_describe(cfg)}, S={example['inputs'].shape[1]}, "
-                 f"P+1={vocab.id_length + 1}")
+  return Program(
+    "train",
+    jitted,
+    (generative.step_settings(config, cfg), state, example, _rng(mesh)),
+    batch,
+    f"T5 teacher-forced step: {_describe(cfg)}, S={example['inputs'].shape[1]}, "
+    f"P+1={vocab.id_length + 1}",
+  )
 
 
 def index_codes(config: ConfigDict, vocab: VokenVocabulary) -> np.ndarray:
@@ -145,33 +162,52 @@ def abstract_trie(config: ConfigDict, vocab: VokenVocabulary, mesh: Mesh) -> Any
   return partitioning.abstract(device, jax.tree.map(lambda _: replicated, device))
 
 
-def decode_body_program(cfg: T5Config, vocab: VokenVocabulary, params: Any, param_shardings,
-                        mesh: Mesh, batch: int, source_length: int, beam: int,
-                        voken_logits_only: bool) -> Program:
+def decode_body_program(
+  cfg: T5Config,
+  vocab: VokenVocabulary,
+  params: Any,
+  param_shardings,
+  mesh: Mesh,
+  batch: int,
+  source_length: int,
+  beam: int,
+  voken_logits_only: bool,
+) -> Program:
   """One decoder step of the search loop: `search.grouped_step` on `batch * beam` rows."""
   inputs = _batch_of(mesh, batch, source_length)
   p = vocab.id_length
   with partitioning.activation_context(mesh):
     cache = jax.eval_shape(
-        lambda prm, x: t5_lib.init_decode_state(prm, cfg, t5_lib.encode(prm, cfg, x), x, p + 1),
-        params, inputs)
+      lambda prm, x: t5_lib.init_decode_state(prm, cfg, t5_lib.encode(prm, cfg, x), x, p + 1),
+      params,
+      inputs,
+    )
   carried, fixed = search_lib.split_cache(cache)
   rows = partitioning.logical_sharding(mesh, "batch")
-  lead = lambda x: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      rows.spec[0], *([None] * (len(x.shape) - 1))))
+  lead = lambda x: jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(rows.spec[0], *([None] * (len(x.shape) - 1)))
+  )
   fixed = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=lead(v)) for k, v in fixed.items()}
-  state = {k: jax.ShapeDtypeStruct((v.shape[0] * beam,) + v.shape[1:], v.dtype, sharding=lead(v))
-           for k, v in carried.items()}
+  state = {
+    k: jax.ShapeDtypeStruct((v.shape[0] * beam,) + v.shape[1:], v.dtype, sharding=lead(v))
+    for k, v in carried.items()
+  }
   tokens = jax.ShapeDtypeStruct((batch * beam,), jnp.int32, sharding=rows)
 
   def body(prm, tok, st, fx):
     return search_lib.grouped_step(prm, cfg, tok, st, fx, batch, voken_logits_only)
 
   shardings_of = lambda tree: jax.tree.map(lambda s: s.sharding, tree)
-  jitted = jax.jit(body, in_shardings=(param_shardings, rows, shardings_of(state),
-                                       shardings_of(fixed)))
-  return Program("decode_step", jitted, (params, tokens, state, fixed), batch,
-                 f"one decoder step on {batch}x{beam} rows")
+  jitted = jax.jit(
+    body, in_shardings=(param_shardings, rows, shardings_of(state), shardings_of(fixed))
+  )
+  return Program(
+    "decode_step",
+    jitted,
+    (params, tokens, state, fixed),
+    batch,
+    f"one decoder step on {batch}x{beam} rows",
+  )
 
 
 def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
@@ -185,16 +221,33 @@ def rank_program(config: ConfigDict, mesh: Mesh) -> Program:
   params, param_shardings = t5_lib.abstract_params(cfg, mesh)
   state, state_shardings = state_lib.abstract_state(params, tx, mesh)
   trie = abstract_trie(config, vocab, mesh)
-  example = {"inputs": _batch_of(mesh, batch, source_length),
-             "targets": _batch_of(mesh, batch, vocab.id_length + 1)}
+  example = {
+    "inputs": _batch_of(mesh, batch, source_length),
+    "targets": _batch_of(mesh, batch, vocab.id_length + 1),
+  }
   jitted = ltr.compile_rank_step(mesh, state_shardings, example, trie)
-  body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
-                             beam, voken_logits_only=options.decode.voken_logits_only)
+  body = decode_body_program(
+    cfg,
+    vocab,
+    params,
+    param_shardings,
+    mesh,
+    batch,
+    source_length,
+    beam,
+    voken_logits_only=options.decode.voken_logits_only,
+  )
   settings = ltr.RankStep.of(options, cfg, vocab)
-  return Program("rank", jitted, (settings, state, example, _rng(mesh), trie), batch,
-                 f"LTR step: search (beam {beam}) + {1 + beam} scored targets per query, "
-                 f"index {trie.leaf_item.shape[0]} leaves",
-                 loop_body=body, loop_extra=vocab.id_length - 1)
+  return Program(
+    "rank",
+    jitted,
+    (settings, state, example, _rng(mesh), trie),
+    batch,
+    f"LTR step: search (beam {beam}) + {1 + beam} scored targets per query, "
+    f"index {trie.leaf_item.shape[0]} leaves",
+    loop_body=body,
+    loop_extra=vocab.id_length - 1,
+  )
 
 
 def search_program(config: ConfigDict, mesh: Mesh) -> Program:
@@ -209,23 +262,39 @@ def search_program(config: ConfigDict, mesh: Mesh) -> Program:
   trie = abstract_trie(config, vocab, mesh)
   ins, outs = search_lib.search_shardings(mesh, param_shardings)
   jitted = jax.jit(search_lib.build_search(cfg, vocab, d), in_shardings=ins, out_shardings=outs)
-  body = decode_body_program(cfg, vocab, params, param_shardings, mesh, batch, source_length,
-                             beam, voken_logits_only=d.voken_logits_only)
-  return Program("search", jitted, (params, trie, _batch_of(mesh, batch, source_length)), batch,
-                 f"constrained beam search: beam {beam}, top {d.top_k}, "
-                 f"index {trie.leaf_item.shape[0]} leaves",
-                 loop_body=body, loop_extra=vocab.id_length - 1)
+  body = decode_body_program(
+    cfg,
+    vocab,
+    params,
+    param_shardings,
+    mesh,
+    batch,
+    source_length,
+    beam,
+    voken_logits_only=d.voken_logits_only,
+  )
+  return Program(
+    "search",
+    jitted,
+    (params, trie, _batch_of(mesh, batch, source_length)),
+    batch,
+    f"constrained beam search: beam {beam}, top {d.top_k}, index {trie.leaf_item.shape[0]} leaves",
+    loop_body=body,
+    loop_extra=vocab.id_length - 1,
+  )
 
 
 BUILDERS: dict[str, Callable[[ConfigDict, Mesh], Program]] = {
-    "tokenizer": tokenizer_program,
-    "train": train_program,
-    "rank": rank_program,
-    "search": search_program,
+  "tokenizer": tokenizer_program,
+  "train": train_program,
+  "rank": rank_program,
+  "search": search_program,
 }
 
 
 def _describe(cfg: T5Config) -> str:
-  return (f"d_model {cfg.d_model}, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
-          f"vocab {cfg.vocab_size}, {cfg.dtype}/{cfg.param_dtype}"
-          f"{', remat' if cfg.remat else ''}")
+  return (
+    f"d_model {cfg.d_model}, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
+    f"vocab {cfg.vocab_size}, {cfg.dtype}/{cfg.param_dtype}"
+    f"{', remat' if cfg.remat else ''}"
+  )

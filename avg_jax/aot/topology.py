@@ -17,32 +17,50 @@ import re
 from avg_jax.errors import UserError
 
 GiB = 1024**3
-MISSING_LIBTPU = ("libtpu not installed: pip install -r requirements-tpu.txt (the optional TPU "
-                  "extra) to compile for TPU topologies")
+MISSING_LIBTPU = (
+  "libtpu not installed: pip install -r requirements-tpu.txt (the optional TPU "
+  "extra) to compile for TPU topologies"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """Per-chip numbers the report assumes (public spec sheets; not measured here)."""
+
   generation: str
-  peak_bf16_flops: float     # FLOP/s
+  peak_bf16_flops: float  # FLOP/s
   hbm_bytes: int
-  hbm_bandwidth: float       # bytes/s
-  megacore: bool             # two TensorCores act as one JAX device (v4, v5p)
+  hbm_bandwidth: float  # bytes/s
+  megacore: bool  # two TensorCores act as one JAX device (v4, v5p)
 
 
 CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * GiB, 1228e9, True),
-    "v5e": Chip("v5e", 197e12, 16 * GiB, 819e9, False),
-    "v5p": Chip("v5p", 459e12, 95 * GiB, 2765e9, True),
-    "v6e": Chip("v6e", 918e12, 32 * GiB, 1640e9, False),
+  "v4": Chip("v4", 275e12, 32 * GiB, 1228e9, True),
+  "v5e": Chip("v5e", 197e12, 16 * GiB, 819e9, False),
+  "v5p": Chip("v5p", 459e12, 95 * GiB, 2765e9, True),
+  "v6e": Chip("v6e", 918e12, 32 * GiB, 1640e9, False),
 }
 
 # Chips -> slice shape for the accelerator-type aliases (the usual single-slice shapes).
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-              256: "16x16"}
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-              256: "4x8x8"}
+_SHAPES_2D = {
+  1: "1x1",
+  4: "2x2",
+  8: "2x4",
+  16: "4x4",
+  32: "4x8",
+  64: "8x8",
+  128: "8x16",
+  256: "16x16",
+}
+_SHAPES_3D = {
+  4: "2x2x1",
+  8: "2x2x2",
+  16: "2x2x4",
+  32: "2x4x4",
+  64: "4x4x4",
+  128: "4x4x8",
+  256: "4x8x8",
+}
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _ALIAS = re.compile(r"^(v4|v5e|v5p|v6e)-(\d+)$")
 
@@ -60,8 +78,10 @@ def canonical_name(name: str) -> str:
     shapes = _SHAPES_3D if chip.megacore else _SHAPES_2D
     if (not chip.megacore or count % 2 == 0) and chips in shapes:
       return f"{gen}:{shapes[chips]}"
-  raise UserError(f"--topology {name!r}: expected GEN:SHAPE (e.g. v5e:4x4, v4:2x2x4, v5p:2x2x1) "
-                  f"or an accelerator type (e.g. v5e-16, v4-32, v5p-8) of {', '.join(CHIPS)}")
+  raise UserError(
+    f"--topology {name!r}: expected GEN:SHAPE (e.g. v5e:4x4, v4:2x2x4, v5p:2x2x1) "
+    f"or an accelerator type (e.g. v5e-16, v4-32, v5p-8) of {', '.join(CHIPS)}"
+  )
 
 
 def chip_of(name: str) -> Chip:
@@ -89,6 +109,7 @@ def topology_devices(name: str) -> list:
     raise UserError(MISSING_LIBTPU)
   import jax
   from jax.experimental import topologies
+
   # This process uses libtpu only as a compiler: keep jax's own backend on the CPU (on a TPU
   # VM it must not claim the chips of a running job), which makes it safe to load libtpu
   # beside another process holding its lockfile (a training job, a second compile).
@@ -105,6 +126,8 @@ def topology_devices(name: str) -> list:
     raise UserError(f"--topology {name!r}: libtpu cannot describe {canonical} ({first})") from e
   devices = list(topology.devices)
   if len(devices) != num_chips(canonical):
-    raise UserError(f"--topology {name!r}: libtpu describes {len(devices)} devices, expected "
-                    f"{num_chips(canonical)} chips")
+    raise UserError(
+      f"--topology {name!r}: libtpu describes {len(devices)} devices, expected "
+      f"{num_chips(canonical)} chips"
+    )
   return devices

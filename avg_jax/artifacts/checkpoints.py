@@ -15,7 +15,7 @@ committed just before a crash may lack the record: it is restored unverified (lo
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
@@ -33,8 +33,11 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._unrecorded: list[int] = []
 
@@ -55,11 +58,20 @@ class Checkpointer:
       if os.path.isdir(path):  # else already removed by max_to_keep
         checksums.write(path)
 
-  def save(self, step: int, state: Any, *, data_iter: Any = None,
-           metadata: Optional[dict] = None, force: bool = True) -> None:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    data_iter: Any = None,
+    metadata: dict | None = None,
+    force: bool = True,
+  ) -> None:
     """Saves `state` (a pytree of jax arrays), the iterator state and `metadata` at `step`."""
-    items = {"state": ocp.args.StandardSave(state),
-             "metadata": ocp.args.JsonSave(dict(metadata or {}, step=int(step)))}
+    items = {
+      "state": ocp.args.StandardSave(state),
+      "metadata": ocp.args.JsonSave(dict(metadata or {}, step=int(step))),
+    }
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     self._record_committed()
@@ -69,7 +81,7 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     steps = self.steps()
     return steps[-1] if steps else None
 
@@ -82,17 +94,21 @@ class Checkpointer:
       if problem:
         raise UserError(problem)
     else:
-      log.info("checkpoint %s has no %s (saved just before a crash, or by an older avg-jax); "
-               "restoring it unverified", path, checksums.NAME)
-    items = {"state": ocp.args.StandardRestore(abstract_state),
-             "metadata": ocp.args.JsonRestore()}
+      log.info(
+        "checkpoint %s has no %s (saved just before a crash, or by an older avg-jax); "
+        "restoring it unverified",
+        path,
+        checksums.NAME,
+      )
+    items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
     return restored["state"], dict(restored["metadata"] or {})
 
-  def restore_latest_good(self, abstract_state: Any, *,
-                          data_iter: Any = None) -> Optional[tuple[int, Any, dict]]:
+  def restore_latest_good(
+    self, abstract_state: Any, *, data_iter: Any = None
+  ) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that loads; `None` when there is none.
 
     A checkpoint that fails to load is reported with its path and skipped.
@@ -104,9 +120,13 @@ class Checkpointer:
       except Exception as e:  # orbax raises many types for damaged files
         path = os.path.join(self.directory, str(step))
         aside = self._set_aside(step)
-        log.warning("checkpoint %s cannot be restored (%s: %s); moved to %s, trying the "
-                    "previous one", path, type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "", aside)
+        log.warning(
+          "checkpoint %s cannot be restored (%s: %s); moved to %s, trying the previous one",
+          path,
+          type(e).__name__,
+          str(e).splitlines()[0][:200] if str(e) else "",
+          aside,
+        )
     return None
 
   def _set_aside(self, step: int) -> str:
@@ -163,8 +183,10 @@ def load_params(directory: str, abstract_params: Any) -> Any:
   try:
     return checkpointer.restore(os.path.abspath(directory), abstract_params)
   except Exception as e:  # a damaged checkpoint: name it, do not guess
-    raise UserError(f"cannot read parameters in {directory}: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    raise UserError(
+      f"cannot read parameters in {directory}: {type(e).__name__}: "
+      f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+    ) from e
   finally:
     checkpointer.close()
 

@@ -17,7 +17,6 @@ smoke run's prepared data (30 MB) takes ~0.15 s and a t5-large export (~3 GB) ~1
 """
 
 import os
-from typing import Optional
 
 from avg_jax.artifacts import io
 
@@ -61,19 +60,19 @@ def add(folder: str, *names: str) -> None:
       if rel == name or rel.startswith(name.rstrip("/") + "/"):
         del files[rel]
     if os.path.isdir(path):
-      files.update({os.path.join(name, rel): _entry(os.path.join(path, rel))
-                    for rel in _files(path)})
+      files.update(
+        {os.path.join(name, rel): _entry(os.path.join(path, rel)) for rel in _files(path)}
+      )
     elif os.path.isfile(path):
       files[name] = _entry(path)
   io.write_json(os.path.join(folder, NAME), {"format": FORMAT, "files": files}, sort_keys=True)
 
 
-def read(folder: str) -> Optional[dict]:
+def read(folder: str) -> dict | None:
   """`{relative path: {"size", "sha256"}}` recorded for `folder`; None when there is no
   (readable) record."""
   stored = io.read_json(os.path.join(folder, NAME))
-  if stored is None or stored.get("format") != FORMAT or not isinstance(stored.get("files"),
-                                                                          dict):
+  if stored is None or stored.get("format") != FORMAT or not isinstance(stored.get("files"), dict):
     return None
   return stored["files"]
 
@@ -94,7 +93,7 @@ def _problem(path: str, want: dict) -> str:
 
 
 def check(folder: str, *names: str) -> str:
-  """"" when each of `names` (files, or folders: every file recorded under them) matches
+  """ "" when each of `names` (files, or folders: every file recorded under them) matches
   what `add` or `write` recorded, else one line naming the first that differs (a name with
   no record is one: its file was never finished, or the record is gone)."""
   files = read(folder)
@@ -111,7 +110,7 @@ def check(folder: str, *names: str) -> str:
 
 
 def verify(folder: str) -> str:
-  """"" when every recorded file of `folder` is there with its recorded size and SHA-256,
+  """ "" when every recorded file of `folder` is there with its recorded size and SHA-256,
   else one line naming the first file that differs. Files added after the record are not
   checked. A folder without a record is the caller's decision (`has_record`)."""
   if not has_record(folder):

@@ -12,7 +12,6 @@ here check it and what later stages rely on, and name the file in every error.
 """
 
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -24,9 +23,12 @@ KEYS = ("image_ids", "image_emb", "caption_image_ids", "caption_emb")
 
 def arrays(num_images: int, num_captions: int, dim: int) -> dict:
   """`{name: (dtype, shape)}` of the embeddings of `num_images` images and their captions."""
-  return {"image_ids": (np.int64, (num_images,)), "image_emb": (np.float32, (num_images, dim)),
-          "caption_image_ids": (np.int64, (num_captions,)),
-          "caption_emb": (np.float32, (num_captions, dim))}
+  return {
+    "image_ids": (np.int64, (num_images,)),
+    "image_emb": (np.float32, (num_images, dim)),
+    "caption_image_ids": (np.int64, (num_captions,)),
+    "caption_emb": (np.float32, (num_captions, dim)),
+  }
 
 
 REMEDY = "rerun `avg-jax embed` (it rewrites it)"
@@ -38,7 +40,7 @@ def record(workdir: str, path: str) -> None:
 
 
 def problem(workdir: str, path: str) -> str:
-  """"" when the embed output `path` holds the bytes it was written with, else what differs."""
+  """ "" when the embed output `path` holds the bytes it was written with, else what differs."""
   return checksums.check(paths.embed_dir(workdir), os.path.relpath(path, paths.embed_dir(workdir)))
 
 
@@ -58,7 +60,7 @@ def load(workdir: str, split: str) -> dict:
   return io.read_npz(path, KEYS, remedy=REMEDY)
 
 
-def load_checked(workdir: str, split: str) -> Optional[dict]:
+def load_checked(workdir: str, split: str) -> dict | None:
   """`load`, checked for consistency, with `caption_image_index int64[M]` (each caption's
   image row) added and dtypes fixed; None when the split has no file."""
   path = paths.embeddings_file(workdir, split)
@@ -69,8 +71,10 @@ def load_checked(workdir: str, split: str) -> Optional[dict]:
   if data["image_emb"].ndim != 2 or len(data["image_emb"]) != n:
     raise UserError(f"{path}: image_emb must be [{n}, D], got {list(data['image_emb'].shape)}")
   if data["caption_emb"].shape != (m, data["image_emb"].shape[1]):
-    raise UserError(f"{path}: caption_emb must be [{m}, {data['image_emb'].shape[1]}], "
-                    f"got {list(data['caption_emb'].shape)}")
+    raise UserError(
+      f"{path}: caption_emb must be [{m}, {data['image_emb'].shape[1]}], "
+      f"got {list(data['caption_emb'].shape)}"
+    )
   if len(np.unique(data["image_ids"])) != n:
     raise UserError(f"{path}: image_ids are not unique")
   order = np.argsort(data["image_ids"])
@@ -98,8 +102,10 @@ def load_pseudo_queries(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """`(image ids int64[Q], query_emb float32[Q, D])` of the prepared pseudo queries."""
   path = paths.pseudo_query_embeddings_file(workdir)
   if not os.path.exists(path):
-    raise UserError(f"{path} not found; run `avg-jax embed` first (with the same config: it "
-                    f"embeds pseudo queries when tokenizer.fit_on_pseudo_queries is on)")
+    raise UserError(
+      f"{path} not found; run `avg-jax embed` first (with the same config: it "
+      f"embeds pseudo queries when tokenizer.fit_on_pseudo_queries is on)"
+    )
   _checked(workdir, path)
   f = io.read_npz(path, ("image_ids", "query_emb"), remedy="delete it and rerun `avg-jax embed`")
   return f["image_ids"].astype(np.int64), f["query_emb"].astype(np.float32)

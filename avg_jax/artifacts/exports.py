@@ -50,8 +50,11 @@ _REQUIRED = ("t5", "vocab", "decode", "limits", "scheme")
 
 def write_manifest(folder: str, manifest: dict) -> None:
   """Writes the manifest (add it last: it marks the folder an export)."""
-  io.write_json(os.path.join(folder, MANIFEST),
-                dict(manifest, format=FORMAT, format_version=FORMAT_VERSION), sort_keys=True)
+  io.write_json(
+    os.path.join(folder, MANIFEST),
+    dict(manifest, format=FORMAT, format_version=FORMAT_VERSION),
+    sort_keys=True,
+  )
 
 
 def read_manifest(directory: str) -> dict:
@@ -65,8 +68,10 @@ def read_manifest(directory: str) -> dict:
   if manifest.get("format") != FORMAT:
     raise UserError(f"{path}: not an avg-jax serving manifest")
   if manifest.get("format_version") != FORMAT_VERSION:
-    raise UserError(f"{path}: format version {manifest.get('format_version')}, this avg-jax "
-                    f"reads {FORMAT_VERSION}")
+    raise UserError(
+      f"{path}: format version {manifest.get('format_version')}, this avg-jax "
+      f"reads {FORMAT_VERSION}"
+    )
   for key in _REQUIRED:
     if key not in manifest:
       raise UserError(f"{path}: missing key {key!r}")
@@ -74,8 +79,12 @@ def read_manifest(directory: str) -> dict:
 
 
 def write_table(folder: str, image_ids, codes, file_names) -> None:
-  io.write_npz(os.path.join(folder, TABLE), image_ids=np.asarray(image_ids, np.int64),
-               codes=np.asarray(codes, np.int32), file_names=np.asarray(list(file_names), str))
+  io.write_npz(
+    os.path.join(folder, TABLE),
+    image_ids=np.asarray(image_ids, np.int64),
+    codes=np.asarray(codes, np.int32),
+    file_names=np.asarray(list(file_names), str),
+  )
 
 
 def read_table(directory: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,9 +95,11 @@ def read_table(directory: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_image_embeddings(folder: str, image_ids, image_emb) -> None:
-  io.write_npz(os.path.join(folder, DUAL_ENCODER, IMAGE_EMBEDDINGS),
-               image_ids=np.asarray(image_ids, np.int64),
-               image_emb=np.asarray(image_emb, np.float32))
+  io.write_npz(
+    os.path.join(folder, DUAL_ENCODER, IMAGE_EMBEDDINGS),
+    image_ids=np.asarray(image_ids, np.int64),
+    image_emb=np.asarray(image_emb, np.float32),
+  )
 
 
 def read_image_embeddings(directory: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +107,9 @@ def read_image_embeddings(directory: str) -> tuple[np.ndarray, np.ndarray]:
   similarity."""
   path = os.path.join(directory, DUAL_ENCODER, IMAGE_EMBEDDINGS)
   if not os.path.isfile(path):
-    raise UserError(f"serving checkpoint {directory} orders shared codes by similarity but "
-                    f"has no {DUAL_ENCODER}/{IMAGE_EMBEDDINGS}; export it again")
+    raise UserError(
+      f"serving checkpoint {directory} orders shared codes by similarity but "
+      f"has no {DUAL_ENCODER}/{IMAGE_EMBEDDINGS}; export it again"
+    )
   f = io.read_npz(path, ("image_ids", "image_emb"), remedy="export again")
   return f["image_ids"].astype(np.int64), f["image_emb"].astype(np.float32)

@@ -30,7 +30,8 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from avg_jax import config as config_lib
 from avg_jax import processes
@@ -72,8 +73,11 @@ def changes(old: Any, new: dict, limit: int = 4) -> str:
   if not isinstance(old, dict):
     return "made by an older avg-jax"
   old, new = _flat(old), _flat(new)
-  diffs = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  diffs = [
+    f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+    for k in sorted(set(old) | set(new))
+    if old.get(k) != new.get(k)
+  ]
   return "; ".join(diffs[:limit]) + ("; ..." if len(diffs) > limit else "")
 
 
@@ -85,7 +89,7 @@ def is_complete(directory: str) -> bool:
 
 
 def made_from(directory: str, inputs: dict) -> str:
-  """"" when `directory` holds a complete output whose recorded inputs include `inputs`
+  """ "" when `directory` holds a complete output whose recorded inputs include `inputs`
   (the keys of `inputs` only: what a stage adds of its own is its business), else why not:
   "missing" when there is no complete record (an unfinished or older one counts as none)."""
   stored = io.read_json(os.path.join(directory, RECORD))
@@ -108,8 +112,9 @@ def require(directory: str, inputs: dict, *, stage: str, remedy: str) -> None:
   if problem == "missing":
     raise UserError(f"no complete {stage} output in {directory}; {remedy}")
   if problem:
-    raise UserError(f"{directory} was made from other inputs than this config's ({problem}); "
-                    f"{remedy}")
+    raise UserError(
+      f"{directory} was made from other inputs than this config's ({problem}); {remedy}"
+    )
 
 
 class Output:
@@ -127,7 +132,7 @@ class Output:
   def path(self) -> str:
     return os.path.join(self.directory, RECORD)
 
-  def record(self) -> Optional[dict]:
+  def record(self) -> dict | None:
     """The stored record; an unreadable or older one reads as unfinished with unknown inputs."""
     if not os.path.exists(self.path):
       return None
@@ -136,7 +141,7 @@ class Output:
       return {"inputs": None, "complete": False}
     return stored
 
-  def done(self, verify: Optional[Callable[[], str]] = None, **facts: Any) -> bool:
+  def done(self, verify: Callable[[], str] | None = None, **facts: Any) -> bool:
     """True when the folder is complete from these inputs with these `facts` and
     `verify()` (the stage's own check that its files load) returns "" rather than a problem.
     Raises `UserError` for a complete folder from other inputs under `on_other="refuse"`."""
@@ -145,9 +150,11 @@ class Output:
       return False
     if stored.get("inputs") != self.inputs:
       if stored.get("complete") and self.on_other == "refuse":
-        raise UserError(f"{self.directory} was made from other inputs "
-                        f"({changes(stored.get('inputs'), self.inputs)}); remove it or use "
-                        f"another --workdir")
+        raise UserError(
+          f"{self.directory} was made from other inputs "
+          f"({changes(stored.get('inputs'), self.inputs)}); remove it or use "
+          f"another --workdir"
+        )
       return False
     if not stored.get("complete"):
       return False
@@ -155,8 +162,9 @@ class Output:
       return False
     problem = verify() if verify is not None else ""
     if problem:
-      log.warning("%s: %s has a damaged output (%s); redoing it", self.stage, self.directory,
-                  problem)
+      log.warning(
+        "%s: %s has a damaged output (%s); redoing it", self.stage, self.directory, problem
+      )
       return False
     return True
 
@@ -167,14 +175,16 @@ class Output:
     if processes.is_main():
       if stored is not None and stored.get("inputs") != self.inputs:
         what = "outputs" if stored.get("complete") else "unfinished outputs"
-        print(f"{self.stage}: removing the {what} of other inputs in {self.directory} "
-              f"({changes(stored.get('inputs'), self.inputs)})")
+        print(
+          f"{self.stage}: removing the {what} of other inputs in {self.directory} "
+          f"({changes(stored.get('inputs'), self.inputs)})"
+        )
         shutil.rmtree(self.directory)
       os.makedirs(self.directory, exist_ok=True)
       self._write(self.directory, complete=False, facts={})
     processes.barrier(f"{self.stage}: claimed {self.directory}")
 
-  def finish(self, *, into: Optional[str] = None, **facts: Any) -> None:
+  def finish(self, *, into: str | None = None, **facts: Any) -> None:
     """Marks the folder complete, after its last output (every process calls it; process 0
     writes). `into`: write the record into that folder instead (a temporary folder about to
     be renamed into place by its only writer; no processes are synchronised)."""
@@ -186,6 +196,13 @@ class Output:
     processes.barrier(f"{self.stage}: finished {self.directory}")
 
   def _write(self, directory: str, *, complete: bool, facts: dict) -> None:
-    io.write_json(os.path.join(directory, RECORD),
-                  {"format": FORMAT, "stage": self.stage, "inputs": self.inputs,
-                   "complete": complete, "facts": canonical(facts)})
+    io.write_json(
+      os.path.join(directory, RECORD),
+      {
+        "format": FORMAT,
+        "stage": self.stage,
+        "inputs": self.inputs,
+        "complete": complete,
+        "facts": canonical(facts),
+      },
+    )

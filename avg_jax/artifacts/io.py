@@ -17,7 +17,8 @@ import shutil
 import socket
 import tempfile
 import zipfile
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -79,8 +80,9 @@ def read_json(path: str) -> dict | None:
   return value if isinstance(value, dict) else None
 
 
-def read_npz(path: str, names: Optional[Sequence[str]] = None, *,
-             remedy: str = "") -> dict[str, np.ndarray]:
+def read_npz(
+  path: str, names: Sequence[str] | None = None, *, remedy: str = ""
+) -> dict[str, np.ndarray]:
   """The arrays `names` (default: all) of the `.npz` at `path`, read into memory; a one-line
   `UserError` naming the file (and the missing array), with `remedy` appended, when it is
   missing or cannot be read (a truncated file is a `BadZipFile`)."""
@@ -115,7 +117,7 @@ def _first_line(e: BaseException) -> str:
   return str(e).splitlines()[0][:200] if str(e) else ""
 
 
-def _chain(e: Optional[BaseException]) -> Iterator[BaseException]:
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
   """`e` and the exceptions it was raised from or during, outermost first."""
   seen = set()
   while e is not None and id(e) not in seen:
@@ -128,8 +130,12 @@ def disk_full(e: BaseException) -> bool:
   """Whether `e` (or an exception it was raised from) is "no space left on device": an
   `OSError` with ENOSPC (or EDQUOT, a full quota), or a wrapped one that kept only the message
   (orbax's and tensorstore's)."""
-  return any((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
-             or "No space left on device" in str(x) or "ENOSPC" in str(x) for x in _chain(e))
+  return any(
+    (isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
+    or "No space left on device" in str(x)
+    or "ENOSPC" in str(x)
+    for x in _chain(e)
+  )
 
 
 def failed_path(e: BaseException) -> str:

@@ -19,7 +19,7 @@ import functools
 import os
 import socket
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from avg_jax import processes
 from avg_jax.errors import UserError
@@ -78,10 +78,13 @@ def stage_lock(workdir: str, stage: str) -> Iterator[None]:
       owner = _owner(path)
   if not processes.process_0_succeeded(fd is not None or not processes.is_main()):
     if processes.is_main():
-      raise UserError(f"workdir {workdir}: stage {stage} is being run by {owner}; wait for it "
-                      f"or use another workdir")
-    raise UserError(f"workdir {workdir}: stage {stage} is being run by another job (see "
-                    f"process 0's error)")
+      raise UserError(
+        f"workdir {workdir}: stage {stage} is being run by {owner}; wait for it "
+        f"or use another workdir"
+      )
+    raise UserError(
+      f"workdir {workdir}: stage {stage} is being run by another job (see process 0's error)"
+    )
   _held[path] = [fd, 1]
   try:
     yield
@@ -93,10 +96,13 @@ def stage_lock(workdir: str, stage: str) -> Iterator[None]:
 
 def holding(stage: str) -> Callable:
   """Decorates `fn(config, workdir, ...)` to run under `stage_lock(workdir, stage)`."""
+
   def decorate(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(config, workdir, *args, **kwargs):
       with stage_lock(str(workdir), stage):
         return fn(config, workdir, *args, **kwargs)
+
     return wrapper
+
   return decorate

@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -13,9 +13,9 @@ import numpy as np
 class NpzWriter:
   """Usage:
 
-      with NpzWriter(path, {"ids": (np.int64, (n,)), "emb": (np.float32, (n, d))}) as w:
-        w["emb"][i:j] = rows          # writable memmaps
-      # on a clean exit `path` appears complete; on an exception nothing is left behind.
+  with NpzWriter(path, {"ids": (np.int64, (n,)), "emb": (np.float32, (n, d))}) as w:
+    w["emb"][i:j] = rows          # writable memmaps
+  # on a clean exit `path` appears complete; on an exception nothing is left behind.
   """
 
   def __init__(self, path: str, arrays: dict[str, tuple[np.dtype, Sequence[int]]]):
@@ -24,9 +24,11 @@ class NpzWriter:
     os.makedirs(directory, exist_ok=True)
     self._tmpdir = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=directory)
     self.arrays = {
-        name: np.lib.format.open_memmap(os.path.join(self._tmpdir, f"{name}.npy"), mode="w+",
-                                        dtype=dtype, shape=tuple(shape))
-        for name, (dtype, shape) in arrays.items()}
+      name: np.lib.format.open_memmap(
+        os.path.join(self._tmpdir, f"{name}.npy"), mode="w+", dtype=dtype, shape=tuple(shape)
+      )
+      for name, (dtype, shape) in arrays.items()
+    }
 
   def __getitem__(self, name: str) -> np.memmap:
     return self.arrays[name]

@@ -28,7 +28,8 @@ record in the stage's folder, and `require` checks an output another stage is ab
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from avg_jax import config as config_lib
 from avg_jax.artifacts import fingerprint, io, paths
@@ -57,90 +58,124 @@ _TARGETS = "which targets: in the record's voken table digest"
 # existed stays valid (a user's trained models survive an upgrade); any other value is an
 # input like the rest.
 ADDED_KEYS: dict[str, Any] = {
-    "train.pseudo_queries_of_training_images": False,
+  "train.pseudo_queries_of_training_images": False,
 }
 
 # In pipeline order: a stage's upstream stages come before it.
 STAGES: dict[str, Stage] = {
-    "prepare": Stage(
-        upstream=(),
-        reads=("data", "text_tokenizer.model_path", "text_tokenizer.vocab_size",
-               "text_tokenizer.model_type",
-               # A pretrained T5 brings the text tokenizer (its spiece.model).
-               "t5.pretrained_path"),
-        on_other="refuse"),
-    "embed": Stage(
-        upstream=("prepare",),
-        reads=("seed", "loader.shuffle_seed", "encoder", "encoder_train"),
-        reports={
-            "protocol": "whether the pseudo queries are embedded (the same values whenever)",
-            "evaluate.protocols": "the same",
-            "tokenizer.fit_on_pseudo_queries": "the same",
-            "evaluate.recall_ks": "the two-tower Recall@K it prints"},
-        on_other="refuse"),
-    "tokenize": Stage(
-        upstream=("embed",),
-        # t5.vocab_size: the voken vocabulary's token ids start after the text rows.
-        reads=("seed", "tokenizer", "t5.vocab_size"),
-        # Whether a fit adds the pseudo-query pairs is in the folder's name (`<scheme>+pseudo`):
-        # one folder holds one fit whatever protocol asked for it.
-        reports={"protocol": "which fit (the folder's name)",
-                 "tokenizer.fit_on_pseudo_queries": "the same"},
-        on_other="refuse"),
-    "train": Stage(
-        upstream=("prepare", "tokenize"),
-        reads=("seed", "protocol", "loader.shuffle_seed", "text_tokenizer.max_length", "t5",
-               "train",
-               # Which fit's voken table it is trained on (transductive: `<scheme>+pseudo`).
-               "tokenizer.fit_on_pseudo_queries"),
-        reports={"decode": _VALIDATION, "evaluate.recall_ks": _VALIDATION,
-                 "decode.tie_break": _TARGETS}),
-    "rank": Stage(
-        upstream=("prepare", "tokenize", "train"),
-        # The candidates of the listwise loss come from the search: its scoring settings.
-        reads=("rank", "decode.mask_mode", "decode.voken_logits_only"),
-        reports={"decode": _VALIDATION, "evaluate.recall_ks": _VALIDATION,
-                 "decode.tie_break": _TARGETS}),
-    "evaluate": Stage(
-        # It also runs the tokenize / train / rank stages of the schemes it compares.
-        upstream=("prepare", "embed", "tokenize", "train", "rank"),
-        reads=("evaluate", "decode")),
-    "export": Stage(
-        # The fusion weight evaluate chose reaches it as decode.hybrid_weight.
-        upstream=("prepare", "embed", "tokenize", "train", "rank"),
-        reads=("export", "decode")),
+  "prepare": Stage(
+    upstream=(),
+    reads=(
+      "data",
+      "text_tokenizer.model_path",
+      "text_tokenizer.vocab_size",
+      "text_tokenizer.model_type",
+      # A pretrained T5 brings the text tokenizer (its spiece.model).
+      "t5.pretrained_path",
+    ),
+    on_other="refuse",
+  ),
+  "embed": Stage(
+    upstream=("prepare",),
+    reads=("seed", "loader.shuffle_seed", "encoder", "encoder_train"),
+    reports={
+      "protocol": "whether the pseudo queries are embedded (the same values whenever)",
+      "evaluate.protocols": "the same",
+      "tokenizer.fit_on_pseudo_queries": "the same",
+      "evaluate.recall_ks": "the two-tower Recall@K it prints",
+    },
+    on_other="refuse",
+  ),
+  "tokenize": Stage(
+    upstream=("embed",),
+    # t5.vocab_size: the voken vocabulary's token ids start after the text rows.
+    reads=("seed", "tokenizer", "t5.vocab_size"),
+    # Whether a fit adds the pseudo-query pairs is in the folder's name (`<scheme>+pseudo`):
+    # one folder holds one fit whatever protocol asked for it.
+    reports={
+      "protocol": "which fit (the folder's name)",
+      "tokenizer.fit_on_pseudo_queries": "the same",
+    },
+    on_other="refuse",
+  ),
+  "train": Stage(
+    upstream=("prepare", "tokenize"),
+    reads=(
+      "seed",
+      "protocol",
+      "loader.shuffle_seed",
+      "text_tokenizer.max_length",
+      "t5",
+      "train",
+      # Which fit's voken table it is trained on (transductive: `<scheme>+pseudo`).
+      "tokenizer.fit_on_pseudo_queries",
+    ),
+    reports={
+      "decode": _VALIDATION,
+      "evaluate.recall_ks": _VALIDATION,
+      "decode.tie_break": _TARGETS,
+    },
+  ),
+  "rank": Stage(
+    upstream=("prepare", "tokenize", "train"),
+    # The candidates of the listwise loss come from the search: its scoring settings.
+    reads=("rank", "decode.mask_mode", "decode.voken_logits_only"),
+    reports={
+      "decode": _VALIDATION,
+      "evaluate.recall_ks": _VALIDATION,
+      "decode.tie_break": _TARGETS,
+    },
+  ),
+  "evaluate": Stage(
+    # It also runs the tokenize / train / rank stages of the schemes it compares.
+    upstream=("prepare", "embed", "tokenize", "train", "rank"),
+    reads=("evaluate", "decode"),
+  ),
+  "export": Stage(
+    # The fusion weight evaluate chose reaches it as decode.hybrid_weight.
+    upstream=("prepare", "embed", "tokenize", "train", "rank"),
+    reads=("export", "decode"),
+  ),
 }
 
 # Keys (or sections) that change how a result is computed, never the result. Resuming from a
 # checkpoint is bit-identical, and a run on N processes equals a one-process run (tested), so
 # checkpoint cadence and device layout are neutral.
 NEUTRAL: dict[str, str] = {
-    "required_inputs": "input paths checked before any stage",
-    "mesh": "device layout", "partitioning": "device layout",
-    "distributed": "process layout",
-    "loader.worker_count": "reader processes", "loader.worker_buffer_size": "reader buffers",
-    "loader.read_threads": "reader threads", "loader.prefetch_buffer_size": "reader buffers",
-    "data.examples_per_shard": "how prepare splits its work (the same records)",
-    "data.download_dir": "where the pinned emoji packages are unpacked (SHA-256 checked)",
-    "encoder.remat": "recomputation in the backward pass (the same values)",
-    "t5.remat": "recomputation in the backward pass (the same values)",
-    "encoder_train.embed_batch_size": "batching",
-    "encoder_train.embed_images_per_shard": "how embed splits its work",
-    "encoder_train.log_every": "logging", "encoder_train.checkpoint_every": "checkpoints",
-    "encoder_train.query_batch_size": "batching",
-    "encoder_train.retrieval_chunk_size": "batching",
-    "tokenizer.checkpoint_every": "checkpoints", "tokenizer.keep_checkpoints": "checkpoints",
-    "tokenizer.log_every": "logging",
-    "tokenizer.assign_batch_size": "batching",
-    "tokenizer.analysis_split": "the semantic measure tokenize prints (not the voken table)",
-    "tokenizer.analysis_pairs": "the semantic measure tokenize prints (not the voken table)",
-    "train.checkpoint_every": "checkpoints", "train.keep_checkpoints": "checkpoints",
-    "train.async_checkpointing": "checkpoints", "train.log_every": "logging",
-    "train.eval_every": "validation metrics while training",
-    "train.eval_max_queries": "validation metrics while training",
-    "rank.checkpoint_every": "checkpoints", "rank.eval_every": "validation metrics while training",
-    "decode.batch_size": "batching",
-    "decode.dense_levels": "how the prefix tree is stored on the device (the same search)",
+  "required_inputs": "input paths checked before any stage",
+  "mesh": "device layout",
+  "partitioning": "device layout",
+  "distributed": "process layout",
+  "loader.worker_count": "reader processes",
+  "loader.worker_buffer_size": "reader buffers",
+  "loader.read_threads": "reader threads",
+  "loader.prefetch_buffer_size": "reader buffers",
+  "data.examples_per_shard": "how prepare splits its work (the same records)",
+  "data.download_dir": "where the pinned emoji packages are unpacked (SHA-256 checked)",
+  "encoder.remat": "recomputation in the backward pass (the same values)",
+  "t5.remat": "recomputation in the backward pass (the same values)",
+  "encoder_train.embed_batch_size": "batching",
+  "encoder_train.embed_images_per_shard": "how embed splits its work",
+  "encoder_train.log_every": "logging",
+  "encoder_train.checkpoint_every": "checkpoints",
+  "encoder_train.query_batch_size": "batching",
+  "encoder_train.retrieval_chunk_size": "batching",
+  "tokenizer.checkpoint_every": "checkpoints",
+  "tokenizer.keep_checkpoints": "checkpoints",
+  "tokenizer.log_every": "logging",
+  "tokenizer.assign_batch_size": "batching",
+  "tokenizer.analysis_split": "the semantic measure tokenize prints (not the voken table)",
+  "tokenizer.analysis_pairs": "the semantic measure tokenize prints (not the voken table)",
+  "train.checkpoint_every": "checkpoints",
+  "train.keep_checkpoints": "checkpoints",
+  "train.async_checkpointing": "checkpoints",
+  "train.log_every": "logging",
+  "train.eval_every": "validation metrics while training",
+  "train.eval_max_queries": "validation metrics while training",
+  "rank.checkpoint_every": "checkpoints",
+  "rank.eval_every": "validation metrics while training",
+  "decode.batch_size": "batching",
+  "decode.dense_levels": "how the prefix tree is stored on the device (the same search)",
 }
 
 # Sections no stage reads: the tools' (`avg-jax compile`, `avg-jax bench`).
@@ -152,10 +187,10 @@ TOOLS: dict[str, str] = {"aot": "avg-jax compile", "bench": "avg-jax bench"}
 # pipeline. Large inputs (image folders, pretrained weights) are named by path only: hashing
 # gigabytes at every start would cost more than it protects.
 FILES: dict[str, tuple[str, ...]] = {
-    "data.karpathy_json": ("",),
-    "data.pseudo_queries": ("",),
-    "text_tokenizer.model_path": ("",),
-    "t5.pretrained_path": ("spiece.model",),
+  "data.karpathy_json": ("",),
+  "data.pseudo_queries": ("",),
+  "text_tokenizer.model_path": ("",),
+  "t5.pretrained_path": ("spiece.model",),
 }
 
 
@@ -185,7 +220,7 @@ def leaves(config: Any, prefix: str = "") -> dict[str, Any]:
 
 # The tables above are constants: a key's classification is computed once per process (the
 # stages ask for every key of the config at each start).
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_neutral(key: str) -> bool:
   return bool(_match(key, NEUTRAL)) or bool(_match(key, TOOLS))
 
@@ -201,7 +236,7 @@ def closure(stage: str) -> tuple[str, ...]:
   return tuple(s for s in STAGES if s in found)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reads_key(stage: str, key: str) -> bool:
   """Whether `stage` itself declares `key` (a leaf) among the keys that change its output:
   its most specific entry is in `reads` (not `reports`), and the key is not neutral."""
@@ -243,8 +278,7 @@ def _file_digest(key: str, value: str) -> dict:
 def remedy(stage: str, flags: str = "") -> str:
   """What to do when `stage`'s output was made from other inputs than a config's."""
   if STAGES[stage].on_other == "refuse":
-    return (f"remove it and rerun `avg-jax {stage}`{flags}, or run with the config it was "
-            f"made from")
+    return f"remove it and rerun `avg-jax {stage}`{flags}, or run with the config it was made from"
   return f"rerun `avg-jax {stage}`{flags}"
 
 
@@ -255,8 +289,9 @@ def _prepared_files(workdir: str) -> dict:
   return files if isinstance(files, dict) else {}
 
 
-def inputs(stage: str, config: Any, overrides: Mapping[str, Any] | None = None,
-           workdir: str | None = None) -> dict:
+def inputs(
+  stage: str, config: Any, overrides: Mapping[str, Any] | None = None, workdir: str | None = None
+) -> dict:
   """What `stage` makes its output from under `config` (with `overrides`, dotted keys, on
   top: the scheme and protocol of one of evaluate's generators): `{"config": {key: value},
   "files": {key: {name: sha256}}}`. Without `workdir` (the prepare stage making its record)
@@ -264,8 +299,9 @@ def inputs(stage: str, config: Any, overrides: Mapping[str, Any] | None = None,
   stage that checks or makes a later output never needs the input files again."""
   values = leaves(config)
   values.update(overrides or {})
-  keys = [k for k in input_keys(stage, values)
-          if not (k in ADDED_KEYS and values[k] == ADDED_KEYS[k])]
+  keys = [
+    k for k in input_keys(stage, values) if not (k in ADDED_KEYS and values[k] == ADDED_KEYS[k])
+  ]
   if workdir is not None:
     files = _prepared_files(workdir)
   else:
@@ -281,8 +317,12 @@ def require(config: Any, workdir: str, *stages: str) -> None:
   """Each of `stages` (prepare, embed) holds a complete output made from `config`'s settings,
   else a one-line `UserError` naming the changed keys and what to do."""
   for stage in stages:
-    fingerprint.require(_FOLDERS[stage](workdir), inputs(stage, config, workdir=workdir),
-                        stage=stage, remedy=remedy(stage))
+    fingerprint.require(
+      _FOLDERS[stage](workdir),
+      inputs(stage, config, workdir=workdir),
+      stage=stage,
+      remedy=remedy(stage),
+    )
 
 
 def stages_of(key: str) -> list[str]:
@@ -317,6 +357,8 @@ def markdown_table(config: Any) -> str:
 if __name__ == "__main__":
   # `python -m avg_jax.artifacts.stage_inputs`: docs/fingerprints.md's table, for configs/base.py.
   import sys
+
   sys.path.insert(0, config_lib.REPO_ROOT)
   from configs import base  # pylint: disable=import-error
+
   print(markdown_table(base.get_base_config()))

@@ -33,16 +33,18 @@ def voken_table_file(workdir: str, name: str) -> str:
   return os.path.join(paths.tokenizer_dir(workdir, name), VOKEN_TABLE)
 
 
-def write(directory: str, vocab: VokenVocabulary, table: Table, codebook: np.ndarray,
-          summary: dict) -> None:
+def write(
+  directory: str, vocab: VokenVocabulary, table: Table, codebook: np.ndarray, summary: dict
+) -> None:
   """Writes the table's files (each atomically); the caller then marks the folder complete."""
   arrays = {}
   for split, (image_ids, codes) in table.items():
     arrays[f"{split}_image_ids"] = image_ids
     arrays[f"{split}_codes"] = codes
   io.write_npz(os.path.join(directory, VOKEN_TABLE), **arrays)
-  io.atomic_write(os.path.join(directory, CODEBOOK),
-                  lambda f: np.save(f, codebook.astype(np.float32)))
+  io.atomic_write(
+    os.path.join(directory, CODEBOOK), lambda f: np.save(f, codebook.astype(np.float32))
+  )
   io.write_json(os.path.join(directory, VOCAB), vocab.to_dict())
   io.write_json(os.path.join(directory, SUMMARY), summary)
   checksums.add(directory, *FILES)
@@ -66,7 +68,7 @@ def read(directory: str, remedy: str = "") -> tuple[VokenVocabulary, Table, np.n
   table = {}
   for key in arrays:
     if key.endswith("_image_ids"):
-      split = key[:-len("_image_ids")]
+      split = key[: -len("_image_ids")]
       if f"{split}_codes" not in arrays:
         raise UserError(f"{path}: missing array {split}_codes{suffix}")
       codes = vocab.validate_codes(arrays[f"{split}_codes"], f"{path} {split}")
@@ -75,20 +77,27 @@ def read(directory: str, remedy: str = "") -> tuple[VokenVocabulary, Table, np.n
   return vocab, table, codebook, summary
 
 
-def load(workdir: str, name: str, made_from: dict | None = None
-         ) -> tuple[VokenVocabulary, Table, np.ndarray]:
+def load(
+  workdir: str, name: str, made_from: dict | None = None
+) -> tuple[VokenVocabulary, Table, np.ndarray]:
   """`(vocab, table, codebook)` of the complete voken table `name` of `workdir`; with
   `made_from` (the tokenize stage's inputs under the reader's config), one made from those."""
   directory = paths.tokenizer_dir(workdir, name)
   scheme, pseudo = name.removesuffix(PSEUDO_SUFFIX), name.endswith(PSEUDO_SUFFIX)
   flags = f"--config.tokenizer.scheme={scheme}" + (
-      " --config.protocol=transductive" if pseudo else "")
+    " --config.protocol=transductive" if pseudo else ""
+  )
   if not fingerprint.is_complete(directory):
-    raise UserError(f"no complete voken table in {directory}; run `avg-jax tokenize` with "
-                    f"{flags} first")
+    raise UserError(
+      f"no complete voken table in {directory}; run `avg-jax tokenize` with {flags} first"
+    )
   if made_from is not None:
-    fingerprint.require(directory, made_from, stage="tokenize",
-                        remedy=stage_inputs.remedy("tokenize", f" with {flags}"))
+    fingerprint.require(
+      directory,
+      made_from,
+      stage="tokenize",
+      remedy=stage_inputs.remedy("tokenize", f" with {flags}"),
+    )
   # Rerunning tokenize redoes a damaged output (its up-to-date check reads these files).
   return read(directory, f"rerun `avg-jax tokenize` with {flags}")[:3]
 

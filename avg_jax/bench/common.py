@@ -25,14 +25,18 @@ def machine_info(command: str | None = None, **extra) -> dict:
   Other work on the machine slows wall-clock numbers, so the 1-minute load average is kept.
   """
   info = {
-      "processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
-      "cpu_count": os.cpu_count(), "platform": platform.platform(),
-      "python": platform.python_version(), "jax": jax.__version__,
-      "jax_version": jax.__version__, "backend": jax.default_backend(),
-      "devices": jax.device_count(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "load_average_1min": round(os.getloadavg()[0], 2),
-      "command": command if command is not None else " ".join(["avg-jax"] + sys.argv[1:]),
+    "processor": platform.processor() or platform.machine(),
+    "cpu_model": _cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jax_version": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "load_average_1min": round(os.getloadavg()[0], 2),
+    "command": command if command is not None else " ".join(["avg-jax"] + sys.argv[1:]),
   }
   info.update(extra)
   return info

@@ -10,11 +10,9 @@ import os
 import time
 from typing import Any
 
-
 from avg_jax.artifacts import io
 from avg_jax.bench import common
-from avg_jax.data import dataset
-from avg_jax.data import pipeline
+from avg_jax.data import dataset, pipeline
 
 BATCH_SIZE = 64
 
@@ -24,15 +22,30 @@ def _machine() -> dict:
 
 
 def _command(args: Any) -> str:
-  parts = ["avg-jax", "bench", "data", "--config", str(getattr(args, "config", "")),
-           "--workdir", str(getattr(args, "workdir", ""))]
+  parts = [
+    "avg-jax",
+    "bench",
+    "data",
+    "--config",
+    str(getattr(args, "config", "")),
+    "--workdir",
+    str(getattr(args, "workdir", "")),
+  ]
   if getattr(args, "quick", False):
     parts.append("--quick")
   return " ".join(parts)
 
 
-def measure(workdir: str, *, decode: bool, worker_count: int, read_threads: int,
-            num_batches: int, batch_size: int, buffer_size: int) -> dict:
+def measure(
+  workdir: str,
+  *,
+  decode: bool,
+  worker_count: int,
+  read_threads: int,
+  num_batches: int,
+  batch_size: int,
+  buffer_size: int,
+) -> dict:
   """Times `num_batches` batches in steady state; returns one result row.
 
   `startup_s` is the time to the first batch (worker processes start then). The batches that
@@ -42,9 +55,17 @@ def measure(workdir: str, *, decode: bool, worker_count: int, read_threads: int,
   source = dataset.image_source(workdir, "train", decode_image=decode)
   start = time.perf_counter()
   it = pipeline.batch_iterator(
-      source, batch_size, shuffle=True, seed=0, num_epochs=None, drop_remainder=True,
-      shard_by_process=False, worker_count=worker_count, read_threads=read_threads,
-      prefetch_buffer_size=buffer_size)
+    source,
+    batch_size,
+    shuffle=True,
+    seed=0,
+    num_epochs=None,
+    drop_remainder=True,
+    shard_by_process=False,
+    worker_count=worker_count,
+    read_threads=read_threads,
+    prefetch_buffer_size=buffer_size,
+  )
   try:
     first = next(it)
     startup = time.perf_counter() - start
@@ -59,10 +80,16 @@ def measure(workdir: str, *, decode: bool, worker_count: int, read_threads: int,
       it.close()
   assert batch["image_id"].shape == first["image_id"].shape == (batch_size,)
   examples = num_batches * batch_size
-  return {"stage": "decode + batch" if decode else "read records + batch",
-          "worker_count": worker_count, "read_threads": read_threads,
-          "batch_size": batch_size, "examples": examples, "startup_s": round(startup, 3),
-          "seconds": round(seconds, 3), "examples_per_s": round(examples / seconds, 1)}
+  return {
+    "stage": "decode + batch" if decode else "read records + batch",
+    "worker_count": worker_count,
+    "read_threads": read_threads,
+    "batch_size": batch_size,
+    "examples": examples,
+    "startup_s": round(startup, 3),
+    "seconds": round(seconds, 3),
+    "examples_per_s": round(examples / seconds, 1),
+  }
 
 
 # Stages the CLI runs first (idempotent: complete outputs are kept): benchmarks are
@@ -81,24 +108,49 @@ def run(config: Any, workdir: str, args: Any) -> dict:
   threads = int(config.loader.read_threads)
   buffer_size = int(config.loader.prefetch_buffer_size)
   rows = []
-  for decode, workers, row_threads in ((False, 0, threads), (True, 0, 1), (True, 0, threads),
-                                       (True, 2, threads)):
-    rows.append(measure(workdir, decode=decode, worker_count=workers, read_threads=row_threads,
-                        num_batches=num_batches, batch_size=batch_size,
-                        buffer_size=buffer_size))
-  result = {"bench": "data", "command": _command(args), "machine": _machine(),
-            "dataset": info["dataset"], "image_size": info["image_size"],
-            "image_encoding": info.get("image_encoding"), "num_train_images": num_train,
-            "quick": quick, "results": rows}
+  for decode, workers, row_threads in (
+    (False, 0, threads),
+    (True, 0, 1),
+    (True, 0, threads),
+    (True, 2, threads),
+  ):
+    rows.append(
+      measure(
+        workdir,
+        decode=decode,
+        worker_count=workers,
+        read_threads=row_threads,
+        num_batches=num_batches,
+        batch_size=batch_size,
+        buffer_size=buffer_size,
+      )
+    )
+  result = {
+    "bench": "data",
+    "command": _command(args),
+    "machine": _machine(),
+    "dataset": info["dataset"],
+    "image_size": info["image_size"],
+    "image_encoding": info.get("image_encoding"),
+    "num_train_images": num_train,
+    "quick": quick,
+    "results": rows,
+  }
 
-  header = f"{'stage':<22} {'workers':>7} {'threads':>7} {'examples':>8} {'startup s':>9} " \
-           f"{'examples/s':>11}"
-  print(f"data pipeline: {info['dataset']} train, {info['image_size'][0]} px "
-        f"{info.get('image_encoding')}, batch {batch_size}")
+  header = (
+    f"{'stage':<22} {'workers':>7} {'threads':>7} {'examples':>8} {'startup s':>9} "
+    f"{'examples/s':>11}"
+  )
+  print(
+    f"data pipeline: {info['dataset']} train, {info['image_size'][0]} px "
+    f"{info.get('image_encoding')}, batch {batch_size}"
+  )
   print(header)
   for r in rows:
-    print(f"{r['stage']:<22} {r['worker_count']:>7} {r['read_threads']:>7} {r['examples']:>8} "
-          f"{r['startup_s']:>9.2f} {r['examples_per_s']:>11.1f}")
+    print(
+      f"{r['stage']:<22} {r['worker_count']:>7} {r['read_threads']:>7} {r['examples']:>8} "
+      f"{r['startup_s']:>9.2f} {r['examples_per_s']:>11.1f}"
+    )
   path = os.path.join(workdir, "bench_data.json")
   io.write_json(path, result)
   print(f"wrote {path}")

@@ -29,7 +29,8 @@ import dataclasses
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,7 @@ import numpy as np
 
 from avg_jax import runtime
 from avg_jax.artifacts import io
-from avg_jax.bench import common
-from avg_jax.bench import reference_worker
+from avg_jax.bench import common, reference_worker
 from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.models import t5 as t5_lib
@@ -47,22 +47,34 @@ from avg_jax.vokens import EOS_ID, VokenVocabulary
 
 CODEBOOK, LEVELS, BEAM, INDEX_N = 1024, 4, 10, 5000
 MODELS = {
-    "tiny": dict(text_vocab=1000, d_model=64, d_kv=16, heads=4, d_ff=256, layers=2, batch=32),
-    "small": dict(text_vocab=32128, d_model=256, d_kv=64, heads=4, d_ff=1024, layers=4,
-                  batch=32),
-    "base": dict(text_vocab=32128, d_model=768, d_kv=64, heads=12, d_ff=3072, layers=12,
-                 batch=8),
+  "tiny": dict(text_vocab=1000, d_model=64, d_kv=16, heads=4, d_ff=256, layers=2, batch=32),
+  "small": dict(text_vocab=32128, d_model=256, d_kv=64, heads=4, d_ff=1024, layers=4, batch=32),
+  "base": dict(text_vocab=32128, d_model=768, d_kv=64, heads=12, d_ff=3072, layers=12, batch=8),
 }
 INDEX_SIZES = {"full": (1_000, 10_000, 100_000, 1_000_000), "quick": (1_000, 10_000)}
-GOALS = dict(matmul_fraction=0.5, speedup_vs_reference_uncached=3.0, qps_1m_over_1k=0.85,
-             constraint_overhead=1.1, trie_bytes_per_image=48, trie_build_s_1m=10.0)
+GOALS = dict(
+  matmul_fraction=0.5,
+  speedup_vs_reference_uncached=3.0,
+  qps_1m_over_1k=0.85,
+  constraint_overhead=1.1,
+  trie_bytes_per_image=48,
+  trie_build_s_1m=10.0,
+)
 
 
 # --- measurement helpers -----------------------------------------------------------------------
 
+
 def _command(args: Any) -> str:
-  parts = ["avg-jax", "bench", "decode", "--config", str(getattr(args, "config", "")),
-           "--workdir", str(getattr(args, "workdir", ""))]
+  parts = [
+    "avg-jax",
+    "bench",
+    "decode",
+    "--config",
+    str(getattr(args, "config", "")),
+    "--workdir",
+    str(getattr(args, "workdir", "")),
+  ]
   return " ".join(parts + (["--quick"] if getattr(args, "quick", False) else []))
 
 
@@ -77,6 +89,7 @@ def _race(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tuple[flo
   change of machine load affects all of them alike. A callable returns None (timed here) or
   its own measured seconds (a reference worker's).
   """
+
   def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -103,11 +116,12 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     jax.block_until_ready(f(a, a))
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
-def search_flops(cfg: T5Config, batch: int, input_length: int, beam: int, id_length: int,
-                 output_rows: int) -> dict:
+def search_flops(
+  cfg: T5Config, batch: int, input_length: int, beam: int, id_length: int, output_rows: int
+) -> dict:
   """Matmul FLOPs (2 per multiply-add) of one search over `batch` queries.
 
   Counts what the compiled program computes: the encoder over the padded input, the
@@ -121,13 +135,26 @@ def search_flops(cfg: T5Config, batch: int, input_length: int, beam: int, id_len
   encoder = batch * s * cfg.num_encoder_layers * enc_token
   cross_kv = batch * s * cfg.num_decoder_layers * 2 * 2 * d * hd
   cache_len = id_length + 1
-  dec_row = cfg.num_decoder_layers * (2 * 4 * d * hd + 2 * 2 * cache_len * hd   # self-attn
-                                      + 2 * 2 * d * hd + 2 * 2 * s * hd         # cross-attn
-                                      + ffn) + 2 * d * output_rows
+  dec_row = (
+    cfg.num_decoder_layers
+    * (
+      2 * 4 * d * hd
+      + 2 * 2 * cache_len * hd  # self-attn
+      + 2 * 2 * d * hd
+      + 2 * 2 * s * hd  # cross-attn
+      + ffn
+    )
+    + 2 * d * output_rows
+  )
   rows = batch + id_length * batch * beam
   decoder = rows * dec_row
-  return dict(encoder=encoder, cross_kv=cross_kv, decoder=decoder,
-              total=encoder + cross_kv + decoder, decoder_rows=rows)
+  return dict(
+    encoder=encoder,
+    cross_kv=cross_kv,
+    decoder=decoder,
+    total=encoder + cross_kv + decoder,
+    decoder_rows=rows,
+  )
 
 
 def _queries(rng: np.random.Generator, batch: int, text_vocab: int) -> np.ndarray:
@@ -140,12 +167,20 @@ def _queries(rng: np.random.Generator, batch: int, text_vocab: int) -> np.ndarra
 
 def _model(name: str, seed: int) -> tuple[T5Config, VokenVocabulary, Any]:
   m = MODELS[name]
-  vocab = VokenVocabulary(text_vocab_size=m["text_vocab"], codebook_size=CODEBOOK,
-                          num_levels=LEVELS)
-  cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
-                 d_model=m["d_model"], d_kv=m["d_kv"], d_ff=m["d_ff"], num_heads=m["heads"],
-                 num_encoder_layers=m["layers"], num_decoder_layers=m["layers"],
-                 dropout_rate=0.0)
+  vocab = VokenVocabulary(
+    text_vocab_size=m["text_vocab"], codebook_size=CODEBOOK, num_levels=LEVELS
+  )
+  cfg = T5Config(
+    vocab_size=vocab.total_vocab_size,
+    num_voken_tokens=vocab.num_voken_tokens,
+    d_model=m["d_model"],
+    d_kv=m["d_kv"],
+    d_ff=m["d_ff"],
+    num_heads=m["heads"],
+    num_encoder_layers=m["layers"],
+    num_decoder_layers=m["layers"],
+    dropout_rate=0.0,
+  )
   return cfg, vocab, t5_lib.init_params(cfg, jax.random.key(seed))
 
 
@@ -154,6 +189,7 @@ def _random_index(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 # --- the reference path (optional: torch + transformers) ----------------------------------------
+
 
 class _DictTrie:
   """The reference's trie: nested dicts over token ids from the decoder start token."""
@@ -174,14 +210,20 @@ class _DictTrie:
     return list(node)
 
 
-def write_reference_payload(folder: str, cfg: T5Config, vocab: VokenVocabulary, params,
-                            codes: np.ndarray, queries: np.ndarray) -> None:
+def write_reference_payload(
+  folder: str, cfg: T5Config, vocab: VokenVocabulary, params, codes: np.ndarray, queries: np.ndarray
+) -> None:
   """The reference worker's inputs: Hugging Face weights and the same queries and index."""
   from avg_jax.models import t5_hf
+
   t5_hf.save_hf_t5(os.path.join(folder, "hf"), jax.device_get(params), cfg)
-  np.savez(os.path.join(folder, "inputs.npz"), queries=queries,
-           tokens=vocab.codes_to_tokens(codes), id_length=vocab.id_length,
-           first_voken_id=vocab.first_voken_id)
+  np.savez(
+    os.path.join(folder, "inputs.npz"),
+    queries=queries,
+    tokens=vocab.codes_to_tokens(codes),
+    id_length=vocab.id_length,
+    first_voken_id=vocab.first_voken_id,
+  )
 
 
 def reference_setup(folder: str) -> dict:
@@ -189,8 +231,8 @@ def reference_setup(folder: str) -> dict:
   dict trie, uncached and cached, and its top-1 identifier tokens per query."""
   import torch
   import transformers
-  model = transformers.T5ForConditionalGeneration.from_pretrained(
-      os.path.join(folder, "hf")).eval()
+
+  model = transformers.T5ForConditionalGeneration.from_pretrained(os.path.join(folder, "hf")).eval()
   with np.load(os.path.join(folder, "inputs.npz")) as f:
     queries, tokens = f["queries"], f["tokens"]
     p = int(f["id_length"])
@@ -201,18 +243,27 @@ def reference_setup(folder: str) -> dict:
   def generate(use_cache):
     with torch.no_grad():
       return model.generate(
-          input_ids=input_ids, attention_mask=mask, num_beams=BEAM, num_return_sequences=BEAM,
-          max_new_tokens=p + 1, length_penalty=1.0, early_stopping=True, do_sample=False,
-          use_cache=use_cache, prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()))
+        input_ids=input_ids,
+        attention_mask=mask,
+        num_beams=BEAM,
+        num_return_sequences=BEAM,
+        max_new_tokens=p + 1,
+        length_penalty=1.0,
+        early_stopping=True,
+        do_sample=False,
+        use_cache=use_cache,
+        prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()),
+      )
 
   def top1():
     seqs = generate(True).numpy().reshape(len(queries), BEAM, -1)
-    return seqs[:, 0, 1:1 + p].tolist()
+    return seqs[:, 0, 1 : 1 + p].tolist()
 
   return {"uncached": lambda: generate(False), "cached": lambda: generate(True), "top1": top1}
 
 
 # --- the measurements ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Row:
@@ -232,8 +283,9 @@ class Row:
   note: str = ""
 
 
-def measure_model(name: str, seed: int, matmul: float, with_reference: bool, rounds: int,
-                  variants: bool) -> tuple[list[Row], dict]:
+def measure_model(
+  name: str, seed: int, matmul: float, with_reference: bool, rounds: int, variants: bool
+) -> tuple[list[Row], dict]:
   m = MODELS[name]
   rng = np.random.default_rng(seed)
   cfg, vocab, params = _model(name, seed)
@@ -245,8 +297,9 @@ def measure_model(name: str, seed: int, matmul: float, with_reference: bool, rou
 
   def ours(trie_arg, voken_only=False):
     # The public entry with numpy queries, as a user calls it.
-    return lambda: search_lib.constrained_search(params, cfg, trie_arg, vocab, queries,
-                                                 beam_size=BEAM, voken_logits_only=voken_only)
+    return lambda: search_lib.constrained_search(
+      params, cfg, trie_arg, vocab, queries, beam_size=BEAM, voken_logits_only=voken_only
+    )
 
   contenders = {"search": ours(device_trie)}
   if variants:
@@ -256,8 +309,9 @@ def measure_model(name: str, seed: int, matmul: float, with_reference: bool, rou
     tmp = tempfile.TemporaryDirectory()
     write_reference_payload(tmp.name, cfg, vocab, params, codes, queries)
     worker = reference_worker.ReferenceWorker("avg_jax.bench.decode:reference_setup", tmp.name)
-    contenders.update(ref_uncached=lambda: worker.time("uncached"),
-                      ref_cached=lambda: worker.time("cached"))
+    contenders.update(
+      ref_uncached=lambda: worker.time("uncached"), ref_cached=lambda: worker.time("cached")
+    )
   try:
     times = _race(contenders, rounds)
     ref_top1 = np.asarray(worker.call("top1")) if worker else None
@@ -267,38 +321,70 @@ def measure_model(name: str, seed: int, matmul: float, with_reference: bool, rou
       tmp.cleanup()
   first, med = times["search"]
   flops = search_flops(cfg, b, s, BEAM, vocab.id_length, cfg.vocab_size)
-  rows = [Row("search", name, INDEX_N, b, b / med, gflop_per_query=flops["total"] / b / 1e9,
-              gflop_per_s=flops["total"] / med / 1e9,
-              matmul_fraction=flops["total"] / med / matmul, compile_s=first,
-              note="full-vocab log_softmax (reference semantics)")]
+  rows = [
+    Row(
+      "search",
+      name,
+      INDEX_N,
+      b,
+      b / med,
+      gflop_per_query=flops["total"] / b / 1e9,
+      gflop_per_s=flops["total"] / med / 1e9,
+      matmul_fraction=flops["total"] / med / matmul,
+      compile_s=first,
+      note="full-vocab log_softmax (reference semantics)",
+    )
+  ]
   detail = dict(model=m, flops=flops, search_s=med, input_length=s, rounds=rounds)
   if variants:
     flops_v = search_flops(cfg, b, s, BEAM, vocab.id_length, 1 + vocab.num_voken_tokens)
     first_v, med_v = times["vokens"]
-    rows.append(Row("search voken_logits_only", name, INDEX_N, b, b / med_v,
-                    gflop_per_query=flops_v["total"] / b / 1e9,
-                    gflop_per_s=flops_v["total"] / med_v / 1e9,
-                    matmul_fraction=flops_v["total"] / med_v / matmul, compile_s=first_v,
-                    note="log_softmax over EOS + voken rows"))
+    rows.append(
+      Row(
+        "search voken_logits_only",
+        name,
+        INDEX_N,
+        b,
+        b / med_v,
+        gflop_per_query=flops_v["total"] / b / 1e9,
+        gflop_per_s=flops_v["total"] / med_v / 1e9,
+        matmul_fraction=flops_v["total"] / med_v / matmul,
+        compile_s=first_v,
+        note="log_softmax over EOS + voken rows",
+      )
+    )
     first_u, med_u = times["unconstrained"]
-    rows.append(Row("unconstrained", name, 0, b, b / med_u, compile_s=first_u,
-                    note=f"constraint overhead {med / med_u:.3f}x"))
+    rows.append(
+      Row(
+        "unconstrained",
+        name,
+        0,
+        b,
+        b / med_u,
+        compile_s=first_u,
+        note=f"constraint overhead {med / med_u:.3f}x",
+      )
+    )
     detail["constraint_overhead"] = med / med_u
   if worker:
     ref_u, ref_c = b / times["ref_uncached"][1], b / times["ref_cached"][1]
     rows[0].ref_uncached, rows[0].ref_cached = ref_u, ref_c
     ours_top1 = np.asarray(contenders["search"]().codes)[:, 0]
     agree = float(np.mean(np.all(vocab.tokens_to_codes(ref_top1) == ours_top1, axis=-1)))
-    detail.update(reference_measured=dict(uncached=ref_u, cached=ref_c,
-                                          threads=worker.info["threads"]),
-                  top1_agreement=agree)
-    rows[0].note += (f"; reference: {worker.info['threads']} torch threads, PASSIVE; top-1 "
-                     f"agrees with it on {agree:.0%} of queries")
+    detail.update(
+      reference_measured=dict(uncached=ref_u, cached=ref_c, threads=worker.info["threads"]),
+      top1_agreement=agree,
+    )
+    rows[0].note += (
+      f"; reference: {worker.info['threads']} torch threads, PASSIVE; top-1 "
+      f"agrees with it on {agree:.0%} of queries"
+    )
   return rows, detail
 
 
-def measure_index_sizes(name: str, sizes: tuple[int, ...], seed: int, rounds: int
-                        ) -> tuple[list[Row], dict]:
+def measure_index_sizes(
+  name: str, sizes: tuple[int, ...], seed: int, rounds: int
+) -> tuple[list[Row], dict]:
   m = MODELS[name]
   rng = np.random.default_rng(seed + 1)
   cfg, vocab, params = _model(name, seed)
@@ -313,20 +399,33 @@ def measure_index_sizes(name: str, sizes: tuple[int, ...], seed: int, rounds: in
     del trie, codes
 
   def ours(device_trie):
-    return lambda: search_lib.constrained_search(params, cfg, device_trie, vocab, q,
-                                                 beam_size=BEAM)
+    return lambda: search_lib.constrained_search(params, cfg, device_trie, vocab, q, beam_size=BEAM)
 
   times = _race({n: ours(t) for n, (_, t) in tries.items()}, rounds)
   rows, detail = [], {}
   for n in sizes:
     host_bytes, device_trie = tries[n]
     first, best = times[n]
-    rows.append(Row("index", name, n, q.shape[0], q.shape[0] / best,
-                    bytes_per_image=device_trie.nbytes / n, build_s=builds[n],
-                    compile_s=first, note=f"window widths {list(device_trie.widths)}"))
-    detail[n] = dict(qps=q.shape[0] / best, build_s=builds[n],
-                     device_bytes=device_trie.nbytes, host_bytes=host_bytes,
-                     widths=list(device_trie.widths))
+    rows.append(
+      Row(
+        "index",
+        name,
+        n,
+        q.shape[0],
+        q.shape[0] / best,
+        bytes_per_image=device_trie.nbytes / n,
+        build_s=builds[n],
+        compile_s=first,
+        note=f"window widths {list(device_trie.widths)}",
+      )
+    )
+    detail[n] = dict(
+      qps=q.shape[0] / best,
+      build_s=builds[n],
+      device_bytes=device_trie.nbytes,
+      host_bytes=host_bytes,
+      widths=list(device_trie.widths),
+    )
   return rows, detail
 
 
@@ -339,29 +438,51 @@ def goal_checks(rows: list[Row], details: dict, index_detail: dict) -> list[dict
 
   model = "small" if "small" in details else "tiny"
   main = next(r for r in rows if r.kind == "search" and r.model == model)
-  add(f"{model} FLOP/s >= {GOALS['matmul_fraction']:.0%} of matmul", main.matmul_fraction,
-      main.matmul_fraction >= GOALS["matmul_fraction"],
-      f"{main.gflop_per_s:.1f} GFLOP/s, full-vocabulary search")
+  add(
+    f"{model} FLOP/s >= {GOALS['matmul_fraction']:.0%} of matmul",
+    main.matmul_fraction,
+    main.matmul_fraction >= GOALS["matmul_fraction"],
+    f"{main.gflop_per_s:.1f} GFLOP/s, full-vocabulary search",
+  )
   ref = details[model].get("reference_measured")
   if ref:
     x = main.qps / ref["uncached"]
-    add(f"{model} q/s >= {GOALS['speedup_vs_reference_uncached']:g}x reference uncached", x,
-        x >= GOALS["speedup_vs_reference_uncached"],
-        f"{main.qps:.1f} vs {ref['uncached']:.1f} q/s re-measured here")
+    add(
+      f"{model} q/s >= {GOALS['speedup_vs_reference_uncached']:g}x reference uncached",
+      x,
+      x >= GOALS["speedup_vs_reference_uncached"],
+      f"{main.qps:.1f} vs {ref['uncached']:.1f} q/s re-measured here",
+    )
   if "constraint_overhead" in details[model]:
     x = details[model]["constraint_overhead"]
-    add(f"{model} constrained / unconstrained time <= {GOALS['constraint_overhead']}", x,
-        x <= GOALS["constraint_overhead"], "whole-search time ratio")
+    add(
+      f"{model} constrained / unconstrained time <= {GOALS['constraint_overhead']}",
+      x,
+      x <= GOALS["constraint_overhead"],
+      "whole-search time ratio",
+    )
   sizes = sorted(index_detail)
   small, large = index_detail[sizes[0]], index_detail[sizes[-1]]
   x = large["qps"] / small["qps"]
-  add(f"q/s at N={sizes[-1]:,} >= {GOALS['qps_1m_over_1k']} x q/s at N={sizes[0]:,}", x,
-      x >= GOALS["qps_1m_over_1k"], f"{large['qps']:.1f} vs {small['qps']:.1f} q/s")
+  add(
+    f"q/s at N={sizes[-1]:,} >= {GOALS['qps_1m_over_1k']} x q/s at N={sizes[0]:,}",
+    x,
+    x >= GOALS["qps_1m_over_1k"],
+    f"{large['qps']:.1f} vs {small['qps']:.1f} q/s",
+  )
   x = large["device_bytes"] / sizes[-1]
-  add(f"trie bytes per image at N={sizes[-1]:,} <= {GOALS['trie_bytes_per_image']}", x,
-      x <= GOALS["trie_bytes_per_image"], "device arrays")
-  add(f"trie build seconds at N={sizes[-1]:,} <= {GOALS['trie_build_s_1m']:g}",
-      large["build_s"], large["build_s"] <= GOALS["trie_build_s_1m"], "numpy, vectorised")
+  add(
+    f"trie bytes per image at N={sizes[-1]:,} <= {GOALS['trie_bytes_per_image']}",
+    x,
+    x <= GOALS["trie_bytes_per_image"],
+    "device arrays",
+  )
+  add(
+    f"trie build seconds at N={sizes[-1]:,} <= {GOALS['trie_build_s_1m']:g}",
+    large["build_s"],
+    large["build_s"] <= GOALS["trie_build_s_1m"],
+    "numpy, vectorised",
+  )
   return out
 
 
@@ -369,18 +490,45 @@ def format_table(rows: list[Row]) -> str:
   def f(x, spec):
     return "-" if x is None else format(x, spec)
 
-  header = ("kind", "model", "N", "batch", "q/s", "ref q/s nocache", "ref q/s cache",
-            "x ref nocache", "GFLOP/q", "GFLOP/s", "% matmul", "B/image", "build s",
-            "compile s", "note")
+  header = (
+    "kind",
+    "model",
+    "N",
+    "batch",
+    "q/s",
+    "ref q/s nocache",
+    "ref q/s cache",
+    "x ref nocache",
+    "GFLOP/q",
+    "GFLOP/s",
+    "% matmul",
+    "B/image",
+    "build s",
+    "compile s",
+    "note",
+  )
   lines = []
   for r in rows:
     speed = r.qps / r.ref_uncached if r.ref_uncached else None
-    lines.append((r.kind, r.model, f"{r.n:,}" if r.n else "-", str(r.batch), f(r.qps, ".1f"),
-                  f(r.ref_uncached, ".1f"), f(r.ref_cached, ".1f"), f(speed, ".2f"),
-                  f(r.gflop_per_query, ".2f"), f(r.gflop_per_s, ".1f"),
-                  f(None if r.matmul_fraction is None else 100 * r.matmul_fraction, ".0f"),
-                  f(r.bytes_per_image, ".1f"), f(r.build_s, ".2f"), f(r.compile_s, ".1f"),
-                  r.note))
+    lines.append(
+      (
+        r.kind,
+        r.model,
+        f"{r.n:,}" if r.n else "-",
+        str(r.batch),
+        f(r.qps, ".1f"),
+        f(r.ref_uncached, ".1f"),
+        f(r.ref_cached, ".1f"),
+        f(speed, ".2f"),
+        f(r.gflop_per_query, ".2f"),
+        f(r.gflop_per_s, ".1f"),
+        f(None if r.matmul_fraction is None else 100 * r.matmul_fraction, ".0f"),
+        f(r.bytes_per_image, ".1f"),
+        f(r.build_s, ".2f"),
+        f(r.compile_s, ".1f"),
+        r.note,
+      )
+    )
   widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
   fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
   return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(l) for l in lines])
@@ -396,31 +544,42 @@ def run(config, workdir: str, args) -> None:
   models = ("tiny",) if quick else ("tiny", "small", "base")
   rows, details = [], {}
   for name in models:
-    model_rows, detail = measure_model(name, seed, matmul, with_reference,
-                                       rounds=5 if name != "base" else 3,
-                                       variants=name != "base")
+    model_rows, detail = measure_model(
+      name, seed, matmul, with_reference, rounds=5 if name != "base" else 3, variants=name != "base"
+    )
     rows += model_rows
     details[name] = detail
   index_model = "tiny" if quick else "small"
-  index_rows, index_detail = measure_index_sizes(index_model, INDEX_SIZES["quick" if quick
-                                                                          else "full"],
-                                                 seed, rounds=5)
+  index_rows, index_detail = measure_index_sizes(
+    index_model, INDEX_SIZES["quick" if quick else "full"], seed, rounds=5
+  )
   rows += index_rows
   goals = goal_checks(rows, details, index_detail)
-  summary = dict(matmul_gflop_per_s=matmul / 1e9, heap_allocations=heap,
-                 goals={g["goal"]: g for g in goals})
-  print(f"bench decode ({'quick' if quick else 'full'}): beam {BEAM}, top {BEAM}, K={CODEBOOK}, "
-        f"L={LEVELS}, {jax.device_count()} {jax.default_backend()} device(s); dense matmul "
-        f"{matmul / 1e9:.1f} GFLOP/s; reference {'measured' if with_reference else 'skipped'}; "
-        f"times are medians of interleaved rounds after a warm-up")
+  summary = dict(
+    matmul_gflop_per_s=matmul / 1e9, heap_allocations=heap, goals={g["goal"]: g for g in goals}
+  )
+  print(
+    f"bench decode ({'quick' if quick else 'full'}): beam {BEAM}, top {BEAM}, K={CODEBOOK}, "
+    f"L={LEVELS}, {jax.device_count()} {jax.default_backend()} device(s); dense matmul "
+    f"{matmul / 1e9:.1f} GFLOP/s; reference {'measured' if with_reference else 'skipped'}; "
+    f"times are medians of interleaved rounds after a warm-up"
+  )
   print(format_table(rows))
   for g in goals:
-    print(f"goal {g['goal']}: {g['measured']:.3g} ({'met' if g['met'] else 'NOT met'}; "
-          f"{g['detail']})")
-  record = dict(bench="decode", command=_command(args), size="quick" if quick else "full",
-                machine=_machine(),
-                goals=GOALS, summary=summary, rows=[dataclasses.asdict(r) for r in rows],
-                models=details, index_sizes={str(k): v for k, v in index_detail.items()})
+    print(
+      f"goal {g['goal']}: {g['measured']:.3g} ({'met' if g['met'] else 'NOT met'}; {g['detail']})"
+    )
+  record = dict(
+    bench="decode",
+    command=_command(args),
+    size="quick" if quick else "full",
+    machine=_machine(),
+    goals=GOALS,
+    summary=summary,
+    rows=[dataclasses.asdict(r) for r in rows],
+    models=details,
+    index_sizes={str(k): v for k, v in index_detail.items()},
+  )
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_decode.json")
   io.write_json(path, record, default=float)

@@ -11,7 +11,7 @@ Hugging Face's initialisers (layer norms 1, biases 0), so activations stay finit
 
 import os
 import shutil
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -23,8 +23,12 @@ from avg_jax.models import t5_hf
 from avg_jax.models.t5_config import T5Config
 
 # Our config's encoder fields (configs/base.py) -> the Hugging Face CLIP config's.
-_CLIP_TOWER = {"width": "hidden_size", "layers": "num_hidden_layers",
-               "heads": "num_attention_heads", "mlp_dim": "intermediate_size"}
+_CLIP_TOWER = {
+  "width": "hidden_size",
+  "layers": "num_hidden_layers",
+  "heads": "num_attention_heads",
+  "mlp_dim": "intermediate_size",
+}
 
 
 def hf_clip_config(shape: Mapping, vocab_size: int) -> dict:
@@ -33,15 +37,27 @@ def hf_clip_config(shape: Mapping, vocab_size: int) -> dict:
   towers = {}
   for tower in ("text", "vision"):
     towers[tower] = {hf: int(shape[f"{tower}_{ours}"]) for ours, hf in _CLIP_TOWER.items()}
-    towers[tower].update(hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                         projection_dim=int(shape["projection_dim"]))
-  towers["text"].update(vocab_size=int(vocab_size), bos_token_id=0, eos_token_id=2,
-                        pad_token_id=1, max_position_embeddings=int(shape["max_text_length"]))
-  towers["vision"].update(image_size=int(shape["image_size"]),
-                          patch_size=int(shape["patch_size"]), num_channels=3)
-  return {"architectures": ["CLIPModel"], "model_type": "clip",
-          "projection_dim": int(shape["projection_dim"]), "logit_scale_init_value": 2.6592,
-          "text_config": towers["text"], "vision_config": towers["vision"]}
+    towers[tower].update(
+      hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=int(shape["projection_dim"])
+    )
+  towers["text"].update(
+    vocab_size=int(vocab_size),
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+    max_position_embeddings=int(shape["max_text_length"]),
+  )
+  towers["vision"].update(
+    image_size=int(shape["image_size"]), patch_size=int(shape["patch_size"]), num_channels=3
+  )
+  return {
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": int(shape["projection_dim"]),
+    "logit_scale_init_value": 2.6592,
+    "text_config": towers["text"],
+    "vision_config": towers["vision"],
+  }
 
 
 def _write_dir(path: str, write) -> None:
@@ -55,8 +71,14 @@ def _write_dir(path: str, write) -> None:
     raise
 
 
-def write_clip(path: str, shape: Mapping, texts: Sequence[str], *,
-               vocab_size: int = fake_tokenizers.CLIP_VOCAB, seed: int = 0) -> dict:
+def write_clip(
+  path: str,
+  shape: Mapping,
+  texts: Sequence[str],
+  *,
+  vocab_size: int = fake_tokenizers.CLIP_VOCAB,
+  seed: int = 0,
+) -> dict:
   """A CLIP directory at `shape` (our `encoder` field names); -> its config.json dict."""
   hf = hf_clip_config(shape, vocab_size)
   cfg = hf_import.config_from_hf(hf)
@@ -77,11 +99,20 @@ def write_clip(path: str, shape: Mapping, texts: Sequence[str], *,
     del tensors
     io.write_json(os.path.join(tmp, "config.json"), hf, indent=2)
     size = cfg.image_size
-    io.write_json(os.path.join(tmp, "preprocessor_config.json"), {
-        "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size},
-        "do_resize": True, "do_center_crop": True, "do_normalize": True,
-        "image_mean": list(preprocess.CLIP_MEAN), "image_std": list(preprocess.CLIP_STD),
-        "image_processor_type": "CLIPImageProcessor"}, indent=2)
+    io.write_json(
+      os.path.join(tmp, "preprocessor_config.json"),
+      {
+        "crop_size": {"height": size, "width": size},
+        "size": {"shortest_edge": size},
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "image_mean": list(preprocess.CLIP_MEAN),
+        "image_std": list(preprocess.CLIP_STD),
+        "image_processor_type": "CLIPImageProcessor",
+      },
+      indent=2,
+    )
     fake_tokenizers.write_clip_bpe(tmp, texts, vocab_size)
 
   _write_dir(path, write)
@@ -94,21 +125,33 @@ def _t5_std(name: str, hf_shape: tuple, cfg: T5Config) -> float:
   if name == "shared.weight" or name == "lm_head.weight":
     return 1.0
   if name.endswith("relative_attention_bias.weight"):
-    return cfg.d_model ** -0.5
+    return cfg.d_model**-0.5
   std = hf_shape[1] ** -0.5
-  return std * cfg.d_kv ** -0.5 if name.endswith(".q.weight") else std
+  return std * cfg.d_kv**-0.5 if name.endswith(".q.weight") else std
 
 
-def write_t5(path: str, shape: Mapping, texts: Sequence[str], *, vocab_size: int = 32_128,
-             num_pieces: int = fake_tokenizers.T5_PIECES, seed: int = 0) -> dict:
+def write_t5(
+  path: str,
+  shape: Mapping,
+  texts: Sequence[str],
+  *,
+  vocab_size: int = 32_128,
+  num_pieces: int = fake_tokenizers.T5_PIECES,
+  seed: int = 0,
+) -> dict:
   """A T5 v1.0 directory (ReLU, tied embeddings) at `shape` (d_model, d_kv, d_ff, num_heads,
   num_encoder_layers, num_decoder_layers) with `vocab_size` embedding rows and a spiece.model
   of `num_pieces` pieces; -> its config.json dict."""
   if num_pieces > vocab_size:
     raise ValueError(f"num_pieces {num_pieces} exceeds the model's vocab_size {vocab_size}")
   keys = ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers")
-  cfg = T5Config(vocab_size=int(vocab_size), **{k: int(shape[k]) for k in keys},
-                 dropout_rate=0.1, feed_forward="relu", tie_embeddings=True)
+  cfg = T5Config(
+    vocab_size=int(vocab_size),
+    **{k: int(shape[k]) for k in keys},
+    dropout_rate=0.1,
+    feed_forward="relu",
+    tie_embeddings=True,
+  )
   hf = t5_hf.hf_config_dict(cfg)
   rng = np.random.default_rng(seed)
 
@@ -123,9 +166,9 @@ def write_t5(path: str, shape: Mapping, texts: Sequence[str], *, vocab_size: int
     save_file(tensors, os.path.join(tmp, t5_hf.WEIGHTS_FILE), metadata={"format": "pt"})
     del tensors
     io.write_json(os.path.join(tmp, "config.json"), hf, indent=2)
-    io.write_bytes(os.path.join(tmp, "spiece.model"),
-                   fake_tokenizers.t5_sentencepiece(texts, num_pieces, seed))
+    io.write_bytes(
+      os.path.join(tmp, "spiece.model"), fake_tokenizers.t5_sentencepiece(texts, num_pieces, seed)
+    )
 
   _write_dir(path, write)
   return hf
-

@@ -17,7 +17,7 @@ import io
 import itertools
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -46,9 +46,19 @@ def t5_sentencepiece(texts: Sequence[str], num_pieces: int = T5_PIECES, seed: in
   """The serialized model described in the module docstring."""
   buffer = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=buffer, model_type="unigram",
-      vocab_size=min(num_pieces, 2000), hard_vocab_limit=False, pad_id=PAD_ID, eos_id=EOS_ID,
-      unk_id=UNK_ID, bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
+    sentence_iterator=iter(texts),
+    model_writer=buffer,
+    model_type="unigram",
+    vocab_size=min(num_pieces, 2000),
+    hard_vocab_limit=False,
+    pad_id=PAD_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    bos_id=-1,
+    character_coverage=1.0,
+    num_threads=1,
+    minloglevel=2,
+  )
   proto = sentencepiece_model_pb2.ModelProto.FromString(buffer.getvalue())
   learned = len(proto.pieces)
   if learned > num_pieces:
@@ -97,8 +107,9 @@ def _learn_merges(texts: Iterable[str], budget: int) -> list[tuple[str, str]]:
   return merges
 
 
-def clip_bpe(texts: Sequence[str], vocab_size: int = CLIP_VOCAB
-             ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_bpe(
+  texts: Sequence[str], vocab_size: int = CLIP_VOCAB
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
   """`(vocab, merges)` as described in the module docstring."""
   base = list(bpe.bytes_to_unicode().values())
   tokens = base + [b + "</w>" for b in base]
@@ -111,7 +122,7 @@ def clip_bpe(texts: Sequence[str], vocab_size: int = CLIP_VOCAB
     vocab_set.add(a + b)
   tokens += [a + b for a, b in merges]
   # Synthetic merges of two byte symbols, after every learned one (rank order = file order).
-  for a, b in itertools.product(base, tokens[:len(base) * 2]):
+  for a, b in itertools.product(base, tokens[: len(base) * 2]):
     if len(merges) >= budget:
       break
     if a + b not in vocab_set:
@@ -131,8 +142,12 @@ def write_clip_bpe(directory: str, texts: Sequence[str], vocab_size: int = CLIP_
     json.dump(vocab, f, ensure_ascii=False)
   with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  special = {"bos_token": bpe.START, "eos_token": bpe.END, "unk_token": bpe.END,
-             "pad_token": bpe.END}
+  special = {
+    "bos_token": bpe.START,
+    "eos_token": bpe.END,
+    "unk_token": bpe.END,
+    "pad_token": bpe.END,
+  }
   with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
     json.dump({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
   with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:

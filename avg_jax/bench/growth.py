@@ -12,7 +12,7 @@ and embed's extraction seconds (the encoder's training, a fixed number of steps,
 import os
 import shutil
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from avg_jax.bench import dry_run, paper_world, stage_runs
 
@@ -25,47 +25,82 @@ def splits_of(n: int) -> tuple[int, int, int]:
   return n - 2 * held, held, held
 
 
-def run_size(n: int, root: str, config: str, overrides: Sequence[str],
-             photo_size: tuple[int, int], render_size: int, keep: bool = False) -> dict:
+def run_size(
+  n: int,
+  root: str,
+  config: str,
+  overrides: Sequence[str],
+  photo_size: tuple[int, int],
+  render_size: int,
+  keep: bool = False,
+) -> dict:
   """Generates N images under `<root>/n<N>` and measures prepare and embed on them."""
   base = os.path.join(root, f"n{n}")
   shutil.rmtree(base, ignore_errors=True)
   paths = paper_world.world_paths(os.path.join(base, "data"), "flickr30k")
   os.makedirs(paths["image_root"])
-  size = paper_world.WorldSize(images=splits_of(n), photo_size=photo_size,
-                               render_size=render_size)
+  size = paper_world.WorldSize(images=splits_of(n), photo_size=photo_size, render_size=render_size)
   start = time.perf_counter()
-  paper_world.write_karpathy(paths["karpathy_json"], paths["image_root"],
-                             paths["pseudo_queries"], size)
+  paper_world.write_karpathy(
+    paths["karpathy_json"], paths["image_root"], paths["pseudo_queries"], size
+  )
   generate_s = time.perf_counter() - start
   workdir = os.path.join(base, "workdir")
-  args = [f"data.karpathy_json={paths['karpathy_json']}",
-          f"data.image_root={paths['image_root']}",
-          f"data.pseudo_queries={paths['pseudo_queries']}", *overrides]
+  args = [
+    f"data.karpathy_json={paths['karpathy_json']}",
+    f"data.image_root={paths['image_root']}",
+    f"data.pseudo_queries={paths['pseudo_queries']}",
+    *overrides,
+  ]
   row = {"images": n, "splits": list(size.images), "generate_s": round(generate_s, 2)}
   for stage in ("prepare", "embed"):
     run = stage_runs.run_stage(stage, config, workdir, args, os.path.join(base, "logs"))
-    row[stage] = {"wall_s": run.wall_s, "cpu_s": round(run.user_s + run.sys_s, 2),
-                  "peak_rss_mib": run.peak_rss_mib}
+    row[stage] = {
+      "wall_s": run.wall_s,
+      "cpu_s": round(run.user_s + run.sys_s, 2),
+      "peak_rss_mib": run.peak_rss_mib,
+    }
     if stage == "prepare":
       row[stage]["build_seconds"] = dry_run.build_seconds(run.records)
     if stage == "embed":
       # One record per split, each carrying the same total of the whole extraction.
-      row[stage]["extraction_s"] = round(max(r["seconds"] for r in run.records
-                                             if "seconds" in r), 2)
+      row[stage]["extraction_s"] = round(
+        max(r["seconds"] for r in run.records if "seconds" in r), 2
+      )
   if not keep:
     shutil.rmtree(base, ignore_errors=True)
   return row
 
 
 def table(rows: Sequence[dict]) -> str:
-  head = ["images", "prepare s", "prepare RSS MiB", "statistics s", "tokenizer s",
-          "assemble s", "embed s", "extraction s", "embed RSS MiB"]
+  head = [
+    "images",
+    "prepare s",
+    "prepare RSS MiB",
+    "statistics s",
+    "tokenizer s",
+    "assemble s",
+    "embed s",
+    "extraction s",
+    "embed RSS MiB",
+  ]
   lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
   for r in rows:
     p, e, b = r["prepare"], r["embed"], r["prepare"]["build_seconds"]
-    lines.append(" | ".join(str(x) for x in (
-        f"{r['images']:,}", p["wall_s"], p["peak_rss_mib"], b["statistics"],
-        b["text_tokenizer"], b["assemble"], e["wall_s"], e["extraction_s"],
-        e["peak_rss_mib"])))
+    lines.append(
+      " | ".join(
+        str(x)
+        for x in (
+          f"{r['images']:,}",
+          p["wall_s"],
+          p["peak_rss_mib"],
+          b["statistics"],
+          b["text_tokenizer"],
+          b["assemble"],
+          e["wall_s"],
+          e["extraction_s"],
+          e["peak_rss_mib"],
+        )
+      )
+    )
   return "\n".join(lines)

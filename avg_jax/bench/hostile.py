@@ -41,15 +41,17 @@ def _png(size: tuple[int, int], mode: str = "L") -> bytes:
 
 def payloads() -> dict[str, bytes]:
   """The JSON bodies of the upload kinds (made once: the PNGs take seconds to encode)."""
-  entities = "".join(f'<!ENTITY e{i} "{f"&e{i - 1};" * 10 if i else "x" * 10}">'
-                     for i in range(8))
-  svg = (f'<?xml version="1.0"?><!DOCTYPE svg [{entities}]>'
-         f'<svg xmlns="http://www.w3.org/2000/svg"><text>&e7;</text></svg>').encode()
+  entities = "".join(f'<!ENTITY e{i} "{f"&e{i - 1};" * 10 if i else "x" * 10}">' for i in range(8))
+  svg = (
+    f'<?xml version="1.0"?><!DOCTYPE svg [{entities}]>'
+    f'<svg xmlns="http://www.w3.org/2000/svg"><text>&e7;</text></svg>'
+  ).encode()
   decode_bomb = _png((6000, 6000))
-  images = {"pixel_bomb": _png((8000, 8000)), "decode_bomb": decode_bomb[:-64],
-            "svg_bomb": svg}
-  return {kind: json.dumps({"images": [{"data": base64.b64encode(data).decode()}]}).encode()
-          for kind, data in images.items()}
+  images = {"pixel_bomb": _png((8000, 8000)), "decode_bomb": decode_bomb[:-64], "svg_bomb": svg}
+  return {
+    kind: json.dumps({"images": [{"data": base64.b64encode(data).decode()}]}).encode()
+    for kind, data in images.items()
+  }
 
 
 async def _slow_body(url: str, deadline: float, counts: collections.Counter) -> None:
@@ -61,8 +63,10 @@ async def _slow_body(url: str, deadline: float, counts: collections.Counter) -> 
       counts["slow_body connect error"] += 1
       await asyncio.sleep(0.1)
       continue
-    writer.write(b"POST /v1/search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: 65536\r\n\r\n")
+    writer.write(
+      b"POST /v1/search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json"
+      b"\r\nContent-Length: 65536\r\n\r\n"
+    )
     try:
       while time.monotonic() < deadline:
         writer.write(b" " * 16)
@@ -75,20 +79,28 @@ async def _slow_body(url: str, deadline: float, counts: collections.Counter) -> 
     counts["slow_body sent"] += 1
 
 
-async def _uploads(session: aiohttp.ClientSession, url: str, token: str, body: bytes,
-                   kind: str, deadline: float, counts: collections.Counter) -> None:
+async def _uploads(
+  session: aiohttp.ClientSession,
+  url: str,
+  token: str,
+  body: bytes,
+  kind: str,
+  deadline: float,
+  counts: collections.Counter,
+) -> None:
   headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
   while time.monotonic() < deadline:
     try:
       async with session.post(url + "/v1/images", data=body, headers=headers) as r:
         await r.read()
         counts[f"{kind} {r.status}"] += 1
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
       counts[f"{kind} {type(e).__name__}"] += 1
 
 
-async def run(url: str, token: str, clients: int, duration: float,
-              bodies: dict[str, bytes]) -> dict[str, int]:
+async def run(
+  url: str, token: str, clients: int, duration: float, bodies: dict[str, bytes]
+) -> dict[str, int]:
   """`clients` hostile clients for `duration` seconds; -> {"<kind> <outcome>": count}."""
   counts: collections.Counter = collections.Counter()
   deadline = time.monotonic() + duration
@@ -110,11 +122,17 @@ class Attack:
   start, `result()` at its end (-> the outcome counts)."""
 
   def __init__(self, url: str, token: str, clients: int, duration: float, preexec_fn=None):
-    code = ("import sys; from avg_jax.bench import hostile; "
-            "hostile.child(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))")
+    code = (
+      "import sys; from avg_jax.bench import hostile; "
+      "hostile.child(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
+    )
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", code, url, token, str(clients), str(duration)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+      [sys.executable, "-c", code, url, token, str(clients), str(duration)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      preexec_fn=preexec_fn,
+    )
     if self.proc.stdout.readline().strip() != "READY":
       raise RuntimeError(f"bench serve: the hostile clients did not start ({self.proc.wait()})")
 
@@ -127,7 +145,7 @@ class Attack:
     lines = [l for l in out.splitlines() if l.startswith("OUTCOMES ")]
     if self.proc.returncode or not lines:
       raise RuntimeError(f"bench serve: the hostile clients failed ({self.proc.returncode})")
-    return json.loads(lines[-1][len("OUTCOMES "):])
+    return json.loads(lines[-1][len("OUTCOMES ") :])
 
 
 def child(url: str, token: str, clients: int, duration: float) -> None:

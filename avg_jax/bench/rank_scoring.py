@@ -32,13 +32,20 @@ def score_fn(form: str, cfg: T5Config, deterministic: bool):
 
   def per_pair(params, inputs, targets, rng):
     b, n, t = targets.shape
-    out = t5_lib.logits(params, cfg, jnp.repeat(inputs, n, axis=0), targets.reshape(b * n, t),
-                        deterministic=deterministic, rngs=rngs(rng))
+    out = t5_lib.logits(
+      params,
+      cfg,
+      jnp.repeat(inputs, n, axis=0),
+      targets.reshape(b * n, t),
+      deterministic=deterministic,
+      rngs=rngs(rng),
+    )
     return t5_lib.sequence_log_probs(out.reshape(b, n, t, -1), targets)
 
   def packed(params, inputs, targets, rng):
-    out = t5_lib.candidate_logits(params, cfg, inputs, targets, deterministic=deterministic,
-                                  rngs=rngs(rng))
+    out = t5_lib.candidate_logits(
+      params, cfg, inputs, targets, deterministic=deterministic, rngs=rngs(rng)
+    )
     return t5_lib.sequence_log_probs(out, targets)
 
   return {"per_pair": per_pair, "packed": packed}[form]
@@ -61,17 +68,20 @@ def problem(spec: str, batch: int, seed: int = 0):
   """`(cfg, params, inputs int[batch, S], targets int[batch, n, P + 1])` for the config `spec`:
   random parameters, random query ids, n = 1 + rank.beam_size random identifiers + EOS."""
   config = config_lib.load_config(spec)
-  vocab = VokenVocabulary(int(config.t5.vocab_size), int(config.tokenizer.codebook_size),
-                          int(config.tokenizer.num_levels),
-                          bool(config.tokenizer.shared_codebook), disambiguation_size=8)
+  vocab = VokenVocabulary(
+    int(config.t5.vocab_size),
+    int(config.tokenizer.codebook_size),
+    int(config.tokenizer.num_levels),
+    bool(config.tokenizer.shared_codebook),
+    disambiguation_size=8,
+  )
   cfg = T5Config.from_config(config.t5, vocab)
   params = t5_lib.init_params(cfg, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   n = 1 + int(config.rank.beam_size)
   source = int(config.text_tokenizer.max_length)
   inputs = rng.integers(3, vocab.text_vocab_size, (batch, source)).astype(np.int32)
-  codes = np.stack([rng.integers(0, size, (batch, n)) for size in vocab.position_sizes()],
-                   axis=-1)
+  codes = np.stack([rng.integers(0, size, (batch, n)) for size in vocab.position_sizes()], axis=-1)
   targets = vocab.target_tokens(codes)
   return cfg, params, jnp.asarray(inputs), jnp.asarray(targets)
 
@@ -86,13 +96,17 @@ def measure(spec: str, batch: int, rounds: int) -> list[dict]:
     start = time.perf_counter()
     compiled = fn.lower(params, inputs, targets, key).compile()
     memory = compiled.memory_analysis()
-    rows[form] = {"form": form, "flops_per_step": step_flops(compiled),
-                  "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0) or 0),
-                  "compile_s": time.perf_counter() - start, "times": []}
+    rows[form] = {
+      "form": form,
+      "flops_per_step": step_flops(compiled),
+      "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0) or 0),
+      "compile_s": time.perf_counter() - start,
+      "times": [],
+    }
     jax.block_until_ready(compiled(params, inputs, targets, key))  # warm-up
     steps[form] = compiled
   for _ in range(rounds):
-    for form in FORMS:   # alternated: a change of machine load hits both forms alike
+    for form in FORMS:  # alternated: a change of machine load hits both forms alike
       start = time.perf_counter()
       jax.block_until_ready(steps[form](params, inputs, targets, key))
       rows[form]["times"].append(time.perf_counter() - start)
@@ -107,10 +121,14 @@ def measure(spec: str, batch: int, rounds: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   base = rows[0]
-  lines = ["form     | GFLOP/step | temp MiB | step s | examples/s | x per_pair",
-           "---------|------------|----------|--------|------------|-----------"]
+  lines = [
+    "form     | GFLOP/step | temp MiB | step s | examples/s | x per_pair",
+    "---------|------------|----------|--------|------------|-----------",
+  ]
   for r in rows:
-    lines.append(f"{r['form']:<8} | {r['flops_per_step'] / 1e9:10.1f} | "
-                 f"{r['temp_bytes'] / 2**20:8.0f} | {r['step_s']:6.3f} | "
-                 f"{r['examples_per_s']:10.2f} | {base['step_s'] / r['step_s']:9.2f}")
+    lines.append(
+      f"{r['form']:<8} | {r['flops_per_step'] / 1e9:10.1f} | "
+      f"{r['temp_bytes'] / 2**20:8.0f} | {r['step_s']:6.3f} | "
+      f"{r['examples_per_s']:10.2f} | {base['step_s'] / r['step_s']:9.2f}"
+    )
   return "\n".join(lines)

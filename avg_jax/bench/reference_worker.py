@@ -52,13 +52,19 @@ class ReferenceWorker:
 
   def __init__(self, setup: str, payload_dir: str, timeout_s: float = 1800.0):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
-    code = ("import sys; from avg_jax.bench import reference_worker as w; "
-            "w.serve(sys.argv[1], sys.argv[2])")
-    self.proc = subprocess.Popen([sys.executable, "-c", code, setup, payload_dir],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=env)
+    code = (
+      "import sys; from avg_jax.bench import reference_worker as w; "
+      "w.serve(sys.argv[1], sys.argv[2])"
+    )
+    self.proc = subprocess.Popen(
+      [sys.executable, "-c", code, setup, payload_dir],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
     self.timeout_s = timeout_s
-    self.info = self._read()          # {"threads": n, "names": [...]} once set up
+    self.info = self._read()  # {"threads": n, "names": [...]} once set up
 
   def _read(self) -> Any:
     line = self.proc.stdout.readline()
@@ -89,6 +95,7 @@ def serve(setup: str, payload_dir: str) -> None:
   """The worker's main loop: set up, then answer `time NAME` / `call NAME` lines."""
   try:
     import torch
+
     torch.set_num_threads(cpu_threads())
     threads = torch.get_num_threads()
   except ImportError:  # a setup without torch (the worker's own tests)

@@ -40,8 +40,7 @@ import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from avg_jax.artifacts import paths
-from avg_jax.artifacts import io
+from avg_jax.artifacts import io, paths
 from avg_jax.bench import common
 from avg_jax.bench import hostile as hostile_lib
 from avg_jax.errors import UserError
@@ -49,8 +48,13 @@ from avg_jax.export import gallery as gallery_lib
 from avg_jax.export.serving import Retriever
 
 START_TIMEOUT_S = 900
-FALLBACK_QUERIES = ("a red circle", "a small blue square at the top", "two shapes",
-                    "a green cross to the left of a yellow diamond", "a white triangle")
+FALLBACK_QUERIES = (
+  "a red circle",
+  "a small blue square at the top",
+  "two shapes",
+  "a green cross to the left of a yellow diamond",
+  "a white triangle",
+)
 
 
 def _parse_clients(text: str) -> list[int]:
@@ -85,10 +89,12 @@ class ServerProcess:
 
   def __init__(self, model: str, cpus: set | None = None, extra_args: tuple = ()):
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "avg_jax", "serve", "--model", model, "--port", "0",
-         *extra_args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=_pinned(cpus or set()))
+      [sys.executable, "-m", "avg_jax", "serve", "--model", model, "--port", "0", *extra_args],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      preexec_fn=_pinned(cpus or set()),
+    )
     self.log: list[str] = []
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
@@ -132,7 +138,7 @@ def _batch_histogram(before: dict, after: dict) -> dict[int, int]:
   cumulative = []
   for key, value in after.items():
     if key.startswith(prefix) and not key.endswith("+Inf"):
-      cumulative.append((float(key[len(prefix):]), value - before.get(key, 0.0)))
+      cumulative.append((float(key[len(prefix) :]), value - before.get(key, 0.0)))
   cumulative.sort()
   hist, previous = {}, 0.0
   for le, count in cumulative:
@@ -156,7 +162,7 @@ async def _level(url: str, clients: int, duration: float, queries: list[str], k:
         async with session.post(url + "/v1/search", json=body) as r:
           await r.read()
           status = r.status
-      except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+      except (TimeoutError, aiohttp.ClientError) as e:
         errors.append(type(e).__name__)
         continue
       latencies.append(time.perf_counter() - start)
@@ -171,12 +177,17 @@ async def _level(url: str, clients: int, duration: float, queries: list[str], k:
     await asyncio.gather(*(client(session, c) for c in range(clients)))
   wall = time.perf_counter() - start
   ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-  return {"clients": clients, "seconds": round(wall, 3), "requests": counter[0],
-          "errors": len(errors), "error_kinds": sorted(set(errors)),
-          "throughput_qps": round(counter[0] / wall, 2),
-          "p50_ms": round(float(np.percentile(ms, 50)), 2),
-          "p95_ms": round(float(np.percentile(ms, 95)), 2),
-          "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+  return {
+    "clients": clients,
+    "seconds": round(wall, 3),
+    "requests": counter[0],
+    "errors": len(errors),
+    "error_kinds": sorted(set(errors)),
+    "throughput_qps": round(counter[0] / wall, 2),
+    "p50_ms": round(float(np.percentile(ms, 50)), 2),
+    "p95_ms": round(float(np.percentile(ms, 95)), 2),
+    "p99_ms": round(float(np.percentile(ms, 99)), 2),
+  }
 
 
 def in_process_main(model: str, batches: list[int], k: int, duration: float) -> None:
@@ -189,22 +200,30 @@ def in_process_main(model: str, batches: list[int], k: int, duration: float) -> 
   print("IN_PROCESS " + json.dumps(out), flush=True)
 
 
-def _in_process_subprocess(model: str, batches: list[int], k: int, duration: float,
-                           cpus: set) -> dict[int, tuple[float, float]]:
-  code = ("import sys; from avg_jax.bench import serve; "
-          "serve.in_process_main(sys.argv[1], [int(b) for b in sys.argv[2].split(',')], "
-          "int(sys.argv[3]), float(sys.argv[4]))")
-  proc = subprocess.run([sys.executable, "-c", code, model, ",".join(map(str, batches)), str(k),
-                         str(duration)], capture_output=True, text=True,
-                        preexec_fn=_pinned(cpus), timeout=START_TIMEOUT_S + 10 * duration)
+def _in_process_subprocess(
+  model: str, batches: list[int], k: int, duration: float, cpus: set
+) -> dict[int, tuple[float, float]]:
+  code = (
+    "import sys; from avg_jax.bench import serve; "
+    "serve.in_process_main(sys.argv[1], [int(b) for b in sys.argv[2].split(',')], "
+    "int(sys.argv[3]), float(sys.argv[4]))"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code, model, ",".join(map(str, batches)), str(k), str(duration)],
+    capture_output=True,
+    text=True,
+    preexec_fn=_pinned(cpus),
+    timeout=START_TIMEOUT_S + 10 * duration,
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith("IN_PROCESS ")]
   if proc.returncode or not lines:
     raise UserError("bench serve: the in-process measurement failed:\n" + proc.stderr[-2000:])
-  return {int(b): tuple(v) for b, v in json.loads(lines[-1][len("IN_PROCESS "):]).items()}
+  return {int(b): tuple(v) for b, v in json.loads(lines[-1][len("IN_PROCESS ") :]).items()}
 
 
-def _in_process(retriever: Retriever, batch: int, k: int, duration: float,
-                queries: list[str]) -> tuple[float, float]:
+def _in_process(
+  retriever: Retriever, batch: int, k: int, duration: float, queries: list[str]
+) -> tuple[float, float]:
   """(queries/s, ms per call) of back-to-back `Retriever.search` calls of `batch` queries."""
   texts = [queries[i % len(queries)] for i in range(batch)]
   retriever.search(texts, k=k)  # compile outside the timing
@@ -234,23 +253,33 @@ def _measure(server: ServerProcess, clients_run) -> dict:
   after = server.metrics()
   hist = _batch_histogram(before, after)
   calls = sum(hist.values())
-  device_s = (after["avg_jax_serve_device_seconds_sum"]
-              - before.get("avg_jax_serve_device_seconds_sum", 0.0))
+  device_s = after["avg_jax_serve_device_seconds_sum"] - before.get(
+    "avg_jax_serve_device_seconds_sum", 0.0
+  )
   result.update(
-      # Share of the wall time the device thread spent in search calls, and their mean
-      # length: 1 - busy is the batching/scheduling idle time; a longer call than
-      # in-process at the same batch is CPU contention (HTTP work, the clients).
-      device_busy=round(device_s / result["seconds"], 4),
-      device_ms_per_call=round(1000 * device_s / calls, 3) if calls else 0.0,
-      batch_histogram=hist,
-      mean_batch=round(sum(b * c for b, c in hist.items()) / calls, 2) if calls else 0.0,
-      compiles_after_warmup=int(after["avg_jax_serve_xla_compiles_after_warmup_total"]),
-      load_average_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+    # Share of the wall time the device thread spent in search calls, and their mean
+    # length: 1 - busy is the batching/scheduling idle time; a longer call than
+    # in-process at the same batch is CPU contention (HTTP work, the clients).
+    device_busy=round(device_s / result["seconds"], 4),
+    device_ms_per_call=round(1000 * device_s / calls, 3) if calls else 0.0,
+    batch_histogram=hist,
+    mean_batch=round(sum(b * c for b, c in hist.items()) / calls, 2) if calls else 0.0,
+    compiles_after_warmup=int(after["avg_jax_serve_xla_compiles_after_warmup_total"]),
+    load_average_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+  )
   return result
 
 
-def _with_hostile(server: ServerProcess, clients: int, duration: float, queries: list[str],
-                  k: int, hostile: int, token: str, cpus: set) -> dict:
+def _with_hostile(
+  server: ServerProcess,
+  clients: int,
+  duration: float,
+  queries: list[str],
+  k: int,
+  hostile: int,
+  token: str,
+  cpus: set,
+) -> dict:
   """One level of honest clients while `hostile` hostile ones (their own process, on the
   clients' CPUs) attack; the outcomes of theirs in "hostile_outcomes"."""
   attack = hostile_lib.Attack(server.url, token, hostile, duration, _pinned(cpus))
@@ -258,6 +287,7 @@ def _with_hostile(server: ServerProcess, clients: int, duration: float, queries:
   async def level():
     attack.go()
     return await _level(server.url, clients, duration, queries, k)
+
   result = _measure(server, level)
   result.update(hostile=hostile, hostile_outcomes=attack.result())
   return result
@@ -277,6 +307,7 @@ def run(config, workdir: str, args) -> dict:
   extra, token = (), ""
   if hostile:
     import secrets
+
     os.makedirs(workdir, exist_ok=True)
     token = secrets.token_urlsafe(24)
     token_file = os.path.join(workdir, "bench_serve_write_token")
@@ -294,8 +325,7 @@ def run(config, workdir: str, args) -> dict:
       results = [_measure(server, lambda: _level(server.url, n, duration, queries, k))]
       _print_level(results[-1])
       if hostile:
-        results.append(_with_hostile(server, n, duration, queries, k, hostile, token,
-                                     client_cpus))
+        results.append(_with_hostile(server, n, duration, queries, k, hostile, token, client_cpus))
         _print_level(results[-1])
       levels += results
   finally:
@@ -313,10 +343,17 @@ def run(config, workdir: str, args) -> dict:
     level["in_process_ms_per_call"] = round(ms_per_call, 3)
     level["overhead"] = round(1 - level["throughput_qps"] / qps, 4)
 
-  report = {"model": os.path.abspath(model), "k": k, "duration_s": duration, "hostile": hostile,
-            "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus),
-            "server_exit_code": exit_code, "levels": levels,
-            "machine": common.machine_info()}
+  report = {
+    "model": os.path.abspath(model),
+    "k": k,
+    "duration_s": duration,
+    "hostile": hostile,
+    "server_cpus": sorted(server_cpus),
+    "client_cpus": sorted(client_cpus),
+    "server_exit_code": exit_code,
+    "levels": levels,
+    "machine": common.machine_info(),
+  }
   _print_table(report)
   os.makedirs(workdir, exist_ok=True)
   out = os.path.join(workdir, "bench_serve.json")
@@ -327,27 +364,61 @@ def run(config, workdir: str, args) -> dict:
 
 def _print_level(result: dict) -> None:
   extra = f" + {result['hostile']} hostile" if result.get("hostile") else ""
-  print(f"bench serve: {result['clients']:>3} clients{extra}: {result['throughput_qps']:.1f} "
-        f"q/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, mean batch "
-        f"{result['mean_batch']}, {result['errors']} errors", flush=True)
+  print(
+    f"bench serve: {result['clients']:>3} clients{extra}: {result['throughput_qps']:.1f} "
+    f"q/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, mean batch "
+    f"{result['mean_batch']}, {result['errors']} errors",
+    flush=True,
+  )
   if result.get("hostile_outcomes"):
     print(f"  hostile clients' requests: {result['hostile_outcomes']}", flush=True)
 
 
 def _print_table(report: dict) -> None:
-  print(f"\nbench serve: {report['model']}, k={report['k']}, {report['duration_s']:g} s per "
-        f"level, server exit {report['server_exit_code']}")
-  header = ("clients", "requests", "errors", "q/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
-            "compiles", "device busy", "ms/call", "in-proc q/s", "in-proc ms/call", "overhead")
+  print(
+    f"\nbench serve: {report['model']}, k={report['k']}, {report['duration_s']:g} s per "
+    f"level, server exit {report['server_exit_code']}"
+  )
+  header = (
+    "clients",
+    "requests",
+    "errors",
+    "q/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "mean batch",
+    "compiles",
+    "device busy",
+    "ms/call",
+    "in-proc q/s",
+    "in-proc ms/call",
+    "overhead",
+  )
   print(" | ".join(header))
   print(" | ".join("-" * len(h) for h in header))
   for lv in report["levels"]:
-    print(" | ".join(str(v) for v in (
-        f"{lv['clients']} + {lv['hostile']} hostile" if lv.get("hostile") else lv["clients"],
-        lv["requests"], lv["errors"], lv["throughput_qps"], lv["p50_ms"],
-        lv["p95_ms"], lv["p99_ms"], lv["mean_batch"], lv["compiles_after_warmup"],
-        f"{100 * lv['device_busy']:.1f} %", lv["device_ms_per_call"], lv["in_process_qps"],
-        lv["in_process_ms_per_call"], f"{100 * lv['overhead']:.1f} %")))
+    print(
+      " | ".join(
+        str(v)
+        for v in (
+          f"{lv['clients']} + {lv['hostile']} hostile" if lv.get("hostile") else lv["clients"],
+          lv["requests"],
+          lv["errors"],
+          lv["throughput_qps"],
+          lv["p50_ms"],
+          lv["p95_ms"],
+          lv["p99_ms"],
+          lv["mean_batch"],
+          lv["compiles_after_warmup"],
+          f"{100 * lv['device_busy']:.1f} %",
+          lv["device_ms_per_call"],
+          lv["in_process_qps"],
+          lv["in_process_ms_per_call"],
+          f"{100 * lv['overhead']:.1f} %",
+        )
+      )
+    )
   for lv in report["levels"]:
     extra = f" + {lv['hostile']} hostile" if lv.get("hostile") else ""
     print(f"  batch sizes at {lv['clients']} clients{extra}: {lv['batch_histogram']}")

@@ -14,7 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from avg_jax.errors import UserError
 
@@ -29,8 +30,8 @@ class StageRun:
   user_s: float
   sys_s: float
   peak_rss_mib: float
-  records: list[dict]          # metrics.jsonl records the stage appended
-  log: str                     # its stdout + stderr file
+  records: list[dict]  # metrics.jsonl records the stage appended
+  log: str  # its stdout + stderr file
 
 
 def _metrics_size(workdir: str) -> int:
@@ -53,13 +54,28 @@ def _tail(path: str, lines: int = 15) -> str:
   return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
-def run_stage(stage: str, config: str, workdir: str, overrides: Sequence[str], log_dir: str,
-              env: dict | None = None) -> StageRun:
+def run_stage(
+  stage: str,
+  config: str,
+  workdir: str,
+  overrides: Sequence[str],
+  log_dir: str,
+  env: dict | None = None,
+) -> StageRun:
   """Runs one stage in its own process; raises `UserError` with its log's tail on failure."""
   os.makedirs(log_dir, exist_ok=True)
   log = os.path.join(log_dir, f"{stage}.log")
-  command = [sys.executable, "-m", "avg_jax", stage, "--config", config, "--workdir", workdir,
-             *(f"--config.{o}" for o in overrides)]
+  command = [
+    sys.executable,
+    "-m",
+    "avg_jax",
+    stage,
+    "--config",
+    config,
+    "--workdir",
+    workdir,
+    *(f"--config.{o}" for o in overrides),
+  ]
   offset = _metrics_size(workdir)
   with open(log, "w", encoding="utf-8") as out:
     out.write(" ".join(command) + "\n")
@@ -70,18 +86,29 @@ def run_stage(stage: str, config: str, workdir: str, overrides: Sequence[str], l
     wall = time.perf_counter() - start
   proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
   if proc.returncode != 0:
-    raise UserError(f"stage {stage} failed (exit {proc.returncode}); the end of {log}:\n"
-                    + _tail(log))
+    raise UserError(
+      f"stage {stage} failed (exit {proc.returncode}); the end of {log}:\n" + _tail(log)
+    )
   # Linux reports ru_maxrss in KiB.
-  return StageRun(stage, round(wall, 2), round(usage.ru_utime, 2), round(usage.ru_stime, 2),
-                  round(usage.ru_maxrss / 1024, 1), _records_after(workdir, offset), log)
+  return StageRun(
+    stage,
+    round(wall, 2),
+    round(usage.ru_utime, 2),
+    round(usage.ru_stime, 2),
+    round(usage.ru_maxrss / 1024, 1),
+    _records_after(workdir, offset),
+    log,
+  )
 
 
 def _steady_rate(records: list[dict], stage: str) -> float | None:
   """Median `examples_per_s` of the logged steps after the first (which compiles) of the
   stage's own training loop."""
-  rates = [r["examples_per_s"] for r in records
-           if r.get("stage") == stage and "examples_per_s" in r and r.get("step", 0) > 1]
+  rates = [
+    r["examples_per_s"]
+    for r in records
+    if r.get("stage") == stage and "examples_per_s" in r and r.get("step", 0) > 1
+  ]
   return statistics.median(rates) if rates else None
 
 
@@ -94,17 +121,29 @@ def throughput(run: StageRun, counts: dict[str, Any]) -> dict:
   if run.stage == "embed":
     seconds = sum(x["seconds"] for x in r if x.get("stage") == "embed" and "seconds" in x)
     if seconds:
-      return {"unit": "images/s", "rate": counts["images"] / seconds,
-              "basis": "extraction seconds (images + their captions)"}
+      return {
+        "unit": "images/s",
+        "rate": counts["images"] / seconds,
+        "basis": "extraction seconds (images + their captions)",
+      }
     return {"unit": "images/s", "rate": counts["images"] / run.wall_s, "basis": "wall"}
   if run.stage in ("tokenize", "train", "rank"):
     unit = "pairs/s" if run.stage == "tokenize" else "examples/s"
     rate = _steady_rate(r, run.stage)
-    return {"unit": unit, "rate": rate,
-            "basis": "median logged step after the first" if rate else "no steady step logged"}
+    return {
+      "unit": unit,
+      "rate": rate,
+      "basis": "median logged step after the first" if rate else "no steady step logged",
+    }
   if run.stage == "evaluate":
-    rates = [x["queries_per_s"] for x in r if x.get("method") == "avg"
-             and x.get("split") == "test" and "queries_per_s" in x]
-    return {"unit": "queries/s", "rate": rates[0] if rates else None,
-            "basis": "avg, test split, constrained beam search"}
+    rates = [
+      x["queries_per_s"]
+      for x in r
+      if x.get("method") == "avg" and x.get("split") == "test" and "queries_per_s" in x
+    ]
+    return {
+      "unit": "queries/s",
+      "rate": rates[0] if rates else None,
+      "basis": "avg, test split, constrained beam search",
+    }
   return {"unit": "", "rate": None, "basis": ""}

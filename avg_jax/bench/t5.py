@@ -20,7 +20,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from avg_jax.bench import common
 from avg_jax.models import t5
 
 NUM_VOKENS = 1024
-ID_STEPS = 5            # 4 vokens + EOS
+ID_STEPS = 5  # 4 vokens + EOS
 SOURCE_LENGTH = 32
 BEAM = 10
 LEARNING_RATE = 1e-4
@@ -50,12 +51,12 @@ class Size:
   num_layers: int
   train_batch: int
   decode_queries: int
-  steps: int           # timed repetitions (the median is reported)
+  steps: int  # timed repetitions (the median is reported)
 
 
 SIZES = (
-    Size("small", 8000, 256, 32, 1024, 8, 4, train_batch=16, decode_queries=8, steps=5),
-    Size("t5-base", 32128, 768, 64, 3072, 12, 12, train_batch=8, decode_queries=4, steps=2),
+  Size("small", 8000, 256, 32, 1024, 8, 4, train_batch=16, decode_queries=8, steps=5),
+  Size("t5-base", 32128, 768, 64, 3072, 12, 12, train_batch=8, decode_queries=4, steps=2),
 )
 # --quick (tests): the smallest shapes only.
 QUICK = (Size("tiny", 500, 64, 16, 128, 4, 2, train_batch=8, decode_queries=2, steps=2),)
@@ -64,18 +65,27 @@ QUICK = (Size("tiny", 500, 64, 16, 128, 4, 2, train_batch=8, decode_queries=2, s
 def _cfg(size: Size) -> t5.T5Config:
   # Layers under nn.scan: one compiled layer body (T5-base compiles in a fraction of the
   # unrolled time); measured no slower per step on CPU.
-  return t5.T5Config(vocab_size=size.text_vocab + NUM_VOKENS, d_model=size.d_model,
-                     d_kv=size.d_kv, d_ff=size.d_ff, num_heads=size.num_heads,
-                     num_encoder_layers=size.num_layers, num_decoder_layers=size.num_layers,
-                     dropout_rate=DROPOUT, num_voken_tokens=NUM_VOKENS, scan_layers=True)
+  return t5.T5Config(
+    vocab_size=size.text_vocab + NUM_VOKENS,
+    d_model=size.d_model,
+    d_kv=size.d_kv,
+    d_ff=size.d_ff,
+    num_heads=size.num_heads,
+    num_encoder_layers=size.num_layers,
+    num_decoder_layers=size.num_layers,
+    dropout_rate=DROPOUT,
+    num_voken_tokens=NUM_VOKENS,
+    scan_layers=True,
+  )
 
 
 def _batch(size: Size, batch: int, seed: int):
   rng = np.random.default_rng(seed)
   inputs = rng.integers(3, size.text_vocab, size=(batch, SOURCE_LENGTH)).astype(np.int32)
   inputs[:, -1] = 1
-  targets = rng.integers(size.text_vocab, size.text_vocab + NUM_VOKENS,
-                         size=(batch, ID_STEPS)).astype(np.int32)
+  targets = rng.integers(
+    size.text_vocab, size.text_vocab + NUM_VOKENS, size=(batch, ID_STEPS)
+  ).astype(np.int32)
   targets[:, -1] = 1
   return inputs, targets
 
@@ -93,6 +103,7 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 # Ours
 # ----------------------------------------------------------------------------------------------
 
+
 def _ours_train(size: Size, cfg: t5.T5Config, params, seed: int) -> dict:
   """Times the training step; `params` are donated (unusable afterwards)."""
   tx = optax.adamw(LEARNING_RATE, weight_decay=0.0)
@@ -101,9 +112,12 @@ def _ours_train(size: Size, cfg: t5.T5Config, params, seed: int) -> dict:
 
   def step(state, rng):
     params, opt_state = state
+
     def loss_fn(p):
-      return t5.cross_entropy_loss(p, cfg, inputs, targets, deterministic=False,
-                                   rngs={"dropout": rng})[0]
+      return t5.cross_entropy_loss(
+        p, cfg, inputs, targets, deterministic=False, rngs={"dropout": rng}
+      )[0]
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
@@ -130,10 +144,10 @@ def _ours_decode(size: Size, cfg: t5.T5Config, params, seed: int, voken_only: bo
   inputs, targets = _batch(size, rows, seed)
   encoded = jax.block_until_ready(jax.jit(t5.encode, static_argnums=1)(params, cfg, inputs))
   init = jax.jit(t5.init_decode_state, static_argnums=(1, 4))
-  step = jax.jit(lambda p, tok, c: t5.decode_step(p, cfg, tok, c,
-                                                  voken_logits_only=voken_only))
-  tokens = [jnp.zeros((rows,), jnp.int32)] + [jnp.asarray(targets[:, i])
-                                              for i in range(ID_STEPS - 1)]
+  step = jax.jit(lambda p, tok, c: t5.decode_step(p, cfg, tok, c, voken_logits_only=voken_only))
+  tokens = [jnp.zeros((rows,), jnp.int32)] + [
+    jnp.asarray(targets[:, i]) for i in range(ID_STEPS - 1)
+  ]
 
   def once():
     cache = init(params, cfg, encoded, inputs, ID_STEPS)
@@ -150,8 +164,9 @@ def _ours_decode(size: Size, cfg: t5.T5Config, params, seed: int, voken_only: bo
 # PyTorch reference (optional)
 # ----------------------------------------------------------------------------------------------
 
+
 def _reference_available() -> str:
-  """"" when torch + transformers import, else the reason."""
+  """ "" when torch + transformers import, else the reason."""
   # Idle OpenMP threads sleep instead of spinning: on a shared (oversubscribed) CPU, spinning
   # made PyTorch's 2-thread step up to 7x slower than its 1-thread step here. Must be set
   # before torch loads; an explicit setting is kept.
@@ -168,21 +183,34 @@ def _torch_model(size: Size, seed: int):
   import torch
   from transformers import T5Config as HFConfig
   from transformers import T5ForConditionalGeneration
+
   torch.manual_seed(seed)
-  hf = HFConfig(vocab_size=size.text_vocab + NUM_VOKENS, d_model=size.d_model, d_kv=size.d_kv,
-                d_ff=size.d_ff, num_heads=size.num_heads, num_layers=size.num_layers,
-                num_decoder_layers=size.num_layers, dropout_rate=DROPOUT,
-                feed_forward_proj="relu", tie_word_embeddings=True,
-                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  hf = HFConfig(
+    vocab_size=size.text_vocab + NUM_VOKENS,
+    d_model=size.d_model,
+    d_kv=size.d_kv,
+    d_ff=size.d_ff,
+    num_heads=size.num_heads,
+    num_layers=size.num_layers,
+    num_decoder_layers=size.num_layers,
+    dropout_rate=DROPOUT,
+    feed_forward_proj="relu",
+    tie_word_embeddings=True,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+  )
   return T5ForConditionalGeneration(hf)
 
 
 def _torch_train(size: Size, model, seed: int) -> dict:
   import torch
+
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-  inputs, targets = (torch.tensor(x, dtype=torch.long)
-                     for x in _batch(size, size.train_batch, seed))
+  inputs, targets = (
+    torch.tensor(x, dtype=torch.long) for x in _batch(size, size.train_batch, seed)
+  )
   mask = (inputs != 0).long()
 
   def once():
@@ -200,21 +228,28 @@ def _torch_train(size: Size, model, seed: int) -> dict:
 def _torch_decode(size: Size, model, seed: int) -> dict:
   import torch
   from transformers.modeling_outputs import BaseModelOutput
+
   model.eval()
   rows = size.decode_queries * BEAM
   inputs, targets = (torch.tensor(x, dtype=torch.long) for x in _batch(size, rows, seed))
   mask = (inputs != 0).long()
   with torch.no_grad():
     encoded = BaseModelOutput(model.encoder(input_ids=inputs, attention_mask=mask)[0])
-  tokens = [torch.zeros((rows, 1), dtype=torch.long)] + [targets[:, i:i + 1]
-                                                         for i in range(ID_STEPS - 1)]
+  tokens = [torch.zeros((rows, 1), dtype=torch.long)] + [
+    targets[:, i : i + 1] for i in range(ID_STEPS - 1)
+  ]
 
   def once():
     past = None
     with torch.no_grad():
       for tok in tokens:
-        out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=tok,
-                    past_key_values=past, use_cache=True)
+        out = model(
+          encoder_outputs=encoded,
+          attention_mask=mask,
+          decoder_input_ids=tok,
+          past_key_values=past,
+          use_cache=True,
+        )
         past = out.past_key_values
 
   once()
@@ -226,13 +261,18 @@ def _torch_decode(size: Size, model, seed: int) -> dict:
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
+
 def _machine(command: str) -> dict:
   info = common.machine_info(command)
   if not _reference_available():
     import torch
     import transformers
-    info.update(torch=torch.__version__, transformers=transformers.__version__,
-                torch_threads=torch.get_num_threads())
+
+    info.update(
+      torch=torch.__version__,
+      transformers=transformers.__version__,
+      torch_threads=torch.get_num_threads(),
+    )
   return info
 
 
@@ -248,8 +288,10 @@ def run(config, workdir: str, args) -> dict:
   missing = _reference_available()
   command = " ".join(["avg-jax"] + sys.argv[1:]) if sys.argv else "avg-jax bench t5"
   if missing:
-    print(f"reference (PyTorch transformers T5) not run: {missing}; install the `reference` "
-          "extra (requirements-reference.txt) to compare")
+    print(
+      f"reference (PyTorch transformers T5) not run: {missing}; install the `reference` "
+      "extra (requirements-reference.txt) to compare"
+    )
   results = []
   for size in sizes:
     print(f"[{size.name}] ours", flush=True)
@@ -266,24 +308,45 @@ def run(config, workdir: str, args) -> dict:
       ref_decode = _torch_decode(size, model, seed)
       ref_train = _torch_train(size, model, seed)
       del model
-    results.append({
+    results.append(
+      {
         "size": dataclasses.asdict(size),
-        "train": {"ours": ours_train, "reference": ref_train,
-                  "ratio_tokens_per_s": _ratio(ours_train["tokens_per_s"],
-                                               ref_train and ref_train["tokens_per_s"])},
-        "decode": {"ours": ours_decode, "ours_voken_logits_only": ours_voken,
-                   "reference": ref_decode,
-                   "ratio_steps_per_s": _ratio(ours_decode["steps_per_s"],
-                                               ref_decode and ref_decode["steps_per_s"])},
-    })
-  data = {"bench": "t5", "machine": _machine(command),
-          "reference_available": not missing, "reference_missing_reason": missing or None,
-          "setup": {"num_voken_rows": NUM_VOKENS, "source_length": SOURCE_LENGTH,
-                    "id_steps": ID_STEPS, "beam": BEAM, "dtype": "float32",
-                    "optimizer": "AdamW", "dropout": DROPOUT, "scan_layers": True,
-                    "tokens_per_step": "batch * (source + target)",
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-          "results": results}
+        "train": {
+          "ours": ours_train,
+          "reference": ref_train,
+          "ratio_tokens_per_s": _ratio(
+            ours_train["tokens_per_s"], ref_train and ref_train["tokens_per_s"]
+          ),
+        },
+        "decode": {
+          "ours": ours_decode,
+          "ours_voken_logits_only": ours_voken,
+          "reference": ref_decode,
+          "ratio_steps_per_s": _ratio(
+            ours_decode["steps_per_s"], ref_decode and ref_decode["steps_per_s"]
+          ),
+        },
+      }
+    )
+  data = {
+    "bench": "t5",
+    "machine": _machine(command),
+    "reference_available": not missing,
+    "reference_missing_reason": missing or None,
+    "setup": {
+      "num_voken_rows": NUM_VOKENS,
+      "source_length": SOURCE_LENGTH,
+      "id_steps": ID_STEPS,
+      "beam": BEAM,
+      "dtype": "float32",
+      "optimizer": "AdamW",
+      "dropout": DROPOUT,
+      "scan_layers": True,
+      "tokens_per_step": "batch * (source + target)",
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    },
+    "results": results,
+  }
   _print_table(results)
   path = os.path.join(workdir, "bench_t5.json")
   io.write_json(path, data, indent=2)
@@ -296,18 +359,24 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 
 def _print_table(results: list) -> None:
-  header = (f"{'size':<8} {'metric':<28} {'ours':>10} {'pytorch':>10} {'ratio':>7}")
+  header = f"{'size':<8} {'metric':<28} {'ours':>10} {'pytorch':>10} {'ratio':>7}"
   print(header)
   print("-" * len(header))
   for r in results:
     name = r["size"]["name"]
     tr, de = r["train"], r["decode"]
-    print(f"{name:<8} {'train tokens/s':<28} {_fmt(tr['ours']['tokens_per_s']):>10} "
-          f"{_fmt(tr['reference'] and tr['reference']['tokens_per_s']):>10} "
-          f"{_fmt(tr['ratio_tokens_per_s'], '.2f'):>7}")
-    print(f"{name:<8} {'decode steps/s (full vocab)':<28} "
-          f"{_fmt(de['ours']['steps_per_s']):>10} "
-          f"{_fmt(de['reference'] and de['reference']['steps_per_s']):>10} "
-          f"{_fmt(de['ratio_steps_per_s'], '.2f'):>7}")
-    print(f"{name:<8} {'decode steps/s (voken only)':<28} "
-          f"{_fmt(de['ours_voken_logits_only']['steps_per_s']):>10} {'':>10} {'':>7}")
+    print(
+      f"{name:<8} {'train tokens/s':<28} {_fmt(tr['ours']['tokens_per_s']):>10} "
+      f"{_fmt(tr['reference'] and tr['reference']['tokens_per_s']):>10} "
+      f"{_fmt(tr['ratio_tokens_per_s'], '.2f'):>7}"
+    )
+    print(
+      f"{name:<8} {'decode steps/s (full vocab)':<28} "
+      f"{_fmt(de['ours']['steps_per_s']):>10} "
+      f"{_fmt(de['reference'] and de['reference']['steps_per_s']):>10} "
+      f"{_fmt(de['ratio_steps_per_s'], '.2f'):>7}"
+    )
+    print(
+      f"{name:<8} {'decode steps/s (voken only)':<28} "
+      f"{_fmt(de['ours_voken_logits_only']['steps_per_s']):>10} {'':>10} {'':>7}"
+    )

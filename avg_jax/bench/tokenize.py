@@ -23,25 +23,47 @@ import time
 import jax
 import numpy as np
 
-from avg_jax.artifacts import io
-from avg_jax.bench import common
-from avg_jax.bench import reference_worker
 from avg_jax import partitioning
+from avg_jax.artifacts import io
+from avg_jax.bench import common, reference_worker
 from avg_jax.tokenizer import losses, train
 from avg_jax.tokenizer.model import RQVAEConfig
 
 # Historical: measured once on 2026-11-28 with the reference PyTorch RQ-VAE (2 threads, batch
 # 2048, busy-waiting OpenMP); printed only when torch is not installed, never as a goal.
-REFERENCE_HISTORICAL = dict(train_pairs_per_s=2300.0, kmeans_init_s=7.0,
-                            note="historical: reference PyTorch RQ-VAE, 2 threads, batch 2048, "
-                                 "measured 2026-11-28, not in this run")
+REFERENCE_HISTORICAL = dict(
+  train_pairs_per_s=2300.0,
+  kmeans_init_s=7.0,
+  note="historical: reference PyTorch RQ-VAE, 2 threads, batch 2048, "
+  "measured 2026-11-28, not in this run",
+)
 ROUNDS = 7
 
 SIZES = {
-    "full": dict(images=29000, captions_per_image=5, dim=768, batch=2048, codebook=1024,
-                 levels=4, e_dim=768, hidden=(1024, 512), warmup_steps=2, timed_steps=10),
-    "quick": dict(images=2000, captions_per_image=5, dim=64, batch=256, codebook=64, levels=3,
-                  e_dim=64, hidden=(128, 64), warmup_steps=1, timed_steps=3),
+  "full": dict(
+    images=29000,
+    captions_per_image=5,
+    dim=768,
+    batch=2048,
+    codebook=1024,
+    levels=4,
+    e_dim=768,
+    hidden=(1024, 512),
+    warmup_steps=2,
+    timed_steps=10,
+  ),
+  "quick": dict(
+    images=2000,
+    captions_per_image=5,
+    dim=64,
+    batch=256,
+    codebook=64,
+    levels=3,
+    e_dim=64,
+    hidden=(128, 64),
+    warmup_steps=1,
+    timed_steps=3,
+  ),
 }
 
 
@@ -54,6 +76,7 @@ def reference_setup(folder: str) -> dict:
   `folder/size.json`: `{"step": callable}`."""
   import torch
   from torch import nn
+
   with open(os.path.join(folder, "size.json"), encoding="utf-8") as f:
     size = json.load(f)
   torch.manual_seed(0)
@@ -81,14 +104,18 @@ def reference_setup(folder: str) -> dict:
     for _ in range(size["levels"]):
       codes = torch.cdist(residual, codebook).argmin(dim=1)
       q = codebook[codes]
-      quant_loss = quant_loss + ((q - residual.detach()) ** 2).mean() + \
-          0.25 * ((q.detach() - residual) ** 2).mean()
+      quant_loss = (
+        quant_loss
+        + ((q - residual.detach()) ** 2).mean()
+        + 0.25 * ((q.detach() - residual) ** 2).mean()
+      )
       quantized = quantized + q
       residual = residual - q.detach()
-    z_q = z + (quantized - z).detach()          # straight-through
+    z_q = z + (quantized - z).detach()  # straight-through
     out = decoder(z_q)
-    loss = quant_loss / size["levels"] + ((out - images) ** 2).mean() + \
-        ((out - captions) ** 2).mean()
+    loss = (
+      quant_loss / size["levels"] + ((out - images) ** 2).mean() + ((out - captions) ** 2).mean()
+    )
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -96,8 +123,14 @@ def reference_setup(folder: str) -> dict:
   return {"step": step}
 
 
-def measure(size: dict, mesh, *, kmeans_iters: int, seed: int = 0,
-            worker: "reference_worker.ReferenceWorker | None" = None) -> dict:
+def measure(
+  size: dict,
+  mesh,
+  *,
+  kmeans_iters: int,
+  seed: int = 0,
+  worker: "reference_worker.ReferenceWorker | None" = None,
+) -> dict:
   """Runs the timed work for one size; returns the measured numbers. With `worker`, its
   training steps alternate with ours (`reference_step_s`, medians of `ROUNDS`)."""
   rng = np.random.default_rng(seed)
@@ -105,16 +138,34 @@ def measure(size: dict, mesh, *, kmeans_iters: int, seed: int = 0,
   images = rng.standard_normal((n_img, size["dim"]), np.float32)
   index = np.repeat(np.arange(n_img), per)
   captions = rng.standard_normal((n_img * per, size["dim"]), np.float32)
-  cfg = RQVAEConfig(in_dim=size["dim"], e_dim=size["e_dim"], hidden_dims=tuple(size["hidden"]),
-                    codebook_size=size["codebook"], num_levels=size["levels"],
-                    shared_codebook=True, dropout=0.25)
-  trainer = train.RQVAETrainer(cfg, losses.LossWeights(), mesh,
-                               train.TrainOptions(learning_rate=1e-4, kmeans_iters=kmeans_iters,
-                                                  seed=seed), size["batch"])
+  cfg = RQVAEConfig(
+    in_dim=size["dim"],
+    e_dim=size["e_dim"],
+    hidden_dims=tuple(size["hidden"]),
+    codebook_size=size["codebook"],
+    num_levels=size["levels"],
+    shared_codebook=True,
+    dropout=0.25,
+  )
+  trainer = train.RQVAETrainer(
+    cfg,
+    losses.LossWeights(),
+    mesh,
+    train.TrainOptions(learning_rate=1e-4, kmeans_iters=kmeans_iters, seed=seed),
+    size["batch"],
+  )
   sampler = train.PairSampler(images, captions, index, size["batch"], seed)
-  result = dict(pairs=len(captions), images=n_img, batch=size["batch"], K=size["codebook"],
-                L=size["levels"], e_dim=size["e_dim"], dim=size["dim"],
-                hidden=list(size["hidden"]), kmeans_iters=kmeans_iters)
+  result = dict(
+    pairs=len(captions),
+    images=n_img,
+    batch=size["batch"],
+    K=size["codebook"],
+    L=size["levels"],
+    e_dim=size["e_dim"],
+    dim=size["dim"],
+    hidden=list(size["hidden"]),
+    kmeans_iters=kmeans_iters,
+  )
 
   state = trainer.init_state()
   first = sampler.batch(0)[0]
@@ -127,7 +178,7 @@ def measure(size: dict, mesh, *, kmeans_iters: int, seed: int = 0,
   t0 = time.perf_counter()
   state, metrics = trainer.train_step(state, *sampler.batch(0))
   jax.block_until_ready(metrics)
-  result["first_step_s"] = time.perf_counter() - t0   # includes compilation
+  result["first_step_s"] = time.perf_counter() - t0  # includes compilation
   step = 1
   for _ in range(size["warmup_steps"]):
     state, metrics = trainer.train_step(state, *sampler.batch(step))
@@ -148,21 +199,31 @@ def measure(size: dict, mesh, *, kmeans_iters: int, seed: int = 0,
       ref_s.append(worker.time("step"))
   step_s = float(np.median(ours_s))
   result["step_cpu_s"] = cpu / len(ours_s)
-  result.update(timed_steps=len(ours_s), step_s=step_s,
-                train_pairs_per_s=size["batch"] / step_s, final_loss=float(metrics["loss"]))
+  result.update(
+    timed_steps=len(ours_s),
+    step_s=step_s,
+    train_pairs_per_s=size["batch"] / step_s,
+    final_loss=float(metrics["loss"]),
+  )
   if worker is not None:
-    result.update(reference_step_s=float(np.median(ref_s)),
-                  reference_train_pairs_per_s=size["batch"] / float(np.median(ref_s)),
-                  reference_threads=worker.info["threads"])
+    result.update(
+      reference_step_s=float(np.median(ref_s)),
+      reference_train_pairs_per_s=size["batch"] / float(np.median(ref_s)),
+      reference_threads=worker.info["threads"],
+    )
 
   assign_batch = 4096 if size is SIZES["full"] else 1024
   trainer.assign_codes(state, images[:assign_batch], batch_size=assign_batch)  # compile
   t0, cpu0 = time.perf_counter(), time.process_time()
   codes = trainer.assign_codes(state, images, batch_size=assign_batch)
   elapsed = time.perf_counter() - t0
-  result.update(assign_batch=assign_batch, assign_images_per_s=n_img / elapsed,
-                assign_images_per_cpu_s=n_img / (time.process_time() - cpu0),
-                assign_s=elapsed, distinct_ids=int(len(np.unique(codes, axis=0))))
+  result.update(
+    assign_batch=assign_batch,
+    assign_images_per_s=n_img / elapsed,
+    assign_images_per_cpu_s=n_img / (time.process_time() - cpu0),
+    assign_s=elapsed,
+    distinct_ids=int(len(np.unique(codes, axis=0))),
+  )
   return result
 
 
@@ -170,28 +231,37 @@ def format_table(result: dict, comparable: bool = True) -> str:
   """The results next to the reference (this run's, else the historical row; `comparable=
   False`: sizes differ, no reference)."""
   measured = "reference_train_pairs_per_s" in result
-  ref_pairs = (result["reference_train_pairs_per_s"] if measured
-               else REFERENCE_HISTORICAL["train_pairs_per_s"])
+  ref_pairs = (
+    result["reference_train_pairs_per_s"] if measured else REFERENCE_HISTORICAL["train_pairs_per_s"]
+  )
   rows = [
-      ("train pairs/s", f"{result['train_pairs_per_s']:.0f}", f"{ref_pairs:.0f}"),
-      ("train step (s)", f"{result['step_s']:.3f}", f"{result['batch'] / ref_pairs:.3f}"),
-      ("train step CPU time, all threads (s)", f"{result['step_cpu_s']:.3f}", "-"),
-      ("first step incl. compile (s)", f"{result['first_step_s']:.1f}", "-"),
-      (f"k-means init (s, {result['kmeans_iters']} iters)", f"{result['kmeans_init_s']:.2f}",
-       "-" if measured else f"{REFERENCE_HISTORICAL['kmeans_init_s']:.0f} (historical)"),
-      ("assign images/s", f"{result['assign_images_per_s']:.0f}", "-"),
-      ("assign images per CPU second", f"{result['assign_images_per_cpu_s']:.0f}", "-"),
+    ("train pairs/s", f"{result['train_pairs_per_s']:.0f}", f"{ref_pairs:.0f}"),
+    ("train step (s)", f"{result['step_s']:.3f}", f"{result['batch'] / ref_pairs:.3f}"),
+    ("train step CPU time, all threads (s)", f"{result['step_cpu_s']:.3f}", "-"),
+    ("first step incl. compile (s)", f"{result['first_step_s']:.1f}", "-"),
+    (
+      f"k-means init (s, {result['kmeans_iters']} iters)",
+      f"{result['kmeans_init_s']:.2f}",
+      "-" if measured else f"{REFERENCE_HISTORICAL['kmeans_init_s']:.0f} (historical)",
+    ),
+    ("assign images/s", f"{result['assign_images_per_s']:.0f}", "-"),
+    ("assign images per CPU second", f"{result['assign_images_per_cpu_s']:.0f}", "-"),
   ]
   width = max(len(r[0]) for r in rows)
   if not comparable and not measured:
     return "\n".join([f"{'':{width}} | avg-jax"] + [f"{n:{width}} | {o}" for n, o, _ in rows])
-  label = (f"reference (PyTorch, this run: {result['reference_threads']} threads, PASSIVE, "
-           f"median of {result['timed_steps']} alternating steps)" if measured
-           else "reference (" + REFERENCE_HISTORICAL["note"] + ")")
+  label = (
+    f"reference (PyTorch, this run: {result['reference_threads']} threads, PASSIVE, "
+    f"median of {result['timed_steps']} alternating steps)"
+    if measured
+    else "reference (" + REFERENCE_HISTORICAL["note"] + ")"
+  )
   lines = [f"{'':{width}} | avg-jax   | {label}"]
   lines += [f"{name:{width}} | {ours:9} | {ref}" for name, ours, ref in rows]
-  lines.append(f"training speed-up over the reference: {result['train_pairs_per_s'] / ref_pairs:.2f}x"
-               + ("" if measured else " (against the historical row)"))
+  lines.append(
+    f"training speed-up over the reference: {result['train_pairs_per_s'] / ref_pairs:.2f}x"
+    + ("" if measured else " (against the historical row)")
+  )
   return "\n".join(lines)
 
 
@@ -207,22 +277,35 @@ def run(config, workdir: str, args) -> None:
       json.dump(size, f)
     worker = reference_worker.ReferenceWorker("avg_jax.bench.tokenize:reference_setup", tmp.name)
   try:
-    result = measure(size, mesh, kmeans_iters=int(config.tokenizer.kmeans_iters),
-                     seed=int(config.seed), worker=worker)
+    result = measure(
+      size,
+      mesh,
+      kmeans_iters=int(config.tokenizer.kmeans_iters),
+      seed=int(config.seed),
+      worker=worker,
+    )
   finally:
     if worker is not None:
       worker.close()
       tmp.cleanup()
-  header = (f"bench tokenize ({name}): {result['pairs']} pairs x {result['dim']}-d, batch "
-            f"{result['batch']}, K={result['K']}, L={result['L']}, e_dim={result['e_dim']}, "
-            f"{jax.device_count()} {jax.default_backend()} device(s)")
+  header = (
+    f"bench tokenize ({name}): {result['pairs']} pairs x {result['dim']}-d, batch "
+    f"{result['batch']}, K={result['K']}, L={result['L']}, e_dim={result['e_dim']}, "
+    f"{jax.device_count()} {jax.default_backend()} device(s)"
+  )
   print(header + f"; load average {os.getloadavg()[0]:.1f} at the end")
   print(format_table(result, comparable=size is SIZES["full"]))
   speedup = None
   if "reference_train_pairs_per_s" in result:
     speedup = result["train_pairs_per_s"] / result["reference_train_pairs_per_s"]
-  record = dict(bench="tokenize", size=name, machine=_machine(), result=result,
-                reference_historical=REFERENCE_HISTORICAL, speedup_vs_reference=speedup)
+  record = dict(
+    bench="tokenize",
+    size=name,
+    machine=_machine(),
+    result=result,
+    reference_historical=REFERENCE_HISTORICAL,
+    speedup_vs_reference=speedup,
+  )
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_tokenize.json")
   io.write_json(path, record)

@@ -28,8 +28,10 @@ DEVICE_COUNTS = (1, 8)
 MODELS = {"smoke": ("configs/smoke.py", 128, 10), "t5-base": ("configs/flickr30k.py:t5-base", 8, 3)}
 QUICK_MODELS = {"tiny": ("configs/smoke.py:tiny", 32, 5)}
 # On an accelerator: batch 0 = the config's train.batch_size.
-ACCELERATOR_MODELS = {"t5-base": ("configs/flickr30k.py:t5-base", 0, 20),
-                      "t5-large": ("configs/coco.py:t5-large", 0, 10)}
+ACCELERATOR_MODELS = {
+  "t5-base": ("configs/flickr30k.py:t5-base", 0, 20),
+  "t5-large": ("configs/coco.py:t5-large", 0, 10),
+}
 TARGET_LENGTH = 5  # L = 4 vokens + EOS
 
 
@@ -42,11 +44,13 @@ def step_flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
-            peak_tflops: float = 0.0) -> dict:
+def measure(
+  spec: str, batch: int, steps: int, dtype: str = "float32", peak_tflops: float = 0.0
+) -> dict:
   """Examples/s (and FLOPs, MFU when `peak_tflops` per device is given) of the generative train
   step for the config `spec` on all local devices; `batch` 0 means `train.batch_size`."""
   import jax
+
   from avg_jax import config as config_lib
   from avg_jax import loop, partitioning
   from avg_jax.models import t5 as t5_lib
@@ -57,26 +61,34 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
 
   config = config_lib.load_config(spec, [f"t5.dtype={dtype}"])
   batch = int(batch) or int(config.train.batch_size)
-  vocab = VokenVocabulary(int(config.t5.vocab_size), int(config.tokenizer.codebook_size),
-                          int(config.tokenizer.num_levels),
-                          bool(config.tokenizer.shared_codebook), disambiguation_size=8)
+  vocab = VokenVocabulary(
+    int(config.t5.vocab_size),
+    int(config.tokenizer.codebook_size),
+    int(config.tokenizer.num_levels),
+    bool(config.tokenizer.shared_codebook),
+    disambiguation_size=8,
+  )
   cfg = T5Config.from_config(config.t5, vocab)
   # Parameters and optimizer state shard over all devices (fsdp): replicated on 8 fake
   # devices, T5-base's state would need 8 copies of host memory.
   mesh = partitioning.make_mesh({"data": 1, "fsdp": -1})
   tx = optim.adamw(1e-4, grad_clip_norm=1.0)
-  variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
-                                           static=(cfg,))
+  variables, _ = partitioning.sharded_init(
+    t5_lib.init_variables, mesh, jax.random.key(0), static=(cfg,)
+  )
   state, shardings = state_lib.create_state(variables["params"], tx, mesh)
   rng = np.random.default_rng(0)
   source = int(config.text_tokenizer.max_length)
-  host = {"inputs": rng.integers(3, vocab.text_vocab_size, (batch, source)).astype(np.int32),
-          "targets": rng.integers(vocab.first_voken_id, vocab.total_vocab_size,
-                                  (batch, TARGET_LENGTH)).astype(np.int32)}
+  host = {
+    "inputs": rng.integers(3, vocab.text_vocab_size, (batch, source)).astype(np.int32),
+    "targets": rng.integers(
+      vocab.first_voken_id, vocab.total_vocab_size, (batch, TARGET_LENGTH)
+    ).astype(np.int32),
+  }
   device_batch = partitioning.shard_host_batch(host, mesh)
   step = generative.compile_step(
-      loop.make_train_step(generative.make_loss_fn(cfg, 1.0), tx), mesh, shardings,
-      device_batch)
+    loop.make_train_step(generative.make_loss_fn(cfg, 1.0), tx), mesh, shardings, device_batch
+  )
   key = jax.random.key(1)
   with partitioning.activation_context(mesh):
     # The AOT-compiled program is the one that runs: calling the jitted `step` after
@@ -93,16 +105,25 @@ def measure(spec: str, batch: int, steps: int, dtype: str = "float32",
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t0) / steps
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  return {"config": spec, "devices": jax.device_count(), "batch": batch,
-          "source_length": source, "target_length": TARGET_LENGTH,
-          "params_millions": params / 1e6, "d_model": cfg.d_model,
-          "layers": cfg.num_encoder_layers, "step_s": seconds, "compile_s": compile_s,
-          "examples_per_s": batch / seconds,
-          "target_tokens_per_s": batch * TARGET_LENGTH / seconds,
-          "dtype": dtype, "backend": jax.default_backend(), "flops_per_step": flops,
-          "achieved_tflops": flops / seconds / 1e12,
-          "mfu": (flops / seconds / 1e12 / (peak_tflops * jax.device_count())
-                  if peak_tflops else None)}
+  return {
+    "config": spec,
+    "devices": jax.device_count(),
+    "batch": batch,
+    "source_length": source,
+    "target_length": TARGET_LENGTH,
+    "params_millions": params / 1e6,
+    "d_model": cfg.d_model,
+    "layers": cfg.num_encoder_layers,
+    "step_s": seconds,
+    "compile_s": compile_s,
+    "examples_per_s": batch / seconds,
+    "target_tokens_per_s": batch * TARGET_LENGTH / seconds,
+    "dtype": dtype,
+    "backend": jax.default_backend(),
+    "flops_per_step": flops,
+    "achieved_tflops": flops / seconds / 1e12,
+    "mfu": (flops / seconds / 1e12 / (peak_tflops * jax.device_count()) if peak_tflops else None),
+  }
 
 
 def _measure_all(models: dict, **kwargs) -> list[dict]:
@@ -119,10 +140,12 @@ def _worker(models: dict) -> None:
 
 def _accelerator_rows(models: dict, peak_tflops: float, quick: bool) -> list[dict]:
   import jax
+
   # --quick is allowed on CPU so the test suite exercises this path.
   if jax.default_backend() == "cpu" and not quick:
-    raise UserError("bench train --accelerator: no GPU/TPU backend is attached (JAX's default "
-                    "backend is cpu)")
+    raise UserError(
+      "bench train --accelerator: no GPU/TPU backend is attached (JAX's default backend is cpu)"
+    )
   return _measure_all(models, dtype="bfloat16", peak_tflops=peak_tflops)
 
 
@@ -134,21 +157,32 @@ def run(config, workdir: str, args) -> dict:
     rows = _accelerator_rows(QUICK_MODELS if quick else ACCELERATOR_MODELS, peak, quick)
   else:
     rows = _cpu_rows(QUICK_MODELS if quick else MODELS)
-  print(f"{'model':<8} {'backend':>7} {'devices':>7} {'batch':>5} {'params(M)':>9} "
-        f"{'step s':>8} {'examples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>9}")
+  print(
+    f"{'model':<8} {'backend':>7} {'devices':>7} {'batch':>5} {'params(M)':>9} "
+    f"{'step s':>8} {'examples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>9}"
+  )
   for r in rows:
     mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "-"
-    print(f"{r['model']:<8} {r['backend']:>7} {r['devices']:>7} {r['batch']:>5} "
-          f"{r['params_millions']:>9.1f} {r['step_s']:>8.3f} {r['examples_per_s']:>10.1f} "
-          f"{r['achieved_tflops']:>8.3f} {mfu:>6} {r['compile_s']:>9.1f}")
-  result = {"bench": "train", "quick": quick, "accelerator": accelerator,
-            "peak_tflops_per_device": peak or None,
-            # Other XLA flags change the compiled code, so the figures go with them.
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "machine": common.machine_info(), "rows": rows,
-            "note": ("bfloat16 on the attached accelerator" if accelerator else
-                     "8 fake CPU devices share the same cores: they show sharding overhead, "
-                     "not speed-up")}
+    print(
+      f"{r['model']:<8} {r['backend']:>7} {r['devices']:>7} {r['batch']:>5} "
+      f"{r['params_millions']:>9.1f} {r['step_s']:>8.3f} {r['examples_per_s']:>10.1f} "
+      f"{r['achieved_tflops']:>8.3f} {mfu:>6} {r['compile_s']:>9.1f}"
+    )
+  result = {
+    "bench": "train",
+    "quick": quick,
+    "accelerator": accelerator,
+    "peak_tflops_per_device": peak or None,
+    # Other XLA flags change the compiled code, so the figures go with them.
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "machine": common.machine_info(),
+    "rows": rows,
+    "note": (
+      "bfloat16 on the attached accelerator"
+      if accelerator
+      else "8 fake CPU devices share the same cores: they show sharding overhead, not speed-up"
+    ),
+  }
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "bench_train.json")
   io.write_json(path, result)
@@ -159,14 +193,22 @@ def run(config, workdir: str, args) -> dict:
 def _cpu_rows(models: dict) -> list[dict]:
   rows = []
   for devices in DEVICE_COUNTS:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=local_multiprocess.xla_flags(os.environ.get("XLA_FLAGS", ""), devices))
-    proc = subprocess.run([sys.executable, "-m", "avg_jax.bench.train", json.dumps(models)],
-                          env=env, capture_output=True, text=True, timeout=3600)
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=local_multiprocess.xla_flags(os.environ.get("XLA_FLAGS", ""), devices),
+    )
+    proc = subprocess.run(
+      [sys.executable, "-m", "avg_jax.bench.train", json.dumps(models)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=3600,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
       raise RuntimeError(f"bench train worker ({devices} devices) failed:\n{proc.stderr[-2000:]}")
-    rows += json.loads(lines[-1][len("RESULT "):])
+    rows += json.loads(lines[-1][len("RESULT ") :])
   return rows
 
 

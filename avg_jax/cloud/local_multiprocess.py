@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def free_port() -> int:
@@ -26,18 +26,27 @@ def free_port() -> int:
 
 def process_commands(avg_jax_args: Sequence[str], processes: int, port: int) -> list[list[str]]:
   """The command line of each process: the avg-jax args plus its distributed overrides."""
-  return [[sys.executable, "-m", "avg_jax", *avg_jax_args,
-           "--config.distributed.enabled=true",
-           f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-           f"--config.distributed.num_processes={processes}",
-           f"--config.distributed.process_id={i}",
-           "--config.distributed.cpu_collectives=gloo"] for i in range(processes)]
+  return [
+    [
+      sys.executable,
+      "-m",
+      "avg_jax",
+      *avg_jax_args,
+      "--config.distributed.enabled=true",
+      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+      f"--config.distributed.num_processes={processes}",
+      f"--config.distributed.process_id={i}",
+      "--config.distributed.cpu_collectives=gloo",
+    ]
+    for i in range(processes)
+  ]
 
 
 def xla_flags(inherited: str, devices: int) -> str:
   """`inherited` XLA flags with the fake-device count set to `devices` (any other flag kept)."""
-  kept = [f for f in inherited.split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
+  kept = [
+    f for f in inherited.split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
@@ -47,16 +56,17 @@ def _pump(stream, prefix: str, out) -> None:
     out.flush()
 
 
-def run(avg_jax_args: Sequence[str], *, processes: int = 2, devices: int = 4,
-        timeout: float | None = None) -> int:
+def run(
+  avg_jax_args: Sequence[str], *, processes: int = 2, devices: int = 4, timeout: float | None = None
+) -> int:
   """Starts the processes, streams their output, returns 0 or the first non-zero status."""
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(os.environ.get("XLA_FLAGS", ""), devices))
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(os.environ.get("XLA_FLAGS", ""), devices)
+  )
   procs, pumps = [], []
   for i, cmd in enumerate(process_commands(avg_jax_args, processes, port)):
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs.append(p)
     t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}]", sys.stdout), daemon=True)
     t.start()
@@ -85,8 +95,11 @@ def run(avg_jax_args: Sequence[str], *, processes: int = 2, devices: int = 4,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="launch/local_multiprocess.sh", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="launch/local_multiprocess.sh",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--processes", type=int, default=2)
   parser.add_argument("--devices", type=int, default=4, help="fake CPU devices per process")
   parser.add_argument("avg_jax_args", nargs=argparse.REMAINDER)

@@ -31,7 +31,8 @@ import dataclasses
 import logging
 import os
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -53,13 +54,15 @@ _log = logging.getLogger(__name__)
 
 def features(captions_per_image: int) -> tfds.features.FeaturesDict:
   """The record layout shared by both builders (see the module docstring)."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "image_id": tfds.features.Scalar(np.int64),
       "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG / JPEG bytes
       "captions": tfds.features.Sequence(tfds.features.Text(), length=captions_per_image),
       "file_name": tfds.features.Text(),
       "attributes": tfds.features.Text(),
-  })
+    }
+  )
 
 
 # --- The input ---------------------------------------------------------------------------------
@@ -68,30 +71,35 @@ def features(captions_per_image: int) -> tfds.features.FeaturesDict:
 @dataclasses.dataclass
 class Source:
   """One dataset's input, checked but not decoded: what the shard boundaries cut."""
-  config: Any                        # the `data` config section
-  sizes: dict[str, int]              # input images per split (karpathy: after the check)
+
+  config: Any  # the `data` config section
+  sizes: dict[str, int]  # input images per split (karpathy: after the check)
   entries: dict[str, list[karpathy_lib.Entry]] | None  # karpathy only
-  skipped: list[tuple[str, str]]     # (path, reason) left out by the check
-  total: int                         # images the input names (for messages)
+  skipped: list[tuple[str, str]]  # (path, reason) left out by the check
+  total: int  # images the input names (for messages)
   # (image id, query) pairs the source itself provides (emoji); None: data.pseudo_queries
   pseudo_queries: list[tuple[int, str]] | None = None
 
 
 def _check_config(config: Any) -> None:
   if config.image_encoding not in images_lib.ENCODINGS:
-    raise UserError(f"config data.image_encoding: {config.image_encoding!r} is not one of "
-                    f"{', '.join(images_lib.ENCODINGS)}")
+    raise UserError(
+      f"config data.image_encoding: {config.image_encoding!r} is not one of "
+      f"{', '.join(images_lib.ENCODINGS)}"
+    )
   if int(config.image_size) < 8:
     raise UserError(f"config data.image_size: {config.image_size} is too small (>= 8)")
   if int(config.captions_per_image) < 1:
     raise UserError(f"config data.captions_per_image: {config.captions_per_image} must be >= 1")
   if config.name not in DATASETS:
-    raise UserError(f"config data.name: unknown dataset {config.name!r} "
-                    f"(expected one of {', '.join(DATASETS)})")
+    raise UserError(
+      f"config data.name: unknown dataset {config.name!r} (expected one of {', '.join(DATASETS)})"
+    )
 
 
-def _check_entries(config: Any, entries: dict, where: str,
-                   bad: list[tuple[str, str]]) -> tuple[dict, list[tuple[str, str]]]:
+def _check_entries(
+  config: Any, entries: dict, where: str, bad: list[tuple[str, str]]
+) -> tuple[dict, list[tuple[str, str]]]:
   """Checks every entry before any shard is written: the file exists and decodes
   (`images.check_file`), and it has >= C captions; `bad` are entries the source itself
   found unusable. Every process runs the same checks on the same files, so all agree on the
@@ -100,11 +108,17 @@ def _check_entries(config: Any, entries: dict, where: str,
   total = sum(len(v) for v in entries.values()) + len(bad)
   bad = list(bad) + karpathy_lib.find_bad(entries, c, num_threads=min(32, os.cpu_count() or 1))
   if bad and not config.skip_bad_images:
-    lower = ("lower data.captions_per_image, " if any("captions_per_image" in why
-                                                      for _, why in bad) else "")
-    raise UserError(f"{where}: " + karpathy_lib.describe_bad(bad, total) +
-                    f" (fix or remove them, {lower}or set data.skip_bad_images=True to skip "
-                    "them)")
+    lower = (
+      "lower data.captions_per_image, "
+      if any("captions_per_image" in why for _, why in bad)
+      else ""
+    )
+    raise UserError(
+      f"{where}: "
+      + karpathy_lib.describe_bad(bad, total)
+      + f" (fix or remove them, {lower}or set data.skip_bad_images=True to skip "
+      "them)"
+    )
   bad_paths = {p for p, _ in bad}
   kept = {split: [e for e in v if e.path not in bad_paths] for split, v in entries.items()}
   return kept, bad
@@ -123,6 +137,7 @@ def open_source(config: Any) -> Source:
   pseudo = None
   if config.name == "emoji":
     from avg_jax.data import emoji, npm_fetch  # noqa: PLC0415 (only this source needs them)
+
     roots = npm_fetch.fetch(emoji.PACKAGES, str(config.download_dir))
     data = emoji.build(roots, int(config.captions_per_image))
     emoji.check_separation(data)
@@ -141,31 +156,60 @@ def open_source(config: Any) -> Source:
   return Source(config, sizes, entries, skipped, sum(sizes.values()) + len(skipped), pseudo)
 
 
-def _examples(source: Source, split: str, start: int,
-              stop: int) -> Iterator[tuple[dict | None, tuple[str, str] | None]]:
+def _examples(
+  source: Source, split: str, start: int, stop: int
+) -> Iterator[tuple[dict | None, tuple[str, str] | None]]:
   """Input images `[start, stop)` of `split` as `(example, None)`, or `(None, (path, reason))`
   for an image that fails to decode."""
   cfg = source.config
   if source.entries is None:
-    first_id = {"train": 0, "val": source.sizes["train"],
-                "test": source.sizes["train"] + source.sizes["val"]}[split]
-    for ex in shapes_lib.generate(split, stop, int(cfg.image_size), int(cfg.generator_seed),
-                                  int(cfg.captions_per_image), first_id=first_id, start=start):
-      yield {"image_id": ex["image_id"],
-             "image": images_lib.encode(ex["image"], cfg.image_encoding, cfg.jpeg_quality),
-             "captions": ex["captions"], "file_name": ex["file_name"],
-             "attributes": ex["attributes"]}, None
+    first_id = {
+      "train": 0,
+      "val": source.sizes["train"],
+      "test": source.sizes["train"] + source.sizes["val"],
+    }[split]
+    for ex in shapes_lib.generate(
+      split,
+      stop,
+      int(cfg.image_size),
+      int(cfg.generator_seed),
+      int(cfg.captions_per_image),
+      first_id=first_id,
+      start=start,
+    ):
+      yield (
+        {
+          "image_id": ex["image_id"],
+          "image": images_lib.encode(ex["image"], cfg.image_encoding, cfg.jpeg_quality),
+          "captions": ex["captions"],
+          "file_name": ex["file_name"],
+          "attributes": ex["attributes"],
+        },
+        None,
+      )
     return
   c = int(cfg.captions_per_image)
-  loaded = karpathy_lib.load_encoded(source.entries[split][start:stop], int(cfg.image_size),
-                                     cfg.image_encoding, int(cfg.jpeg_quality),
-                                     num_threads=min(32, os.cpu_count() or 1))
+  loaded = karpathy_lib.load_encoded(
+    source.entries[split][start:stop],
+    int(cfg.image_size),
+    cfg.image_encoding,
+    int(cfg.jpeg_quality),
+    num_threads=min(32, os.cpu_count() or 1),
+  )
   for entry, data, error in loaded:
     if data is None:
       yield None, (entry.path, error)
     else:
-      yield {"image_id": entry.image_id, "image": data, "captions": list(entry.captions[:c]),
-             "file_name": entry.file_name, "attributes": ""}, None
+      yield (
+        {
+          "image_id": entry.image_id,
+          "image": data,
+          "captions": list(entry.captions[:c]),
+          "file_name": entry.file_name,
+          "attributes": "",
+        },
+        None,
+      )
 
 
 # --- TFDS builders (metadata, and TFDS's own writer for comparison) ----------------------------
@@ -196,8 +240,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, features=features(int(self._source.config.captions_per_image)),
-        disable_shuffling=True, description=self.DESCRIPTION)
+      builder=self,
+      features=features(int(self._source.config.captions_per_image)),
+      disable_shuffling=True,
+      description=self.DESCRIPTION,
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -214,6 +261,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 class AvgShapes(_Builder, skip_registration=True):
   """Generated shapes scenes with templated captions (avg_jax.data.shapes)."""
+
   DESCRIPTION = "avg_shapes: generated scenes with captions."
 
 
@@ -225,6 +273,7 @@ class Karpathy(_Builder, skip_registration=True):
   shard is written (the file decodes, >= C captions; see `open_source`): bad ones are an
   error naming each with its reason, or left out with `data.skip_bad_images`.
   """
+
   DESCRIPTION = "Karpathy-split image-caption dataset."
 
 
@@ -251,6 +300,7 @@ def _shard_files(shards_dir: str, shard: shards_lib.Shard) -> tuple[str, str]:
 def write_shard(source: Source, shard: shards_lib.Shard, shards_dir: str, tag: str) -> dict:
   """Writes one shard's records, then its manifest (each atomically); -> the manifest."""
   from array_record.python import array_record_module  # noqa: PLC0415 (TFDS imports it lazily)
+
   path, manifest_path = _shard_files(shards_dir, shard)
   feats = features(int(source.config.captions_per_image))
   serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
@@ -261,8 +311,9 @@ def write_shard(source: Source, shard: shards_lib.Shard, shards_dir: str, tag: s
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     try:
       examples = _examples(source, shard.split, shard.start, shard.stop)
-      for example, failure in progress(examples, total=len(shard), unit="img",
-                                       desc=f"{source.config.name} {shard.name}"):
+      for example, failure in progress(
+        examples, total=len(shard), unit="img", desc=f"{source.config.name} {shard.name}"
+      ):
         if example is None:
           bad.append(list(failure))
           continue
@@ -272,15 +323,24 @@ def write_shard(source: Source, shard: shards_lib.Shard, shards_dir: str, tag: s
         num_bytes += len(record)
     finally:
       writer.close()
-  manifest = {"tag": tag, "split": shard.split, "start": shard.start, "stop": shard.stop,
-              "num_examples": num_examples, "num_bytes": num_bytes,
-              "size": os.path.getsize(path), "sha256": io.file_sha256(path), "bad": bad}
+  manifest = {
+    "tag": tag,
+    "split": shard.split,
+    "start": shard.start,
+    "stop": shard.stop,
+    "num_examples": num_examples,
+    "num_bytes": num_bytes,
+    "size": os.path.getsize(path),
+    "sha256": io.file_sha256(path),
+    "bad": bad,
+  }
   io.write_json(manifest_path, manifest)
   return manifest
 
 
-def shard_status(shards_dir: str, shard: shards_lib.Shard, tag: str, *,
-                 verify: bool = True) -> tuple[dict | None, str]:
+def shard_status(
+  shards_dir: str, shard: shards_lib.Shard, tag: str, *, verify: bool = True
+) -> tuple[dict | None, str]:
   """`(manifest, "")` for a finished shard; `(None, why)` for a half-written or damaged one;
   `(None, "")` for one never started. `verify` checks the SHA-256 too (reads the file)."""
   path, manifest_path = _shard_files(shards_dir, shard)
@@ -301,8 +361,9 @@ def shard_status(shards_dir: str, shard: shards_lib.Shard, tag: str, *,
   return manifest, ""
 
 
-def write_shards(source: Source, shards_dir: str, tag: str, process_index: int,
-                 process_count: int) -> dict[str, tuple[int, int, int]]:
+def write_shards(
+  source: Source, shards_dir: str, tag: str, process_index: int, process_count: int
+) -> dict[str, tuple[int, int, int]]:
   """Writes this process's shards that are not done yet (`tag` identifies the config: shards
   with another tag are redone). Prints one line per split; -> `{split: (shards, skipped,
   written)}` counted over this process's shards."""
@@ -327,16 +388,18 @@ def write_shards(source: Source, shards_dir: str, tag: str, process_index: int,
 
 @dataclasses.dataclass
 class BuildResult:
-  builder_dir: str                 # .../<name>/<version>: what tfds.builder_from_directory reads
-  num_images: dict[str, int]       # per split, after skipping
-  skipped: list[tuple[str, str]]   # (path, reason) of skipped images
+  builder_dir: str  # .../<name>/<version>: what tfds.builder_from_directory reads
+  num_images: dict[str, int]  # per split, after skipping
+  skipped: list[tuple[str, str]]  # (path, reason) of skipped images
 
 
 def _corrupt_message(bad: list[tuple[str, str]], total: int) -> str:
   # Images that passed the check in open_source but failed while the shards were written
   # (changed on disk in between).
-  return (karpathy_lib.describe_bad(bad, total, "failed to decode while writing the records") +
-          " (set data.skip_bad_images=True to skip them)")
+  return (
+    karpathy_lib.describe_bad(bad, total, "failed to decode while writing the records")
+    + " (set data.skip_bad_images=True to skip them)"
+  )
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -357,9 +420,11 @@ def assemble(source: Source, shards_dir: str, data_dir: str, tag: str) -> BuildR
     # Sizes only: each writer checked the SHA-256 of the shards it skipped.
     manifest, problem = shard_status(shards_dir, shard, tag, verify=False)
     if manifest is None:
-      raise UserError(f"prepare shard {_shard_files(shards_dir, shard)[0]} "
-                      f"{problem or 'is missing'} after every process finished (is the "
-                      "workdir on storage that all hosts share?)")
+      raise UserError(
+        f"prepare shard {_shard_files(shards_dir, shard)[0]} "
+        f"{problem or 'is missing'} after every process finished (is the "
+        "workdir on storage that all hosts share?)"
+      )
     done.append((shard, manifest))
   decode_failures = [tuple(b) for _, m in done for b in m["bad"]]
   if decode_failures and not source.config.skip_bad_images:
@@ -373,22 +438,35 @@ def assemble(source: Source, shards_dir: str, data_dir: str, tag: str) -> BuildR
     if not kept:  # every image of the split failed to decode
       raise UserError(_corrupt_message(decode_failures, source.total))
     template = tfds.core.ShardedFileTemplate(
-        data_dir=builder.data_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-        dataset_name=builder.name, split=split, filetype_suffix="array_record")
+      data_dir=builder.data_dir,
+      template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+      dataset_name=builder.name,
+      split=split,
+      filetype_suffix="array_record",
+    )
     for k, (shard, _) in enumerate(kept):
-      _link_or_copy(_shard_files(shards_dir, shard)[0],
-                    os.fspath(template.sharded_filepath(shard_index=k, num_shards=len(kept))))
+      _link_or_copy(
+        _shard_files(shards_dir, shard)[0],
+        os.fspath(template.sharded_filepath(shard_index=k, num_shards=len(kept))),
+      )
     lengths = [m["num_examples"] for _, m in kept]
-    split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=lengths, num_bytes=sum(m["num_bytes"] for _, m in kept),
-        filename_template=template))
+    split_infos.append(
+      tfds.core.SplitInfo(
+        name=split,
+        shard_lengths=lengths,
+        num_bytes=sum(m["num_bytes"] for _, m in kept),
+        filename_template=template,
+      )
+    )
     num_images[split] = sum(lengths)
   builder.info.set_splits(tfds.core.SplitDict(split_infos))
   builder.info.write_to_directory(builder.data_dir)
   skipped = source.skipped + decode_failures
   if skipped:
-    _log.warning("%s; skipped them (data.skip_bad_images=True)",
-                 karpathy_lib.describe_bad(skipped, source.total, "were left out"))
+    _log.warning(
+      "%s; skipped them (data.skip_bad_images=True)",
+      karpathy_lib.describe_bad(skipped, source.total, "were left out"),
+    )
   return BuildResult(builder_dir=str(builder.data_dir), num_images=num_images, skipped=skipped)
 
 

@@ -30,8 +30,9 @@ def load_info(workdir: str) -> dict:
   """The prepared dataset's `dataset_info.json` (raises `UserError` when absent)."""
   path = paths.dataset_info_file(workdir)
   if not os.path.isfile(path):
-    raise UserError(f"no prepared data: {path} not found (run `avg-jax prepare` with this "
-                    "--workdir first)")
+    raise UserError(
+      f"no prepared data: {path} not found (run `avg-jax prepare` with this --workdir first)"
+    )
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -41,8 +42,9 @@ def load_info(workdir: str) -> dict:
 
 def _check_split(info: dict, split: str, workdir: str) -> None:
   if split not in info["splits"]:
-    raise UserError(f"unknown split {split!r} in {paths.prepared_dir(workdir)} "
-                    f"(has {', '.join(info['splits'])})")
+    raise UserError(
+      f"unknown split {split!r} in {paths.prepared_dir(workdir)} (has {', '.join(info['splits'])})"
+    )
 
 
 def records_in(builder_dir: str, split: str) -> Any:
@@ -50,6 +52,7 @@ def records_in(builder_dir: str, split: str) -> Any:
   # Imported here: TFDS takes ~0.2 s to import, and `search`, `serve` and `index` reach this
   # module (through the encoders) without reading a prepared dataset.
   import tensorflow_datasets as tfds
+
   return tfds.builder_from_directory(builder_dir).as_data_source(split)
 
 
@@ -63,8 +66,9 @@ def check_files(workdir: str, info: dict) -> None:
     if not os.path.isfile(path):
       raise UserError(f"{path} is missing; {_REMEDY}")
     if os.path.getsize(path) != size:
-      raise UserError(f"{path} has {os.path.getsize(path)} bytes, {size} were written "
-                      f"(damaged); {_REMEDY}")
+      raise UserError(
+        f"{path} has {os.path.getsize(path)} bytes, {size} were written (damaged); {_REMEDY}"
+      )
 
 
 def check_contents(workdir: str, names) -> None:
@@ -80,8 +84,11 @@ def _split_files(info: dict, split: str) -> list[str]:
   """The files a reader of `split` opens: its ArrayRecord files and the small metadata
   files beside them (never another split's records)."""
   tfds_dir = info["tfds_dir"].rstrip("/") + "/"
-  return sorted(rel for rel in info.get("files", {}) if rel.startswith(tfds_dir) and (
-      f"-{split}.array_record" in rel or ".array_record" not in rel))
+  return sorted(
+    rel
+    for rel in info.get("files", {})
+    if rel.startswith(tfds_dir) and (f"-{split}.array_record" in rel or ".array_record" not in rel)
+  )
 
 
 def text_tokenizer_file(workdir: str) -> str:
@@ -117,11 +124,11 @@ class DecodeRecord:
   def __call__(self, record: dict) -> dict:
     image = record["image"]
     return {
-        "image_id": np.int64(record["image_id"]),
-        "image": images_lib.decode(image) if self.decode_image else image,
-        "captions": [_text(c) for c in record["captions"]],
-        "file_name": _text(record["file_name"]),
-        "attributes": _text(record["attributes"]),
+      "image_id": np.int64(record["image_id"]),
+      "image": images_lib.decode(image) if self.decode_image else image,
+      "captions": [_text(c) for c in record["captions"]],
+      "file_name": _text(record["file_name"]),
+      "attributes": _text(record["attributes"]),
     }
 
 
@@ -135,9 +142,11 @@ class CaptionAt:
   def __call__(self, index: int) -> dict:
     image_index, caption_index = divmod(int(index), self.captions_per_image)
     record = self.records[image_index]
-    return {"image_id": np.int64(record["image_id"]),
-            "caption_index": np.int64(caption_index),
-            "caption": _text(record["captions"][caption_index])}
+    return {
+      "image_id": np.int64(record["image_id"]),
+      "caption_index": np.int64(caption_index),
+      "caption": _text(record["captions"][caption_index]),
+    }
 
 
 def image_source(workdir: str, split: str, *, decode_image: bool = True) -> grain.MapDataset:

@@ -42,30 +42,35 @@ pictures the models never saw. Kept together, the test split holds whole familie
 which a query must tell apart by colour.
 """
 
-import collections
 import dataclasses
 import hashlib
 import json
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from avg_jax.data import karpathy
 from avg_jax.errors import UserError
 
 # name -> (version, SHA-256 of the tarball `npm pack name@version` writes).
 PACKAGES = {
-    "emoji-datasource-google": (
-        "16.0.0", "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438"),
-    "cldr-annotations-full": (
-        "48.2.0", "28576e51225deb51e3ddd734b0f824a0079682cb5d8c27faa9f68149317a14d1"),
-    "cldr-annotations-derived-full": (
-        "48.2.0", "4be946ff5815f806ec78b50363d577a769f2fbfb90c6380a44e161a92436996e"),
+  "emoji-datasource-google": (
+    "16.0.0",
+    "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438",
+  ),
+  "cldr-annotations-full": (
+    "48.2.0",
+    "28576e51225deb51e3ddd734b0f824a0079682cb5d8c27faa9f68149317a14d1",
+  ),
+  "cldr-annotations-derived-full": (
+    "48.2.0",
+    "4be946ff5815f806ec78b50363d577a769f2fbfb90c6380a44e161a92436996e",
+  ),
 }
 LICENSES = {
-    "emoji-datasource-google": "MIT (emoji.json); the Noto emoji images: Apache-2.0",
-    "cldr-annotations-full": "Unicode-3.0",
-    "cldr-annotations-derived-full": "Unicode-3.0",
+  "emoji-datasource-google": "MIT (emoji.json); the Noto emoji images: Apache-2.0",
+  "cldr-annotations-full": "Unicode-3.0",
+  "cldr-annotations-derived-full": "Unicode-3.0",
 }
 IMAGE_DIR = os.path.join("img", "google", "64")
 SOURCES = ("cldr_name", "cldr_keywords", "unicode_name", "short_names")
@@ -79,11 +84,12 @@ _SPLIT_SALT = "avg-jax emoji split v1"
 @dataclasses.dataclass(frozen=True)
 class Picture:
   """One emoji picture and its texts, before the shared-caption rule."""
-  image_id: int              # position in emoji.json order (variations after their base)
-  unified: str               # code points, e.g. "1F44B-1F3FB"
-  group: str                 # the base emoji's code points: the split unit
-  file_name: str             # "img/google/64/1f44b-1f3fb.png" (relative to the package)
-  texts: dict                # source (SOURCES) -> text ("" when the source has none)
+
+  image_id: int  # position in emoji.json order (variations after their base)
+  unified: str  # code points, e.g. "1F44B-1F3FB"
+  group: str  # the base emoji's code points: the split unit
+  file_name: str  # "img/google/64/1f44b-1f3fb.png" (relative to the package)
+  texts: dict  # source (SOURCES) -> text ("" when the source has none)
 
 
 def _read_json(path: str, what: str):
@@ -91,11 +97,15 @@ def _read_json(path: str, what: str):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except OSError as e:
-    raise UserError(f"{path}: cannot read the {what} ({e.strerror or e}); fetch the emoji "
-                    "packages again (delete the folder)") from e
+    raise UserError(
+      f"{path}: cannot read the {what} ({e.strerror or e}); fetch the emoji "
+      "packages again (delete the folder)"
+    ) from e
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: the {what} is not valid JSON ({e}); fetch the emoji packages "
-                    "again (delete the folder)") from e
+    raise UserError(
+      f"{path}: the {what} is not valid JSON ({e}); fetch the emoji packages "
+      "again (delete the folder)"
+    ) from e
 
 
 def _annotations(root: str, folder: str, key: str, lang: str) -> dict:
@@ -129,11 +139,16 @@ def read_pictures(roots: dict[str, str], lang: str = "en") -> list[Picture]:
   """
   image_root = roots["emoji-datasource-google"]
   emoji = _read_json(os.path.join(image_root, "emoji.json"), "emoji list")
-  tables = (_annotations(roots["cldr-annotations-full"], "annotations", "annotations", lang),
-            _annotations(roots["cldr-annotations-derived-full"], "annotationsDerived",
-                         "annotationsDerived", lang))
-  tones = {tone: (_lookup(tables, tone) or {}).get("tts", [""])[0]
-           for tone in ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")}
+  tables = (
+    _annotations(roots["cldr-annotations-full"], "annotations", "annotations", lang),
+    _annotations(
+      roots["cldr-annotations-derived-full"], "annotationsDerived", "annotationsDerived", lang
+    ),
+  )
+  tones = {
+    tone: (_lookup(tables, tone) or {}).get("tts", [""])[0]
+    for tone in ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
+  }
   pictures = []
   for entry in emoji:
     if not isinstance(entry, dict) or "unified" not in entry or "image" not in entry:
@@ -148,17 +163,23 @@ def read_pictures(roots: dict[str, str], lang: str = "en") -> list[Picture]:
         tone_names = [tones.get(t, "") for t in tone_key.split("-")]
         name = ", ".join([name] + [t for t in dict.fromkeys(tone_names) if t])
       texts = {
-          "cldr_name": (note.get("tts") or [""])[0],
-          "cldr_keywords": ", ".join(note.get("default") or ()),
-          "unicode_name": name,
-          # A variation's short names are its base's (emoji.json gives it none of its own).
-          "short_names": "" if tone_key else ", ".join(
-              s.replace("_", " ") for s in entry.get("short_names") or ()),
+        "cldr_name": (note.get("tts") or [""])[0],
+        "cldr_keywords": ", ".join(note.get("default") or ()),
+        "unicode_name": name,
+        # A variation's short names are its base's (emoji.json gives it none of its own).
+        "short_names": ""
+        if tone_key
+        else ", ".join(s.replace("_", " ") for s in entry.get("short_names") or ()),
       }
-      pictures.append(Picture(
-          image_id=len(pictures), unified=item["unified"], group=entry["unified"],
+      pictures.append(
+        Picture(
+          image_id=len(pictures),
+          unified=item["unified"],
+          group=entry["unified"],
           file_name=os.path.join(IMAGE_DIR, item["image"]),
-          texts={k: " ".join(v.split()) for k, v in texts.items()}))
+          texts={k: " ".join(v.split()) for k, v in texts.items()},
+        )
+      )
   return pictures
 
 
@@ -201,7 +222,7 @@ def split_of(group: str) -> str:
   """train / val / test of a split unit, from a hash of its base code points (stable across
   package versions: a new emoji does not move the others)."""
   digest = hashlib.sha256(f"{_SPLIT_SALT}:{group}".encode()).digest()
-  u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+  u = int.from_bytes(digest[:8], "big") / 2.0**64
   edge = 0.0
   for split, fraction in SPLIT_FRACTIONS:
     edge += fraction
@@ -213,9 +234,10 @@ def split_of(group: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """The emoji dataset as the Karpathy builder reads it."""
-  entries: dict                  # split -> [karpathy.Entry] (captions: the first C texts)
-  pseudo_queries: list           # [(image id, text)]: every picture's texts after the first C
-  too_few: list                  # [(path, reason)]: pictures with fewer than C texts
+
+  entries: dict  # split -> [karpathy.Entry] (captions: the first C texts)
+  pseudo_queries: list  # [(image id, text)]: every picture's texts after the first C
+  too_few: list  # [(path, reason)]: pictures with fewer than C texts
 
 
 def build(roots: dict[str, str], captions_per_image: int) -> Dataset:
@@ -228,13 +250,24 @@ def build(roots: dict[str, str], captions_per_image: int) -> Dataset:
   for p, texts in zip(pictures, captions):
     path = os.path.join(image_root, p.file_name)
     if len(texts) < captions_per_image:
-      too_few.append((path, f"{len(texts)} caption(s) name this picture alone, "
-                            f"data.captions_per_image is {captions_per_image}"))
+      too_few.append(
+        (
+          path,
+          f"{len(texts)} caption(s) name this picture alone, "
+          f"data.captions_per_image is {captions_per_image}",
+        )
+      )
       continue
     split = split_of(p.group)
-    entries[split].append(karpathy.Entry(
-        image_id=p.image_id, split=split, file_name=p.file_name, path=path,
-        captions=tuple(texts[:captions_per_image])))
+    entries[split].append(
+      karpathy.Entry(
+        image_id=p.image_id,
+        split=split,
+        file_name=p.file_name,
+        path=path,
+        captions=tuple(texts[:captions_per_image]),
+      )
+    )
     pseudo.extend((p.image_id, t) for t in texts[captions_per_image:])
   return Dataset(entries=entries, pseudo_queries=pseudo, too_few=too_few)
 
@@ -242,9 +275,11 @@ def build(roots: dict[str, str], captions_per_image: int) -> Dataset:
 def check_separation(dataset: Dataset) -> None:
   """Raises if a pseudo query equals (by `text_key`) a caption of a val / test picture: the
   transductive protocol must never train on an evaluation query."""
-  queries = {text_key(c) for split in ("val", "test") for e in dataset.entries[split]
-             for c in e.captions}
+  queries = {
+    text_key(c) for split in ("val", "test") for e in dataset.entries[split] for c in e.captions
+  }
   leaked = [q for _, q in dataset.pseudo_queries if text_key(q) in queries]
   if leaked:
-    raise AssertionError(f"{len(leaked)} pseudo queries equal evaluation captions, e.g. "
-                         f"{leaked[0]!r}")
+    raise AssertionError(
+      f"{len(leaked)} pseudo queries equal evaluation captions, e.g. {leaked[0]!r}"
+    )

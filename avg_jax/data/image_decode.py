@@ -16,10 +16,13 @@ import io
 import re
 
 import numpy as np
-from PIL import Image
+
 # Registered here so that opening with `formats=` never makes PIL import all its plugins
 # (`Image.init`, ~2 s on a busy machine): PNG, JPEG, GIF and BMP come with `Image.preinit`.
-from PIL import WebPImagePlugin  # noqa: F401
+from PIL import (
+  Image,
+  WebPImagePlugin,  # noqa: F401
+)
 
 from avg_jax.data import svg as svg_lib
 
@@ -80,8 +83,14 @@ def _too_large(pixels: int, limit: int | None) -> str:
   return f"too large ({pixels} pixels; the limit is {limit})"
 
 
-def load(source, formats=FILE_FORMATS, *, max_pixels: int | None = None, min_side: int = 0,
-         check_only: bool = False) -> Image.Image:
+def load(
+  source,
+  formats=FILE_FORMATS,
+  *,
+  max_pixels: int | None = None,
+  min_side: int = 0,
+  check_only: bool = False,
+) -> Image.Image:
   """The image in `source` (a path or encoded bytes), fully decoded, in process; an
   `ImageProblem` naming why not. `formats`: what may be read (module doc); `max_pixels`: the
   pixel budget, checked on the header before any pixel is decoded (None: PIL's own limit,
@@ -97,20 +106,23 @@ def load(source, formats=FILE_FORMATS, *, max_pixels: int | None = None, min_sid
       with open(source, "rb") as f:
         data = f.read(svg_lib.MAX_SVG_BYTES + 1)
     try:
-      return svg_lib.rasterise(bytes(data), max_pixels=max_pixels or SVG_MAX_PIXELS,
-                               min_side=min_side or svg_lib.CHECK_SIDE)
+      return svg_lib.rasterise(
+        bytes(data),
+        max_pixels=max_pixels or SVG_MAX_PIXELS,
+        min_side=min_side or svg_lib.CHECK_SIDE,
+      )
     except svg_lib.SvgProblem as e:
       raise ImageProblem(str(e)) from e
   raster = [f for f in formats if f != "SVG"]
   try:
     pil = Image.open(io.BytesIO(bytes(data)) if data is not None else source, formats=raster)
   except Image.UnidentifiedImageError as e:
-    raise ImageProblem(f"not an image in a format avg-jax reads ({_formats_text(formats)})"
-                       ) from e
+    raise ImageProblem(f"not an image in a format avg-jax reads ({_formats_text(formats)})") from e
   except Image.DecompressionBombError as e:
     numbers = re.findall(r"\d+", str(e))  # "Image size (N pixels) exceeds limit of M pixels"
-    raise ImageProblem(_too_large(int(numbers[0]), max_pixels) if numbers
-                       else f"too large ({e})") from e
+    raise ImageProblem(
+      _too_large(int(numbers[0]), max_pixels) if numbers else f"too large ({e})"
+    ) from e
   except Exception as e:  # pylint: disable=broad-except (PIL's parsers raise many kinds)
     raise ImageProblem(f"cannot decode ({type(e).__name__}: {e})") from e
   try:
@@ -139,8 +151,13 @@ def worker_job(params: dict, data: bytes) -> np.ndarray | None:
   against `params` ("formats", "max_pixels", "min_side") and, when `params["size"]` > 0,
   `resize_center_crop` to it (`uint8 [size, size, 3]`); None for a check alone."""
   size = int(params.get("size", 0))
-  pil = load(bytes(data), tuple(params["formats"]), max_pixels=params.get("max_pixels"),
-             min_side=int(params.get("min_side", 0)) or size, check_only=not size)
+  pil = load(
+    bytes(data),
+    tuple(params["formats"]),
+    max_pixels=params.get("max_pixels"),
+    min_side=int(params.get("min_side", 0)) or size,
+    check_only=not size,
+  )
   try:
     return resize_center_crop(pil, size) if size else None
   finally:

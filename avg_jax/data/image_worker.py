@@ -73,9 +73,19 @@ class Worker:
     # Started from one thread that lives as long as this process: the worker's "die with the
     # parent" signal fires when the *thread* that started it ends (Linux PR_SET_PDEATHSIG),
     # and the caller may be a short-lived pool thread (prepare's image checks).
-    self._proc = _spawner().submit(
-        subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir(), env=env).result()
+    self._proc = (
+      _spawner()
+      .submit(
+        subprocess.Popen,
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tempfile.gettempdir(),
+        env=env,
+      )
+      .result()
+    )
     os.set_blocking(self._proc.stdin.fileno(), False)
 
   def kill(self) -> None:
@@ -130,7 +140,7 @@ class Worker:
     while view:
       _wait(fd, deadline, write=True)
       try:
-        view = view[os.write(fd, view[:_CHUNK]):]
+        view = view[os.write(fd, view[:_CHUNK]) :]
       except BlockingIOError:
         continue
 
@@ -150,8 +160,11 @@ def _wait(fd: int, deadline: float, write: bool) -> None:
   remaining = deadline - time.monotonic()
   if remaining <= 0:
     raise TimeoutError
-  ready = select.select([], [fd], [], remaining)[1] if write else select.select(
-      [fd], [], [], remaining)[0]
+  ready = (
+    select.select([], [fd], [], remaining)[1]
+    if write
+    else select.select([fd], [], [], remaining)[0]
+  )
   if not ready:
     raise TimeoutError
 
@@ -168,8 +181,7 @@ def _ended(code: int | None) -> str:
 class WorkerPool:
   """`size` workers; `run` takes a free one (waiting for one when all are busy)."""
 
-  def __init__(self, size: int, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-               env: dict | None = None):
+  def __init__(self, size: int, memory_bytes: int = DEFAULT_MEMORY_BYTES, env: dict | None = None):
     self.workers = [Worker(memory_bytes, env) for _ in range(max(1, int(size)))]
     self._free = list(self.workers)
     self._cond = threading.Condition()
@@ -233,9 +245,11 @@ def shared_pool() -> WorkerPool:
 
 def _limit_self(memory_bytes: int) -> None:
   import resource
+
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:  # die with the parent, even when it is killed (Linux)
     import ctypes
+
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):
     pass
@@ -258,8 +272,10 @@ def _read_exactly(stream, n: int) -> bytes:
 
 def main(argv: list[str]) -> int:
   _limit_self(int(argv[0]) if argv else DEFAULT_MEMORY_BYTES)
-  from avg_jax.data import image_decode
   import resvg_py  # noqa: F401 - loaded now, not on the first SVG
+
+  from avg_jax.data import image_decode
+
   hang_on = os.environ.get(HANG_ENV, "").encode()
   stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
   stdout.write(_READY)
@@ -282,8 +298,11 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - any decoder failure is the image's problem
       answer = _frame({"problem": f"cannot decode ({type(e).__name__}: {e})"}, b"")
     else:
-      answer = (_frame({"none": True}, b"") if pixels is None else
-                _frame({"shape": list(pixels.shape)}, np.ascontiguousarray(pixels).tobytes()))
+      answer = (
+        _frame({"none": True}, b"")
+        if pixels is None
+        else _frame({"shape": list(pixels.shape)}, np.ascontiguousarray(pixels).tobytes())
+      )
     stdout.write(answer)
     stdout.flush()
 

@@ -19,8 +19,19 @@ from PIL import Image
 
 from avg_jax.data import svg as svg_lib
 from avg_jax.data.image_decode import (  # noqa: F401 (re-exported)
-    BACKGROUND, FILE_FORMATS, STORED_FORMATS, SVG_MAX_PIXELS, SVG_TIMEOUT_S, UPLOAD_FORMATS,
-    ImageProblem, _head, load, resize_center_crop, to_rgb, worker_job)
+  BACKGROUND,
+  FILE_FORMATS,
+  STORED_FORMATS,
+  SVG_MAX_PIXELS,
+  SVG_TIMEOUT_S,
+  UPLOAD_FORMATS,
+  ImageProblem,
+  _head,
+  load,
+  resize_center_crop,
+  to_rgb,
+  worker_job,
+)
 
 ENCODINGS = ("png", "jpeg")
 
@@ -53,9 +64,12 @@ def _read_svg(path: str) -> bytes:
 def svg_in_worker(data: bytes, size: int) -> np.ndarray | None:
   """`worker_job` for an SVG in the shared worker pool (time budget `SVG_TIMEOUT_S`)."""
   from avg_jax.data import image_worker  # a process pool: started on the first SVG only
+
   return image_worker.shared_pool().run(
-      {"formats": list(FILE_FORMATS), "max_pixels": SVG_MAX_PIXELS, "size": size}, data,
-      timeout=SVG_TIMEOUT_S)
+    {"formats": list(FILE_FORMATS), "max_pixels": SVG_MAX_PIXELS, "size": size},
+    data,
+    timeout=SVG_TIMEOUT_S,
+  )
 
 
 def load_resized(path: str, size: int) -> np.ndarray:

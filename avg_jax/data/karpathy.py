@@ -10,7 +10,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from PIL import Image
 
@@ -26,10 +26,10 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  image_id: int              # "imgid" (the image's index in the file when absent)
-  split: str                 # train | val | test
-  file_name: str             # "<filepath>/<filename>" or "<filename>"
-  path: str                  # resolved image path (may not exist)
+  image_id: int  # "imgid" (the image's index in the file when absent)
+  split: str  # train | val | test
+  file_name: str  # "<filepath>/<filename>" or "<filename>"
+  path: str  # resolved image path (may not exist)
   captions: tuple[str, ...]  # every caption in file order ("raw", stripped)
 
 
@@ -55,11 +55,17 @@ def _first_undecodable(value, where: str) -> str | None:
   not UTF-8 (decoded as a lone surrogate), or None."""
   if isinstance(value, str):
     return where if any("\udc80" <= ch <= "\udcff" for ch in value) else None
-  items = (value.items() if isinstance(value, dict) else
-           enumerate(value) if isinstance(value, list) else ())
+  items = (
+    value.items()
+    if isinstance(value, dict)
+    else enumerate(value)
+    if isinstance(value, list)
+    else ()
+  )
   for key, item in items:
-    found = _first_undecodable(item, f"{where}.{key}" if isinstance(key, str) else
-                               f"{where}[{key}]")
+    found = _first_undecodable(
+      item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
+    )
     if found:
       return found
   return None
@@ -89,8 +95,9 @@ def _load_json(json_path: str):
   if bad is not None:
     line = raw.count(b"\n", 0, bad.start) + 1
     hint = " (UTF-16? save it as UTF-8)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-    where = (f"byte 0x{raw[bad.start]:02x} at offset {bad.start} (line {line}) is not valid "
-             f"UTF-8{hint}")
+    where = (
+      f"byte 0x{raw[bad.start]:02x} at offset {bad.start} (line {line}) is not valid UTF-8{hint}"
+    )
   try:
     content = json.loads(text)
   except json.JSONDecodeError as e:
@@ -114,8 +121,10 @@ def read_entries(json_path: str, image_root: str) -> dict[str, list[Entry]]:
   files, bytes that are not UTF-8, missing keys, unknown split names and duplicate image ids.
   """
   if not json_path:
-    raise UserError("config data.karpathy_json is empty: give the Karpathy split JSON "
-                    "(e.g. --config.data.karpathy_json=/data/dataset_flickr30k.json)")
+    raise UserError(
+      "config data.karpathy_json is empty: give the Karpathy split JSON "
+      "(e.g. --config.data.karpathy_json=/data/dataset_flickr30k.json)"
+    )
   if not os.path.isfile(json_path):
     raise UserError(f"Karpathy split file not found: {json_path} (config data.karpathy_json)")
   if not image_root or not os.path.isdir(image_root):
@@ -133,65 +142,83 @@ def read_entries(json_path: str, image_root: str) -> dict[str, list[Entry]]:
     raw_split = _require_key(record, "split", json_path, where)
     sentences = _require_key(record, "sentences", json_path, where)
     if raw_split not in SPLIT_NAMES:
-      raise UserError(f"{json_path}: {where} has unknown split {raw_split!r} "
-                      f"(expected one of {', '.join(SPLIT_NAMES)})")
+      raise UserError(
+        f"{json_path}: {where} has unknown split {raw_split!r} "
+        f"(expected one of {', '.join(SPLIT_NAMES)})"
+      )
     if not isinstance(sentences, list):
       raise UserError(f"{json_path}: {where}.sentences must be a list")
     captions = tuple(
-        str(_require_key(s, "raw", json_path, f"{where}.sentences[{j}]")).strip()
-        for j, s in enumerate(sentences))
+      str(_require_key(s, "raw", json_path, f"{where}.sentences[{j}]")).strip()
+      for j, s in enumerate(sentences)
+    )
     image_id = record.get("imgid", i)
     if not isinstance(image_id, int) or isinstance(image_id, bool):
       raise UserError(f"{json_path}: {where}.imgid must be an integer, got {image_id!r}")
     if image_id in seen_ids:
-      raise UserError(f"{json_path}: {where} repeats imgid {image_id} of "
-                      f"images[{seen_ids[image_id]}]")
+      raise UserError(
+        f"{json_path}: {where} repeats imgid {image_id} of images[{seen_ids[image_id]}]"
+      )
     seen_ids[image_id] = i
     filepath = str(record.get("filepath", "") or "")
     file_name = f"{filepath}/{filename}" if filepath else str(filename)
-    out[SPLIT_NAMES[raw_split]].append(Entry(
-        image_id=image_id, split=SPLIT_NAMES[raw_split], file_name=file_name,
-        path=_resolve_path(image_root, filepath, str(filename)), captions=captions))
+    out[SPLIT_NAMES[raw_split]].append(
+      Entry(
+        image_id=image_id,
+        split=SPLIT_NAMES[raw_split],
+        file_name=file_name,
+        path=_resolve_path(image_root, filepath, str(filename)),
+        captions=captions,
+      )
+    )
   return out
 
 
-def describe_bad(bad: Sequence[tuple[str, str]], total: int, what: str = "cannot be used",
-                 show: int = 5) -> str:
-  """"2 of 120 images cannot be used: a.svg: unsupported format (SVG); b.png: missing": each
+def describe_bad(
+  bad: Sequence[tuple[str, str]], total: int, what: str = "cannot be used", show: int = 5
+) -> str:
+  """ "2 of 120 images cannot be used: a.svg: unsupported format (SVG); b.png: missing": each
   of the first `show` `(path, reason)` pairs with its own reason."""
   items = "; ".join(f"{path}: {reason}" for path, reason in bad[:show])
   more = f"; and {len(bad) - show} more" if len(bad) > show else ""
   return f"{len(bad)} of {total} images {what}: {items}{more}"
 
 
-def find_bad(entries: dict[str, list[Entry]], captions_per_image: int,
-             num_threads: int) -> list[tuple[str, str]]:
+def find_bad(
+  entries: dict[str, list[Entry]], captions_per_image: int, num_threads: int
+) -> list[tuple[str, str]]:
   """`(path, reason)` of every entry prepare cannot use, in split and file order: missing or
   unreadable files (`images.check_file` decodes each one, in threads), too few captions."""
   flat = [e for split in SPLITS for e in entries[split]]
   chunk = max(1, 16 * num_threads)
   reasons = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-    checked = (r for start in range(0, len(flat), chunk)
-               for r in pool.map(lambda e: images_lib.check_file(e.path),
-                                 flat[start:start + chunk]))
-    for entry, reason in zip(flat, progress(checked, total=len(flat), unit="img",
-                                            desc="checking images")):
+    checked = (
+      r
+      for start in range(0, len(flat), chunk)
+      for r in pool.map(lambda e: images_lib.check_file(e.path), flat[start : start + chunk])
+    )
+    for entry, reason in zip(
+      flat, progress(checked, total=len(flat), unit="img", desc="checking images")
+    ):
       if not reason and len(entry.captions) < captions_per_image:
-        reason = (f"{len(entry.captions)} caption(s), data.captions_per_image is "
-                  f"{captions_per_image}")
+        reason = (
+          f"{len(entry.captions)} caption(s), data.captions_per_image is {captions_per_image}"
+        )
       if reason:
         reasons.append((entry.path, reason))
   return reasons
 
 
-def load_encoded(entries: Sequence[Entry], image_size: int, encoding: str, jpeg_quality: int,
-                 num_threads: int) -> Iterator[tuple[Entry, bytes | None, str]]:
+def load_encoded(
+  entries: Sequence[Entry], image_size: int, encoding: str, jpeg_quality: int, num_threads: int
+) -> Iterator[tuple[Entry, bytes | None, str]]:
   """Yields `(entry, encoded bytes or None, error text)` in order, decoding in threads.
 
   PIL releases the GIL while decoding and resizing, so threads scale; entries are processed
   in bounded chunks so a slow consumer never holds more than a chunk of images in memory.
   """
+
   def work(entry: Entry):
     try:
       pixels = images_lib.load_resized(entry.path, image_size)
@@ -202,4 +229,4 @@ def load_encoded(entries: Sequence[Entry], image_size: int, encoding: str, jpeg_
   chunk = max(1, 16 * num_threads)
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
     for start in range(0, len(entries), chunk):
-      yield from pool.map(work, entries[start:start + chunk])
+      yield from pool.map(work, entries[start : start + chunk])

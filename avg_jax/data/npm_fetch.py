@@ -41,15 +41,24 @@ def _npm_pack(name: str, version: str, into: str) -> str:
   """Runs `npm pack name@version` in `into`; -> the tarball's path."""
   npm = shutil.which("npm")
   if npm is None:
-    raise UserError(f"npm not found: it fetches the pinned package {name}@{version} (install "
-                    f"Node.js with npm, or copy {tarball_name(name, version)} into "
-                    f"data.download_dir)")
+    raise UserError(
+      f"npm not found: it fetches the pinned package {name}@{version} (install "
+      f"Node.js with npm, or copy {tarball_name(name, version)} into "
+      f"data.download_dir)"
+    )
   try:
-    done = subprocess.run([npm, "pack", f"{name}@{version}", "--silent"], cwd=into,
-                          capture_output=True, text=True, timeout=_NPM_TIMEOUT_S, check=False)
+    done = subprocess.run(
+      [npm, "pack", f"{name}@{version}", "--silent"],
+      cwd=into,
+      capture_output=True,
+      text=True,
+      timeout=_NPM_TIMEOUT_S,
+      check=False,
+    )
   except subprocess.TimeoutExpired as e:
-    raise UserError(f"npm pack {name}@{version} did not finish in {_NPM_TIMEOUT_S} s "
-                    f"(no registry access?)") from e
+    raise UserError(
+      f"npm pack {name}@{version} did not finish in {_NPM_TIMEOUT_S} s (no registry access?)"
+    ) from e
   path = os.path.join(into, tarball_name(name, version))
   if done.returncode != 0 or not os.path.isfile(path):
     lines = [l for l in (done.stderr or done.stdout or "").splitlines() if l.strip()]
@@ -120,8 +129,10 @@ def fetch(packages: dict[str, tuple[str, str]], download_dir: str) -> dict[str, 
         fetched = _npm_pack(name, version, tmp)
         got = _sha256(fetched)
         if got != sha256:
-          raise UserError(f"npm package {name}@{version}: SHA-256 {got} differs from the "
-                          f"pinned {sha256} (a changed or tampered package); nothing unpacked")
+          raise UserError(
+            f"npm package {name}@{version}: SHA-256 {got} differs from the "
+            f"pinned {sha256} (a changed or tampered package); nothing unpacked"
+          )
         os.replace(fetched, tarball)
     _unpack(tarball, target, sha256)
     if not os.path.isdir(folder):

@@ -11,7 +11,8 @@ workers is index-based, so the iterator state is a position and a resumed run se
 the batches it would have seen.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -40,31 +41,43 @@ def stack(elements: Sequence[Any]) -> Any:
 def _ensure_absl_flags_parsed() -> None:
   # grain's worker processes read absl flags; outside absl.app.run nobody has parsed them.
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def shard_for_process(source: grain.MapDataset, process_index: int, process_count: int, *,
-                      equal_sizes: bool) -> grain.MapDataset:
+def shard_for_process(
+  source: grain.MapDataset, process_index: int, process_count: int, *, equal_sizes: bool
+) -> grain.MapDataset:
   """Elements `process_index::process_count`; with `equal_sizes` the source is first cut to
   a multiple of `process_count` so every process gets the same number of elements (and
   therefore of batches: hosts then stay in step)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if equal_sizes:
-    source = source[:len(source) - len(source) % process_count]
+    source = source[: len(source) - len(source) % process_count]
   return source[process_index::process_count]
 
 
-def batch_iterator(source: Any, batch_size: int, *, shuffle: bool, seed: int,
-                   num_epochs: Optional[int], drop_remainder: bool,
-                   shard_by_process: bool = True, worker_count: int = 0,
-                   map_fn: Optional[Callable[[Any], Any]] = None,
-                   batch_map_fn: Optional[Callable[[Any], Any]] = None,
-                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                   worker_buffer_size: int = 2, read_threads: int = 8,
-                   prefetch_buffer_size: int = 16,
-                   global_order: bool = False) -> grain.DatasetIterator:
+def batch_iterator(
+  source: Any,
+  batch_size: int,
+  *,
+  shuffle: bool,
+  seed: int,
+  num_epochs: int | None,
+  drop_remainder: bool,
+  shard_by_process: bool = True,
+  worker_count: int = 0,
+  map_fn: Callable[[Any], Any] | None = None,
+  batch_map_fn: Callable[[Any], Any] | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_buffer_size: int = 2,
+  read_threads: int = 8,
+  prefetch_buffer_size: int = 16,
+  global_order: bool = False,
+) -> grain.DatasetIterator:
   """A grain iterator of batches (dicts of stacked numpy arrays) over `source`.
 
   `source`: a `grain.MapDataset` or any random-access sequence (`__len__`, `__getitem__`).
@@ -99,25 +112,34 @@ def batch_iterator(source: Any, batch_size: int, *, shuffle: bool, seed: int,
   if shard_by_process and global_order and count > 1:
     if not drop_remainder:
       raise ValueError("global_order needs drop_remainder=True (equal batches per process)")
-    ds = ds[:len(ds) - len(ds) % count][index::count]
+    ds = ds[: len(ds) - len(ds) % count][index::count]
   if batch_map_fn is not None:
     ds = ds.map(batch_map_fn)
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+  iter_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
+  )
   if worker_count > 0:
     _ensure_absl_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+    iter_ds = iter_ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+      )
+    )
   return iter(iter_ds)
 
 
-def from_config(source: Any, batch_size: int, loader_config: Any,
-                **kwargs) -> grain.DatasetIterator:
+def from_config(
+  source: Any, batch_size: int, loader_config: Any, **kwargs
+) -> grain.DatasetIterator:
   """`batch_iterator` with the worker / thread settings of the `loader` config section
   (and `seed=loader.shuffle_seed` unless given)."""
   kwargs.setdefault("seed", int(loader_config.shuffle_seed))
   return batch_iterator(
-      source, batch_size, worker_count=int(loader_config.worker_count),
-      worker_buffer_size=int(loader_config.worker_buffer_size),
-      read_threads=int(loader_config.read_threads),
-      prefetch_buffer_size=int(loader_config.prefetch_buffer_size), **kwargs)
+    source,
+    batch_size,
+    worker_count=int(loader_config.worker_count),
+    worker_buffer_size=int(loader_config.worker_buffer_size),
+    read_threads=int(loader_config.read_threads),
+    prefetch_buffer_size=int(loader_config.prefetch_buffer_size),
+    **kwargs,
+  )

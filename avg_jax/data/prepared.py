@@ -26,7 +26,8 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from avg_jax.artifacts import checksums, fingerprint, io, paths, stage_inputs
 from avg_jax.data import builders
@@ -77,11 +78,11 @@ def data_identity(config: Any) -> dict:
       with open(model_path, "rb"):
         pass
     except OSError as e:
-      raise UserError(f"{_model_path_key(config)} not readable: {model_path} "
-                      f"({e.strerror})") from e
+      raise UserError(f"{_model_path_key(config)} not readable: {model_path} ({e.strerror})") from e
   identity = dict(stage_inputs.inputs("prepare", config), format_version=FORMAT_VERSION)
   if config.data.name == "emoji":  # pinned packages and caption rules: code, not config
     from avg_jax.data import emoji  # noqa: PLC0415
+
     identity["emoji"] = {"packages": emoji.PACKAGES, "rules": emoji.RULES_VERSION}
   return identity
 
@@ -93,10 +94,16 @@ _TOKENIZER_KEYS = ("text_tokenizer.", "t5.")
 def shard_tag(identity: dict) -> str:
   """What the record shards depend on: the identity less the text tokenizer (trained after
   the shards), so changing only the tokenizer reuses them."""
-  return fingerprint.digest({
-      part: ({k: v for k, v in value.items() if not k.startswith(_TOKENIZER_KEYS)}
-             if isinstance(value, dict) else value)
-      for part, value in identity.items()})
+  return fingerprint.digest(
+    {
+      part: (
+        {k: v for k, v in value.items() if not k.startswith(_TOKENIZER_KEYS)}
+        if isinstance(value, dict)
+        else value
+      )
+      for part, value in identity.items()
+    }
+  )
 
 
 def _manifest(root: str) -> dict[str, int]:
@@ -147,8 +154,9 @@ def _captions(records: Any) -> Iterator[str]:
       yield caption.decode("utf-8")
 
 
-def _make_tokenizer(config: Any, builder_dir: str, out_path: str,
-                    extra_texts: list[str]) -> tuple[TextTokenizer, str]:
+def _make_tokenizer(
+  config: Any, builder_dir: str, out_path: str, extra_texts: list[str]
+) -> tuple[TextTokenizer, str]:
   """Loads `tokenizer_model_path(config)`, or trains one on the training captions plus
   `extra_texts` (the training images' pseudo queries, so that their words get pieces too)."""
   t = config.text_tokenizer
@@ -170,8 +178,9 @@ def _make_tokenizer(config: Any, builder_dir: str, out_path: str,
 _TOKENIZE_BATCH = 4096  # captions per SentencePiece call in the statistics pass
 
 
-def _split_statistics(builder_dir: str, split: str, tokenizer: TextTokenizer,
-                      want_attributes: bool) -> tuple[dict, dict | None]:
+def _split_statistics(
+  builder_dir: str, split: str, tokenizer: TextTokenizer, want_attributes: bool
+) -> tuple[dict, dict | None]:
   """(counts and caption lengths of `split`, attribute frequencies or None), from one
   streaming pass over its records (memory does not grow with the split)."""
   records = dataset_lib.records_in(builder_dir, split)
@@ -190,15 +199,19 @@ def _split_statistics(builder_dir: str, split: str, tokenizer: TextTokenizer,
     if want_attributes:
       attributes.add(record["attributes"].decode("utf-8"))
   # Integer sums divided once: the same floats as np.mean over the per-caption lengths.
-  stats = {"num_images": len(records), "num_captions": num_texts,
-           "mean_caption_words": round(words / num_texts, 3),
-           "mean_caption_tokens": round(tokens / num_texts, 3),
-           "max_caption_tokens": int(max_tokens)}
+  stats = {
+    "num_images": len(records),
+    "num_captions": num_texts,
+    "mean_caption_words": round(words / num_texts, 3),
+    "mean_caption_tokens": round(tokens / num_texts, 3),
+    "max_caption_tokens": int(max_tokens),
+  }
   return stats, attributes.frequencies() if want_attributes else None
 
 
-def _write_pseudo_queries(config: Any, builder_dir: str, out_path: str,
-                          source: builders.Source) -> tuple[dict[str, int], list[str]]:
+def _write_pseudo_queries(
+  config: Any, builder_dir: str, out_path: str, source: builders.Source
+) -> tuple[dict[str, int], list[str]]:
   """Writes `pseudo_queries.jsonl` (see `avg_jax.data.pseudo_queries`); -> (count per split,
   the pseudo queries of training images)."""
   d = config.data
@@ -208,8 +221,9 @@ def _write_pseudo_queries(config: Any, builder_dir: str, out_path: str,
     for i in range(len(split_records)):
       split_of[int(split_records[i]["image_id"])] = split
   if d.name == "avg_shapes":
-    pairs = list(pseudo_lib.shapes_pairs(records, int(d.generator_seed),
-                                         int(d.pseudo_queries_per_image)))
+    pairs = list(
+      pseudo_lib.shapes_pairs(records, int(d.generator_seed), int(d.pseudo_queries_per_image))
+    )
   elif source.pseudo_queries is not None:  # the source's own (emoji)
     pairs = source.pseudo_queries
   elif d.pseudo_queries:
@@ -232,14 +246,19 @@ def _write_skipped(tmp: str, skipped: list[tuple[str, str]]) -> dict:
   -> dataset_info.json's `skipped_images`: the count, that file's name, the first few."""
   if not skipped:
     return {"count": 0, "first": []}
-  io.write_json(os.path.join(tmp, SKIPPED_NAME),
-                [{"path": path, "reason": why} for path, why in skipped])
-  return {"count": len(skipped), "file": SKIPPED_NAME,
-          "first": [f"{p} ({why})" for p, why in skipped[:_SKIPPED_IN_INFO]]}
+  io.write_json(
+    os.path.join(tmp, SKIPPED_NAME), [{"path": path, "reason": why} for path, why in skipped]
+  )
+  return {
+    "count": len(skipped),
+    "file": SKIPPED_NAME,
+    "first": [f"{p} ({why})" for p, why in skipped[:_SKIPPED_IN_INFO]],
+  }
 
 
-def build(config: Any, tmp: str, identity: dict, source: builders.Source,
-          shards_dir: str) -> tuple[dict, dict[str, float]]:
+def build(
+  config: Any, tmp: str, identity: dict, source: builders.Source, shards_dir: str
+) -> tuple[dict, dict[str, float]]:
   """Writes everything into `tmp` from the finished shards; -> (the dataset info, also
   written there, last but for the fingerprint, which the caller adds; the seconds of each
   serial step: assemble, pseudo_queries, text_tokenizer, statistics)."""
@@ -251,39 +270,43 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
     now = time.perf_counter()
     seconds[name], clock = round(now - clock, 3), now
 
-  result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"),
-                             shard_tag(identity))
+  result = builders.assemble(source, shards_dir, os.path.join(tmp, "tfds"), shard_tag(identity))
   lap("assemble")
-  pseudo_counts, train_pseudo = _write_pseudo_queries(config, result.builder_dir,
-                                                      os.path.join(tmp, pseudo_lib.FILE_NAME),
-                                                      source)
+  pseudo_counts, train_pseudo = _write_pseudo_queries(
+    config, result.builder_dir, os.path.join(tmp, pseudo_lib.FILE_NAME), source
+  )
   lap("pseudo_queries")
   tokenizer, tokenizer_source = _make_tokenizer(
-      config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME), train_pseudo)
+    config, result.builder_dir, os.path.join(tmp, TOKENIZER_NAME), train_pseudo
+  )
   lap("text_tokenizer")
   splits, frequencies = {}, None
   for split in builders.SPLITS:
     want_attributes = config.data.name == "avg_shapes" and split == "train"
     splits[split], split_frequencies = _split_statistics(
-        result.builder_dir, split, tokenizer, want_attributes)
+      result.builder_dir, split, tokenizer, want_attributes
+    )
     frequencies = split_frequencies or frequencies
   lap("statistics")
   for split in builders.SPLITS:
     splits[split]["num_pseudo_queries"] = pseudo_counts[split]
   size = int(config.data.image_size)
   info = {
-      "dataset": config.data.name,
-      "splits": splits,
-      "captions_per_image": int(config.data.captions_per_image),
-      "image_size": [size, size],
-      "image_encoding": config.data.image_encoding,
-      "config_hash": fingerprint.digest(identity),
-      "format_version": FORMAT_VERSION,
-      "tfds_dir": os.path.relpath(result.builder_dir, tmp),
-      "text_tokenizer": {"file": TOKENIZER_NAME, "vocab_size": tokenizer.vocab_size,
-                         "source": tokenizer_source},
-      "skipped_images": _write_skipped(tmp, result.skipped),
-      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "dataset": config.data.name,
+    "splits": splits,
+    "captions_per_image": int(config.data.captions_per_image),
+    "image_size": [size, size],
+    "image_encoding": config.data.image_encoding,
+    "config_hash": fingerprint.digest(identity),
+    "format_version": FORMAT_VERSION,
+    "tfds_dir": os.path.relpath(result.builder_dir, tmp),
+    "text_tokenizer": {
+      "file": TOKENIZER_NAME,
+      "vocab_size": tokenizer.vocab_size,
+      "source": tokenizer_source,
+    },
+    "skipped_images": _write_skipped(tmp, result.skipped),
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   if frequencies is not None:
     info["attribute_frequencies"] = frequencies
@@ -295,12 +318,16 @@ def build(config: Any, tmp: str, identity: dict, source: builders.Source,
 
 def format_statistics(info: dict) -> str:
   """The table `prepare` prints: per split counts and caption lengths; attribute shares."""
-  lines = [f"{'split':<6} {'images':>8} {'captions':>9} {'words/cap':>10} {'tokens/cap':>11} "
-           f"{'pseudo queries':>15}"]
+  lines = [
+    f"{'split':<6} {'images':>8} {'captions':>9} {'words/cap':>10} {'tokens/cap':>11} "
+    f"{'pseudo queries':>15}"
+  ]
   for split, s in info["splits"].items():
-    lines.append(f"{split:<6} {s['num_images']:>8} {s['num_captions']:>9} "
-                 f"{s['mean_caption_words']:>10.2f} {s['mean_caption_tokens']:>11.2f} "
-                 f"{s.get('num_pseudo_queries', 0):>15}")
+    lines.append(
+      f"{split:<6} {s['num_images']:>8} {s['num_captions']:>9} "
+      f"{s['mean_caption_words']:>10.2f} {s['mean_caption_tokens']:>11.2f} "
+      f"{s.get('num_pseudo_queries', 0):>15}"
+    )
   tok = info["text_tokenizer"]
   lines.append(f"text tokenizer: vocab size {tok['vocab_size']}, {tok['source']}")
   skipped = info["skipped_images"]
@@ -317,10 +344,15 @@ def format_statistics(info: dict) -> str:
   return "\n".join(lines)
 
 
-def write_shards(config: Any, workdir: str, process_index: int,
-                 process_count: int) -> dict[str, tuple[int, int, int]]:
+def write_shards(
+  config: Any, workdir: str, process_index: int, process_count: int
+) -> dict[str, tuple[int, int, int]]:
   """Process `process_index` of `process_count`'s part of `run`: its shards of the records
   (finished ones skipped); -> `{split: (shards, skipped, written)}` for its shards."""
-  return builders.write_shards(builders.open_source(config.data),
-                               paths.prepared_shards_dir(workdir),
-                               shard_tag(data_identity(config)), process_index, process_count)
+  return builders.write_shards(
+    builders.open_source(config.data),
+    paths.prepared_shards_dir(workdir),
+    shard_tag(data_identity(config)),
+    process_index,
+    process_count,
+  )

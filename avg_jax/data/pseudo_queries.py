@@ -16,7 +16,7 @@ uses those of the non-training (indexed) images, "inductive" none.
 
 import json
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -51,8 +51,9 @@ def read_user_file(path: str, known_ids: set[int]) -> list[tuple[int, str]]:
       record = json.loads(line)
       image_id, query = record["image_id"], record["query"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise UserError(f'{path}:{n}: expected {{"image_id": int, "query": str}} '
-                      f"({type(e).__name__})") from e
+      raise UserError(
+        f'{path}:{n}: expected {{"image_id": int, "query": str}} ({type(e).__name__})'
+      ) from e
     if not isinstance(image_id, int) or isinstance(image_id, bool):
       raise UserError(f"{path}:{n}: image_id must be an integer, got {image_id!r}")
     if not isinstance(query, str) or not query.strip():
@@ -85,8 +86,10 @@ def read(path: str) -> tuple[np.ndarray, list[str]]:
         ids.append(int(record["image_id"]))
         queries.append(str(record["query"]))
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}:{n}: damaged pseudo query line ({type(e).__name__}); rerun "
-                        f"`avg-jax prepare` in a fresh workdir") from e
+        raise UserError(
+          f"{path}:{n}: damaged pseudo query line ({type(e).__name__}); rerun "
+          f"`avg-jax prepare` in a fresh workdir"
+        ) from e
   return np.asarray(ids, np.int64), queries
 
 
@@ -104,14 +107,14 @@ def of_images(workdir: str, image_ids: np.ndarray) -> tuple[np.ndarray, list[str
 
 def check_protocol(protocol: str) -> str:
   if protocol not in PROTOCOLS:
-    raise UserError(f"config key protocol must be one of {', '.join(PROTOCOLS)}, got "
-                    f"{protocol!r}")
+    raise UserError(f"config key protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
   return protocol
 
 
 def shapes_pairs(records_by_split: dict, seed: int, per_image: int) -> Iterator[tuple[int, str]]:
   """Generated pseudo queries of every `avg_shapes` record (`{split: record source}`)."""
   from avg_jax.data import shapes  # pylint: disable=import-outside-toplevel
+
   for split, records in records_by_split.items():
     for i in range(len(records)):
       record = records[i]

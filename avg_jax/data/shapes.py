@@ -16,7 +16,7 @@ how many images are generated.
 """
 
 import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -24,20 +24,38 @@ SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
 # RGB of each colour; pairwise distances are >= 80, far above jitter + noise (< 25).
-PALETTE = np.array([
-    (220, 50, 47), (60, 180, 75), (40, 90, 220), (235, 215, 50),
-    (145, 60, 190), (245, 130, 40), (240, 240, 240)], np.int16)
+PALETTE = np.array(
+  [
+    (220, 50, 47),
+    (60, 180, 75),
+    (40, 90, 220),
+    (235, 215, 50),
+    (145, 60, 190),
+    (245, 130, 40),
+    (240, 240, 240),
+  ],
+  np.int16,
+)
 SIZES = ("small", "large")
 # Radius as a fraction of half a grid cell.
 SIZE_RADIUS = (0.5, 0.85)
 GRID = 3
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
-             "bottom left", "bottom", "bottom right")  # index = row * 3 + col
+POSITIONS = (
+  "top left",
+  "top",
+  "top right",
+  "left",
+  "centre",
+  "right",
+  "bottom left",
+  "bottom",
+  "bottom right",
+)  # index = row * 3 + col
 MAX_OBJECTS = 3
 OBJECT_COUNT_PROBS = (0.3, 0.4, 0.3)  # 1, 2, 3 objects
 CHUNK = 256
-COLOR_JITTER = 12   # per channel, per object
-PIXEL_NOISE = 5     # per channel, per pixel
+COLOR_JITTER = 12  # per channel, per object
+PIXEL_NOISE = 5  # per channel, per pixel
 NUM_FAMILIES = 5
 
 _NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -48,6 +66,7 @@ def split_code(split: str) -> int:
 
 
 # --- Scenes ------------------------------------------------------------------------------------
+
 
 def sample_scenes(rng: np.random.Generator, count: int, image_size: int) -> dict:
   """Draws `count` scenes as arrays (slot k is used when k < num_objects).
@@ -81,8 +100,18 @@ def sample_scenes(rng: np.random.Generator, count: int, image_size: int) -> dict
   center = np.stack([(col + 0.5) * 2 * half_cell, (row + 0.5) * 2 * half_cell], axis=-1)
   center = center + jitter * max_shift[..., None]
   rgb = PALETTE[color] + color_jitter
-  return dict(num_objects=num_objects, shape=shape, color=color, size=size, row=row, col=col,
-              center=center, radius=radius, rgb=rgb, background=background)
+  return dict(
+    num_objects=num_objects,
+    shape=shape,
+    color=color,
+    size=size,
+    row=row,
+    col=col,
+    center=center,
+    radius=radius,
+    rgb=rgb,
+    background=background,
+  )
 
 
 def _shape_masks(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -128,12 +157,18 @@ def scene_objects(scenes: dict, i: int) -> list[dict]:
   objects = []
   for k in range(int(scenes["num_objects"][i])):
     row, col = int(scenes["row"][i, k]), int(scenes["col"][i, k])
-    objects.append(dict(
-        shape=SHAPES[scenes["shape"][i, k]], color=COLORS[scenes["color"][i, k]],
-        size=SIZES[scenes["size"][i, k]], position=POSITIONS[row * GRID + col],
-        row=row, col=col,
+    objects.append(
+      dict(
+        shape=SHAPES[scenes["shape"][i, k]],
+        color=COLORS[scenes["color"][i, k]],
+        size=SIZES[scenes["size"][i, k]],
+        position=POSITIONS[row * GRID + col],
+        row=row,
+        col=col,
         center_xy=[round(float(v), 3) for v in scenes["center"][i, k]],
-        radius=round(float(scenes["radius"][i, k]), 3)))
+        radius=round(float(scenes["radius"][i, k]), 3),
+      )
+    )
   return objects
 
 
@@ -158,10 +193,10 @@ def relations(objects: list[dict]) -> list[tuple[int, str, int]]:
 # --- Captions ----------------------------------------------------------------------------------
 
 _RELATION_WORDS = {
-    "above": ("above", "over"),
-    "below": ("below", "under"),
-    "left of": ("to the left of",),
-    "right of": ("to the right of",),
+  "above": ("above", "over"),
+  "below": ("below", "under"),
+  "left of": ("to the left of",),
+  "right of": ("to the right of",),
 }
 
 
@@ -174,7 +209,7 @@ def _pick(rng: np.random.Generator, options):
 
 
 def _describe(obj: dict, rng: np.random.Generator, *, detail: str) -> str:
-  """"a small red circle" (detail="full"), "a red circle" ("color") or either ("any")."""
+  """ "a small red circle" (detail="full"), "a red circle" ("color") or either ("any")."""
   if detail == "any":
     detail = _pick(rng, ("full", "color"))
   words = ([obj["size"]] if detail == "full" else []) + [obj["color"], obj["shape"]]
@@ -217,8 +252,10 @@ def _family_relation(objects, rng):
     background = _pick(rng, ("dark", "grey", "plain"))
     return f"{_describe(obj, rng, detail='full')} on a {background} background"
   i, rel, j = rels[int(rng.integers(len(rels)))]
-  text = (f"{_describe(objects[i], rng, detail='any')} {_pick(rng, _RELATION_WORDS[rel])} "
-          f"{_describe(objects[j], rng, detail='any')}")
+  text = (
+    f"{_describe(objects[i], rng, detail='any')} {_pick(rng, _RELATION_WORDS[rel])} "
+    f"{_describe(objects[j], rng, detail='any')}"
+  )
   return text
 
 
@@ -226,8 +263,9 @@ def _family_count(objects, rng):
   n = len(objects)
   if n == 1:
     o = objects[0]
-    return _pick(rng, (f"a single {o['color']} {o['shape']}",
-                       f"one {o['size']} {o['color']} {o['shape']}"))
+    return _pick(
+      rng, (f"a single {o['color']} {o['shape']}", f"one {o['size']} {o['color']} {o['shape']}")
+    )
   listed = _join([_describe(o, rng, detail="color") for o in objects])
   noun = _pick(rng, ("shapes", "objects"))
   return f"{_NUMBER_WORDS[n]} {noun}: {listed}"
@@ -260,8 +298,16 @@ def write_captions(objects: list[dict], rng: np.random.Generator, count: int) ->
 
 # --- Whole splits ------------------------------------------------------------------------------
 
-def generate(split: str, num_images: int, image_size: int, seed: int,
-             captions_per_image: int = 5, first_id: int = 0, start: int = 0) -> Iterator[dict]:
+
+def generate(
+  split: str,
+  num_images: int,
+  image_size: int,
+  seed: int,
+  captions_per_image: int = 5,
+  first_id: int = 0,
+  start: int = 0,
+) -> Iterator[dict]:
   """Yields examples `start .. num_images - 1` of `split` in index order.
 
   Each example: `image_id` (first_id + index), `index`, `image uint8 [S, S, 3]`,
@@ -274,8 +320,7 @@ def generate(split: str, num_images: int, image_size: int, seed: int,
     # Always draw a whole chunk so that image i does not depend on num_images.
     scenes = sample_scenes(rng, CHUNK, image_size)
     images = render(scenes, image_size, rng)
-    caption_rng = np.random.default_rng(
-        np.random.SeedSequence([seed, split_code(split), chunk, 1]))
+    caption_rng = np.random.default_rng(np.random.SeedSequence([seed, split_code(split), chunk, 1]))
     for i in range(min(CHUNK, num_images - chunk_start)):
       index = chunk_start + i
       objects = scene_objects(scenes, i)
@@ -284,11 +329,20 @@ def generate(split: str, num_images: int, image_size: int, seed: int,
       captions = write_captions(objects, caption_rng, captions_per_image)
       if index < start:
         continue
-      attributes = dict(objects=objects, relations=[list(r) for r in relations(objects)],
-                        background=int(scenes["background"][i]), image_size=image_size)
-      yield dict(image_id=first_id + index, index=index, image=images[i], captions=captions,
-                 file_name=f"{split}/{index:06d}.png",
-                 attributes=json.dumps(attributes, sort_keys=True, separators=(",", ":")))
+      attributes = dict(
+        objects=objects,
+        relations=[list(r) for r in relations(objects)],
+        background=int(scenes["background"][i]),
+        image_size=image_size,
+      )
+      yield dict(
+        image_id=first_id + index,
+        index=index,
+        image=images[i],
+        captions=captions,
+        file_name=f"{split}/{index:06d}.png",
+        attributes=json.dumps(attributes, sort_keys=True, separators=(",", ":")),
+      )
 
 
 class AttributeCounter:
@@ -296,7 +350,12 @@ class AttributeCounter:
 
   def __init__(self):
     self.counts: dict[str, dict[str, int]] = {
-        "objects": {}, "shape": {}, "color": {}, "size": {}, "position": {}}
+      "objects": {},
+      "shape": {},
+      "color": {},
+      "size": {},
+      "position": {},
+    }
 
   def add(self, attributes_json: str) -> None:
     objects = json.loads(attributes_json)["objects"]
@@ -328,23 +387,45 @@ def attribute_frequencies(attributes_json: Iterable[str]) -> dict[str, dict[str,
 # query contains one of `PSEUDO_MARKERS`, words that no caption template uses, so a pseudo query
 # can never equal an evaluation caption.
 
-PSEUDO_MARKERS = ("depicts", "features", "visible", "containing", "illustration", "drawing",
-                  "scene", "graphic", "composition")
-_SHAPE_SYNONYMS = {"circle": ("circle", "disc", "round shape"),
-                   "square": ("square", "box", "block"),
-                   "triangle": ("triangle", "triangular shape"),
-                   "diamond": ("diamond", "rhombus", "diamond shape"),
-                   "cross": ("cross", "plus sign", "plus shape")}
-_COLOR_SYNONYMS = {"red": ("red", "scarlet"), "green": ("green", "emerald"),
-                   "blue": ("blue", "navy"), "yellow": ("yellow", "golden"),
-                   "purple": ("purple", "violet"), "orange": ("orange", "amber"),
-                   "white": ("white", "ivory")}
+PSEUDO_MARKERS = (
+  "depicts",
+  "features",
+  "visible",
+  "containing",
+  "illustration",
+  "drawing",
+  "scene",
+  "graphic",
+  "composition",
+)
+_SHAPE_SYNONYMS = {
+  "circle": ("circle", "disc", "round shape"),
+  "square": ("square", "box", "block"),
+  "triangle": ("triangle", "triangular shape"),
+  "diamond": ("diamond", "rhombus", "diamond shape"),
+  "cross": ("cross", "plus sign", "plus shape"),
+}
+_COLOR_SYNONYMS = {
+  "red": ("red", "scarlet"),
+  "green": ("green", "emerald"),
+  "blue": ("blue", "navy"),
+  "yellow": ("yellow", "golden"),
+  "purple": ("purple", "violet"),
+  "orange": ("orange", "amber"),
+  "white": ("white", "ivory"),
+}
 _SIZE_SYNONYMS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
-_PSEUDO_PLACES = {(0, 0): "toward the upper left", (0, 1): "near the upper edge",
-                  (0, 2): "toward the upper right", (1, 0): "near the left edge",
-                  (1, 1): "in the middle", (1, 2): "near the right edge",
-                  (2, 0): "toward the lower left", (2, 1): "near the lower edge",
-                  (2, 2): "toward the lower right"}
+_PSEUDO_PLACES = {
+  (0, 0): "toward the upper left",
+  (0, 1): "near the upper edge",
+  (0, 2): "toward the upper right",
+  (1, 0): "near the left edge",
+  (1, 1): "in the middle",
+  (1, 2): "near the right edge",
+  (2, 0): "toward the lower left",
+  (2, 1): "near the lower edge",
+  (2, 2): "toward the lower right",
+}
 # Share of pseudo queries that state one attribute wrongly (a colour, a place or the count).
 PSEUDO_ERROR_RATE = 0.15
 # Chance that a describer uses a synonym instead of the plain word (shape, colour or size).
@@ -369,8 +450,12 @@ def _corrupt(objects: list[dict], rng: np.random.Generator) -> tuple[list[dict],
     others = [c for c in COLORS if c != objects[k]["color"]]
     objects[k]["color"] = _pick(rng, others)
   elif what == 1:
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)
-             if (r, c) != (objects[k]["row"], objects[k]["col"])]
+    cells = [
+      (r, c)
+      for r in range(GRID)
+      for c in range(GRID)
+      if (r, c) != (objects[k]["row"], objects[k]["col"])
+    ]
     objects[k]["row"], objects[k]["col"] = _pick(rng, cells)
   else:
     count = count + 1 if count < MAX_OBJECTS else count - 1
@@ -378,7 +463,7 @@ def _corrupt(objects: list[dict], rng: np.random.Generator) -> tuple[list[dict],
 
 
 def _noun_first(obj: dict, rng: np.random.Generator, *, size_p: float, place_p: float) -> str:
-  """"a disc, scarlet and tiny, in the upper left area": noun first, attributes after."""
+  """ "a disc, scarlet and tiny, in the upper left area": noun first, attributes after."""
   attrs = [_word(_COLOR_SYNONYMS, obj["color"], rng)]
   if rng.random() < size_p:
     attrs.append(_word(_SIZE_SYNONYMS, obj["size"], rng))
@@ -390,7 +475,7 @@ def _noun_first(obj: dict, rng: np.random.Generator, *, size_p: float, place_p: 
 
 
 def _adjective_first(obj: dict, rng: np.random.Generator) -> str:
-  """"a violet rhombus" with synonyms (no size)."""
+  """ "a violet rhombus" with synonyms (no size)."""
   words = [_word(_COLOR_SYNONYMS, obj["color"], rng), _word(_SHAPE_SYNONYMS, obj["shape"], rng)]
   return f"{_article(words[0])} {' '.join(words)}"
 
@@ -404,8 +489,10 @@ def _subset(objects: list[dict], rng: np.random.Generator) -> list[dict]:
 def _pseudo_scene(objects, count, rng):
   parts = [_noun_first(o, rng, size_p=0.5, place_p=0.5) for o in _subset(objects, rng)]
   noun = "shape" if count == 1 else "shapes"
-  return (f"{_pick(rng, ('the scene depicts', 'this drawing depicts'))} "
-          f"{_NUMBER_WORDS[count]} {noun}; " + "; ".join(parts))
+  return (
+    f"{_pick(rng, ('the scene depicts', 'this drawing depicts'))} "
+    f"{_NUMBER_WORDS[count]} {noun}; " + "; ".join(parts)
+  )
 
 
 def _pseudo_inventory(objects, count, rng):
@@ -422,8 +509,10 @@ def _pseudo_inventory(objects, count, rng):
 
 def _pseudo_feature(objects, count, rng):
   o = objects[int(rng.integers(len(objects)))]
-  text = (f"{_pick(rng, ('an illustration that features', 'a graphic that features'))} "
-          f"{_noun_first(o, rng, size_p=0.7, place_p=0.8)}")
+  text = (
+    f"{_pick(rng, ('an illustration that features', 'a graphic that features'))} "
+    f"{_noun_first(o, rng, size_p=0.7, place_p=0.8)}"
+  )
   if count > 1 and rng.random() < 0.6:
     text += f", among {_NUMBER_WORDS[count]} items"
   return text
@@ -433,19 +522,29 @@ def _pseudo_layout(objects, count, rng):
   rels = relations(objects)
   if not rels:
     o = objects[0]
-    return (f"a composition containing only {_adjective_first(o, rng)} "
-            f"{_PSEUDO_PLACES[(o['row'], o['col'])]}")
+    return (
+      f"a composition containing only {_adjective_first(o, rng)} "
+      f"{_PSEUDO_PLACES[(o['row'], o['col'])]}"
+    )
   i, rel, j = rels[int(rng.integers(len(rels)))]
-  verb = {"above": "placed higher than", "below": "placed lower than",
-          "left of": "further left than", "right of": "further right than"}[rel]
-  return (f"a composition containing {_adjective_first(objects[i], rng)} {verb} "
-          f"{_adjective_first(objects[j], rng)}")
+  verb = {
+    "above": "placed higher than",
+    "below": "placed lower than",
+    "left of": "further left than",
+    "right of": "further right than",
+  }[rel]
+  return (
+    f"a composition containing {_adjective_first(objects[i], rng)} {verb} "
+    f"{_adjective_first(objects[j], rng)}"
+  )
 
 
 def _pseudo_palette(objects, count, rng):
   colours = [_word(_COLOR_SYNONYMS, o["color"], rng) for o in _subset(objects, rng)]
-  return (f"{_pick(rng, ('a simple graphic', 'a flat illustration'))} with {_join(colours)} "
-          f"{_pick(rng, ('forms', 'figures'))} visible on a dark ground")
+  return (
+    f"{_pick(rng, ('a simple graphic', 'a flat illustration'))} with {_join(colours)} "
+    f"{_pick(rng, ('forms', 'figures'))} visible on a dark ground"
+  )
 
 
 _PSEUDO = (_pseudo_scene, _pseudo_inventory, _pseudo_feature, _pseudo_layout, _pseudo_palette)

@@ -14,7 +14,7 @@ Synchronising the processes around them: avg_jax.processes.
 """
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from avg_jax.errors import UserError
 
@@ -22,6 +22,7 @@ from avg_jax.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Shard:
   """Items `[start, stop)` of `split` (input images for prepare, images for embed)."""
+
   split: str
   start: int
   stop: int
@@ -41,8 +42,11 @@ def plan(sizes: Mapping[str, int], per_shard: int, key: str) -> list[Shard]:
   the order of `sizes`. `key` names the config value in the error for a bad size."""
   if int(per_shard) < 1:
     raise UserError(f"config {key}: must be >= 1, got {per_shard}")
-  return [Shard(split, start, min(start + per_shard, n))
-          for split, n in sizes.items() for start in range(0, n, per_shard)]
+  return [
+    Shard(split, start, min(start + per_shard, n))
+    for split, n in sizes.items()
+    for start in range(0, n, per_shard)
+  ]
 
 
 def assigned(shards: Sequence[Shard], process_index: int, process_count: int) -> list[Shard]:
@@ -52,17 +56,27 @@ def assigned(shards: Sequence[Shard], process_index: int, process_count: int) ->
   return list(shards[process_index::process_count])
 
 
-def describe(stage: str, split: str, total: int, skipped: int, written: int,
-             process_index: int, process_count: int) -> str:
+def describe(
+  stage: str,
+  split: str,
+  total: int,
+  skipped: int,
+  written: int,
+  process_index: int,
+  process_count: int,
+) -> str:
   """The line a process prints per split, e.g. `embed train: 3 of 5 shards already done,
   skipped; wrote 2 of 5 (process 0 of 1)`; counts are over this process's shards."""
   done = f"{skipped} of {total} shards already done, skipped; " if skipped else ""
-  return (f"{stage} {split}: {done}wrote {written} of {total} shards "
-          f"(process {process_index} of {process_count})")
+  return (
+    f"{stage} {split}: {done}wrote {written} of {total} shards "
+    f"(process {process_index} of {process_count})"
+  )
 
 
-def report(stage: str, counts: Mapping[str, list], process_index: int,
-           process_count: int) -> dict[str, tuple]:
+def report(
+  stage: str, counts: Mapping[str, list], process_index: int, process_count: int
+) -> dict[str, tuple]:
   """Prints `describe` for every split with shards of this process; returns
   `{split: (total, skipped, written)}` from `counts = {split: [total, skipped, written]}`."""
   for split, (total, skipped, written) in counts.items():

@@ -33,11 +33,25 @@ from PIL import Image
 MAX_SVG_BYTES = 32 << 20
 _SVG_SUFFIXES = (".svg", ".svgz")
 MAX_ASPECT = 8
-_RASTER_DATA = ("data:image/png", "data:image/jpeg", "data:image/jpg", "data:image/webp",
-                "data:image/gif")
+_RASTER_DATA = (
+  "data:image/png",
+  "data:image/jpeg",
+  "data:image/jpg",
+  "data:image/webp",
+  "data:image/gif",
+)
 # CSS lengths in px (CSS 96 dpi); "%" and unknown units fall back to the viewBox.
-_UNITS = {"": 1.0, "px": 1.0, "pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54,
-          "in": 96.0, "em": 16.0, "ex": 8.0}
+_UNITS = {
+  "": 1.0,
+  "px": 1.0,
+  "pt": 96 / 72,
+  "pc": 16.0,
+  "mm": 96 / 25.4,
+  "cm": 96 / 2.54,
+  "in": 96.0,
+  "em": 16.0,
+  "ex": 8.0,
+}
 _LENGTH = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]*)\s*$")
 _CSS_URL = re.compile(r"url\(\s*['\"]?\s*([^'\")\s]*)", re.IGNORECASE)
 
@@ -53,8 +67,9 @@ def is_svg(name: str, head: bytes) -> bool:
   if head.startswith(b"\x1f\x8b") and name.lower().endswith(".svgz"):
     return True
   text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-  return text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!doctype", b"<!--"))
-                                      and b"<svg" in text)
+  return text.startswith(b"<svg") or (
+    text.startswith((b"<?xml", b"<!doctype", b"<!--")) and b"<svg" in text
+  )
 
 
 def _text(data: bytes) -> str:
@@ -75,8 +90,7 @@ def _text(data: bytes) -> str:
 
 def _outside_reference(value: str) -> bool:
   value = value.strip()
-  return bool(value) and not value.startswith("#") and not value.lower().startswith(
-      _RASTER_DATA)
+  return bool(value) and not value.startswith("#") and not value.lower().startswith(_RASTER_DATA)
 
 
 def _css_problem(css: str) -> str:
@@ -92,7 +106,7 @@ def check(data: bytes) -> tuple[str, dict]:
   """`(text, the root element's attributes)` of an SVG that may be rasterised; `SvgProblem`
   otherwise (module doc)."""
   text = _text(data)
-  roots: list[dict] = []     # the root element's attributes, once seen
+  roots: list[dict] = []  # the root element's attributes, once seen
   problems: list[str] = []
   in_style = [0]
 
@@ -131,8 +145,7 @@ def check(data: bytes) -> tuple[str, dict]:
   try:
     parser.Parse(text, True)
   except expat.ExpatError as e:
-    raise SvgProblem(f"cannot decode (SVG: {expat.ErrorString(e.code)} at line {e.lineno})"
-                     ) from e
+    raise SvgProblem(f"cannot decode (SVG: {expat.ErrorString(e.code)} at line {e.lineno})") from e
   if not roots:
     raise SvgProblem("cannot decode (SVG: no root element)")
   if problems:
@@ -150,10 +163,11 @@ def _length(value: str | None) -> float | None:
 def declared_size(root: dict) -> tuple[float, float]:
   """`(width, height)` in px the SVG asks for (module doc), each > 0."""
   width, height = _length(root.get("width")), _length(root.get("height"))
-  box = [float(v) for v in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?",
-                                      root.get("viewBox", ""))]
-  box_w, box_h = (box[2], box[3]) if len(box) == 4 and box[2] > 0 and box[3] > 0 else (None,
-                                                                                      None)
+  box = [
+    float(v)
+    for v in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?", root.get("viewBox", ""))
+  ]
+  box_w, box_h = (box[2], box[3]) if len(box) == 4 and box[2] > 0 and box[3] > 0 else (None, None)
   if width is None or width <= 0:
     width = box_w if box_w else 100.0
   if height is None or height <= 0:
@@ -182,6 +196,7 @@ def rasterise(data: bytes, *, max_pixels: int, min_side: int = CHECK_SIDE) -> Im
   """The SVG in `data` as an RGBA image of at most `max_pixels` pixels (module doc);
   `SvgProblem` with the reason when it cannot be used."""
   import resvg_py  # only where SVGs are drawn: the data pipeline's workers never need it
+
   text, root = check(data)
   box = render_box(*declared_size(root), max_pixels=max_pixels, min_side=min_side)
   try:

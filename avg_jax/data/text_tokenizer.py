@@ -8,7 +8,7 @@ after them by `avg_jax.vokens` (the only place that knows that layout).
 import io
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -34,8 +34,10 @@ class TextTokenizer:
       raise UserError(f"{source}: not a SentencePiece model ({e})") from e
     ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
     if ids[:3] != (PAD_ID, EOS_ID, UNK_ID) or ids[3] >= 0:
-      raise UserError(f"{source}: SentencePiece ids pad/eos/unk/bos are {ids}, expected "
-                      f"({PAD_ID}, {EOS_ID}, {UNK_ID}, none) as T5's")
+      raise UserError(
+        f"{source}: SentencePiece ids pad/eos/unk/bos are {ids}, expected "
+        f"({PAD_ID}, {EOS_ID}, {UNK_ID}, none) as T5's"
+      )
 
   @classmethod
   def load(cls, path: str) -> "TextTokenizer":
@@ -48,8 +50,9 @@ class TextTokenizer:
     return cls(proto, source=path)
 
   @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int, path: str, *,
-            model_type: str = "unigram") -> "TextTokenizer":
+  def train(
+    cls, texts: Iterable[str], vocab_size: int, path: str, *, model_type: str = "unigram"
+  ) -> "TextTokenizer":
     """Trains a SentencePiece model with exactly `vocab_size` pieces and writes it to `path`
     (atomically); raises `UserError` when the texts cannot support that many pieces."""
     if model_type not in ("unigram", "bpe"):
@@ -57,17 +60,29 @@ class TextTokenizer:
     buffer = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(texts), model_writer=buffer, vocab_size=int(vocab_size),
-          model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-          character_coverage=1.0, input_sentence_size=MAX_TRAINING_SENTENCES,
-          shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
-          hard_vocab_limit=True, minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_writer=buffer,
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        character_coverage=1.0,
+        input_sentence_size=MAX_TRAINING_SENTENCES,
+        shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1,
+        hard_vocab_limit=True,
+        minloglevel=2,
+      )
     except RuntimeError as e:
       # e.g. "Vocabulary size too high (400). Please set it to a value <= 311."
       limit = re.search(r"<= (\d+)", str(e))
       hint = f" (at most {limit.group(1)} for these captions)" if limit else ""
-      raise UserError(f"config text_tokenizer.vocab_size={vocab_size}: SentencePiece training "
-                      f"failed: {str(e).strip()}{hint}") from e
+      raise UserError(
+        f"config text_tokenizer.vocab_size={vocab_size}: SentencePiece training "
+        f"failed: {str(e).strip()}{hint}"
+      ) from e
     tokenizer = cls(buffer.getvalue(), source=path)
     artifacts_io.write_bytes(path, tokenizer._proto)
     return tokenizer
@@ -99,8 +114,8 @@ class TextTokenizer:
       raise ValueError(f"max_length must be >= 1, got {max_length}")
     out = np.zeros((len(texts), max_length), np.int32)
     for i, ids in enumerate(self._sp.EncodeAsIds(list(texts))):
-      ids = ids[:max_length - 1] + [EOS_ID]
-      out[i, :len(ids)] = ids
+      ids = ids[: max_length - 1] + [EOS_ID]
+      out[i, : len(ids)] = ids
     return out
 
   def decode(self, ids: Sequence[int]) -> str:

@@ -30,7 +30,8 @@ codes -1. Ties are broken deterministically: by beam rank, then by code (`lax.to
 lower index first).
 """
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -50,24 +51,26 @@ TokensToLogits = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 class BeamState:
   """The search state: arrays are `[B, beams]` with one beam per query before step 0 and
   `beam_size` after; `cache` leaves are `[B * beams, ...]` (query-major)."""
-  step: jax.Array      # [] int32: the position generated next (0 .. P; P is EOS)
-  tokens: jax.Array    # [B, beam] int32: token fed to the model at this step
-  codes: jax.Array     # [B, beam, P] int32: codes chosen so far
-  node: Any            # [B, beam] int32: trie node at level `step` (a leaf after step P-1);
-                       # a pytree of such arrays for constraints with composite nodes
-  scores: jax.Array    # [B, beam] float32: summed log-probs; -inf for dead beams
-  alive: jax.Array     # [B, beam] bool
+
+  step: jax.Array  # [] int32: the position generated next (0 .. P; P is EOS)
+  tokens: jax.Array  # [B, beam] int32: token fed to the model at this step
+  codes: jax.Array  # [B, beam, P] int32: codes chosen so far
+  node: Any  # [B, beam] int32: trie node at level `step` (a leaf after step P-1);
+  # a pytree of such arrays for constraints with composite nodes
+  scores: jax.Array  # [B, beam] float32: summed log-probs; -inf for dead beams
+  alive: jax.Array  # [B, beam] bool
   cache: Any
 
 
 @flax.struct.dataclass
 class BeamResult:
   """Top-k results per query, best first."""
-  codes: jax.Array     # [B, k, P] int32 (-1 where not valid)
-  scores: jax.Array    # [B, k] float32 (-inf where not valid)
-  leaf: Any            # [B, k] int32 leaf index in the trie (-1 where not valid); a pytree
-                       # of such arrays for composite nodes
-  valid: jax.Array     # [B, k] bool
+
+  codes: jax.Array  # [B, k, P] int32 (-1 where not valid)
+  scores: jax.Array  # [B, k] float32 (-inf where not valid)
+  leaf: Any  # [B, k] int32 leaf index in the trie (-1 where not valid); a pytree
+  # of such arrays for composite nodes
+  valid: jax.Array  # [B, k] bool
 
 
 def _constrain(x: jax.Array, *names: str | None) -> jax.Array:
@@ -102,14 +105,24 @@ def gather_beams(tree: Any, parent: jax.Array, batch_size: int, beam_size: int) 
   return jax.tree.map(gather, tree)
 
 
-def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *,
-                batch_size: int, beam_size: int, top_k: int | None = None,
-                token_offsets: Sequence[int], eos_id: int,
-                logit_offsets: Sequence[int] | None = None, eos_logit_index: int | None = None,
-                mask_mode: str = "after_softmax", logits_are_log_probs: bool = False,
-                start_token: int = 0,
-                reorder_cache: Callable[[Any, jax.Array], Any] | None = None,
-                emit_eos: bool = True) -> BeamResult:
+def beam_search(
+  tokens_to_logits: TokensToLogits,
+  cache: Any,
+  constraint: Any,
+  *,
+  batch_size: int,
+  beam_size: int,
+  top_k: int | None = None,
+  token_offsets: Sequence[int],
+  eos_id: int,
+  logit_offsets: Sequence[int] | None = None,
+  eos_logit_index: int | None = None,
+  mask_mode: str = "after_softmax",
+  logits_are_log_probs: bool = False,
+  start_token: int = 0,
+  reorder_cache: Callable[[Any, jax.Array], Any] | None = None,
+  emit_eos: bool = True,
+) -> BeamResult:
   """Constrained fixed-length beam search; call it inside `jax.jit`.
 
   Args:
@@ -137,8 +150,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     `BeamResult` with `[B, k]` leaves (codes `[B, k, P]`), best first.
   """
   if mask_mode not in MASK_MODES:
-    raise UserError(f"beam search: mask_mode must be one of {', '.join(MASK_MODES)}, got "
-                    f"{mask_mode!r}")
+    raise UserError(
+      f"beam search: mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}"
+    )
   top_k = beam_size if top_k is None else top_k
   if beam_size < 1:
     raise UserError(f"beam search: beam_size must be >= 1, got {beam_size}")
@@ -146,14 +160,15 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     raise UserError(f"beam search: top_k must lie in [1, beam_size={beam_size}], got {top_k}")
   p = constraint.id_length
   if len(token_offsets) != p:
-    raise UserError(f"beam search: {len(token_offsets)} token offsets for identifiers of "
-                    f"length {p}")
+    raise UserError(
+      f"beam search: {len(token_offsets)} token offsets for identifiers of length {p}"
+    )
   logit_offsets = token_offsets if logit_offsets is None else logit_offsets
   eos_logit_index = eos_id if eos_logit_index is None else eos_logit_index
   b, beams = batch_size, beam_size
 
   # Position P emits EOS: code 0 at "offset" eos.
-  token_base = jnp.asarray(list(token_offsets) + [eos_id], jnp.int32)         # [P + 1]
+  token_base = jnp.asarray(list(token_offsets) + [eos_id], jnp.int32)  # [P + 1]
   logit_base = jnp.asarray(list(logit_offsets) + [eos_logit_index], jnp.int32)  # [P + 1]
 
   def advance(state: BeamState, step, children_fn, width: int, beams_in: int) -> BeamState:
@@ -163,11 +178,12 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     (`node` and `child`: pytrees of such arrays when the constraint's nodes are composite).
     """
     n = b * beams_in
-    logits, cache = tokens_to_logits(state.tokens.reshape(n), state.cache)     # [n, V]
+    logits, cache = tokens_to_logits(state.tokens.reshape(n), state.cache)  # [n, V]
     logits = logits.astype(jnp.float32)
     codes_w, child_w, valid_w = children_fn(
-        jax.tree.map(lambda x: x.reshape(n), state.node))                      # [n, W]
-    lp = jnp.take_along_axis(logits, logit_base[step] + codes_w, axis=-1)      # [n, W]
+      jax.tree.map(lambda x: x.reshape(n), state.node)
+    )  # [n, W]
+    lp = jnp.take_along_axis(logits, logit_base[step] + codes_w, axis=-1)  # [n, W]
     if not logits_are_log_probs:
       # log_softmax at the candidates only: the full [n, V] log-prob array is never built.
       lp = lp - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -175,26 +191,27 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     if mask_mode == "renormalize":
       lse = jax.nn.logsumexp(jnp.where(valid_w, lp, NEG_INF), axis=-1, keepdims=True)
       lp = lp - jnp.where(valid_w.any(axis=-1, keepdims=True), lse, 0.0)
-    cand = state.scores.reshape(n, 1) + lp                                     # [n, W]
+    cand = state.scores.reshape(n, 1) + lp  # [n, W]
     # A zero-probability token is as good as absent: it must never outrank a real result.
     cand_valid = valid_w & (cand > NEG_INF)
     flat = lambda x: x.reshape(b, beams_in * width)
-    cand, cand_valid, codes_w = map(flat, (jnp.where(cand_valid, cand, NEG_INF), cand_valid,
-                                           codes_w))
+    cand, cand_valid, codes_w = map(
+      flat, (jnp.where(cand_valid, cand, NEG_INF), cand_valid, codes_w)
+    )
     child_w = jax.tree.map(flat, child_w)
     short = beams - beams_in * width  # fewer candidate slots than beams: pad with invalid
     if short > 0:
       pad = lambda x, v: jnp.pad(x, ((0, 0), (0, short)), constant_values=v)
       cand, cand_valid = pad(cand, NEG_INF), pad(cand_valid, False)
       codes_w, child_w = pad(codes_w, 0), jax.tree.map(lambda x: pad(x, 0), child_w)
-    top_scores, top_index = jax.lax.top_k(cand, beams)                         # [B, beam]
-    parent = jnp.minimum(top_index // width, beams_in - 1)                     # [B, beam]
+    top_scores, top_index = jax.lax.top_k(cand, beams)  # [B, beam]
+    parent = jnp.minimum(top_index // width, beams_in - 1)  # [B, beam]
     take = lambda x: jnp.take_along_axis(x, top_index, axis=1)
-    new_alive = take(cand_valid)                                               # [B, beam]
-    new_code = take(codes_w)                                                   # [B, beam]
+    new_alive = take(cand_valid)  # [B, beam]
+    new_code = take(codes_w)  # [B, beam]
 
-    codes = jnp.take_along_axis(state.codes, parent[:, :, None], axis=1)       # [B, beam, P]
-    at_step = jnp.arange(p)[None, None, :] == step                             # [1, 1, P]
+    codes = jnp.take_along_axis(state.codes, parent[:, :, None], axis=1)  # [B, beam, P]
+    at_step = jnp.arange(p)[None, None, :] == step  # [1, 1, P]
     codes = jnp.where(at_step, new_code[:, :, None], codes)
     if beams_in == 1:
       cache = expand_to_beams(cache, beams)  # every new beam descends from the only one
@@ -203,13 +220,13 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     else:
       cache = reorder_cache(cache, parent)
     return BeamState(
-        step=jnp.asarray(step, jnp.int32) + 1,
-        tokens=_constrain(token_base[step] + new_code, "batch", "beam"),
-        codes=_constrain(codes, "batch", "beam"),
-        node=jax.tree.map(lambda x: _constrain(take(x), "batch", "beam"), child_w),
-        scores=_constrain(jnp.where(new_alive, top_scores, NEG_INF), "batch", "beam"),
-        alive=_constrain(new_alive, "batch", "beam"),
-        cache=cache,
+      step=jnp.asarray(step, jnp.int32) + 1,
+      tokens=_constrain(token_base[step] + new_code, "batch", "beam"),
+      codes=_constrain(codes, "batch", "beam"),
+      node=jax.tree.map(lambda x: _constrain(take(x), "batch", "beam"), child_w),
+      scores=_constrain(jnp.where(new_alive, top_scores, NEG_INF), "batch", "beam"),
+      alive=_constrain(new_alive, "batch", "beam"),
+      cache=cache,
     )
 
   # Step 0 runs on one beam per query: every beam would start from the same start token, so
@@ -217,13 +234,13 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
   # runs all beams and gives beams 1.. a -1e9 score, which can leak finite duplicates into
   # the results when candidates run short; here missing beams are explicitly dead.)
   state = BeamState(
-      step=jnp.zeros((), jnp.int32),
-      tokens=jnp.full((b, 1), start_token, jnp.int32),
-      codes=jnp.zeros((b, 1, p), jnp.int32),
-      node=root_node(constraint, (b, 1)),
-      scores=jnp.zeros((b, 1), jnp.float32),
-      alive=jnp.ones((b, 1), bool),
-      cache=cache,
+    step=jnp.zeros((), jnp.int32),
+    tokens=jnp.full((b, 1), start_token, jnp.int32),
+    codes=jnp.zeros((b, 1, p), jnp.int32),
+    node=root_node(constraint, (b, 1)),
+    scores=jnp.zeros((b, 1), jnp.float32),
+    alive=jnp.ones((b, 1), bool),
+    cache=cache,
   )
   root_width = constraint.widths[0]
   state = advance(state, 0, lambda n: constraint.children(0, n, root_width), root_width, 1)
@@ -235,9 +252,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     slot = jnp.arange(width, dtype=jnp.int32)[None, :]
     rows = jax.tree.leaves(n)[0].shape[0]
     shape = (rows, width)
-    return (jnp.zeros(shape, jnp.int32),
-            jax.tree.map(lambda x: jnp.broadcast_to(x[:, None], shape), n),
-            jnp.broadcast_to(slot == 0, shape))
+    return (
+      jnp.zeros(shape, jnp.int32),
+      jax.tree.map(lambda x: jnp.broadcast_to(x[:, None], shape), n),
+      jnp.broadcast_to(slot == 0, shape),
+    )
 
   def level_children(level):
     return lambda n: constraint.children(level, n, width)
@@ -253,8 +272,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, constraint: Any, *
     state = jax.lax.fori_loop(1, len(branches) + 1, body, state)
   alive = state.alive[:, :top_k]
   return BeamResult(
-      codes=jnp.where(alive[:, :, None], state.codes[:, :top_k], -1),
-      scores=jnp.where(alive, state.scores[:, :top_k], NEG_INF),
-      leaf=jax.tree.map(lambda x: jnp.where(alive, x[:, :top_k], -1), state.node),
-      valid=alive,
+    codes=jnp.where(alive[:, :, None], state.codes[:, :top_k], -1),
+    scores=jnp.where(alive, state.scores[:, :top_k], NEG_INF),
+    leaf=jax.tree.map(lambda x: jnp.where(alive, x[:, :top_k], -1), state.node),
+    valid=alive,
   )

@@ -7,7 +7,8 @@ functions take plain values (`search_kwargs`). An export stores them (`to_dict`)
 """
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from avg_jax.decoding.beam_search import MASK_MODES
 from avg_jax.errors import UserError
@@ -33,6 +34,7 @@ class DecodeConfig:
   from the dual encoder's text tower ("dual_encoder") or predicted from the generator's
   encoder ("generator", `models.query_head`).
   """
+
   beam_size: int = 10
   top_k: int = 10
   mask_mode: str = "after_softmax"
@@ -49,14 +51,18 @@ class DecodeConfig:
     if self.top_k < 1:
       raise UserError(f"config decode.top_k must be >= 1, got {self.top_k}")
     if self.mask_mode not in MASK_MODES:
-      raise UserError(f"config decode.mask_mode must be one of {', '.join(MASK_MODES)}, got "
-                      f"{self.mask_mode!r}")
+      raise UserError(
+        f"config decode.mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}"
+      )
     if self.tie_break not in TIE_BREAKS:
-      raise UserError(f"config decode.tie_break must be one of {', '.join(TIE_BREAKS)}, got "
-                      f"{self.tie_break!r}")
+      raise UserError(
+        f"config decode.tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}"
+      )
     if self.hybrid_query not in HYBRID_QUERIES:
-      raise UserError(f"config decode.hybrid_query must be one of {', '.join(HYBRID_QUERIES)}, "
-                      f"got {self.hybrid_query!r}")
+      raise UserError(
+        f"config decode.hybrid_query must be one of {', '.join(HYBRID_QUERIES)}, "
+        f"got {self.hybrid_query!r}"
+      )
     if self.dense_levels < 0:
       raise UserError(f"config decode.dense_levels must be >= 0, got {self.dense_levels}")
     if self.batch_size < 1:
@@ -66,13 +72,17 @@ class DecodeConfig:
   def from_config(cls, decode, recall_ks: Sequence[int] = ()) -> "DecodeConfig":
     """From `config.decode`; `top_k` is raised to the largest of `recall_ks` (evaluation)."""
     top_k = max([int(decode.top_k)] + [int(k) for k in recall_ks])
-    return cls(beam_size=int(decode.beam_size), top_k=top_k, mask_mode=str(decode.mask_mode),
-               tie_break=str(decode.tie_break),
-               voken_logits_only=bool(decode.voken_logits_only),
-               dense_levels=int(decode.dense_levels), batch_size=int(decode.batch_size),
-               hybrid_weight=(None if decode.hybrid_weight is None
-                              else float(decode.hybrid_weight)),
-               hybrid_query=str(decode.hybrid_query))
+    return cls(
+      beam_size=int(decode.beam_size),
+      top_k=top_k,
+      mask_mode=str(decode.mask_mode),
+      tie_break=str(decode.tie_break),
+      voken_logits_only=bool(decode.voken_logits_only),
+      dense_levels=int(decode.dense_levels),
+      batch_size=int(decode.batch_size),
+      hybrid_weight=(None if decode.hybrid_weight is None else float(decode.hybrid_weight)),
+      hybrid_query=str(decode.hybrid_query),
+    )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DecodeConfig":
@@ -90,9 +100,14 @@ class DecodeConfig:
 
   def search_kwargs(self) -> dict:
     """The plain arguments of `search.constrained_search` for these settings."""
-    return dict(beam_size=self.beam, top_k=self.top_k, mask_mode=self.mask_mode,
-                voken_logits_only=self.voken_logits_only, hybrid_weight=self.hybrid_weight,
-                order_by_similarity=self.tie_break == "similarity")
+    return dict(
+      beam_size=self.beam,
+      top_k=self.top_k,
+      mask_mode=self.mask_mode,
+      voken_logits_only=self.voken_logits_only,
+      hybrid_weight=self.hybrid_weight,
+      order_by_similarity=self.tie_break == "similarity",
+    )
 
   @property
   def beam(self) -> int:

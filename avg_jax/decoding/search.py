@@ -60,29 +60,37 @@ BEAM_INVARIANT = frozenset({"cross_k", "cross_v", "encoder_mask", "index"})
 
 class SearchResult(NamedTuple):
   """Top-k per query, best first. Unfilled slots: id -1, score -inf, codes -1."""
+
   item_ids: jax.Array  # [B, k] int32 (-1 without a trie: unconstrained search)
-  scores: jax.Array    # [B, k] float32 summed log-probs of the P vokens (and EOS)
-  codes: jax.Array     # [B, k, P] int32: each result's identifier (its leaf)
+  scores: jax.Array  # [B, k] float32 summed log-probs of the P vokens (and EOS)
+  codes: jax.Array  # [B, k, P] int32: each result's identifier (its leaf)
   sequences: jax.Array  # [B, k, P] int32: the k best generated leaves (distinct sequences)
 
 
-def _check(cfg: T5Config, trie: Any, vocab: VokenVocabulary, input_tokens,
-           trained_length: int) -> None:
+def _check(
+  cfg: T5Config, trie: Any, vocab: VokenVocabulary, input_tokens, trained_length: int
+) -> None:
   if cfg.vocab_size != vocab.total_vocab_size or cfg.first_voken_id != vocab.first_voken_id:
-    raise UserError(f"search: the T5 vocabulary ({cfg.vocab_size} rows, vokens from "
-                    f"{cfg.first_voken_id}) does not match the voken vocabulary "
-                    f"({vocab.total_vocab_size} rows, vokens from {vocab.first_voken_id})")
+    raise UserError(
+      f"search: the T5 vocabulary ({cfg.vocab_size} rows, vokens from "
+      f"{cfg.first_voken_id}) does not match the voken vocabulary "
+      f"({vocab.total_vocab_size} rows, vokens from {vocab.first_voken_id})"
+    )
   if trained_length not in (vocab.num_levels, vocab.id_length):
-    raise UserError(f"search: trained_length must be {vocab.num_levels} (semantic codes) or "
-                    f"{vocab.id_length} (full identifiers), got {trained_length}")
+    raise UserError(
+      f"search: trained_length must be {vocab.num_levels} (semantic codes) or "
+      f"{vocab.id_length} (full identifiers), got {trained_length}"
+    )
   sizes = tuple(vocab.position_sizes())
-  if trie is not None and (trie.id_length > trained_length or
-                           tuple(trie.position_sizes) != sizes[:trie.id_length]):
-    raise UserError(f"search: the trie's position sizes {list(trie.position_sizes)} do not "
-                    f"match the first {trained_length} of the voken vocabulary's {list(sizes)}")
+  if trie is not None and (
+    trie.id_length > trained_length or tuple(trie.position_sizes) != sizes[: trie.id_length]
+  ):
+    raise UserError(
+      f"search: the trie's position sizes {list(trie.position_sizes)} do not "
+      f"match the first {trained_length} of the voken vocabulary's {list(sizes)}"
+    )
   if len(input_tokens.shape) != 2:
-    raise UserError(f"search: input tokens must be [batch, length], got "
-                    f"{list(input_tokens.shape)}")
+    raise UserError(f"search: input tokens must be [batch, length], got {list(input_tokens.shape)}")
 
 
 def split_cache(cache: dict) -> tuple[dict, dict]:
@@ -95,13 +103,15 @@ def split_cache(cache: dict) -> tuple[dict, dict]:
 def _reorder_cache(cache: dict, parent: jax.Array, batch: int, beams: int) -> dict:
   out = {}
   for key, value in cache.items():
-    out[key] = value if key in BEAM_INVARIANT else beam_lib.gather_beams(value, parent, batch,
-                                                                          beams)
+    out[key] = (
+      value if key in BEAM_INVARIANT else beam_lib.gather_beams(value, parent, batch, beams)
+    )
   return out
 
 
-def grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch: int,
-                  voken_logits_only: bool):
+def grouped_step(
+  params, cfg: T5Config, tokens, state: dict, fixed: dict, batch: int, voken_logits_only: bool
+):
   """`t5.decode_step` for `tokens [B * beam]` whose beams share one copy of `fixed [B, ...]`.
 
   `jax.vmap` over the B queries; inside, `state` leaves are `[beam, ...]` and `fixed` leaves
@@ -115,22 +125,31 @@ def grouped_step(params, cfg: T5Config, tokens, state: dict, fixed: dict, batch:
   per_query = lambda x: x.reshape((batch, rows // batch) + x.shape[1:])
 
   def one_query(tok, st, fx):
-    logits, new_cache = t5_lib.decode_step(params, cfg, tok, dict(st, **fx),
-                                           voken_logits_only=voken_logits_only)
+    logits, new_cache = t5_lib.decode_step(
+      params, cfg, tok, dict(st, **fx), voken_logits_only=voken_logits_only
+    )
     return logits, {k: new_cache[k] for k in st}
 
-  rules = tuple((name, None if name == "batch" else axes)
-                for name, axes in nn.get_logical_axis_rules())
+  rules = tuple(
+    (name, None if name == "batch" else axes) for name, axes in nn.get_logical_axis_rules()
+  )
   with nn.logical_axis_rules(rules):
-    logits, new_state = jax.vmap(one_query)(per_query(tokens), jax.tree.map(per_query, state),
-                                            jax.tree.map(lambda x: x[:, None], fixed))
+    logits, new_state = jax.vmap(one_query)(
+      per_query(tokens), jax.tree.map(per_query, state), jax.tree.map(lambda x: x[:, None], fixed)
+    )
   flat = lambda x: x.reshape((rows,) + x.shape[2:])
   return flat(logits), jax.tree.map(flat, new_state)
 
 
-def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: int,
-                  query_emb: jax.Array | None = None, *, order_by_similarity: bool = True
-                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+def expand_leaves(
+  trie: DeviceTrie,
+  leaf: jax.Array,
+  scores: jax.Array,
+  top_k: int,
+  query_emb: jax.Array | None = None,
+  *,
+  order_by_similarity: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """The best `top_k` items of the ranked leaves `leaf int32[B, n]` (-1: none), leaf by leaf.
 
   Within a leaf, items are ordered by cosine similarity to `query_emb float[B, D]` when it and
@@ -144,12 +163,12 @@ def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: i
   # In id order only a leaf's first top_k images can be results (so the cost is bounded by
   # k, whatever the size of the largest group); by similarity any can.
   width = trie.max_group if by_similarity else min(trie.max_group, top_k)
-  items, valid, emb = trie.members(leaf, width, with_similarity)           # [B, n, G]
+  items, valid, emb = trie.members(leaf, width, with_similarity)  # [B, n, G]
   width = items.shape[-1]
   if with_similarity:
     q = query_emb.astype(jnp.float32)
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    sim = jnp.einsum("bd,bngd->bng", q, emb)                              # [B, n, G]
+    sim = jnp.einsum("bd,bngd->bng", q, emb)  # [B, n, G]
   if by_similarity:
     # Stable: equal similarities keep id order; invalid slots go last.
     order = jnp.argsort(jnp.where(valid, -sim, jnp.inf), axis=-1, stable=True)
@@ -170,14 +189,14 @@ def expand_leaves(trie: DeviceTrie, leaf: jax.Array, scores: jax.Array, top_k: i
   got = jnp.take_along_axis(valid, take, axis=-1)
   rank = jnp.where(got, jnp.take_along_axis(leaf_rank, take, axis=-1), -1)
   item_ids = jnp.where(got, jnp.take_along_axis(items, take, axis=-1), -1)
-  out_scores = jnp.where(got, jnp.take_along_axis(scores, jnp.maximum(rank, 0), axis=-1),
-                         -jnp.inf)
+  out_scores = jnp.where(got, jnp.take_along_axis(scores, jnp.maximum(rank, 0), axis=-1), -jnp.inf)
   out_sim = jnp.where(got, jnp.take_along_axis(sim, take, axis=-1), -jnp.inf)
   return item_ids, out_scores, rank, (out_sim if with_similarity else None)
 
 
-def hybrid_rescore(item_ids: jax.Array, scores: jax.Array, sim: jax.Array, weight: float,
-                   top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def hybrid_rescore(
+  item_ids: jax.Array, scores: jax.Array, sim: jax.Array, weight: float, top_k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`avg_hybrid`: re-ranks the beam's images `[B, n]` by `score + weight * similarity` (the
   generator's log-prob and the dual encoder's cosine; missing slots stay last) and keeps
   `top_k`. -> `(item ids, fused scores, positions in the input [B, top_k])`."""
@@ -187,19 +206,32 @@ def hybrid_rescore(item_ids: jax.Array, scores: jax.Array, sim: jax.Array, weigh
   return take(item_ids), take(fused), order
 
 
-def _search(params, trie, input_tokens, query_emb=None, query_head=None, *, cfg: T5Config,
-            vocab: VokenVocabulary, beam_size: int, top_k: int, mask_mode: str,
-            voken_logits_only: bool, trained_length: int,
-            hybrid_weight: float | None = None,
-            order_by_similarity: bool = True) -> SearchResult:
+def _search(
+  params,
+  trie,
+  input_tokens,
+  query_emb=None,
+  query_head=None,
+  *,
+  cfg: T5Config,
+  vocab: VokenVocabulary,
+  beam_size: int,
+  top_k: int,
+  mask_mode: str,
+  voken_logits_only: bool,
+  trained_length: int,
+  hybrid_weight: float | None = None,
+  order_by_similarity: bool = True,
+) -> SearchResult:
   batch = input_tokens.shape[0]
   p = trie.id_length if trie is not None else vocab.id_length
   input_tokens = input_tokens.astype(jnp.int32)
-  encoded = t5_lib.encode(params, cfg, input_tokens)                  # [B, S, D]
+  encoded = t5_lib.encode(params, cfg, input_tokens)  # [B, S, D]
   if query_emb is None and query_head is not None:
     # The generator's own query embedding (models/query_head.py): no second text tower.
-    query_emb = query_head_lib.predict(query_head,
-                                       query_head_lib.pooled_states(encoded, input_tokens))
+    query_emb = query_head_lib.predict(
+      query_head, query_head_lib.pooled_states(encoded, input_tokens)
+    )
   # P + 1 positions are fed: the start token and the P vokens (EOS is predicted, not fed).
   cache = t5_lib.init_decode_state(params, cfg, encoded, input_tokens, p + 1)
   # Beam-invariant entries (cross-attention K/V, encoder mask) stay out of the loop state and
@@ -208,8 +240,9 @@ def _search(params, trie, input_tokens, query_emb=None, query_head=None, *, cfg:
 
   def tokens_to_logits(tokens, state):
     if tokens.shape[0] == batch:  # step 0 (or beam 1): one row per query
-      logits, new_cache = t5_lib.decode_step(params, cfg, tokens, dict(state, **fixed),
-                                             voken_logits_only=voken_logits_only)
+      logits, new_cache = t5_lib.decode_step(
+        params, cfg, tokens, dict(state, **fixed), voken_logits_only=voken_logits_only
+      )
       return logits, {k: new_cache[k] for k in state}
     return grouped_step(params, cfg, tokens, state, fixed, batch, voken_logits_only)
 
@@ -223,36 +256,56 @@ def _search(params, trie, input_tokens, query_emb=None, query_head=None, *, cfg:
   constraint = Unconstrained(vocab.position_sizes()[:p]) if trie is None else trie
   hybrid = hybrid_weight is not None and trie is not None
   if hybrid and (query_emb is None or trie.item_emb is None):
-    raise UserError("search: hybrid re-scoring needs query embeddings and the index's image "
-                    "embeddings")
+    raise UserError(
+      "search: hybrid re-scoring needs query embeddings and the index's image embeddings"
+    )
   result = beam_lib.beam_search(
-      tokens_to_logits, carried, constraint, batch_size=batch, beam_size=beam_size,
-      top_k=beam_size if hybrid else top_k, token_offsets=token_offsets, eos_id=EOS_ID, logit_offsets=logit_offsets,
-      eos_logit_index=eos_logit_index, mask_mode=mask_mode, start_token=t5_lib.DECODER_START_ID,
-      reorder_cache=functools.partial(_reorder_cache, batch=batch, beams=beam_size),
-      emit_eos=p == trained_length)
+    tokens_to_logits,
+    carried,
+    constraint,
+    batch_size=batch,
+    beam_size=beam_size,
+    top_k=beam_size if hybrid else top_k,
+    token_offsets=token_offsets,
+    eos_id=EOS_ID,
+    logit_offsets=logit_offsets,
+    eos_logit_index=eos_logit_index,
+    mask_mode=mask_mode,
+    start_token=t5_lib.DECODER_START_ID,
+    reorder_cache=functools.partial(_reorder_cache, batch=batch, beams=beam_size),
+    emit_eos=p == trained_length,
+  )
   if trie is None:
     item_ids = jnp.full(result.leaf.shape, -1, jnp.int32)
-    return SearchResult(item_ids=item_ids, scores=result.scores, codes=result.codes,
-                        sequences=result.codes)
+    return SearchResult(
+      item_ids=item_ids, scores=result.scores, codes=result.codes, sequences=result.codes
+    )
   if hybrid:
     # The beam's B images as the plain search would return them (within a leaf by the
     # tie-break), re-scored: B dot products, at most B images read per leaf, so the cost is
     # independent of N and of the size of the largest group of shared codes.
-    item_ids, scores, rank, sim = expand_leaves(trie, result.leaf, result.scores, beam_size,
-                                                query_emb,
-                                                order_by_similarity=order_by_similarity)
+    item_ids, scores, rank, sim = expand_leaves(
+      trie,
+      result.leaf,
+      result.scores,
+      beam_size,
+      query_emb,
+      order_by_similarity=order_by_similarity,
+    )
     item_ids, scores, order = hybrid_rescore(item_ids, scores, sim, hybrid_weight, top_k)
     rank = jnp.where(item_ids >= 0, jnp.take_along_axis(rank, order, axis=-1), -1)
   else:
-    item_ids, scores, rank, _ = expand_leaves(trie, result.leaf, result.scores, top_k,
-                                              query_emb,
-                                              order_by_similarity=order_by_similarity)
-  codes = jnp.where((rank >= 0)[..., None],
-                    jnp.take_along_axis(result.codes, jnp.maximum(rank, 0)[..., None], axis=1),
-                    -1)
-  return SearchResult(item_ids=item_ids, scores=scores, codes=codes,
-                      sequences=result.codes[:, :top_k])
+    item_ids, scores, rank, _ = expand_leaves(
+      trie, result.leaf, result.scores, top_k, query_emb, order_by_similarity=order_by_similarity
+    )
+  codes = jnp.where(
+    (rank >= 0)[..., None],
+    jnp.take_along_axis(result.codes, jnp.maximum(rank, 0)[..., None], axis=1),
+    -1,
+  )
+  return SearchResult(
+    item_ids=item_ids, scores=scores, codes=codes, sequences=result.codes[:, :top_k]
+  )
 
 
 def _check_input_tokens(cfg: T5Config, input_tokens):
@@ -265,12 +318,16 @@ def _check_input_tokens(cfg: T5Config, input_tokens):
     try:
       input_tokens = np.asarray(input_tokens)
     except ValueError as e:
-      raise UserError("search: input tokens must be a rectangular [batch, length] array of "
-                      "token ids (rows of different lengths?)") from e
+      raise UserError(
+        "search: input tokens must be a rectangular [batch, length] array of "
+        "token ids (rows of different lengths?)"
+      ) from e
   dtype = getattr(input_tokens, "dtype", None)
   if dtype is None or not hasattr(input_tokens, "shape"):
-    raise UserError(f"search: input tokens must be an integer array [batch, length], got "
-                    f"{type(input_tokens).__name__}")
+    raise UserError(
+      f"search: input tokens must be an integer array [batch, length], got "
+      f"{type(input_tokens).__name__}"
+    )
   if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
     raise UserError(f"search: input tokens must be integer token ids, got dtype {dtype}")
   if isinstance(input_tokens, jax.core.Tracer) or not np.size(input_tokens):
@@ -278,15 +335,23 @@ def _check_input_tokens(cfg: T5Config, input_tokens):
   lo, hi = (int(x) for x in jax.device_get((input_tokens.min(), input_tokens.max())))
   if lo < 0 or hi >= cfg.vocab_size:
     bad = lo if lo < 0 else hi
-    raise UserError(f"search: input token id {bad} is outside the vocabulary [0, "
-                    f"{cfg.vocab_size})")
+    raise UserError(f"search: input token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
   if isinstance(input_tokens, np.ndarray) and input_tokens.dtype != np.int32:
     input_tokens = input_tokens.astype(np.int32)  # in range, so exact
   return input_tokens
 
 
-_STATIC = ("cfg", "vocab", "beam_size", "top_k", "mask_mode", "voken_logits_only",
-           "trained_length", "hybrid_weight", "order_by_similarity")
+_STATIC = (
+  "cfg",
+  "vocab",
+  "beam_size",
+  "top_k",
+  "mask_mode",
+  "voken_logits_only",
+  "trained_length",
+  "hybrid_weight",
+  "order_by_similarity",
+)
 _search_jit = jax.jit(_search, static_argnames=_STATIC)
 
 
@@ -295,25 +360,37 @@ def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, traine
     # Convenient for one-off calls; services should convert once with trie.to_device().
     trie = trie.to_device()
   if trie is not None and not isinstance(trie, (DeviceTrie, UnionTrie)):
-    raise UserError(f"search: expected a VokenTrie, DeviceTrie, UnionTrie or None, got "
-                    f"{type(trie).__name__}")
+    raise UserError(
+      f"search: expected a VokenTrie, DeviceTrie, UnionTrie or None, got {type(trie).__name__}"
+    )
   _check(cfg, trie, vocab, input_tokens, trained_length)
   top_k = beam_size if top_k is None else top_k
   if mask_mode not in beam_lib.MASK_MODES:
-    raise UserError(f"search: mask_mode must be one of {', '.join(beam_lib.MASK_MODES)}, got "
-                    f"{mask_mode!r}")
+    raise UserError(
+      f"search: mask_mode must be one of {', '.join(beam_lib.MASK_MODES)}, got {mask_mode!r}"
+    )
   if beam_size < 1 or not 1 <= top_k <= beam_size:
     raise UserError(f"search: need 1 <= top_k ({top_k}) <= beam_size ({beam_size})")
   return trie, top_k
 
 
-def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | None,
-                       vocab: VokenVocabulary, input_tokens, *, beam_size: int,
-                       top_k: int | None = None, mask_mode: str = "after_softmax",
-                       voken_logits_only: bool = False, query_emb=None, query_head=None,
-                       trained_length: int | None = None,
-                       hybrid_weight: float | None = None,
-                       order_by_similarity: bool = True) -> SearchResult:
+def constrained_search(
+  params,
+  cfg: T5Config,
+  trie: DeviceTrie | VokenTrie | None,
+  vocab: VokenVocabulary,
+  input_tokens,
+  *,
+  beam_size: int,
+  top_k: int | None = None,
+  mask_mode: str = "after_softmax",
+  voken_logits_only: bool = False,
+  query_emb=None,
+  query_head=None,
+  trained_length: int | None = None,
+  hybrid_weight: float | None = None,
+  order_by_similarity: bool = True,
+) -> SearchResult:
   """Top-k indexed images per query: `input_tokens int[B, S]` (0 = padding) -> SearchResult
   with `item_ids int32[B, k]`, `scores float32[B, k]`, `codes int32[B, k, P]`.
 
@@ -330,17 +407,30 @@ def constrained_search(params, cfg: T5Config, trie: DeviceTrie | VokenTrie | Non
   """
   input_tokens = _check_input_tokens(cfg, input_tokens)
   trained_length = vocab.id_length if trained_length is None else int(trained_length)
-  trie, top_k = _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode,
-                         trained_length)
-  return _search_jit(params, trie, input_tokens, query_emb, query_head, cfg=cfg, vocab=vocab,
-                     beam_size=beam_size, top_k=top_k, mask_mode=mask_mode,
-                     voken_logits_only=voken_logits_only, trained_length=trained_length,
-                     hybrid_weight=None if hybrid_weight is None else float(hybrid_weight),
-                     order_by_similarity=bool(order_by_similarity))
+  trie, top_k = _prepare(
+    cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, trained_length
+  )
+  return _search_jit(
+    params,
+    trie,
+    input_tokens,
+    query_emb,
+    query_head,
+    cfg=cfg,
+    vocab=vocab,
+    beam_size=beam_size,
+    top_k=top_k,
+    mask_mode=mask_mode,
+    voken_logits_only=voken_logits_only,
+    trained_length=trained_length,
+    hybrid_weight=None if hybrid_weight is None else float(hybrid_weight),
+    order_by_similarity=bool(order_by_similarity),
+  )
 
 
 class _SearchSettings(NamedTuple):
   """Everything static about a `build_search` program (hashable: jit's static argument)."""
+
   cfg: T5Config
   vocab: VokenVocabulary
   beam_size: int
@@ -352,30 +442,47 @@ class _SearchSettings(NamedTuple):
   order_by_similarity: bool
 
 
-def _settings(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig,
-              trained_length: int | None) -> _SearchSettings:
+def _settings(
+  cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, trained_length: int | None
+) -> _SearchSettings:
   kwargs = decode.search_kwargs()
   return _SearchSettings(
-      cfg=cfg, vocab=vocab, beam_size=kwargs["beam_size"], top_k=kwargs["top_k"],
-      mask_mode=kwargs["mask_mode"], voken_logits_only=kwargs["voken_logits_only"],
-      trained_length=vocab.id_length if trained_length is None else int(trained_length),
-      hybrid_weight=kwargs["hybrid_weight"], order_by_similarity=kwargs["order_by_similarity"])
+    cfg=cfg,
+    vocab=vocab,
+    beam_size=kwargs["beam_size"],
+    top_k=kwargs["top_k"],
+    mask_mode=kwargs["mask_mode"],
+    voken_logits_only=kwargs["voken_logits_only"],
+    trained_length=vocab.id_length if trained_length is None else int(trained_length),
+    hybrid_weight=kwargs["hybrid_weight"],
+    order_by_similarity=kwargs["order_by_similarity"],
+  )
 
 
-def _search_program(settings: _SearchSettings, params, trie, input_tokens, query_emb=None,
-                    query_head=None) -> SearchResult:
+def _search_program(
+  settings: _SearchSettings, params, trie, input_tokens, query_emb=None, query_head=None
+) -> SearchResult:
   # One module-level function with the settings as a static argument: jit keys its cache on
   # the function and the settings, so every search built with equal settings (evaluate's
   # avg and avg_ltr, both protocols, a re-evaluation) shares one compiled program.
   s = settings._asdict()
-  trie_, k = _prepare(s["cfg"], trie, s["vocab"], input_tokens, s["beam_size"], s["top_k"],
-                      s["mask_mode"], s["trained_length"])
+  trie_, k = _prepare(
+    s["cfg"],
+    trie,
+    s["vocab"],
+    input_tokens,
+    s["beam_size"],
+    s["top_k"],
+    s["mask_mode"],
+    s["trained_length"],
+  )
   s["top_k"] = k
   return _search(params, trie_, input_tokens, query_emb, query_head, **s)
 
 
-def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
-                 trained_length: int | None = None):
+def build_search(
+  cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *, trained_length: int | None = None
+):
   """The search program every caller jits: `(params, trie, input_tokens [B, S], query_emb
   [B, D] | None) -> SearchResult` with `decode.beam` beams and `decode.top_k` results (see
   `constrained_search`; its checks run while tracing). `make_search_fn` jits it for a mesh,
@@ -383,8 +490,9 @@ def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *,
   return functools.partial(_search_program, _settings(cfg, vocab, decode, trained_length))
 
 
-def search_shardings(mesh, param_shardings, *, with_query_emb: bool = False
-                     ) -> tuple[tuple, SearchResult]:
+def search_shardings(
+  mesh, param_shardings, *, with_query_emb: bool = False
+) -> tuple[tuple, SearchResult]:
   """`(in_shardings, out_shardings)` of `build_search`'s program on `mesh`: params as
   `param_shardings`, the trie replicated, queries (and their embeddings) and results sharded
   over the batch."""
@@ -392,13 +500,21 @@ def search_shardings(mesh, param_shardings, *, with_query_emb: bool = False
   batch2 = partitioning.logical_sharding(mesh, "batch", None)
   batch3 = partitioning.logical_sharding(mesh, "batch", None, None)
   ins = (param_shardings, partitioning.replicated(mesh), batch) + (
-      (batch2,) if with_query_emb else ())
+    (batch2,) if with_query_emb else ()
+  )
   return ins, SearchResult(item_ids=batch, scores=batch, codes=batch3, sequences=batch3)
 
 
-def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
-                   decode: DecodeConfig, *, trained_length: int | None = None,
-                   query_head=None):
+def make_search_fn(
+  cfg: T5Config,
+  vocab: VokenVocabulary,
+  mesh,
+  param_shardings,
+  decode: DecodeConfig,
+  *,
+  trained_length: int | None = None,
+  query_head=None,
+):
   """A `(params, device_trie, input_tokens [B, S], query_emb [B, D] | None) -> SearchResult`
   for `mesh`: `build_search` jitted with `search_shardings`.
 
@@ -414,8 +530,9 @@ def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
   replicated = partitioning.replicated(mesh)
   # Jitted from the module-level program with static settings (not a closure), so searches
   # built again with equal settings, shardings and shapes reuse the compiled program.
-  jit = lambda shardings: jax.jit(_search_program, static_argnums=0, in_shardings=shardings,
-                                  out_shardings=outs)
+  jit = lambda shardings: jax.jit(
+    _search_program, static_argnums=0, in_shardings=shardings, out_shardings=outs
+  )
   jitted, jitted_emb = jit(ins), jit(ins_emb)
   if query_head is not None:
     query_head = jax.device_put(query_head, replicated)
@@ -437,5 +554,9 @@ def make_search_fn(cfg: T5Config, vocab: VokenVocabulary, mesh, param_shardings,
 def results_to_numpy(result: SearchResult) -> dict[str, np.ndarray]:
   """Host copies of a SearchResult (for evaluation and serving)."""
   item_ids, scores, codes, sequences = jax.device_get(tuple(result))
-  return {"item_ids": np.asarray(item_ids), "scores": np.asarray(scores),
-          "codes": np.asarray(codes), "sequences": np.asarray(sequences)}
+  return {
+    "item_ids": np.asarray(item_ids),
+    "scores": np.asarray(scores),
+    "codes": np.asarray(codes),
+    "sequences": np.asarray(sequences),
+  }

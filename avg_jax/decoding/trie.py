@@ -27,7 +27,7 @@ sequences, duplicate item ids, or item ids outside int32 all raise `UserError`.
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -62,15 +62,18 @@ def _as_code_array(codes, position_sizes: Sequence[int] | None) -> np.ndarray:
     raise UserError("voken trie: position_sizes is required")
   sizes = np.asarray(position_sizes, np.int64)
   if sizes.shape != (arr.shape[1],):
-    raise UserError(f"voken trie: position_sizes has {sizes.size} entries, sequences have "
-                    f"length {arr.shape[1]}")
+    raise UserError(
+      f"voken trie: position_sizes has {sizes.size} entries, sequences have length {arr.shape[1]}"
+    )
   if (sizes <= 0).any():
     raise UserError(f"voken trie: position_sizes must be positive, got {sizes.tolist()}")
   bad = (arr < 0) | (arr >= sizes[None, :])
   if bad.any():
     row, col = np.argwhere(bad)[0]
-    raise UserError(f"voken trie: code {int(arr[row, col])} at row {row}, position {col} is "
-                    f"outside [0, {int(sizes[col])})")
+    raise UserError(
+      f"voken trie: code {int(arr[row, col])} at row {row}, position {col} is "
+      f"outside [0, {int(sizes[col])})"
+    )
   return arr
 
 
@@ -88,16 +91,16 @@ def _lexsort_rows(codes: np.ndarray, sizes: np.ndarray, item_ids: np.ndarray) ->
 @dataclasses.dataclass(frozen=True)
 class VokenTrie:
   """Host-side (numpy) prefix tree in per-level CSR form; see the module docstring."""
+
   position_sizes: tuple[int, ...]
-  offsets: tuple[np.ndarray, ...]     # P arrays, level l: int32[n_l + 1]
-  codes: tuple[np.ndarray, ...]       # P arrays, level l: int32[n_{l+1}]
-  leaf_item_offsets: np.ndarray       # int32[num_leaves + 1]
-  leaf_items: np.ndarray              # int64[num_items], ascending within each leaf
+  offsets: tuple[np.ndarray, ...]  # P arrays, level l: int32[n_l + 1]
+  codes: tuple[np.ndarray, ...]  # P arrays, level l: int32[n_{l+1}]
+  leaf_item_offsets: np.ndarray  # int32[num_leaves + 1]
+  leaf_items: np.ndarray  # int64[num_items], ascending within each leaf
 
   # --- construction ---------------------------------------------------------------------------
   @classmethod
-  def build(cls, codes, item_ids=None, position_sizes: Sequence[int] | None = None
-            ) -> "VokenTrie":
+  def build(cls, codes, item_ids=None, position_sizes: Sequence[int] | None = None) -> "VokenTrie":
     """Builds the trie from `codes int[N, P]` and `item_ids int[N]` (default `arange(N)`).
 
     Vectorised: one sort plus O(N * P) array operations, no per-sequence Python loop.
@@ -110,8 +113,9 @@ class VokenTrie:
     else:
       ids = np.asarray(item_ids)
       if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"voken trie: expected {n} integer item ids, got shape "
-                        f"{list(ids.shape)} of {ids.dtype}")
+        raise UserError(
+          f"voken trie: expected {n} integer item ids, got shape {list(ids.shape)} of {ids.dtype}"
+        )
       ids = ids.astype(np.int64)
       # The device maps leaves to int32 item ids (jax runs without x64).
       if (ids < 0).any() or (ids > _INT32_MAX).any():
@@ -131,9 +135,9 @@ class VokenTrie:
     parent_of_row = np.zeros(n, np.int64)  # node index at the current level, per row
     for level in range(p):  # P is tiny (4-5): the loop is over levels, not sequences
       column = sorted_codes[:, level]
-      new[1:] |= column[1:] != column[:-1]   # a new prefix stays new at deeper levels
-      starts = np.flatnonzero(new)                      # first row of each level+1 node
-      child_parent = parent_of_row[starts]              # [n_{l+1}] parent node at level l
+      new[1:] |= column[1:] != column[:-1]  # a new prefix stays new at deeper levels
+      starts = np.flatnonzero(new)  # first row of each level+1 node
+      child_parent = parent_of_row[starts]  # [n_{l+1}] parent node at level l
       num_parents = 1 if level == 0 else level_codes[-1].shape[0]
       counts = np.bincount(child_parent, minlength=num_parents)
       offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
@@ -141,8 +145,13 @@ class VokenTrie:
       parent_of_row = np.cumsum(new) - 1
     leaf_starts = np.flatnonzero(new)
     leaf_item_offsets = np.concatenate([leaf_starts, [n]]).astype(np.int32)
-    return cls(tuple(int(s) for s in sizes), tuple(offsets), tuple(level_codes),
-               leaf_item_offsets, sorted_ids)
+    return cls(
+      tuple(int(s) for s in sizes),
+      tuple(offsets),
+      tuple(level_codes),
+      leaf_item_offsets,
+      sorted_ids,
+    )
 
   # --- sizes ----------------------------------------------------------------------------------
   @property
@@ -217,8 +226,9 @@ class VokenTrie:
     """`[M, P]` identifiers -> `[M]` leaf index, -1 where not indexed."""
     codes = np.asarray(codes, np.int64)
     if codes.ndim != 2 or codes.shape[1] != self.id_length:
-      raise UserError(f"voken trie: expected identifiers of shape [M, {self.id_length}], got "
-                      f"{list(codes.shape)}")
+      raise UserError(
+        f"voken trie: expected identifiers of shape [M, {self.id_length}], got {list(codes.shape)}"
+      )
     return self.lookup_prefixes(codes)
 
   def leaf_codes(self) -> np.ndarray:
@@ -245,10 +255,10 @@ class VokenTrie:
   def save(self, path: str) -> None:
     """Writes an .npz atomically (avg_jax.artifacts.io)."""
     arrays = {
-        "format_version": np.asarray(FORMAT_VERSION, np.int32),
-        "position_sizes": np.asarray(self.position_sizes, np.int64),
-        "leaf_item_offsets": self.leaf_item_offsets,
-        "leaf_items": self.leaf_items,
+      "format_version": np.asarray(FORMAT_VERSION, np.int32),
+      "position_sizes": np.asarray(self.position_sizes, np.int64),
+      "leaf_item_offsets": self.leaf_item_offsets,
+      "leaf_items": self.leaf_items,
     }
     for level in range(self.id_length):
       arrays[f"offsets_{level}"] = self.offsets[level]
@@ -264,16 +274,22 @@ class VokenTrie:
       with np.load(path) as data:
         version = int(data["format_version"])
         if version != FORMAT_VERSION:
-          raise UserError(f"voken trie {path}: format version {version}, expected "
-                          f"{FORMAT_VERSION}")
+          raise UserError(f"voken trie {path}: format version {version}, expected {FORMAT_VERSION}")
         sizes = tuple(int(s) for s in data["position_sizes"])
         offsets = tuple(data[f"offsets_{l}"].astype(np.int32) for l in range(len(sizes)))
         codes = tuple(data[f"codes_{l}"].astype(np.int32) for l in range(len(sizes)))
-        trie = cls(sizes, offsets, codes, data["leaf_item_offsets"].astype(np.int32),
-                   data["leaf_items"].astype(np.int64))
+        trie = cls(
+          sizes,
+          offsets,
+          codes,
+          data["leaf_item_offsets"].astype(np.int32),
+          data["leaf_items"].astype(np.int64),
+        )
     except (KeyError, *io.READ_ERRORS) as e:  # a truncated file is a zipfile.BadZipFile
-      raise UserError(f"voken trie {path}: unreadable ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+      raise UserError(
+        f"voken trie {path}: unreadable ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+      ) from e
     trie.check()
     return trie
 
@@ -284,16 +300,25 @@ class VokenTrie:
       raise UserError("voken trie: one offsets/codes array per position is required")
     for level in range(p):
       off = self.offsets[level]
-      if off.shape != (self.num_nodes(level) + 1,) or off[0] != 0 or \
-          off[-1] != self.codes[level].shape[0] or (np.diff(off) <= 0).any():
+      if (
+        off.shape != (self.num_nodes(level) + 1,)
+        or off[0] != 0
+        or off[-1] != self.codes[level].shape[0]
+        or (np.diff(off) <= 0).any()
+      ):
         raise UserError(f"voken trie: inconsistent offsets at level {level}")
       c = self.codes[level]
       if c.size and (c.min() < 0 or c.max() >= self.position_sizes[level]):
-        raise UserError(f"voken trie: code outside [0, {self.position_sizes[level]}) at "
-                        f"level {level}")
+        raise UserError(
+          f"voken trie: code outside [0, {self.position_sizes[level]}) at level {level}"
+        )
     lio = self.leaf_item_offsets
-    if lio.shape != (self.num_nodes(p) + 1,) or lio[0] != 0 or lio[-1] != self.num_items or \
-        (np.diff(lio) <= 0).any():
+    if (
+      lio.shape != (self.num_nodes(p) + 1,)
+      or lio[0] != 0
+      or lio[-1] != self.num_items
+      or (np.diff(lio) <= 0).any()
+    ):
       raise UserError("voken trie: inconsistent leaf item offsets")
 
   def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
@@ -304,8 +329,9 @@ class VokenTrie:
     pos = np.minimum(np.searchsorted(item_ids, self.leaf_items, sorter=order), len(item_ids) - 1)
     rows = order[pos] if len(item_ids) else pos
     if len(item_ids) == 0 or (item_ids[rows] != self.leaf_items).any():
-      missing = self.leaf_items[item_ids[rows] != self.leaf_items] if len(item_ids) else \
-          self.leaf_items
+      missing = (
+        self.leaf_items[item_ids[rows] != self.leaf_items] if len(item_ids) else self.leaf_items
+      )
       raise UserError(f"voken trie: no embedding for indexed item {int(missing[0])}")
     return rows
 
@@ -313,16 +339,21 @@ class VokenTrie:
     """Which nodes still lead to a live item: `item_alive bool[num_items]` (`leaf_items`
     order) -> per level l = 1..P a `bool[n_l]` (a vectorised pass up the levels, O(nodes);
     every node has at least one child and every leaf one item, so `reduceat` is exact)."""
-    alive = np.add.reduceat(np.asarray(item_alive, np.int32),
-                            self.leaf_item_offsets[:-1]) > 0              # [num_leaves]
+    alive = (
+      np.add.reduceat(np.asarray(item_alive, np.int32), self.leaf_item_offsets[:-1]) > 0
+    )  # [num_leaves]
     out = [alive]
     for level in range(self.id_length - 1, 0, -1):
       alive = np.add.reduceat(alive.astype(np.int32), self.offsets[level][:-1]) > 0
       out.append(alive)
     return tuple(reversed(out))
 
-  def to_device(self, dense_levels: int = 1, sharding=None,
-                item_embeddings: tuple[np.ndarray, np.ndarray] | None = None) -> "DeviceTrie":
+  def to_device(
+    self,
+    dense_levels: int = 1,
+    sharding=None,
+    item_embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+  ) -> "DeviceTrie":
     """The device-resident transition structure (see `DeviceTrie`).
 
     Levels `l < dense_levels` become dense `[n_l, K_l]` child tables. `sharding`: where to put
@@ -356,17 +387,17 @@ class VokenTrie:
       norm = np.linalg.norm(emb, axis=1, keepdims=True)
       item_emb = put(emb / np.maximum(norm, 1e-12))
     return DeviceTrie(
-        levels=tuple(tables),
-        leaf_item=put(self.leaf_first_items().astype(np.int32)),
-        leaf_item_offsets=put(self.leaf_item_offsets.astype(np.int32)),
-        leaf_items=put(self.leaf_items.astype(np.int32)),
-        item_emb=item_emb,
-        item_alive=None,
-        node_alive=None,
-        position_sizes=self.position_sizes,
-        dense=tuple(dense),
-        widths=tuple(widths),
-        max_group=int(np.diff(self.leaf_item_offsets).max()),
+      levels=tuple(tables),
+      leaf_item=put(self.leaf_first_items().astype(np.int32)),
+      leaf_item_offsets=put(self.leaf_item_offsets.astype(np.int32)),
+      leaf_items=put(self.leaf_items.astype(np.int32)),
+      item_emb=item_emb,
+      item_alive=None,
+      node_alive=None,
+      position_sizes=self.position_sizes,
+      dense=tuple(dense),
+      widths=tuple(widths),
+      max_group=int(np.diff(self.leaf_item_offsets).max()),
     )
 
 
@@ -381,12 +412,13 @@ class DeviceTrie:
   embeddings in `leaf_items` order. `widths[l]` is the candidate-window width of level l (K_l
   dense, largest fan-out CSR); `max_group` the most items of one leaf.
   """
+
   levels: tuple
   leaf_item: jax.Array
   leaf_item_offsets: jax.Array
   leaf_items: jax.Array
   item_emb: jax.Array | None
-  item_alive: jax.Array | None     # bool[num_items] in `leaf_items` order; None: all alive
+  item_alive: jax.Array | None  # bool[num_items] in `leaf_items` order; None: all alive
   # Per level l = 1..P, bool[n_l]: the node leads to a live item (`VokenTrie.node_alive`).
   # A search never enters a subtree whose items are all removed, so removed images cost no
   # beam slots. None: all alive.
@@ -407,16 +439,19 @@ class DeviceTrie:
   @property
   def nbytes(self) -> int:
     """Device bytes of the tree's arrays (without `item_emb`, see `embedding_nbytes`)."""
-    return int(sum(x.nbytes for x in jax.tree.leaves(self.replace(
-        item_emb=None, item_alive=None, node_alive=None))))
+    return int(
+      sum(
+        x.nbytes
+        for x in jax.tree.leaves(self.replace(item_emb=None, item_alive=None, node_alive=None))
+      )
+    )
 
   @property
   def embedding_nbytes(self) -> int:
     """Device bytes of the items' embeddings (0 without them)."""
     return 0 if self.item_emb is None else int(self.item_emb.nbytes)
 
-  def leaf_members(self, leaf: jax.Array, width: int
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def leaf_members(self, leaf: jax.Array, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The first `width` items of each leaf: `leaf int32[...]` (-1: none) ->
     `items int32[..., width]`, `pos int32[..., width]` (index into `leaf_items` / `item_emb`)
     and `valid bool[..., width]`. Items come in ascending id order."""
@@ -430,29 +465,31 @@ class DeviceTrie:
       valid = valid & self.item_alive[pos]
     return jnp.where(valid, self.leaf_items[pos], -1), pos, valid
 
-  def members(self, leaf: jax.Array, width: int, with_embeddings: bool
-              ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  def members(
+    self, leaf: jax.Array, width: int, with_embeddings: bool
+  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """`leaf_members` as `(items [..., width], valid [..., width], embeddings [..., width, D]
     or None)`: the form `search.expand_leaves` uses for every kind of index."""
     items, pos, valid = self.leaf_members(leaf, width)
     emb = self.item_emb[pos] if with_embeddings and self.item_emb is not None else None
     return items, valid, emb
 
-  def with_alive(self, alive: jax.Array | None,
-                 node_alive: tuple | None = None) -> "DeviceTrie":
+  def with_alive(self, alive: jax.Array | None, node_alive: tuple | None = None) -> "DeviceTrie":
     """The same tree with `item_alive` replaced (bool[num_items] in `leaf_items` order) and,
     optionally, `node_alive` (`VokenTrie.node_alive`: dead subtrees are never entered)."""
     return self.replace(item_alive=alive, node_alive=node_alive)
 
-  def children_guarded(self, level: int, node: jax.Array, width: int
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def children_guarded(
+    self, level: int, node: jax.Array, width: int
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`children` for nodes that may be -1 (absent): no children there."""
     codes, child, valid = self.children(level, jnp.maximum(node, 0), width)
     valid = valid & (node >= 0)[:, None]
     return jnp.where(valid, codes, 0), jnp.where(valid, child, -1), valid
 
-  def children(self, level: int, node: jax.Array, width: int
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def children(
+    self, level: int, node: jax.Array, width: int
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Candidate children of `node [n]` at static `level` (< P) in a window of `width`.
 
     Returns `codes int32[n, width]`, `child int32[n, width]` (node index at level+1) and
@@ -465,11 +502,12 @@ class DeviceTrie:
     valid = valid & self.node_alive[level][jnp.maximum(child, 0)]
     return jnp.where(valid, codes, 0), jnp.where(valid, child, -1), valid
 
-  def _children(self, level: int, node: jax.Array, width: int
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def _children(
+    self, level: int, node: jax.Array, width: int
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     if self.dense[level]:
       (table,) = self.levels[level]
-      child = table[node]                                       # [n, K_l]
+      child = table[node]  # [n, K_l]
       k = child.shape[-1]
       codes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), child.shape)
       if width > k:  # another level is wider: pad with invalid slots
@@ -478,11 +516,11 @@ class DeviceTrie:
         codes = jnp.pad(codes, pad)
       return codes[:, :width], child[:, :width], child[:, :width] >= 0
     offsets, level_codes = self.levels[level]
-    start = offsets[node]                                       # [n]
-    count = offsets[node + 1] - start                           # [n]
-    slot = jnp.arange(width, dtype=jnp.int32)                   # [width]
-    child = start[:, None] + slot[None, :]                      # [n, width]
-    valid = slot[None, :] < count[:, None]                      # [n, width]
+    start = offsets[node]  # [n]
+    count = offsets[node + 1] - start  # [n]
+    slot = jnp.arange(width, dtype=jnp.int32)  # [width]
+    child = start[:, None] + slot[None, :]  # [n, width]
+    valid = slot[None, :] < count[:, None]  # [n, width]
     child = jnp.where(valid, child, 0)
     codes = jnp.where(valid, level_codes[child], 0)
     return codes, jnp.where(valid, child, -1), valid
@@ -494,6 +532,7 @@ class Unconstrained:
 
   Has the same `children` interface as `DeviceTrie`; `child` is always 0 (no nodes).
   """
+
   position_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
   @property
@@ -508,8 +547,9 @@ class Unconstrained:
   def max_width(self) -> int:
     return max(self.position_sizes)
 
-  def children(self, level: int, node: jax.Array, width: int
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def children(
+    self, level: int, node: jax.Array, width: int
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     slot = jnp.arange(width, dtype=jnp.int32)
     shape = (node.shape[0], width)
     codes = jnp.broadcast_to(slot, shape)

@@ -25,14 +25,17 @@ from avg_jax.errors import UserError
 @flax.struct.dataclass
 class UnionTrie:
   """`base` and `delta` (`DeviceTrie`s over the same positions) as one constraint."""
+
   base: DeviceTrie
   delta: DeviceTrie
 
   @classmethod
   def of(cls, base: DeviceTrie, delta: DeviceTrie) -> "UnionTrie":
     if tuple(base.position_sizes) != tuple(delta.position_sizes):
-      raise UserError(f"union trie: position sizes differ: {list(base.position_sizes)} vs "
-                      f"{list(delta.position_sizes)}")
+      raise UserError(
+        f"union trie: position sizes differ: {list(base.position_sizes)} vs "
+        f"{list(delta.position_sizes)}"
+      )
     if (base.item_emb is None) != (delta.item_emb is None):
       raise UserError("union trie: both trees need item embeddings, or neither")
     return cls(base=base, delta=delta)
@@ -47,8 +50,12 @@ class UnionTrie:
 
   @property
   def widths(self) -> tuple[int, ...]:
-    return tuple(kb if db else min(kb + kd, k) for kb, kd, k, db in zip(
-        self.base.widths, self.delta.widths, self.position_sizes, self.base.dense))
+    return tuple(
+      kb if db else min(kb + kd, k)
+      for kb, kd, k, db in zip(
+        self.base.widths, self.delta.widths, self.position_sizes, self.base.dense
+      )
+    )
 
   @property
   def max_group(self) -> int:
@@ -82,8 +89,11 @@ class UnionTrie:
       # child, which would label a delta-only child with code 0.)
       codes = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), child_b.shape)
       rows = jnp.broadcast_to(jnp.arange(n)[:, None], codes_d.shape)
-      child_dd = jnp.full((n, k), -1, jnp.int32).at[rows, jnp.where(valid_d, codes_d, k)].set(
-          child_d, mode="drop")
+      child_dd = (
+        jnp.full((n, k), -1, jnp.int32)
+        .at[rows, jnp.where(valid_d, codes_d, k)]
+        .set(child_d, mode="drop")
+      )
       valid = valid_b | (child_dd >= 0)
       out = codes, (jnp.where(valid_b, child_b, -1), child_dd), valid
     else:
@@ -94,8 +104,10 @@ class UnionTrie:
       in_base = ((codes_d[:, :, None] == codes_b[:, None, :]) & valid_b[:, None, :]).any(-1)
       only_d = valid_d & ~in_base
       codes = jnp.concatenate([codes_b, codes_d], axis=1)
-      child = (jnp.concatenate([child_b, jnp.full_like(child_d, -1)], axis=1),
-               jnp.concatenate([child_db, jnp.where(only_d, child_d, -1)], axis=1))
+      child = (
+        jnp.concatenate([child_b, jnp.full_like(child_d, -1)], axis=1),
+        jnp.concatenate([child_db, jnp.where(only_d, child_d, -1)], axis=1),
+      )
       out = codes, child, jnp.concatenate([valid_b, only_d], axis=1)
     codes, (cb, cd), valid = out
     have = codes.shape[1]

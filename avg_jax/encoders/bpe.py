@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -26,11 +26,14 @@ _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # regex alternati
 _MAX_MERGES = 49152 - 256 - 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable character table (spaces/controls moved past 255)."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   table, extra = {}, 0
   for b in range(256):
     if b in printable:
@@ -52,9 +55,16 @@ def _is_whitespace(ch: str) -> bool:
 
 
 def _is_cjk(cp: int) -> bool:
-  return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-          or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-          or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+  return (
+    0x4E00 <= cp <= 0x9FFF
+    or 0x3400 <= cp <= 0x4DBF
+    or 0x20000 <= cp <= 0x2A6DF
+    or 0x2A700 <= cp <= 0x2B73F
+    or 0x2B740 <= cp <= 0x2B81F
+    or 0x2B820 <= cp <= 0x2CEAF
+    or 0xF900 <= cp <= 0xFAFF
+    or 0x2F800 <= cp <= 0x2FA1F
+  )
 
 
 def clean_text(text: str) -> str:
@@ -117,8 +127,9 @@ class ClipBpeTokenizer:
   <|endoftext|>, truncated to keep both markers, padded with `pad_id` (like HF with
   `padding="max_length", truncation=True`)."""
 
-  def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
-               pad_token: str = END):
+  def __init__(
+    self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], pad_token: str = END
+  ):
     self.vocab = dict(vocab)
     self.inverse = {i: t for t, i in self.vocab.items()}
     self.ranks = {pair: r for r, pair in enumerate(merges)}
@@ -149,7 +160,7 @@ class ClipBpeTokenizer:
       raise UserError(f"CLIP tokenizer in {path}: cannot read: {e}") from e
     # Like CLIP and HF: the first line is the "#version" header; later lines are "a b" pairs.
     merges = []
-    for lineno, line in enumerate(lines[1:_MAX_MERGES + 1], start=2):
+    for lineno, line in enumerate(lines[1 : _MAX_MERGES + 1], start=2):
       parts = line.split()
       if len(parts) != 2:
         raise UserError(f"{merges_file}: line {lineno} is not a pair of symbols: {line!r}")
@@ -203,8 +214,8 @@ class ClipBpeTokenizer:
     texts = list(texts)
     out = np.full((len(texts), max_length), self.pad_id, np.int32)
     for row, text in enumerate(texts):
-      ids = [self.bos_id] + self.encode(text)[:max_length - 2] + [self.eos_id]
-      out[row, :len(ids)] = ids
+      ids = [self.bos_id] + self.encode(text)[: max_length - 2] + [self.eos_id]
+      out[row, : len(ids)] = ids
     return out
 
   def decode(self, ids: Iterable[int]) -> str:

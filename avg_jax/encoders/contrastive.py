@@ -2,7 +2,8 @@
 warmup + cosine decay, and a jitted, sharded train step with donated state."""
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def clip_logits(image_features: jax.Array, text_features: jax.Array,
-                logit_scale: jax.Array) -> jax.Array:
+def clip_logits(
+  image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array
+) -> jax.Array:
   """`[B, D]`, `[B, D]`, scalar log-scale -> `[B, B]` scaled cosine similarities
   (rows: images, columns: texts)."""
   scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), MAX_LOGIT_SCALE))
@@ -52,19 +54,30 @@ def learning_rate_schedule(train_cfg: Mapping[str, Any]) -> optax.Schedule:
   steps = int(train_cfg["steps"])
   warmup = min(int(train_cfg["warmup_steps"]), max(steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(train_cfg["learning_rate"]), warmup_steps=warmup,
-      decay_steps=max(steps, warmup + 1), end_value=0.0)
+    init_value=0.0,
+    peak_value=float(train_cfg["learning_rate"]),
+    warmup_steps=warmup,
+    decay_steps=max(steps, warmup + 1),
+    end_value=0.0,
+  )
 
 
 def make_optimizer(train_cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   """AdamW; weight decay only on matrices (not biases, LayerNorm, the logit scale)."""
   decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-  return optax.adamw(learning_rate_schedule(train_cfg), b1=0.9, b2=0.98, eps=1e-6,
-                     weight_decay=float(train_cfg["weight_decay"]), mask=decay_mask)
+  return optax.adamw(
+    learning_rate_schedule(train_cfg),
+    b1=0.9,
+    b2=0.98,
+    eps=1e-6,
+    weight_decay=float(train_cfg["weight_decay"]),
+    mask=decay_mask,
+  )
 
 
-def create_train_state(cfg: clip.ClipConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                       rng: jax.Array) -> tuple[loop.TrainState, Any]:
+def create_train_state(
+  cfg: clip.ClipConfig, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array
+) -> tuple[loop.TrainState, Any]:
   """A freshly initialised `TrainState`, created already sharded, and its shardings tree."""
   init_variables = clip.init_fn(cfg)
 
@@ -75,12 +88,18 @@ def create_train_state(cfg: clip.ClipConfig, tx: optax.GradientTransformation, m
   return partitioning.sharded_init(make, mesh, rng)
 
 
-def loss_and_metrics(params: Any, cfg: clip.ClipConfig, batch: Mapping[str, jax.Array],
-                     mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD):
+def loss_and_metrics(
+  params: Any,
+  cfg: clip.ClipConfig,
+  batch: Mapping[str, jax.Array],
+  mean=preprocess.CLIP_MEAN,
+  std=preprocess.CLIP_STD,
+):
   """batch: `image uint8[B, H, W, 3]`, `tokens int[B, L]`, `image_id int[B]`."""
   images = preprocess.normalize(batch["image"], mean, std)
   image_features, text_features, logit_scale = clip.Clip(cfg).apply(
-      {"params": params}, images, batch["tokens"])
+    {"params": params}, images, batch["tokens"]
+  )
   logits = clip_logits(image_features, text_features, logit_scale)
   same = batch["image_id"][:, None] == batch["image_id"][None, :]
   loss = symmetric_infonce(logits, same)
@@ -89,17 +108,26 @@ def loss_and_metrics(params: Any, cfg: clip.ClipConfig, batch: Mapping[str, jax.
   return loss, {"loss": loss, "accuracy": accuracy, "temperature": temperature}
 
 
-def make_train_step(cfg: clip.ClipConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mesh: Mesh, state_shardings: Any,
-                    mean=preprocess.CLIP_MEAN, std=preprocess.CLIP_STD
-                    ) -> Callable[[loop.TrainState, dict, jax.Array], tuple[loop.TrainState, dict]]:
+def make_train_step(
+  cfg: clip.ClipConfig,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  mesh: Mesh,
+  state_shardings: Any,
+  mean=preprocess.CLIP_MEAN,
+  std=preprocess.CLIP_STD,
+) -> Callable[[loop.TrainState, dict, jax.Array], tuple[loop.TrainState, dict]]:
   """`step(state, batch, rng) -> (state, metrics)` (the shared loop's step shape), jitted with
   explicit shardings; the state is donated. Batch leaves are split along `batch`."""
   loss_fn = lambda params, batch, rng: loss_and_metrics(params, cfg, batch, mean, std)
   step = loop.make_train_step(loss_fn, tx, schedule)
   replicated = partitioning.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh), replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted = jax.jit(
+    step,
+    in_shardings=(state_shardings, batch_shardings(mesh), replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
 
   def run(state, batch, rng):
     # Logical constraints inside the model resolve against this mesh at trace time.
@@ -112,7 +140,7 @@ def make_train_step(cfg: clip.ClipConfig, tx: optax.GradientTransformation,
 def batch_shardings(mesh: Mesh) -> dict:
   """Shardings of a training batch: every leaf split along its leading `batch` axis."""
   return {
-      "image": partitioning.logical_sharding(mesh, "batch", None, None, None),
-      "tokens": partitioning.logical_sharding(mesh, "batch", "length"),
-      "image_id": partitioning.logical_sharding(mesh, "batch"),
+    "image": partitioning.logical_sharding(mesh, "batch", None, None, None),
+    "tokens": partitioning.logical_sharding(mesh, "batch", "length"),
+    "image_id": partitioning.logical_sharding(mesh, "batch"),
   }

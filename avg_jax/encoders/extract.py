@@ -24,7 +24,8 @@ import os
 import shutil
 import time
 import zipfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -50,10 +51,11 @@ SHARD_KEY = "encoder_train.embed_images_per_shard"
 @dataclasses.dataclass
 class DualEncoder:
   """A ready-to-use encoder: config, (sharded) params, preprocessing and text tokenizer."""
+
   cfg: clip.ClipConfig
   params: Any
   preprocess: preprocess.PreprocessConfig
-  tokenizer: Any          # encode_batch(texts, max_length) -> int32[B, max_length]
+  tokenizer: Any  # encode_batch(texts, max_length) -> int32[B, max_length]
   param_shardings: Any
   _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -62,15 +64,24 @@ class DualEncoder:
     if ("image", mesh) not in self._jitted:
       pre = self.preprocess
       self._jitted["image", mesh] = _jit(
-          _encode_images, (self.cfg, tuple(pre.mean), tuple(pre.std)), mesh,
-          self.param_shardings, partitioning.logical_sharding(mesh, "batch", None, None, None))
+        _encode_images,
+        (self.cfg, tuple(pre.mean), tuple(pre.std)),
+        mesh,
+        self.param_shardings,
+        partitioning.logical_sharding(mesh, "batch", None, None, None),
+      )
     return self._jitted["image", mesh]
 
   def text_fn(self, mesh: Mesh):
     """Jitted `int32[B, L] -> float32[B, D]` (replicated output), built once per mesh."""
     if ("text", mesh) not in self._jitted:
-      self._jitted["text", mesh] = _jit(_encode_texts, (self.cfg,), mesh, self.param_shardings,
-                                        partitioning.logical_sharding(mesh, "batch", None))
+      self._jitted["text", mesh] = _jit(
+        _encode_texts,
+        (self.cfg,),
+        mesh,
+        self.param_shardings,
+        partitioning.logical_sharding(mesh, "batch", None),
+      )
     return self._jitted["text", mesh]
 
   def encode_texts(self, texts: list[str], mesh: Mesh) -> np.ndarray:
@@ -79,17 +90,18 @@ class DualEncoder:
     rows = _round_up(len(texts), _data_shards(mesh))
     return _run(self.text_fn(mesh), self.params, tokens, rows, mesh)
 
-  def encode_text_batches(self, texts: list[str], mesh: Mesh, batch_size: int,
-                          desc: str = "embed texts") -> np.ndarray:
+  def encode_text_batches(
+    self, texts: list[str], mesh: Mesh, batch_size: int, desc: str = "embed texts"
+  ) -> np.ndarray:
     """`float32[len(texts), D]` in fixed-size batches (one compilation, bounded memory)."""
     rows = _round_up(max(1, batch_size), _data_shards(mesh))
     out = [np.zeros((0, self.cfg.projection_dim), np.float32)]
-    for start in progress(range(0, len(texts), rows), total=-(-len(texts) // rows), desc=desc,
-                          unit="batch"):
-      tokens = self.tokenizer.encode_batch(texts[start:start + rows], self.cfg.max_text_length)
+    for start in progress(
+      range(0, len(texts), rows), total=-(-len(texts) // rows), desc=desc, unit="batch"
+    ):
+      tokens = self.tokenizer.encode_batch(texts[start : start + rows], self.cfg.max_text_length)
       out.append(_run(self.text_fn(mesh), self.params, tokens, rows, mesh))
     return np.concatenate(out).astype(np.float32)
-
 
   def encode_images(self, images: np.ndarray, mesh: Mesh, batch_size: int) -> np.ndarray:
     """`uint8[N, S, S, 3]` (already `preprocess.resize_and_crop`ped) -> `float32[N, D]`, in
@@ -97,8 +109,15 @@ class DualEncoder:
     rows = _round_up(max(1, batch_size), _data_shards(mesh))
     out = [np.zeros((0, self.cfg.projection_dim), np.float32)]
     for start in range(0, len(images), rows):
-      out.append(_run(self.image_fn(mesh), self.params, np.asarray(images[start:start + rows],
-                                                                   np.uint8), rows, mesh))
+      out.append(
+        _run(
+          self.image_fn(mesh),
+          self.params,
+          np.asarray(images[start : start + rows], np.uint8),
+          rows,
+          mesh,
+        )
+      )
     return np.concatenate(out).astype(np.float32)
 
 
@@ -113,9 +132,12 @@ def _encode_texts(cfg: clip.ClipConfig, params, tokens):
 def _jit(fn, static: tuple, mesh, param_shardings, input_sharding):
   """`run(params, x)` = module-level `fn(*static, params, x)` jitted on `mesh`: encoders with
   equal configs (every `Retriever.load` of an export builds one) share one compile."""
-  jitted = jax.jit(fn, static_argnums=tuple(range(len(static))),
-                   in_shardings=(param_shardings, input_sharding),
-                   out_shardings=partitioning.replicated(mesh))
+  jitted = jax.jit(
+    fn,
+    static_argnums=tuple(range(len(static))),
+    in_shardings=(param_shardings, input_sharding),
+    out_shardings=partitioning.replicated(mesh),
+  )
 
   def run(params, x):
     with partitioning.activation_context(mesh):
@@ -153,8 +175,10 @@ class PrepareImage:
     self.pre = pre
 
   def __call__(self, element: dict) -> dict:
-    return {"image": preprocess.resize_and_crop(element["image"], self.pre),
-            "image_id": np.int64(element["image_id"])}
+    return {
+      "image": preprocess.resize_and_crop(element["image"], self.pre),
+      "image_id": np.int64(element["image_id"]),
+    }
 
 
 class DropCaptionIndex:
@@ -181,8 +205,9 @@ def _shard_arrays(shard: shards_lib.Shard, captions_per_image: int, dim: int) ->
   return embeddings.arrays(len(shard), len(shard) * captions_per_image, dim)
 
 
-def read_shard(path: str, shard: shards_lib.Shard, captions_per_image: int,
-               dim: int) -> tuple[dict | None, str]:
+def read_shard(
+  path: str, shard: shards_lib.Shard, captions_per_image: int, dim: int
+) -> tuple[dict | None, str]:
   """`(arrays, "")` for a whole, well-formed shard file; `(None, why)` otherwise (`why` is ""
   when the file does not exist). Reading every array to its end checks its zip CRC-32."""
   if not os.path.exists(path):
@@ -194,13 +219,22 @@ def read_shard(path: str, shard: shards_lib.Shard, captions_per_image: int,
     return None, f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())})"
   for name, (dtype, shape) in _shard_arrays(shard, captions_per_image, dim).items():
     if arrays[name].dtype != dtype or arrays[name].shape != shape:
-      return None, (f"has {name} {arrays[name].dtype}{list(arrays[name].shape)}, expected "
-                    f"{np.dtype(dtype)}{list(shape)}")
+      return None, (
+        f"has {name} {arrays[name].dtype}{list(arrays[name].shape)}, expected "
+        f"{np.dtype(dtype)}{list(shape)}"
+      )
   return arrays, ""
 
 
-def write_shard(encoder: DualEncoder, images: Any, captions: Any, shard: shards_lib.Shard,
-                mesh: Mesh, config: ml_collections.ConfigDict, path: str) -> None:
+def write_shard(
+  encoder: DualEncoder,
+  images: Any,
+  captions: Any,
+  shard: shards_lib.Shard,
+  mesh: Mesh,
+  config: ml_collections.ConfigDict,
+  path: str,
+) -> None:
   """Embeds images `[a, b)` of `images` and captions `[a*C, b*C)` of `captions` (the split's
   sources) on `mesh` into `path`, atomically."""
   c = len(captions) // len(images)
@@ -209,40 +243,59 @@ def write_shard(encoder: DualEncoder, images: Any, captions: Any, shard: shards_
 
   def batches(source, **kwargs):
     # Only this shard's rows, in order, all read by this process.
-    return pipeline.from_config(source, batch_size, config.loader, shuffle=False,
-                                num_epochs=1, drop_remainder=False, shard_by_process=False,
-                                **kwargs)
+    return pipeline.from_config(
+      source,
+      batch_size,
+      config.loader,
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+      shard_by_process=False,
+      **kwargs,
+    )
 
   arrays = _shard_arrays(shard, c, encoder.cfg.projection_dim)
   with NpzWriter(path, arrays) as writer:
     image_fn, start = encoder.image_fn(mesh), 0
-    for batch in progress(batches(images[shard.start:shard.stop],
-                                  map_fn=PrepareImage(encoder.preprocess)),
-                          total=-(-len(shard) // batch_size),
-                          desc=f"embed: {shard.name} images", unit="batch"):
+    for batch in progress(
+      batches(images[shard.start : shard.stop], map_fn=PrepareImage(encoder.preprocess)),
+      total=-(-len(shard) // batch_size),
+      desc=f"embed: {shard.name} images",
+      unit="batch",
+    ):
       emb = _run(image_fn, encoder.params, batch["image"], rows, mesh)
-      writer["image_ids"][start:start + len(emb)] = batch["image_id"]
-      writer["image_emb"][start:start + len(emb)] = emb
+      writer["image_ids"][start : start + len(emb)] = batch["image_id"]
+      writer["image_emb"][start : start + len(emb)] = emb
       start += len(emb)
     if start != len(shard):
       raise AssertionError(f"{shard.name}: read {start} images, expected {len(shard)}")
     text_fn, start = encoder.text_fn(mesh), 0
     tokenize = Tokenize(encoder.tokenizer, encoder.cfg.max_text_length)
-    for batch in progress(batches(captions[shard.start * c:shard.stop * c],
-                                  map_fn=DropCaptionIndex(), batch_map_fn=tokenize),
-                          total=-(-len(shard) * c // batch_size),
-                          desc=f"embed: {shard.name} captions", unit="batch"):
+    for batch in progress(
+      batches(
+        captions[shard.start * c : shard.stop * c], map_fn=DropCaptionIndex(), batch_map_fn=tokenize
+      ),
+      total=-(-len(shard) * c // batch_size),
+      desc=f"embed: {shard.name} captions",
+      unit="batch",
+    ):
       emb = _run(text_fn, encoder.params, batch["tokens"], rows, mesh)
-      writer["caption_image_ids"][start:start + len(emb)] = batch["image_id"]
-      writer["caption_emb"][start:start + len(emb)] = emb
+      writer["caption_image_ids"][start : start + len(emb)] = batch["image_id"]
+      writer["caption_emb"][start : start + len(emb)] = emb
       start += len(emb)
     if start != len(shard) * c:
       raise AssertionError(f"{shard.name}: read {start} captions, expected {len(shard) * c}")
 
 
-def write_shards(encoder: DualEncoder, workdir: str, splits: Sequence[str], mesh: Mesh,
-                 config: ml_collections.ConfigDict, process_index: int,
-                 process_count: int) -> dict[str, tuple[int, int, int]]:
+def write_shards(
+  encoder: DualEncoder,
+  workdir: str,
+  splits: Sequence[str],
+  mesh: Mesh,
+  config: ml_collections.ConfigDict,
+  process_index: int,
+  process_count: int,
+) -> dict[str, tuple[int, int, int]]:
   """Writes this process's shards of `splits` that are not done yet, on `mesh` (this process's
   devices). Prints one line per split; -> `{split: (shards, skipped, written)}` counted over
   this process's shards."""
@@ -250,8 +303,9 @@ def write_shards(encoder: DualEncoder, workdir: str, splits: Sequence[str], mesh
   c, dim = int(info["captions_per_image"]), encoder.cfg.projection_dim
   counts = {split: [0, 0, 0] for split in splits}
   sources = {}
-  mine = shards_lib.assigned(plan(workdir, splits, config.encoder_train.embed_images_per_shard),
-                             process_index, process_count)
+  mine = shards_lib.assigned(
+    plan(workdir, splits, config.encoder_train.embed_images_per_shard), process_index, process_count
+  )
   for shard in mine:
     counts[shard.split][0] += 1
     path = shard_file(workdir, shard)
@@ -262,8 +316,12 @@ def write_shards(encoder: DualEncoder, workdir: str, splits: Sequence[str], mesh
     if problem:
       print(f"warning: embed shard {path} {problem}; writing it again")
     if shard.split not in sources:  # one split's sources at a time
-      sources = {shard.split: (dataset.image_source(workdir, shard.split),
-                               dataset.caption_source(workdir, shard.split))}
+      sources = {
+        shard.split: (
+          dataset.image_source(workdir, shard.split),
+          dataset.caption_source(workdir, shard.split),
+        )
+      }
     write_shard(encoder, *sources[shard.split], shard, mesh, config, path)
     counts[shard.split][2] += 1
   return shards_lib.report("embed", counts, process_index, process_count)
@@ -282,22 +340,29 @@ def merge_shards(workdir: str, split: str, config: ml_collections.ConfigDict, di
     for shard in shards:
       rows, problem = read_shard(shard_file(workdir, shard), shard, c, dim)
       if rows is None:
-        raise UserError(f"embed shard {shard_file(workdir, shard)} {problem or 'is missing'} "
-                        "after every process finished (is the workdir on storage that all "
-                        "hosts share?)")
+        raise UserError(
+          f"embed shard {shard_file(workdir, shard)} {problem or 'is missing'} "
+          "after every process finished (is the workdir on storage that all "
+          "hosts share?)"
+        )
       for name in ("image_ids", "image_emb"):
-        writer[name][shard.start:shard.stop] = rows[name]
+        writer[name][shard.start : shard.stop] = rows[name]
       for name in ("caption_image_ids", "caption_emb"):
-        writer[name][shard.start * c:shard.stop * c] = rows[name]
+        writer[name][shard.start * c : shard.stop * c] = rows[name]
   embeddings.record(workdir, path)
   for shard in shards:
     os.remove(shard_file(workdir, shard))
   return path
 
 
-def extract_splits(config: ml_collections.ConfigDict, workdir: str, encoder: DualEncoder,
-                   local: tuple[DualEncoder, Mesh], splits: Sequence[str],
-                   fresh: bool) -> tuple[np.ndarray, float]:
+def extract_splits(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  encoder: DualEncoder,
+  local: tuple[DualEncoder, Mesh],
+  splits: Sequence[str],
+  fresh: bool,
+) -> tuple[np.ndarray, float]:
   """Writes `embeddings_<split>.npz` of `splits`: every process its shards with `local` (the
   encoder on its own devices), then process 0 merges them (the others wait, see
   avg_jax.processes). `fresh`: shards of an earlier encoder are removed first. -> (`int64
@@ -321,7 +386,7 @@ def extract_splits(config: ml_collections.ConfigDict, workdir: str, encoder: Dua
         log.info("embed: wrote %s", path)
       shutil.rmtree(shards_dir, ignore_errors=True)
     except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
-      error = e             # the other processes, which would otherwise wait forever)
+      error = e  # the other processes, which would otherwise wait forever)
   if not processes.process_0_succeeded(error is None):
     if error is not None:
       raise error
@@ -329,14 +394,16 @@ def extract_splits(config: ml_collections.ConfigDict, workdir: str, encoder: Dua
   return totals, time.perf_counter() - t0
 
 
-def embed_pseudo_queries(config: ml_collections.ConfigDict, workdir: str, encoder: DualEncoder,
-                         mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+def embed_pseudo_queries(
+  config: ml_collections.ConfigDict, workdir: str, encoder: DualEncoder, mesh: Mesh
+) -> tuple[np.ndarray, np.ndarray]:
   """`(image ids int64[Q], query_emb float32[Q, D])` of the prepared pseudo queries of the
   indexed (non-training) images, in file order (every process computes them)."""
   train_ids = dataset.read_texts(workdir, "train")[0]
   image_ids, queries = pseudo_lib.load(workdir)
   keep = ~np.isin(image_ids, train_ids)
   image_ids, queries = image_ids[keep], [q for q, k in zip(queries, keep) if k]
-  emb = encoder.encode_text_batches(queries, mesh, int(config.encoder_train.embed_batch_size),
-                                    desc="embed pseudo queries")
+  emb = encoder.encode_text_batches(
+    queries, mesh, int(config.encoder_train.embed_batch_size), desc="embed pseudo queries"
+  )
   return image_ids, emb

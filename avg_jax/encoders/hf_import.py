@@ -9,7 +9,8 @@ mis-shaped tensor is a `UserError` naming it. The only tolerated extras are the
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,13 +23,29 @@ from avg_jax.errors import UserError
 
 # HF CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults: `save_pretrained` omits fields
 # equal to them, so a config.json may not spell them out.
-_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
-                      num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
-                      hidden_act="quick_gelu", layer_norm_eps=1e-5, pad_token_id=1,
-                      eos_token_id=49407)
-_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                        hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_TEXT_DEFAULTS = dict(
+  vocab_size=49408,
+  hidden_size=512,
+  intermediate_size=2048,
+  num_hidden_layers=12,
+  num_attention_heads=8,
+  max_position_embeddings=77,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+  pad_token_id=1,
+  eos_token_id=49407,
+)
+_VISION_DEFAULTS = dict(
+  hidden_size=768,
+  intermediate_size=3072,
+  num_hidden_layers=12,
+  num_attention_heads=12,
+  num_channels=3,
+  image_size=224,
+  patch_size=32,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+)
 _IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
@@ -42,8 +59,9 @@ def _read_json(path: str) -> dict:
     raise UserError(f"{path}: cannot read JSON: {e}") from e
 
 
-def config_from_hf(hf: dict, *, source: str = "config.json", dtype: str = "float32",
-                   pad_token_id: int | None = None) -> clip.ClipConfig:
+def config_from_hf(
+  hf: dict, *, source: str = "config.json", dtype: str = "float32", pad_token_id: int | None = None
+) -> clip.ClipConfig:
   """A `ClipConfig` from the dict of a Hugging Face CLIP config.json."""
   if hf.get("model_type", "clip") != "clip":
     raise UserError(f"{source}: model_type {hf.get('model_type')!r} is not 'clip'")
@@ -53,32 +71,43 @@ def config_from_hf(hf: dict, *, source: str = "config.json", dtype: str = "float
     raise UserError(f"{source}: vision_config.num_channels {vision['num_channels']} != 3")
   for key in ("hidden_act", "layer_norm_eps"):
     if text[key] != vision[key]:
-      raise UserError(f"{source}: text and vision {key} differ ({text[key]!r} vs "
-                      f"{vision[key]!r}); avg-jax supports one value for both towers")
+      raise UserError(
+        f"{source}: text and vision {key} differ ({text[key]!r} vs "
+        f"{vision[key]!r}); avg-jax supports one value for both towers"
+      )
   eos = int(text["eos_token_id"])
   return clip.ClipConfig(
-      image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
-      vision_width=int(vision["hidden_size"]), vision_layers=int(vision["num_hidden_layers"]),
-      vision_heads=int(vision["num_attention_heads"]),
-      vision_mlp_dim=int(vision["intermediate_size"]),
-      vocab_size=int(text["vocab_size"]), max_text_length=int(text["max_position_embeddings"]),
-      text_width=int(text["hidden_size"]), text_layers=int(text["num_hidden_layers"]),
-      text_heads=int(text["num_attention_heads"]), text_mlp_dim=int(text["intermediate_size"]),
-      projection_dim=int(hf.get("projection_dim", 512)),
-      layer_norm_eps=float(text["layer_norm_eps"]), hidden_act=str(text["hidden_act"]),
-      # HF keeps the argmax pooling for configs written before eos_token_id was fixed (== 2).
-      text_pooling="argmax" if eos == 2 else "first_eos", eos_token_id=eos,
-      pad_token_id=int(text["pad_token_id"] if pad_token_id is None else pad_token_id),
-      logit_scale_init=float(hf.get("logit_scale_init_value", math.log(1 / 0.07))),
-      dtype=dtype)
+    image_size=int(vision["image_size"]),
+    patch_size=int(vision["patch_size"]),
+    vision_width=int(vision["hidden_size"]),
+    vision_layers=int(vision["num_hidden_layers"]),
+    vision_heads=int(vision["num_attention_heads"]),
+    vision_mlp_dim=int(vision["intermediate_size"]),
+    vocab_size=int(text["vocab_size"]),
+    max_text_length=int(text["max_position_embeddings"]),
+    text_width=int(text["hidden_size"]),
+    text_layers=int(text["num_hidden_layers"]),
+    text_heads=int(text["num_attention_heads"]),
+    text_mlp_dim=int(text["intermediate_size"]),
+    projection_dim=int(hf.get("projection_dim", 512)),
+    layer_norm_eps=float(text["layer_norm_eps"]),
+    hidden_act=str(text["hidden_act"]),
+    # HF keeps the argmax pooling for configs written before eos_token_id was fixed (== 2).
+    text_pooling="argmax" if eos == 2 else "first_eos",
+    eos_token_id=eos,
+    pad_token_id=int(text["pad_token_id"] if pad_token_id is None else pad_token_id),
+    logit_scale_init=float(hf.get("logit_scale_init_value", math.log(1 / 0.07))),
+    dtype=dtype,
+  )
 
 
 # A mapping entry: HF name -> (flax param path, expected HF shape, HF array -> flax array).
 _Entry = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 
 
-def _tower_entries(prefix: str, flax_root: str, width: int, heads: int, mlp: int,
-                   layers: int) -> dict[str, _Entry]:
+def _tower_entries(
+  prefix: str, flax_root: str, width: int, heads: int, mlp: int, layers: int
+) -> dict[str, _Entry]:
   head_dim = width // heads
   keep = lambda a: a
   t = lambda a: a.T
@@ -90,13 +119,20 @@ def _tower_entries(prefix: str, flax_root: str, width: int, heads: int, mlp: int
       target = {"q": "query", "k": "key", "v": "value"}[name]
       # torch Linear weight [out = heads * head_dim, in] -> DenseGeneral kernel [in, heads, kv].
       out[f"{hf}.self_attn.{name}_proj.weight"] = (
-          fx + ("attn", target, "kernel"), (width, width),
-          lambda a: a.T.reshape(width, heads, head_dim))
+        fx + ("attn", target, "kernel"),
+        (width, width),
+        lambda a: a.T.reshape(width, heads, head_dim),
+      )
       out[f"{hf}.self_attn.{name}_proj.bias"] = (
-          fx + ("attn", target, "bias"), (width,), lambda a: a.reshape(heads, head_dim))
+        fx + ("attn", target, "bias"),
+        (width,),
+        lambda a: a.reshape(heads, head_dim),
+      )
     out[f"{hf}.self_attn.out_proj.weight"] = (
-        fx + ("attn", "out", "kernel"), (width, width),
-        lambda a: a.T.reshape(heads, head_dim, width))
+      fx + ("attn", "out", "kernel"),
+      (width, width),
+      lambda a: a.T.reshape(heads, head_dim, width),
+    )
     out[f"{hf}.self_attn.out_proj.bias"] = (fx + ("attn", "out", "bias"), (width,), keep)
     for ln in ("1", "2"):
       out[f"{hf}.layer_norm{ln}.weight"] = (fx + (f"ln{ln}", "scale"), (width,), keep)
@@ -113,33 +149,54 @@ def hf_entries(cfg: clip.ClipConfig) -> dict[str, _Entry]:
   keep = lambda a: a
   p, wv, wt = cfg.patch_size, cfg.vision_width, cfg.text_width
   out: dict[str, _Entry] = {
-      "text_model.embeddings.token_embedding.weight": (
-          ("text", "token_embedding"), (cfg.vocab_size, wt), keep),
-      "text_model.embeddings.position_embedding.weight": (
-          ("text", "position_embedding"), (cfg.max_text_length, wt), keep),
-      "text_model.final_layer_norm.weight": (("text", "final_ln", "scale"), (wt,), keep),
-      "text_model.final_layer_norm.bias": (("text", "final_ln", "bias"), (wt,), keep),
-      "vision_model.embeddings.class_embedding": (("vision", "class_embedding"), (wv,), keep),
-      # Conv weight [out, in, kh, kw] -> dense kernel over (row, col, channel)-flattened patches.
-      "vision_model.embeddings.patch_embedding.weight": (
-          ("vision", "patch_embedding"), (wv, 3, p, p),
-          lambda a: a.transpose(2, 3, 1, 0).reshape(p * p * 3, wv)),
-      "vision_model.embeddings.position_embedding.weight": (
-          ("vision", "position_embedding"), (cfg.num_patches + 1, wv), keep),
-      "vision_model.pre_layrnorm.weight": (("vision", "pre_ln", "scale"), (wv,), keep),
-      "vision_model.pre_layrnorm.bias": (("vision", "pre_ln", "bias"), (wv,), keep),
-      "vision_model.post_layernorm.weight": (("vision", "post_ln", "scale"), (wv,), keep),
-      "vision_model.post_layernorm.bias": (("vision", "post_ln", "bias"), (wv,), keep),
-      "visual_projection.weight": (("visual_projection", "kernel"), (cfg.projection_dim, wv),
-                                   lambda a: a.T),
-      "text_projection.weight": (("text_projection", "kernel"), (cfg.projection_dim, wt),
-                                 lambda a: a.T),
-      "logit_scale": (("logit_scale",), (), lambda a: a.reshape(())),
+    "text_model.embeddings.token_embedding.weight": (
+      ("text", "token_embedding"),
+      (cfg.vocab_size, wt),
+      keep,
+    ),
+    "text_model.embeddings.position_embedding.weight": (
+      ("text", "position_embedding"),
+      (cfg.max_text_length, wt),
+      keep,
+    ),
+    "text_model.final_layer_norm.weight": (("text", "final_ln", "scale"), (wt,), keep),
+    "text_model.final_layer_norm.bias": (("text", "final_ln", "bias"), (wt,), keep),
+    "vision_model.embeddings.class_embedding": (("vision", "class_embedding"), (wv,), keep),
+    # Conv weight [out, in, kh, kw] -> dense kernel over (row, col, channel)-flattened patches.
+    "vision_model.embeddings.patch_embedding.weight": (
+      ("vision", "patch_embedding"),
+      (wv, 3, p, p),
+      lambda a: a.transpose(2, 3, 1, 0).reshape(p * p * 3, wv),
+    ),
+    "vision_model.embeddings.position_embedding.weight": (
+      ("vision", "position_embedding"),
+      (cfg.num_patches + 1, wv),
+      keep,
+    ),
+    "vision_model.pre_layrnorm.weight": (("vision", "pre_ln", "scale"), (wv,), keep),
+    "vision_model.pre_layrnorm.bias": (("vision", "pre_ln", "bias"), (wv,), keep),
+    "vision_model.post_layernorm.weight": (("vision", "post_ln", "scale"), (wv,), keep),
+    "vision_model.post_layernorm.bias": (("vision", "post_ln", "bias"), (wv,), keep),
+    "visual_projection.weight": (
+      ("visual_projection", "kernel"),
+      (cfg.projection_dim, wv),
+      lambda a: a.T,
+    ),
+    "text_projection.weight": (
+      ("text_projection", "kernel"),
+      (cfg.projection_dim, wt),
+      lambda a: a.T,
+    ),
+    "logit_scale": (("logit_scale",), (), lambda a: a.reshape(())),
   }
-  out.update(_tower_entries("text_model", "text", wt, cfg.text_heads, cfg.text_mlp_dim,
-                            cfg.text_layers))
-  out.update(_tower_entries("vision_model", "vision", wv, cfg.vision_heads, cfg.vision_mlp_dim,
-                            cfg.vision_layers))
+  out.update(
+    _tower_entries("text_model", "text", wt, cfg.text_heads, cfg.text_mlp_dim, cfg.text_layers)
+  )
+  out.update(
+    _tower_entries(
+      "vision_model", "vision", wv, cfg.vision_heads, cfg.vision_mlp_dim, cfg.vision_layers
+    )
+  )
   return out
 
 
@@ -153,8 +210,10 @@ def _weight_files(path: str) -> list[str]:
     if not shards:
       raise UserError(f"{index}: empty weight_map")
     return [os.path.join(path, s) for s in shards]
-  raise UserError(f"no model.safetensors (or model.safetensors.index.json) in {path}; "
-                  "convert PyTorch .bin weights to safetensors first")
+  raise UserError(
+    f"no model.safetensors (or model.safetensors.index.json) in {path}; "
+    "convert PyTorch .bin weights to safetensors first"
+  )
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
@@ -170,8 +229,9 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-def convert(tensors: dict[str, np.ndarray], cfg: clip.ClipConfig, *,
-            source: str = "model.safetensors") -> dict[str, Any]:
+def convert(
+  tensors: dict[str, np.ndarray], cfg: clip.ClipConfig, *, source: str = "model.safetensors"
+) -> dict[str, Any]:
   """HF tensors -> nested flax `params` dict (float32 numpy), strictly checked."""
   entries = hf_entries(cfg)
   missing = sorted(set(entries) - set(tensors))
@@ -186,8 +246,10 @@ def convert(tensors: dict[str, np.ndarray], cfg: clip.ClipConfig, *,
   for name, (flax_path, shape, transform) in entries.items():
     array = np.asarray(tensors[name])
     if tuple(array.shape) != tuple(shape):
-      raise UserError(f"{source}: tensor {name} has shape {list(array.shape)}, expected "
-                      f"{list(shape)} from config.json")
+      raise UserError(
+        f"{source}: tensor {name} has shape {list(array.shape)}, expected "
+        f"{list(shape)} from config.json"
+      )
     flat[flax_path] = np.array(transform(array.astype(np.float32)), order="C")
   params = traverse_util.unflatten_dict(flat)
   _check_tree(params, cfg)
@@ -200,18 +262,23 @@ def _check_tree(params: dict, cfg: clip.ClipConfig) -> None:
   want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
   got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}
   diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-  assert not diff, ("HF mapping does not match the model tree: "
-                    f"{[(k, want.get(k), got.get(k)) for k in diff[:3]]}")
+  assert not diff, (
+    f"HF mapping does not match the model tree: {[(k, want.get(k), got.get(k)) for k in diff[:3]]}"
+  )
 
 
-def load_hf_clip(path: str, *, dtype: str = "float32",
-                 pad_token_id: int | None = None) -> tuple[clip.ClipConfig, dict[str, Any]]:
+def load_hf_clip(
+  path: str, *, dtype: str = "float32", pad_token_id: int | None = None
+) -> tuple[clip.ClipConfig, dict[str, Any]]:
   """Reads a HF CLIP directory -> (`ClipConfig`, params as float32 numpy arrays)."""
   if not os.path.isdir(path):
     raise UserError(f"pretrained CLIP directory not found: {path}")
-  cfg = config_from_hf(_read_json(os.path.join(path, "config.json")),
-                       source=os.path.join(path, "config.json"), dtype=dtype,
-                       pad_token_id=pad_token_id)
+  cfg = config_from_hf(
+    _read_json(os.path.join(path, "config.json")),
+    source=os.path.join(path, "config.json"),
+    dtype=dtype,
+    pad_token_id=pad_token_id,
+  )
   files = _weight_files(path)
   params = convert(read_tensors(path), cfg, source=files[0] if len(files) == 1 else path)
   return cfg, params

@@ -8,7 +8,7 @@ travel to the device as bytes; normalisation runs on the device inside the jitte
 import dataclasses
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +23,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
-  resize_short: int              # target length of the shorter side
-  crop_size: int                 # square centre crop (= the model's image_size)
+  resize_short: int  # target length of the shorter side
+  crop_size: int  # square centre crop (= the model's image_size)
   mean: tuple[float, ...] = CLIP_MEAN
   std: tuple[float, ...] = CLIP_STD
 
@@ -56,8 +56,12 @@ class PreprocessConfig:
     crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
     if int(crop) != image_size:
       raise UserError(f"{file}: crop_size {crop} differs from the model's image_size {image_size}")
-    return cls(int(size), int(crop), tuple(d.get("image_mean", CLIP_MEAN)),
-               tuple(d.get("image_std", CLIP_STD)))
+    return cls(
+      int(size),
+      int(crop),
+      tuple(d.get("image_mean", CLIP_MEAN)),
+      tuple(d.get("image_std", CLIP_STD)),
+    )
 
 
 def resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
@@ -86,10 +90,10 @@ def resize_and_crop(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     # Only reachable when resize_short < crop_size: pad with zeros like HF's center_crop.
     padded = np.zeros((max(height, crop), max(width, crop), 3), np.uint8)
     top, left = (padded.shape[0] - height + 1) // 2, (padded.shape[1] - width + 1) // 2
-    padded[top:top + height, left:left + width] = image
+    padded[top : top + height, left : left + width] = image
     image, height, width = padded, padded.shape[0], padded.shape[1]
   top, left = (height - crop) // 2, (width - crop) // 2
-  return np.ascontiguousarray(image[top:top + crop, left:left + crop])
+  return np.ascontiguousarray(image[top : top + crop, left : left + crop])
 
 
 def normalize(images, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):

@@ -24,9 +24,15 @@ from avg_jax.encoders.contrastive import l2_normalize
 _HOST_SLICE = 65536  # rows normalised at a time while placing items
 
 
-def chunked_top_k(queries: jax.Array, items: jax.Array, k: int, chunk_size: int, *,
-                  first_index: jax.Array | int = 0, num_valid: jax.Array | int | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+def chunked_top_k(
+  queries: jax.Array,
+  items: jax.Array,
+  k: int,
+  chunk_size: int,
+  *,
+  first_index: jax.Array | int = 0,
+  num_valid: jax.Array | int | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Top-k inner products of `queries [Q, D]` against `items [n, D]` (n a multiple of
   `chunk_size`, `chunk_size >= k`), scanning chunks. Rows whose global index
   (`first_index` + row) is >= `num_valid` are padding and never returned ahead of real rows.
@@ -36,8 +42,10 @@ def chunked_top_k(queries: jax.Array, items: jax.Array, k: int, chunk_size: int,
   num_valid = n if num_valid is None else num_valid
   chunks = items.reshape(num_chunks, chunk_size, dim)
   q = queries.astype(jnp.float32)
-  init = (jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
-          jnp.full((q.shape[0], k), -1, jnp.int32))
+  init = (
+    jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
+    jnp.full((q.shape[0], k), -1, jnp.int32),
+  )
 
   def body(carry, xs):
     best_scores, best_ids = carry
@@ -58,14 +66,14 @@ def chunked_top_k(queries: jax.Array, items: jax.Array, k: int, chunk_size: int,
 class BruteForceIndex:
   """Exact cosine-similarity search over `items [N, D]` placed on `mesh`."""
 
-  def __init__(self, items: Any, *, mesh: Mesh | None = None, chunk_size: int = 65536,
-               dtype: Any = jnp.float32):
+  def __init__(
+    self, items: Any, *, mesh: Mesh | None = None, chunk_size: int = 65536, dtype: Any = jnp.float32
+  ):
     """items: `float[N, D]` numpy or jax array (normalised here, on the host in slices)."""
     self.num_items, self.dim = int(items.shape[0]), int(items.shape[1])
     if self.num_items == 0:
       raise ValueError("cannot index zero items")
-    self.mesh = mesh if mesh is not None else partitioning.make_mesh({"data": 1},
-                                                                      jax.devices()[:1])
+    self.mesh = mesh if mesh is not None else partitioning.make_mesh({"data": 1}, jax.devices()[:1])
     spec = partitioning.logical_sharding(self.mesh, "items", None).spec
     axes = spec[0] if len(spec) else None
     self._axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
@@ -91,7 +99,7 @@ class BruteForceIndex:
         hi = min(lo + _HOST_SLICE, stop, self.num_items)
         part = np.asarray(items[lo:hi], np.float32)
         norms = np.sqrt(np.maximum((part * part).sum(-1, keepdims=True), 1e-24))
-        out[lo - start:hi - start] = (part / norms).astype(np_dtype)
+        out[lo - start : hi - start] = (part / norms).astype(np_dtype)
       return out
 
     return jax.make_array_from_callback((total, self.dim), self._sharding, shard)
@@ -109,8 +117,9 @@ class BruteForceIndex:
         items = jnp.concatenate([items, jnp.zeros((pad, items.shape[1]), items.dtype)])
       # Padding rows are masked by index: indices >= rows belong to the next shard.
       first = shard_index * rows
-      scores, ids = chunked_top_k(queries, items, k, chunk, first_index=first,
-                                  num_valid=jnp.minimum(first + rows, num_items))
+      scores, ids = chunked_top_k(
+        queries, items, k, chunk, first_index=first, num_valid=jnp.minimum(first + rows, num_items)
+      )
       if axes:
         scores = jax.lax.all_gather(scores, axes, axis=1, tiled=True)  # [Q, shards * k]
         ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True)
@@ -119,15 +128,22 @@ class BruteForceIndex:
       return scores, ids
 
     replicated = PartitionSpec()
-    mapped = jax.shard_map(local, mesh=self.mesh,
-                           in_specs=(replicated, PartitionSpec(axes or None, None)),
-                           out_specs=(replicated, replicated), check_vma=False)
+    mapped = jax.shard_map(
+      local,
+      mesh=self.mesh,
+      in_specs=(replicated, PartitionSpec(axes or None, None)),
+      out_specs=(replicated, replicated),
+      check_vma=False,
+    )
 
     def search(queries, items):
       return mapped(l2_normalize(queries), items)
 
-    fn = jax.jit(search, in_shardings=(NamedSharding(self.mesh, replicated), self._sharding),
-                 out_shardings=(NamedSharding(self.mesh, replicated),) * 2)
+    fn = jax.jit(
+      search,
+      in_shardings=(NamedSharding(self.mesh, replicated), self._sharding),
+      out_shardings=(NamedSharding(self.mesh, replicated),) * 2,
+    )
     self._search_fns[k] = fn
     return fn
 
@@ -144,17 +160,26 @@ class BruteForceIndex:
     padded = np.zeros((1 << max(num_queries - 1, 0).bit_length(), self.dim), np.float32)
     padded[:num_queries] = queries
     placed = jax.make_array_from_callback(
-        padded.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: padded[idx])
+      padded.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: padded[idx]
+    )
     scores, ids = self._search_fn(int(k))(placed, self.items)
     return np.asarray(scores)[:num_queries], np.asarray(ids)[:num_queries]
 
 
-def top_k_indices(queries: Any, items: Any, k: int, *, mesh: Mesh | None = None,
-                  chunk_size: int = 65536, query_batch: int = 1024) -> np.ndarray:
+def top_k_indices(
+  queries: Any,
+  items: Any,
+  k: int,
+  *,
+  mesh: Mesh | None = None,
+  chunk_size: int = 65536,
+  query_batch: int = 1024,
+) -> np.ndarray:
   """Convenience: indices `int32[Q, k]` of the k most cosine-similar items per query."""
   index = BruteForceIndex(items, mesh=mesh, chunk_size=chunk_size)
   queries = np.asarray(queries, np.float32)
-  out = [index.search(queries[i:i + query_batch], k)[1]
-         for i in range(0, queries.shape[0], query_batch)]
+  out = [
+    index.search(queries[i : i + query_batch], k)[1]
+    for i in range(0, queries.shape[0], query_batch)
+  ]
   return np.concatenate(out, axis=0) if out else np.zeros((0, k), np.int32)
-

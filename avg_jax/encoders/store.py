@@ -55,12 +55,14 @@ def param_shardings(cfg: clip.ClipConfig, mesh) -> Any:
 def place(params: Any, shardings: Any) -> Any:
   """Host (numpy) params -> global arrays; works with several processes too."""
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-      params, shardings)
+    lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+    params,
+    shardings,
+  )
 
 
 def encoder_problem(workdir: str) -> str:
-  """"" when the embed stage's encoder files hold the bytes they were written with (its
+  """ "" when the embed stage's encoder files hold the bytes they were written with (its
   checksums), else what differs."""
   return checksums.check(paths.embed_dir(workdir), PARAMS, META)
 
@@ -79,8 +81,7 @@ def load_encoder(workdir: str, mesh=None) -> extract.DualEncoder:
   return load_encoder_dir(paths.embed_dir(workdir), mesh, stage_hint="run `avg-jax embed` first")
 
 
-def load_encoder_dir(directory: str, mesh=None, *,
-                     stage_hint: str = "") -> extract.DualEncoder:
+def load_encoder_dir(directory: str, mesh=None, *, stage_hint: str = "") -> extract.DualEncoder:
   """A dual encoder saved in `directory` (see the module doc): the embed stage's, or a copy made
   by `copy_encoder`. Damaged or missing files are `UserError`s naming them."""
   params_dir = os.path.join(directory, PARAMS)
@@ -103,10 +104,12 @@ def load_encoder_dir(directory: str, mesh=None, *,
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(os.path.abspath(params_dir), abstract)
   except Exception as e:  # orbax raises many types for missing / damaged checkpoints
-    raise UserError(f"{params_dir}: cannot restore the dual encoder ({type(e).__name__})"
-                    f"{hint}") from e
-  return extract.DualEncoder(cfg, params, pre, _load_tokenizer(meta["tokenizer"], directory),
-                             shardings)
+    raise UserError(
+      f"{params_dir}: cannot restore the dual encoder ({type(e).__name__}){hint}"
+    ) from e
+  return extract.DualEncoder(
+    cfg, params, pre, _load_tokenizer(meta["tokenizer"], directory), shardings
+  )
 
 
 def copy_encoder(workdir: str, target: str) -> None:
@@ -141,8 +144,10 @@ def _load_tokenizer(spec: dict, directory: str) -> Any:
 
 
 def describe(cfg: clip.ClipConfig) -> str:
-  return (f"ViT {cfg.vision_layers}x{cfg.vision_width} /{cfg.patch_size} @{cfg.image_size}, "
-          f"text {cfg.text_layers}x{cfg.text_width}, projection {cfg.projection_dim}")
+  return (
+    f"ViT {cfg.vision_layers}x{cfg.vision_width} /{cfg.patch_size} @{cfg.image_size}, "
+    f"text {cfg.text_layers}x{cfg.text_width}, projection {cfg.projection_dim}"
+  )
 
 
 def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extract.DualEncoder:
@@ -152,8 +157,9 @@ def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extr
   pretrained = str(config.encoder.pretrained_path)
   if pretrained:
     tokenizer = bpe.ClipBpeTokenizer.load(pretrained)
-    cfg, host_params = hf_import.load_hf_clip(pretrained, dtype=str(config.encoder.dtype),
-                                              pad_token_id=tokenizer.pad_id)
+    cfg, host_params = hf_import.load_hf_clip(
+      pretrained, dtype=str(config.encoder.dtype), pad_token_id=tokenizer.pad_id
+    )
     if bool(config.encoder.remat) != cfg.remat:
       cfg = clip.ClipConfig.from_dict(dict(cfg.to_dict(), remat=bool(config.encoder.remat)))
     pre = preprocess.PreprocessConfig.from_hf_dir(pretrained, cfg.image_size)
@@ -173,30 +179,38 @@ def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extr
     cfg, params = train_encoder(config, workdir, mesh, tokenizer)
     pre = preprocess.PreprocessConfig.for_image_size(cfg.image_size)
     shardings = param_shardings(cfg, mesh)
-    tokenizer_spec = {"kind": "sentencepiece",
-                      "path": os.path.relpath(tokenizer_file, directory)}
+    tokenizer_spec = {"kind": "sentencepiece", "path": os.path.relpath(tokenizer_file, directory)}
   with ocp.StandardCheckpointer() as checkpointer:
     # force: replaces a save left by an interrupted run (it has no encoder.json yet).
     checkpointer.save(os.path.abspath(params_dir), params, force=True)
     checkpointer.wait_until_finished()
   if processes.is_main():
-    io.write_json(meta_file, {"clip": cfg.to_dict(), "preprocess": pre.to_dict(),
-                              "tokenizer": tokenizer_spec, "pretrained_path": pretrained})
+    io.write_json(
+      meta_file,
+      {
+        "clip": cfg.to_dict(),
+        "preprocess": pre.to_dict(),
+        "tokenizer": tokenizer_spec,
+        "pretrained_path": pretrained,
+      },
+    )
     checksums.add(directory, PARAMS, META, *(["clip_tokenizer"] if pretrained else []))
     # The train state's only use was resuming; the encoder is now saved on its own.
     shutil.rmtree(paths.checkpoints_dir(directory), ignore_errors=True)
   return extract.DualEncoder(cfg, params, pre, tokenizer, shardings)
 
 
-def local_encoder(encoder: extract.DualEncoder,
-                  mesh_config: Any) -> tuple[extract.DualEncoder, Any]:
+def local_encoder(
+  encoder: extract.DualEncoder, mesh_config: Any
+) -> tuple[extract.DualEncoder, Any]:
   """(the encoder on this process's devices only, their mesh): feature extraction needs
   nothing from other processes. The mesh follows `mesh_config` over the local devices."""
   try:
     mesh = partitioning.make_mesh(mesh_config, jax.local_devices())
   except UserError as e:
-    raise UserError(f"embed extracts features on each process's {jax.local_device_count()} "
-                    f"devices, config {e}") from e
+    raise UserError(
+      f"embed extracts features on each process's {jax.local_device_count()} devices, config {e}"
+    ) from e
   shardings = param_shardings(encoder.cfg, mesh)
   if jax.process_count() == 1:
     params = jax.device_put(encoder.params, shardings)
@@ -204,5 +218,6 @@ def local_encoder(encoder: extract.DualEncoder,
     # Parameters may be split over processes (fsdp / model axes): every process gathers a
     # whole copy on the host (one model's memory), then places it on its own devices.
     from jax.experimental import multihost_utils
+
     params = place(multihost_utils.process_allgather(encoder.params, tiled=True), shardings)
   return dataclasses.replace(encoder, params=params, param_shardings=shardings, _jitted={}), mesh

@@ -33,9 +33,11 @@ class CaptionPair:
   def __call__(self, index: int) -> dict:
     image_index, caption_index = divmod(int(index), self.captions_per_image)
     element = self.images[image_index]
-    return {"image": preprocess.resize_and_crop(element["image"], self.pre),
-            "image_id": np.int64(element["image_id"]),
-            "caption": element["captions"][caption_index]}
+    return {
+      "image": preprocess.resize_and_crop(element["image"], self.pre),
+      "image_id": np.int64(element["image_id"]),
+      "caption": element["captions"][caption_index],
+    }
 
 
 class Tokenize:
@@ -58,19 +60,26 @@ def pair_source(workdir: str, split: str, pre: preprocess.PreprocessConfig) -> g
   return grain.MapDataset.range(len(images) * c).map(CaptionPair(images, c, pre))
 
 
-def train_encoder(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, tokenizer: Any
-                  ) -> tuple[clip.ClipConfig, Any]:
+def train_encoder(
+  config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, tokenizer: Any
+) -> tuple[clip.ClipConfig, Any]:
   """Trains (or resumes, or finds finished) the dual encoder; -> (config, sharded params)."""
   tcfg = config.encoder_train
   cfg = clip.ClipConfig.from_config(
-      config.encoder, vocab_size=tokenizer.vocab_size, eos_token_id=1, pad_token_id=0,
-      init_temperature=float(tcfg.init_temperature))
+    config.encoder,
+    vocab_size=tokenizer.vocab_size,
+    eos_token_id=1,
+    pad_token_id=0,
+    init_temperature=float(tcfg.init_temperature),
+  )
   pre = preprocess.PreprocessConfig.for_image_size(cfg.image_size)
   batch_size, processes = int(tcfg.batch_size), jax.process_count()
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % processes or batch_size % data_shards:
-    raise UserError(f"config encoder_train.batch_size={batch_size} must be divisible by the "
-                    f"{processes} processes and the {data_shards} data-parallel devices")
+    raise UserError(
+      f"config encoder_train.batch_size={batch_size} must be divisible by the "
+      f"{processes} processes and the {data_shards} data-parallel devices"
+    )
   steps = int(tcfg.steps)
   if steps < 1:
     raise UserError(f"config encoder_train.steps={steps} must be >= 1 to train an encoder")
@@ -82,13 +91,18 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, t
   step_fn = contrastive.make_train_step(cfg, tx, schedule, mesh, shardings, pre.mean, pre.std)
 
   data_iter = pipeline.from_config(
-      pair_source(workdir, "train", pre), batch_size // processes, config.loader,
-      shuffle=True, num_epochs=None, drop_remainder=True,
-      batch_map_fn=Tokenize(tokenizer, cfg.max_text_length))
-  checkpointer = checkpoints.Checkpointer(
-      paths.checkpoints_dir(paths.embed_dir(workdir)), keep=2)
-  restored = checkpointer.restore_latest_good(partitioning.abstract(state, shardings),
-                                              data_iter=data_iter)
+    pair_source(workdir, "train", pre),
+    batch_size // processes,
+    config.loader,
+    shuffle=True,
+    num_epochs=None,
+    drop_remainder=True,
+    batch_map_fn=Tokenize(tokenizer, cfg.max_text_length),
+  )
+  checkpointer = checkpoints.Checkpointer(paths.checkpoints_dir(paths.embed_dir(workdir)), keep=2)
+  restored = checkpointer.restore_latest_good(
+    partitioning.abstract(state, shardings), data_iter=data_iter
+  )
   if restored is not None:
     state = restored[1]
 
@@ -99,12 +113,21 @@ def train_encoder(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, t
 
   writer = MetricsWriter(workdir, "embed", process_index=jax.process_index())
   try:
-    state = loop.fit(step_fn=step_fn, state=state, rng=jax.random.fold_in(rng, 1),
-                     batches=batches(), num_steps=steps, checkpointer=checkpointer,
-                     checkpoint_every=int(tcfg.checkpoint_every), writer=writer,
-                     data_iter=data_iter, metadata={"encoder": cfg.to_dict()},
-                     log_every=int(tcfg.log_every), examples_per_step=batch_size,
-                     desc="embed: train dual encoder")
+    state = loop.fit(
+      step_fn=step_fn,
+      state=state,
+      rng=jax.random.fold_in(rng, 1),
+      batches=batches(),
+      num_steps=steps,
+      checkpointer=checkpointer,
+      checkpoint_every=int(tcfg.checkpoint_every),
+      writer=writer,
+      data_iter=data_iter,
+      metadata={"encoder": cfg.to_dict()},
+      log_every=int(tcfg.log_every),
+      examples_per_step=batch_size,
+      desc="embed: train dual encoder",
+    )
   finally:
     checkpointer.close()
   return cfg, state.params

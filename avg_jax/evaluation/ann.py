@@ -33,6 +33,7 @@ def _faiss():
   if loader.level == logging.NOTSET:
     loader.setLevel(logging.WARNING)
   import faiss  # pylint: disable=import-outside-toplevel
+
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   faiss.omp_set_num_threads(max(1, threads or 1))
   return faiss
@@ -65,8 +66,9 @@ class HnswIndex:
     """Bytes of the serialised index (vectors + graph)."""
     return int(len(_faiss().serialize_index(self._index)))
 
-  def search(self, queries: np.ndarray, k: int, *, ef_search: int = 64
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def search(
+    self, queries: np.ndarray, k: int, *, ef_search: int = 64
+  ) -> tuple[np.ndarray, np.ndarray]:
     """`queries [Q, D]` -> (cosine `float32[Q, k]`, item indices `int64[Q, k]`; -1 missing).
 
     `ef_search` (>= k) is the candidate list size: higher finds more true neighbours, slower.

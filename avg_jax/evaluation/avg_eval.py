@@ -8,7 +8,7 @@ embedding, and the index the images' (both from the embed stage's files).
 """
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,8 +25,9 @@ from avg_jax.evaluation.recall import code_recall_at_k, recall_at_k
 from avg_jax.progress import progress
 
 
-def query_set(workdir: str, split: str, tokenizer: TextTokenizer, max_length: int,
-              max_queries: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def query_set(
+  workdir: str, split: str, tokenizer: TextTokenizer, max_length: int, max_queries: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """`(input tokens int32[Q, S], true image ids int64[Q])` for the split's captions.
 
   `max_queries > 0` keeps the first captions of the first images (whole images first).
@@ -44,10 +45,15 @@ def device_index(gen, splits, mesh, decode: DecodeConfig, workdir: str) -> Devic
   item_embeddings = None
   if decode.needs_embeddings:
     parts = [embeddings.load(workdir, s) for s in splits]
-    item_embeddings = (np.concatenate([p["image_ids"] for p in parts]),
-                       np.concatenate([p["image_emb"] for p in parts]))
-  return trie.to_device(dense_levels=decode.dense_levels,
-                        sharding=partitioning.replicated(mesh), item_embeddings=item_embeddings)
+    item_embeddings = (
+      np.concatenate([p["image_ids"] for p in parts]),
+      np.concatenate([p["image_emb"] for p in parts]),
+    )
+  return trie.to_device(
+    dense_levels=decode.dense_levels,
+    sharding=partitioning.replicated(mesh),
+    item_embeddings=item_embeddings,
+  )
 
 
 def query_embeddings(workdir: str, split: str, max_queries: int = 0) -> np.ndarray:
@@ -61,9 +67,17 @@ def _global_batch_size(requested: int, mesh) -> int:
   return max(data_devices, (requested // data_devices) * data_devices)
 
 
-def run_search(search_fn, params: Any, device_trie: Any, inputs: np.ndarray, *, mesh,
-               batch_size: int, desc: str = "search", query_emb: np.ndarray | None = None
-               ) -> tuple[dict, tuple[float, int]]:
+def run_search(
+  search_fn,
+  params: Any,
+  device_trie: Any,
+  inputs: np.ndarray,
+  *,
+  mesh,
+  batch_size: int,
+  desc: str = "search",
+  query_emb: np.ndarray | None = None,
+) -> tuple[dict, tuple[float, int]]:
   """Runs `search_fn` over all `inputs [Q, S]` (and `query_emb [Q, D]`) in padded global
   batches.
 
@@ -86,8 +100,9 @@ def run_search(search_fn, params: Any, device_trie: Any, inputs: np.ndarray, *, 
     if padded_emb is None:
       result = search_fn(params, device_trie, tokens)
     else:
-      result = search_fn(params, device_trie, tokens,
-                         partitioning.shard_host_batch(padded_emb[rows], mesh))
+      result = search_fn(
+        params, device_trie, tokens, partitioning.shard_host_batch(padded_emb[rows], mesh)
+      )
     if pc > 1:
       result = multihost_utils.process_allgather(result, tiled=True)
     return search_lib.results_to_numpy(result)
@@ -95,8 +110,9 @@ def run_search(search_fn, params: Any, device_trie: Any, inputs: np.ndarray, *, 
   one(0)  # compile
   outs = []
   start = time.perf_counter()
-  for b in progress(range(0, padded.shape[0], batch), total=padded.shape[0] // batch,
-                    desc=desc, unit="batch"):
+  for b in progress(
+    range(0, padded.shape[0], batch), total=padded.shape[0] // batch, desc=desc, unit="batch"
+  ):
     outs.append(one(b))
   elapsed = time.perf_counter() - start
   merged = {k: np.concatenate([o[k] for o in outs])[:q] for k in outs[0]}
@@ -111,32 +127,56 @@ def eval_decode(config) -> DecodeConfig:
 def make_eval_search_fn(gen, mesh, param_shardings: Any, config, query_head=None):
   """The jitted search `evaluate_recall` uses (build once, reuse across evaluations);
   `query_head`: avg_hybrid's query embeddings from the generator (`models.query_head`)."""
-  return search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings,
-                                   eval_decode(config), trained_length=gen.trained_length,
-                                   query_head=query_head)
+  return search_lib.make_search_fn(
+    gen.cfg,
+    gen.vocab,
+    mesh,
+    param_shardings,
+    eval_decode(config),
+    trained_length=gen.trained_length,
+    query_head=query_head,
+  )
 
 
-def evaluate_recall(gen, params: Any, param_shardings: Any, mesh, config, workdir: str,
-                    split: str, *, max_queries: int = 0,
-                    search_fn: Optional[Any] = None, query_head: Any = None) -> dict:
+def evaluate_recall(
+  gen,
+  params: Any,
+  param_shardings: Any,
+  mesh,
+  config,
+  workdir: str,
+  split: str,
+  *,
+  max_queries: int = 0,
+  search_fn: Any | None = None,
+  query_head: Any = None,
+) -> dict:
   """Recall of `params` on `split`: image-level `R@K` (the image must be retrieved) and the
   paper's code-level `code R@K` (a generated sequence carries its semantic codes), plus
   `queries_per_s` and `num_queries`."""
   d = eval_decode(config)
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
-  inputs, true_ids = query_set(workdir, split, gen.tokenizer,
-                               int(config.text_tokenizer.max_length), max_queries)
+  inputs, true_ids = query_set(
+    workdir, split, gen.tokenizer, int(config.text_tokenizer.max_length), max_queries
+  )
   if search_fn is None:
     search_fn = make_eval_search_fn(gen, mesh, param_shardings, config, query_head)
   device_trie = device_index(gen, [split], mesh, d, workdir)
   query_emb = query_embeddings(workdir, split, max_queries) if d.needs_text_tower else None
-  results, (seconds, timed) = run_search(search_fn, params, device_trie, inputs, mesh=mesh,
-                                         batch_size=d.batch_size, desc=f"search {split}",
-                                         query_emb=query_emb)
+  results, (seconds, timed) = run_search(
+    search_fn,
+    params,
+    device_trie,
+    inputs,
+    mesh=mesh,
+    batch_size=d.batch_size,
+    desc=f"search {split}",
+    query_emb=query_emb,
+  )
   metrics = recall_at_k(results["item_ids"], true_ids, ks)
   image_ids, codes = gen.table[split]
   row_of = {int(i): r for r, i in enumerate(image_ids)}
-  true_codes = codes[[row_of[int(i)] for i in true_ids], :gen.vocab.num_levels]
+  true_codes = codes[[row_of[int(i)] for i in true_ids], : gen.vocab.num_levels]
   metrics.update(code_recall_at_k(results["sequences"], true_codes, ks))
   metrics["num_queries"] = int(inputs.shape[0])
   metrics["queries_per_s"] = timed / max(seconds, 1e-9)

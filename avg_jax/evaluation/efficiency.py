@@ -28,8 +28,9 @@ from avg_jax.evaluation import ann, avg_eval
 from avg_jax.progress import progress
 
 
-def distractor_codes(real_codes: np.ndarray, position_sizes, n: int, seed: int = 0, *,
-                     distinct: bool = True) -> np.ndarray:
+def distractor_codes(
+  real_codes: np.ndarray, position_sizes, n: int, seed: int = 0, *, distinct: bool = True
+) -> np.ndarray:
   """`n` random identifiers `int32[n, P]`.
 
   `distinct`: distinct from each other and from `real_codes` (full identifiers); raises
@@ -49,7 +50,7 @@ def distractor_codes(real_codes: np.ndarray, position_sizes, n: int, seed: int =
   while len(keys) < n:
     draw = rng.integers(0, int(space), size=int((n - len(keys)) * 1.2) + 16, dtype=np.int64)
     _, first = np.unique(draw, return_index=True)
-    draw = draw[np.sort(first)]                                   # distinct, in draw order
+    draw = draw[np.sort(first)]  # distinct, in draw order
     draw = draw[~np.isin(draw, taken) & ~np.isin(draw, keys)]
     keys = np.concatenate([keys, draw])
   keys = keys[:n]
@@ -68,7 +69,7 @@ def distractor_embeddings(real_emb: np.ndarray, n: int, seed: int = 0) -> np.nda
   out = np.empty((n, len(mean)), np.float32)
   for start in range(0, n, 65536):  # in slices: float64 noise for 1M x D would double memory
     z = rng.standard_normal((min(65536, n - start), len(mean)))
-    out[start:start + len(z)] = (mean + z @ chol.T).astype(np.float32)
+    out[start : start + len(z)] = (mean + z @ chol.T).astype(np.float32)
   return out
 
 
@@ -78,17 +79,17 @@ def index_items(real_emb: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
   return np.concatenate([real, distractor_embeddings(real_emb, max(n - len(real), 0), seed)])
 
 
-def exact_top_k(items: np.ndarray, queries: np.ndarray, k: int, chunk: int = 262144
-                ) -> np.ndarray:
+def exact_top_k(items: np.ndarray, queries: np.ndarray, k: int, chunk: int = 262144) -> np.ndarray:
   """`int64[Q, k]` indices of each query's k most cosine-similar items (host, in chunks)."""
   q = ann.normalize(queries)
   best_s = np.full((len(q), 0), -np.inf, np.float32)
   best_i = np.zeros((len(q), 0), np.int64)
   for start in range(0, len(items), chunk):
-    sims = q @ ann.normalize(items[start:start + chunk]).T
+    sims = q @ ann.normalize(items[start : start + chunk]).T
     s = np.concatenate([best_s, sims], axis=1)
-    i = np.concatenate([best_i, start + np.broadcast_to(np.arange(sims.shape[1]), sims.shape)],
-                       axis=1)
+    i = np.concatenate(
+      [best_i, start + np.broadcast_to(np.arange(sims.shape[1]), sims.shape)], axis=1
+    )
     keep = np.argsort(-s, axis=1, kind="stable")[:, :k]
     best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
   return best_i
@@ -101,14 +102,28 @@ def fastest_at_recall(rows: list[dict], target: float) -> list[dict]:
   for n in sorted({r["num_items"] for r in rows}):
     at_n = [r for r in rows if r["num_items"] == n]
     good = [r for r in at_n if r["recall_at_k"] >= target]
-    out.append(max(good, key=lambda r: r["queries_per_s"]) if good
-               else max(at_n, key=lambda r: r["recall_at_k"]))
+    out.append(
+      max(good, key=lambda r: r["queries_per_s"])
+      if good
+      else max(at_n, key=lambda r: r["recall_at_k"])
+    )
   return out
 
 
-def ann_queries_per_s(image_emb: np.ndarray, query_emb: np.ndarray, sizes, *, k: int,
-                      batch_size: int, m: int, ef_construction: int, ef_search,
-                      encode_s_per_query: float, seed: int = 0, repeats: int = 3) -> list[dict]:
+def ann_queries_per_s(
+  image_emb: np.ndarray,
+  query_emb: np.ndarray,
+  sizes,
+  *,
+  k: int,
+  batch_size: int,
+  m: int,
+  ef_construction: int,
+  ef_search,
+  encode_s_per_query: float,
+  seed: int = 0,
+  repeats: int = 3,
+) -> list[dict]:
   """Two-tower over a faiss HNSW index: for each N and each `ef_search`, `{"num_items",
   "ef_search", "queries_per_s" (with the text tower), "search_only_queries_per_s",
   "recall_at_k" (against exact search), "build_s", "index_bytes"}` (median of `repeats`)."""
@@ -118,7 +133,7 @@ def ann_queries_per_s(image_emb: np.ndarray, query_emb: np.ndarray, sizes, *, k:
     exact = exact_top_k(items, query_emb, k)
     index = ann.HnswIndex(items, m=m, ef_construction=ef_construction)
     nbytes = index.nbytes
-    batches = [query_emb[i:i + batch_size] for i in range(0, len(query_emb), batch_size)]
+    batches = [query_emb[i : i + batch_size] for i in range(0, len(query_emb), batch_size)]
     for ef in ef_search:
       found = np.concatenate([index.search(b, k, ef_search=ef)[1] for b in batches])
       times = []
@@ -128,18 +143,25 @@ def ann_queries_per_s(image_emb: np.ndarray, query_emb: np.ndarray, sizes, *, k:
           index.search(b, k, ef_search=ef)
         times.append((time.perf_counter() - t0) / len(query_emb))
       search_s = float(np.median(times))
-      rows.append({"num_items": int(n), "ef_search": int(ef),
-                   "queries_per_s": 1.0 / (encode_s_per_query + search_s),
-                   "search_only_queries_per_s": 1.0 / search_s,
-                   "recall_at_k": ann.recall_against_exact(found, exact), "k": int(k),
-                   "build_s": index.build_s, "index_bytes": nbytes})
+      rows.append(
+        {
+          "num_items": int(n),
+          "ef_search": int(ef),
+          "queries_per_s": 1.0 / (encode_s_per_query + search_s),
+          "search_only_queries_per_s": 1.0 / search_s,
+          "recall_at_k": ann.recall_against_exact(found, exact),
+          "k": int(k),
+          "build_s": index.build_s,
+          "index_bytes": nbytes,
+        }
+      )
     del index, items
   return rows
 
 
 def text_encode_s_per_query(encoder, mesh, texts: list[str], batch_size: int) -> float:
   """Seconds per query of the dual encoder's text tower, in batches of `batch_size`."""
-  batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+  batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
   encoder.encode_texts(batches[0], mesh)  # compile
   t0 = time.perf_counter()
   for b in batches:
@@ -147,10 +169,21 @@ def text_encode_s_per_query(encoder, mesh, texts: list[str], batch_size: int) ->
   return (time.perf_counter() - t0) / len(texts)
 
 
-def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.ndarray,
-                      sizes, *, seed: int = 0, query_emb: np.ndarray | None = None,
-                      image_emb: np.ndarray | None = None,
-                      encode_s_per_query: float = 0.0, query_head=None) -> list[dict]:
+def avg_queries_per_s(
+  gen,
+  params,
+  param_shardings,
+  mesh,
+  config,
+  inputs: np.ndarray,
+  sizes,
+  *,
+  seed: int = 0,
+  query_emb: np.ndarray | None = None,
+  image_emb: np.ndarray | None = None,
+  encode_s_per_query: float = 0.0,
+  query_head=None,
+) -> list[dict]:
   """`[{"num_items", "queries_per_s", "trie_bytes", "embedding_bytes", "trie_build_s"}]` for
   each N in `sizes`.
 
@@ -160,10 +193,16 @@ def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.nda
   generator's `query_head` inside the timed search."""
   image_ids, codes = gen.codes("test")
   d = avg_eval.eval_decode(config).with_k(int(config.decode.top_k))
-  sizes_p = gen.vocab.position_sizes()[:gen.trained_length]
-  search_fn = search_lib.make_search_fn(gen.cfg, gen.vocab, mesh, param_shardings, d,
-                                        trained_length=gen.trained_length,
-                                        query_head=query_head)
+  sizes_p = gen.vocab.position_sizes()[: gen.trained_length]
+  search_fn = search_lib.make_search_fn(
+    gen.cfg,
+    gen.vocab,
+    mesh,
+    param_shardings,
+    d,
+    trained_length=gen.trained_length,
+    query_head=query_head,
+  )
   use_emb = image_emb is not None and (query_emb is not None or query_head is not None)
   tower = use_emb and query_emb is not None
   rows = []
@@ -184,22 +223,46 @@ def avg_queries_per_s(gen, params, param_shardings, mesh, config, inputs: np.nda
     if use_emb:
       fake_emb = distractor_embeddings(image_emb, extra, seed)
       item_embeddings = (ids, np.concatenate([image_emb, fake_emb]))
-    device_trie = trie.to_device(dense_levels=d.dense_levels,
-                                 sharding=partitioning.replicated(mesh),
-                                 item_embeddings=item_embeddings)
-    _, (seconds, timed) = avg_eval.run_search(search_fn, params, device_trie, inputs, mesh=mesh,
-                                              batch_size=d.batch_size, desc=f"N={n}",
-                                              query_emb=query_emb if tower else None)
+    device_trie = trie.to_device(
+      dense_levels=d.dense_levels,
+      sharding=partitioning.replicated(mesh),
+      item_embeddings=item_embeddings,
+    )
+    _, (seconds, timed) = avg_eval.run_search(
+      search_fn,
+      params,
+      device_trie,
+      inputs,
+      mesh=mesh,
+      batch_size=d.batch_size,
+      desc=f"N={n}",
+      query_emb=query_emb if tower else None,
+    )
     per_query = seconds / max(timed, 1) + (encode_s_per_query if tower else 0.0)
-    rows.append({"num_items": int(n), "queries_per_s": 1.0 / max(per_query, 1e-12),
-                 "trie_bytes": int(device_trie.nbytes),
-                 "embedding_bytes": int(device_trie.embedding_nbytes), "trie_build_s": build_s})
+    rows.append(
+      {
+        "num_items": int(n),
+        "queries_per_s": 1.0 / max(per_query, 1e-12),
+        "trie_bytes": int(device_trie.nbytes),
+        "embedding_bytes": int(device_trie.embedding_nbytes),
+        "trie_build_s": build_s,
+      }
+    )
   return rows
 
 
-def two_tower_queries_per_s(encoder, mesh, texts: list[str], query_emb: np.ndarray, sizes, *,
-                            k: int, batch_size: int, seed: int = 0,
-                            encode_s_per_query: float | None = None) -> list[dict]:
+def two_tower_queries_per_s(
+  encoder,
+  mesh,
+  texts: list[str],
+  query_emb: np.ndarray,
+  sizes,
+  *,
+  k: int,
+  batch_size: int,
+  seed: int = 0,
+  encode_s_per_query: float | None = None,
+) -> list[dict]:
   """Brute-force cosine top-k over N random embeddings, plus the text tower's time."""
   if encode_s_per_query is None:
     encode_s_per_query = text_encode_s_per_query(encoder, mesh, texts, batch_size)
@@ -208,14 +271,18 @@ def two_tower_queries_per_s(encoder, mesh, texts: list[str], query_emb: np.ndarr
   for n in progress(sizes, desc="efficiency (two-tower)", unit="N"):
     items = rng.standard_normal((int(n), query_emb.shape[1]), dtype=np.float32)
     index = retrieval.BruteForceIndex(items, mesh=mesh)
-    qb = [query_emb[i:i + batch_size] for i in range(0, len(query_emb), batch_size)]
+    qb = [query_emb[i : i + batch_size] for i in range(0, len(query_emb), batch_size)]
     index.search(qb[0], k)  # compile
     t0 = time.perf_counter()
     for q in qb:
       index.search(q, k)
     search_s_per_query = (time.perf_counter() - t0) / len(query_emb)
-    rows.append({"num_items": int(n),
-                 "queries_per_s": 1.0 / (encode_s_per_query + search_s_per_query),
-                 "search_only_queries_per_s": 1.0 / search_s_per_query})
+    rows.append(
+      {
+        "num_items": int(n),
+        "queries_per_s": 1.0 / (encode_s_per_query + search_s_per_query),
+        "search_only_queries_per_s": 1.0 / search_s_per_query,
+      }
+    )
     del index, items
   return rows

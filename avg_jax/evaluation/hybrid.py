@@ -7,15 +7,16 @@ log-probs), and every candidate weight re-ranks that same beam on the host, whic
 the ranking the device search would return for that weight, at the cost of one search.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from avg_jax.evaluation.recall import recall_at_k
 
 
-def candidate_similarities(item_ids: np.ndarray, query_emb: np.ndarray, image_ids: np.ndarray,
-                           image_emb: np.ndarray) -> np.ndarray:
+def candidate_similarities(
+  item_ids: np.ndarray, query_emb: np.ndarray, image_ids: np.ndarray, image_emb: np.ndarray
+) -> np.ndarray:
   """`float32[Q, B]`: cosine of each query `[Q, D]` with each of its beam's images
   `item_ids [Q, B]` (-1 = empty slot, similarity 0), given the index's `image_ids [N]` and
   `image_emb [N, D]` (rows L2-normalised here, as the search does)."""
@@ -31,8 +32,7 @@ def candidate_similarities(item_ids: np.ndarray, query_emb: np.ndarray, image_id
   return np.where(rows >= 0, sim, 0.0).astype(np.float32)
 
 
-def rerank(item_ids: np.ndarray, scores: np.ndarray, sim: np.ndarray, weight: float
-           ) -> np.ndarray:
+def rerank(item_ids: np.ndarray, scores: np.ndarray, sim: np.ndarray, weight: float) -> np.ndarray:
   """`int[Q, B]` the beam's images ordered by `score + weight * sim` (ties keep the beam's
   order; empty slots, id -1, last) — the host twin of `search.hybrid_rescore`."""
   fused = np.where(np.asarray(item_ids) >= 0, scores + weight * sim, -np.inf)
@@ -40,9 +40,14 @@ def rerank(item_ids: np.ndarray, scores: np.ndarray, sim: np.ndarray, weight: fl
   return np.take_along_axis(np.asarray(item_ids), order, axis=-1)
 
 
-def choose_weight(item_ids: np.ndarray, scores: np.ndarray, sim: np.ndarray,
-                  true_ids: np.ndarray, weights: Sequence[float], ks: Sequence[int] = (1, 5, 10)
-                  ) -> tuple[float, list[dict]]:
+def choose_weight(
+  item_ids: np.ndarray,
+  scores: np.ndarray,
+  sim: np.ndarray,
+  true_ids: np.ndarray,
+  weights: Sequence[float],
+  ks: Sequence[int] = (1, 5, 10),
+) -> tuple[float, list[dict]]:
   """The weight of `weights` with the best R@1 on these (validation) queries, ties to the
   smaller weight (closer to plain AVG), and the table `[{"weight", "R@1", ...}]`.
 

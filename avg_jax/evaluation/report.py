@@ -16,7 +16,6 @@
 
 import math
 import os
-from typing import Optional
 
 import matplotlib
 
@@ -30,7 +29,7 @@ RECALL_KEYS = ("R@1", "R@5", "R@10")
 CODE_KEYS = ("code R@1", "code R@5", "code R@10")
 
 
-def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
+def crossover(avg: list[dict], two_tower: list[dict]) -> float | None:
   """Smallest N from which AVG's queries/s stays at or above two-tower's at every larger size
   measured (log-log interpolation at the last crossing), as "AVG faster from N ~" says.
 
@@ -58,9 +57,12 @@ def crossover(avg: list[dict], two_tower: list[dict]) -> Optional[float]:
 def plot_recall(recall: dict, path: str) -> None:
   """Image-level Recall@K bars per method, one panel per protocol."""
   protocols = list(recall)
-  fig, axes = plt.subplots(1, len(protocols), squeeze=False,
-                           figsize=(max(5, 1.1 * max(len(m) for m in recall.values()))
-                                    * len(protocols), 3.5))
+  fig, axes = plt.subplots(
+    1,
+    len(protocols),
+    squeeze=False,
+    figsize=(max(5, 1.1 * max(len(m) for m in recall.values())) * len(protocols), 3.5),
+  )
   width = 0.8 / len(RECALL_KEYS)
   for ax, protocol in zip(axes[0], protocols):
     methods = list(recall[protocol])
@@ -77,12 +79,11 @@ def plot_recall(recall: dict, path: str) -> None:
   plt.close(fig)
 
 
-def plot_efficiency(efficiency: dict, path: str, cross: Optional[float]) -> None:
+def plot_efficiency(efficiency: dict, path: str, cross: float | None) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for method, rows in efficiency.items():
     rows = sorted(rows, key=lambda r: r["num_items"])
-    ax.plot([r["num_items"] for r in rows], [r["queries_per_s"] for r in rows], "o-",
-            label=method)
+    ax.plot([r["num_items"] for r in rows], [r["queries_per_s"] for r in rows], "o-", label=method)
   if cross is not None:
     ax.axvline(cross, color="grey", ls="--", lw=1, label=f"crossover ~{cross:,.0f}")
   ax.set_xscale("log")
@@ -105,8 +106,13 @@ def plot_ann_frontier(frontier: list[dict], efficiency: dict, path: str) -> None
   for i, n in enumerate(sizes):
     rows = sorted((r for r in frontier if r["num_items"] == n), key=lambda r: r["ef_search"])
     color = colors[i % len(colors)]
-    ax.plot([r["queries_per_s"] for r in rows], [r["recall_at_k"] for r in rows], "o-",
-            color=color, label=f"HNSW N={n:,}")
+    ax.plot(
+      [r["queries_per_s"] for r in rows],
+      [r["recall_at_k"] for r in rows],
+      "o-",
+      color=color,
+      label=f"HNSW N={n:,}",
+    )
     for method, style in (("avg", ":"), ("avg_hybrid", "--")):
       q = [r["queries_per_s"] for r in efficiency.get(method, []) if r["num_items"] == n]
       if q:
@@ -122,12 +128,16 @@ def plot_ann_frontier(frontier: list[dict], efficiency: dict, path: str) -> None
 
 
 def _markdown_frontier(frontier: list[dict]) -> list[str]:
-  out = ["| N | ef_search | queries/s | search-only q/s | recall@k vs exact | build s | "
-         "index MB |", "|---|---|---|---|---|---|---|"]
+  out = [
+    "| N | ef_search | queries/s | search-only q/s | recall@k vs exact | build s | index MB |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in sorted(frontier, key=lambda r: (r["num_items"], r["ef_search"])):
-    out.append(f"| {r['num_items']:,} | {r['ef_search']} | {r['queries_per_s']:.1f} | "
-               f"{r['search_only_queries_per_s']:.1f} | {r['recall_at_k']:.3f} | "
-               f"{r['build_s']:.1f} | {r['index_bytes'] / 2**20:.1f} |")
+    out.append(
+      f"| {r['num_items']:,} | {r['ef_search']} | {r['queries_per_s']:.1f} | "
+      f"{r['search_only_queries_per_s']:.1f} | {r['recall_at_k']:.3f} | "
+      f"{r['build_s']:.1f} | {r['index_bytes'] / 2**20:.1f} |"
+    )
   return out + [""]
 
 
@@ -169,16 +179,26 @@ def summary_table(results: dict) -> str:
   when `results` has it)."""
   lines = []
   for protocol, methods in results.get("recall", {}).items():
-    seen = [f"{m}{_count(v)}" for m, v in
-            results.get("saw_pseudo_queries", {}).get(protocol, {}).items() if v]
+    seen = [
+      f"{m}{_count(v)}"
+      for m, v in results.get("saw_pseudo_queries", {}).get(protocol, {}).items()
+      if v
+    ]
     if lines:
       lines.append("")
-    none = "none" + (" (the data has none: the same training as inductive)"
-                     if protocol == "transductive" else "")
-    lines.append(f"protocol {protocol} (test; trained on the indexed images' pseudo queries: "
-                 f"{', '.join(seen) or none})")
-    lines.append(f"{'method':<12}" + "".join(f"{k:>8}" for k in RECALL_KEYS) +
-                 "".join(f"{k:>11}" for k in CODE_KEYS) + "   R@1 vs two-tower [95% CI]")
+    none = "none" + (
+      " (the data has none: the same training as inductive)" if protocol == "transductive" else ""
+    )
+    lines.append(
+      f"protocol {protocol} (test; trained on the indexed images' pseudo queries: "
+      f"{', '.join(seen) or none})"
+    )
+    lines.append(
+      f"{'method':<12}"
+      + "".join(f"{k:>8}" for k in RECALL_KEYS)
+      + "".join(f"{k:>11}" for k in CODE_KEYS)
+      + "   R@1 vs two-tower [95% CI]"
+    )
     versus = results.get("vs_two_tower", {}).get(protocol, {})
     for method, r in methods.items():
       # A metric a method does not have (code R@K of two_tower) shows a dash, never nan.
@@ -186,8 +206,11 @@ def summary_table(results: dict) -> str:
       d = versus.get(method, {}).get("R@1")
       if d:
         cells.append(f"   {d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
-      lines.append(f"{method:<12}" + "".join(f"{format_metric(r.get(k), '.1f'):>8}"
-                                             for k in RECALL_KEYS) + "".join(cells))
+      lines.append(
+        f"{method:<12}"
+        + "".join(f"{format_metric(r.get(k), '.1f'):>8}" for k in RECALL_KEYS)
+        + "".join(cells)
+      )
   eff = results.get("efficiency", {})
   if eff:
     if lines:
@@ -203,13 +226,15 @@ def summary_table(results: dict) -> str:
         cells.append(f"{format_metric(q[0] if q else None, '.1f'):>{width}}")
       lines.append(f"{n:>10,}" + "".join(cells))
     cross = results.get("crossover")
-    lines.append("AVG faster than two-tower from N ~ " +
-                 (f"{cross:,.0f}" if cross else "never (within the sizes measured)"))
+    lines.append(
+      "AVG faster than two-tower from N ~ "
+      + (f"{cross:,.0f}" if cross else "never (within the sizes measured)")
+    )
   return "\n".join(lines)
 
 
 def _count(value) -> str:
-  """" (817)" for a count of pseudo queries; "" for the booleans of older results."""
+  """ " (817)" for a count of pseudo queries; "" for the booleans of older results."""
   return "" if isinstance(value, bool) else f" ({int(value)})"
 
 
@@ -217,31 +242,46 @@ def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
   keys = RECALL_KEYS + CODE_KEYS
   out = []
   for protocol, methods in recall.items():
-    out += [f"### {protocol}", "",
-            "| method | saw pseudo queries | " + " | ".join(keys) + " | R@1 vs two-tower |",
-            "|---" * (len(keys) + 3) + "|"]
+    out += [
+      f"### {protocol}",
+      "",
+      "| method | saw pseudo queries | " + " | ".join(keys) + " | R@1 vs two-tower |",
+      "|---" * (len(keys) + 3) + "|",
+    ]
     for method, r in methods.items():
       count = seen.get(protocol, {}).get(method)
       saw = f"yes{_count(count)}" if count else "no"
       d = versus.get(protocol, {}).get(method, {}).get("R@1")
-      vs = (f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d
-            else NOT_APPLICABLE)
-      out.append(f"| {method} | {saw} | " + " | ".join(
-          format_metric(r.get(k), ".1f") for k in keys) + f" | {vs} |")
+      vs = f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else NOT_APPLICABLE
+      out.append(
+        f"| {method} | {saw} | "
+        + " | ".join(format_metric(r.get(k), ".1f") for k in keys)
+        + f" | {vs} |"
+      )
     out.append("")
   return out
 
 
 def _markdown_hybrid(hybrid: dict) -> list[str]:
   """avg_hybrid's weight per protocol and the validation Recall@K of every weight tried."""
-  out = ["## avg_hybrid: fusion weight chosen on validation", "",
-         "score = generative log-prob + weight x dual-encoder cosine over avg_ltr's beam; the "
-         "weight with the best validation R@1 is used on test.", ""]
+  out = [
+    "## avg_hybrid: fusion weight chosen on validation",
+    "",
+    "score = generative log-prob + weight x dual-encoder cosine over avg_ltr's beam; the "
+    "weight with the best validation R@1 is used on test.",
+    "",
+  ]
   for protocol, h in hybrid.items():
-    out += [f"### {protocol} (chosen: {h['weight']:g})", "",
-            "| weight | " + " | ".join(RECALL_KEYS) + " |", "|---" * (len(RECALL_KEYS) + 1) + "|"]
-    out += [f"| {row['weight']:g} | " + " | ".join(f"{row[k]:.1f}" for k in RECALL_KEYS) + " |"
-            for row in h["validation"]]
+    out += [
+      f"### {protocol} (chosen: {h['weight']:g})",
+      "",
+      "| weight | " + " | ".join(RECALL_KEYS) + " |",
+      "|---" * (len(RECALL_KEYS) + 1) + "|",
+    ]
+    out += [
+      f"| {row['weight']:g} | " + " | ".join(f"{row[k]:.1f}" for k in RECALL_KEYS) + " |"
+      for row in h["validation"]
+    ]
     out.append("")
   return out
 
@@ -261,27 +301,46 @@ def write_report(results: dict, directory: str) -> str:
     md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
   if results.get("recall"):
     plot_recall(results["recall"], os.path.join(directory, "recall.png"))
-    md += ["## Recall@K (Karpathy protocol, test split, %)", "",
-           "Image level (R@K: the query's image is retrieved) and the paper's code level "
-           "(code R@K: a generated code sequence equals the image's semantic codes).", ""]
-    md += _markdown_recall(results["recall"], results.get("saw_pseudo_queries", {}),
-                           results.get("vs_two_tower", {}))
+    md += [
+      "## Recall@K (Karpathy protocol, test split, %)",
+      "",
+      "Image level (R@K: the query's image is retrieved) and the paper's code level "
+      "(code R@K: a generated code sequence equals the image's semantic codes).",
+      "",
+    ]
+    md += _markdown_recall(
+      results["recall"], results.get("saw_pseudo_queries", {}), results.get("vs_two_tower", {})
+    )
     md += ["![recall](recall.png)", ""]
   if results.get("hybrid"):
     md += _markdown_hybrid(results["hybrid"])
   if results.get("efficiency"):
-    plot_efficiency(results["efficiency"], os.path.join(directory, "efficiency.png"),
-                    results.get("crossover"))
-    md += ["## Efficiency: queries/s vs number of indexed images", "", "```",
-           summary_table({"efficiency": results["efficiency"],
-                          "crossover": results.get("crossover")}), "```", "",
-           "![efficiency](efficiency.png)", ""]
+    plot_efficiency(
+      results["efficiency"], os.path.join(directory, "efficiency.png"), results.get("crossover")
+    )
+    md += [
+      "## Efficiency: queries/s vs number of indexed images",
+      "",
+      "```",
+      summary_table({"efficiency": results["efficiency"], "crossover": results.get("crossover")}),
+      "```",
+      "",
+      "![efficiency](efficiency.png)",
+      "",
+    ]
   if results.get("ann_frontier"):
-    plot_ann_frontier(results["ann_frontier"], results.get("efficiency", {}),
-                      os.path.join(directory, "ann_frontier.png"))
-    md += ["## Two-tower with an approximate index (faiss HNSW)", "",
-           "The efficiency table's `two_tower_hnsw` row is, per N, the fastest ef_search whose "
-           "recall against exact search reaches the target (evaluate.ann_target_recall).", ""]
+    plot_ann_frontier(
+      results["ann_frontier"],
+      results.get("efficiency", {}),
+      os.path.join(directory, "ann_frontier.png"),
+    )
+    md += [
+      "## Two-tower with an approximate index (faiss HNSW)",
+      "",
+      "The efficiency table's `two_tower_hnsw` row is, per N, the fastest ef_search whose "
+      "recall against exact search reaches the target (evaluate.ann_target_recall).",
+      "",
+    ]
     md += _markdown_frontier(results["ann_frontier"])
     md += ["![ann frontier](ann_frontier.png)", ""]
   if results.get("codebook"):
@@ -289,8 +348,13 @@ def write_report(results: dict, directory: str) -> str:
     md += ["## Codebook usage", "", "![codebook](codebook.png)", ""]
   if results.get("collisions"):
     plot_collisions(results["collisions"], os.path.join(directory, "collisions.png"))
-    md += ["## Collision rate before disambiguation", "", "| scheme | " +
-           " | ".join(sorted({s for v in results["collisions"].values() for s in v})) + " |"]
+    md += [
+      "## Collision rate before disambiguation",
+      "",
+      "| scheme | "
+      + " | ".join(sorted({s for v in results["collisions"].values() for s in v}))
+      + " |",
+    ]
     splits = sorted({s for v in results["collisions"].values() for s in v})
     md += ["|---" * (len(splits) + 1) + "|"]
     for scheme, rates in results["collisions"].items():

@@ -8,8 +8,7 @@ from avg_jax.encoders import retrieval
 from avg_jax.evaluation.recall import recall_at_k
 
 
-def recall(embeddings: dict, ks, mesh, *, query_batch: int = 1024,
-           chunk_size: int = 65536) -> dict:
+def recall(embeddings: dict, ks, mesh, *, query_batch: int = 1024, chunk_size: int = 65536) -> dict:
   """Recall@K (percent) of caption -> image cosine retrieval over one split's embeddings,
   plus `queries_per_s` of the search and `_ranked_ids int64[Q, K]` (the ranking itself)."""
   ks = tuple(int(k) for k in ks)
@@ -17,7 +16,7 @@ def recall(embeddings: dict, ks, mesh, *, query_batch: int = 1024,
   k = min(max(ks), len(image_ids))
   index = retrieval.BruteForceIndex(embeddings["image_emb"], mesh=mesh, chunk_size=chunk_size)
   queries = np.asarray(embeddings["caption_emb"], np.float32)
-  batches = [queries[i:i + query_batch] for i in range(0, len(queries), query_batch)]
+  batches = [queries[i : i + query_batch] for i in range(0, len(queries), query_batch)]
   for batch in {len(b): b for b in batches}.values():
     index.search(batch, k)  # compile every batch shape outside the timed region
   t0 = time.perf_counter()

@@ -17,7 +17,8 @@ import io
 import json
 import mmap
 import os
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -66,14 +67,23 @@ def write(export_dir: str, entries: Iterable[Entry], thumbnail_size: int) -> Non
     for e in entries:
       data, mime = thumbnail(e.image, thumbnail_size) if e.image else (b"", "")
       f.write(data)
-      images.append({"image_id": int(e.image_id), "file_name": str(e.file_name),
-                     "captions": [str(c) for c in e.captions], "offset": offset,
-                     "length": len(data), "type": mime})
+      images.append(
+        {
+          "image_id": int(e.image_id),
+          "file_name": str(e.file_name),
+          "captions": [str(c) for c in e.captions],
+          "offset": offset,
+          "length": len(data),
+          "type": mime,
+        }
+      )
       offset += len(data)
-  artifact_io.write_json(os.path.join(directory, INDEX),
-                         {"format": FORMAT, "version": VERSION,
-                          "thumbnail_size": int(thumbnail_size), "images": images},
-                         ensure_ascii=False, indent=None)
+  artifact_io.write_json(
+    os.path.join(directory, INDEX),
+    {"format": FORMAT, "version": VERSION, "thumbnail_size": int(thumbnail_size), "images": images},
+    ensure_ascii=False,
+    indent=None,
+  )
 
 
 class Gallery:
@@ -101,7 +111,7 @@ class Gallery:
     if not entry or not entry["length"]:
       return None
     start = int(entry["offset"])
-    return bytes(self._data[start:start + int(entry["length"])]), entry["type"]
+    return bytes(self._data[start : start + int(entry["length"])]), entry["type"]
 
 
 def read(export_dir: str) -> Gallery | None:

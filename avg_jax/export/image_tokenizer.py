@@ -29,10 +29,16 @@ WEIGHTS = "rqvae.npz"
 
 def save(folder: str, cfg: RQVAEConfig, params, batch_stats) -> None:
   os.makedirs(folder, exist_ok=True)
-  flat = {f"params/{'/'.join(k)}": np.asarray(v)
-          for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
-  flat.update({f"batch_stats/{'/'.join(k)}": np.asarray(v)
-               for k, v in traverse_util.flatten_dict(jax.device_get(batch_stats)).items()})
+  flat = {
+    f"params/{'/'.join(k)}": np.asarray(v)
+    for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()
+  }
+  flat.update(
+    {
+      f"batch_stats/{'/'.join(k)}": np.asarray(v)
+      for k, v in traverse_util.flatten_dict(jax.device_get(batch_stats)).items()
+    }
+  )
   io.write_npz(os.path.join(folder, WEIGHTS), **flat)
   io.write_json(os.path.join(folder, CONFIG), dataclasses.asdict(cfg))
 
@@ -57,14 +63,15 @@ class ImageTokenizer:
     """`float[N, in_dim]` -> `int32[N, L]` in fixed-size batches (one compilation)."""
     x = np.asarray(embeddings, np.float32)
     if x.ndim != 2 or x.shape[1] != self.cfg.in_dim:
-      raise UserError(f"image tokenizer: expected embeddings [N, {self.cfg.in_dim}], got "
-                      f"{list(x.shape)}")
+      raise UserError(
+        f"image tokenizer: expected embeddings [N, {self.cfg.in_dim}], got {list(x.shape)}"
+      )
     out = []
     for start in range(0, len(x), batch_size):
-      rows = x[start:start + batch_size]
+      rows = x[start : start + batch_size]
       padded = np.zeros((batch_size, x.shape[1]), np.float32)
-      padded[:len(rows)] = rows
-      out.append(np.asarray(self._codes(self._variables, padded))[:len(rows)])
+      padded[: len(rows)] = rows
+      out.append(np.asarray(self._codes(self._variables, padded))[: len(rows)])
     return (np.concatenate(out) if out else np.zeros((0, self.cfg.num_levels))).astype(np.int32)
 
 
@@ -73,8 +80,10 @@ def load(folder: str) -> ImageTokenizer:
   config_path, weights_path = os.path.join(folder, CONFIG), os.path.join(folder, WEIGHTS)
   for path in (config_path, weights_path):
     if not os.path.isfile(path):
-      raise UserError(f"{path} not found: this export cannot give new images identifiers "
-                      f"(export it again with an avg or rq tokenizer)")
+      raise UserError(
+        f"{path} not found: this export cannot give new images identifiers "
+        f"(export it again with an avg or rq tokenizer)"
+      )
   try:
     with open(config_path, encoding="utf-8") as f:
       raw = json.load(f)
@@ -82,6 +91,7 @@ def load(folder: str) -> ImageTokenizer:
     with np.load(weights_path) as f:
       flat = {tuple(k.split("/")): f[k] for k in f.files}
   except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-    raise UserError(f"{folder}: damaged image tokenizer ({type(e).__name__}: {e}); export "
-                    f"again") from e
+    raise UserError(
+      f"{folder}: damaged image tokenizer ({type(e).__name__}: {e}); export again"
+    ) from e
   return ImageTokenizer(cfg, traverse_util.unflatten_dict(flat))

@@ -46,14 +46,16 @@ def _files(paths: list[str]) -> list[str]:
   out = []
   for path in paths:
     if os.path.isdir(path):
-      found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                     if n.lower().endswith(IMAGE_SUFFIXES)
-                     and os.path.isfile(os.path.join(path, n)))
+      found = sorted(
+        os.path.join(path, n)
+        for n in os.listdir(path)
+        if n.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(path, n))
+      )
       if not found:
         raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
       out += found
     else:
-      out.append(path)   # a missing or bad file is reported by the image check
+      out.append(path)  # a missing or bad file is reported by the image check
   return out
 
 
@@ -62,19 +64,24 @@ def _karpathy_images(args) -> tuple[list[str], list[int], list[list[str]], list[
     raise UserError("index add: give image paths or --karpathy, not both")
   entries = karpathy.read_entries(args.karpathy, args.images_dir)
   if args.split and args.split not in entries:
-    raise UserError(f"index add --split: {args.split!r} is not one of "
-                    f"{', '.join(karpathy.SPLITS)}")
+    raise UserError(f"index add --split: {args.split!r} is not one of {', '.join(karpathy.SPLITS)}")
   chosen = [e for s in ([args.split] if args.split else karpathy.SPLITS) for e in entries[s]]
   if not chosen:
-    raise UserError(f"{args.karpathy}: no images" + (f" in split {args.split!r}"
-                                                     if args.split else ""))
-  return ([e.path for e in chosen], [e.image_id for e in chosen],
-          [list(e.captions) for e in chosen], [e.file_name for e in chosen])
+    raise UserError(
+      f"{args.karpathy}: no images" + (f" in split {args.split!r}" if args.split else "")
+    )
+  return (
+    [e.path for e in chosen],
+    [e.image_id for e in chosen],
+    [list(e.captions) for e in chosen],
+    [e.file_name for e in chosen],
+  )
 
 
 def parse_ids(texts: list[str]) -> list[int]:
   """Image ids given on the command line: ASCII digits in [0, 2^31 - 1] (`parse_id`)."""
   from avg_jax.export.live_index import parse_id
+
   out = []
   for text in texts:
     try:
@@ -87,14 +94,18 @@ def parse_ids(texts: list[str]) -> list[int]:
 def summary(retriever) -> dict:
   """The live changes of a `Retriever`'s index, as `list --json` prints them."""
   live = retriever.state.live
-  return {"version": int(live.version), "base_images": int(len(live.base_ids)),
-          "added": [int(i) for i in live.delta_ids],
-          "removed": [int(i) for i in live.removed],
-          "indexed": int(len(retriever.image_ids))}
+  return {
+    "version": int(live.version),
+    "base_images": int(len(live.base_ids)),
+    "added": [int(i) for i in live.delta_ids],
+    "removed": [int(i) for i in live.removed],
+    "indexed": int(len(retriever.image_ids)),
+  }
 
 
 def main(args) -> int:
   from avg_jax.export.serving import Retriever  # jax loads here, not for `--help`
+
   retriever = Retriever.load(args.model)
   if args.action == "add":
     if args.karpathy:
@@ -103,22 +114,27 @@ def main(args) -> int:
       images, ids, captions, names = _files(args.paths), None, None, None
     else:
       raise UserError("index add: give image files, folders, or --karpathy JSON --images-dir")
-    added = retriever.add(images, ids=ids, captions=captions, file_names=names,
-                          progress_bar=True)
-    print(f"index: added {len(added)} images (ids {_span(added)}); "
-          f"{len(retriever.image_ids)} indexed, version {retriever.state.live.version}")
+    added = retriever.add(images, ids=ids, captions=captions, file_names=names, progress_bar=True)
+    print(
+      f"index: added {len(added)} images (ids {_span(added)}); "
+      f"{len(retriever.image_ids)} indexed, version {retriever.state.live.version}"
+    )
   elif args.action == "remove":
     ids = parse_ids(args.ids)
     retriever.remove(ids)
-    print(f"index: removed {len(ids)} images; {len(retriever.image_ids)} indexed, version "
-          f"{retriever.state.live.version}")
+    print(
+      f"index: removed {len(ids)} images; {len(retriever.image_ids)} indexed, version "
+      f"{retriever.state.live.version}"
+    )
   else:
     s = summary(retriever)
     if args.json:
       print(json.dumps(s))
     else:
-      print(f"version {s['version']}: {s['indexed']} images indexed = {s['base_images']} at "
-            f"export + {len(s['added'])} added - {len(s['removed'])} removed")
+      print(
+        f"version {s['version']}: {s['indexed']} images indexed = {s['base_images']} at "
+        f"export + {len(s['added'])} added - {len(s['removed'])} removed"
+      )
       for name in ("added", "removed"):
         if s[name]:
           print(f"  {name}: {_span(np.asarray(s[name]))}")

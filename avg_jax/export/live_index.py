@@ -59,7 +59,7 @@ import json
 import os
 import shutil
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +75,7 @@ LOCK = "LOCK"
 THUMBNAILS = "thumbnails"
 COMMITTED = "COMMITTED"
 CURRENT_FORMAT = 2
-LAYOUT = 2          # delta.npz with UTF-8 strings + offsets
+LAYOUT = 2  # delta.npz with UTF-8 strings + offsets
 MAX_ID = 2**31 - 1
 MAX_FILE_NAME_CHARS = 1024
 MAX_CAPTION_CHARS = 2000
@@ -96,22 +96,25 @@ def check_texts(file_name: str, captions: Sequence[str], where: str) -> None:
   if not isinstance(file_name, str):
     raise UserError(f"{where}: file name must be a string, got {type(file_name).__name__}")
   if len(file_name) > MAX_FILE_NAME_CHARS:
-    raise UserError(f"{where}: file name of {len(file_name)} characters, the limit is "
-                    f"{MAX_FILE_NAME_CHARS}")
+    raise UserError(
+      f"{where}: file name of {len(file_name)} characters, the limit is {MAX_FILE_NAME_CHARS}"
+    )
   if isinstance(captions, str) or len(captions) > MAX_CAPTIONS:
     raise UserError(f"{where}: expected a list of at most {MAX_CAPTIONS} captions")
   for j, caption in enumerate(captions):
     if not isinstance(caption, str):
       raise UserError(f"{where}: caption {j} must be a string, got {type(caption).__name__}")
     if len(caption) > MAX_CAPTION_CHARS:
-      raise UserError(f"{where}: caption {j} of {len(caption)} characters, the limit is "
-                      f"{MAX_CAPTION_CHARS}")
+      raise UserError(
+        f"{where}: caption {j} of {len(caption)} characters, the limit is {MAX_CAPTION_CHARS}"
+      )
   for text in (file_name, *captions):
     try:
       text.encode("utf-8")
     except UnicodeEncodeError as e:
-      raise UserError(f"{where}: text with a lone surrogate at character {e.start} (not "
-                      f"valid Unicode)") from e
+      raise UserError(
+        f"{where}: text with a lone surrogate at character {e.start} (not valid Unicode)"
+      ) from e
 
 
 def parse_id(text: str) -> int:
@@ -121,8 +124,9 @@ def parse_id(text: str) -> int:
   if not (isinstance(text, str) and text.isascii() and text.isdigit()):
     raise ValueError(f"{str(text)[:40]!r} is not an image id (decimal digits 0-9)")
   if len(text) > len(str(MAX_ID)) or int(text) > MAX_ID:
-    raise ValueError(f"{text[:40]!r}{'...' if len(text) > 40 else ''} is outside the image id "
-                     f"range [0, {MAX_ID}]")
+    raise ValueError(
+      f"{text[:40]!r}{'...' if len(text) > 40 else ''} is outside the image id range [0, {MAX_ID}]"
+    )
   return int(text)
 
 
@@ -137,8 +141,13 @@ def _pack(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
   """The strings `_pack` stored (`ValueError` when the offsets do not fit the bytes)."""
   offsets = np.asarray(offsets, np.int64)
-  if (offsets.ndim != 1 or not len(offsets) or offsets[0] != 0
-          or (np.diff(offsets) < 0).any() or offsets[-1] != len(blob)):
+  if (
+    offsets.ndim != 1
+    or not len(offsets)
+    or offsets[0] != 0
+    or (np.diff(offsets) < 0).any()
+    or offsets[-1] != len(blob)
+  ):
     raise ValueError("string offsets do not fit the stored bytes")
   data = np.asarray(blob, np.uint8).tobytes()
   return [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
@@ -155,8 +164,9 @@ def _versions(folder: str) -> list[int]:
     names = os.listdir(folder)
   except FileNotFoundError:
     return []
-  return sorted(int(n[1:]) for n in names
-                if n.startswith("v") and n[1:].isascii() and n[1:].isdigit())
+  return sorted(
+    int(n[1:]) for n in names if n.startswith("v") and n[1:].isascii() and n[1:].isdigit()
+  )
 
 
 def _file_record(path: str) -> dict:
@@ -178,8 +188,9 @@ class WriteLock:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
       self._file.close()
-      raise UserError(f"{self.path}: another process is changing this index; retry when it "
-                      f"has finished") from e
+      raise UserError(
+        f"{self.path}: another process is changing this index; retry when it has finished"
+      ) from e
     return self
 
   def __exit__(self, *exc):
@@ -190,9 +201,17 @@ class WriteLock:
 class LiveIndex:
   """The indexed images: the base plus a delta, minus the removed ones (see module doc)."""
 
-  def __init__(self, *, base_ids: np.ndarray, base_codes: np.ndarray, base_names: np.ndarray,
-               position_sizes: Sequence[int], num_levels: int,
-               base_embeddings: np.ndarray | None = None, base_trie: VokenTrie | None = None):
+  def __init__(
+    self,
+    *,
+    base_ids: np.ndarray,
+    base_codes: np.ndarray,
+    base_names: np.ndarray,
+    position_sizes: Sequence[int],
+    num_levels: int,
+    base_embeddings: np.ndarray | None = None,
+    base_trie: VokenTrie | None = None,
+  ):
     """`base_trie`: the tree of the base codes when already built (an export's trie.npz)."""
     self.position_sizes = tuple(int(s) for s in position_sizes)
     self.num_levels = int(num_levels)
@@ -206,8 +225,9 @@ class LiveIndex:
     # shares them with the searches still reading the old one.
     self.delta_names: list[str] = []
     self.delta_captions: list[list[str]] = []
-    self.delta_embeddings = (None if base_embeddings is None
-                             else np.zeros((0, base_embeddings.shape[1]), np.float32))
+    self.delta_embeddings = (
+      None if base_embeddings is None else np.zeros((0, base_embeddings.shape[1]), np.float32)
+    )
     self.removed = np.zeros((0,), np.int64)
     self.version = 0
     if base_trie is None and len(self.base_ids):
@@ -258,8 +278,9 @@ class LiveIndex:
     """Identifiers for new images with semantic codes `[M, L]` (module doc)."""
     semantic = np.asarray(semantic, np.int32)
     if semantic.ndim != 2 or semantic.shape[1] != self.num_levels:
-      raise UserError(f"live index: expected semantic codes [M, {self.num_levels}], got "
-                      f"{list(semantic.shape)}")
+      raise UserError(
+        f"live index: expected semantic codes [M, {self.num_levels}], got {list(semantic.shape)}"
+      )
     if not self.learned_suffix:
       return semantic
     levels = self.num_levels
@@ -274,7 +295,7 @@ class LiveIndex:
       for row, n, c in zip(semantic, node, last):
         if n >= 0:
           taken[tuple(row.tolist())] = int(c) + 1
-    for row in self.delta_codes:       # the delta is small: a plain loop
+    for row in self.delta_codes:  # the delta is small: a plain loop
       key = tuple(row[:levels].tolist())
       taken[key] = max(taken.get(key, 0), int(row[-1]) + 1)
     out = np.zeros((len(semantic), len(self.position_sizes)), np.int32)
@@ -283,16 +304,23 @@ class LiveIndex:
       key = tuple(row.tolist())
       index = taken.get(key, 0)
       if index >= limit:
-        raise UserError(f"live index: {index + 1} images would share the codes {list(key)}, "
-                        f"the vocabulary has {limit} disambiguation tokens (use a tie-break "
-                        f"by image id or similarity, which has no such limit)")
+        raise UserError(
+          f"live index: {index + 1} images would share the codes {list(key)}, "
+          f"the vocabulary has {limit} disambiguation tokens (use a tie-break "
+          f"by image id or similarity, which has no such limit)"
+        )
       taken[key] = index + 1
-      out[i, :self.num_levels], out[i, -1] = row, index
+      out[i, : self.num_levels], out[i, -1] = row, index
     return out
 
-  def add(self, image_ids: np.ndarray, semantic: np.ndarray, file_names: Sequence[str],
-          embeddings: np.ndarray | None = None,
-          captions: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+  def add(
+    self,
+    image_ids: np.ndarray,
+    semantic: np.ndarray,
+    file_names: Sequence[str],
+    embeddings: np.ndarray | None = None,
+    captions: Sequence[Sequence[str]] | None = None,
+  ) -> np.ndarray:
     """Adds images (ids must be new to the index, removed ones included); -> identifiers."""
     if captions is not None and len(captions) != len(file_names):
       raise UserError("live index: give one list of captions per added image")
@@ -303,8 +331,10 @@ class LiveIndex:
       raise UserError("live index: an image id repeats among the added images")
     clash = np.intersect1d(image_ids, self.all_ids())
     if len(clash):
-      raise UserError(f"live index: image id {int(clash[0])} is already indexed (ids are "
-                      f"never reused, removed ones included)")
+      raise UserError(
+        f"live index: image id {int(clash[0])} is already indexed (ids are "
+        f"never reused, removed ones included)"
+      )
     if (image_ids < 0).any() or (image_ids > MAX_ID).any():
       raise UserError(f"live index: image ids must lie in [0, {MAX_ID}]")
     rows = captions if captions is not None else [[]] * len(image_ids)
@@ -318,8 +348,9 @@ class LiveIndex:
     self.delta_names = self.delta_names + [str(n) for n in file_names]
     self.delta_captions = self.delta_captions + [[str(c) for c in row] for row in rows]
     if embeddings is not None:
-      self.delta_embeddings = np.concatenate([self.delta_embeddings,
-                                              np.asarray(embeddings, np.float32)])
+      self.delta_embeddings = np.concatenate(
+        [self.delta_embeddings, np.asarray(embeddings, np.float32)]
+      )
     return codes
 
   def remove(self, image_ids: Sequence[int]) -> None:
@@ -336,8 +367,9 @@ class LiveIndex:
     if not len(self.removed):
       return device
     alive = ~np.isin(trie.leaf_items, self.removed)
-    return device.with_alive(jnp.asarray(alive),
-                             tuple(jnp.asarray(a) for a in trie.node_alive(alive)))
+    return device.with_alive(
+      jnp.asarray(alive), tuple(jnp.asarray(a) for a in trie.node_alive(alive))
+    )
 
   def device(self, dense_levels: int = 1, sharding=None) -> DeviceTrie | UnionTrie:
     """The search constraint: the base tree, or the base and the delta as one."""
@@ -349,8 +381,9 @@ class LiveIndex:
       key = (dense_levels, sharding)
       if key not in self._base_device:
         emb = (self.base_ids, self.base_embeddings) if embed else None
-        self._base_device[key] = self._base_trie.to_device(dense_levels, sharding,
-                                                           item_embeddings=emb)
+        self._base_device[key] = self._base_trie.to_device(
+          dense_levels, sharding, item_embeddings=emb
+        )
       parts.append(self._with_alive(self._base_device[key], self._base_trie))
     if len(self.delta_ids):
       delta = VokenTrie.build(self.delta_codes, self.delta_ids, self.position_sizes)
@@ -364,27 +397,33 @@ class LiveIndex:
     folder = os.path.join(export_dir, FOLDER)
     os.makedirs(folder, exist_ok=True)
     on_disk = _versions(folder)
-    version = max([self.version] + on_disk) + 1   # never a folder that exists
+    version = max([self.version] + on_disk) + 1  # never a folder that exists
     target = os.path.join(folder, f"v{version}")
     os.makedirs(target)
     names_utf8, names_offsets = _pack(self.delta_names)
     captions_utf8, captions_offsets = _pack(
-        [json.dumps(c, ensure_ascii=False) for c in self.delta_captions])
-    arrays = dict(layout=np.int64(LAYOUT), image_ids=self.delta_ids, codes=self.delta_codes,
-                  names_utf8=names_utf8, names_offsets=names_offsets,
-                  captions_utf8=captions_utf8, captions_offsets=captions_offsets)
+      [json.dumps(c, ensure_ascii=False) for c in self.delta_captions]
+    )
+    arrays = dict(
+      layout=np.int64(LAYOUT),
+      image_ids=self.delta_ids,
+      codes=self.delta_codes,
+      names_utf8=names_utf8,
+      names_offsets=names_offsets,
+      captions_utf8=captions_utf8,
+      captions_offsets=captions_offsets,
+    )
     if self.delta_embeddings is not None:
       arrays["embeddings"] = self.delta_embeddings
     io.write_npz(os.path.join(target, "delta.npz"), **arrays)
     io.write_npz(os.path.join(target, "removed.npz"), removed=self.removed)
-    files = {name: _file_record(os.path.join(target, name))
-             for name in ("delta.npz", "removed.npz")}
+    files = {
+      name: _file_record(os.path.join(target, name)) for name in ("delta.npz", "removed.npz")
+    }
     if os.environ.get(PAUSE_ENV):
-      print(f"live index: v{version} written, switching in {os.environ[PAUSE_ENV]} s",
-            flush=True)
+      print(f"live index: v{version} written, switching in {os.environ[PAUSE_ENV]} s", flush=True)
       time.sleep(float(os.environ[PAUSE_ENV]))
-    record = {"format": CURRENT_FORMAT, "version": version, "parent": self.version,
-              "files": files}
+    record = {"format": CURRENT_FORMAT, "version": version, "parent": self.version, "files": files}
     io.write_json(os.path.join(folder, CURRENT), _seal(record), sort_keys=True)  # the switch
     io.write_text(os.path.join(target, COMMITTED), f"{version}\n")
     previous, self.version = self.version, version
@@ -399,13 +438,16 @@ class LiveIndex:
   def _read_current(self, folder: str) -> dict | None:
     """CURRENT's record, checked (module doc); None when the index never changed."""
     path = os.path.join(folder, CURRENT)
-    committed = [n for n in _versions(folder)
-                 if os.path.exists(os.path.join(folder, f"v{n}", COMMITTED))]
+    committed = [
+      n for n in _versions(folder) if os.path.exists(os.path.join(folder, f"v{n}", COMMITTED))
+    ]
     if not os.path.exists(path):
       if committed:
-        raise LiveIndexDamaged(f"{path} is missing but version {committed[-1]} was committed; "
-                               f"restore it (or remove {folder} to serve the export as "
-                               f"exported)")
+        raise LiveIndexDamaged(
+          f"{path} is missing but version {committed[-1]} was committed; "
+          f"restore it (or remove {folder} to serve the export as "
+          f"exported)"
+        )
       return None
     try:
       with open(path, encoding="utf-8") as f:
@@ -414,30 +456,40 @@ class LiveIndex:
       if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"version {version!r} is not a positive integer")
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise LiveIndexDamaged(f"{path}: unreadable ({type(e).__name__}: {e}); restore it (or "
-                             f"remove {folder} to serve the export as exported)") from e
+      raise LiveIndexDamaged(
+        f"{path}: unreadable ({type(e).__name__}: {e}); restore it (or "
+        f"remove {folder} to serve the export as exported)"
+      ) from e
     sealed = "checksum" in record
     if sealed and _seal({k: v for k, v in record.items() if k != "checksum"}) != record:
-      raise LiveIndexDamaged(f"{path} does not match its checksum (changed by hand?); restore "
-                             f"it (or remove {folder} to serve the export as exported)")
+      raise LiveIndexDamaged(
+        f"{path} does not match its checksum (changed by hand?); restore "
+        f"it (or remove {folder} to serve the export as exported)"
+      )
     if not sealed and os.path.exists(os.path.join(folder, f"v{version}", COMMITTED)):
-      raise LiveIndexDamaged(f"{path} has no checksum but names version {version}, written "
-                             f"with one (changed by hand?); restore it")
+      raise LiveIndexDamaged(
+        f"{path} has no checksum but names version {version}, written "
+        f"with one (changed by hand?); restore it"
+      )
     newer = [n for n in committed if n > version]
     if newer:
-      raise LiveIndexDamaged(f"{path} names version {version} but version {newer[-1]} was "
-                             f"committed after it (an old CURRENT restored or edited?): "
-                             f"serving it would drop later changes; restore CURRENT, or "
-                             f"remove {folder}/v{newer[-1]} to go back on purpose")
+      raise LiveIndexDamaged(
+        f"{path} names version {version} but version {newer[-1]} was "
+        f"committed after it (an old CURRENT restored or edited?): "
+        f"serving it would drop later changes; restore CURRENT, or "
+        f"remove {folder}/v{newer[-1]} to go back on purpose"
+      )
     for name, want in (record.get("files") or {}).items():
       file_path = os.path.join(folder, f"v{version}", name)
       if not os.path.exists(file_path):
         raise LiveIndexDamaged(f"{file_path} is missing (CURRENT names it)")
       got = _file_record(file_path)
       if got != want:
-        what = ("has {} bytes, {} were written".format(got["size"], want.get("size"))
-                if got["size"] != want.get("size")
-                else "does not match its checksum (changed since it was written)")
+        what = (
+          "has {} bytes, {} were written".format(got["size"], want.get("size"))
+          if got["size"] != want.get("size")
+          else "does not match its checksum (changed since it was written)"
+        )
         raise LiveIndexDamaged(f"{file_path} {what}")
     return record
 
@@ -455,28 +507,49 @@ class LiveIndex:
       with np.load(delta_path) as f:
         present = set(f.files)
       if "layout" in present:
-        f = io.read_npz(delta_path, ("layout", "image_ids", "codes", "names_utf8",
-                                     "names_offsets", "captions_utf8", "captions_offsets")
-                        + (("embeddings",) if "embeddings" in present else ()))
+        f = io.read_npz(
+          delta_path,
+          (
+            "layout",
+            "image_ids",
+            "codes",
+            "names_utf8",
+            "names_offsets",
+            "captions_utf8",
+            "captions_offsets",
+          )
+          + (("embeddings",) if "embeddings" in present else ()),
+        )
         if int(f["layout"]) != LAYOUT:
           raise ValueError(f"layout {int(f['layout'])}, this avg-jax reads {LAYOUT}")
         names = _unpack(f["names_utf8"], f["names_offsets"])
         captions = [json.loads(c) for c in _unpack(f["captions_utf8"], f["captions_offsets"])]
-      else:   # written before LAYOUT 2: fixed-width strings
+      else:  # written before LAYOUT 2: fixed-width strings
         optional = tuple(k for k in ("embeddings", "captions") if k in present)
         f = io.read_npz(delta_path, ("image_ids", "codes", "file_names") + optional)
         names = [str(n) for n in f["file_names"].tolist()]
-        captions = [json.loads(c) for c in np.asarray(
-            f.get("captions", np.full(len(f["image_ids"]), "[]")), str).reshape(-1).tolist()]
+        captions = [
+          json.loads(c)
+          for c in np.asarray(f.get("captions", np.full(len(f["image_ids"]), "[]")), str)
+          .reshape(-1)
+          .tolist()
+        ]
       ids, codes, emb = f["image_ids"], f["codes"], f.get("embeddings")
       removed = io.read_npz(os.path.join(target, "removed.npz"), ("removed",))["removed"]
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UserError) as e:
       raise LiveIndexDamaged(f"{folder}: damaged live index ({type(e).__name__}: {e})") from e
-    if (codes.ndim != 2 or codes.shape[1] != len(self.position_sizes) or len(ids) != len(codes)
-            or len(names) != len(ids) or len(captions) != len(ids)):
-      raise LiveIndexDamaged(f"{target}/delta.npz: codes of shape {list(codes.shape)}, "
-                             f"{len(names)} names and {len(captions)} caption lists for "
-                             f"{len(ids)} images do not fit this export's identifiers")
+    if (
+      codes.ndim != 2
+      or codes.shape[1] != len(self.position_sizes)
+      or len(ids) != len(codes)
+      or len(names) != len(ids)
+      or len(captions) != len(ids)
+    ):
+      raise LiveIndexDamaged(
+        f"{target}/delta.npz: codes of shape {list(codes.shape)}, "
+        f"{len(names)} names and {len(captions)} caption lists for "
+        f"{len(ids)} images do not fit this export's identifiers"
+      )
     self.delta_ids, self.delta_codes = ids.astype(np.int64), codes.astype(np.int32)
     self.delta_names = names
     self.delta_captions = [[str(c) for c in row] for row in captions]

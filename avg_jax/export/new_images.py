@@ -14,14 +14,14 @@ document (href); b.png: missing".
 """
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from avg_jax.data import images as images_lib
-from avg_jax.data import karpathy
-from avg_jax.data import svg
+from avg_jax.data import karpathy, svg
 from avg_jax.encoders import preprocess
 from avg_jax.errors import UserError
 
@@ -45,14 +45,19 @@ def problem(image: Any) -> str:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or not image.size:
       return f"pixels must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
     return ""
-  return (f"expected a file path, encoded bytes, a PIL image or uint8 pixels, got "
-          f"{type(image).__name__}")
+  return (
+    f"expected a file path, encoded bytes, a PIL image or uint8 pixels, got {type(image).__name__}"
+  )
 
 
 def check_all(images: Sequence[Any]) -> None:
   """A `UserError` listing the images that cannot be added (as `prepare` words it)."""
-  bad = [(describe(image, i), reason) for i, image in enumerate(images)
-         for reason in [problem(image)] if reason]
+  bad = [
+    (describe(image, i), reason)
+    for i, image in enumerate(images)
+    for reason in [problem(image)]
+    if reason
+  ]
   if bad:
     raise UserError(karpathy.describe_bad(bad, len(images)))
 
@@ -72,8 +77,9 @@ def _resized(image: Any, size: int) -> np.ndarray:
   return images_lib.resize_center_crop(image, size)
 
 
-def encoder_input(image: Any, *, image_size: int, encoding: str, jpeg_quality: int,
-                  pre: preprocess.PreprocessConfig) -> tuple[np.ndarray, bytes]:
+def encoder_input(
+  image: Any, *, image_size: int, encoding: str, jpeg_quality: int, pre: preprocess.PreprocessConfig
+) -> tuple[np.ndarray, bytes]:
   """`(uint8[crop, crop, 3] for the image encoder, the image as prepare stored it)`."""
   pixels = _resized(image, image_size)
   stored = images_lib.encode(pixels, encoding, jpeg_quality)

@@ -14,7 +14,7 @@ command; JSON escapes them itself.
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from avg_jax.export.serving import Retriever
 from avg_jax.export.terminal import safe
@@ -30,7 +30,7 @@ def _caption_of(retriever: Retriever) -> Callable[[int], str] | None:
   if gallery is not None and callable(getattr(gallery, "captions", None)):
     return lambda image_id: next(iter(gallery.captions(image_id)), "")
   added = getattr(retriever, "added_captions", None)
-  if callable(added):   # captions given with images added live
+  if callable(added):  # captions given with images added live
     return lambda image_id: next(iter(added(image_id)), "")
   return None
 
@@ -40,8 +40,11 @@ def main(args) -> int:
   # user's bytes so that invalid UTF-8 gets the same error as on stdin.
   queries = [os.fsencode(q) for q in args.queries]
   if not queries:
-    queries = [line.rstrip("\n") for line in sys.stdin.buffer.read().decode(
-        "utf-8", errors="surrogateescape").splitlines() if line.strip()]
+    queries = [
+      line.rstrip("\n")
+      for line in sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape").splitlines()
+      if line.strip()
+    ]
     queries = [q.encode("utf-8", errors="surrogateescape") for q in queries]
   retriever = Retriever.load(args.model)
   texts = retriever.validate(queries)
@@ -52,8 +55,12 @@ def main(args) -> int:
     for r, (i, s) in enumerate(zip(row_ids, row_scores)):
       if i < 0:
         continue
-      result = {"rank": r + 1, "image_id": int(i), "file_name": retriever.file_name(i),
-                "score": float(s)}
+      result = {
+        "rank": r + 1,
+        "image_id": int(i),
+        "file_name": retriever.file_name(i),
+        "score": float(s),
+      }
       if caption_of is not None:
         result["caption"] = caption_of(int(i))
       results.append(result)
@@ -64,7 +71,9 @@ def main(args) -> int:
     if not results:
       print("  (no results)")
     for r in results:
-      caption = f"  \"{safe(r['caption'])}\"" if r.get("caption") else ""
-      print(f"  {r['rank']:>3}. {safe(r['file_name']) or '(no file name)'}  score "
-            f"{r['score']:.4f}  image {r['image_id']}{caption}")
+      caption = f'  "{safe(r["caption"])}"' if r.get("caption") else ""
+      print(
+        f"  {r['rank']:>3}. {safe(r['file_name']) or '(no file name)'}  score "
+        f"{r['score']:.4f}  image {r['image_id']}{caption}"
+      )
   return 0

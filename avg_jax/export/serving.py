@@ -22,7 +22,8 @@ import dataclasses
 import logging
 import os
 import shutil
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +52,29 @@ from avg_jax.vokens import VokenVocabulary
 log = logging.getLogger(__name__)
 
 
-def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
-                 image_ids: np.ndarray, codes: np.ndarray, file_names: Sequence[str],
-                 tokenizer: TextTokenizer, decode: dict, limits: dict, scheme: str,
-                 source_stage: str, config: dict, config_hash: str = "",
-                 param_dtype: str = "float32", gallery: tuple | None = None,
-                 dual_encoder: tuple | None = None, image_tokenizer: tuple | None = None,
-                 live: dict | None = None, query_head: Any = None) -> None:
+def write_export(
+  directory: str,
+  *,
+  params: Any,
+  cfg: T5Config,
+  vocab: VokenVocabulary,
+  image_ids: np.ndarray,
+  codes: np.ndarray,
+  file_names: Sequence[str],
+  tokenizer: TextTokenizer,
+  decode: dict,
+  limits: dict,
+  scheme: str,
+  source_stage: str,
+  config: dict,
+  config_hash: str = "",
+  param_dtype: str = "float32",
+  gallery: tuple | None = None,
+  dual_encoder: tuple | None = None,
+  image_tokenizer: tuple | None = None,
+  live: dict | None = None,
+  query_head: Any = None,
+) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
   `decode`: `DecodeConfig.to_dict()` and the generator's trained_length. `limits`:
@@ -91,8 +108,9 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
       checkpointer.close()
     if writer:
       codes = np.asarray(codes)
-      trie = VokenTrie.build(codes, image_ids,
-                             position_sizes=vocab.position_sizes()[:codes.shape[1]])
+      trie = VokenTrie.build(
+        codes, image_ids, position_sizes=vocab.position_sizes()[: codes.shape[1]]
+      )
       trie.save(os.path.join(tmp, exports.TRIE))
       exports.write_table(tmp, image_ids, codes, file_names)
       io.write_bytes(os.path.join(tmp, exports.TOKENIZER), tokenizer.model_proto)
@@ -108,13 +126,22 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
         query_head_lib.save(os.path.join(tmp, exports.QUERY_HEAD), query_head)
       if image_tokenizer is not None:
         image_tokenizer_lib.save(os.path.join(tmp, exports.IMAGE_TOKENIZER), *image_tokenizer)
-      exports.write_manifest(tmp, {
-          "avg_jax_version": avg_jax.__version__, "scheme": scheme,
-          "source_stage": source_stage, "param_dtype": param_dtype, "config_hash": config_hash,
-          "num_images": int(len(image_ids)), "t5": dataclasses.asdict(cfg),
-          "vocab": vocab.to_dict(), "decode": dict(decode), "limits": dict(limits),
+      exports.write_manifest(
+        tmp,
+        {
+          "avg_jax_version": avg_jax.__version__,
+          "scheme": scheme,
+          "source_stage": source_stage,
+          "param_dtype": param_dtype,
+          "config_hash": config_hash,
+          "num_images": int(len(image_ids)),
+          "t5": dataclasses.asdict(cfg),
+          "vocab": vocab.to_dict(),
+          "decode": dict(decode),
+          "limits": dict(limits),
           **({"live": dict(live)} if live is not None else {}),
-      })
+        },
+      )
       checksums.write(tmp)  # last: the record of every file, manifest included
       io.replace_dir(tmp, directory)
   except BaseException as e:
@@ -123,8 +150,9 @@ def write_export(directory: str, *, params: Any, cfg: T5Config, vocab: VokenVoca
     if writer:
       shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, Exception) and io.disk_full(e):
-      raise UserError(f"export: no space left on device writing {directory}; free space and "
-                      f"rerun") from e
+      raise UserError(
+        f"export: no space left on device writing {directory}; free space and rerun"
+      ) from e
     raise
   processes.barrier("export: written")
 
@@ -143,8 +171,12 @@ def check_files(directory: str, *, require_checksums: bool = True) -> None:
     if problem:
       raise UserError(f"damaged export: {problem}; export again")
   else:
-    log.warning("%s has no %s (exported by an older avg-jax): its files are not verified; "
-                "export again to add it", directory, checksums.NAME)
+    log.warning(
+      "%s has no %s (exported by an older avg-jax): its files are not verified; "
+      "export again to add it",
+      directory,
+      checksums.NAME,
+    )
   try:
     VokenTrie.load(os.path.join(directory, exports.TRIE))
     TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
@@ -166,11 +198,18 @@ def _check_section(path: str, manifest: dict, section: str, cls) -> None:
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(value) - set(fields))
   if unknown:
-    raise UserError(f"{path}: unknown key {section}.{unknown[0]} (not a setting of this "
-                    f"avg-jax {avg_jax.__version__}: an export written by another version, or "
-                    f"edited? export again)")
-  missing = [n for n, f in fields.items() if n not in value
-             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    raise UserError(
+      f"{path}: unknown key {section}.{unknown[0]} (not a setting of this "
+      f"avg-jax {avg_jax.__version__}: an export written by another version, or "
+      f"edited? export again)"
+    )
+  missing = [
+    n
+    for n, f in fields.items()
+    if n not in value
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  ]
   if missing:
     raise UserError(f"{path}: missing key {section}.{missing[0]}; export again")
 
@@ -199,28 +238,38 @@ def check_manifest(directory: str) -> dict:
   except (TypeError, ValueError, AttributeError) as e:
     raise UserError(f"{path}: bad value ({type(e).__name__}: {e}); export again") from e
   if manifest.get("param_dtype", "float32") not in ("float32", "bfloat16"):
-    raise UserError(f"{path}: param_dtype {manifest['param_dtype']!r} is not float32 or "
-                    f"bfloat16")
+    raise UserError(f"{path}: param_dtype {manifest['param_dtype']!r} is not float32 or bfloat16")
   return manifest
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexState:
   """What one search reads, replaced whole after a change (a reader never sees half of one)."""
+
   live: live_lib.LiveIndex
-  device_trie: Any            # DeviceTrie | UnionTrie
-  image_ids: np.ndarray       # int64[N]: the images a search can return, ascending
+  device_trie: Any  # DeviceTrie | UnionTrie
+  image_ids: np.ndarray  # int64[N]: the images a search can return, ascending
   file_names: dict
-  captions: dict              # captions given with added images
+  captions: dict  # captions given with added images
 
 
 class Retriever:
   """Answers text queries with ranked image ids from an exported serving checkpoint; images
   can be added and removed without retraining (`add`, `remove`: avg / rq exports)."""
 
-  def __init__(self, *, params: Any, cfg: T5Config, vocab: VokenVocabulary,
-               live: live_lib.LiveIndex, tokenizer: TextTokenizer, manifest: dict,
-               directory: str = "", dual_encoder: Any = None, query_head: Any = None):
+  def __init__(
+    self,
+    *,
+    params: Any,
+    cfg: T5Config,
+    vocab: VokenVocabulary,
+    live: live_lib.LiveIndex,
+    tokenizer: TextTokenizer,
+    manifest: dict,
+    directory: str = "",
+    dual_encoder: Any = None,
+    query_head: Any = None,
+  ):
     self.params = params
     self.cfg = cfg
     self.vocab = vocab
@@ -238,17 +287,22 @@ class Retriever:
     self.dual_encoder = dual_encoder if self.decode.needs_text_tower else None
     self.query_head = query_head if self.decode.uses_query_head else None
     if self.decode.uses_query_head and query_head is None:
-      raise UserError("Retriever: avg_hybrid with decode.hybrid_query='generator' needs the "
-                      "query head")
+      raise UserError(
+        "Retriever: avg_hybrid with decode.hybrid_query='generator' needs the query head"
+      )
     self._mesh = _one_device_mesh()
     self._image_encoder = dual_encoder
     self._image_tokenizer = None
     self.state = self._state(live)
 
   def _state(self, live: live_lib.LiveIndex) -> IndexState:
-    return IndexState(live=live, device_trie=live.device(dense_levels=self.decode.dense_levels),
-                      image_ids=live.live_ids(), file_names=live.file_names(),
-                      captions=live.captions())
+    return IndexState(
+      live=live,
+      device_trie=live.device(dense_levels=self.decode.dense_levels),
+      image_ids=live.live_ids(),
+      file_names=live.file_names(),
+      captions=live.captions(),
+    )
 
   @property
   def image_ids(self) -> np.ndarray:
@@ -275,12 +329,14 @@ class Retriever:
     if hybrid_weight is not None:
       # avg / rq exports carry the encoder for live adds; avg_hybrid also needs the indexed
       # images' embeddings.
-      if not os.path.isfile(os.path.join(directory, exports.DUAL_ENCODER,
-                                         exports.IMAGE_EMBEDDINGS)):
-        raise UserError(f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
-                        f"export it with --config.export.hybrid=true")
-      manifest = dict(manifest, decode=dict(manifest["decode"],
-                                            hybrid_weight=float(hybrid_weight)))
+      if not os.path.isfile(
+        os.path.join(directory, exports.DUAL_ENCODER, exports.IMAGE_EMBEDDINGS)
+      ):
+        raise UserError(
+          f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
+          f"export it with --config.export.hybrid=true"
+        )
+      manifest = dict(manifest, decode=dict(manifest["decode"], hybrid_weight=float(hybrid_weight)))
     check_files(directory, require_checksums=False)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
@@ -289,8 +345,7 @@ class Retriever:
     # Restored onto this process's first device, whatever the device count of the run that
     # saved them (an export from 8 devices or a pod serves from one).
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = partitioning.abstract(shapes, jax.tree.map(lambda _: device, shapes),
-                                     dtype=dtype)
+    abstract = partitioning.abstract(shapes, jax.tree.map(lambda _: device, shapes), dtype=dtype)
     params_dir = os.path.join(directory, exports.PARAMS)
     checkpointer = ocp.StandardCheckpointer()
     try:
@@ -302,59 +357,82 @@ class Retriever:
     # Compute in the training dtype whatever the storage dtype.
     params = jax.tree.map(lambda x: x.astype(cfg.storage_dtype), params)
     trie = VokenTrie.load(os.path.join(directory, exports.TRIE))
-    table = io.read_npz(os.path.join(directory, exports.TABLE),
-                        ("image_ids", "codes", "file_names"))
+    table = io.read_npz(
+      os.path.join(directory, exports.TABLE), ("image_ids", "codes", "file_names")
+    )
     tokenizer = TextTokenizer.load(os.path.join(directory, exports.TOKENIZER))
     dual_encoder, base_emb, query_head = None, None, None
     decode = DecodeConfig.from_dict(manifest["decode"])
     if decode.uses_query_head:
       path = os.path.join(directory, exports.QUERY_HEAD)
       if not os.path.isfile(path):
-        raise UserError(f"serving checkpoint {directory} has no {exports.QUERY_HEAD} for "
-                        f"avg_hybrid with decode.hybrid_query='generator'; export it with "
-                        f"--config.export.hybrid=true")
+        raise UserError(
+          f"serving checkpoint {directory} has no {exports.QUERY_HEAD} for "
+          f"avg_hybrid with decode.hybrid_query='generator'; export it with "
+          f"--config.export.hybrid=true"
+        )
       query_head = query_head_lib.load(path, remedy="export again")
     if decode.needs_embeddings:
       emb_ids, emb = exports.read_image_embeddings(directory)
       row_of = {int(i): r for r, i in enumerate(emb_ids)}
       missing = [int(i) for i in table["image_ids"] if int(i) not in row_of]
       if missing:
-        raise UserError(f"{directory}/{exports.DUAL_ENCODER}/{exports.IMAGE_EMBEDDINGS}: no "
-                        f"embedding for image {missing[0]}; export again")
+        raise UserError(
+          f"{directory}/{exports.DUAL_ENCODER}/{exports.IMAGE_EMBEDDINGS}: no "
+          f"embedding for image {missing[0]}; export again"
+        )
       base_emb = emb[[row_of[int(i)] for i in table["image_ids"]]]
-      dual_encoder = store.load_encoder_dir(os.path.join(directory, exports.DUAL_ENCODER),
-                                            _one_device_mesh(), stage_hint="export again")
+      dual_encoder = store.load_encoder_dir(
+        os.path.join(directory, exports.DUAL_ENCODER), _one_device_mesh(), stage_hint="export again"
+      )
     live = live_lib.LiveIndex(
-        base_ids=table["image_ids"], base_codes=table["codes"], base_names=table["file_names"],
-        position_sizes=trie.position_sizes, num_levels=vocab.num_levels,
-        base_embeddings=base_emb, base_trie=trie)
+      base_ids=table["image_ids"],
+      base_codes=table["codes"],
+      base_names=table["file_names"],
+      position_sizes=trie.position_sizes,
+      num_levels=vocab.num_levels,
+      base_embeddings=base_emb,
+      base_trie=trie,
+    )
     live.load_changes(directory)
-    return cls(params=params, cfg=cfg, vocab=vocab, live=live, tokenizer=tokenizer,
-               manifest=manifest, directory=directory, dual_encoder=dual_encoder,
-               query_head=query_head)
+    return cls(
+      params=params,
+      cfg=cfg,
+      vocab=vocab,
+      live=live,
+      tokenizer=tokenizer,
+      manifest=manifest,
+      directory=directory,
+      dual_encoder=dual_encoder,
+      query_head=query_head,
+    )
 
   # --- the live index ---------------------------------------------------------------------------
   def _live_spec(self) -> dict:
     spec = self.manifest.get("live")
     if spec is None:
-      raise UserError(f"{self.directory}: this export cannot add images (scheme "
-                      f"{self.manifest.get('scheme')!r}; only avg / rq exports written by this "
-                      f"version carry the image encoder and tokenizer a new image needs)")
+      raise UserError(
+        f"{self.directory}: this export cannot add images (scheme "
+        f"{self.manifest.get('scheme')!r}; only avg / rq exports written by this "
+        f"version carry the image encoder and tokenizer a new image needs)"
+      )
     return spec
 
   def _adding_tools(self):
     """(image encoder, frozen RQ tokenizer), loaded on the first add."""
     if self._image_encoder is None:
       self._image_encoder = store.load_encoder_dir(
-          os.path.join(self.directory, exports.DUAL_ENCODER), self._mesh,
-          stage_hint="export again")
+        os.path.join(self.directory, exports.DUAL_ENCODER), self._mesh, stage_hint="export again"
+      )
     if self._image_tokenizer is None:
       self._image_tokenizer = image_tokenizer_lib.load(
-          os.path.join(self.directory, exports.IMAGE_TOKENIZER))
+        os.path.join(self.directory, exports.IMAGE_TOKENIZER)
+      )
     return self._image_encoder, self._image_tokenizer
 
-  def embed_images(self, images: Sequence[Any], batch_size: int = 64, progress_bar: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+  def embed_images(
+    self, images: Sequence[Any], batch_size: int = 64, progress_bar: bool = False
+  ) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     """`(embeddings float32[M, D], semantic codes int32[M, L], stored images)` of new images,
     computed as the embed and tokenize stages did; bad images are a `UserError` first."""
     spec = self._live_spec()
@@ -363,23 +441,34 @@ class Retriever:
     embs, stored = [np.zeros((0, encoder.cfg.projection_dim), np.float32)], []
     starts = range(0, len(images), batch_size)
     if progress_bar:
-      starts = progress(starts, total=-(-len(images) // batch_size), desc="add images",
-                        unit="batch")
+      starts = progress(
+        starts, total=-(-len(images) // batch_size), desc="add images", unit="batch"
+      )
     for start in starts:
       crops = []
-      for image in images[start:start + batch_size]:
+      for image in images[start : start + batch_size]:
         crop, data = new_images.encoder_input(
-            image, image_size=int(spec["image_size"]), encoding=str(spec["image_encoding"]),
-            jpeg_quality=int(spec["jpeg_quality"]), pre=encoder.preprocess)
+          image,
+          image_size=int(spec["image_size"]),
+          encoding=str(spec["image_encoding"]),
+          jpeg_quality=int(spec["jpeg_quality"]),
+          pre=encoder.preprocess,
+        )
         crops.append(crop)
         stored.append(data)
       embs.append(encoder.encode_images(np.stack(crops), self._mesh, batch_size))
     emb = np.concatenate(embs)
     return emb, tok.codes(emb), stored
 
-  def add(self, images: Sequence[Any], *, ids: Sequence[int] | None = None,
-          captions: Sequence[Sequence[str]] | None = None,
-          file_names: Sequence[str] | None = None, progress_bar: bool = False) -> np.ndarray:
+  def add(
+    self,
+    images: Sequence[Any],
+    *,
+    ids: Sequence[int] | None = None,
+    captions: Sequence[Sequence[str]] | None = None,
+    file_names: Sequence[str] | None = None,
+    progress_bar: bool = False,
+  ) -> np.ndarray:
     """Adds images (file paths, encoded bytes or PIL images) to the index; -> their ids
     (given, or the next free ones). Persisted (a new live version) before searches see them."""
     if isinstance(images, (str, bytes, os.PathLike)):
@@ -392,27 +481,38 @@ class Retriever:
         raise UserError(f"add: {len(values)} {name} for {len(images)} images")
     if captions is not None and any(isinstance(c, str) for c in captions):
       raise UserError("add: captions: give a list of captions per image")
-    names = (list(file_names) if file_names is not None
-             else [new_images.file_name(image) for image in images])
-    for i, name in enumerate(names):   # before the images are embedded (seconds)
+    names = (
+      list(file_names)
+      if file_names is not None
+      else [new_images.file_name(image) for image in images]
+    )
+    for i, name in enumerate(names):  # before the images are embedded (seconds)
       live_lib.check_texts(name, captions[i] if captions is not None else [], f"add: image {i}")
     if ids is not None:
-      bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))
-             or not 0 <= int(i) <= live_lib.MAX_ID]
+      bad = [
+        i
+        for i in ids
+        if isinstance(i, bool)
+        or not isinstance(i, (int, np.integer))
+        or not 0 <= int(i) <= live_lib.MAX_ID
+      ]
       if bad:
-        raise UserError(f"add: image ids must be integers in [0, {live_lib.MAX_ID}], got "
-                        f"{str(bad[0])[:40]!r}")
+        raise UserError(
+          f"add: image ids must be integers in [0, {live_lib.MAX_ID}], got {str(bad[0])[:40]!r}"
+        )
     emb, semantic, stored = self.embed_images(images, progress_bar=progress_bar)
     with live_lib.WriteLock(self.directory):
       live = copy.copy(self.state.live)
-      live.load_changes(self.directory)   # another process may have changed it meanwhile
-      new_ids = (live.next_ids(len(images)) if ids is None
-                 else np.asarray([int(i) for i in ids], np.int64))
-      live.add(new_ids, semantic, names, emb if live.delta_embeddings is not None else None,
-               captions)
+      live.load_changes(self.directory)  # another process may have changed it meanwhile
+      new_ids = (
+        live.next_ids(len(images)) if ids is None else np.asarray([int(i) for i in ids], np.int64)
+      )
+      live.add(
+        new_ids, semantic, names, emb if live.delta_embeddings is not None else None, captions
+      )
       self._write_thumbnails(new_ids, stored)
       live.save(self.directory)
-    self.state = self._state(live)   # one assignment: searches see all of it or none
+    self.state = self._state(live)  # one assignment: searches see all of it or none
     return new_ids
 
   def remove(self, image_ids: Sequence[int]) -> None:
@@ -429,7 +529,7 @@ class Retriever:
     with live_lib.WriteLock(self.directory):
       live = copy.copy(self.state.live)
       live.load_changes(self.directory)
-      live.remove(ids)   # on a copy: an unknown id leaves this Retriever as it was
+      live.remove(ids)  # on a copy: an unknown id leaves this Retriever as it was
       if not len(live.live_ids()):
         raise UserError("remove: the index would be empty (at least one image must stay)")
       live.save(self.directory)
@@ -495,12 +595,11 @@ class Retriever:
       raise UserError("search: no queries")
     return out
 
-  def search(self, queries: Sequence[str | bytes], k: int = 10
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def search(self, queries: Sequence[str | bytes], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """`(image ids int64[Q, k], scores float32[Q, k])`, best first; -1 / -inf fill slots
     when fewer than k images are reachable."""
     texts = self.validate(queries)
-    state = self.state   # read once: a concurrent change swaps in a whole new one
+    state = self.state  # read once: a concurrent change swaps in a whole new one
     # Bounded by every image the index ever held (removal never shrinks it), so a compiled
     # program stays valid; slots beyond the reachable images are -1.
     limit = len(state.live.all_ids())
@@ -511,24 +610,32 @@ class Retriever:
     ids, scores = [], []
     largest = self.buckets[-1]
     for start in range(0, len(texts), largest):
-      chunk = tokens[start:start + largest]
+      chunk = tokens[start : start + largest]
       bucket = next(b for b in self.buckets if b >= chunk.shape[0])
       padded = np.zeros((bucket, chunk.shape[1]), np.int32)
-      padded[:chunk.shape[0]] = chunk
-      padded[chunk.shape[0]:, 0] = 1  # EOS-only filler queries
+      padded[: chunk.shape[0]] = chunk
+      padded[chunk.shape[0] :, 0] = 1  # EOS-only filler queries
       query_emb = None
       if self.dual_encoder is not None:
-        chunk_texts = texts[start:start + largest]
+        chunk_texts = texts[start : start + largest]
         # Encoded as a full bucket (fillers repeat the first query): one compile per bucket,
         # never one per batch size (avg-jax serve compiles every bucket at start).
         filler = [chunk_texts[0]] * (bucket - len(chunk_texts))
-        query_emb = np.asarray(self.dual_encoder.encode_texts(chunk_texts + filler, self._mesh),
-                               np.float32)
+        query_emb = np.asarray(
+          self.dual_encoder.encode_texts(chunk_texts + filler, self._mesh), np.float32
+        )
       result = search_lib.constrained_search(
-          self.params, self.cfg, state.device_trie, self.vocab, padded,
-          **decode.search_kwargs(), query_emb=query_emb, query_head=self.query_head,
-          trained_length=self.trained_length)
+        self.params,
+        self.cfg,
+        state.device_trie,
+        self.vocab,
+        padded,
+        **decode.search_kwargs(),
+        query_emb=query_emb,
+        query_head=self.query_head,
+        trained_length=self.trained_length,
+      )
       out = search_lib.results_to_numpy(result)
-      ids.append(out["item_ids"][:chunk.shape[0]].astype(np.int64))
-      scores.append(out["scores"][:chunk.shape[0]])
+      ids.append(out["item_ids"][: chunk.shape[0]].astype(np.int64))
+      scores.append(out["scores"][: chunk.shape[0]])
     return np.concatenate(ids), np.concatenate(scores)

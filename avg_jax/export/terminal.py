@@ -26,6 +26,7 @@ def safe(text: str) -> str:
   """`text` with control and bidi formatting characters escaped (module doc)."""
   text = str(text)
   if text.isprintable() and not _BIDI.intersection(text):
-    return text   # the common case, checked in C
-  return "".join(_escape(ch) if unicodedata.category(ch) in _ESCAPED or ch in _BIDI else ch
-                 for ch in text)
+    return text  # the common case, checked in C
+  return "".join(
+    _escape(ch) if unicodedata.category(ch) in _ESCAPED or ch in _BIDI else ch for ch in text
+  )

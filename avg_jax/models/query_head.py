@@ -21,6 +21,7 @@ from avg_jax.errors import UserError
 @flax.struct.dataclass
 class QueryHead:
   """`embedding = pooled @ weight + bias`: `weight float32[d_model, D]`, `bias float32[D]`."""
+
   weight: jax.Array
   bias: jax.Array
 
@@ -49,8 +50,10 @@ def fit(features: np.ndarray, targets: np.ndarray, l2: float) -> QueryHead:
   x = np.asarray(features, np.float64)
   y = np.asarray(targets, np.float64)
   if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or not len(x):
-    raise UserError(f"query head: need matching non-empty [N, d] features and [N, D] targets, "
-                    f"got {x.shape} and {y.shape}")
+    raise UserError(
+      f"query head: need matching non-empty [N, d] features and [N, D] targets, "
+      f"got {x.shape} and {y.shape}"
+    )
   if l2 < 0:
     raise UserError(f"query head: l2 must be >= 0, got {l2}")
   y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
@@ -69,5 +72,6 @@ def save(path: str, head: QueryHead) -> None:
 
 def load(path: str, *, remedy: str = "") -> QueryHead:
   arrays = io.read_npz(path, ("weight", "bias"), remedy=remedy)
-  return QueryHead(weight=jnp.asarray(arrays["weight"], jnp.float32),
-                   bias=jnp.asarray(arrays["bias"], jnp.float32))
+  return QueryHead(
+    weight=jnp.asarray(arrays["weight"], jnp.float32), bias=jnp.asarray(arrays["bias"], jnp.float32)
+  )

@@ -31,7 +31,8 @@ Voken-only logits (`decode_step(..., voken_logits_only=True)`): column 0 is EOS,
 `1 + j` is token `cfg.first_voken_id + j` (`voken_logit_token_ids(cfg)` gives the mapping).
 """
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,17 +41,38 @@ import numpy as np
 
 from avg_jax import partitioning
 from avg_jax.models.t5_config import T5Config
-from avg_jax.models.t5_layers import (MASK_VALUE, Attention, FeedForward, RelativePositionBias,
-                                      RMSNorm, dropout, normal_init)
+from avg_jax.models.t5_layers import (
+  MASK_VALUE,
+  Attention,
+  FeedForward,
+  RelativePositionBias,
+  RMSNorm,
+  dropout,
+  normal_init,
+)
 from avg_jax.vokens import EOS_ID, PAD_ID
 
 __all__ = [
-    "T5Config", "T5", "encode", "init_decode_state", "decode_step", "logits",
-    "candidate_logits", "sequence_log_probs", "score",
-    "cross_entropy_loss", "shift_right", "voken_logit_token_ids", "tokens_to_voken_columns",
-    "init_variables", "init_params", "abstract_variables", "abstract_params", "param_shardings",
-    "stack_layer_params",
-    "unstack_layer_params",
+  "T5Config",
+  "T5",
+  "encode",
+  "init_decode_state",
+  "decode_step",
+  "logits",
+  "candidate_logits",
+  "sequence_log_probs",
+  "score",
+  "cross_entropy_loss",
+  "shift_right",
+  "voken_logit_token_ids",
+  "tokens_to_voken_columns",
+  "init_variables",
+  "init_params",
+  "abstract_variables",
+  "abstract_params",
+  "param_shardings",
+  "stack_layer_params",
+  "unstack_layer_params",
 ]
 
 DECODER_START_ID = PAD_ID  # T5 starts decoding from the pad token
@@ -60,8 +82,10 @@ DECODER_START_ID = PAD_ID  # T5 starts decoding from the pad token
 # Layers and stacks
 # ----------------------------------------------------------------------------------------------
 
+
 class EncoderLayer(nn.Module):
   """Pre-norm self-attention and feed-forward blocks with residuals."""
+
   cfg: T5Config
   deterministic: bool
 
@@ -89,6 +113,7 @@ class DecoderLayer(nn.Module):
   values of `shared["encoded"]` (returned per layer). "step": one token against the caches
   in `per_layer`, returning the updated self-attention cache.
   """
+
   cfg: T5Config
   deterministic: bool
   mode: str = "full"
@@ -108,28 +133,25 @@ class DecoderLayer(nn.Module):
     if self.mode == "step":
       # Write this position's key/value into the cache with a one-hot select: no dynamic
       # indices, so it partitions like any elementwise op.
-      at = shared["position"][:, :, None, None]                       # [batch, max_len, 1, 1]
+      at = shared["position"][:, :, None, None]  # [batch, max_len, 1, 1]
       k = jnp.where(at, k.astype(per_layer["self_k"].dtype), per_layer["self_k"])
       v = jnp.where(at, v.astype(per_layer["self_v"].dtype), per_layer["self_v"])
       ys = {"self_k": k, "self_v": v}
-    x = x + dropout(self, self_attn(h, k, v, shared["self_bias"], det), cfg.dropout_rate,
-                    det)
+    x = x + dropout(self, self_attn(h, k, v, shared["self_bias"], det), cfg.dropout_rate, det)
 
     h = RMSNorm(cfg, name="pre_cross_attention_norm")(x)
     if self.mode == "step":
       ck, cv = per_layer["cross_k"], per_layer["cross_v"]
     else:
       ck, cv = cross_attn.key_value(shared["encoded"])
-    x = x + dropout(self, cross_attn(h, ck, cv, shared["cross_bias"], det), cfg.dropout_rate,
-                    det)
+    x = x + dropout(self, cross_attn(h, ck, cv, shared["cross_bias"], det), cfg.dropout_rate, det)
 
     h = RMSNorm(cfg, name="pre_mlp_norm")(x)
     x = x + dropout(self, FeedForward(cfg, name="mlp")(h, det), cfg.dropout_rate, det)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), ys
 
 
-def _run_layers(cfg: T5Config, layer_cls, num_layers: int, x, shared, per_layer,
-                **layer_kwargs):
+def _run_layers(cfg: T5Config, layer_cls, num_layers: int, x, shared, per_layer, **layer_kwargs):
   """Applies `num_layers` layers as a Python loop or one `nn.scan` (with optional remat).
 
   `shared` is broadcast to every layer; `per_layer` leaves are `[batch, layers, ...]` and
@@ -141,10 +163,15 @@ def _run_layers(cfg: T5Config, layer_cls, num_layers: int, x, shared, per_layer,
     # Under scan the loop body is a single traced function, so CSE cannot undo the remat.
     cls = nn.remat(cls, prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    scanned = nn.scan(cls, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, 1), out_axes=1, length=num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+    scanned = nn.scan(
+      cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, 1),
+      out_axes=1,
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     return scanned(cfg, name="layers", **layer_kwargs)(x, shared, per_layer)
   outputs = []
   for i in range(num_layers):
@@ -173,8 +200,9 @@ class Encoder(nn.Module):
     bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(length, length)
     shared = {"position_bias": bias[None], "mask_bias": _key_mask_bias(mask)}
     x = dropout(self, embedded, cfg.dropout_rate, det)
-    x, _ = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, shared, None,
-                       deterministic=det)
+    x, _ = _run_layers(
+      cfg, EncoderLayer, cfg.num_encoder_layers, x, shared, None, deterministic=det
+    )
     x = RMSNorm(cfg, name="final_norm")(x)
     return dropout(self, x, cfg.dropout_rate, det)
 
@@ -183,8 +211,17 @@ class Decoder(nn.Module):
   cfg: T5Config
 
   @nn.compact
-  def __call__(self, x, encoded=None, encoder_mask=None, cache=None, *, mode: str = "full",
-               deterministic: bool = True, segment_length: int | None = None):
+  def __call__(
+    self,
+    x,
+    encoded=None,
+    encoder_mask=None,
+    cache=None,
+    *,
+    mode: str = "full",
+    deterministic: bool = True,
+    segment_length: int | None = None,
+  ):
     """`mode` (see DecoderLayer) -- full: `x [batch, target_length, embed]` -> same shape
     (after the final norm); with `segment_length` the target is several independent
     sequences of that length laid end to end (self-attention stays inside a segment; all
@@ -194,8 +231,16 @@ class Decoder(nn.Module):
     cfg, det = self.cfg, deterministic
     n = cfg.num_decoder_layers
     if mode == "cross_kv":
-      _, ys = _run_layers(cfg, DecoderLayer, n, jnp.zeros((), cfg.compute_dtype),
-                          {"encoded": encoded}, None, deterministic=True, mode="cross_kv")
+      _, ys = _run_layers(
+        cfg,
+        DecoderLayer,
+        n,
+        jnp.zeros((), cfg.compute_dtype),
+        {"encoded": encoded},
+        None,
+        deterministic=True,
+        mode="cross_kv",
+      )
       return ys
 
     relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")
@@ -208,23 +253,28 @@ class Decoder(nn.Module):
         segment = np.arange(length) // int(segment_length)
         causal = causal & jnp.asarray(segment[:, None] == segment[None, :])
       self_bias = relpos(length, length)[None] + jnp.where(causal, 0.0, MASK_VALUE)[None, None]
-      shared = {"self_bias": self_bias, "encoded": encoded,
-                "cross_bias": _key_mask_bias(encoder_mask)}
+      shared = {
+        "self_bias": self_bias,
+        "encoded": encoded,
+        "cross_bias": _key_mask_bias(encoder_mask),
+      }
       per_layer = None
     else:
       max_len = cache["self_k"].shape[2]
-      index = cache["index"]                                             # [batch]
-      table = relpos(max_len, max_len)                                   # [heads, q, k]
-      row = jnp.transpose(jnp.take(table, index, axis=1), (1, 0, 2))     # [batch, heads, k]
-      visible = jnp.arange(max_len)[None, :] <= index[:, None]           # [batch, k]
-      self_bias = row[:, :, None, :] + _key_mask_bias(visible)           # [batch, heads, 1, k]
-      shared = {"self_bias": self_bias, "cross_bias": _key_mask_bias(cache["encoder_mask"]),
-                "position": jnp.arange(max_len)[None, :] == index[:, None]}
+      index = cache["index"]  # [batch]
+      table = relpos(max_len, max_len)  # [heads, q, k]
+      row = jnp.transpose(jnp.take(table, index, axis=1), (1, 0, 2))  # [batch, heads, k]
+      visible = jnp.arange(max_len)[None, :] <= index[:, None]  # [batch, k]
+      self_bias = row[:, :, None, :] + _key_mask_bias(visible)  # [batch, heads, 1, k]
+      shared = {
+        "self_bias": self_bias,
+        "cross_bias": _key_mask_bias(cache["encoder_mask"]),
+        "position": jnp.arange(max_len)[None, :] == index[:, None],
+      }
       per_layer = {k: cache[k] for k in ("self_k", "self_v", "cross_k", "cross_v")}
 
     x = dropout(self, x, cfg.dropout_rate, det)
-    x, ys = _run_layers(cfg, DecoderLayer, n, x, shared, per_layer, deterministic=det,
-                        mode=mode)
+    x, ys = _run_layers(cfg, DecoderLayer, n, x, shared, per_layer, deterministic=det, mode=mode)
     x = RMSNorm(cfg, name="final_norm")(x)
     x = dropout(self, x, cfg.dropout_rate, det)
     return x if mode == "full" else (x, ys)
@@ -239,19 +289,25 @@ class T5(nn.Module):
   voken_logits_only)` -> (logits, new self K/V); `voken_logits_only` restricts the output
   columns. Use them with `apply(..., method=T5.encode)` etc., or the pure functions below.
   """
+
   cfg: T5Config
   deterministic: bool = True
 
   def setup(self):
     cfg = self.cfg
     self.token_embedding = self.param(
-        "token_embedding", nn.with_logical_partitioning(normal_init(1.0), ("vocab", "embed")),
-        (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+      "token_embedding",
+      nn.with_logical_partitioning(normal_init(1.0), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model),
+      cfg.storage_dtype,
+    )
     if not cfg.tie_embeddings:
       self.output_embedding = self.param(
-          "output_embedding",
-          nn.with_logical_partitioning(normal_init(cfg.d_model ** -0.5), ("vocab", "embed")),
-          (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+        "output_embedding",
+        nn.with_logical_partitioning(normal_init(cfg.d_model**-0.5), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model),
+        cfg.storage_dtype,
+      )
     self.encoder = Encoder(cfg, self.deterministic)
     self.decoder = Decoder(cfg)
 
@@ -267,19 +323,25 @@ class T5(nn.Module):
     cfg = self.cfg
     rows = self._output_rows()
     if voken_only:
-      rows = jnp.concatenate([rows[EOS_ID:EOS_ID + 1], rows[cfg.first_voken_id:]], axis=0)
+      rows = jnp.concatenate([rows[EOS_ID : EOS_ID + 1], rows[cfg.first_voken_id :]], axis=0)
     if cfg.tie_embeddings:
       # T5 v1.0 rescales before the tied projection (the embedding has unit-scale rows).
-      x = x * (cfg.d_model ** -0.5)
+      x = x * (cfg.d_model**-0.5)
     # float32 results even from bf16 operands: logits feed a softmax over the whole vocabulary.
-    out = jnp.einsum("bld,vd->blv", x, rows.astype(cfg.compute_dtype),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+      "bld,vd->blv", x, rows.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+    )
     return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
   def __call__(self, input_tokens, decoder_input_tokens):
     encoded = self.encode(input_tokens)
-    x = self.decoder(self._embed(decoder_input_tokens), encoded, input_tokens != PAD_ID,
-                     mode="full", deterministic=self.deterministic)
+    x = self.decoder(
+      self._embed(decoder_input_tokens),
+      encoded,
+      input_tokens != PAD_ID,
+      mode="full",
+      deterministic=self.deterministic,
+    )
     return self._logits(x, False)
 
   def segments(self, input_tokens, decoder_input_tokens, segment_length: int):
@@ -287,9 +349,14 @@ class T5(nn.Module):
     `decoder_input_tokens [batch, n * segment_length]` holds n targets' decoder inputs end
     to end -> logits `[batch, n * segment_length, vocab]`."""
     encoded = self.encode(input_tokens)
-    x = self.decoder(self._embed(decoder_input_tokens), encoded, input_tokens != PAD_ID,
-                     mode="full", deterministic=self.deterministic,
-                     segment_length=segment_length)
+    x = self.decoder(
+      self._embed(decoder_input_tokens),
+      encoded,
+      input_tokens != PAD_ID,
+      mode="full",
+      deterministic=self.deterministic,
+      segment_length=segment_length,
+    )
     return self._logits(x, False)
 
   def encode(self, input_tokens):
@@ -306,6 +373,7 @@ class T5(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Pure functions
 # ----------------------------------------------------------------------------------------------
+
 
 def _variables(params: Mapping[str, Any]) -> dict:
   """Accepts either `params` or `{"params": params}`."""
@@ -325,8 +393,9 @@ def encode(params, cfg: T5Config, input_tokens: jax.Array) -> jax.Array:
   return T5(cfg).apply(_variables(params), input_tokens, method=T5.encode)
 
 
-def init_decode_state(params, cfg: T5Config, encoded: jax.Array, input_tokens: jax.Array,
-                      max_decode_length: int) -> dict:
+def init_decode_state(
+  params, cfg: T5Config, encoded: jax.Array, input_tokens: jax.Array, max_decode_length: int
+) -> dict:
   """The decoding cache for `encoded [batch, input_length, embed]` (see the module docstring).
 
   Cross-attention keys/values are computed here, once; `max_decode_length` is the number of
@@ -336,13 +405,19 @@ def init_decode_state(params, cfg: T5Config, encoded: jax.Array, input_tokens: j
   batch = encoded.shape[0]
   shape = (batch, cfg.num_decoder_layers, int(max_decode_length), cfg.num_heads, cfg.d_kv)
   zeros = jnp.zeros(shape, cfg.compute_dtype)
-  return {"self_k": zeros, "self_v": zeros, "cross_k": cross["cross_k"],
-          "cross_v": cross["cross_v"], "encoder_mask": input_tokens != PAD_ID,
-          "index": jnp.zeros((batch,), jnp.int32)}
+  return {
+    "self_k": zeros,
+    "self_v": zeros,
+    "cross_k": cross["cross_k"],
+    "cross_v": cross["cross_v"],
+    "encoder_mask": input_tokens != PAD_ID,
+    "index": jnp.zeros((batch,), jnp.int32),
+  }
 
 
-def decode_step(params, cfg: T5Config, token: jax.Array, cache: dict, *,
-                voken_logits_only: bool = False) -> tuple[jax.Array, dict]:
+def decode_step(
+  params, cfg: T5Config, token: jax.Array, cache: dict, *, voken_logits_only: bool = False
+) -> tuple[jax.Array, dict]:
   """Feeds `token int[batch]` at position `cache["index"]`; returns raw float32 logits and
   the advanced cache.
 
@@ -352,30 +427,44 @@ def decode_step(params, cfg: T5Config, token: jax.Array, cache: dict, *,
   normalisation is then not available. The first call feeds the start token 0.
   Positions at or beyond `max_decode_length` are not checked (inside jit they cannot be).
   """
-  out, new_kv = T5(cfg).apply(_variables(params), token, cache, voken_logits_only,
-                             method=T5.decode_step)
+  out, new_kv = T5(cfg).apply(
+    _variables(params), token, cache, voken_logits_only, method=T5.decode_step
+  )
   new_cache = dict(cache)
   new_cache.update(new_kv)
   new_cache["index"] = cache["index"] + 1
   return out, new_cache
 
 
-def logits(params, cfg: T5Config, input_tokens: jax.Array, decoder_target_tokens: jax.Array,
-           *, deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None
-           ) -> jax.Array:
+def logits(
+  params,
+  cfg: T5Config,
+  input_tokens: jax.Array,
+  decoder_target_tokens: jax.Array,
+  *,
+  deterministic: bool = True,
+  rngs: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
   """Teacher-forced logits `[batch, target_length, vocab]` (float32).
 
   Decoder inputs are the targets shifted right with start token 0; pass `rngs={"dropout":
   key}` when not deterministic.
   """
   model = T5(cfg, deterministic=deterministic)
-  return model.apply(_variables(params), input_tokens, shift_right(decoder_target_tokens),
-                     rngs=rngs)
+  return model.apply(
+    _variables(params), input_tokens, shift_right(decoder_target_tokens), rngs=rngs
+  )
 
 
-def candidate_logits(params, cfg: T5Config, input_tokens: jax.Array,
-                     candidate_targets: jax.Array, *, deterministic: bool = True,
-                     rngs: Mapping[str, jax.Array] | None = None) -> jax.Array:
+def candidate_logits(
+  params,
+  cfg: T5Config,
+  input_tokens: jax.Array,
+  candidate_targets: jax.Array,
+  *,
+  deterministic: bool = True,
+  rngs: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
   """Teacher-forced logits of n targets per input: `input_tokens int[batch, input_length]`,
   `candidate_targets int[batch, n, target_length]` -> `[batch, n, target_length, vocab]`.
 
@@ -386,8 +475,8 @@ def candidate_logits(params, cfg: T5Config, input_tokens: jax.Array,
   b, n, length = candidate_targets.shape
   decoder_inputs = shift_right(candidate_targets).reshape(b, n * length)
   out = T5(cfg, deterministic=deterministic).apply(
-      _variables(params), input_tokens, decoder_inputs, length, rngs=rngs,
-      method=T5.segments)
+    _variables(params), input_tokens, decoder_inputs, length, rngs=rngs, method=T5.segments
+  )
   return out.reshape(b, n, length, out.shape[-1])
 
 
@@ -406,28 +495,38 @@ def sequence_log_probs(out: jax.Array, target_tokens: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(target_tokens != PAD_ID, token_lp, 0.0), axis=-1)
 
 
-def score(params, cfg: T5Config, input_tokens: jax.Array, target_tokens: jax.Array, *,
-          deterministic: bool = True, rngs: Mapping[str, jax.Array] | None = None
-          ) -> jax.Array:
+def score(
+  params,
+  cfg: T5Config,
+  input_tokens: jax.Array,
+  target_tokens: jax.Array,
+  *,
+  deterministic: bool = True,
+  rngs: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
   """`[batch]` sum over non-padding targets of the full-vocabulary log-softmax.
 
   `target_tokens int[batch, target_length]`, zero-padded (e.g. vokens then EOS).
   """
-  out = logits(params, cfg, input_tokens, target_tokens, deterministic=deterministic,
-               rngs=rngs)
+  out = logits(params, cfg, input_tokens, target_tokens, deterministic=deterministic, rngs=rngs)
   return sequence_log_probs(out, target_tokens)
 
 
-def cross_entropy_loss(params, cfg: T5Config, input_tokens: jax.Array,
-                       target_tokens: jax.Array, *, deterministic: bool = True,
-                       rngs: Mapping[str, jax.Array] | None = None,
-                       temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_loss(
+  params,
+  cfg: T5Config,
+  input_tokens: jax.Array,
+  target_tokens: jax.Array,
+  *,
+  deterministic: bool = True,
+  rngs: Mapping[str, jax.Array] | None = None,
+  temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
   """Mean token cross-entropy over non-padding targets (logits / `temperature`).
 
   Returns `(loss [], num_tokens [])`.
   """
-  out = logits(params, cfg, input_tokens, target_tokens, deterministic=deterministic,
-               rngs=rngs)
+  out = logits(params, cfg, input_tokens, target_tokens, deterministic=deterministic, rngs=rngs)
   token_lp = _target_log_probs(out, target_tokens, temperature)
   weights = (target_tokens != PAD_ID).astype(jnp.float32)
   num = jnp.sum(weights)
@@ -436,8 +535,7 @@ def cross_entropy_loss(params, cfg: T5Config, input_tokens: jax.Array,
 
 def voken_logit_token_ids(cfg: T5Config) -> np.ndarray:
   """`int32[1 + num_voken_tokens]`: the token id of each voken-only logit column."""
-  return np.concatenate([[EOS_ID], np.arange(cfg.first_voken_id, cfg.vocab_size)]
-                        ).astype(np.int32)
+  return np.concatenate([[EOS_ID], np.arange(cfg.first_voken_id, cfg.vocab_size)]).astype(np.int32)
 
 
 def tokens_to_voken_columns(cfg: T5Config, tokens):
@@ -452,8 +550,10 @@ def tokens_to_voken_columns(cfg: T5Config, tokens):
 # Parameters
 # ----------------------------------------------------------------------------------------------
 
-def init_variables(cfg: T5Config, rng: jax.Array, *, input_length: int = 4,
-                   target_length: int = 2) -> dict:
+
+def init_variables(
+  cfg: T5Config, rng: jax.Array, *, input_length: int = 4, target_length: int = 2
+) -> dict:
   """Random variables `{"params": ...}` with `nn.LogicallyPartitioned` leaves.
 
   Use with `partitioning.sharded_init(init_variables, mesh, rng, static=(cfg,))`.

@@ -9,7 +9,8 @@ with heads split out (see avg_jax/models/t5.py).
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -43,8 +44,11 @@ def _safetensor_files(path: str) -> list[str]:
     if missing:
       raise UserError(f"{index}: shard {missing[0]} not found")
     return [os.path.join(path, f) for f in files]
-  hint = (" (only pytorch_model.bin found: convert it to safetensors)"
-          if os.path.isfile(os.path.join(path, "pytorch_model.bin")) else "")
+  hint = (
+    " (only pytorch_model.bin found: convert it to safetensors)"
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin"))
+    else ""
+  )
   raise UserError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
 
 
@@ -65,19 +69,33 @@ def _attention_entries(hf: str, ours: tuple, cfg: T5Config):
   d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
   for proj, name in (("q", "query"), ("k", "key"), ("v", "value")):
     # torch [heads*kv, embed] -> ours [embed, heads, kv]
-    yield (f"{hf}.{proj}.weight", ours + (name,), (h * k, d),
-           lambda w: w.T.reshape(d, h, k), lambda p: p.reshape(d, h * k).T)
-  yield (f"{hf}.o.weight", ours + ("out",), (d, h * k),
-         lambda w: w.T.reshape(h, k, d), lambda p: p.reshape(h * k, d).T)
+    yield (
+      f"{hf}.{proj}.weight",
+      ours + (name,),
+      (h * k, d),
+      lambda w: w.T.reshape(d, h, k),
+      lambda p: p.reshape(d, h * k).T,
+    )
+  yield (
+    f"{hf}.o.weight",
+    ours + ("out",),
+    (d, h * k),
+    lambda w: w.T.reshape(h, k, d),
+    lambda p: p.reshape(h * k, d).T,
+  )
 
 
 def _mlp_entries(hf: str, ours: tuple, cfg: T5Config):
   names = ("wi_0", "wi_1") if cfg.gated else ("wi",)
   for name in names:
-    yield (f"{hf}.{name}.weight", ours + (name,), (cfg.d_ff, cfg.d_model),
-           lambda w: w.T, lambda p: p.T)
-  yield (f"{hf}.wo.weight", ours + ("wo",), (cfg.d_model, cfg.d_ff), lambda w: w.T,
-         lambda p: p.T)
+    yield (
+      f"{hf}.{name}.weight",
+      ours + (name,),
+      (cfg.d_ff, cfg.d_model),
+      lambda w: w.T,
+      lambda p: p.T,
+    )
+  yield (f"{hf}.wo.weight", ours + ("wo",), (cfg.d_model, cfg.d_ff), lambda w: w.T, lambda p: p.T)
 
 
 def _norm_entry(hf: str, ours: tuple, cfg: T5Config):
@@ -99,8 +117,13 @@ def tensor_map(cfg: T5Config) -> Iterator[tuple[str, tuple, tuple, Callable, Cal
     yield ("lm_head.weight", ("output_embedding",), (v, d), _same, _same)
   buckets = (cfg.relative_attention_num_buckets, cfg.num_heads)
   for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
-    yield (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-           (stack, "relpos_bias", "rel_embedding"), buckets, _same, _same)
+    yield (
+      f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+      (stack, "relpos_bias", "rel_embedding"),
+      buckets,
+      _same,
+      _same,
+    )
     yield _norm_entry(f"{stack}.final_layer_norm", (stack, "final_norm"), cfg)
     for i in range(n):
       block, layer = f"{stack}.block.{i}.layer", (stack, f"layers_{i}")
@@ -110,11 +133,11 @@ def tensor_map(cfg: T5Config) -> Iterator[tuple[str, tuple, tuple, Callable, Cal
         mlp_index = 1
       else:
         yield _norm_entry(f"{block}.0.layer_norm", layer + ("pre_self_attention_norm",), cfg)
-        yield from _attention_entries(f"{block}.0.SelfAttention", layer + ("self_attention",),
-                                      cfg)
+        yield from _attention_entries(f"{block}.0.SelfAttention", layer + ("self_attention",), cfg)
         yield _norm_entry(f"{block}.1.layer_norm", layer + ("pre_cross_attention_norm",), cfg)
-        yield from _attention_entries(f"{block}.1.EncDecAttention",
-                                      layer + ("cross_attention",), cfg)
+        yield from _attention_entries(
+          f"{block}.1.EncDecAttention", layer + ("cross_attention",), cfg
+        )
         mlp_index = 2
       yield _norm_entry(f"{block}.{mlp_index}.layer_norm", layer + ("pre_mlp_norm",), cfg)
       yield from _mlp_entries(f"{block}.{mlp_index}.DenseReluDense", layer + ("mlp",), cfg)
@@ -137,14 +160,16 @@ def _names(names: list[str], limit: int = 5) -> str:
   return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: T5Config, *,
-                 where: str = "checkpoint") -> dict:
+def hf_to_params(
+  tensors: Mapping[str, np.ndarray], cfg: T5Config, *, where: str = "checkpoint"
+) -> dict:
   """Hugging Face tensors -> our params (numpy, `cfg.param_dtype`, `cfg.scan_layers` layout).
 
   Raises `UserError` naming missing, unexpected or mis-shaped tensors.
   """
-  dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(
-      cfg.param_dtype)
+  dtype = (
+    np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+  )
   params: dict = {}
   used = set()
   missing, misshaped = [], []
@@ -159,8 +184,10 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: T5Config, *,
       continue
     _set(params, path, np.asarray(to_ours(np.asarray(w, np.float32))).astype(dtype))
   if misshaped:
-    raise UserError(f"{where}: mis-shaped tensors: {'; '.join(misshaped[:3])}"
-                    + (f" and {len(misshaped) - 3} more" if len(misshaped) > 3 else ""))
+    raise UserError(
+      f"{where}: mis-shaped tensors: {'; '.join(misshaped[:3])}"
+      + (f" and {len(misshaped) - 3} more" if len(misshaped) > 3 else "")
+    )
   if missing:
     raise UserError(f"{where}: missing tensors: {_names(missing)}")
   extra = []
@@ -171,13 +198,16 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: T5Config, *,
     if alias:
       expected = (cfg.vocab_size, cfg.d_model)
       if tuple(w.shape) != expected:
-        raise UserError(f"{where}: mis-shaped tensors: {name} has shape {list(w.shape)}, "
-                        f"expected {list(expected)}")
+        raise UserError(
+          f"{where}: mis-shaped tensors: {name} has shape {list(w.shape)}, "
+          f"expected {list(expected)}"
+        )
       continue
     extra.append(name)
   if extra:
-    raise UserError(f"{where}: unexpected tensors (not a T5 of this configuration?): "
-                    f"{_names(sorted(extra))}")
+    raise UserError(
+      f"{where}: unexpected tensors (not a T5 of this configuration?): {_names(sorted(extra))}"
+    )
   return t5_lib.stack_layer_params(params) if cfg.scan_layers else params
 
 
@@ -206,16 +236,27 @@ def load_hf_t5(path: str, **overrides: Any) -> tuple[T5Config, dict]:
 def hf_config_dict(cfg: T5Config) -> dict:
   """A Hugging Face `T5Config`-compatible config.json dict for `cfg`."""
   return {
-      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-      "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.d_kv,
-      "d_ff": cfg.d_ff, "num_heads": cfg.num_heads, "num_layers": cfg.num_encoder_layers,
-      "num_decoder_layers": cfg.num_decoder_layers,
-      "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
-      "relative_attention_max_distance": cfg.relative_attention_max_distance,
-      "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
-      "initializer_factor": 1.0, "feed_forward_proj": cfg.feed_forward,
-      "tie_word_embeddings": cfg.tie_embeddings, "is_encoder_decoder": True,
-      "use_cache": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+    "architectures": ["T5ForConditionalGeneration"],
+    "model_type": "t5",
+    "vocab_size": cfg.vocab_size,
+    "d_model": cfg.d_model,
+    "d_kv": cfg.d_kv,
+    "d_ff": cfg.d_ff,
+    "num_heads": cfg.num_heads,
+    "num_layers": cfg.num_encoder_layers,
+    "num_decoder_layers": cfg.num_decoder_layers,
+    "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+    "relative_attention_max_distance": cfg.relative_attention_max_distance,
+    "dropout_rate": cfg.dropout_rate,
+    "layer_norm_epsilon": cfg.layer_norm_epsilon,
+    "initializer_factor": 1.0,
+    "feed_forward_proj": cfg.feed_forward,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "is_encoder_decoder": True,
+    "use_cache": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
   }
 
 
@@ -228,8 +269,7 @@ def save_hf_t5(path: str, params: Mapping[str, Any], cfg: T5Config) -> None:
   tmp = io.temp_dir(path)
   try:
     io.write_json(os.path.join(tmp, "config.json"), hf_config_dict(cfg), indent=2)
-    save_file(params_to_hf(params, cfg), os.path.join(tmp, WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_file(params_to_hf(params, cfg), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
     io.replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

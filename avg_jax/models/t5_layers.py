@@ -25,8 +25,9 @@ def normal_init(stddev: float):
 
 
 def _param(module: nn.Module, name: str, init, shape, names):
-  return module.param(name, nn.with_logical_partitioning(init, names), shape,
-                      module.cfg.storage_dtype)
+  return module.param(
+    name, nn.with_logical_partitioning(init, names), shape, module.cfg.storage_dtype
+  )
 
 
 def dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
@@ -42,6 +43,7 @@ def dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -
 
 class RMSNorm(nn.Module):
   """T5's layer norm: scale * x / sqrt(mean(x**2) + eps); no mean subtraction, no bias."""
+
   cfg: T5Config
 
   @nn.compact
@@ -55,8 +57,9 @@ class RMSNorm(nn.Module):
     return (scale.astype(jnp.float32) * y).astype(self.cfg.compute_dtype)
 
 
-def relative_position_buckets(query_length: int, key_length: int, *, bidirectional: bool,
-                              num_buckets: int, max_distance: int) -> np.ndarray:
+def relative_position_buckets(
+  query_length: int, key_length: int, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """Bucket of each (query, key) offset: `int32[query_length, key_length]`.
 
   Offsets `key - query` below `max_exact` get their own bucket; larger ones share
@@ -66,8 +69,10 @@ def relative_position_buckets(query_length: int, key_length: int, *, bidirection
   static), in float32 with a multiply by the reciprocal of log(max_distance / max_exact),
   which reproduces the reference's float32 rounding at bucket boundaries.
   """
-  offset = (np.arange(key_length, dtype=np.int64)[None, :]
-            - np.arange(query_length, dtype=np.int64)[:, None])
+  offset = (
+    np.arange(key_length, dtype=np.int64)[None, :]
+    - np.arange(query_length, dtype=np.int64)[:, None]
+  )
   if bidirectional:
     num_buckets //= 2
     bucket = (offset > 0).astype(np.int64) * num_buckets
@@ -79,7 +84,7 @@ def relative_position_buckets(query_length: int, key_length: int, *, bidirection
   # Only read where distance >= max_exact, so clamping keeps log() finite without changing it.
   scaled = np.maximum(distance, max_exact).astype(np.float32) / np.float32(max_exact)
   inv_log_range = np.float32(1.0) / np.float32(math.log(max_distance / max_exact))
-  log_bucket = (np.log(scaled) * inv_log_range * np.float32(num_buckets - max_exact))
+  log_bucket = np.log(scaled) * inv_log_range * np.float32(num_buckets - max_exact)
   large = max_exact + log_bucket.astype(np.int64)
   large = np.minimum(large, num_buckets - 1)
   bucket = bucket + np.where(distance < max_exact, distance, large)
@@ -88,6 +93,7 @@ def relative_position_buckets(query_length: int, key_length: int, *, bidirection
 
 class RelativePositionBias(nn.Module):
   """Learned scalar bias per (bucket, head), shared by all layers of one stack."""
+
   cfg: T5Config
   bidirectional: bool
 
@@ -95,13 +101,20 @@ class RelativePositionBias(nn.Module):
   def __call__(self, query_length: int, key_length: int) -> jax.Array:
     """Returns the float32 bias `[heads, query_length, key_length]`."""
     cfg = self.cfg
-    table = _param(self, "rel_embedding", normal_init(cfg.d_model ** -0.5),
-                   (cfg.relative_attention_num_buckets, cfg.num_heads),
-                   ("relpos_buckets", "heads"))
+    table = _param(
+      self,
+      "rel_embedding",
+      normal_init(cfg.d_model**-0.5),
+      (cfg.relative_attention_num_buckets, cfg.num_heads),
+      ("relpos_buckets", "heads"),
+    )
     buckets = relative_position_buckets(
-        query_length, key_length, bidirectional=self.bidirectional,
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance)
+      query_length,
+      key_length,
+      bidirectional=self.bidirectional,
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance,
+    )
     bias = jnp.take(table.astype(jnp.float32), jnp.asarray(buckets), axis=0)  # [q, k, heads]
     return jnp.transpose(bias, (2, 0, 1))
 
@@ -109,18 +122,20 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
   """Multi-head dot-product attention without the 1/sqrt(d_kv) factor (T5 folds it into
   the query initialisation) and without biases."""
+
   cfg: T5Config
 
   def setup(self):
     cfg = self.cfg
     d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
-    self.query = _param(self, "query", normal_init((d * k) ** -0.5), (d, h, k),
-                        ("embed", "heads", "kv"))
-    self.key = _param(self, "key", normal_init(d ** -0.5), (d, h, k), ("embed", "heads", "kv"))
-    self.value = _param(self, "value", normal_init(d ** -0.5), (d, h, k),
-                        ("embed", "heads", "kv"))
-    self.out = _param(self, "out", normal_init((h * k) ** -0.5), (h, k, d),
-                      ("heads", "kv", "embed"))
+    self.query = _param(
+      self, "query", normal_init((d * k) ** -0.5), (d, h, k), ("embed", "heads", "kv")
+    )
+    self.key = _param(self, "key", normal_init(d**-0.5), (d, h, k), ("embed", "heads", "kv"))
+    self.value = _param(self, "value", normal_init(d**-0.5), (d, h, k), ("embed", "heads", "kv"))
+    self.out = _param(
+      self, "out", normal_init((h * k) ** -0.5), (h, k, d), ("heads", "kv", "embed")
+    )
 
   def _project(self, kernel: jax.Array, x: jax.Array) -> jax.Array:
     dt = self.cfg.compute_dtype
@@ -131,8 +146,14 @@ class Attention(nn.Module):
     """`inputs_kv [batch, kv_length, embed]` -> keys, values `[batch, kv_length, heads, kv]`."""
     return self._project(self.key, inputs_kv), self._project(self.value, inputs_kv)
 
-  def __call__(self, inputs_q: jax.Array, keys: jax.Array, values: jax.Array,
-               bias: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(
+    self,
+    inputs_q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    bias: jax.Array,
+    deterministic: bool,
+  ) -> jax.Array:
     """Attends `inputs_q [batch, q, embed]` to precomputed `keys`/`values`
     `[batch, kv_length, heads, kv]`; `bias` (float32, broadcastable to
     `[batch, heads, q, kv_length]`) holds position biases and masks. Returns `[batch, q, embed]`.
@@ -140,8 +161,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     q = self._project(self.query, inputs_q)
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, keys.astype(dt),
-                        preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, keys.astype(dt), preferred_element_type=jnp.float32)
     scores = scores + bias
     weights = jax.nn.softmax(scores, axis=-1).astype(dt)
     weights = dropout(self, weights, cfg.dropout_rate, deterministic)
@@ -152,15 +172,16 @@ class Attention(nn.Module):
 
 
 _ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    # Hugging Face's "gelu_new": the tanh approximation.
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  # Hugging Face's "gelu_new": the tanh approximation.
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
 class FeedForward(nn.Module):
   """`wo(act(wi x))` (T5 v1.0) or `wo(act(wi_0 x) * wi_1 x)` (gated, T5 v1.1)."""
+
   cfg: T5Config
 
   @nn.compact
@@ -169,7 +190,7 @@ class FeedForward(nn.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     act = _ACTIVATIONS[cfg.activation]
-    wi_init = normal_init(cfg.d_model ** -0.5)
+    wi_init = normal_init(cfg.d_model**-0.5)
     x = x.astype(dt)
     if cfg.gated:
       wi_0 = _param(self, "wi_0", wi_init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
@@ -180,7 +201,6 @@ class FeedForward(nn.Module):
       h = act(x @ wi.astype(dt))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = dropout(self, h, cfg.dropout_rate, deterministic)
-    wo = _param(self, "wo", normal_init(cfg.d_ff ** -0.5), (cfg.d_ff, cfg.d_model),
-                ("mlp", "embed"))
+    wo = _param(self, "wo", normal_init(cfg.d_ff**-0.5), (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
     out = h @ wo.astype(dt)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))

@@ -19,7 +19,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class _Job:
 
 
 class Batcher:
-
   def __init__(self, search_fn: SearchFn, *, max_batch: int, wait_s: float, metrics: Metrics):
     self._search_fn = search_fn
     self.max_batch = int(max_batch)
@@ -54,7 +53,8 @@ class Batcher:
     self._closing = False
     self._no_wait = False
     self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="avg-jax-device")
+      max_workers=1, thread_name_prefix="avg-jax-device"
+    )
     self._task: asyncio.Task | None = None
 
   def start(self) -> None:
@@ -71,8 +71,9 @@ class Batcher:
     loop = asyncio.get_running_loop()
     jobs = []
     for start in range(0, len(texts), self.max_batch):
-      job = _Job(texts[start:start + self.max_batch], program_k, loop.create_future(),
-                 time.monotonic())
+      job = _Job(
+        texts[start : start + self.max_batch], program_k, loop.create_future(), time.monotonic()
+      )
       self._queue.append(job)
       jobs.append(job)
     self._metrics.queue_depth.set(sum(len(j.texts) for j in self._queue))
@@ -141,8 +142,7 @@ class Batcher:
       self._metrics.batch_size.observe(len(texts))
       start = time.perf_counter()
       try:
-        ids, scores = await loop.run_in_executor(self._executor, self._search_fn, texts,
-                                                 program_k)
+        ids, scores = await loop.run_in_executor(self._executor, self._search_fn, texts, program_k)
       except Exception as e:  # noqa: BLE001 - one failed call must not stop the loop
         log.exception("search of a batch of %d queries failed", len(texts))
         for job in batch:
@@ -155,5 +155,5 @@ class Batcher:
       for job in batch:
         n = len(job.texts)
         if not job.future.done():  # its request may have been cancelled meanwhile
-          job.future.set_result((ids[offset:offset + n], scores[offset:offset + n]))
+          job.future.set_result((ids[offset : offset + n], scores[offset : offset + n]))
         offset += n

@@ -24,10 +24,10 @@ no other script's digits (Python's `int` takes them all).
 
 import base64
 import binascii
-
 import dataclasses
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from avg_jax.errors import UserError
 from avg_jax.export import live_index as live_lib
@@ -48,9 +48,9 @@ class ApiError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  max_k: int          # largest k served (compiled at start); at most the index size
+  max_k: int  # largest k served (compiled at start); at most the index size
   default_k: int
-  max_queries: int    # queries in one request
+  max_queries: int  # queries in one request
   max_query_chars: int
 
 
@@ -67,16 +67,18 @@ def parse_json(body: bytes) -> Any:
   except UnicodeDecodeError as e:
     raise ApiError(400, "body", f"not UTF-8 (byte {e.start})") from e
   except json.JSONDecodeError as e:
-    raise ApiError(400, "body", f"malformed JSON: {e.msg} at line {e.lineno} column "
-                   f"{e.colno}") from e
+    raise ApiError(
+      400, "body", f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    ) from e
   except RecursionError as e:
     raise ApiError(400, "body", "JSON nested too deeply") from e
-  except ValueError as e:   # an integer of more than 4 300 digits (Python's int limit)
+  except ValueError as e:  # an integer of more than 4 300 digits (Python's int limit)
     raise ApiError(400, "body", f"malformed JSON: {str(e).split(';')[0][:120]}") from e
 
 
-def parse_search(document: Any, limits: Limits,
-                 validate_query: Callable[[Sequence[str]], list[str]]) -> SearchRequest:
+def parse_search(
+  document: Any, limits: Limits, validate_query: Callable[[Sequence[str]], list[str]]
+) -> SearchRequest:
   """Checks a decoded `/v1/search` document; `validate_query` is `Retriever.validate`."""
   if not isinstance(document, dict):
     raise ApiError(400, "body", f"expected a JSON object, got {_json_type(document)}")
@@ -99,8 +101,9 @@ def parse_search(document: Any, limits: Limits,
     try:
       q.encode("utf-8")
     except UnicodeEncodeError as e:
-      raise ApiError(400, field, f"not valid Unicode (lone surrogate at character {e.start})"
-                     ) from e
+      raise ApiError(
+        400, field, f"not valid Unicode (lone surrogate at character {e.start})"
+      ) from e
     try:
       validate_query([q])
     except UserError as e:
@@ -145,8 +148,9 @@ def parse_add(document: Any, max_images: int) -> AddRequest:
       raise ApiError(400, where, f"expected an object, got {_json_type(item)}")
     extra = sorted(set(item) - set(_IMAGE_KEYS))
     if extra:
-      raise ApiError(400, f"{where}.{extra[0]}", f"unknown field (expected "
-                     f"{', '.join(_IMAGE_KEYS)})")
+      raise ApiError(
+        400, f"{where}.{extra[0]}", f"unknown field (expected {', '.join(_IMAGE_KEYS)})"
+      )
     data = item.get("data")
     if not isinstance(data, str):
       raise ApiError(400, f"{where}.data", f"expected a base64 string, got {_json_type(data)}")
@@ -159,16 +163,16 @@ def parse_add(document: Any, max_images: int) -> AddRequest:
     images.append(raw)
     if "id" in item:
       value = item["id"]
-      if (isinstance(value, bool) or not isinstance(value, int)
-              or not 0 <= value <= live_lib.MAX_ID):
+      if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= live_lib.MAX_ID:
         raise ApiError(400, f"{where}.id", f"expected an integer in [0, {live_lib.MAX_ID}]")
       ids.append(value)
     caps = item.get("captions", [])
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
       raise ApiError(400, f"{where}.captions", "expected a list of strings")
     if len(caps) > live_lib.MAX_CAPTIONS:
-      raise ApiError(400, f"{where}.captions", f"{len(caps)} captions, the limit is "
-                     f"{live_lib.MAX_CAPTIONS}")
+      raise ApiError(
+        400, f"{where}.captions", f"{len(caps)} captions, the limit is {live_lib.MAX_CAPTIONS}"
+      )
     for j, caption in enumerate(caps):
       _check_text(caption, f"{where}.captions[{j}]", live_lib.MAX_CAPTION_CHARS)
     captions.append(caps)
@@ -188,8 +192,7 @@ def _check_text(text: str, field: str, limit: int) -> None:
   try:
     text.encode("utf-8")
   except UnicodeEncodeError as e:
-    raise ApiError(400, field, f"not valid Unicode (lone surrogate at character {e.start})"
-                   ) from e
+    raise ApiError(400, field, f"not valid Unicode (lone surrogate at character {e.start})") from e
 
 
 def parse_image_id(text: str) -> int:

@@ -40,7 +40,7 @@ import hmac
 import importlib.resources
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -55,34 +55,46 @@ from avg_jax.serve.metrics import Metrics
 
 log = logging.getLogger("avg_jax.serve")
 
-_PAGE_FILES = {"index.html": "text/html", "page.js": "text/javascript",
-               "page.css": "text/css"}
+_PAGE_FILES = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "text/css"}
 
 
 @dataclasses.dataclass(frozen=True)
 class WriteAccess:
   """Who may change the index: nobody (token None: read-only), else holders of the token,
   from no browser or from the server's own origin or one of `origins`."""
+
   token: str | None = None
   origins: frozenset = frozenset()
 
   def check(self, request: web.Request) -> None:
     """Raises the 403 / 401 `ApiError` for a write `request` that may not change the index."""
     if self.token is None:
-      raise req_lib.ApiError(403, None, "this server is read-only: start it with "
-                             "--allow-writes and a write token to add or remove images")
+      raise req_lib.ApiError(
+        403,
+        None,
+        "this server is read-only: start it with "
+        "--allow-writes and a write token to add or remove images",
+      )
     origin = request.headers.get("Origin")
     if origin is not None:
       own = f"{request.scheme}://{request.host}".lower()
       if origin.lower() not in self.origins | {own}:
-        raise req_lib.ApiError(403, "Origin", f"writes from origin {origin[:80]!r} are "
-                               f"refused (this server's own is {own[:80]!r}; see "
-                               f"--allowed-origin)")
+        raise req_lib.ApiError(
+          403,
+          "Origin",
+          f"writes from origin {origin[:80]!r} are "
+          f"refused (this server's own is {own[:80]!r}; see "
+          f"--allowed-origin)",
+        )
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode("utf-8", "replace"), self.token.encode()):
-      raise req_lib.ApiError(401, "Authorization", "writes need 'Authorization: Bearer "
-                             "<token>' with the server's write token")
+      given.strip().encode("utf-8", "replace"), self.token.encode()
+    ):
+      raise req_lib.ApiError(
+        401,
+        "Authorization",
+        "writes need 'Authorization: Bearer <token>' with the server's write token",
+      )
 
 
 class ClientGone(Exception):
@@ -92,15 +104,16 @@ class ClientGone(Exception):
 @dataclasses.dataclass
 class Service:
   """What the handlers share: one Retriever (used only through the batcher), the gallery."""
+
   retriever: Retriever
   gallery: Gallery | None
   batcher: Batcher
   metrics: Metrics
   limits: req_lib.Limits
-  base_k: int             # the k every search with k <= base_k runs with (server.program_k)
-  rewarm: Callable[[], None] | None = None   # compiles the search for a changed index
+  base_k: int  # the k every search with k <= base_k runs with (server.program_k)
+  rewarm: Callable[[], None] | None = None  # compiles the search for a changed index
   max_add_images: int = 64
-  uploads: object = None                     # uploads.Uploads when writes are allowed
+  uploads: object = None  # uploads.Uploads when writes are allowed
   writes: WriteAccess = WriteAccess()
   draining: bool = False
   active_requests: int = 0
@@ -110,6 +123,7 @@ class Service:
 
   async def change(self, fn: Callable[[], object]):
     """Runs an index change, then the re-compile, on the device thread; -> fn's result."""
+
     def run():
       # Compiles of the change itself (image encoder, tokenizer, tree) and of the re-warm are
       # not a request's: the metric that must stay 0 counts those only.
@@ -121,15 +135,20 @@ class Service:
         return result
       finally:
         self.metrics.mark_warm()
+
     try:
       result = await asyncio.wrap_future(self.batcher.run_on_device(run))
     except live_lib.LiveIndexDamaged as e:
       # The index on this machine is damaged or was edited: the operator's to fix.
       # The client learns what happened, not this machine's paths (they are in the log).
       log.error("serve: the live index is damaged: %s", e)
-      raise req_lib.ApiError(500, None, "the server's live index is damaged or was changed "
-                             "by hand; nothing was changed (the server's log says which "
-                             "file; its operator must restore it)") from e
+      raise req_lib.ApiError(
+        500,
+        None,
+        "the server's live index is damaged or was changed "
+        "by hand; nothing was changed (the server's log says which "
+        "file; its operator must restore it)",
+      ) from e
     except UserError as e:
       raise _change_error(str(e)) from e
     self.metrics.index_images.set(len(self.retriever.image_ids))
@@ -226,11 +245,12 @@ async def read_body(request: web.Request) -> bytes:
   """The request body within the size limit (413 on the Content-Length header alone);
   `ClientGone` when the client hangs up before sending it all."""
   if (request.content_length or 0) > request.client_max_size:
-    raise req_lib.ApiError(413, "body", f"request body over the limit of "
-                           f"{request.client_max_size} bytes")
+    raise req_lib.ApiError(
+      413, "body", f"request body over the limit of {request.client_max_size} bytes"
+    )
   try:
     return await request.read()
-  except ConnectionResetError as e:   # aiohttp's "Connection lost" (and its subclasses)
+  except ConnectionResetError as e:  # aiohttp's "Connection lost" (and its subclasses)
     raise ClientGone() from e
 
 
@@ -263,13 +283,20 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
 
   async def info(request):
     r = service.retriever
-    return web.json_response({
-        "num_images": int(len(r.image_ids)), "default_k": service.limits.default_k,
-        "max_k": service.limits.max_k, "max_queries": service.limits.max_queries,
-        "max_query_chars": service.limits.max_query_chars, "batch_buckets": list(r.buckets),
+    return web.json_response(
+      {
+        "num_images": int(len(r.image_ids)),
+        "default_k": service.limits.default_k,
+        "max_k": service.limits.max_k,
+        "max_queries": service.limits.max_queries,
+        "max_query_chars": service.limits.max_query_chars,
+        "batch_buckets": list(r.buckets),
         "thumbnails": service.gallery is not None,
         "writes": ("token" if service.writes.token is not None else "read-only"),
-        "scheme": r.manifest.get("scheme"), "source_stage": r.manifest.get("source_stage")})
+        "scheme": r.manifest.get("scheme"),
+        "source_stage": r.manifest.get("source_stage"),
+      }
+    )
 
   async def search(request):
     start = time.perf_counter()
@@ -281,22 +308,29 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
     finally:
       service.metrics.in_flight.dec()
     service.metrics.queries.inc(len(query.queries))
-    results = [{"query": q, "items": _items(service, ids[i, :query.k], scores[i, :query.k])}
-               for i, q in enumerate(query.queries)]
-    return web.json_response({"k": query.k, "results": results,
-                              "took_ms": round(1000 * (time.perf_counter() - start), 3)})
+    results = [
+      {"query": q, "items": _items(service, ids[i, : query.k], scores[i, : query.k])}
+      for i, q in enumerate(query.queries)
+    ]
+    return web.json_response(
+      {"k": query.k, "results": results, "took_ms": round(1000 * (time.perf_counter() - start), 3)}
+    )
 
   async def image(request):
     image_id = req_lib.parse_image_id(request.match_info["id"])
     known = image_id in service.retriever.image_ids
     thumb = service.thumbnail(image_id) if known else None
     if thumb is None:
-      message = (f"image {image_id} has no thumbnail in this export" if known
-                 else f"no image {image_id} in the index")
+      message = (
+        f"image {image_id} has no thumbnail in this export"
+        if known
+        else f"no image {image_id} in the index"
+      )
       raise req_lib.ApiError(404, "id", message)
     data, content_type = thumb
-    return web.Response(body=data, content_type=content_type,
-                        headers={"Cache-Control": "public, max-age=3600"})
+    return web.Response(
+      body=data, content_type=content_type, headers={"Cache-Control": "public, max-age=3600"}
+    )
 
   app.router.add_get("/", index)
   app.router.add_get("/static/{name}", static)
@@ -306,22 +340,29 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
   app.router.add_post("/v1/search", search)
 
   async def add_images(request):
-    service.writes.check(request)   # before the body is read
+    service.writes.check(request)  # before the body is read
     if service.draining:
       raise req_lib.ApiError(503, None, "the server is shutting down")
-    add = req_lib.parse_add(req_lib.parse_json(await read_body(request)),
-                            service.max_add_images)
+    add = req_lib.parse_add(req_lib.parse_json(await read_body(request)), service.max_add_images)
     # Decoded in the upload workers (time and pixel budgets), off this event loop.
     service.metrics.decoding.inc(len(add.images))
     try:
       pixels = await service.uploads.decode(add.images)
     finally:
       service.metrics.decoding.dec(len(add.images))
-    ids = await service.change(lambda: service.retriever.add(
-        pixels, ids=add.ids, captions=add.captions, file_names=add.file_names))
+    ids = await service.change(
+      lambda: service.retriever.add(
+        pixels, ids=add.ids, captions=add.captions, file_names=add.file_names
+      )
+    )
     return web.json_response(
-        {"added": [int(i) for i in ids], "num_images": int(len(service.retriever.image_ids)),
-         "version": int(service.retriever.state.live.version)}, status=201)
+      {
+        "added": [int(i) for i in ids],
+        "num_images": int(len(service.retriever.image_ids)),
+        "version": int(service.retriever.state.live.version),
+      },
+      status=201,
+    )
 
   async def remove_image(request):
     service.writes.check(request)
@@ -330,8 +371,12 @@ def build_app(service: Service, max_body_bytes: int) -> web.Application:
     image_id = req_lib.parse_image_id(request.match_info["id"])
     await service.change(lambda: service.retriever.remove([image_id]))
     return web.json_response(
-        {"removed": image_id, "num_images": int(len(service.retriever.image_ids)),
-         "version": int(service.retriever.state.live.version)})
+      {
+        "removed": image_id,
+        "num_images": int(len(service.retriever.image_ids)),
+        "version": int(service.retriever.state.live.version),
+      }
+    )
 
   app.router.add_get("/v1/images/{id}", image)
   # Removing needs only the index; adding needs the image encoder and tokenizer (avg / rq).
@@ -348,11 +393,17 @@ def _items(service: Service, ids, scores) -> list[dict]:
   for rank, (image_id, score) in enumerate(zip(ids.tolist(), scores.tolist())):
     if image_id < 0:  # fewer than k images reachable
       continue
-    has_thumb = ((gallery is not None and gallery.has_thumbnail(image_id))
-                 or service.retriever.live_thumbnail(image_id) is not None)
-    items.append({
-        "rank": rank + 1, "image_id": image_id, "score": score,
+    has_thumb = (
+      gallery is not None and gallery.has_thumbnail(image_id)
+    ) or service.retriever.live_thumbnail(image_id) is not None
+    items.append(
+      {
+        "rank": rank + 1,
+        "image_id": image_id,
+        "score": score,
         "file_name": service.retriever.file_name(image_id),
         "captions": service.captions(image_id),
-        "image_url": f"/v1/images/{image_id}" if has_thumb else None})
+        "image_url": f"/v1/images/{image_id}" if has_thumb else None,
+      }
+    )
   return items

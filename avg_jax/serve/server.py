@@ -48,27 +48,34 @@ def _write_token(args: argparse.Namespace) -> str | None:
   """The bearer token writes need (`--allow-writes`), None when the server is read-only."""
   if not args.allow_writes:
     if args.write_token_file:
-      raise UserError("serve --write-token-file: give --allow-writes too (without it the "
-                      "server is read-only)")
+      raise UserError(
+        "serve --write-token-file: give --allow-writes too (without it the server is read-only)"
+      )
     return None
   if args.write_token_file:
     try:
       with open(args.write_token_file, encoding="utf-8") as f:
         token = f.readline().strip()
     except (OSError, UnicodeDecodeError) as e:
-      raise UserError(f"serve --write-token-file {args.write_token_file}: cannot read "
-                      f"({getattr(e, 'strerror', None) or type(e).__name__})") from e
+      raise UserError(
+        f"serve --write-token-file {args.write_token_file}: cannot read "
+        f"({getattr(e, 'strerror', None) or type(e).__name__})"
+      ) from e
     source = args.write_token_file
   else:
     token = os.environ.get(options_lib.TOKEN_ENV, "").strip()
     source = f"${options_lib.TOKEN_ENV}"
     if not token:
-      raise UserError(f"serve --allow-writes needs a bearer token: --write-token-file FILE or "
-                      f"${options_lib.TOKEN_ENV} (e.g. python -c 'import secrets; "
-                      f"print(secrets.token_urlsafe(32))')")
+      raise UserError(
+        f"serve --allow-writes needs a bearer token: --write-token-file FILE or "
+        f"${options_lib.TOKEN_ENV} (e.g. python -c 'import secrets; "
+        f"print(secrets.token_urlsafe(32))')"
+      )
   if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
-    raise UserError(f"serve: the write token in {source} must be at least {MIN_TOKEN_CHARS} "
-                    f"printable ASCII characters")
+    raise UserError(
+      f"serve: the write token in {source} must be at least {MIN_TOKEN_CHARS} "
+      f"printable ASCII characters"
+    )
   return token
 
 
@@ -94,22 +101,28 @@ def preflight(args: argparse.Namespace) -> str | None:
   """Checks what needs no model (module doc); -> the write token (None: read-only)."""
   if not 0 <= args.port <= 65535:
     raise UserError(f"serve --port: must be in [0, 65535], got {args.port}")
-  for name in ("max_queries", "max_body_bytes", "max_add_images", "decode_workers",
-               "max_image_pixels"):
+  for name in (
+    "max_queries",
+    "max_body_bytes",
+    "max_add_images",
+    "decode_workers",
+    "max_image_pixels",
+  ):
     if getattr(args, name) < 1:
-      raise UserError(f"serve --{name.replace('_', '-')}: must be >= 1, got "
-                      f"{getattr(args, name)}")
+      raise UserError(f"serve --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
   if not 0 <= args.batch_wait_ms <= 3_600_000 or not args.drain_timeout >= 0:
     raise UserError("serve: --batch-wait-ms must be in [0, 3600000], --drain-timeout >= 0")
   if not 0 < args.image_timeout <= 3600:
-    raise UserError(f"serve --image-timeout: must be in (0, 3600] seconds, got "
-                    f"{args.image_timeout}")
+    raise UserError(
+      f"serve --image-timeout: must be in (0, 3600] seconds, got {args.image_timeout}"
+    )
   for origin in args.allowed_origin:
     scheme, _, rest = origin.partition("://")
     if scheme not in ("http", "https") or not rest or "/" in rest:
       raise UserError(f"serve --allowed-origin {origin!r}: expected scheme://host[:port]")
   token = _write_token(args)
-  from avg_jax.artifacts import exports   # plain JSON and numpy: no jax yet
+  from avg_jax.artifacts import exports  # plain JSON and numpy: no jax yet
+
   exports.read_manifest(args.model)
   _check_listen(args.host, args.port)
   return token
@@ -118,16 +131,21 @@ def preflight(args: argparse.Namespace) -> str | None:
 def limits_for(retriever, args: argparse.Namespace):
   """(request limits, base_k) for this export and the command-line options."""
   from avg_jax.serve import requests as req_lib
+
   num_images = len(retriever.image_ids)
   base_k = min(retriever.beam_size, num_images)
   max_k = args.max_k or base_k
   if not 1 <= max_k <= num_images:
-    raise UserError(f"serve --max-k: must be in [1, {num_images}] (the index size), got "
-                    f"{args.max_k}")
+    raise UserError(
+      f"serve --max-k: must be in [1, {num_images}] (the index size), got {args.max_k}"
+    )
   default_k = min(int(retriever.manifest["decode"].get("top_k", base_k)), max_k)
-  return req_lib.Limits(max_k=max_k, default_k=max(default_k, 1),
-                        max_queries=args.max_queries,
-                        max_query_chars=retriever.max_query_chars), base_k
+  return req_lib.Limits(
+    max_k=max_k,
+    default_k=max(default_k, 1),
+    max_queries=args.max_queries,
+    max_query_chars=retriever.max_query_chars,
+  ), base_k
 
 
 def warm_up(retriever, ks: list[int], metrics) -> None:
@@ -144,8 +162,15 @@ def warm_up(retriever, ks: list[int], metrics) -> None:
       retriever.search([WARMUP_QUERY] * bucket, k=k)
   again = metrics.compile_count - before - compiled
   metrics.warmup_seconds.set(seconds)
-  log.info("serve: warm-up compiled buckets %s x k programs %s in %.1f s (%d XLA compiles); "
-           "a second pass compiled %d", list(retriever.buckets), ks, seconds, compiled, again)
+  log.info(
+    "serve: warm-up compiled buckets %s x k programs %s in %.1f s (%d XLA compiles); "
+    "a second pass compiled %d",
+    list(retriever.buckets),
+    ks,
+    seconds,
+    compiled,
+    again,
+  )
   if again:
     log.warning("serve: the search still compiles after warm-up; requests may stall")
 
@@ -158,12 +183,16 @@ def rewarm(retriever, ks: list[int], metrics) -> None:
     for bucket in retriever.buckets:
       retriever.search([WARMUP_QUERY] * bucket, k=k)
   metrics.rewarm_seconds.observe(time.perf_counter() - start)
-  log.info("serve: index changed (%d images); search compiled again in %.1f s",
-           len(retriever.image_ids), time.perf_counter() - start)
+  log.info(
+    "serve: index changed (%d images); search compiled again in %.1f s",
+    len(retriever.image_ids),
+    time.perf_counter() - start,
+  )
 
 
 async def serve(args: argparse.Namespace, token: str | None) -> None:
   from aiohttp import web
+
   from avg_jax.export import gallery as gallery_lib
   from avg_jax.export.serving import Retriever, check_manifest
   from avg_jax.serve.batcher import Batcher
@@ -172,38 +201,61 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
   from avg_jax.serve.uploads import Uploads
 
   start = time.perf_counter()
-  check_manifest(args.model)   # one line for a bad manifest, before the model is read
+  check_manifest(args.model)  # one line for a bad manifest, before the model is read
   retriever = Retriever.load(args.model)
   gallery = gallery_lib.read(args.model)
   limits, base_k = limits_for(retriever, args)
   metrics = Metrics(retriever.buckets)
   metrics.listen_for_compiles()
   metrics.index_images.set(len(retriever.image_ids))
-  log.info("serve: loaded %s (%d images, %s) in %.1f s", args.model, len(retriever.image_ids),
-           "with thumbnails" if gallery is not None else "no gallery: results without "
-           "pictures", time.perf_counter() - start)
+  log.info(
+    "serve: loaded %s (%d images, %s) in %.1f s",
+    args.model,
+    len(retriever.image_ids),
+    "with thumbnails" if gallery is not None else "no gallery: results without pictures",
+    time.perf_counter() - start,
+  )
   uploads = None
   live = retriever.manifest.get("live")
   if token is not None and live is not None:
-    uploads = Uploads(image_size=int(live["image_size"]), workers=args.decode_workers,
-                      timeout_s=args.image_timeout, max_pixels=args.max_image_pixels)
+    uploads = Uploads(
+      image_size=int(live["image_size"]),
+      workers=args.decode_workers,
+      timeout_s=args.image_timeout,
+      max_pixels=args.max_image_pixels,
+    )
     uploads.start()
-  log.info("serve: %s", "writes allowed with the bearer token" if token is not None
-           else "read-only (POST / DELETE /v1/images answer 403; --allow-writes to change)")
-  batcher = Batcher(retriever.search, max_batch=max(retriever.buckets),
-                    wait_s=args.batch_wait_ms / 1000, metrics=metrics)
+  log.info(
+    "serve: %s",
+    "writes allowed with the bearer token"
+    if token is not None
+    else "read-only (POST / DELETE /v1/images answer 403; --allow-writes to change)",
+  )
+  batcher = Batcher(
+    retriever.search,
+    max_batch=max(retriever.buckets),
+    wait_s=args.batch_wait_ms / 1000,
+    metrics=metrics,
+  )
   ks = program_ks(base_k, limits.max_k)
   await asyncio.wrap_future(batcher.run_on_device(warm_up, retriever, ks, metrics))
   metrics.mark_warm()
 
-  service = Service(retriever=retriever, gallery=gallery, batcher=batcher, metrics=metrics,
-                    limits=limits, base_k=base_k,
-                    rewarm=lambda: rewarm(retriever, ks, metrics),
-                    max_add_images=args.max_add_images, uploads=uploads,
-                    writes=WriteAccess(token=token, origins=frozenset(
-                        o.lower() for o in args.allowed_origin)))
-  runner = web.AppRunner(build_app(service, args.max_body_bytes), access_log=None,
-                         shutdown_timeout=1.0)
+  service = Service(
+    retriever=retriever,
+    gallery=gallery,
+    batcher=batcher,
+    metrics=metrics,
+    limits=limits,
+    base_k=base_k,
+    rewarm=lambda: rewarm(retriever, ks, metrics),
+    max_add_images=args.max_add_images,
+    uploads=uploads,
+    writes=WriteAccess(token=token, origins=frozenset(o.lower() for o in args.allowed_origin)),
+  )
+  runner = web.AppRunner(
+    build_app(service, args.max_body_bytes), access_log=None, shutdown_timeout=1.0
+  )
   await runner.setup()
   site = web.TCPSite(runner, args.host, args.port)
   try:
@@ -232,8 +284,11 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
   while service.active_requests and time.monotonic() < deadline:
     await asyncio.sleep(0.01)
   if service.active_requests:
-    log.warning("serve: %d requests still running after %.0f s; closing them",
-                service.active_requests, args.drain_timeout)
+    log.warning(
+      "serve: %d requests still running after %.0f s; closing them",
+      service.active_requests,
+      args.drain_timeout,
+    )
   await batcher.close()
   if uploads is not None:
     uploads.close()

@@ -31,17 +31,28 @@ _BASE_MEMORY = 1 << 30
 class Uploads:
   """The service's image workers (`workers` processes and as many waiting threads)."""
 
-  def __init__(self, *, image_size: int, workers: int, timeout_s: float, max_pixels: int,
-               env: dict | None = None):
-    self.params = {"formats": list(images_lib.UPLOAD_FORMATS), "max_pixels": int(max_pixels),
-                   "size": int(image_size)}
+  def __init__(
+    self,
+    *,
+    image_size: int,
+    workers: int,
+    timeout_s: float,
+    max_pixels: int,
+    env: dict | None = None,
+  ):
+    self.params = {
+      "formats": list(images_lib.UPLOAD_FORMATS),
+      "max_pixels": int(max_pixels),
+      "size": int(image_size),
+    }
     self.timeout_s = float(timeout_s)
     # The decoded frame, its RGBA form, the white background, the composite and the RGB copy:
     # ~20 bytes per pixel of the budget.
     memory = _BASE_MEMORY + 24 * int(max_pixels)
     self._pool = image_worker.WorkerPool(workers, memory_bytes=memory, env=env)
     self._threads = concurrent.futures.ThreadPoolExecutor(
-        max_workers=len(self._pool.workers), thread_name_prefix="avg-jax-upload")
+      max_workers=len(self._pool.workers), thread_name_prefix="avg-jax-upload"
+    )
 
   def start(self) -> None:
     self._pool.start()

@@ -33,6 +33,7 @@ from avg_jax.metrics import MetricsWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
+
 def inputs(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
   """What the embed folder is made from (avg_jax/artifacts/stage_inputs.py: the encoder, its
   training, the seed, and the prepare stage's inputs)."""
@@ -46,8 +47,10 @@ def pseudo_queries_needed(config: ml_collections.ConfigDict) -> bool:
 
 
 def _already_evaluated(workdir: str) -> bool:
-  return any(r.get("stage") == "embed" and r.get("method") == "two_tower"
-             and r.get("split") == "test" for r in read_metrics(workdir))
+  return any(
+    r.get("stage") == "embed" and r.get("method") == "two_tower" and r.get("split") == "test"
+    for r in read_metrics(workdir)
+  )
 
 
 @locks.holding("embed")
@@ -55,8 +58,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Builds or loads the encoder, writes missing embeddings, reports two-tower Recall@K."""
   stage_inputs.require(config, workdir, "prepare")
   info = dataset.load_info(workdir)
-  out = fingerprint.Output(paths.embed_dir(workdir), inputs(config, workdir), stage="embed",
-                           on_other=stage_inputs.STAGES["embed"].on_other)
+  out = fingerprint.Output(
+    paths.embed_dir(workdir),
+    inputs(config, workdir),
+    stage="embed",
+    on_other=stage_inputs.STAGES["embed"].on_other,
+  )
   complete = out.done()
   if not complete:
     out.begin()
@@ -68,10 +75,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     log.warning("embed: %s; building the encoder again", store.encoder_problem(workdir))
     fresh = True
   t0 = time.perf_counter()
-  encoder = store.build_encoder(config, workdir, mesh) if fresh else store.load_encoder(workdir,
-                                                                                       mesh)
-  log.info("embed: encoder %s in %.1f s (%s)", "built" if fresh else "loaded",
-           time.perf_counter() - t0, store.describe(encoder.cfg))
+  encoder = (
+    store.build_encoder(config, workdir, mesh) if fresh else store.load_encoder(workdir, mesh)
+  )
+  log.info(
+    "embed: encoder %s in %.1f s (%s)",
+    "built" if fresh else "loaded",
+    time.perf_counter() - t0,
+    store.describe(encoder.cfg),
+  )
   todo = []
   for split in info["splits"]:
     path = paths.embeddings_file(workdir, split)
@@ -87,13 +99,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     totals, seconds = extract.extract_splits(config, workdir, encoder, local, todo, fresh)
     writer = MetricsWriter(workdir, "embed", process_index=jax.process_index())
     for split, (total, skipped, written) in zip(todo, totals.tolist()):
-      writer.write(split=split, shards=total, shards_skipped=skipped, shards_written=written,
-                   processes=jax.process_count(), seconds=round(seconds, 3))
+      writer.write(
+        split=split,
+        shards=total,
+        shards_skipped=skipped,
+        shards_written=written,
+        processes=jax.process_count(),
+        seconds=round(seconds, 3),
+      )
   if not complete or todo:
     out.finish()
   pseudo_file = paths.pseudo_query_embeddings_file(workdir)
-  if pseudo_queries_needed(config) and (todo or not os.path.exists(pseudo_file)
-                                        or embeddings.problem(workdir, pseudo_file)):
+  if pseudo_queries_needed(config) and (
+    todo or not os.path.exists(pseudo_file) or embeddings.problem(workdir, pseudo_file)
+  ):
     image_ids, emb = extract.embed_pseudo_queries(config, workdir, encoder, mesh)
     if processes.is_main():
       embeddings.write_pseudo_queries(workdir, image_ids, emb)
@@ -101,11 +120,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     processes.barrier("embed: pseudo queries written")
   tcfg = config.encoder_train
   if "test" in info["splits"] and (todo or not _already_evaluated(workdir)):
-    metrics = two_tower.recall(embeddings.load(workdir, "test"), config.evaluate.recall_ks, mesh,
-                               query_batch=int(tcfg.query_batch_size),
-                               chunk_size=int(tcfg.retrieval_chunk_size))
+    metrics = two_tower.recall(
+      embeddings.load(workdir, "test"),
+      config.evaluate.recall_ks,
+      mesh,
+      query_batch=int(tcfg.query_batch_size),
+      chunk_size=int(tcfg.retrieval_chunk_size),
+    )
     MetricsWriter(workdir, "embed", process_index=jax.process_index()).write(
-        method="two_tower", split="test", **{k: v for k, v in metrics.items() if k[0] != "_"})
+      method="two_tower", split="test", **{k: v for k, v in metrics.items() if k[0] != "_"}
+    )
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("R@"))
-    print(f"two-tower (test, {info['splits']['test']['num_captions']} queries over "
-          f"{info['splits']['test']['num_images']} images): {shown}")
+    print(
+      f"two-tower (test, {info['splits']['test']['num_captions']} queries over "
+      f"{info['splits']['test']['num_images']} images): {shown}"
+    )

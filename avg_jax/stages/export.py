@@ -8,7 +8,7 @@ without retraining (avg_jax/export/live_index.py).
 
 import itertools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -16,8 +16,16 @@ from ml_collections import ConfigDict
 
 from avg_jax import config as config_lib
 from avg_jax import processes
-from avg_jax.artifacts import checksums, embeddings, exports, fingerprint, io, locks, paths
-from avg_jax.artifacts import stage_inputs
+from avg_jax.artifacts import (
+  checksums,
+  embeddings,
+  exports,
+  fingerprint,
+  io,
+  locks,
+  paths,
+  stage_inputs,
+)
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -29,7 +37,6 @@ from avg_jax.tokenizer import ids as tokenizer_ids
 from avg_jax.tokenizer import schemes
 from avg_jax.training import query_head_fit
 from avg_jax.training import state as state_lib
-
 
 # Schemes whose identifiers a frozen tokenizer gives new images (the others cannot grow live).
 LIVE_SCHEMES = ("avg", "rq")
@@ -55,7 +62,7 @@ def gallery_entries(workdir: str, split: str, image_ids) -> Iterator[gallery_lib
 
 
 def _loads(directory: str) -> str:
-  """"" when `directory` holds a loadable export, else what is wrong."""
+  """ "" when `directory` holds a loadable export, else what is wrong."""
   try:
     exports.read_manifest(directory)
     serving.check_files(directory)
@@ -71,18 +78,21 @@ def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
   ids, codes = zip(*(gen.codes(s) for s in splits))
   ids, codes = np.concatenate(ids), np.concatenate(codes)
   if len(splits) > 1 and gen.trained_length > gen.vocab.num_levels:
-    codes, size = tokenizer_ids.disambiguate(codes[:, :gen.vocab.num_levels], ids)
+    codes, size = tokenizer_ids.disambiguate(codes[:, : gen.vocab.num_levels], ids)
     if size > gen.vocab.disambiguation_size:
-      raise UserError(f"config export.index_splits: {len(splits)} splits together need "
-                      f"{size} disambiguation tokens, the vocabulary has "
-                      f"{gen.vocab.disambiguation_size}")
+      raise UserError(
+        f"config export.index_splits: {len(splits)} splits together need "
+        f"{size} disambiguation tokens, the vocabulary has "
+        f"{gen.vocab.disambiguation_size}"
+      )
     if size == 0:  # no collision in the union: every image is the first of its group
       codes = np.concatenate([codes, np.zeros((len(codes), 1), codes.dtype)], axis=1)
   return ids, codes
 
 
-def _live_parts(config: ConfigDict, workdir: str, gen, splits, index_ids: np.ndarray,
-                index_codes_: np.ndarray) -> tuple[tuple, dict]:
+def _live_parts(
+  config: ConfigDict, workdir: str, gen, splits, index_ids: np.ndarray, index_codes_: np.ndarray
+) -> tuple[tuple, dict]:
   """`(image_tokenizer, live)` for `serving.write_export`: the fit's final RQ-VAE, and the
   manifest's "live" record. The restored tokenizer must give the indexed images the semantic
   codes `tokenize` gave them; the share that agrees is recorded (`code_agreement`) and a
@@ -91,22 +101,28 @@ def _live_parts(config: ConfigDict, workdir: str, gen, splits, index_ids: np.nda
   parts = [embeddings.load(workdir, s) for s in splits]
   emb_ids = np.concatenate([p["image_ids"] for p in parts]).astype(np.int64)
   emb = np.concatenate([p["image_emb"] for p in parts]).astype(np.float32)
-  cfg, params, batch_stats = schemes.final_rqvae(config, paths.tokenizer_dir(workdir, name),
-                                                 emb.shape[1])
+  cfg, params, batch_stats = schemes.final_rqvae(
+    config, paths.tokenizer_dir(workdir, name), emb.shape[1]
+  )
   tok = image_tokenizer_lib.ImageTokenizer(cfg, {"params": params, "batch_stats": batch_stats})
   row_of = {int(i): r for r, i in enumerate(emb_ids)}
   rows = np.array([row_of[int(i)] for i in index_ids])
   levels = gen.vocab.num_levels
   agreement = float(np.mean(np.all(tok.codes(emb[rows]) == index_codes_[:, :levels], axis=1)))
   if agreement < 0.9:
-    raise UserError(f"{paths.tokenizer_dir(workdir, name)}: the tokenizer's newest checkpoint "
-                    f"gives only {agreement:.0%} of the indexed images their voken-table codes; "
-                    f"rerun `avg-jax tokenize`")
-  live = dict(image_size=int(config.data.image_size),
-              image_encoding=str(config.data.image_encoding),
-              jpeg_quality=int(config.data.jpeg_quality), tokenizer=name,
-              thumbnail_size=int(config.export.thumbnail_size) or 256,
-              code_agreement=agreement)
+    raise UserError(
+      f"{paths.tokenizer_dir(workdir, name)}: the tokenizer's newest checkpoint "
+      f"gives only {agreement:.0%} of the indexed images their voken-table codes; "
+      f"rerun `avg-jax tokenize`"
+    )
+  live = dict(
+    image_size=int(config.data.image_size),
+    image_encoding=str(config.data.image_encoding),
+    jpeg_quality=int(config.data.jpeg_quality),
+    tokenizer=name,
+    thumbnail_size=int(config.export.thumbnail_size) or 256,
+    code_agreement=agreement,
+  )
   return (cfg, params, batch_stats), live
 
 
@@ -124,8 +140,10 @@ def hybrid_config(config: ConfigDict, workdir: str) -> ConfigDict:
     results = io.read_json(os.path.join(paths.evaluate_dir(workdir), "metrics.json")) or {}
     weight = results.get("hybrid", {}).get(str(config.protocol), {}).get("weight")
     if weight is None:
-      raise UserError("config export.hybrid: no fusion weight; set decode.hybrid_weight or run "
-                      "`avg-jax evaluate` with avg_hybrid in evaluate.methods first")
+      raise UserError(
+        "config export.hybrid: no fusion weight; set decode.hybrid_weight or run "
+        "`avg-jax evaluate` with avg_hybrid in evaluate.methods first"
+      )
   c = ConfigDict(config.to_dict())
   c.decode.hybrid_weight = float(weight)
   c.lock()
@@ -137,24 +155,30 @@ def run(config: ConfigDict, workdir: str) -> None:
   config = hybrid_config(config, workdir)
   scheme = config.tokenizer.scheme
   protocol = str(config.protocol)
-  stage = ("rank" if os.path.isdir(state_lib.params_dir(workdir, scheme, protocol, "rank"))
-           else "train")
+  stage = (
+    "rank" if os.path.isdir(state_lib.params_dir(workdir, scheme, protocol, "rank")) else "train"
+  )
   directory = paths.export_dir(workdir)
   # The folder is written whole (a temporary folder renamed into place), then marked complete;
   # made from the settings of every stage before it and the stage whose parameters it serves
   # (avg_jax/artifacts/stage_inputs.py), redone when they change.
-  out = fingerprint.Output(directory, dict(stage_inputs.inputs("export", config,
-                                                               workdir=workdir),
-                                           source_stage=stage),
-                           stage="export", on_other=stage_inputs.STAGES["export"].on_other)
+  out = fingerprint.Output(
+    directory,
+    dict(stage_inputs.inputs("export", config, workdir=workdir), source_stage=stage),
+    stage="export",
+    on_other=stage_inputs.STAGES["export"].on_other,
+  )
   if out.done(verify=lambda: _loads(directory)):
     print(f"export: {directory} is complete ({scheme}, {stage} parameters); kept")
     return
   stage_inputs.require(config, workdir, "prepare", "embed")
   gen, gmesh, params, _ = state_lib.final_params(config, workdir, scheme, stage, protocol)
   # avg_hybrid without a text tower: the generator's query head, fitted as evaluate fits it.
-  query_head = (query_head_fit.fit_query_head(gen, params, gmesh, workdir, config)
-                if gen.decode.uses_query_head else None)
+  query_head = (
+    query_head_fit.fit_query_head(gen, params, gmesh, workdir, config)
+    if gen.decode.uses_query_head
+    else None
+  )
   splits = list(config.export.index_splits)
   names, entries = [], []
   for split in splits:
@@ -168,8 +192,11 @@ def run(config: ConfigDict, workdir: str) -> None:
   dual_encoder, image_tokenizer, live = None, None, None
   if gen.decode.needs_embeddings:
     parts = [embeddings.load(workdir, s) for s in splits]
-    dual_encoder = (workdir, np.concatenate([p["image_ids"] for p in parts]),
-                    np.concatenate([p["image_emb"] for p in parts]))
+    dual_encoder = (
+      workdir,
+      np.concatenate([p["image_ids"] for p in parts]),
+      np.concatenate([p["image_emb"] for p in parts]),
+    )
   if scheme in LIVE_SCHEMES:
     # What a new image needs to join the index without retraining: the image tower it is
     # embedded with, the frozen RQ tokenizer that gives its codes, and how `prepare` stored
@@ -178,24 +205,46 @@ def run(config: ConfigDict, workdir: str) -> None:
       dual_encoder = (workdir, None, None)
     image_tokenizer, live = _live_parts(config, workdir, gen, splits, index_ids, index_codes_)
   serving.write_export(
-      directory, params=params, cfg=gen.cfg, vocab=gen.vocab, image_ids=index_ids,
-      codes=index_codes_, file_names=names, tokenizer=gen.tokenizer,
-      decode=dict(gen.decode.to_dict(), trained_length=gen.trained_length),
-      dual_encoder=dual_encoder, image_tokenizer=image_tokenizer, live=live,
-      query_head=query_head,
-      limits=dict(max_length=int(config.text_tokenizer.max_length),
-                  max_query_chars=int(config.export.max_query_chars),
-                  batch_buckets=list(config.export.batch_buckets)),
-      scheme=scheme, source_stage=stage, config=config_lib.to_json_dict(config),
-      config_hash=fingerprint.config_hash(config),
-      param_dtype=config.export.param_dtype,
-      gallery=((itertools.chain(*entries), int(config.export.thumbnail_size))
-               if config.export.thumbnail_size > 0 else None))
+    directory,
+    params=params,
+    cfg=gen.cfg,
+    vocab=gen.vocab,
+    image_ids=index_ids,
+    codes=index_codes_,
+    file_names=names,
+    tokenizer=gen.tokenizer,
+    decode=dict(gen.decode.to_dict(), trained_length=gen.trained_length),
+    dual_encoder=dual_encoder,
+    image_tokenizer=image_tokenizer,
+    live=live,
+    query_head=query_head,
+    limits=dict(
+      max_length=int(config.text_tokenizer.max_length),
+      max_query_chars=int(config.export.max_query_chars),
+      batch_buckets=list(config.export.batch_buckets),
+    ),
+    scheme=scheme,
+    source_stage=stage,
+    config=config_lib.to_json_dict(config),
+    config_hash=fingerprint.config_hash(config),
+    param_dtype=config.export.param_dtype,
+    gallery=(
+      (itertools.chain(*entries), int(config.export.thumbnail_size))
+      if config.export.thumbnail_size > 0
+      else None
+    ),
+  )
   out.finish()
   MetricsWriter(workdir, "export", process_index=jax.process_index()).write(
-      scheme=scheme, source_stage=stage, num_images=int(len(index_ids)))
+    scheme=scheme, source_stage=stage, num_images=int(len(index_ids))
+  )
   if processes.is_main():
-    print(f"export: wrote {directory} ({scheme}, {protocol}, {stage} parameters, "
-          f"{len(index_ids)} images indexed, tie-break {gen.decode.tie_break}"
-          + (f", avg_hybrid weight {gen.decode.hybrid_weight:g})" if gen.decode.hybrid_weight
-             is not None else ")"))
+    print(
+      f"export: wrote {directory} ({scheme}, {protocol}, {stage} parameters, "
+      f"{len(index_ids)} images indexed, tie-break {gen.decode.tie_break}"
+      + (
+        f", avg_hybrid weight {gen.decode.hybrid_weight:g})"
+        if gen.decode.hybrid_weight is not None
+        else ")"
+      )
+    )

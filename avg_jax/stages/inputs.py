@@ -17,15 +17,23 @@ from avg_jax.errors import UserError
 
 # key -> (kind of path, what to pass)
 KNOWN = {
-    "data.karpathy_json": ("file", "the Karpathy split JSON (dataset_flickr30k.json or "
-                           "dataset_coco.json)"),
-    "data.image_root": ("dir", "the folder holding the dataset's images"),
-    "encoder.pretrained_path": ("dir", "a Hugging Face CLIP directory (config.json, "
-                                "model.safetensors, vocab.json, merges.txt)"),
-    "t5.pretrained_path": ("dir", "a Hugging Face T5 directory (config.json, "
-                           "model.safetensors, spiece.model)"),
-    "data.pseudo_queries": ("file", 'the pseudo queries of the indexed images, JSON lines '
-                            '{"image_id": ..., "query": ...}'),
+  "data.karpathy_json": (
+    "file",
+    "the Karpathy split JSON (dataset_flickr30k.json or dataset_coco.json)",
+  ),
+  "data.image_root": ("dir", "the folder holding the dataset's images"),
+  "encoder.pretrained_path": (
+    "dir",
+    "a Hugging Face CLIP directory (config.json, model.safetensors, vocab.json, merges.txt)",
+  ),
+  "t5.pretrained_path": (
+    "dir",
+    "a Hugging Face T5 directory (config.json, model.safetensors, spiece.model)",
+  ),
+  "data.pseudo_queries": (
+    "file",
+    'the pseudo queries of the indexed images, JSON lines {"image_id": ..., "query": ...}',
+  ),
 }
 
 
@@ -35,7 +43,7 @@ def _uses_transductive(config: Any) -> bool:
 
 
 def _problem(value: str, kind: str) -> str:
-  """"" when `value` names an existing path of `kind`, else what is wrong with it."""
+  """ "" when `value` names an existing path of `kind`, else what is wrong with it."""
   if not value:
     return "not set"
   if kind == "file" and not os.path.isfile(value):
@@ -50,17 +58,19 @@ def problems(config: Any) -> list[str]:
   lines = []
   for key in config.get("required_inputs", ()):
     if key not in KNOWN:
-      raise UserError(f"config required_inputs: unknown key {key!r} (known: "
-                      f"{', '.join(KNOWN)})")
+      raise UserError(f"config required_inputs: unknown key {key!r} (known: {', '.join(KNOWN)})")
     if key == "data.pseudo_queries" and not _uses_transductive(config):
       continue
     kind, what = KNOWN[key]
     problem = _problem(str(config_lib.get(config, key)), kind)
     if problem:
-      hint = (" (or run the inductive protocol alone: --config.protocol=inductive "
-              "--config.evaluate.protocols='(\"inductive\",)' "
-              "--config.evaluate.ablation_protocols='(\"inductive\",)')"
-              if key == "data.pseudo_queries" else "")
+      hint = (
+        " (or run the inductive protocol alone: --config.protocol=inductive "
+        "--config.evaluate.protocols='(\"inductive\",)' "
+        "--config.evaluate.ablation_protocols='(\"inductive\",)')"
+        if key == "data.pseudo_queries"
+        else ""
+      )
       lines.append(f"{key}: {problem}; pass --config.{key}=<{what}>{hint}")
   # The text tokenizer: given, or the pretrained T5's own (checked once T5's folder exists).
   model = prepared.tokenizer_model_path(config)
@@ -68,10 +78,13 @@ def problems(config: Any) -> list[str]:
   if model and (config.text_tokenizer.model_path or os.path.isdir(t5_dir)):
     problem = _problem(model, "file")
     if problem:
-      source = ("" if config.text_tokenizer.model_path else
-                " (the text tokenizer of t5.pretrained_path)")
-      lines.append(f"text_tokenizer.model_path: {problem}{source}; pass "
-                   f"--config.text_tokenizer.model_path=<the T5's SentencePiece model>")
+      source = (
+        "" if config.text_tokenizer.model_path else " (the text tokenizer of t5.pretrained_path)"
+      )
+      lines.append(
+        f"text_tokenizer.model_path: {problem}{source}; pass "
+        f"--config.text_tokenizer.model_path=<the T5's SentencePiece model>"
+      )
   return lines
 
 

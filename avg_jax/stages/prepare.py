@@ -31,8 +31,15 @@ from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
 
 
-def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float,
-                   shard_counts: dict | None = None, build_seconds: dict | None = None) -> None:
+def _write_metrics(
+  workdir: str,
+  info: dict,
+  *,
+  reused: bool,
+  seconds: float,
+  shard_counts: dict | None = None,
+  build_seconds: dict | None = None,
+) -> None:
   """One record per split; `shard_counts[split] = (shards, skipped, written)` over all
   processes and `build_seconds` (process 0's serial steps after the shards: what more
   processes do not shorten) when this run built the data."""
@@ -44,14 +51,22 @@ def _write_metrics(workdir: str, info: dict, *, reused: bool, seconds: float,
       shards = dict(shards=total, shards_skipped=skipped, shards_written=written)
     if build_seconds is not None:
       shards["build_seconds"] = build_seconds
-    writer.write(split=split, dataset=info["dataset"], num_images=s["num_images"],
-                 num_captions=s["num_captions"], mean_caption_tokens=s["mean_caption_tokens"],
-                 vocab_size=info["text_tokenizer"]["vocab_size"], reused=reused,
-                 seconds=round(seconds, 3), **shards)
+    writer.write(
+      split=split,
+      dataset=info["dataset"],
+      num_images=s["num_images"],
+      num_captions=s["num_captions"],
+      mean_caption_tokens=s["mean_caption_tokens"],
+      vocab_size=info["text_tokenizer"]["vocab_size"],
+      reused=reused,
+      seconds=round(seconds, 3),
+      **shards,
+    )
 
 
-def _finish(workdir: str, out: fingerprint.Output, config: Any,
-            source: builders.Source) -> tuple[dict, dict]:
+def _finish(
+  workdir: str, out: fingerprint.Output, config: Any, source: builders.Source
+) -> tuple[dict, dict]:
   """Process 0, once every shard exists: `prepared/` from the shards, atomically; -> (info,
   seconds of the serial steps)."""
   out_dir = paths.prepared_dir(workdir)
@@ -66,8 +81,10 @@ def _finish(workdir: str, out: fingerprint.Output, config: Any,
       # Another job (e.g. started separately on a shared workdir) finished first: keep its
       # output if it is complete and from the same data identity.
       if prepared.check_prepared(out_dir)[0] != "complete" or not out.done():
-        raise UserError(f"{out_dir} appeared while this run prepared the data and is not a "
-                        "complete output from the same inputs: remove it and rerun")
+        raise UserError(
+          f"{out_dir} appeared while this run prepared the data and is not a "
+          "complete output from the same inputs: remove it and rerun"
+        )
       shutil.rmtree(tmp, ignore_errors=True)
       print(f"{out_dir} was completed by another process meanwhile; kept it")
   except BaseException:
@@ -79,8 +96,9 @@ def _finish(workdir: str, out: fingerprint.Output, config: Any,
 
 
 @locks.holding("prepare")
-def run(config: Any, workdir: str, *, process_index: int | None = None,
-        process_count: int | None = None) -> None:
+def run(
+  config: Any, workdir: str, *, process_index: int | None = None, process_count: int | None = None
+) -> None:
   """The prepare stage (see the module docstring). `process_index` / `process_count` default
   to jax's; tests pass others to play one process of several."""
   index = jax.process_index() if process_index is None else process_index
@@ -88,8 +106,12 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
   start = time.time()
   out_dir = paths.prepared_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  out = fingerprint.Output(out_dir, prepared.data_identity(config), stage="prepare",
-                           on_other=stage_inputs.STAGES["prepare"].on_other)
+  out = fingerprint.Output(
+    out_dir,
+    prepared.data_identity(config),
+    stage="prepare",
+    on_other=stage_inputs.STAGES["prepare"].on_other,
+  )
   if index == 0:
     for path in io.remove_stale_temps(out_dir):
       print(f"removed {path}: left by an interrupted prepare")
@@ -106,8 +128,9 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
     print(f"{out_dir} is incomplete ({reason}); preparing it again")
 
   source = builders.open_source(config.data)
-  counts = builders.write_shards(source, paths.prepared_shards_dir(workdir),
-                                 prepared.shard_tag(out.inputs), index, count)
+  counts = builders.write_shards(
+    source, paths.prepared_shards_dir(workdir), prepared.shard_tag(out.inputs), index, count
+  )
   # A collective: once it returns, every process has written its shards.
   totals = processes.sum_over_processes(np.array([counts[s] for s in builders.SPLITS]))
   error = None
@@ -115,7 +138,7 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
     try:
       info, build_seconds = _finish(workdir, out, config, source)
     except Exception as e:  # pylint: disable=broad-except (re-raised below, after telling
-      error = e             # the other processes, which would otherwise wait forever)
+      error = e  # the other processes, which would otherwise wait forever)
   if not processes.process_0_succeeded(error is None):
     if error is not None:
       raise error
@@ -126,5 +149,11 @@ def run(config: Any, workdir: str, *, process_index: int | None = None,
   print(f"prepared {info['dataset']} in {out_dir} ({time.time() - start:.1f} s)")
   print(prepared.format_statistics(info))
   shard_counts = {s: tuple(int(x) for x in totals[i]) for i, s in enumerate(builders.SPLITS)}
-  _write_metrics(workdir, info, reused=False, seconds=time.time() - start,
-                 shard_counts=shard_counts, build_seconds=build_seconds)
+  _write_metrics(
+    workdir,
+    info,
+    reused=False,
+    seconds=time.time() - start,
+    shard_counts=shard_counts,
+    build_seconds=build_seconds,
+  )

@@ -22,13 +22,15 @@ def run(config: ConfigDict, workdir: str) -> None:
 
 
 @locks.holding("rank")
-def rank_generator(config: ConfigDict, workdir: str, scheme: str,
-                   protocol: str | None = None) -> None:
+def rank_generator(
+  config: ConfigDict, workdir: str, scheme: str, protocol: str | None = None
+) -> None:
   """Fine-tunes the finished generator of `scheme` under `protocol` (default
   `config.protocol`) with the listwise loss."""
   options = ltr.RankOptions.from_config(config)
-  gen, mesh, params, param_shardings = state_lib.final_params(config, workdir, scheme, "train",
-                                                              protocol)
+  gen, mesh, params, param_shardings = state_lib.final_params(
+    config, workdir, scheme, "train", protocol
+  )
   name = f"{scheme}, {gen.protocol}"
   out = state_lib.stage_output(config, gen, workdir, "rank")
   checkpoints = paths.checkpoints_dir(out.directory)
@@ -42,7 +44,8 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str,
   del params
 
   trie = gen.trie(gen.training_splits()).to_device(
-      dense_levels=options.decode.dense_levels, sharding=partitioning.replicated(mesh))
+    dense_levels=options.decode.dense_levels, sharding=partitioning.replicated(mesh)
+  )
   settings = ltr.RankStep.of(options, gen.cfg, gen.vocab, gen.trained_length)
   data_iter = examples.loader(config, workdir, gen, options.batch_size, seed_offset=1)
 
@@ -51,18 +54,31 @@ def rank_generator(config: ConfigDict, workdir: str, scheme: str,
     return lambda s, b, r: jitted(settings, s, b, r, trie)
 
   trained = state_lib.train_to(
-      out.directory, steps=options.steps, state=state, step_fn_for=step_fn_for,
-      data_iter=data_iter, mesh=mesh, rng=rng,
-      writer=MetricsWriter(workdir, "rank", process_index=jax.process_index(),
-                           run={"scheme": scheme, "protocol": gen.protocol}),
-      metadata=generative.metadata(config, gen, "rank"),
-      keep_checkpoints=options.keep_checkpoints,
-      async_checkpointing=options.async_checkpointing,
-      checkpoint_every=options.checkpoint_every, log_every=options.log_every,
-      examples_per_step=options.batch_size,
-      eval_fn=eval_fn_for(config, workdir, gen, mesh, state_shardings.params, f"{scheme}_ltr",
-                          options.eval_max_queries),
-      eval_every=options.eval_every, desc=f"rank [{name}]")
+    out.directory,
+    steps=options.steps,
+    state=state,
+    step_fn_for=step_fn_for,
+    data_iter=data_iter,
+    mesh=mesh,
+    rng=rng,
+    writer=MetricsWriter(
+      workdir,
+      "rank",
+      process_index=jax.process_index(),
+      run={"scheme": scheme, "protocol": gen.protocol},
+    ),
+    metadata=generative.metadata(config, gen, "rank"),
+    keep_checkpoints=options.keep_checkpoints,
+    async_checkpointing=options.async_checkpointing,
+    checkpoint_every=options.checkpoint_every,
+    log_every=options.log_every,
+    examples_per_step=options.batch_size,
+    eval_fn=eval_fn_for(
+      config, workdir, gen, mesh, state_shardings.params, f"{scheme}_ltr", options.eval_max_queries
+    ),
+    eval_every=options.eval_every,
+    desc=f"rank [{name}]",
+  )
   if not trained:
     print(f"rank [{name}]: already finished ({options.steps} steps) in {checkpoints}")
   out.finish(steps=options.steps)

@@ -22,7 +22,8 @@ from avg_jax.artifacts import fingerprint, locks, paths, stage_inputs, voken_tab
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.errors import UserError
 from avg_jax.metrics import MetricsWriter
-from avg_jax.tokenizer import analysis, fit as fit_lib, schemes
+from avg_jax.tokenizer import analysis, schemes
+from avg_jax.tokenizer import fit as fit_lib
 
 SPLITS = ("train", "val", "test")
 _said_kept: set[str] = set()  # tables this process has reported as kept (see `run`)
@@ -35,7 +36,7 @@ def inputs(config: ml_collections.ConfigDict, workdir: str | None = None) -> dic
 
 
 def _loads(directory: str) -> str:
-  """"" when every output of `directory` is intact (its checksums) and loads, else what is
+  """ "" when every output of `directory` is intact (its checksums) and loads, else what is
   wrong."""
   try:
     voken_tables.read(directory)
@@ -60,8 +61,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if data is not None:
       embeddings[split] = data
   if "train" not in embeddings:
-    raise UserError(f"{paths.embeddings_file(workdir, 'train')} not found; run `avg-jax embed` "
-                    f"first")
+    raise UserError(
+      f"{paths.embeddings_file(workdir, 'train')} not found; run `avg-jax embed` first"
+    )
   all_ids = np.concatenate([d["image_ids"] for d in embeddings.values()])
   if len(np.unique(all_ids)) != len(all_ids):
     raise UserError(f"image ids repeat across the splits' embeddings in {paths.embed_dir(workdir)}")
@@ -72,23 +74,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     pseudo = embeddings_lib.load_pseudo_queries(workdir)
   fit = fit_lib.fit_pairs(embeddings, pseudo)
   directory = paths.tokenizer_dir(workdir, name)
-  out = fingerprint.Output(directory, inputs(config, workdir), stage=f"tokenize [{name}]",
-                           on_other=stage_inputs.STAGES["tokenize"].on_other)
+  out = fingerprint.Output(
+    directory,
+    inputs(config, workdir),
+    stage=f"tokenize [{name}]",
+    on_other=stage_inputs.STAGES["tokenize"].on_other,
+  )
   if out.done(verify=lambda: _loads(directory)):
     # One line, once per process: evaluate re-enters this stage for every method and
     # protocol that uses the table, and its statistics were printed when it was made.
     if directory not in _said_kept:
       _said_kept.add(directory)
-      print(f"tokenize [{name}]: {directory} is complete for this config; kept (statistics in "
-            f"its {voken_tables.SUMMARY})")
+      print(
+        f"tokenize [{name}]: {directory} is complete for this config; kept (statistics in "
+        f"its {voken_tables.SUMMARY})"
+      )
     return
   out.begin()
 
   codes, codebook, split_stats, shared = schemes.codes_and_codebook(
-      config, workdir, directory, embeddings, fit, scheme, name)
+    config, workdir, directory, embeddings, fit, scheme, name
+  )
   vocab, table, summary = schemes.identifiers(
-      config, embeddings, codes, codebook, split_stats, scheme=scheme, name=name,
-      fit_on=fit["description"], shared=shared)
+    config,
+    embeddings,
+    codes,
+    codebook,
+    split_stats,
+    scheme=scheme,
+    name=name,
+    fit_on=fit["description"],
+    shared=shared,
+  )
 
   analysis_split = str(tok.analysis_split)
   if analysis_split in table:
@@ -97,15 +114,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if features is not None:
       summary["semantic_split"] = analysis_split
       summary["semantic"] = analysis.semantic_similarity(
-          split_codes, features, num_pairs=int(tok.analysis_pairs), seed=int(config.seed))
+        split_codes, features, num_pairs=int(tok.analysis_pairs), seed=int(config.seed)
+      )
 
   writer = MetricsWriter(workdir, "tokenize", process_index=jax.process_index())
   for split, s in summary["splits"].items():
-    writer.write(method=name, split=split, disambiguation_size=vocab.disambiguation_size,
-                 id_length=vocab.id_length, **s)
+    writer.write(
+      method=name,
+      split=split,
+      disambiguation_size=vocab.disambiguation_size,
+      id_length=vocab.id_length,
+      **s,
+    )
   if summary.get("semantic"):
-    writer.write(method=name, split=summary["semantic_split"],
-                 semantic=summary["semantic"])
+    writer.write(method=name, split=summary["semantic_split"], semantic=summary["semantic"])
   if processes.is_main():
     voken_tables.write(directory, vocab, table, codebook, summary)
   out.finish()

@@ -28,23 +28,44 @@ def run(config: ConfigDict, workdir: str) -> None:
   train_generator(config, workdir, config.tokenizer.scheme)
 
 
-def eval_fn_for(config: ConfigDict, workdir: str, gen: generator_lib.Generator, mesh,
-                param_shardings, method: str, max_queries: int):
+def eval_fn_for(
+  config: ConfigDict,
+  workdir: str,
+  gen: generator_lib.Generator,
+  mesh,
+  param_shardings,
+  method: str,
+  max_queries: int,
+):
   """`state -> metrics` of validation Recall@K (the search compiled once)."""
   search_fn = avg_eval.make_eval_search_fn(gen, mesh, param_shardings, config)
 
   def eval_fn(s):
-    m = avg_eval.evaluate_recall(gen, s.params, param_shardings, mesh, config, workdir, "val",
-                                 max_queries=max_queries, search_fn=search_fn)
-    return {"split": "val", "method": method, "protocol": gen.protocol,
-            **{k: v for k, v in m.items() if not k.startswith("_")}}
+    m = avg_eval.evaluate_recall(
+      gen,
+      s.params,
+      param_shardings,
+      mesh,
+      config,
+      workdir,
+      "val",
+      max_queries=max_queries,
+      search_fn=search_fn,
+    )
+    return {
+      "split": "val",
+      "method": method,
+      "protocol": gen.protocol,
+      **{k: v for k, v in m.items() if not k.startswith("_")},
+    }
 
   return eval_fn
 
 
 @locks.holding("train")
-def train_generator(config: ConfigDict, workdir: str, scheme: str,
-                    protocol: str | None = None) -> None:
+def train_generator(
+  config: ConfigDict, workdir: str, scheme: str, protocol: str | None = None
+) -> None:
   """Trains the generator of `scheme` under `protocol` (default `config.protocol`) to
   `train.steps` (resuming when possible)."""
   c = config.train
@@ -67,19 +88,33 @@ def train_generator(config: ConfigDict, workdir: str, scheme: str,
   data_iter = examples.loader(config, workdir, gen, int(c.batch_size))
   settings = generative.step_settings(config, gen.cfg)
   trained = state_lib.train_to(
-      out.directory, steps=int(c.steps), state=state,
-      step_fn_for=lambda first: functools.partial(
-          generative.compile_train_step(mesh, state_shardings, first), settings),
-      data_iter=data_iter, mesh=mesh, rng=dropout_rng,
-      writer=MetricsWriter(workdir, "train", process_index=jax.process_index(),
-                           run={"scheme": scheme, "protocol": gen.protocol}),
-      metadata=generative.metadata(config, gen, "train"),
-      keep_checkpoints=int(c.keep_checkpoints), async_checkpointing=bool(c.async_checkpointing),
-      checkpoint_every=int(c.checkpoint_every), log_every=int(c.log_every),
-      examples_per_step=int(c.batch_size),
-      eval_fn=eval_fn_for(config, workdir, gen, mesh, state_shardings.params, scheme,
-                          int(c.eval_max_queries)),
-      eval_every=int(c.eval_every), desc=f"train [{name}]")
+    out.directory,
+    steps=int(c.steps),
+    state=state,
+    step_fn_for=lambda first: functools.partial(
+      generative.compile_train_step(mesh, state_shardings, first), settings
+    ),
+    data_iter=data_iter,
+    mesh=mesh,
+    rng=dropout_rng,
+    writer=MetricsWriter(
+      workdir,
+      "train",
+      process_index=jax.process_index(),
+      run={"scheme": scheme, "protocol": gen.protocol},
+    ),
+    metadata=generative.metadata(config, gen, "train"),
+    keep_checkpoints=int(c.keep_checkpoints),
+    async_checkpointing=bool(c.async_checkpointing),
+    checkpoint_every=int(c.checkpoint_every),
+    log_every=int(c.log_every),
+    examples_per_step=int(c.batch_size),
+    eval_fn=eval_fn_for(
+      config, workdir, gen, mesh, state_shardings.params, scheme, int(c.eval_max_queries)
+    ),
+    eval_every=int(c.eval_every),
+    desc=f"train [{name}]",
+  )
   if not trained:
     print(f"train [{name}]: already finished ({c.steps} steps) in {checkpoints}")
   out.finish(steps=int(c.steps))

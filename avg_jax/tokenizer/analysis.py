@@ -17,7 +17,8 @@ import json
 import os
 import re
 import sys
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +28,9 @@ from avg_jax.errors import UserError
 from avg_jax.metrics import format_metric
 
 _STOPWORDS = frozenset(
-    "a an the of on in at to and or with is are was were be by for from its it this that "
-    "there their his her some two one three four five as into near next while".split())
+  "a an the of on in at to and or with is are was were be by for from its it this that "
+  "there their his her some two one three four five as into near next while".split()
+)
 
 
 def _flatten(value: Any, path: str, out: set) -> None:
@@ -74,8 +76,9 @@ def jaccard(a: frozenset, b: frozenset) -> float:
   return 1.0 if union == 0 else len(a & b) / union
 
 
-def _sample_pairs_in_groups(group: np.ndarray, num_pairs: int,
-                            rng: np.random.Generator) -> np.ndarray:
+def _sample_pairs_in_groups(
+  group: np.ndarray, num_pairs: int, rng: np.random.Generator
+) -> np.ndarray:
   """Uniform pairs `[n, 2]` of distinct rows with equal `group`; empty when no group has 2."""
   order = np.argsort(group, kind="stable")
   _, starts, sizes = np.unique(group[order], return_index=True, return_counts=True)
@@ -84,13 +87,18 @@ def _sample_pairs_in_groups(group: np.ndarray, num_pairs: int,
     return np.zeros((0, 2), np.int64)
   chosen = rng.choice(len(sizes), size=num_pairs, p=pair_counts / pair_counts.sum())
   first = rng.integers(0, sizes[chosen])
-  second = (first + rng.integers(1, sizes[chosen])) % sizes[chosen]   # distinct from first
+  second = (first + rng.integers(1, sizes[chosen])) % sizes[chosen]  # distinct from first
   return np.stack([order[starts[chosen] + first], order[starts[chosen] + second]], axis=1)
 
 
-def semantic_similarity(codes: np.ndarray, features: Sequence[frozenset], *,
-                        prefix_lengths: Iterable[int] = (1, 2), num_pairs: int = 2000,
-                        seed: int = 0) -> dict:
+def semantic_similarity(
+  codes: np.ndarray,
+  features: Sequence[frozenset],
+  *,
+  prefix_lengths: Iterable[int] = (1, 2),
+  num_pairs: int = 2000,
+  seed: int = 0,
+) -> dict:
   """Mean Jaccard similarity of `features` for pairs sharing identifier prefixes.
 
   `codes [N, P]` identifiers, `features[i]` the attribute set of row i. Returns
@@ -107,8 +115,9 @@ def semantic_similarity(codes: np.ndarray, features: Sequence[frozenset], *,
     _, group = np.unique(codes[:, :length], axis=0, return_inverse=True)
     pairs = _sample_pairs_in_groups(group.reshape(-1), num_pairs, rng)
     sims = [jaccard(features[i], features[j]) for i, j in pairs]
-    result[f"prefix_{length}"] = dict(pairs=len(pairs),
-                                      similarity=float(np.mean(sims)) if sims else float("nan"))
+    result[f"prefix_{length}"] = dict(
+      pairs=len(pairs), similarity=float(np.mean(sims)) if sims else float("nan")
+    )
   if n >= 2:
     first = rng.integers(0, n, size=num_pairs)
     second = (first + rng.integers(1, n, size=num_pairs)) % n
@@ -119,7 +128,7 @@ def semantic_similarity(codes: np.ndarray, features: Sequence[frozenset], *,
   return result
 
 
-def load_features(workdir: str, split: str, image_ids: np.ndarray) -> Optional[list]:
+def load_features(workdir: str, split: str, image_ids: np.ndarray) -> list | None:
   """Attribute sets for `image_ids` from the prepared dataset; None when it is not available."""
   if not os.path.exists(paths.dataset_info_file(workdir)):
     return None
@@ -127,12 +136,15 @@ def load_features(workdir: str, split: str, image_ids: np.ndarray) -> Optional[l
   by_id = {}
   for i in range(len(source)):
     element = source[i]
-    by_id[int(element["image_id"])] = attribute_set(element.get("attributes", ""),
-                                                    element.get("captions", ()))
+    by_id[int(element["image_id"])] = attribute_set(
+      element.get("attributes", ""), element.get("captions", ())
+    )
   missing = [int(i) for i in image_ids if int(i) not in by_id]
   if missing:
-    raise UserError(f"image id {missing[0]} of the voken table is not in the prepared "
-                    f"{split!r} split of {workdir}")
+    raise UserError(
+      f"image id {missing[0]} of the voken table is not in the prepared "
+      f"{split!r} split of {workdir}"
+    )
   return [by_id[int(i)] for i in image_ids]
 
 
@@ -151,8 +163,9 @@ def format_table(rows: dict, prefix_lengths: Sequence[int] = (1, 2)) -> str:
   return "\n".join(lines)
 
 
-def compare_schemes(workdir: str, schemes: Sequence[str], split: str = "test", *,
-                    num_pairs: int = 2000, seed: int = 0) -> dict:
+def compare_schemes(
+  workdir: str, schemes: Sequence[str], split: str = "test", *, num_pairs: int = 2000, seed: int = 0
+) -> dict:
   """Semantic measure of each scheme's voken table in `workdir` (schemes without one skipped)."""
   rows, features = {}, None
   for scheme in schemes:
@@ -171,17 +184,17 @@ def compare_schemes(workdir: str, schemes: Sequence[str], split: str = "test", *
   return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m avg_jax.tokenizer.analysis",
-                                   description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m avg_jax.tokenizer.analysis", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--schemes", default="avg,rq,hkmeans,atomic,random")
   parser.add_argument("--split", default="test")
   parser.add_argument("--pairs", type=int, default=2000)
   args = parser.parse_args(argv)
   try:
-    rows = compare_schemes(args.workdir, args.schemes.split(","), args.split,
-                           num_pairs=args.pairs)
+    rows = compare_schemes(args.workdir, args.schemes.split(","), args.split, num_pairs=args.pairs)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

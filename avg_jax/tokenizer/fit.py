@@ -7,8 +7,6 @@ clusters those images too). Such a fit is named `<scheme>+pseudo`, a fit on trai
 alone `<scheme>` (`tokenizer_name`), so both protocols share a fit that does not depend on them.
 """
 
-from typing import Optional
-
 import ml_collections
 import numpy as np
 
@@ -23,15 +21,19 @@ FITTED_SCHEMES = ("avg", "rq", "hkmeans")
 
 def check_scheme(scheme: str) -> str:
   if scheme not in SCHEMES:
-    raise UserError(f"config key tokenizer.scheme must be one of {', '.join(SCHEMES)}, "
-                    f"got {scheme!r}")
+    raise UserError(
+      f"config key tokenizer.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}"
+    )
   return scheme
 
 
 def fits_on_pseudo_queries(config: ml_collections.ConfigDict, scheme: str, protocol: str) -> bool:
   """Whether `scheme`'s tokenizer under `protocol` is fit on pseudo-query pairs too."""
-  return (pseudo_lib.check_protocol(protocol) == "transductive" and scheme in FITTED_SCHEMES
-          and bool(config.tokenizer.fit_on_pseudo_queries))
+  return (
+    pseudo_lib.check_protocol(protocol) == "transductive"
+    and scheme in FITTED_SCHEMES
+    and bool(config.tokenizer.fit_on_pseudo_queries)
+  )
 
 
 def tokenizer_name(config: ml_collections.ConfigDict, scheme: str, protocol: str) -> str:
@@ -39,7 +41,7 @@ def tokenizer_name(config: ml_collections.ConfigDict, scheme: str, protocol: str
   return scheme + (PSEUDO_SUFFIX if fits_on_pseudo_queries(config, scheme, protocol) else "")
 
 
-def fit_pairs(embeddings: dict, pseudo: Optional[tuple[np.ndarray, np.ndarray]]) -> dict:
+def fit_pairs(embeddings: dict, pseudo: tuple[np.ndarray, np.ndarray] | None) -> dict:
   """The (image, text) pairs a tokenizer is fit on.
 
   `embeddings`: `{split: read_embeddings(...)}`; `pseudo`: `(image ids int64[Q], query_emb
@@ -49,9 +51,13 @@ def fit_pairs(embeddings: dict, pseudo: Optional[tuple[np.ndarray, np.ndarray]])
   queries, paired with them.
   """
   train = embeddings["train"]
-  fit = dict(image_ids=train["image_ids"], image_emb=train["image_emb"],
-             caption_emb=train["caption_emb"], caption_image_index=train["caption_image_index"],
-             description="train pairs")
+  fit = dict(
+    image_ids=train["image_ids"],
+    image_emb=train["image_emb"],
+    caption_emb=train["caption_emb"],
+    caption_image_index=train["caption_image_index"],
+    description="train pairs",
+  )
   if pseudo is None:
     return fit
   pseudo_ids, pseudo_emb = pseudo
@@ -59,14 +65,16 @@ def fit_pairs(embeddings: dict, pseudo: Optional[tuple[np.ndarray, np.ndarray]])
   image_ids = np.concatenate([train["image_ids"]] + [embeddings[s]["image_ids"] for s in indexed])
   keep = np.isin(pseudo_ids, image_ids) & ~np.isin(pseudo_ids, train["image_ids"])
   if pseudo_emb.shape[1:] != train["caption_emb"].shape[1:]:
-    raise UserError(f"pseudo query embeddings are {pseudo_emb.shape[1]}-d, captions "
-                    f"{train['caption_emb'].shape[1]}-d; rerun `avg-jax embed`")
+    raise UserError(
+      f"pseudo query embeddings are {pseudo_emb.shape[1]}-d, captions "
+      f"{train['caption_emb'].shape[1]}-d; rerun `avg-jax embed`"
+    )
   row_of = {int(i): r for r, i in enumerate(image_ids)}
   index = np.asarray([row_of[int(i)] for i in pseudo_ids[keep]], np.int64)
   return dict(
-      image_ids=image_ids,
-      image_emb=np.concatenate([train["image_emb"]] + [embeddings[s]["image_emb"] for s in indexed]),
-      caption_emb=np.concatenate([train["caption_emb"], pseudo_emb[keep]]),
-      caption_image_index=np.concatenate([train["caption_image_index"], index]),
-      description=f"train pairs + {int(keep.sum())} pseudo-query pairs of "
-                  f"{'/'.join(indexed)} images")
+    image_ids=image_ids,
+    image_emb=np.concatenate([train["image_emb"]] + [embeddings[s]["image_emb"] for s in indexed]),
+    caption_emb=np.concatenate([train["caption_emb"], pseudo_emb[keep]]),
+    caption_image_index=np.concatenate([train["caption_image_index"], index]),
+    description=f"train pairs + {int(keep.sum())} pseudo-query pairs of {'/'.join(indexed)} images",
+  )

@@ -23,6 +23,7 @@ from avg_jax.tokenizer import kmeans as kmeans_lib
 @dataclasses.dataclass
 class HKMeansTree:
   """`children[level][prefix]` = `[k, D]` child centroids of `prefix` (a tuple of codes)."""
+
   codebook_size: int
   num_levels: int
   children: list[dict[tuple[int, ...], np.ndarray]]
@@ -46,13 +47,21 @@ def _cluster(key: jax.Array, x: np.ndarray, k: int, iters: int, init: str) -> np
   return np.asarray(result.centroids)
 
 
-def fit(key: jax.Array, x: np.ndarray, image_ids: np.ndarray, codebook_size: int,
-        num_levels: int, *, iters: int, init: str = "kmeans++") -> HKMeansTree:
+def fit(
+  key: jax.Array,
+  x: np.ndarray,
+  image_ids: np.ndarray,
+  codebook_size: int,
+  num_levels: int,
+  *,
+  iters: int,
+  init: str = "kmeans++",
+) -> HKMeansTree:
   """Builds the tree over `x [N, D]` (rows ordered arbitrarily; `image_ids [N]` break ties)."""
   x = np.asarray(x, np.float32)
   image_ids = np.asarray(image_ids, np.int64)
   children: list[dict] = []
-  groups = {(): np.argsort(image_ids, kind="stable")}   # prefix -> member rows, by image id
+  groups = {(): np.argsort(image_ids, kind="stable")}  # prefix -> member rows, by image id
   for level in range(num_levels):
     level_children, next_groups = {}, {}
     for prefix in sorted(groups):
@@ -81,7 +90,7 @@ def assign(tree: HKMeansTree, x: np.ndarray) -> np.ndarray:
     for prefix, rows in groups.items():
       centroids = tree.children[level].get(prefix)
       if centroids is None:
-        continue   # no children: codes stay 0 from here on
+        continue  # no children: codes stay 0 from here on
       level_codes = _nearest(x[rows], centroids)
       codes[rows, level] = level_codes
       for code in np.unique(level_codes):
@@ -90,8 +99,9 @@ def assign(tree: HKMeansTree, x: np.ndarray) -> np.ndarray:
   return codes
 
 
-def level_codebook(x: np.ndarray, codes: np.ndarray, codebook_size: int,
-                   fill: np.ndarray) -> np.ndarray:
+def level_codebook(
+  x: np.ndarray, codes: np.ndarray, codebook_size: int, fill: np.ndarray
+) -> np.ndarray:
   """Per-level token vectors `[L * K, D]` (level-major) from training points `x [N, D]`.
 
   Row (l, c) is the mean over training points with code c at level l of their residual
@@ -112,7 +122,7 @@ def level_codebook(x: np.ndarray, codes: np.ndarray, codebook_size: int,
     used = counts > 0
     rows[used] = (sums[used] / counts[used, None]).astype(np.float32)
     # Mean of the points sharing each prefix of length level + 1.
-    _, prefix_group = np.unique(codes[:, :level + 1], axis=0, return_inverse=True)
+    _, prefix_group = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
     prefix_group = prefix_group.reshape(-1)
     group_sums = np.zeros((prefix_group.max() + 1, x.shape[1]), np.float64)
     np.add.at(group_sums, prefix_group, x)

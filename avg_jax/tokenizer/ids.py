@@ -55,7 +55,7 @@ def disambiguate(codes: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarray, 
   largest = int(sizes.max()) if len(sizes) else 0
   if largest <= 1:
     return codes.astype(np.int32), 0
-  order = np.lexsort((image_ids, group))          # by group, then by image id
+  order = np.lexsort((image_ids, group))  # by group, then by image id
   rank = np.empty(len(codes), np.int64)
   sorted_groups = group[order]
   starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
@@ -95,18 +95,22 @@ def atomic_codes(image_ids: np.ndarray, codebook_size: int, num_levels: int) -> 
   """`image_ids [N]` -> int32[N, L]: the rank of each id written in base K (see module doc)."""
   image_ids = np.asarray(image_ids, np.int64)
   n = len(image_ids)
-  if n > codebook_size ** num_levels:
-    raise UserError(f"scheme 'atomic' needs tokenizer.codebook_size ** num_levels >= {n} images, "
-                    f"got {codebook_size}**{num_levels} = {codebook_size ** num_levels}")
+  if n > codebook_size**num_levels:
+    raise UserError(
+      f"scheme 'atomic' needs tokenizer.codebook_size ** num_levels >= {n} images, "
+      f"got {codebook_size}**{num_levels} = {codebook_size**num_levels}"
+    )
   rank = np.empty(n, np.int64)
   rank[np.argsort(image_ids, kind="stable")] = np.arange(n)
-  digits = [(rank // codebook_size ** (num_levels - 1 - p)) % codebook_size
-            for p in range(num_levels)]
+  digits = [
+    (rank // codebook_size ** (num_levels - 1 - p)) % codebook_size for p in range(num_levels)
+  ]
   return np.stack(digits, axis=1).astype(np.int32)
 
 
-def random_codes(image_ids: np.ndarray, codebook_size: int, num_levels: int,
-                 seed: int) -> np.ndarray:
+def random_codes(
+  image_ids: np.ndarray, codebook_size: int, num_levels: int, seed: int
+) -> np.ndarray:
   """`image_ids [N]` -> int32[N, L] uniform codes, stable for the same ids and seed."""
   image_ids = np.asarray(image_ids, np.int64)
   order = np.argsort(image_ids, kind="stable")
@@ -116,8 +120,13 @@ def random_codes(image_ids: np.ndarray, codebook_size: int, num_levels: int,
   return codes.astype(np.int32)
 
 
-def check_identifiers(codes: np.ndarray, position_sizes: tuple[int, ...], *,
-                      unique: bool = True, what: str = "identifiers") -> None:
+def check_identifiers(
+  codes: np.ndarray,
+  position_sizes: tuple[int, ...],
+  *,
+  unique: bool = True,
+  what: str = "identifiers",
+) -> None:
   """Raises `ValueError` unless `codes [N, P]` has P positions, codes in range, unique rows."""
   codes = np.asarray(codes)
   if codes.ndim != 2 or codes.shape[1] != len(position_sizes):

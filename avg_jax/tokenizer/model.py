@@ -12,7 +12,8 @@ cost more than the MLP's matmuls otherwise. The rate is therefore applied in ste
 """
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,7 @@ RQ_SCHEMES = ("avg", "rq")
 @dataclasses.dataclass(frozen=True)
 class RQVAEConfig:
   """Static hyper-parameters of the RQ-VAE (from `config.tokenizer` + the embedding width)."""
+
   in_dim: int
   e_dim: int
   hidden_dims: tuple[int, ...]
@@ -53,11 +55,17 @@ class RQVAEConfig:
         raise UserError(f"config key tokenizer.{key} must be >= 1, got {tok[key]}")
     if not 0.0 <= float(tok.dropout) < 1.0:
       raise UserError(f"config key tokenizer.dropout must be in [0, 1), got {tok.dropout}")
-    return cls(in_dim=int(in_dim), e_dim=int(tok.e_dim),
-               hidden_dims=tuple(int(h) for h in tok.hidden_dims),
-               codebook_size=int(tok.codebook_size), num_levels=int(tok.num_levels),
-               shared_codebook=bool(tok.shared_codebook), dropout=float(tok.dropout),
-               beta=float(tok.beta), last_layer_batchnorm=bool(tok.last_layer_batchnorm))
+    return cls(
+      in_dim=int(in_dim),
+      e_dim=int(tok.e_dim),
+      hidden_dims=tuple(int(h) for h in tok.hidden_dims),
+      codebook_size=int(tok.codebook_size),
+      num_levels=int(tok.num_levels),
+      shared_codebook=bool(tok.shared_codebook),
+      dropout=float(tok.dropout),
+      beta=float(tok.beta),
+      last_layer_batchnorm=bool(tok.last_layer_batchnorm),
+    )
 
 
 class ByteDropout(nn.Module):
@@ -66,6 +74,7 @@ class ByteDropout(nn.Module):
   Drops an element when its byte is below `round(rate * 256)`. The bits are drawn with the
   input's leading dimensions (`[..., ceil(D / 4)]` words) so they shard like the batch.
   """
+
   rate: float
   deterministic: bool = False
 
@@ -79,9 +88,10 @@ class ByteDropout(nn.Module):
     if self.deterministic or threshold == 0:
       return x
     width = x.shape[-1]
-    words = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + (-(-width // 4),),
-                            jnp.uint32)                                    # [..., ceil(D/4)]
-    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8)         # [..., ceil(D/4), 4]
+    words = jax.random.bits(
+      self.make_rng("dropout"), x.shape[:-1] + (-(-width // 4),), jnp.uint32
+    )  # [..., ceil(D/4)]
+    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., ceil(D/4), 4]
     random_bytes = random_bytes.reshape(x.shape[:-1] + (-1,))[..., :width]  # [..., D]
     keep_prob = 1.0 - threshold / 256.0
     return jnp.where(random_bytes >= threshold, x / keep_prob, jnp.zeros_like(x))
@@ -89,6 +99,7 @@ class ByteDropout(nn.Module):
 
 class MLP(nn.Module):
   """Dropout -> Dense -> BatchNorm -> ReLU per layer; `[B, in] -> [B, features[-1]]`."""
+
   features: Sequence[int]
   dropout: float
   last_layer_batchnorm: bool = False
@@ -99,16 +110,20 @@ class MLP(nn.Module):
     for i, width in enumerate(self.features):
       x = ByteDropout(self.dropout, deterministic=not train)(x)
       x = nn.Dense(
-          width,
-          kernel_init=nn.with_logical_partitioning(_xavier_normal, ("embed", "mlp")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-          name=f"dense_{i}")(x)                                              # [B, width]
+        width,
+        kernel_init=nn.with_logical_partitioning(_xavier_normal, ("embed", "mlp")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+        name=f"dense_{i}",
+      )(x)  # [B, width]
       if i < last or self.last_layer_batchnorm:
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-            name=f"norm_{i}")(x)
+          use_running_average=not train,
+          momentum=0.9,
+          epsilon=1e-5,
+          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+          name=f"norm_{i}",
+        )(x)
       if i < last:
         x = nn.relu(x)
       x = nn.with_logical_constraint(x, ("batch", "mlp"))
@@ -122,23 +137,26 @@ class RQVAE(nn.Module):
   `decoded [B, in_dim]` and `rq`, the quantiser's `RQOutput` (straight-through `quantized
   [B, e_dim]`, `codes int32[B, L]`, `quant_loss []`, `residuals [L, B, e_dim]`, `errors [L, B]`).
   """
+
   cfg: RQVAEConfig
 
   def setup(self):
     cfg = self.cfg
-    self.encoder = MLP(tuple(cfg.hidden_dims) + (cfg.e_dim,), cfg.dropout,
-                       cfg.last_layer_batchnorm)
-    self.decoder = MLP(tuple(reversed(cfg.hidden_dims)) + (cfg.in_dim,), cfg.dropout,
-                       cfg.last_layer_batchnorm)
+    self.encoder = MLP(tuple(cfg.hidden_dims) + (cfg.e_dim,), cfg.dropout, cfg.last_layer_batchnorm)
+    self.decoder = MLP(
+      tuple(reversed(cfg.hidden_dims)) + (cfg.in_dim,), cfg.dropout, cfg.last_layer_batchnorm
+    )
     # The reference starts from zeros and fills the codebook with k-means on the first batch;
     # a small uniform init (its non-k-means default) keeps a model without k-means usable.
     bound = 1.0 / cfg.codebook_size
     self.codebooks = self.param(
-        "codebooks",
-        nn.with_logical_partitioning(
-            lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound),
-            ("levels", "codebook", "code_dim")),
-        (cfg.num_codebooks, cfg.codebook_size, cfg.e_dim))
+      "codebooks",
+      nn.with_logical_partitioning(
+        lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound),
+        ("levels", "codebook", "code_dim"),
+      ),
+      (cfg.num_codebooks, cfg.codebook_size, cfg.e_dim),
+    )
 
   def encode(self, x: jax.Array, *, train: bool) -> jax.Array:
     """`[B, in_dim]` -> `[B, e_dim]` encoder output."""
@@ -152,12 +170,14 @@ class RQVAE(nn.Module):
 
   def codes(self, x: jax.Array) -> jax.Array:
     """Inference: `[B, in_dim]` -> int32[B, L] (no dropout, BatchNorm running statistics)."""
-    return quantizer.quantize_codes(self.encode(x, train=False), self.codebooks,
-                                    self.cfg.num_levels)
+    return quantizer.quantize_codes(
+      self.encode(x, train=False), self.codebooks, self.cfg.num_levels
+    )
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
     latent = self.encode(x, train=train)
-    rq = quantizer.residual_quantize(latent, self.codebooks, self.cfg.num_levels,
-                                     beta=self.cfg.beta)
+    rq = quantizer.residual_quantize(
+      latent, self.codebooks, self.cfg.num_levels, beta=self.cfg.beta
+    )
     decoded = self.decode(rq.quantized, train=train)
     return dict(latent=latent, decoded=decoded, rq=rq)

@@ -8,7 +8,8 @@ queries too (either protocol). Batches come from grain (avg_jax.data.pipeline), 
 """
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import jax
@@ -37,8 +38,9 @@ class Examples:
     return {"inputs": self.inputs[index], "targets": self.targets[index]}
 
 
-def pseudo_examples(workdir: str, gen, repeats: int, of_training_images: bool = False
-                    ) -> tuple[np.ndarray, list[str]]:
+def pseudo_examples(
+  workdir: str, gen, repeats: int, of_training_images: bool = False
+) -> tuple[np.ndarray, list[str]]:
   """The extra examples: `(image ids [M], M pseudo queries)` of the indexed val / test images
   (transductive protocol) and, with `of_training_images`, of the training images (either
   protocol), each `repeats` times."""
@@ -48,8 +50,11 @@ def pseudo_examples(workdir: str, gen, repeats: int, of_training_images: bool = 
   image_ids = np.concatenate([gen.table[s][0] for s in indexed])
   ids, queries = pseudo_lib.of_images(workdir, image_ids)
   if not queries:
-    log.warning("the prepared data has no pseudo queries for the %s images: training sees "
-                "the training captions only", "/".join(indexed))
+    log.warning(
+      "the prepared data has no pseudo queries for the %s images: training sees "
+      "the training captions only",
+      "/".join(indexed),
+    )
   return np.tile(ids, repeats), queries * repeats
 
 
@@ -62,8 +67,11 @@ def training_source(config: ConfigDict, workdir: str, gen) -> grain.MapDataset:
   targets = np.concatenate(targets)
   caption_ids, texts = dataset.read_texts(workdir, "train")
   pseudo_ids, queries = pseudo_examples(
-      workdir, gen, int(config.train.pseudo_query_repeats),
-      bool(config.train.pseudo_queries_of_training_images))
+    workdir,
+    gen,
+    int(config.train.pseudo_query_repeats),
+    bool(config.train.pseudo_queries_of_training_images),
+  )
   example_ids = np.concatenate([caption_ids, pseudo_ids])
   inputs = gen.tokenizer.encode_batch(texts + queries, int(config.text_tokenizer.max_length))
   rows = np.asarray([row_of[int(i)] for i in example_ids], np.int64)
@@ -86,9 +94,15 @@ def loader(config: ConfigDict, workdir: str, gen, global_batch: int, *, seed_off
   """The grain iterator over `training_source`: shuffled (seed `loader.shuffle_seed` +
   `seed_offset`), repeated, `global_batch` examples per step over all processes."""
   return pipeline.from_config(
-      training_source(config, workdir, gen), per_process_batch(global_batch), config.loader,
-      shuffle=True, num_epochs=None, drop_remainder=True, global_order=True,
-      seed=int(config.loader.shuffle_seed) + seed_offset)
+    training_source(config, workdir, gen),
+    per_process_batch(global_batch),
+    config.loader,
+    shuffle=True,
+    num_epochs=None,
+    drop_remainder=True,
+    global_order=True,
+    seed=int(config.loader.shuffle_seed) + seed_offset,
+  )
 
 
 def peek(iterator: Iterator[Any]) -> tuple[Any, Iterator[Any]]:

@@ -22,10 +22,12 @@ def make_loss_fn(cfg, temperature: float):
   """`(params, batch, rng) -> (loss, metrics)` for teacher-forced generation."""
 
   def loss_fn(params, batch, rng):
-    out = t5_lib.logits(params, cfg, batch["inputs"], batch["targets"], deterministic=False,
-                        rngs={"dropout": rng})
-    loss, accuracy, num_tokens = losses.token_cross_entropy(out, batch["targets"],
-                                                            temperature=temperature)
+    out = t5_lib.logits(
+      params, cfg, batch["inputs"], batch["targets"], deterministic=False, rngs={"dropout": rng}
+    )
+    loss, accuracy, num_tokens = losses.token_cross_entropy(
+      out, batch["targets"], temperature=temperature
+    )
     return loss, {"token_accuracy": accuracy, "num_tokens": num_tokens}
 
   return loss_fn
@@ -35,14 +37,17 @@ def _step_shardings(mesh, state_shardings, batch_example) -> dict:
   """jit's shardings of a `(state, batch, rng) -> (state, metrics)` step."""
   batch_shardings = jax.tree.map(lambda x: x.sharding, batch_example)
   replicated = partitioning.replicated(mesh)
-  return dict(in_shardings=(state_shardings, batch_shardings, replicated),
-              out_shardings=(state_shardings, replicated))
+  return dict(
+    in_shardings=(state_shardings, batch_shardings, replicated),
+    out_shardings=(state_shardings, replicated),
+  )
 
 
 def compile_step(step_fn, mesh, state_shardings, batch_example):
   """`jax.jit` with explicit shardings, donating the state."""
-  return jax.jit(step_fn, donate_argnums=(0,),
-                 **_step_shardings(mesh, state_shardings, batch_example))
+  return jax.jit(
+    step_fn, donate_argnums=(0,), **_step_shardings(mesh, state_shardings, batch_example)
+  )
 
 
 def optimizer_settings(config: ConfigDict) -> optim.AdamWSchedule:
@@ -50,10 +55,14 @@ def optimizer_settings(config: ConfigDict) -> optim.AdamWSchedule:
   as `train.*` configures it."""
   c = config.train
   return optim.AdamWSchedule(
-      learning_rate=float(c.learning_rate), steps=int(c.steps),
-      warmup_steps=int(c.warmup_fraction * c.steps),
-      end_fraction=float(c.end_learning_rate_fraction), weight_decay=float(c.weight_decay),
-      grad_clip_norm=float(c.grad_clip_norm), accumulation_steps=int(c.grad_accum_steps))
+    learning_rate=float(c.learning_rate),
+    steps=int(c.steps),
+    warmup_steps=int(c.warmup_fraction * c.steps),
+    end_fraction=float(c.end_learning_rate_fraction),
+    weight_decay=float(c.weight_decay),
+    grad_clip_norm=float(c.grad_clip_norm),
+    accumulation_steps=int(c.grad_accum_steps),
+  )
 
 
 def make_optimizer(config: ConfigDict):
@@ -64,6 +73,7 @@ def make_optimizer(config: ConfigDict):
 class TrainStep(NamedTuple):
   """Everything static about the generative step (hashable: the jit static argument that lets
   every train stage of equal settings and shapes in a process share one compiled program)."""
+
   cfg: T5Config
   temperature: float
   optimizer: optim.AdamWSchedule
@@ -85,10 +95,19 @@ def compile_train_step(mesh, state_shardings, batch_example):
   `settings.optimizer`: the state must come from the same settings (`make_optimizer`)."""
   # A module-level function with static settings: a rerun (evaluate's generator of the other
   # protocol, a variant) finds the compiled program in jit's cache instead of compiling again.
-  return jax.jit(_train_step, static_argnums=0, donate_argnums=(1,),
-                 **_step_shardings(mesh, state_shardings, batch_example))
+  return jax.jit(
+    _train_step,
+    static_argnums=0,
+    donate_argnums=(1,),
+    **_step_shardings(mesh, state_shardings, batch_example),
+  )
 
 
 def metadata(config: ConfigDict, gen, stage: str) -> dict:
-  return {"stage": stage, "scheme": gen.scheme, "protocol": gen.protocol,
-          "voken_table_hash": gen.table_hash, "config": config_lib.to_json_dict(config)}
+  return {
+    "stage": stage,
+    "scheme": gen.scheme,
+    "protocol": gen.protocol,
+    "voken_table_hash": gen.table_hash,
+    "config": config_lib.to_json_dict(config),
+  }

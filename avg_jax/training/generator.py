@@ -34,12 +34,13 @@ from avg_jax.vokens import VokenVocabulary
 @dataclasses.dataclass
 class Generator:
   """Everything needed to run the generator of one identifier scheme."""
+
   cfg: T5Config
   vocab: VokenVocabulary
-  table: dict          # split -> (image_ids int64[N], codes int32[N, P])
+  table: dict  # split -> (image_ids int64[N], codes int32[N, P])
   codebook: np.ndarray
   tokenizer: TextTokenizer
-  table_hash: str      # identifies the voken table and the targets the model is trained on
+  table_hash: str  # identifies the voken table and the targets the model is trained on
   scheme: str = "avg"
   protocol: str = "transductive"
   decode: DecodeConfig = DecodeConfig()
@@ -52,7 +53,7 @@ class Generator:
   def codes(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """`(image_ids int64[N], codes int32[N, trained_length])` of a split's images."""
     image_ids, codes = self.table[split]
-    return image_ids, codes[:, :self.trained_length]
+    return image_ids, codes[:, : self.trained_length]
 
   def targets(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """`(image_ids int64[N], target tokens int32[N, trained_length + 1])` (vokens + EOS)."""
@@ -63,8 +64,11 @@ class Generator:
     """The prefix tree over the images of `splits` (one index: an evaluated split, or the
     union of a training run's target images), over the positions the generator emits."""
     ids, codes = zip(*(self.codes(s) for s in splits))
-    return VokenTrie.build(np.concatenate(codes), np.concatenate(ids),
-                           position_sizes=self.vocab.position_sizes()[:self.trained_length])
+    return VokenTrie.build(
+      np.concatenate(codes),
+      np.concatenate(ids),
+      position_sizes=self.vocab.position_sizes()[: self.trained_length],
+    )
 
   def training_splits(self) -> tuple[str, ...]:
     """Splits whose identifiers are training targets: train, plus the indexed splits under
@@ -77,8 +81,11 @@ class Generator:
 def model_text_rows(t5_config: ConfigDict) -> int:
   """Text rows of the model's embedding: the Hugging Face checkpoint's or `t5.vocab_size`."""
   if t5_config.pretrained_path:
-    return int(hf_architecture(read_hf_config(t5_config.pretrained_path),
-                               t5_config.pretrained_path)["vocab_size"])
+    return int(
+      hf_architecture(read_hf_config(t5_config.pretrained_path), t5_config.pretrained_path)[
+        "vocab_size"
+      ]
+    )
   return int(t5_config.vocab_size)
 
 
@@ -102,8 +109,9 @@ def made_from_inputs(config: ConfigDict, workdir: str, scheme: str, protocol: st
   return lambda stage: stage_inputs.inputs(stage, config, overrides, workdir)
 
 
-def load_generator(config: ConfigDict, workdir: str, scheme: str,
-                   protocol: str | None = None) -> Generator:
+def load_generator(
+  config: ConfigDict, workdir: str, scheme: str, protocol: str | None = None
+) -> Generator:
   """Reads the voken table of `scheme` for `protocol` (default `config.protocol`) and the
   text tokenizer; builds the T5 config."""
   protocol = pseudo_lib.check_protocol(str(config.protocol if protocol is None else protocol))
@@ -112,21 +120,33 @@ def load_generator(config: ConfigDict, workdir: str, scheme: str,
   # changed keys): a generator never trains on, or is evaluated with, another's data.
   stage_inputs.require(config, workdir, "prepare", "embed")
   table_vocab, table, codebook = voken_tables.load(
-      workdir, tokenizer_name(config, scheme, protocol),
-      made_from=made_from_inputs(config, workdir, scheme, protocol)("tokenize"))
+    workdir,
+    tokenizer_name(config, scheme, protocol),
+    made_from=made_from_inputs(config, workdir, scheme, protocol)("tokenize"),
+  )
   tokenizer = TextTokenizer.load(dataset.text_tokenizer_file(workdir))
   text_rows = model_text_rows(config.t5)
   if tokenizer.vocab_size > text_rows:
-    raise UserError(f"text tokenizer has {tokenizer.vocab_size} pieces but the model has only "
-                    f"{text_rows} text rows (config t5.vocab_size)")
+    raise UserError(
+      f"text tokenizer has {tokenizer.vocab_size} pieces but the model has only "
+      f"{text_rows} text rows (config t5.vocab_size)"
+    )
   # Voken token ids start after the model's text rows (T5 pads its 32000 pieces to 32128).
   vocab = dataclasses.replace(table_vocab, text_vocab_size=text_rows)
   cfg = T5Config.from_config(config.t5, vocab)
   # The targets depend on the table and on whether the disambiguation position is one.
   targets = "full" if decode.learned_suffix else "semantic"
-  return Generator(cfg=cfg, vocab=vocab, table=table, codebook=codebook, tokenizer=tokenizer,
-                   table_hash=table_hash(table, targets), scheme=scheme, protocol=protocol,
-                   decode=decode)
+  return Generator(
+    cfg=cfg,
+    vocab=vocab,
+    table=table,
+    codebook=codebook,
+    tokenizer=tokenizer,
+    table_hash=table_hash(table, targets),
+    scheme=scheme,
+    protocol=protocol,
+    decode=decode,
+  )
 
 
 def init_params(config: ConfigDict, gen: Generator, mesh, rng: jax.Array) -> tuple[Any, Any]:
@@ -134,6 +154,7 @@ def init_params(config: ConfigDict, gen: Generator, mesh, rng: jax.Array) -> tup
 
   From the Hugging Face checkpoint in `t5.pretrained_path` when given, else random.
   """
-  _, params, shardings = t5_init.initial_params(config.t5, gen.vocab, gen.codebook, mesh, rng,
-                                                seed=int(config.seed))
+  _, params, shardings = t5_init.initial_params(
+    config.t5, gen.vocab, gen.codebook, mesh, rng, seed=int(config.seed)
+  )
   return params, shardings

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from avg_jax.vokens import PAD_ID
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
-                        temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_cross_entropy(
+  logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mean cross-entropy of `logits [batch, length, vocab] / temperature` at `targets`.
 
   Padding targets (id 0) are masked out. Returns `(loss [], next-token accuracy [],
@@ -23,8 +24,9 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, *,
   return loss, jnp.sum(correct * weights) / num, jnp.sum(weights)
 
 
-def listwise_softmax_loss(scores: jax.Array, valid: jax.Array, *,
-                          double_softmax: bool = False, temperature: float = 1.0) -> jax.Array:
+def listwise_softmax_loss(
+  scores: jax.Array, valid: jax.Array, *, double_softmax: bool = False, temperature: float = 1.0
+) -> jax.Array:
   """Listwise softmax cross-entropy with the positive in column 0, averaged over the batch.
 
   `scores [batch, 1 + negatives]`: sequence log-probabilities, positive first; `valid` (same

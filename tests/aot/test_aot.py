@@ -23,16 +23,27 @@ def _require_libtpu():
   # (requirements-tpu.txt, Linux x86-64 only), not in the default test environment, so these
   # two tests run in `.venv-tpu`; every other test in this file runs everywhere.
   if not topology.libtpu_available():
-    pytest.skip("TPU compile needs libtpu, an optional extra not installed here: run "
-                "`pip install -r requirements-tpu.txt` in a separate venv, then "
-                "`.venv-tpu/bin/python -m pytest tests/aot`")
+    pytest.skip(
+      "TPU compile needs libtpu, an optional extra not installed here: run "
+      "`pip install -r requirements-tpu.txt` in a separate venv, then "
+      "`.venv-tpu/bin/python -m pytest tests/aot`"
+    )
 
 
 # --- names -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, canonical, chips", [
-    ("v5e-16", "v5e:4x4", 16), ("v4-32", "v4:2x2x4", 16), ("v5p-8", "v5p:2x2x1", 4),
-    ("V5E:2x2", "v5e:2x2", 4), ("v6e-8", "v6e:2x4", 8), ("v4:2x2x1", "v4:2x2x1", 4)])
+
+@pytest.mark.parametrize(
+  "name, canonical, chips",
+  [
+    ("v5e-16", "v5e:4x4", 16),
+    ("v4-32", "v4:2x2x4", 16),
+    ("v5p-8", "v5p:2x2x1", 4),
+    ("V5E:2x2", "v5e:2x2", 4),
+    ("v6e-8", "v6e:2x4", 8),
+    ("v4:2x2x1", "v4:2x2x1", 4),
+  ],
+)
 def test_topology_names(name, canonical, chips):
   assert topology.canonical_name(name) == canonical
   assert topology.num_chips(name) == chips
@@ -46,15 +57,22 @@ def test_bad_topology_names_are_user_errors(name):
 
 def test_assumed_chips_are_the_stated_ones():
   gib = 1024**3
-  assert (topology.chip_of("v5e-16").peak_bf16_flops, topology.chip_of("v5e-16").hbm_bytes) == \
-      (197e12, 16 * gib)
-  assert (topology.chip_of("v4-32").peak_bf16_flops, topology.chip_of("v4-32").hbm_bytes) == \
-      (275e12, 32 * gib)
-  assert (topology.chip_of("v5p-8").peak_bf16_flops, topology.chip_of("v5p-8").hbm_bytes) == \
-      (459e12, 95 * gib)
+  assert (topology.chip_of("v5e-16").peak_bf16_flops, topology.chip_of("v5e-16").hbm_bytes) == (
+    197e12,
+    16 * gib,
+  )
+  assert (topology.chip_of("v4-32").peak_bf16_flops, topology.chip_of("v4-32").hbm_bytes) == (
+    275e12,
+    32 * gib,
+  )
+  assert (topology.chip_of("v5p-8").peak_bf16_flops, topology.chip_of("v5p-8").hbm_bytes) == (
+    459e12,
+    95 * gib,
+  )
 
 
 # --- arithmetic on a hand-computable program (CPU, 8 fake devices) -----------------------------
+
 
 def _cpu_mesh():
   return Mesh(np.asarray(jax.devices()[:8]).reshape(8), ("data",))
@@ -68,17 +86,18 @@ def test_analyse_matmul_per_device_numbers():
   program = Program("matmul", jax.jit(lambda a, b: a @ b, out_shardings=rows), (x, w), 64, "")
   # Per device: x rows 8 x 32 (1024 B) + w (2048 B) in, 8 x 16 (512 B) out; 2*8*32*16 FLOPs;
   # bytes accessed 1024 + 2048 + 512 = 3584.
-  chip = topology.Chip("test", peak_bf16_flops=8192e3, hbm_bytes=4096, hbm_bandwidth=1792e3,
-                       megacore=False)
+  chip = topology.Chip(
+    "test", peak_bf16_flops=8192e3, hbm_bytes=4096, hbm_bandwidth=1792e3, megacore=False
+  )
   r = analysis.analyse(program, mesh, chip, roofline_efficiency=0.5)
   assert (r.argument_bytes, r.output_bytes, r.alias_bytes) == (3072, 512, 0)
   assert r.total_bytes == 3072 + 512 + r.temp_bytes
   assert r.fits == (r.total_bytes <= 4096)
   assert r.flops == r.flops_counted == 8192
   assert r.bytes_accessed == 3584
-  assert r.t_at_peak_s == pytest.approx(1e-3)     # 8192 / 8.192e6
-  assert r.t_roofline_s == pytest.approx(2e-3)    # 3584 / 1.792e6 > 1 ms
-  assert r.t_assumed_s == pytest.approx(4e-3)     # / 0.5
+  assert r.t_at_peak_s == pytest.approx(1e-3)  # 8192 / 8.192e6
+  assert r.t_roofline_s == pytest.approx(2e-3)  # 3584 / 1.792e6 > 1 ms
+  assert r.t_assumed_s == pytest.approx(4e-3)  # / 0.5
   assert r.mfu_estimate == pytest.approx(0.25)
   assert "matmul" in analysis.format_table([r])
 
@@ -94,22 +113,25 @@ def test_loop_body_correction_adds_uncounted_iterations():
   chip = topology.Chip("test", 1e12, 1 << 30, 1e12, False)
   r = analysis.analyse(program, mesh, chip, roofline_efficiency=1.0)
   one = 2 * 8 * 16 * 16
-  assert r.flops_counted == pytest.approx(one, rel=0.01)   # XLA counts the body once
+  assert r.flops_counted == pytest.approx(one, rel=0.01)  # XLA counts the body once
   assert r.flops == pytest.approx(3 * one, rel=0.01)
 
 
 def test_out_of_memory_message_is_kept_short():
-  error = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
-                       "in memory space hbm. Used 18.52G of 15.75G hbm. Exceeded hbm capacity "
-                       "by 2.77G.\n\nTotal hbm usage >= 18.77G:\n  reserved 257.00M")
+  error = RuntimeError(
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
+    "in memory space hbm. Used 18.52G of 15.75G hbm. Exceeded hbm capacity "
+    "by 2.77G.\n\nTotal hbm usage >= 18.77G:\n  reserved 257.00M"
+  )
   assert analysis._resource_exhausted(error) == "RESOURCE_EXHAUSTED: used 18.52G of 15.75G HBM"
   assert analysis._resource_exhausted(ValueError("shapes do not match")) is None
 
 
 def test_compile_without_libtpu_exits_2_naming_the_extra(monkeypatch, capsys, repo_root):
   monkeypatch.setattr(topology, "libtpu_available", lambda: False)
-  code = cli.main(["compile", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
-                   "--topology", "v5e:2x2"])
+  code = cli.main(
+    ["compile", "--config", str(repo_root / "configs" / "smoke.py:tiny"), "--topology", "v5e:2x2"]
+  )
   err = capsys.readouterr().err
   assert code == 2
   assert err.strip().splitlines() == [f"avg-jax: error: {topology.MISSING_LIBTPU}"]
@@ -118,12 +140,22 @@ def test_compile_without_libtpu_exits_2_naming_the_extra(monkeypatch, capsys, re
 
 # --- a real TPU compile (libtpu) ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_report(repo_root, tmp_path_factory):
   _require_libtpu()
   out = tmp_path_factory.mktemp("aot") / "tiny.json"
-  code = cli.main(["compile", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
-                   "--topology", "v5e:2x2", "--out", str(out)])
+  code = cli.main(
+    [
+      "compile",
+      "--config",
+      str(repo_root / "configs" / "smoke.py:tiny"),
+      "--topology",
+      "v5e:2x2",
+      "--out",
+      str(out),
+    ]
+  )
   assert code == 0
   return json.loads(out.read_text())
 
@@ -152,9 +184,21 @@ def test_tiny_config_compiles_for_v5e_2x2(tiny_report):
 def _train_only(repo_root, out, *overrides):
   # Wide enough that a quarter of the embed dimension still fills TPU tiles (the tiny
   # config's 32 would be padded back up and hide the saving).
-  code = cli.main(["compile", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
-                   "--topology", "v5e-4", "--out", str(out), "--config.aot.steps=('train',)",
-                   "--config.t5.d_model=512", "--config.t5.d_ff=1024", *overrides])
+  code = cli.main(
+    [
+      "compile",
+      "--config",
+      str(repo_root / "configs" / "smoke.py:tiny"),
+      "--topology",
+      "v5e-4",
+      "--out",
+      str(out),
+      "--config.aot.steps=('train',)",
+      "--config.t5.d_model=512",
+      "--config.t5.d_ff=1024",
+      *overrides,
+    ]
+  )
   assert code == 0
   report = json.loads(out.read_text())
   return report["mesh"], report["steps"][0]
@@ -177,8 +221,8 @@ def test_optimizer_state_follows_parameter_shardings(repo_root):
   from avg_jax.models import t5 as t5_lib
   from avg_jax.training import optim
   from avg_jax.training import state as state_lib
-  config = config_lib.load_config(str(repo_root / "configs" / "smoke.py:tiny"),
-                                  ["mesh.fsdp=4"])
+
+  config = config_lib.load_config(str(repo_root / "configs" / "smoke.py:tiny"), ["mesh.fsdp=4"])
   mesh = partitioning.make_mesh(config.mesh, devices=jax.devices()[:4])
   cfg, _ = programs._t5(config)
   params, param_shardings = t5_lib.abstract_params(cfg, mesh)

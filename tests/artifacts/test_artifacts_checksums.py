@@ -2,8 +2,9 @@
 
 import os
 
-from avg_jax.artifacts import checksums
 from helpers import flip_bytes
+
+from avg_jax.artifacts import checksums
 
 
 def test_verify_names_the_changed_file(tmp_path):
@@ -17,7 +18,8 @@ def test_verify_names_the_changed_file(tmp_path):
   assert checksums.verify(str(tmp_path)) == ""
   flip_bytes(str(tmp_path / "sub" / "a.bin"))
   assert checksums.verify(str(tmp_path)) == (
-      f"{tmp_path}/sub/a.bin does not match its checksum (changed since it was written)")
+    f"{tmp_path}/sub/a.bin does not match its checksum (changed since it was written)"
+  )
   (tmp_path / "sub" / "a.bin").write_bytes(b"x")
   assert checksums.verify(str(tmp_path)) == f"{tmp_path}/sub/a.bin has 1 bytes, 2048 were written"
   os.remove(tmp_path / "b.txt")
@@ -31,19 +33,21 @@ def test_add_records_files_as_written_and_check_verifies_the_ones_read(tmp_path)
   (tmp_path / "a.npz").write_bytes(b"a" * 100)
   (tmp_path / "enc").mkdir()
   (tmp_path / "enc" / "p.bin").write_bytes(b"p" * 50)
-  (tmp_path / "fingerprint.json").write_text("{}")     # rewritten by the stage: never recorded
+  (tmp_path / "fingerprint.json").write_text("{}")  # rewritten by the stage: never recorded
   assert checksums.check(folder, "a.npz") == (
-      f"{tmp_path}/a.npz has no checksum in {tmp_path}/checksums.json")
+    f"{tmp_path}/a.npz has no checksum in {tmp_path}/checksums.json"
+  )
   checksums.add(folder, "a.npz")
-  checksums.add(folder, "enc")                          # a folder: every file in it
+  checksums.add(folder, "enc")  # a folder: every file in it
   assert set(checksums.read(folder)) == {"a.npz", os.path.join("enc", "p.bin")}
   assert checksums.check(folder, "a.npz", "enc") == ""
   checksums.write(folder)
   assert "fingerprint.json" not in checksums.read(folder)
   flip_bytes(str(tmp_path / "enc" / "p.bin"), count=4)
-  assert checksums.check(folder, "a.npz") == ""         # only what is read is checked
+  assert checksums.check(folder, "a.npz") == ""  # only what is read is checked
   assert checksums.check(folder, "enc") == (
-      f"{tmp_path}/enc/p.bin does not match its checksum (changed since it was written)")
-  (tmp_path / "a.npz").write_bytes(b"b" * 100)          # rewritten: recorded again
+    f"{tmp_path}/enc/p.bin does not match its checksum (changed since it was written)"
+  )
+  (tmp_path / "a.npz").write_bytes(b"b" * 100)  # rewritten: recorded again
   checksums.add(folder, "a.npz")
   assert checksums.check(folder, "a.npz") == ""

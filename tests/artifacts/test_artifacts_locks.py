@@ -25,15 +25,23 @@ with locks.stage_lock(sys.argv[1], sys.argv[2]):
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-              XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-              AVG_JAX_NO_PROGRESS="1")
+  return dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    AVG_JAX_NO_PROGRESS="1",
+  )
 
 
 def _hold(workdir, stage):
   """A separate process that owns `stage` of `workdir` until killed."""
-  proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir), stage], env=_env(),
-                          stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", HOLDER, str(workdir), stage],
+    env=_env(),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   assert proc.stdout.readline().strip() == "held"
   return proc
 
@@ -42,16 +50,27 @@ def test_second_run_stops_then_runs_once_the_owner_is_killed(repo_root, tmp_path
   workdir = tmp_path / "w"
   holder = _hold(workdir, "prepare")
   try:
-    argv = ["prepare", "--config", str(repo_root / "configs/smoke.py:tiny"),
-            "--workdir", str(workdir)]
-    proc = subprocess.run([sys.executable, "-m", "avg_jax", *argv], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    argv = [
+      "prepare",
+      "--config",
+      str(repo_root / "configs/smoke.py:tiny"),
+      "--workdir",
+      str(workdir),
+    ]
+    proc = subprocess.run(
+      [sys.executable, "-m", "avg_jax", *argv],
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"avg-jax: error: workdir {workdir}: stage prepare is being run by pid {holder.pid} "
-        f"on host {socket.gethostname()} since "
-        + proc.stderr.split(" since ")[1].split(";")[0]
-        + "; wait for it or use another workdir"]
+      f"avg-jax: error: workdir {workdir}: stage prepare is being run by pid {holder.pid} "
+      f"on host {socket.gethostname()} since "
+      + proc.stderr.split(" since ")[1].split(";")[0]
+      + "; wait for it or use another workdir"
+    ]
     assert not os.path.exists(paths.prepared_dir(workdir))
   finally:
     holder.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the flock
@@ -87,8 +106,11 @@ def test_nested_holds_and_release_after_an_error(tmp_path):
       raise RuntimeError("stage failed")
   assert not locks._held
   # Released: another process can take it now.
-  code = ("import sys; from avg_jax.artifacts import locks\n"
-          "with locks.stage_lock(sys.argv[1], 'train'): print('ok')")
-  out = subprocess.run([sys.executable, "-c", code, workdir], env=_env(), capture_output=True,
-                       text=True, timeout=120)
+  code = (
+    "import sys; from avg_jax.artifacts import locks\n"
+    "with locks.stage_lock(sys.argv[1], 'train'): print('ok')"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code, workdir], env=_env(), capture_output=True, text=True, timeout=120
+  )
   assert out.stdout.strip() == "ok", out.stderr

@@ -14,8 +14,12 @@ from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import bpe, hf_import
 from avg_jax.models import t5_hf
 
-TEXTS = ["a small red circle in the top left", "two large blue squares on the right",
-         "a green triangle above a yellow diamond", "three shapes: purple, orange and white"] * 5
+TEXTS = [
+  "a small red circle in the top left",
+  "two large blue squares on the right",
+  "a green triangle above a yellow diamond",
+  "three shapes: purple, orange and white",
+] * 5
 
 
 def test_t5_sentencepiece_has_t5s_layout_and_hf_ids():
@@ -47,19 +51,27 @@ def test_clip_bpe_files_have_clips_layout():
 
 def test_clip_vit_l14_336_config_maps_to_the_paper_shapes(repo_root):
   import configs.paper as paper  # repo_root puts the checkout on sys.path
+
   hf = fake_models.hf_clip_config(paper.CLIP_VIT_L14_336, 49_408)
   cfg = hf_import.config_from_hf(hf)
-  assert (cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-          cfg.vision_heads, cfg.vision_mlp_dim, cfg.text_width, cfg.text_layers,
-          cfg.projection_dim, cfg.vocab_size) == (336, 14, 1024, 24, 16, 4096, 768, 12, 768,
-                                                  49_408)
+  assert (
+    cfg.image_size,
+    cfg.patch_size,
+    cfg.vision_width,
+    cfg.vision_layers,
+    cfg.vision_heads,
+    cfg.vision_mlp_dim,
+    cfg.text_width,
+    cfg.text_layers,
+    cfg.projection_dim,
+    cfg.vocab_size,
+  ) == (336, 14, 1024, 24, 16, 4096, 768, 12, 768, 49_408)
   # OpenAI's file keeps eos_token_id 2: features pool at the largest id (<|endoftext|>).
   assert cfg.text_pooling == "argmax"
 
 
 def test_tiny_directories_load_through_the_importers(tmp_path):
-  hf = fake_models.write_clip(str(tmp_path / "clip"), paper_world.TINY_CLIP, TEXTS,
-                              vocab_size=700)
+  hf = fake_models.write_clip(str(tmp_path / "clip"), paper_world.TINY_CLIP, TEXTS, vocab_size=700)
   cfg, params = hf_import.load_hf_clip(str(tmp_path / "clip"))
   assert cfg.vocab_size == 700 and hf["vision_config"]["image_size"] == 32
   assert np.all(np.isfinite(params["vision"]["patch_embedding"]))
@@ -76,8 +88,9 @@ def test_tiny_directories_load_through_the_importers(tmp_path):
 def test_karpathy_world_reads_back(tmp_path, style):
   size = paper_world.WorldSize(images=(8, 2, 3), photo_size=(40, 30), render_size=16)
   paths = paper_world.world_paths(str(tmp_path), style)
-  texts = paper_world.write_karpathy(paths["karpathy_json"], paths["image_root"],
-                                     paths["pseudo_queries"], size, style=style)
+  texts = paper_world.write_karpathy(
+    paths["karpathy_json"], paths["image_root"], paths["pseudo_queries"], size, style=style
+  )
   assert len(texts) == 13 * 5
   entries = karpathy.read_entries(paths["karpathy_json"], paths["image_root"])
   assert {s: len(e) for s, e in entries.items()} == {"train": 8, "val": 2, "test": 3}

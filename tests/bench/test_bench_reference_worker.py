@@ -7,7 +7,7 @@ import pytest
 from avg_jax.bench import reference_worker
 from avg_jax.errors import UserError
 
-SETUP = '''
+SETUP = """
 import json, os, time
 
 def setup(folder):
@@ -16,7 +16,7 @@ def setup(folder):
   return {"sleep": lambda: time.sleep(0.05),
           "env": lambda: [os.environ.get("OMP_WAIT_POLICY"), x],
           "fail": lambda: 1 / 0}
-'''
+"""
 
 
 def test_worker_times_in_its_own_process_with_passive_threads(tmp_path, monkeypatch):
@@ -25,8 +25,10 @@ def test_worker_times_in_its_own_process_with_passive_threads(tmp_path, monkeypa
   monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   worker = reference_worker.ReferenceWorker("fake_setup:setup", str(tmp_path))
   try:
-    assert worker.info == {"threads": reference_worker.cpu_threads(),
-                           "names": ["env", "fail", "sleep"]}
+    assert worker.info == {
+      "threads": reference_worker.cpu_threads(),
+      "names": ["env", "fail", "sleep"],
+    }
     assert 0.05 <= worker.time("sleep") < 5
     assert worker.call("env") == ["PASSIVE", 7]
     worker.proc.stdin.write("time fail\n")

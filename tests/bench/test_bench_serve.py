@@ -2,23 +2,43 @@
 
 import json
 
+from helpers import use_one_device_subprocesses
+
 from avg_jax import cli
 from avg_jax.bench import serve as loadtest
-from helpers import use_one_device_subprocesses
 
 
 def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys, monkeypatch):
   # The server and the in-process measurement see one CPU device, as a serving host does.
   use_one_device_subprocesses(monkeypatch)
   # Each level also runs with 4 hostile clients mixed in (one of each kind).
-  assert cli.main(["bench", "serve", "--config", str(repo_root / "configs" / "smoke.py:tiny"),
-                   "--model", str(serve_export), "--workdir", str(tmp_path), "--quick",
-                   "--hostile", "4"]) == 0
+  assert (
+    cli.main(
+      [
+        "bench",
+        "serve",
+        "--config",
+        str(repo_root / "configs" / "smoke.py:tiny"),
+        "--model",
+        str(serve_export),
+        "--workdir",
+        str(tmp_path),
+        "--quick",
+        "--hostile",
+        "4",
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   report = json.loads((tmp_path / "bench_serve.json").read_text())
   assert report["server_exit_code"] == 0
   assert [(lv["clients"], lv.get("hostile", 0)) for lv in report["levels"]] == [
-      (1, 0), (1, 4), (4, 0), (4, 4)]
+    (1, 0),
+    (1, 4),
+    (4, 0),
+    (4, 4),
+  ]
   for lv in report["levels"][1::2]:
     outcomes = lv["hostile_outcomes"]
     # Every upload refused (the index never changed); the slow bodies were sent.
@@ -45,7 +65,9 @@ def test_batch_histogram_from_two_scrapes():
 
 def test_clients_must_be_positive_integers():
   import pytest
+
   from avg_jax.errors import UserError
+
   assert loadtest._parse_clients("1, 8,64") == [1, 8, 64]
   for bad in ("", "0", "a,b", "-1"):
     with pytest.raises(UserError, match="--clients"):

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from helpers import load_script, use_one_device_subprocesses
 
 from avg_jax.bench import growth
-from helpers import load_script, use_one_device_subprocesses
 
 
 def test_splits():
@@ -20,16 +20,37 @@ def test_growth_at_a_tiny_size(repo_root, tmp_path, capsys, monkeypatch):
   # The stage subprocesses see one CPU device, as a user's host does.
   use_one_device_subprocesses(monkeypatch)
   out = tmp_path / "g.json"
-  assert load_script(repo_root, "data_growth").main([
-      "--sizes", "40", "--root", str(tmp_path / "runs"), "--out", str(out), "--config",
-      str(repo_root / "configs/karpathy_local.py:tiny,captions=5"), "--encoder-steps", "2",
-      "--photo", "24x18", "--render", "16"]) == 0
+  assert (
+    load_script(repo_root, "data_growth").main(
+      [
+        "--sizes",
+        "40",
+        "--root",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+        "--config",
+        str(repo_root / "configs/karpathy_local.py:tiny,captions=5"),
+        "--encoder-steps",
+        "2",
+        "--photo",
+        "24x18",
+        "--render",
+        "16",
+      ]
+    )
+    == 0
+  )
   (row,) = json.loads(out.read_text())["rows"]
   assert row["images"] == 40 and row["splits"] == [36, 2, 2]
   for stage in ("prepare", "embed"):
     assert row[stage]["wall_s"] > 0 and row[stage]["peak_rss_mib"] > 50
-  assert set(row["prepare"]["build_seconds"]) == {"assemble", "pseudo_queries",
-                                                  "text_tokenizer", "statistics"}
+  assert set(row["prepare"]["build_seconds"]) == {
+    "assemble",
+    "pseudo_queries",
+    "text_tokenizer",
+    "statistics",
+  }
   assert 0 < row["embed"]["extraction_s"] < row["embed"]["wall_s"]
   assert not (tmp_path / "runs" / "n40").exists()  # removed unless --keep
   assert "statistics s" in capsys.readouterr().out

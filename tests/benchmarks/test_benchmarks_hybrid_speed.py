@@ -8,10 +8,27 @@ from helpers import load_script
 def test_hybrid_speed_on_the_tiny_pipeline(repo_root, pipeline_workdir, tmp_path):
   module = load_script(repo_root, "hybrid_speed")
   out = tmp_path / "h.json"
-  assert module.main(["--workdir", str(pipeline_workdir), "--config",
-                      str(repo_root / "configs/smoke.py:tiny"), "--weight", "4",
-                      "--sizes", "50,200", "--queries", "16", "--rounds", "1",
-                      "--out", str(out)]) == 0
+  assert (
+    module.main(
+      [
+        "--workdir",
+        str(pipeline_workdir),
+        "--config",
+        str(repo_root / "configs/smoke.py:tiny"),
+        "--weight",
+        "4",
+        "--sizes",
+        "50,200",
+        "--queries",
+        "16",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   result = json.loads(out.read_text())
   assert [r["num_items"] for r in result["rows"]] == [50, 200]
   for row in result["rows"]:

@@ -4,7 +4,6 @@ the tiny workdir (read-only)."""
 import json
 
 import numpy as np
-
 from helpers import load_script
 
 
@@ -16,10 +15,14 @@ def test_ceilings_by_hand(repo_root):
   caption_image = np.array([0, 0, 2, 3])
   assert module.perfect_generator_r1(codes, caption_image) == 75.0
   assert module.collision_share(codes) == 50.0
-  scores = np.array([[0.9, 0.1, 0.0, 0.2],     # caption of image 0: first
-                     [0.5, 0.5, 0.9, 0.0],     # of image 0: the tie 0 = 1 goes to row 0, 2nd
-                     [0.3, 0.2, 0.1, 0.0],     # of image 2: 3rd
-                     [0.0, 0.0, 0.0, 0.0]])    # of image 3: all tied, last
+  scores = np.array(
+    [
+      [0.9, 0.1, 0.0, 0.2],  # caption of image 0: first
+      [0.5, 0.5, 0.9, 0.0],  # of image 0: the tie 0 = 1 goes to row 0, 2nd
+      [0.3, 0.2, 0.1, 0.0],  # of image 2: 3rd
+      [0.0, 0.0, 0.0, 0.0],
+    ]
+  )  # of image 3: all tied, last
   r = module.recall_at(scores, caption_image, ks=(1, 2, 3))
   assert r == {1: 25.0, 2: 50.0, 3: 75.0}
 
@@ -27,9 +30,21 @@ def test_ceilings_by_hand(repo_root):
 def test_script_on_the_tiny_workdir(repo_root, tiny_workdir, tmp_path, capsys):
   module = load_script(repo_root, "identifier_bound")
   out = tmp_path / "b.json"
-  assert module.main(["--workdir", str(tiny_workdir), "--config",
-                      str(repo_root / "configs" / "smoke.py:tiny"), "--splits", "val,test",
-                      "--out", str(out)]) == 0
+  assert (
+    module.main(
+      [
+        "--workdir",
+        str(tiny_workdir),
+        "--config",
+        str(repo_root / "configs" / "smoke.py:tiny"),
+        "--splits",
+        "val,test",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   rows = json.loads(out.read_text())["rows"]
   assert [r["split"] for r in rows] == ["val", "test"]
   for r in rows:

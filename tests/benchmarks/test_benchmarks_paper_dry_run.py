@@ -4,10 +4,10 @@ real tokenizer layout, measured per stage (the full-size run is the same code)."
 import json
 
 import pytest
+from helpers import load_script, use_one_device_subprocesses
 
 from avg_jax.bench import dry_run
 from avg_jax.data.text_tokenizer import TextTokenizer
-from helpers import load_script, use_one_device_subprocesses
 
 
 @pytest.mark.slow
@@ -15,14 +15,30 @@ def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys, monke
   # The stage subprocesses see one CPU device: the dry run measures a user's host.
   use_one_device_subprocesses(monkeypatch)
   out = tmp_path / "r.json"
-  assert load_script(repo_root, "paper_dry_run").main(["--size", "tiny", "--config",
-                                  str(repo_root / "configs/flickr30k.py"),
-                                  "--root", str(tmp_path), "--out", str(out)]) == 0
+  assert (
+    load_script(repo_root, "paper_dry_run").main(
+      [
+        "--size",
+        "tiny",
+        "--config",
+        str(repo_root / "configs/flickr30k.py"),
+        "--root",
+        str(tmp_path),
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   results = json.loads(out.read_text())
   # The README's five input paths; besides them only step counts, logging and sizes.
   assert [o.split("=")[0] for o in results["input_overrides"]] == [
-      "data.karpathy_json", "data.image_root", "encoder.pretrained_path", "t5.pretrained_path",
-      "data.pseudo_queries"]
+    "data.karpathy_json",
+    "data.image_root",
+    "encoder.pretrained_path",
+    "t5.pretrained_path",
+    "data.pseudo_queries",
+  ]
   assert not any(o.startswith("text_tokenizer.") for o in results["dry_run_overrides"])
   # Feature extraction runs full batches: lowered to the smallest split (12 images).
   assert "encoder_train.embed_batch_size=12" in results["dry_run_overrides"]
@@ -32,13 +48,20 @@ def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys, monke
     assert r["wall_s"] > 0 and r["peak_rss_mib"] > 50
   for stage in ("prepare", "embed", "tokenize", "train", "rank", "evaluate"):
     assert stages[stage]["rate"] > 0 and stages[stage]["epoch_hours_here"] > 0
-  assert set(results["prepare_build_seconds"]) == {"assemble", "pseudo_queries",
-                                                   "text_tokenizer", "statistics"}
+  assert set(results["prepare_build_seconds"]) == {
+    "assemble",
+    "pseudo_queries",
+    "text_tokenizer",
+    "statistics",
+  }
   # The text tokenizer is the T5 directory's (never trained); vokens follow its 32 128 rows.
   workdir, world = tmp_path / "workdir", tmp_path / "world"
   info = json.loads((workdir / "prepared" / "dataset_info.json").read_text())
-  assert info["text_tokenizer"] == {"file": "text_tokenizer.model", "vocab_size": 32_000,
-                                    "source": f"loaded from {world / 't5' / 'spiece.model'}"}
+  assert info["text_tokenizer"] == {
+    "file": "text_tokenizer.model",
+    "vocab_size": 32_000,
+    "source": f"loaded from {world / 't5' / 'spiece.model'}",
+  }
   manifest = json.loads((workdir / "export" / "manifest.json").read_text())
   assert manifest["vocab"]["text_vocab_size"] == 32_128
   assert manifest["t5"]["vocab_size"] == 32_128 + 1024 + manifest["vocab"]["disambiguation_size"]

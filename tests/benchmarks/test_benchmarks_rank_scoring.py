@@ -7,9 +7,21 @@ from helpers import load_script
 
 def test_benchmark_writes_both_forms(repo_root, tmp_path, capsys):
   out = tmp_path / "r.json"
-  assert load_script(repo_root, "rank_scoring").main([
-      "--config", str(repo_root / "configs/smoke.py:tiny"), "--batch", "2", "--rounds", "2",
-      "--out", str(out)]) == 0
+  assert (
+    load_script(repo_root, "rank_scoring").main(
+      [
+        "--config",
+        str(repo_root / "configs/smoke.py:tiny"),
+        "--batch",
+        "2",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   rows = {r["form"]: r for r in json.loads(out.read_text())["rows"]}
   assert set(rows) == {"per_pair", "packed"}
   for r in rows.values():

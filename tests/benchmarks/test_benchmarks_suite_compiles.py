@@ -11,12 +11,17 @@ def _r(test, name, digest, seconds):
 
 def test_recompiles_count_within_a_process_only(repo_root, tmp_path, capsys):
   script = load_script(repo_root, "suite_compiles")
-  worker_a = [_r("t1", "jit_step", "h1", 2.0), _r("t1", "jit_init", "h2", 1.0),
-              _r("t2", "jit_step", "h1", 2.5)]          # the same program again: a recompile
-  worker_b = [_r("t3", "jit_step", "h1", 3.0),          # another process: compiles its own
-              {"test": "t3", "phase": "trace", "seconds": 1.0},
-              {"test": "t3", "phase": "lower", "seconds": 0.5},
-              {"test": "t3", "phase": "trace", "seconds": 0.5}]
+  worker_a = [
+    _r("t1", "jit_step", "h1", 2.0),
+    _r("t1", "jit_init", "h2", 1.0),
+    _r("t2", "jit_step", "h1", 2.5),
+  ]  # the same program again: a recompile
+  worker_b = [
+    _r("t3", "jit_step", "h1", 3.0),  # another process: compiles its own
+    {"test": "t3", "phase": "trace", "seconds": 1.0},
+    {"test": "t3", "phase": "lower", "seconds": 0.5},
+    {"test": "t3", "phase": "trace", "seconds": 0.5},
+  ]
   summary = script.summarise({"gw0": worker_a, "gw1": worker_b})
   assert summary["compiles"] == 4 and summary["compile_s"] == 8.5
   assert summary["trace_s"] == 1.5 and summary["lower_s"] == 0.5

@@ -6,27 +6,53 @@ import os
 
 import numpy as np
 import pytest
+from helpers import load_script
 
 from avg_jax.errors import UserError
-from helpers import load_script
 
 
 def _tree(path):
-  return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getmtime(os.path.join(d, f)))
-                for d, _, files in os.walk(path) for f in files)
+  return sorted(
+    (os.path.relpath(os.path.join(d, f), path), os.path.getmtime(os.path.join(d, f)))
+    for d, _, files in os.walk(path)
+    for f in files
+  )
 
 
-def test_rank_variants_share_their_generator_and_leave_the_source(repo_root, tiny_workdir,
-                                                                   tmp_path, monkeypatch):
+def test_rank_variants_share_their_generator_and_leave_the_source(
+  repo_root, tiny_workdir, tmp_path, monkeypatch
+):
   monkeypatch.chdir(repo_root)
   script = load_script(repo_root, "variants")
   before = _tree(tiny_workdir)
   out, keep = tmp_path / "v.json", tmp_path / "keep"
-  assert script.main(["--workdir", str(tiny_workdir), "--config", "configs/smoke.py:tiny",
-                      "--out", str(out), "--keep", str(keep), "--stage", "rank",
-                      "--variant", "base=", "--variant", "w0=rank.rank_weight=0.0",
-                      "--variant", "id=decode.tie_break=image_id",
-                      "--splits", "val,test", "--seeds", "0"]) == 0
+  assert (
+    script.main(
+      [
+        "--workdir",
+        str(tiny_workdir),
+        "--config",
+        "configs/smoke.py:tiny",
+        "--out",
+        str(out),
+        "--keep",
+        str(keep),
+        "--stage",
+        "rank",
+        "--variant",
+        "base=",
+        "--variant",
+        "w0=rank.rank_weight=0.0",
+        "--variant",
+        "id=decode.tie_break=image_id",
+        "--splits",
+        "val,test",
+        "--seeds",
+        "0",
+      ]
+    )
+    == 0
+  )
   assert _tree(tiny_workdir) == before
   # "id" differs from "base" in a search setting only: no workdir of its own.
   assert sorted(os.listdir(keep)) == ["base-0", "w0-0"]
@@ -47,7 +73,7 @@ def test_rank_variants_share_their_generator_and_leave_the_source(repo_root, tin
 
 def test_paired_difference_and_keys_by_hand(repo_root):
   script = load_script(repo_root, "variants")
-  base = np.array([[0, 3, 10, 1]])            # ranks: a hit at 1 for query 0 only
+  base = np.array([[0, 3, 10, 1]])  # ranks: a hit at 1 for query 0 only
   variant = np.array([[1, 0, 10, 1], [0, 0, 10, 1]])
   # R@1 per query, seeds averaged: [0.5, 1, 0, 0] - [1, 0, 0, 0] -> mean +12.5 points.
   d = script.paired(variant, base, 1, np.random.default_rng(0))

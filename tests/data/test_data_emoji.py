@@ -12,16 +12,19 @@ import pytest
 
 from avg_jax import config as config_lib
 from avg_jax.data import dataset, emoji, npm_fetch
-from avg_jax.stages import prepare
 from avg_jax.errors import UserError
+from avg_jax.stages import prepare
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures",
-                        "emoji")
+FIXTURES = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "emoji"
+)
 
 
 def fixture_roots() -> dict[str, str]:
-  return {name: os.path.join(FIXTURES, f"{name}-{version}", "package")
-          for name, (version, _) in emoji.PACKAGES.items()}
+  return {
+    name: os.path.join(FIXTURES, f"{name}-{version}", "package")
+    for name, (version, _) in emoji.PACKAGES.items()
+  }
 
 
 def captions_by_code() -> dict[str, list[str]]:
@@ -33,11 +36,16 @@ def test_caption_rules_hand_checked():
   captions = captions_by_code()
   # Sources in order: CLDR name, keywords, Unicode name, short names; repeats dropped.
   assert captions["1F41D"] == [
-      "honeybee", "animal, bee, bumblebee, honey, honeybee, insect, nature, spring",
-      "bee, honeybee"]
+    "honeybee",
+    "animal, bee, bumblebee, honey, honeybee, insect, nature, spring",
+    "bee, honeybee",
+  ]
   # The flags' only keyword list is "flag", shared by all three: dropped from each.
-  for code, country in (("1F1EB-1F1F7", "France"), ("1F1E9-1F1EA", "Germany"),
-                        ("1F1EF-1F1F5", "Japan")):
+  for code, country in (
+    ("1F1EB-1F1F7", "France"),
+    ("1F1E9-1F1EA", "Germany"),
+    ("1F1EF-1F1F5", "Japan"),
+  ):
     assert captions[code][0] == f"flag: {country}"
     assert "flag" not in captions[code]
   # "mouse" is U+1F401's CLDR name and U+1F42D's short name: the first-ranked source keeps it.
@@ -49,10 +57,11 @@ def test_caption_rules_hand_checked():
   # A skin tone: its own CLDR name and keywords, the base's Unicode name with the tone, and
   # no short name (the base's would name all six pictures).
   assert captions["1F44B-1F3FD"] == [
-      "waving hand: medium skin tone",
-      "bye, cya, g2g, greetings, gtg, hand, hello, hey, hi, later, medium skin tone, outtie, "
-      "ttfn, ttyl, wave, yo, you",
-      "waving hand sign, medium skin tone"]
+    "waving hand: medium skin tone",
+    "bye, cya, g2g, greetings, gtg, hand, hello, hey, hi, later, medium skin tone, outtie, "
+    "ttfn, ttyl, wave, yo, you",
+    "waving hand sign, medium skin tone",
+  ]
   assert captions["1F44B"][-1] == "wave"
 
 
@@ -89,8 +98,9 @@ def test_no_evaluation_query_is_a_training_text(captions_per_image):
   holds a val / test caption, the queries it is evaluated on."""
   data = emoji.build(fixture_roots(), captions_per_image)
   emoji.check_separation(data)
-  queries = {emoji.text_key(c) for s in ("val", "test") for e in data.entries[s]
-             for c in e.captions}
+  queries = {
+    emoji.text_key(c) for s in ("val", "test") for e in data.entries[s] for c in e.captions
+  }
   assert queries
   trained = [c for e in data.entries["train"] for c in e.captions]
   trained += [q for _, q in data.pseudo_queries]
@@ -103,17 +113,18 @@ def test_pictures_with_too_few_texts_are_listed():
   data = emoji.build(fixture_roots(), 3)
   reasons = dict(data.too_few)
   rocket = os.path.join(fixture_roots()["emoji-datasource-google"], emoji.IMAGE_DIR, "1f680.png")
-  assert reasons[rocket] == ("2 caption(s) name this picture alone, data.captions_per_image "
-                             "is 3")
+  assert reasons[rocket] == ("2 caption(s) name this picture alone, data.captions_per_image is 3")
   assert all(len(e.captions) == 3 for v in data.entries.values() for e in v)
 
 
 def test_check_separation_catches_a_leak():
   data = emoji.build(fixture_roots(), 1)
   test_entry = (data.entries["test"] or data.entries["val"])[0]
-  leaked = emoji.Dataset(entries=data.entries,
-                         pseudo_queries=data.pseudo_queries + [(0, test_entry.captions[0])],
-                         too_few=[])
+  leaked = emoji.Dataset(
+    entries=data.entries,
+    pseudo_queries=data.pseudo_queries + [(0, test_entry.captions[0])],
+    too_few=[],
+  )
   with pytest.raises(AssertionError, match="equal evaluation captions"):
     emoji.check_separation(leaked)
 
@@ -139,13 +150,14 @@ def _fake_npm(tmp_path, tarballs: dict[str, str]) -> str:
   bin_dir.mkdir()
   script = bin_dir / "npm"
   script.write_text(
-      f"#!{sys.executable}\n"
-      "import json, os, shutil, sys\n"
-      f"tarballs = json.loads({json.dumps(json.dumps(tarballs))})\n"
-      f"open({str(tmp_path / 'npm.log')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
-      "name = sys.argv[2].rsplit('@', 1)[0]\n"
-      "if name not in tarballs: sys.exit('npm error 404 Not Found - ' + name)\n"
-      "shutil.copy(tarballs[name], os.getcwd())\n")
+    f"#!{sys.executable}\n"
+    "import json, os, shutil, sys\n"
+    f"tarballs = json.loads({json.dumps(json.dumps(tarballs))})\n"
+    f"open({str(tmp_path / 'npm.log')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+    "name = sys.argv[2].rsplit('@', 1)[0]\n"
+    "if name not in tarballs: sys.exit('npm error 404 Not Found - ' + name)\n"
+    "shutil.copy(tarballs[name], os.getcwd())\n"
+  )
   script.chmod(script.stat().st_mode | stat.S_IEXEC)
   return str(bin_dir)
 
@@ -171,8 +183,11 @@ def test_fetch_refuses_a_changed_tarball(tmp_path, monkeypatch):
   tarball = _tarball(tmp_path, name)
   monkeypatch.setenv("PATH", _fake_npm(tmp_path, {name: tarball}))
   pins = {name: (emoji.PACKAGES[name][0], "0" * 64)}
-  with pytest.raises(UserError, match=r"cldr-annotations-full@48.2.0: SHA-256 [0-9a-f]{64} "
-                                      r"differs from the pinned 0{64}"):
+  with pytest.raises(
+    UserError,
+    match=r"cldr-annotations-full@48.2.0: SHA-256 [0-9a-f]{64} "
+    r"differs from the pinned 0{64}",
+  ):
     npm_fetch.fetch(pins, str(tmp_path / "dl"))
   assert os.listdir(tmp_path / "dl") == []
 
@@ -180,8 +195,9 @@ def test_fetch_refuses_a_changed_tarball(tmp_path, monkeypatch):
 def test_fetch_errors_name_the_package(tmp_path, monkeypatch):
   monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
   with pytest.raises(UserError, match="npm not found: .* emoji-datasource-google@16.0.0"):
-    npm_fetch.fetch({"emoji-datasource-google": emoji.PACKAGES["emoji-datasource-google"]},
-                    str(tmp_path / "dl"))
+    npm_fetch.fetch(
+      {"emoji-datasource-google": emoji.PACKAGES["emoji-datasource-google"]}, str(tmp_path / "dl")
+    )
   monkeypatch.setenv("PATH", _fake_npm(tmp_path, {}))
   with pytest.raises(UserError, match="npm pack no-such-pkg@1.0.0 failed: npm error 404"):
     npm_fetch.fetch({"no-such-pkg": ("1.0.0", "0" * 64)}, str(tmp_path / "dl"))
@@ -207,15 +223,17 @@ def test_prepare_emoji_from_fetched_packages(tmp_path):
   download = tmp_path / "dl"
   shutil.copytree(FIXTURES, download)
   workdir = str(tmp_path / "w")
-  config = config_lib.load_config("configs/emoji.py:tiny", [
-      f"data.download_dir={download}", "text_tokenizer.vocab_size=60"])
+  config = config_lib.load_config(
+    "configs/emoji.py:tiny", [f"data.download_dir={download}", "text_tokenizer.vocab_size=60"]
+  )
   prepare.run(config, workdir)
   info = json.loads((tmp_path / "w" / "prepared" / "dataset_info.json").read_text())
   assert info["dataset"] == "emoji"
   assert sum(s["num_images"] for s in info["splits"].values()) == 25
   lines = (tmp_path / "w" / "prepared" / "pseudo_queries.jsonl").read_text().splitlines()
   pairs = [json.loads(l) for l in lines]
-  assert [(p["image_id"], p["query"]) for p in pairs] == emoji.build(fixture_roots(),
-                                                                     1).pseudo_queries
+  assert [(p["image_id"], p["query"]) for p in pairs] == emoji.build(
+    fixture_roots(), 1
+  ).pseudo_queries
   _, texts = dataset.read_texts(workdir, "test")
   assert texts == [e.captions[0] for e in emoji.build(fixture_roots(), 1).entries["test"]]

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from avg_jax.data import dataset
-from avg_jax.data import pipeline
+from avg_jax.data import dataset, pipeline
 
 
 def _assert_same_batch(a, b):
@@ -16,8 +15,9 @@ def _assert_same_batch(a, b):
 
 
 def _images(workdir, **kw):
-  args = dict(shuffle=True, seed=7, num_epochs=None, drop_remainder=True,
-              process_index=0, process_count=1)
+  args = dict(
+    shuffle=True, seed=7, num_epochs=None, drop_remainder=True, process_index=0, process_count=1
+  )
   args.update(kw)
   return pipeline.batch_iterator(dataset.image_source(workdir, "val"), 6, **args)
 
@@ -75,8 +75,15 @@ def test_shard_by_process_splits_disjointly(drop_remainder):
   seen = []
   for index in range(count):
     it = pipeline.batch_iterator(
-        grain.MapDataset.range(n), 2, shuffle=True, seed=1, num_epochs=1,
-        drop_remainder=drop_remainder, process_index=index, process_count=count)
+      grain.MapDataset.range(n),
+      2,
+      shuffle=True,
+      seed=1,
+      num_epochs=1,
+      drop_remainder=drop_remainder,
+      process_index=index,
+      process_count=count,
+    )
     seen.append([int(x) for batch in it for x in batch])
   sets = [set(s) for s in seen]
   assert all(len(s) == len(items) for s, items in zip(sets, seen))
@@ -94,16 +101,28 @@ def test_shard_by_process_splits_disjointly(drop_remainder):
 
 def test_epochs_are_reshuffled_and_complete():
   it = pipeline.batch_iterator(
-      grain.MapDataset.range(10), 5, shuffle=True, seed=4, num_epochs=2, drop_remainder=False,
-      shard_by_process=False)
+    grain.MapDataset.range(10),
+    5,
+    shuffle=True,
+    seed=4,
+    num_epochs=2,
+    drop_remainder=False,
+    shard_by_process=False,
+  )
   values = [int(x) for batch in it for x in batch]
   assert len(values) == 20
   first, second = values[:10], values[10:]
   assert sorted(first) == sorted(second) == list(range(10))
   assert first != second and first != list(range(10))
   unshuffled = pipeline.batch_iterator(
-      grain.MapDataset.range(7), 3, shuffle=False, seed=0, num_epochs=1, drop_remainder=False,
-      shard_by_process=False)
+    grain.MapDataset.range(7),
+    3,
+    shuffle=False,
+    seed=0,
+    num_epochs=1,
+    drop_remainder=False,
+    shard_by_process=False,
+  )
   assert [b.tolist() for b in unshuffled] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
@@ -117,14 +136,25 @@ def _add_sum(batch):
 
 def test_map_functions_and_stack():
   it = pipeline.batch_iterator(
-      list(range(6)), 3, shuffle=False, seed=0, num_epochs=1, drop_remainder=True,
-      shard_by_process=False, map_fn=_double, batch_map_fn=_add_sum)
+    list(range(6)),
+    3,
+    shuffle=False,
+    seed=0,
+    num_epochs=1,
+    drop_remainder=True,
+    shard_by_process=False,
+    map_fn=_double,
+    batch_map_fn=_add_sum,
+  )
   batches = list(it)
   assert [b["x"].tolist() for b in batches] == [[0, 2, 4], [6, 8, 10]]
   assert [int(b["sum"]) for b in batches] == [6, 24]
-  stacked = pipeline.stack([
+  stacked = pipeline.stack(
+    [
       {"a": np.int64(1), "t": "x", "l": ["p", "q"], "n": (np.zeros(2), 1.5)},
-      {"a": np.int64(2), "t": "yy", "l": ["r", "s"], "n": (np.ones(2), 2.5)}])
+      {"a": np.int64(2), "t": "yy", "l": ["r", "s"], "n": (np.ones(2), 2.5)},
+    ]
+  )
   np.testing.assert_array_equal(stacked["a"], [1, 2])
   assert stacked["t"].tolist() == ["x", "yy"]
   assert stacked["l"].shape == (2, 2) and stacked["l"][1, 0] == "r"
@@ -135,21 +165,46 @@ def test_map_functions_and_stack():
 
 
 def test_from_config_uses_the_loader_section(tiny_config):
-  config = tiny_config("loader.read_threads=2", "loader.prefetch_buffer_size=3",
-                       "loader.shuffle_seed=11")
-  batches = pipeline.from_config(list(range(8)), 4, config.loader, shuffle=True, num_epochs=1,
-                                 drop_remainder=True, shard_by_process=False)
-  expected = pipeline.batch_iterator(list(range(8)), 4, shuffle=True, seed=11, num_epochs=1,
-                                     drop_remainder=True, shard_by_process=False)
+  config = tiny_config(
+    "loader.read_threads=2", "loader.prefetch_buffer_size=3", "loader.shuffle_seed=11"
+  )
+  batches = pipeline.from_config(
+    list(range(8)),
+    4,
+    config.loader,
+    shuffle=True,
+    num_epochs=1,
+    drop_remainder=True,
+    shard_by_process=False,
+  )
+  expected = pipeline.batch_iterator(
+    list(range(8)),
+    4,
+    shuffle=True,
+    seed=11,
+    num_epochs=1,
+    drop_remainder=True,
+    shard_by_process=False,
+  )
   assert [b.tolist() for b in batches] == [b.tolist() for b in expected]
 
 
 def test_global_order_gives_every_process_count_the_same_global_batches():
   def global_batches(count, steps=7):
-    its = [pipeline.batch_iterator(grain.MapDataset.range(30), 6 // count, shuffle=True,
-                                   seed=5, num_epochs=None, drop_remainder=True,
-                                   process_index=i, process_count=count, global_order=True)
-           for i in range(count)]
+    its = [
+      pipeline.batch_iterator(
+        grain.MapDataset.range(30),
+        6 // count,
+        shuffle=True,
+        seed=5,
+        num_epochs=None,
+        drop_remainder=True,
+        process_index=i,
+        process_count=count,
+        global_order=True,
+      )
+      for i in range(count)
+    ]
     return [np.concatenate([np.asarray(next(it)) for it in its]) for _ in range(steps)]
 
   one = global_batches(1)

@@ -19,8 +19,9 @@ def test_generated_pseudo_queries_never_equal_an_evaluation_caption():
   for split in ("val", "test"):
     for example in _scenes(split, 300):
       captions.update(example["captions"])
-      queries += shapes.pseudo_queries(example["attributes"],
-                                       shapes.pseudo_query_rng(0, split, example["index"]), 5)
+      queries += shapes.pseudo_queries(
+        example["attributes"], shapes.pseudo_query_rng(0, split, example["index"]), 5
+      )
   assert len(queries) == 3000
   assert not captions & set(queries)
   # Why it holds: every pseudo query uses a word that no caption template uses.
@@ -39,8 +40,9 @@ def test_pseudo_queries_are_a_different_imperfect_phrasing():
     synonyms = {c: {c, *shapes._COLOR_SYNONYMS[c][1:]} for c in shapes.COLORS}
     named_ok = set().union(*(synonyms[c] for c in colours))
     all_colour_words = set().union(*synonyms.values())
-    for q in shapes.pseudo_queries(example["attributes"],
-                                   shapes.pseudo_query_rng(0, "test", example["index"]), 5):
+    for q in shapes.pseudo_queries(
+      example["attributes"], shapes.pseudo_query_rng(0, "test", example["index"]), 5
+    ):
       words = set(re.findall(r"[a-z]+", q))
       wrong_colour += bool((words & all_colour_words) - named_ok)
       partial += sum(bool(words & synonyms[c]) for c in colours) < len(colours)
@@ -65,12 +67,14 @@ def test_user_file_errors_name_file_and_line(tmp_path):
   good.write_text('{"image_id": 3, "query": "a red circle"}\n\n{"image_id": 4, "query": " x "}\n')
   assert pseudo_queries.read_user_file(str(good), {3, 4}) == [(3, "a red circle"), (4, "x")]
   cases = {
-      "bad.jsonl": ('{"image_id": 3, "query": "ok"}\nnot json\n', r"bad.jsonl:2: expected"),
-      "key.jsonl": ('{"id": 3, "query": "ok"}\n', r"key.jsonl:1: expected"),
-      "type.jsonl": ('{"image_id": "3", "query": "ok"}\n', r"type.jsonl:1: image_id must be"),
-      "empty.jsonl": ('{"image_id": 3, "query": "  "}\n', r"empty.jsonl:1: query must be"),
-      "unknown.jsonl": ('{"image_id": 9, "query": "q"}\n',
-                        r"unknown.jsonl:1: image id 9 is not an image of the dataset"),
+    "bad.jsonl": ('{"image_id": 3, "query": "ok"}\nnot json\n', r"bad.jsonl:2: expected"),
+    "key.jsonl": ('{"id": 3, "query": "ok"}\n', r"key.jsonl:1: expected"),
+    "type.jsonl": ('{"image_id": "3", "query": "ok"}\n', r"type.jsonl:1: image_id must be"),
+    "empty.jsonl": ('{"image_id": 3, "query": "  "}\n', r"empty.jsonl:1: query must be"),
+    "unknown.jsonl": (
+      '{"image_id": 9, "query": "q"}\n',
+      r"unknown.jsonl:1: image id 9 is not an image of the dataset",
+    ),
   }
   for name, (text, message) in cases.items():
     (tmp_path / name).write_text(text)

@@ -9,27 +9,41 @@ import ml_collections
 import numpy as np
 import pytest
 
-from avg_jax.data import builders
-from avg_jax.data import shapes
+from avg_jax.data import builders, shapes
 
 COLOR_WORDS = "red|green|blue|yellow|purple|orange|white"
 SHAPE_WORDS = "circle|square|triangle|diamond|cross"
 MENTION = re.compile(rf"\b(?:(small|large) )?({COLOR_WORDS}) ({SHAPE_WORDS})\b")
 MENTION_TEXT = rf"(?:an? )?(?:(?:small|large) )?(?:{COLOR_WORDS}) (?:{SHAPE_WORDS})"
-PLACES = ("top left|upper left|top right|upper right|bottom left|lower left|bottom right|"
-          "lower right|top|bottom|left|right|centre|center|middle")
+PLACES = (
+  "top left|upper left|top right|upper right|bottom left|lower left|bottom right|"
+  "lower right|top|bottom|left|right|centre|center|middle"
+)
 WITH_PLACE = re.compile(rf"({MENTION_TEXT}) (?:in|at|on|near) the ({PLACES})\b")
 RELATION = re.compile(
-    rf"({MENTION_TEXT}) (above|over|below|under|to the left of|to the right of) "
-    rf"({MENTION_TEXT})")
+  rf"({MENTION_TEXT}) (above|over|below|under|to the left of|to the right of) "
+  rf"({MENTION_TEXT})"
+)
 COUNT = re.compile(r"\b(one|two|three) (other )?(shapes?|objects)\b")
 
 # Hand-written expectations, independent of the generator's tables.
 PLACE_CELLS = {
-    "top left": (0, 0), "upper left": (0, 0), "top right": (0, 2), "upper right": (0, 2),
-    "bottom left": (2, 0), "lower left": (2, 0), "bottom right": (2, 2),
-    "lower right": (2, 2), "top": (0, 1), "bottom": (2, 1), "left": (1, 0), "right": (1, 2),
-    "centre": (1, 1), "center": (1, 1), "middle": (1, 1)}
+  "top left": (0, 0),
+  "upper left": (0, 0),
+  "top right": (0, 2),
+  "upper right": (0, 2),
+  "bottom left": (2, 0),
+  "lower left": (2, 0),
+  "bottom right": (2, 2),
+  "lower right": (2, 2),
+  "top": (0, 1),
+  "bottom": (2, 1),
+  "left": (1, 0),
+  "right": (1, 2),
+  "centre": (1, 1),
+  "center": (1, 1),
+  "middle": (1, 1),
+}
 NUMBERS = {"one": 1, "two": 2, "three": 3}
 
 
@@ -37,20 +51,23 @@ def looks_like(color: str, rgb) -> bool:
   """Channel rules for each colour word (not the generator's palette)."""
   r, g, b = (int(v) for v in rgb)
   return {
-      "red": r > g + 100 and r > b + 100,
-      "green": g > r + 60 and g > b + 60,
-      "blue": b > r + 100 and b > g + 60,
-      "yellow": r > b + 100 and g > b + 100 and abs(r - g) < 60,
-      "purple": r > g + 40 and b > g + 80,
-      "orange": r > g + 60 and g > b + 50,
-      "white": min(r, g, b) > 200,
+    "red": r > g + 100 and r > b + 100,
+    "green": g > r + 60 and g > b + 60,
+    "blue": b > r + 100 and b > g + 60,
+    "yellow": r > b + 100 and g > b + 100 and abs(r - g) < 60,
+    "purple": r > g + 40 and b > g + 80,
+    "orange": r > g + 60 and g > b + 50,
+    "white": min(r, g, b) > 200,
   }[color]
 
 
 def find_object(objects, mention_text):
   size, color, shape = MENTION.search(mention_text).groups()
-  matches = [o for o in objects if o["color"] == color and o["shape"] == shape and
-             (size is None or o["size"] == size)]
+  matches = [
+    o
+    for o in objects
+    if o["color"] == color and o["shape"] == shape and (size is None or o["size"] == size)
+  ]
   assert len(matches) == 1, (mention_text, objects)
   return matches[0]
 
@@ -92,8 +109,14 @@ def check_example(ex, image_size):
     for m in RELATION.finditer(caption):
       a, b = find_object(objects, m.group(1)), find_object(objects, m.group(3))
       (ax, ay), (bx, by) = a["center_xy"], b["center_xy"]
-      holds = {"above": ay < by, "over": ay < by, "below": ay > by, "under": ay > by,
-               "to the left of": ax < bx, "to the right of": ax > bx}[m.group(2)]
+      holds = {
+        "above": ay < by,
+        "over": ay < by,
+        "below": ay > by,
+        "under": ay > by,
+        "to the left of": ax < bx,
+        "to the right of": ax > bx,
+      }[m.group(2)]
       assert holds, (caption, a, b)
     for m in COUNT.finditer(caption):
       expected = len(objects) - 1 if m.group(2) else len(objects)
@@ -125,8 +148,10 @@ def test_caption_families_vary_in_wording_and_detail():
   # Detail differs: some captions give sizes and positions, others only colours.
   all_captions = [c for ex in examples for c in ex["captions"]]
   assert any(re.search(r"\b(small|large)\b", c) for c in all_captions)
-  assert any(not re.search(r"\b(small|large|top|bottom|left|right|centre|middle|center)\b", c)
-             for c in all_captions)
+  assert any(
+    not re.search(r"\b(small|large|top|bottom|left|right|centre|middle|center)\b", c)
+    for c in all_captions
+  )
   assert any(RELATION.search(c) for c in all_captions)
   extra = list(shapes.generate("val", 3, 32, seed=0, captions_per_image=7))
   assert all(len(ex["captions"]) == 7 for ex in extra)
@@ -144,10 +169,12 @@ def test_generation_is_deterministic_and_prefix_stable():
   for x, y in zip(short, a):  # image i does not depend on how many are generated
     np.testing.assert_array_equal(x["image"], y["image"])
     assert x["captions"] == y["captions"]
-  assert not np.array_equal(np.stack([e["image"] for e in other]),
-                            np.stack([e["image"] for e in short]))
-  assert not np.array_equal(np.stack([e["image"] for e in val]),
-                            np.stack([e["image"] for e in short]))
+  assert not np.array_equal(
+    np.stack([e["image"] for e in other]), np.stack([e["image"] for e in short])
+  )
+  assert not np.array_equal(
+    np.stack([e["image"] for e in val]), np.stack([e["image"] for e in short])
+  )
 
 
 def test_rendered_areas_match_the_shape_geometry():
@@ -155,25 +182,47 @@ def test_rendered_areas_match_the_shape_geometry():
   size, r = 96, 13.6
   n = len(shapes.SHAPES)
   scenes = dict(
-      num_objects=np.ones(n, int), shape=np.array([[k, 0, 0] for k in range(n)]),
-      center=np.full((n, 3, 2), 48.0), radius=np.full((n, 3), r),
-      rgb=np.tile(np.array([230, 20, 20], np.int16), (n, 3, 1)), background=np.full(n, 30))
+    num_objects=np.ones(n, int),
+    shape=np.array([[k, 0, 0] for k in range(n)]),
+    center=np.full((n, 3, 2), 48.0),
+    radius=np.full((n, 3), r),
+    rgb=np.tile(np.array([230, 20, 20], np.int16), (n, 3, 1)),
+    background=np.full(n, 30),
+  )
   images = shapes.render(scenes, size, np.random.default_rng(0))
   filled = (images[..., 0] > 150).sum(axis=(1, 2))
   # Hand-computed areas: circle pi r^2; square side 1.6 r; triangle base 2 r, height 1.8 r;
   # diamond 2 r^2; cross two 2r x 0.6r bars minus their 0.6r x 0.6r overlap.
-  expected = {"circle": math.pi * r * r, "square": (1.6 * r) ** 2, "triangle": 1.8 * r * r,
-              "diamond": 2 * r * r, "cross": 2 * 1.2 * r * r - 0.36 * r * r}
+  expected = {
+    "circle": math.pi * r * r,
+    "square": (1.6 * r) ** 2,
+    "triangle": 1.8 * r * r,
+    "diamond": 2 * r * r,
+    "cross": 2 * 1.2 * r * r - 0.36 * r * r,
+  }
   for k, name in enumerate(shapes.SHAPES):
     assert abs(filled[k] - expected[name]) / expected[name] < 0.05, (name, filled[k])
   assert (images[..., 0] <= 150).sum() > 0  # the background is not painted
 
 
 def _data_config(seed: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      name="avg_shapes", num_train=20, num_val=4, num_test=4, image_size=32,
-      generator_seed=seed, captions_per_image=5, image_encoding="png", jpeg_quality=95,
-      karpathy_json="", image_root="", skip_bad_images=False, examples_per_shard=1024))
+  return ml_collections.ConfigDict(
+    dict(
+      name="avg_shapes",
+      num_train=20,
+      num_val=4,
+      num_test=4,
+      image_size=32,
+      generator_seed=seed,
+      captions_per_image=5,
+      image_encoding="png",
+      jpeg_quality=95,
+      karpathy_json="",
+      image_root="",
+      skip_bad_images=False,
+      examples_per_shard=1024,
+    )
+  )
 
 
 def _record_bytes(builder_dir: str) -> dict[str, bytes]:

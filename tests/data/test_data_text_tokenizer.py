@@ -34,8 +34,8 @@ def test_encode_batch_appends_eos_truncates_and_pads(tokenizer):
   assert ids.shape == (3, 8) and ids.dtype == np.int32
   first = tokenizer.encode(texts[0])
   assert 0 < len(first) < 7
-  np.testing.assert_array_equal(ids[0, :len(first) + 1], first + [1])
-  assert (ids[0, len(first) + 1:] == 0).all()
+  np.testing.assert_array_equal(ids[0, : len(first) + 1], first + [1])
+  assert (ids[0, len(first) + 1 :] == 0).all()
   second = tokenizer.encode(texts[1])
   assert len(second) > 7
   np.testing.assert_array_equal(ids[1], second[:7] + [1])  # EOS survives truncation
@@ -48,8 +48,9 @@ def test_ids_stay_below_vocab_size_and_vokens_start_right_after(tokenizer):
   ids = tokenizer.encode_batch(CAPTIONS, 40)
   assert ids.min() >= 0 and ids.max() < tokenizer.vocab_size
   assert ids.max() > tokenizer.vocab_size // 2  # the range is really used
-  vocab = VokenVocabulary(text_vocab_size=tokenizer.vocab_size, codebook_size=16, num_levels=3,
-                          disambiguation_size=4)
+  vocab = VokenVocabulary(
+    text_vocab_size=tokenizer.vocab_size, codebook_size=16, num_levels=3, disambiguation_size=4
+  )
   assert vocab.first_voken_id == tokenizer.vocab_size
   codes = np.array([[0, 0, 0, 0], [15, 15, 15, 3]])
   tokens = vocab.codes_to_tokens(codes)
@@ -66,8 +67,9 @@ def test_load_pickle_and_bad_models(tokenizer, tmp_path):
   loaded = TextTokenizer.load(str(path))
   assert loaded.vocab_size == tokenizer.vocab_size
   restored = pickle.loads(pickle.dumps(loaded))
-  np.testing.assert_array_equal(restored.encode_batch(CAPTIONS[:5], 20),
-                                tokenizer.encode_batch(CAPTIONS[:5], 20))
+  np.testing.assert_array_equal(
+    restored.encode_batch(CAPTIONS[:5], 20), tokenizer.encode_batch(CAPTIONS[:5], 20)
+  )
   with pytest.raises(UserError, match="not readable: .*absent.model"):
     TextTokenizer.load(str(tmp_path / "absent.model"))
   (tmp_path / "junk.model").write_bytes(b"junk")
@@ -75,8 +77,12 @@ def test_load_pickle_and_bad_models(tokenizer, tmp_path):
     TextTokenizer.load(str(tmp_path / "junk.model"))
   # A model with a BOS and other special ids than T5's is refused.
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(CAPTIONS), model_prefix=str(tmp_path / "bos"), vocab_size=60,
-      model_type="bpe", minloglevel=2)
+    sentence_iterator=iter(CAPTIONS),
+    model_prefix=str(tmp_path / "bos"),
+    vocab_size=60,
+    model_type="bpe",
+    minloglevel=2,
+  )
   with pytest.raises(UserError, match=r"bos.model: SentencePiece ids pad/eos/unk/bos"):
     TextTokenizer.load(str(tmp_path / "bos.model"))
 

@@ -22,18 +22,38 @@ def table_step(tokens, cache):
   return jnp.take_along_axis(table, tokens[:, None, None], axis=1)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size", "top_k", "token_offsets", "mask_mode",
-                                             "unconstrained", "sizes"))
-def run(table, dev_trie, *, beam_size, token_offsets, mask_mode="after_softmax", top_k=None,
-        unconstrained=False, sizes=None):
+@functools.partial(
+  jax.jit,
+  static_argnames=("beam_size", "top_k", "token_offsets", "mask_mode", "unconstrained", "sizes"),
+)
+def run(
+  table,
+  dev_trie,
+  *,
+  beam_size,
+  token_offsets,
+  mask_mode="after_softmax",
+  top_k=None,
+  unconstrained=False,
+  sizes=None,
+):
   constraint = Unconstrained(sizes) if unconstrained else dev_trie
-  return bs.beam_search(table_step, (table,), constraint, batch_size=table.shape[0],
-                        beam_size=beam_size, top_k=top_k, token_offsets=token_offsets,
-                        eos_id=1, mask_mode=mask_mode)
+  return bs.beam_search(
+    table_step,
+    (table,),
+    constraint,
+    batch_size=table.shape[0],
+    beam_size=beam_size,
+    top_k=top_k,
+    token_offsets=token_offsets,
+    eos_id=1,
+    mask_mode=mask_mode,
+  )
 
 
-def numpy_beam_search(logprob_fn, allowed, *, beam_size, sizes, token_offsets, eos_id=1,
-                      mask_mode="after_softmax"):
+def numpy_beam_search(
+  logprob_fn, allowed, *, beam_size, sizes, token_offsets, eos_id=1, mask_mode="after_softmax"
+):
   """Independent loop reference for one query: [(score, codes)] best first.
 
   `logprob_fn(last_token) -> float64[V]` full-vocabulary log-probs; `allowed`: set of code
@@ -55,8 +75,10 @@ def numpy_beam_search(logprob_fn, allowed, *, beam_size, sizes, token_offsets, e
         cands.append((score + v, rank, c, codes + (c,), token_offsets[level] + c))
     cands.sort(key=lambda t: (-t[0], t[1], t[2]))
     beams = [(s, codes, tok) for s, _, _, codes, tok in cands[:beam_size]]
-  final = [(s + (0.0 if mask_mode == "renormalize" else logprob_fn(last)[eos_id]), rank, c)
-           for rank, (s, c, last) in enumerate(beams)]
+  final = [
+    (s + (0.0 if mask_mode == "renormalize" else logprob_fn(last)[eos_id]), rank, c)
+    for rank, (s, c, last) in enumerate(beams)
+  ]
   final.sort(key=lambda t: (-t[0], t[1]))
   return [(s, c) for s, _, c in final]
 
@@ -64,10 +86,14 @@ def numpy_beam_search(logprob_fn, allowed, *, beam_size, sizes, token_offsets, e
 # --- the hand-computed toy ---------------------------------------------------------------------
 # Vocabulary: 0 pad (decoder start), 1 EOS, 2 = code 0, 3 = code 1; P = 2, K = 2.
 # Rows of probabilities by last token:   pad  eos  c0   c1
-TOY_PROBS = np.array([[.1, .1, .5, .3],   # after the start token
-                      [.1, .1, .5, .3],   # (after EOS: unused)
-                      [.1, .2, .3, .4],   # after c0
-                      [.5, .1, .3, .1]])  # after c1
+TOY_PROBS = np.array(
+  [
+    [0.1, 0.1, 0.5, 0.3],  # after the start token
+    [0.1, 0.1, 0.5, 0.3],  # (after EOS: unused)
+    [0.1, 0.2, 0.3, 0.4],  # after c0
+    [0.5, 0.1, 0.3, 0.1],
+  ]
+)  # after c1
 TOY_TABLE = jnp.asarray(np.log(TOY_PROBS)[None], jnp.float32)  # [1, 4, 4]; log_softmax = log p
 
 
@@ -78,7 +104,7 @@ def test_toy_by_hand(dense_levels):
   full = VokenTrie.build([[0, 0], [0, 1], [1, 0], [1, 1]], [10, 11, 12, 13], (2, 2))
   r = run(TOY_TABLE, full.to_device(dense_levels), beam_size=2, token_offsets=(2, 2))
   assert r.codes.tolist() == [[[0, 0], [0, 1]]]
-  np.testing.assert_allclose(np.exp(r.scores), [[.03, .02]], rtol=1e-5)
+  np.testing.assert_allclose(np.exp(r.scores), [[0.03, 0.02]], rtol=1e-5)
   assert full.to_device(dense_levels).leaf_item[r.leaf].tolist() == [[10, 11]]
 
   # Trie {01, 10, 11} (ids 7, 5, 9). Step 1: "0" has one child: 01 .2; "1": 10 .09, 11 .03.
@@ -87,7 +113,7 @@ def test_toy_by_hand(dense_levels):
   dev = trie.to_device(dense_levels)
   r = run(TOY_TABLE, dev, beam_size=2, token_offsets=(2, 2))
   assert r.codes.tolist() == [[[0, 1], [1, 0]]]
-  np.testing.assert_allclose(np.exp(r.scores), [[.02, .018]], rtol=1e-5)
+  np.testing.assert_allclose(np.exp(r.scores), [[0.02, 0.018]], rtol=1e-5)
   assert dev.leaf_item[r.leaf].tolist() == [[7, 5]]
   assert r.valid.tolist() == [[True, True]]
 
@@ -95,18 +121,18 @@ def test_toy_by_hand(dense_levels):
   # .625 * 1; "1" -> 10 .375 * .75 = .28125, 11 .09375. EOS adds log 1.
   r = run(TOY_TABLE, dev, beam_size=2, token_offsets=(2, 2), mask_mode="renormalize")
   assert r.codes.tolist() == [[[0, 1], [1, 0]]]
-  np.testing.assert_allclose(np.exp(r.scores), [[.625, .28125]], rtol=1e-5)
+  np.testing.assert_allclose(np.exp(r.scores), [[0.625, 0.28125]], rtol=1e-5)
 
   # Greedy (beam 1): c0 (.5), then its only child c1 (.2), EOS .1 -> .02.
   r = run(TOY_TABLE, dev, beam_size=1, token_offsets=(2, 2))
   assert r.codes.tolist() == [[[0, 1]]]
-  np.testing.assert_allclose(np.exp(r.scores), [[.02]], rtol=1e-5)
+  np.testing.assert_allclose(np.exp(r.scores), [[0.02]], rtol=1e-5)
 
   # More beams than leaves: the 3 sequences, then an explicit invalid slot.
   # 11: .3 * .1 * .1 = .003.
   r = run(TOY_TABLE, dev, beam_size=4, token_offsets=(2, 2))
   assert r.codes.tolist() == [[[0, 1], [1, 0], [1, 1], [-1, -1]]]
-  np.testing.assert_allclose(np.exp(r.scores[0, :3]), [.02, .018, .003], rtol=1e-5)
+  np.testing.assert_allclose(np.exp(r.scores[0, :3]), [0.02, 0.018, 0.003], rtol=1e-5)
   assert r.scores[0, 3] == -np.inf and r.leaf[0, 3] == -1
   assert r.valid.tolist() == [[True, True, True, False]]
 
@@ -119,7 +145,7 @@ def test_zero_probability_tokens_are_never_returned():
   # After c0 the model gives c1 probability 0: sequence 01 must not come back, even though
   # beams are left over.
   probs = TOY_PROBS.copy()
-  probs[2] = [.1, .2, .7, 0.]
+  probs[2] = [0.1, 0.2, 0.7, 0.0]
   with np.errstate(divide="ignore"):
     table = jnp.asarray(np.log(probs)[None], jnp.float32)
   trie = VokenTrie.build([[0, 1], [1, 0]], None, (2, 2))
@@ -134,8 +160,9 @@ def _random_case(seed, sizes, n_seqs, batch=3):
   offsets = tuple(int(2 + sum(sizes[:i])) for i in range(len(sizes)))  # per-position rows
   vocab = 2 + sum(sizes) + 2  # plus two "text" tokens that are never allowed
   table = (rng.standard_normal((batch, vocab, vocab)) * 2).astype(np.float32)
-  all_seqs = np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"),
-                      -1).reshape(-1, len(sizes))
+  all_seqs = np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"), -1).reshape(
+    -1, len(sizes)
+  )
   chosen = all_seqs[rng.permutation(len(all_seqs))[:n_seqs]]
   return table, offsets, chosen
 
@@ -143,33 +170,49 @@ def _random_case(seed, sizes, n_seqs, batch=3):
 def _reference(table, q, allowed, beam, sizes, offsets, mask_mode):
   rows = table[q].astype(np.float64)
   logp = rows - np.logaddexp.reduce(rows, axis=-1, keepdims=True)
-  return numpy_beam_search(lambda t: logp[t], allowed, beam_size=beam, sizes=sizes,
-                           token_offsets=offsets, mask_mode=mask_mode)
+  return numpy_beam_search(
+    lambda t: logp[t],
+    allowed,
+    beam_size=beam,
+    sizes=sizes,
+    token_offsets=offsets,
+    mask_mode=mask_mode,
+  )
 
 
-@pytest.mark.parametrize("seed,sizes,n_seqs,beam,mask_mode,dense", [
+@pytest.mark.parametrize(
+  "seed,sizes,n_seqs,beam,mask_mode,dense",
+  [
     (0, (3, 3, 3), 9, 3, "after_softmax", 1),
-    (1, (3, 3, 3), 5, 4, "after_softmax", 0),     # beams may outnumber candidates
-    (2, (4, 3, 2), 12, 5, "renormalize", 1),      # a smaller last position (disambiguation)
+    (1, (3, 3, 3), 5, 4, "after_softmax", 0),  # beams may outnumber candidates
+    (2, (4, 3, 2), 12, 5, "renormalize", 1),  # a smaller last position (disambiguation)
     (3, (2, 4, 3), 20, 1, "after_softmax", 2),
     (4, (5, 5), 7, 5, "renormalize", 0),
-])
+  ],
+)
 def test_matches_loop_reference(seed, sizes, n_seqs, beam, mask_mode, dense):
   table, offsets, chosen = _random_case(seed, sizes, n_seqs)
   trie = VokenTrie.build(chosen, None, sizes)
-  r = jax.device_get(run(jnp.asarray(table), trie.to_device(dense), beam_size=beam,
-                         token_offsets=offsets, mask_mode=mask_mode))
+  r = jax.device_get(
+    run(
+      jnp.asarray(table),
+      trie.to_device(dense),
+      beam_size=beam,
+      token_offsets=offsets,
+      mask_mode=mask_mode,
+    )
+  )
   allowed = {tuple(s) for s in chosen.tolist()}
   for q in range(table.shape[0]):
     expect = _reference(table, q, allowed, beam, sizes, offsets, mask_mode)
     got_codes = [tuple(c) for c, v in zip(r.codes[q].tolist(), r.valid[q]) if v]
     assert got_codes == [c for _, c in expect]
-    np.testing.assert_allclose(r.scores[q, :len(expect)], [s for s, _ in expect], rtol=1e-5)
+    np.testing.assert_allclose(r.scores[q, : len(expect)], [s for s, _ in expect], rtol=1e-5)
     assert all(c in allowed for c in got_codes)
     valid_scores = r.scores[q][r.valid[q]]
     assert (np.diff(valid_scores) <= 0).all()  # best first
-    assert not r.valid[q, len(expect):].any()
-    assert (r.scores[q, len(expect):] == -np.inf).all()
+    assert not r.valid[q, len(expect) :].any()
+    assert (r.scores[q, len(expect) :] == -np.inf).all()
     # leaves point back at the returned sequences
     leaf_codes = trie.leaf_codes()
     for c, leaf in zip(got_codes, r.leaf[q]):
@@ -211,8 +254,9 @@ def test_bad_arguments_are_user_errors():
   with pytest.raises(UserError, match="beam_size"):
     bs.beam_search(table_step, (TOY_TABLE,), trie, beam_size=0, **kw)
   with pytest.raises(UserError, match="token offsets"):
-    bs.beam_search(table_step, (TOY_TABLE,), trie, beam_size=1, batch_size=1,
-                   token_offsets=(2,), eos_id=1)
+    bs.beam_search(
+      table_step, (TOY_TABLE,), trie, beam_size=1, batch_size=1, token_offsets=(2,), eos_id=1
+    )
 
 
 def test_batch_sharded_search_matches_single_device():
@@ -230,13 +274,15 @@ def test_batch_sharded_search_matches_single_device():
     return bs.beam_search(table_step, (table,), dev_trie, batch_size=8, eos_id=1, **kw)
 
   with partitioning.activation_context(mesh):
-    sharded_fn = jax.jit(fn, in_shardings=(batch_sharding, replicated),
-                         out_shardings=batch_sharding)
+    sharded_fn = jax.jit(
+      fn, in_shardings=(batch_sharding, replicated), out_shardings=batch_sharding
+    )
     sharded = sharded_fn(jax.device_put(jnp.asarray(table), batch_sharding), dev_trie)
   assert not sharded.scores.sharding.is_fully_replicated
   assert len(sharded.scores.addressable_shards) == 8
   assert sharded.scores.addressable_shards[0].data.shape == (1, 3)
   single = run(jnp.asarray(table), trie.to_device(1), **kw)
   np.testing.assert_array_equal(jax.device_get(sharded.codes), jax.device_get(single.codes))
-  np.testing.assert_allclose(jax.device_get(sharded.scores), jax.device_get(single.scores),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.device_get(sharded.scores), jax.device_get(single.scores), rtol=1e-6
+  )

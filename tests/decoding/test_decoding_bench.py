@@ -29,9 +29,19 @@ def test_flop_count_matches_xla(gated):
   # XLA counts every op of the search's pieces (matmuls, softmaxes, norms, ...); ours counts
   # matmuls only, so XLA's count must be a little larger, never smaller. The model is wide
   # enough for matmuls to dominate.
-  cfg = T5Config(vocab_size=2048, num_voken_tokens=1024, d_model=128, d_kv=32, d_ff=512,
-                 num_heads=4, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0,
-                 feed_forward="gated-gelu" if gated else "relu", tie_embeddings=not gated)
+  cfg = T5Config(
+    vocab_size=2048,
+    num_voken_tokens=1024,
+    d_model=128,
+    d_kv=32,
+    d_ff=512,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    dropout_rate=0.0,
+    feed_forward="gated-gelu" if gated else "relu",
+    tie_embeddings=not gated,
+  )
   params = {"params": t5_lib.init_params(cfg, jax.random.key(0))}
   b, s, beam, p = 4, 12, 3, 4
   tokens = jnp.ones((b, s), jnp.int32)
@@ -39,8 +49,9 @@ def test_flop_count_matches_xla(gated):
   xla = _xla_flops(prep, params, tokens)
   step = lambda pr, tok, c: t5_lib.decode_step(pr, cfg, tok, c)[0]
   for rows, times in ((b, 1), (b * beam, p)):  # step 0 on one beam, then P steps on all
-    cache = jax.eval_shape(lambda: jax.tree.map(lambda x: jnp.repeat(x, rows // b, 0),
-                                                prep(params, tokens)))
+    cache = jax.eval_shape(
+      lambda: jax.tree.map(lambda x: jnp.repeat(x, rows // b, 0), prep(params, tokens))
+    )
     xla += times * _xla_flops(step, params, jnp.zeros((rows,), jnp.int32), cache)
   ours = bench.search_flops(cfg, b, s, beam, p, cfg.vocab_size)
   assert ours["decoder_rows"] == b + p * b * beam
@@ -52,15 +63,22 @@ def test_reference_dict_trie():
   trie = bench._DictTrie(np.asarray([[5, 7], [5, 8], [6, 7]]))
   assert trie.allowed([0]) == [5, 6]
   assert trie.allowed([0, 5]) == [7, 8]
-  assert trie.allowed([0, 5, 8]) == [1]      # EOS after a full identifier
+  assert trie.allowed([0, 5, 8]) == [1]  # EOS after a full identifier
   assert trie.allowed([0, 6, 8]) == []
 
 
 @pytest.mark.slow
 def test_bench_decode_quick(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(REPO_ROOT)
-  argv = ["bench", "decode", "--config", "configs/smoke.py:tiny", "--workdir", str(tmp_path),
-          "--quick"]
+  argv = [
+    "bench",
+    "decode",
+    "--config",
+    "configs/smoke.py:tiny",
+    "--workdir",
+    str(tmp_path),
+    "--quick",
+  ]
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "GFLOP/s" in out and "unconstrained" in out
@@ -69,18 +87,24 @@ def test_bench_decode_quick(tmp_path, monkeypatch, capsys):
   assert record["command"] == "avg-jax " + " ".join(argv)
   assert {"processor", "cpu_count", "jax", "date"} <= set(record["machine"])
   kinds = [(r["kind"], r["model"], r["n"]) for r in record["rows"]]
-  assert kinds == [("search", "tiny", 5000), ("search voken_logits_only", "tiny", 5000),
-                   ("unconstrained", "tiny", 0), ("index", "tiny", 1000),
-                   ("index", "tiny", 10000)]
+  assert kinds == [
+    ("search", "tiny", 5000),
+    ("search voken_logits_only", "tiny", 5000),
+    ("unconstrained", "tiny", 0),
+    ("index", "tiny", 1000),
+    ("index", "tiny", 10000),
+  ]
   for r in record["rows"]:
     assert r["qps"] > 0
   search = record["rows"][0]
   assert 0 < search["matmul_fraction"] and search["gflop_per_query"] > 0
   assert record["rows"][3]["bytes_per_image"] > 0 and record["rows"][4]["build_s"] >= 0
   assert record["summary"]["matmul_gflop_per_s"] > 0
-  assert all(set(g) == {"goal", "measured", "met", "detail"}
-             for g in record["summary"]["goals"].values())
+  assert all(
+    set(g) == {"goal", "measured", "met", "detail"} for g in record["summary"]["goals"].values()
+  )
   from avg_jax.bench import reference_worker
+
   if reference_worker.available():
     assert search["ref_uncached"] > 0 and search["ref_cached"] > 0
     # same weights, same trie: the reference and ours agree on the top result

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CompileCounter
 
 from avg_jax import partitioning
 from avg_jax.decoding import search
@@ -15,13 +16,21 @@ from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
 from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import VokenVocabulary
-from helpers import CompileCounter
 
-VOCAB = VokenVocabulary(text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False,
-                        disambiguation_size=3)  # P = 3, sizes (4, 4, 3); 32 rows in all
-CFG = T5Config(vocab_size=VOCAB.total_vocab_size, num_voken_tokens=VOCAB.num_voken_tokens,
-               d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
-               num_decoder_layers=2, dropout_rate=0.0)
+VOCAB = VokenVocabulary(
+  text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False, disambiguation_size=3
+)  # P = 3, sizes (4, 4, 3); 32 rows in all
+CFG = T5Config(
+  vocab_size=VOCAB.total_vocab_size,
+  num_voken_tokens=VOCAB.num_voken_tokens,
+  d_model=32,
+  d_kv=8,
+  d_ff=64,
+  num_heads=4,
+  num_encoder_layers=2,
+  num_decoder_layers=2,
+  dropout_rate=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +61,13 @@ _logits = jax.jit(t5_lib.logits, static_argnums=1)
 
 def _teacher_forced(params, queries, codes, restrict=False):
   """[B, n] summed log-probs of every identifier (vokens + EOS) for every query."""
-  targets = VOCAB.target_tokens(codes)                                   # [n, P + 1]
+  targets = VOCAB.target_tokens(codes)  # [n, P + 1]
   b, n = queries.shape[0], len(codes)
   inputs = np.repeat(queries, n, axis=0)
   tgt = np.tile(targets, (b, 1))
   if not restrict:
     return np.asarray(_score(params, CFG, inputs, tgt)).reshape(b, n)
-  logits = _logits(params, CFG, inputs, tgt)                             # [b*n, P+1, V]
+  logits = _logits(params, CFG, inputs, tgt)  # [b*n, P+1, V]
   columns = t5_lib.voken_logit_token_ids(CFG)
   lp = jax.nn.log_softmax(logits[..., columns], axis=-1)
   col = np.asarray(t5_lib.tokens_to_voken_columns(CFG, tgt))
@@ -72,9 +81,17 @@ def test_exact_when_beams_cover_all_leaves(params, restrict):
   # documented restricted one with voken_logits_only.
   trie = _trie()
   queries = _queries()
-  r = search.results_to_numpy(search.constrained_search(
-      params, CFG, trie.to_device(), VOCAB, queries, beam_size=trie.num_leaves,
-      voken_logits_only=restrict))
+  r = search.results_to_numpy(
+    search.constrained_search(
+      params,
+      CFG,
+      trie.to_device(),
+      VOCAB,
+      queries,
+      beam_size=trie.num_leaves,
+      voken_logits_only=restrict,
+    )
+  )
   expect = _teacher_forced(params, queries, trie.leaf_codes(), restrict)
   for q in range(len(queries)):
     order = np.argsort(-expect[q], kind="stable")
@@ -94,13 +111,16 @@ def test_restricted_normalisation_differs_from_full(params):
 def test_renormalize_mode_scores(params):
   trie = _trie(seed=1)
   queries = _queries(1)
-  r = search.results_to_numpy(search.constrained_search(
-      params, CFG, trie, VOCAB, queries, beam_size=4, top_k=3, mask_mode="renormalize"))
+  r = search.results_to_numpy(
+    search.constrained_search(
+      params, CFG, trie, VOCAB, queries, beam_size=4, top_k=3, mask_mode="renormalize"
+    )
+  )
   assert r["scores"].shape == (4, 3)
   # score = sum over positions of log-softmax restricted to the allowed children (EOS: 0)
   for q in range(len(queries)):
     targets = VOCAB.target_tokens(r["codes"][q])
-    logits = np.asarray(_logits(params, CFG, np.repeat(queries[q:q + 1], 3, 0), targets))
+    logits = np.asarray(_logits(params, CFG, np.repeat(queries[q : q + 1], 3, 0), targets))
     for j, codes in enumerate(r["codes"][q]):
       total = 0.0
       for pos in range(VOCAB.id_length):
@@ -133,8 +153,9 @@ def test_sharded_search_matches_single_device(params):
   queries = _queries(3, batch=8)
   fn = search.make_search_fn(CFG, VOCAB, mesh, shardings, DecodeConfig(beam_size=3, top_k=3))
   dev_trie = trie.to_device(sharding=partitioning.replicated(mesh))
-  got = fn(sharded_params, dev_trie, jax.device_put(
-      queries, partitioning.logical_sharding(mesh, "batch")))
+  got = fn(
+    sharded_params, dev_trie, jax.device_put(queries, partitioning.logical_sharding(mesh, "batch"))
+  )
   assert not got.item_ids.sharding.is_fully_replicated
   want = search.constrained_search(params, CFG, trie, VOCAB, queries, beam_size=3)
   got, want = search.results_to_numpy(got), search.results_to_numpy(want)
@@ -146,15 +167,21 @@ def test_sharded_search_matches_single_device(params):
   tokens = jax.device_put(queries, partitioning.logical_sharding(mesh, "batch"))
   again = partitioning.make_mesh({"data": 4, "fsdp": 1, "model": 2})
   with CompileCounter() as compiles:
-    fn2 = search.make_search_fn(CFG, VOCAB, again, t5_lib.param_shardings(CFG, again)["params"],
-                                DecodeConfig(beam_size=3, top_k=3))
-    np.testing.assert_array_equal(search.results_to_numpy(fn2(sharded_params, dev_trie,
-                                                              tokens))["item_ids"],
-                                  got["item_ids"])
+    fn2 = search.make_search_fn(
+      CFG,
+      VOCAB,
+      again,
+      t5_lib.param_shardings(CFG, again)["params"],
+      DecodeConfig(beam_size=3, top_k=3),
+    )
+    np.testing.assert_array_equal(
+      search.results_to_numpy(fn2(sharded_params, dev_trie, tokens))["item_ids"], got["item_ids"]
+    )
   assert compiles.count == 0
   with CompileCounter() as compiles:
     search.make_search_fn(CFG, VOCAB, mesh, shardings, DecodeConfig(beam_size=3, top_k=2))(
-        sharded_params, dev_trie, tokens)
+      sharded_params, dev_trie, tokens
+    )
   assert compiles.count == 1
 
 
@@ -169,8 +196,7 @@ def test_argument_errors(params):
   with pytest.raises(UserError, match="top_k"):
     search.constrained_search(params, CFG, _trie(), VOCAB, queries, beam_size=2, top_k=3)
   with pytest.raises(UserError, match="mask_mode"):
-    search.constrained_search(params, CFG, _trie(), VOCAB, queries, beam_size=2,
-                              mask_mode="x")
+    search.constrained_search(params, CFG, _trie(), VOCAB, queries, beam_size=2, mask_mode="x")
   with pytest.raises(UserError, match=r"\[batch, length\]"):
     search.constrained_search(params, CFG, _trie(), VOCAB, queries[0], beam_size=2)
 
@@ -182,9 +208,11 @@ def test_input_tokens_are_checked_on_the_host(params):
     return search.constrained_search(params, CFG, trie, VOCAB, tokens, beam_size=4, top_k=2)
 
   v = CFG.vocab_size
-  for bad, message in [(v, rf"token id {v} is outside the vocabulary \[0, {v}\)"),
-                       (-1, r"token id -1 is outside the vocabulary"),
-                       (v + 1000, rf"token id {v + 1000} is outside")]:
+  for bad, message in [
+    (v, rf"token id {v} is outside the vocabulary \[0, {v}\)"),
+    (-1, r"token id -1 is outside the vocabulary"),
+    (v + 1000, rf"token id {v + 1000} is outside"),
+  ]:
     tokens = queries.copy()
     tokens[2, 1] = bad
     with pytest.raises(UserError, match=message):

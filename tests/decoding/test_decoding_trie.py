@@ -28,8 +28,12 @@ def test_hand_example_structure():
   assert trie.children([1, 0]).tolist() == [0]
   assert trie.children([1, 1]).tolist() == []
   assert trie.lookup([[0, 2, 0], [0, 2, 1], [1, 0, 0]]).tolist() == [2, -1, 3]
-  assert (trie.num_items, trie.num_leaves, trie.max_children(0), trie.max_children(2)) == \
-      (4, 4, 2, 2)
+  assert (trie.num_items, trie.num_leaves, trie.max_children(0), trie.max_children(2)) == (
+    4,
+    4,
+    2,
+    2,
+  )
 
 
 def test_shared_identifiers_map_to_all_their_items():
@@ -115,9 +119,15 @@ def test_load_errors(tmp_path):
   with pytest.raises(UserError, match="unreadable"):
     VokenTrie.load(str(bad))
   inconsistent = tmp_path / "inconsistent.npz"
-  np.savez(inconsistent, format_version=np.int32(1), position_sizes=np.asarray([2]),
-           offsets_0=np.asarray([0, 3], np.int32), codes_0=np.asarray([0, 1], np.int32),
-           leaf_item_offsets=np.asarray([0, 1, 2], np.int32), leaf_items=np.asarray([0, 1]))
+  np.savez(
+    inconsistent,
+    format_version=np.int32(1),
+    position_sizes=np.asarray([2]),
+    offsets_0=np.asarray([0, 3], np.int32),
+    codes_0=np.asarray([0, 1], np.int32),
+    leaf_item_offsets=np.asarray([0, 1, 2], np.int32),
+    leaf_items=np.asarray([0, 1]),
+  )
   with pytest.raises(UserError, match="inconsistent"):
     VokenTrie.load(str(inconsistent))
   # A truncated file is a zipfile.BadZipFile, not one of numpy's own errors.
@@ -127,7 +137,9 @@ def test_load_errors(tmp_path):
     VokenTrie.load(str(truncated))
 
 
-@pytest.mark.parametrize("codes,ids,sizes,message", [
+@pytest.mark.parametrize(
+  "codes,ids,sizes,message",
+  [
     (np.zeros((0, 3), int), None, (4, 4, 4), "0 sequences"),
     ([[0, 1, 4]], None, (4, 4, 4), r"code 4 at row 0, position 2 is outside \[0, 4\)"),
     ([[0, -1, 2]], None, (4, 4, 4), "outside"),
@@ -138,7 +150,8 @@ def test_load_errors(tmp_path):
     ([[0, 1, 2], [1, 1, 1]], [3, 3], (4, 4, 4), "item id 3 appears more than once"),
     ([[0, 1, 2], [1, 1, 1]], [3], (4, 4, 4), "expected 2 integer item ids"),
     ([[0, 1, 2]], [2**31], (4, 4, 4), "item ids must lie"),
-])
+  ],
+)
 def test_bad_input_is_a_user_error(codes, ids, sizes, message):
   with pytest.raises(UserError, match=message):
     VokenTrie.build(codes, ids, sizes)

@@ -4,12 +4,11 @@ pruned), removed images disappear, and the union's windows hold every child once
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_t5, tiny_t5_params
 
 from avg_jax.decoding import search
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.decoding.union_trie import UnionTrie
-
-from helpers import tiny_t5, tiny_t5_params
 
 VOCAB, CFG = tiny_t5()
 
@@ -18,7 +17,8 @@ VOCAB, CFG = tiny_t5()
 def params():
   return tiny_t5_params(CFG)
 
-SIZES = VOCAB.position_sizes()[:2]   # semantic codes: 4 x 4
+
+SIZES = VOCAB.position_sizes()[:2]  # semantic codes: 4 x 4
 
 
 def _split(seed=0, n=12):
@@ -52,11 +52,16 @@ def test_removed_images_are_not_returned(params):
   delta = VokenTrie.build(codes[8:], ids[8:], SIZES)
   alive_base = ~np.isin(base.leaf_items, [100, 103])
   alive_delta = ~np.isin(delta.leaf_items, [110])
-  union = UnionTrie.of(base.to_device(1).with_alive(jax.numpy.asarray(alive_base)),
-                       delta.to_device(0).with_alive(jax.numpy.asarray(alive_delta)))
+  union = UnionTrie.of(
+    base.to_device(1).with_alive(jax.numpy.asarray(alive_base)),
+    delta.to_device(0).with_alive(jax.numpy.asarray(alive_delta)),
+  )
   queries = np.random.default_rng(2).integers(3, 21, (2, 5)).astype(np.int32)
-  r = jax.device_get(search.constrained_search(params, CFG, union, VOCAB, queries,
-                                               beam_size=16, top_k=9, trained_length=2))
+  r = jax.device_get(
+    search.constrained_search(
+      params, CFG, union, VOCAB, queries, beam_size=16, top_k=9, trained_length=2
+    )
+  )
   for q in range(2):
     got = [i for i in r.item_ids[q].tolist() if i >= 0]
     assert set(got) == set(ids.tolist()) - {100, 103, 110}
@@ -67,8 +72,9 @@ def test_union_children_hold_each_code_once():
   delta = VokenTrie.build([[2, 0], [3, 3]], [3, 4], (4, 4)).to_device(0)
   u = UnionTrie.of(base, delta)
   codes, (cb, cd), valid = jax.device_get(u.children(0, u.root_node((1,)), 4))
-  got = sorted((int(c), int(b), int(d)) for c, b, d, v in zip(codes[0], cb[0], cd[0], valid[0])
-               if v)
+  got = sorted(
+    (int(c), int(b), int(d)) for c, b, d, v in zip(codes[0], cb[0], cd[0], valid[0]) if v
+  )
   # code 0: base only; code 2: both (base node 1, delta node 0); code 3: delta only.
   assert got == [(0, 0, -1), (2, 1, 0), (3, -1, 1)]
   assert u.widths == (4, 2) and u.max_group == 2
@@ -79,9 +85,15 @@ def test_removed_subtrees_cost_no_beam_slots(params, dense_levels):
   # With a narrow beam, a search that walked into removed images' paths would return fewer
   # or other images than a tree built from the live images alone; pruning makes them equal.
   from avg_jax.export import live_index as live_lib
+
   codes, ids = _split(seed=3, n=16)
-  index = live_lib.LiveIndex(base_ids=ids[:10], base_codes=codes[:10],
-                             base_names=np.full(10, ""), position_sizes=SIZES, num_levels=2)
+  index = live_lib.LiveIndex(
+    base_ids=ids[:10],
+    base_codes=codes[:10],
+    base_names=np.full(10, ""),
+    position_sizes=SIZES,
+    num_levels=2,
+  )
   index.add(ids[10:], codes[10:], [""] * 6)
   removed = ids[[0, 1, 2, 3, 4, 10, 11]]
   index.remove(removed)
@@ -97,8 +109,10 @@ def test_removed_subtrees_cost_no_beam_slots(params, dense_levels):
     np.testing.assert_allclose(np.sort(a.scores[q]), np.sort(b.scores[q]), atol=1e-5)
     assert sorted(a.item_ids[q].tolist()) == sorted(b.item_ids[q].tolist())
   # Without the pruning (dead leaves only) the narrow beam loses slots on some query.
-  plain = union.replace(base=union.base.with_alive(union.base.item_alive),
-                        delta=union.delta.with_alive(union.delta.item_alive))
+  plain = union.replace(
+    base=union.base.with_alive(union.base.item_alive),
+    delta=union.delta.with_alive(union.delta.item_alive),
+  )
   c = jax.device_get(search.constrained_search(params, CFG, plain, VOCAB, queries, **kw))
   assert (c.item_ids < 0).sum() > (b.item_ids < 0).sum()
 
@@ -110,8 +124,10 @@ def test_delta_only_codes_under_a_dense_base_level_keep_their_code(params, dense
   # the results then differed from one tree over both.
   codes, ids = _split(seed=3, n=16)
   assert 1 in codes[10:, 0] and 1 not in codes[:10, 0]
-  union = UnionTrie.of(VokenTrie.build(codes[:10], ids[:10], SIZES).to_device(dense_levels),
-                       VokenTrie.build(codes[10:], ids[10:], SIZES).to_device(0))
+  union = UnionTrie.of(
+    VokenTrie.build(codes[:10], ids[:10], SIZES).to_device(dense_levels),
+    VokenTrie.build(codes[10:], ids[10:], SIZES).to_device(0),
+  )
   whole = VokenTrie.build(codes, ids, SIZES).to_device(dense_levels)
   queries = np.random.default_rng(4).integers(3, 21, (4, 5)).astype(np.int32)
   kw = dict(beam_size=3, top_k=3, trained_length=2)

@@ -62,8 +62,9 @@ def test_remat_and_bfloat16_variants(repo_root):
   cfg, params = hf_import.load_hf_clip(directory)
   reference = np.asarray(clip.encode_images(params, cfg, data["pixel_values"]))
   remat = clip.ClipConfig.from_dict(dict(cfg.to_dict(), remat=True))
-  np.testing.assert_allclose(clip.encode_images(params, remat, data["pixel_values"]), reference,
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    clip.encode_images(params, remat, data["pixel_values"]), reference, rtol=0, atol=1e-6
+  )
   bf16 = clip.ClipConfig.from_dict(dict(cfg.to_dict(), dtype="bfloat16"))
   low = np.asarray(clip.encode_images(params, bf16, data["pixel_values"]))
   assert low.dtype == np.float32
@@ -87,10 +88,14 @@ def test_text_pooling_without_end_token_or_with_mid_row_pad_matches_hf(repo_root
 
 def test_text_pool_index_follows_hf_rules():
   cfg = clip.ClipConfig(eos_token_id=9, pad_token_id=1)
-  tokens = np.array([[5, 6, 7, 8],    # no EOS: position 0, as HF (not the last token)
-                     [5, 1, 9, 0],    # pad id before EOS: still the EOS position
-                     [5, 9, 1, 9],    # the first EOS
-                     [5, 6, 1, 1]])   # no EOS, pad-id tail: position 0
+  tokens = np.array(
+    [
+      [5, 6, 7, 8],  # no EOS: position 0, as HF (not the last token)
+      [5, 1, 9, 0],  # pad id before EOS: still the EOS position
+      [5, 9, 1, 9],  # the first EOS
+      [5, 6, 1, 1],
+    ]
+  )  # no EOS, pad-id tail: position 0
   np.testing.assert_array_equal(clip.text_pool_index(cfg, tokens), [0, 2, 1, 0])
   argmax = clip.ClipConfig(text_pooling="argmax", eos_token_id=2)
   np.testing.assert_array_equal(clip.text_pool_index(argmax, tokens), [3, 2, 1, 1])

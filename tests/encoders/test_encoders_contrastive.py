@@ -11,7 +11,7 @@ from avg_jax import partitioning
 from avg_jax.encoders import clip, contrastive
 
 # Row i = image i, column j = text j. exp(logits) rows: [2, 3, 1], [1, 1, 4], [1, 2, 5].
-LOGITS = np.log(np.array([[2., 3., 1.], [1., 1., 4.], [1., 2., 5.]]))
+LOGITS = np.log(np.array([[2.0, 3.0, 1.0], [1.0, 1.0, 4.0], [1.0, 2.0, 5.0]]))
 
 
 def test_infonce_hand_computed():
@@ -32,17 +32,18 @@ def test_infonce_masks_other_captions_of_the_same_image():
 
 
 def test_clip_logits_normalise_and_clamp_the_scale():
-  image = jnp.array([[3., 4.], [0., 2.]])
-  text = jnp.array([[6., 8.], [1., 0.]])
+  image = jnp.array([[3.0, 4.0], [0.0, 2.0]])
+  text = jnp.array([[6.0, 8.0], [1.0, 0.0]])
   logits = contrastive.clip_logits(image, text, jnp.log(10.0))
-  np.testing.assert_allclose(logits, [[10., 6.], [8., 0.]], atol=1e-5)
+  np.testing.assert_allclose(logits, [[10.0, 6.0], [8.0, 0.0]], atol=1e-5)
   clamped = contrastive.clip_logits(image, text, jnp.asarray(9.0))  # e^9 > 100
-  np.testing.assert_allclose(clamped, [[100., 60.], [80., 0.]], atol=1e-4)
+  np.testing.assert_allclose(clamped, [[100.0, 60.0], [80.0, 0.0]], atol=1e-4)
 
 
 def test_schedule_warmup_then_cosine():
   schedule = contrastive.learning_rate_schedule(
-      dict(steps=100, warmup_steps=10, learning_rate=1e-3))
+    dict(steps=100, warmup_steps=10, learning_rate=1e-3)
+  )
   assert float(schedule(0)) == 0.0
   assert float(schedule(5)) == pytest.approx(5e-4)
   assert float(schedule(10)) == pytest.approx(1e-3)
@@ -50,10 +51,23 @@ def test_schedule_warmup_then_cosine():
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
 
 
-TINY = clip.ClipConfig(image_size=16, patch_size=8, vision_width=16, vision_layers=1,
-                       vision_heads=2, vision_mlp_dim=32, vocab_size=40, max_text_length=8,
-                       text_width=16, text_layers=1, text_heads=2, text_mlp_dim=32,
-                       projection_dim=8, eos_token_id=1, pad_token_id=0)
+TINY = clip.ClipConfig(
+  image_size=16,
+  patch_size=8,
+  vision_width=16,
+  vision_layers=1,
+  vision_heads=2,
+  vision_mlp_dim=32,
+  vocab_size=40,
+  max_text_length=8,
+  text_width=16,
+  text_layers=1,
+  text_heads=2,
+  text_mlp_dim=32,
+  projection_dim=8,
+  eos_token_id=1,
+  pad_token_id=0,
+)
 TRAIN = dict(steps=30, warmup_steps=2, learning_rate=3e-3, weight_decay=1e-4)
 
 
@@ -62,9 +76,12 @@ def _batch(rng, size=16):
   lengths = rng.integers(2, 8, size=size)
   for row, n in enumerate(lengths):
     tokens[row, n] = 1  # EOS
-    tokens[row, n + 1:] = 0
-  return dict(image=rng.integers(0, 256, size=(size, 16, 16, 3)).astype(np.uint8),
-              tokens=tokens, image_id=np.arange(size, dtype=np.int64))
+    tokens[row, n + 1 :] = 0
+  return dict(
+    image=rng.integers(0, 256, size=(size, 16, 16, 3)).astype(np.uint8),
+    tokens=tokens,
+    image_id=np.arange(size, dtype=np.int64),
+  )
 
 
 def test_train_step_sharded_over_8_devices_fits_a_batch():
@@ -73,12 +90,14 @@ def test_train_step_sharded_over_8_devices_fits_a_batch():
   state, shardings = contrastive.create_train_state(TINY, tx, mesh, jax.random.key(0))
   kernel = state.params["vision"]["block_0"]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
-  step = contrastive.make_train_step(TINY, tx, contrastive.learning_rate_schedule(TRAIN), mesh,
-                                     shardings)
+  step = contrastive.make_train_step(
+    TINY, tx, contrastive.learning_rate_schedule(TRAIN), mesh, shardings
+  )
   batch = partitioning.shard_host_batch(_batch(np.random.default_rng(0)), mesh)
   # Jitted: op by op, each primitive on 8 sharded devices would compile on its own.
-  initial_loss = float(jax.jit(contrastive.loss_and_metrics, static_argnums=1)(
-      state.params, TINY, batch)[0])
+  initial_loss = float(
+    jax.jit(contrastive.loss_and_metrics, static_argnums=1)(state.params, TINY, batch)[0]
+  )
   old_params = state.params
   losses = []
   for _ in range(25):

@@ -48,6 +48,7 @@ def test_unexpected_tensor_is_named(clip_dir):
 def test_misshaped_tensor_is_named_with_shapes(clip_dir):
   def shrink(t):
     t["text_projection.weight"] = t["text_projection.weight"][:, :-1].copy()
+
   _tamper(clip_dir, shrink)
   expected = r"text_projection\.weight has shape \[16, 31\], expected \[16, 32\]"
   with pytest.raises(UserError, match=expected):
@@ -63,14 +64,15 @@ def test_config_disagreeing_with_weights(clip_dir):
 
 
 def test_position_ids_buffers_are_tolerated(clip_dir):
-  _tamper(clip_dir, lambda t: t.update(
-      {"text_model.embeddings.position_ids": np.arange(16, dtype=np.int64)[None]}))
+  _tamper(
+    clip_dir,
+    lambda t: t.update({"text_model.embeddings.position_ids": np.arange(16, dtype=np.int64)[None]}),
+  )
   hf_import.load_hf_clip(str(clip_dir))
 
 
 def test_half_precision_weights_are_upcast(clip_dir):
-  _tamper(clip_dir, lambda t: t.update(
-      {k: v.astype(np.float16) for k, v in t.items()}))
+  _tamper(clip_dir, lambda t: t.update({k: v.astype(np.float16) for k, v in t.items()}))
   _, params = hf_import.load_hf_clip(str(clip_dir))
   assert params["text"]["token_embedding"].dtype == np.float32
 

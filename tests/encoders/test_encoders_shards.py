@@ -9,6 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import CompileCounter
 
 from avg_jax import config as config_lib
 from avg_jax import partitioning
@@ -17,16 +18,24 @@ from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import clip, extract, preprocess, store
 from avg_jax.errors import UserError
 from avg_jax.stages import prepare
-from helpers import CompileCounter
 
 SPLITS = ("train", "val", "test")
 # 60 / 8 / 8 images; 16 per shard: train 0-16, 16-32, 32-48, 48-60, val 0-8, test 0-8. Batches
 # of 24 rows straddle the shard boundaries of a one-shard run, so rows meet other neighbours.
-SMALL = ["data.num_train=60", "data.num_val=8", "data.num_test=8",
-         "text_tokenizer.vocab_size=100", "encoder_train.embed_batch_size=24"]
+SMALL = [
+  "data.num_train=60",
+  "data.num_val=8",
+  "data.num_test=8",
+  "text_tokenizer.vocab_size=100",
+  "encoder_train.embed_batch_size=24",
+]
 SHARDED = SMALL + ["encoder_train.embed_images_per_shard=16"]
-TRAIN = ["train-000000000-000000016", "train-000000016-000000032",
-         "train-000000032-000000048", "train-000000048-000000060"]
+TRAIN = [
+  "train-000000000-000000016",
+  "train-000000016-000000032",
+  "train-000000032-000000048",
+  "train-000000048-000000060",
+]
 
 
 def _config(repo_root, overrides):
@@ -41,17 +50,23 @@ def setup(tmp_path_factory, repo_root):
   config = _config(repo_root, SMALL)
   prepare.run(config, prepared)
   tokenizer = TextTokenizer.load(paths.text_tokenizer_model(prepared))
-  cfg = clip.ClipConfig.from_config(config.encoder, vocab_size=tokenizer.vocab_size,
-                                    eos_token_id=1, pad_token_id=0)
+  cfg = clip.ClipConfig.from_config(
+    config.encoder, vocab_size=tokenizer.vocab_size, eos_token_id=1, pad_token_id=0
+  )
   mesh = partitioning.make_mesh({"data": -1})
   init = lambda rng: {"params": clip.init_fn(cfg)(rng)["params"]}
   variables, shardings = partitioning.sharded_init(init, mesh, jax.random.key(0))
-  encoder = extract.DualEncoder(cfg, variables["params"],
-                                preprocess.PreprocessConfig.for_image_size(cfg.image_size),
-                                tokenizer, shardings["params"])
+  encoder = extract.DualEncoder(
+    cfg,
+    variables["params"],
+    preprocess.PreprocessConfig.for_image_size(cfg.image_size),
+    tokenizer,
+    shardings["params"],
+  )
   reference = _copy(prepared, tmp_path_factory.mktemp("one_shard"))
   assert extract.write_shards(encoder, reference, SPLITS, mesh, config, 0, 1) == {
-      split: (1, 0, 1) for split in SPLITS}
+    split: (1, 0, 1) for split in SPLITS
+  }
   embeddings = {split: _merge(reference, split, config, cfg) for split in SPLITS}
   assert np.ptp(embeddings["train"]["image_emb"], axis=0).max() > 0  # rows differ
   return prepared, encoder, mesh, embeddings
@@ -83,6 +98,7 @@ def _count_shard_writes(monkeypatch):
   def counting(encoder, images, captions, shard, *args):
     written.append(shard.name)
     return write_shard(encoder, images, captions, shard, *args)
+
   monkeypatch.setattr(extract, "write_shard", counting)
   return written
 
@@ -91,8 +107,9 @@ def test_local_encoder_keeps_the_parameters(setup, repo_root):
   _, encoder, _, _ = setup
   local, mesh = store.local_encoder(encoder, _config(repo_root, SMALL).mesh)
   assert mesh.devices.size == jax.local_device_count()
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(local.params),
-               jax.device_get(encoder.params))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(local.params), jax.device_get(encoder.params)
+  )
 
 
 def test_two_processes_write_their_shards_and_match_one(setup, tmp_path, repo_root, capsys):
@@ -102,15 +119,17 @@ def test_two_processes_write_their_shards_and_match_one(setup, tmp_path, repo_ro
   counts = extract.write_shards(encoder, workdir, SPLITS, mesh, config, 1, 2)
   assert counts == {"train": (2, 0, 2), "val": (0, 0, 0), "test": (1, 0, 1)}
   assert sorted(os.listdir(paths.embed_shards_dir(workdir))) == [
-      f"{n}.npz" for n in ("test-000000000-000000008", TRAIN[1], TRAIN[3])]
+    f"{n}.npz" for n in ("test-000000000-000000008", TRAIN[1], TRAIN[3])
+  ]
   assert "embed train: wrote 2 of 2 shards (process 1 of 2)" in capsys.readouterr().out
   counts = extract.write_shards(encoder, workdir, SPLITS, mesh, config, 0, 2)
   assert counts == {"train": (2, 0, 2), "val": (1, 0, 1), "test": (0, 0, 0)}
   _assert_equal_to_reference(workdir, config, encoder, reference)
 
 
-def test_a_rerun_skips_finished_shards_and_redoes_damaged_ones(setup, tmp_path, repo_root,
-                                                               capsys, monkeypatch):
+def test_a_rerun_skips_finished_shards_and_redoes_damaged_ones(
+  setup, tmp_path, repo_root, capsys, monkeypatch
+):
   prepared, encoder, mesh, reference = setup
   config, workdir = _config(repo_root, SHARDED), _copy(prepared, tmp_path)
   extract.write_shards(encoder, workdir, SPLITS, mesh, config, 0, 1)
@@ -129,17 +148,24 @@ def test_a_rerun_skips_finished_shards_and_redoes_damaged_ones(setup, tmp_path, 
     f.write(bytes([byte[0] ^ 1]))
   with open(path(TRAIN[2]), "r+b") as f:
     f.truncate(1000)
-  np.savez(path("val-000000000-000000008"), image_ids=np.zeros(3, np.int64),  # wrong rows
-           image_emb=np.zeros((3, 32), np.float32), caption_image_ids=np.zeros(15, np.int64),
-           caption_emb=np.zeros((15, 32), np.float32))
+  np.savez(
+    path("val-000000000-000000008"),
+    image_ids=np.zeros(3, np.int64),  # wrong rows
+    image_emb=np.zeros((3, 32), np.float32),
+    caption_image_ids=np.zeros(15, np.int64),
+    caption_emb=np.zeros((15, 32), np.float32),
+  )
   extract.write_shards(encoder, workdir, SPLITS, mesh, config, 0, 1)
   assert sorted(written) == [TRAIN[0], TRAIN[2], "val-000000000-000000008"]
   out = capsys.readouterr().out
-  assert (f"warning: embed shard {path(TRAIN[0])} cannot be read (BadZipFile: Bad CRC-32 for "
-          "file 'caption_emb.npy'); writing it again") in out
+  assert (
+    f"warning: embed shard {path(TRAIN[0])} cannot be read (BadZipFile: Bad CRC-32 for "
+    "file 'caption_emb.npy'); writing it again"
+  ) in out
   assert f"warning: embed shard {path(TRAIN[2])} cannot be read" in out
-  assert (f"{path('val-000000000-000000008')} has image_ids int64[3], expected int64[8]; "
-          "writing it again") in out
+  assert (
+    f"{path('val-000000000-000000008')} has image_ids int64[3], expected int64[8]; writing it again"
+  ) in out
   assert "embed train: 2 of 4 shards already done, skipped; wrote 2 of 4 shards" in out
   _assert_equal_to_reference(workdir, config, encoder, reference)
 
@@ -148,8 +174,11 @@ def test_merging_names_a_missing_shard(setup, tmp_path, repo_root):
   prepared, encoder, mesh, _ = setup
   config, workdir = _config(repo_root, SHARDED), _copy(prepared, tmp_path)
   extract.write_shards(encoder, workdir, ["train"], mesh, config, 0, 2)  # process 1 never ran
-  with pytest.raises(UserError, match=rf"embed shard .*{TRAIN[1]}\.npz is missing after every "
-                     "process finished"):
+  with pytest.raises(
+    UserError,
+    match=rf"embed shard .*{TRAIN[1]}\.npz is missing after every "
+    "process finished",
+  ):
     extract.merge_shards(workdir, "train", config, encoder.cfg.projection_dim)
   assert not os.path.exists(paths.embeddings_file(workdir, "train"))
 

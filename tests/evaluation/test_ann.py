@@ -14,7 +14,7 @@ def test_hnsw_finds_the_exact_neighbours_of_a_tiny_index():
   items = rng.normal(size=(200, 16)).astype(np.float32)
   queries = items[:5] + 0.01 * rng.normal(size=(5, 16)).astype(np.float32)
   index = ann.HnswIndex(items, m=8, ef_construction=40)
-  scores, ids = index.search(queries, 3, ef_search=200)   # ef >= N: exhaustive in effect
+  scores, ids = index.search(queries, 3, ef_search=200)  # ef >= N: exhaustive in effect
   cosine = ann.normalize(queries) @ ann.normalize(items).T
   exact = np.argsort(-cosine, axis=1, kind="stable")[:, :3]
   assert ann.recall_against_exact(ids, exact) == 1.0
@@ -36,10 +36,13 @@ def test_loading_faiss_prints_nothing_at_the_clis_info_level():
   # ModuleNotFoundError("No module named 'faiss.swigfaiss_avx512'")` (and AVX2) at INFO, which
   # the CLI's INFO-level logging printed into every evaluate log. A fresh process: faiss loads
   # once per process.
-  code = ("import logging; logging.basicConfig(level=logging.INFO); "
-          "from avg_jax.evaluation import ann; ann._faiss(); "
-          "print(ann.HnswIndex([[1.0, 0.0], [0.0, 1.0]]).num_items)")
-  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        check=True, timeout=120)
+  code = (
+    "import logging; logging.basicConfig(level=logging.INFO); "
+    "from avg_jax.evaluation import ann; ann._faiss(); "
+    "print(ann.HnswIndex([[1.0, 0.0], [0.0, 1.0]]).num_items)"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+  )
   assert done.stdout.strip() == "2"
   assert done.stderr == ""

@@ -8,14 +8,16 @@ from avg_jax.evaluation.recall import recall_at_k
 
 def test_recall_on_hand_made_similarities():
   # 3 images (ids 10, 20, 30), 2 captions each: 6 queries. Similarity [query, image].
-  sims = np.array([
-      [0.9, 0.1, 0.0],   # caption of 10: rank 1
-      [0.2, 0.8, 0.1],   # caption of 10: rank 2
-      [0.1, 0.7, 0.3],   # caption of 20: rank 1
-      [0.6, 0.3, 0.5],   # caption of 20: rank 3
-      [0.1, 0.2, 0.4],   # caption of 30: rank 1
+  sims = np.array(
+    [
+      [0.9, 0.1, 0.0],  # caption of 10: rank 1
+      [0.2, 0.8, 0.1],  # caption of 10: rank 2
+      [0.1, 0.7, 0.3],  # caption of 20: rank 1
+      [0.6, 0.3, 0.5],  # caption of 20: rank 3
+      [0.1, 0.2, 0.4],  # caption of 30: rank 1
       [0.5, 0.4, 0.45],  # caption of 30: rank 2
-  ])
+    ]
+  )
   image_ids = np.array([10, 20, 30])
   ranked = image_ids[np.argsort(-sims, axis=1)]
   true = np.array([10, 10, 20, 20, 30, 30])
@@ -40,11 +42,15 @@ def test_bad_shapes():
 
 def test_code_level_recall_hand_example():
   from avg_jax.evaluation.recall import code_recall_at_k
+
   # 3 queries, 3 generated sequences each (P = 3: two semantic codes + a disambiguation one).
-  sequences = np.array([
-      [[1, 2, 0], [1, 3, 0], [2, 2, 1]],    # true codes (1, 3): second sequence
-      [[4, 4, 1], [4, 4, 0], [0, 0, 0]],    # true codes (4, 4): first (any disambiguation)
-      [[0, 1, 0], [-1, -1, -1], [-1, -1, -1]]])  # true codes (5, 5): never generated
+  sequences = np.array(
+    [
+      [[1, 2, 0], [1, 3, 0], [2, 2, 1]],  # true codes (1, 3): second sequence
+      [[4, 4, 1], [4, 4, 0], [0, 0, 0]],  # true codes (4, 4): first (any disambiguation)
+      [[0, 1, 0], [-1, -1, -1], [-1, -1, -1]],
+    ]
+  )  # true codes (5, 5): never generated
   true_codes = np.array([[1, 3], [4, 4], [5, 5]])
   got = code_recall_at_k(sequences, true_codes, ks=(1, 2, 3))
   assert got == pytest.approx({"code R@1": 100 / 3, "code R@2": 200 / 3, "code R@3": 200 / 3})
@@ -54,10 +60,11 @@ def test_code_level_recall_hand_example():
 
 def test_paired_difference_by_hand():
   from avg_jax.evaluation.recall import hits_at_k, paired_difference
+
   ranked = np.array([[1, 2], [3, 4], [5, 6], [7, 8]])
   np.testing.assert_array_equal(hits_at_k(ranked, np.array([2, 3, 9, 8]), 1), [0, 1, 0, 0])
   a = np.array([1.0, 1.0, 0.0, 0.0])
   b = np.array([0.0, 1.0, 0.0, 1.0])
-  d = paired_difference(a, b)          # differences +1, 0, 0, -1: mean 0 points
+  d = paired_difference(a, b)  # differences +1, 0, 0, -1: mean 0 points
   assert d["diff"] == 0.0 and d["ci95"][0] < 0 < d["ci95"][1]
   assert paired_difference(a, a)["ci95"] == [0.0, 0.0]

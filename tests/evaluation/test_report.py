@@ -36,24 +36,46 @@ def test_crossover_is_where_avg_stays_faster():
 
 def test_write_report_makes_markdown_and_plots(tmp_path):
   results = {
-      "meta": {"config": "smoke"},
-      "recall": {
-          "transductive": {"two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
-                           "avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0, "code R@1": 30.0,
-                                   "code R@5": 55.0, "code R@10": 80.0}},
-          "inductive": {"two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
-                        "avg": {"R@1": 20.0, "R@5": 45.0, "R@10": 70.0, "code R@1": 21.0,
-                                "code R@5": 46.0, "code R@10": 71.0}}},
-      "saw_pseudo_queries": {"transductive": {"two_tower": False, "avg": True},
-                             "inductive": {"two_tower": False, "avg": False}},
-      "vs_two_tower": {"inductive": {"avg": {"R@1": {"diff": -2.0, "ci95": [-4.0, 0.5]}}}},
-      "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
-                     "two_tower": _rows([(1000, 1000.0), (100000, 10.0)])},
-      "codebook": {"avg": {"perplexity": [50.0, 40.0], "unused_share": [0.1, 0.2]}},
-      "collisions": {"avg": {"train": 0.1, "test": 0.05}},
+    "meta": {"config": "smoke"},
+    "recall": {
+      "transductive": {
+        "two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
+        "avg": {
+          "R@1": 25.0,
+          "R@5": 50.0,
+          "R@10": 75.0,
+          "code R@1": 30.0,
+          "code R@5": 55.0,
+          "code R@10": 80.0,
+        },
+      },
+      "inductive": {
+        "two_tower": {"R@1": 50.0, "R@5": 80.0, "R@10": 90.0},
+        "avg": {
+          "R@1": 20.0,
+          "R@5": 45.0,
+          "R@10": 70.0,
+          "code R@1": 21.0,
+          "code R@5": 46.0,
+          "code R@10": 71.0,
+        },
+      },
+    },
+    "saw_pseudo_queries": {
+      "transductive": {"two_tower": False, "avg": True},
+      "inductive": {"two_tower": False, "avg": False},
+    },
+    "vs_two_tower": {"inductive": {"avg": {"R@1": {"diff": -2.0, "ci95": [-4.0, 0.5]}}}},
+    "efficiency": {
+      "avg": _rows([(1000, 100.0), (100000, 90.0)]),
+      "two_tower": _rows([(1000, 1000.0), (100000, 10.0)]),
+    },
+    "codebook": {"avg": {"perplexity": [50.0, 40.0], "unused_share": [0.1, 0.2]}},
+    "collisions": {"avg": {"train": 0.1, "test": 0.05}},
   }
-  results["crossover"] = report.crossover(results["efficiency"]["avg"],
-                                          results["efficiency"]["two_tower"])
+  results["crossover"] = report.crossover(
+    results["efficiency"]["avg"], results["efficiency"]["two_tower"]
+  )
   path = report.write_report(results, str(tmp_path))
   text = open(path).read()
   assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 | – |" in text
@@ -66,10 +88,21 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
   table = report.summary_table(results)
   assert "two_tower" in table and "AVG faster than two-tower from N ~ " in table
   lines = table.splitlines()
-  assert lines[0] == ("protocol transductive (test; trained on the indexed images' pseudo "
-                      "queries: avg)")
-  assert lines[1].split()[:10] == ["method", "R@1", "R@5", "R@10", "code", "R@1", "code",
-                                   "R@5", "code", "R@10"]
+  assert lines[0] == (
+    "protocol transductive (test; trained on the indexed images' pseudo queries: avg)"
+  )
+  assert lines[1].split()[:10] == [
+    "method",
+    "R@1",
+    "R@5",
+    "R@10",
+    "code",
+    "R@1",
+    "code",
+    "R@5",
+    "code",
+    "R@10",
+  ]
   inductive_avg = [l for l in lines if l.startswith("avg ")][1]
   assert inductive_avg.split()[-3:] == ["-2.0", "[-4.0,", "+0.5]"]  # vs two-tower
   assert lines[3].split() == ["avg", "25.0", "50.0", "75.0", "30.0", "55.0", "80.0"]
@@ -78,9 +111,11 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
 
 def test_efficiency_section_has_no_empty_recall_header(tmp_path):
   # report.md's efficiency block used to start with a "method R@1 R@5 R@10" header and no rows.
-  results = {"recall": {"inductive": {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}}},
-             "efficiency": {"avg": _rows([(1000, 100.0)]), "two_tower": _rows([(1000, 50.0)])},
-             "crossover": 1000.0}
+  results = {
+    "recall": {"inductive": {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}}},
+    "efficiency": {"avg": _rows([(1000, 100.0)]), "two_tower": _rows([(1000, 50.0)])},
+    "crossover": 1000.0,
+  }
   text = open(report.write_report(results, str(tmp_path))).read()
   block = text.split("## Efficiency", 1)[1].split("```")[1]
   assert "R@1" not in block and "method" not in block
@@ -94,8 +129,9 @@ def test_efficiency_section_has_no_empty_recall_header(tmp_path):
 
 def test_efficiency_columns_fit_long_method_names():
   # "two_tower q/stwo_tower_hnsw q/s": a 14-letter name overran the 16-wide columns.
-  results = {"efficiency": {"two_tower": _rows([(1000, 50.0)]),
-                            "two_tower_hnsw": _rows([(1000, 3421.1)])}}
+  results = {
+    "efficiency": {"two_tower": _rows([(1000, 50.0)]), "two_tower_hnsw": _rows([(1000, 3421.1)])}
+  }
   header, row = report.summary_table(results).splitlines()[:2]
   assert header.split() == ["N", "two_tower", "q/s", "two_tower_hnsw", "q/s"]
   assert row.split() == ["1,000", "50.0", "3421.1"]
@@ -103,16 +139,40 @@ def test_efficiency_columns_fit_long_method_names():
 
 
 def test_hybrid_and_hnsw_sections(tmp_path):
-  frontier = [{"num_items": n, "ef_search": ef, "queries_per_s": q, "recall_at_k": r, "k": 10,
-               "search_only_queries_per_s": 2 * q, "build_s": 1.5, "index_bytes": 3 * 2**20}
-              for n, ef, q, r in [(1000, 16, 900.0, 0.91), (1000, 64, 400.0, 0.99),
-                                  (100000, 16, 500.0, 0.70), (100000, 64, 150.0, 0.96)]]
-  results = {"hybrid": {"transductive": {"weight": 64.0, "validation": [
-                 {"weight": 0.0, "R@1": 20.0, "R@5": 40.0, "R@10": 60.0},
-                 {"weight": 64.0, "R@1": 26.5, "R@5": 50.0, "R@10": 70.0}]}},
-             "efficiency": {"avg": _rows([(1000, 100.0), (100000, 90.0)]),
-                            "two_tower_hnsw": [frontier[1], frontier[3]]},
-             "ann_frontier": frontier}
+  frontier = [
+    {
+      "num_items": n,
+      "ef_search": ef,
+      "queries_per_s": q,
+      "recall_at_k": r,
+      "k": 10,
+      "search_only_queries_per_s": 2 * q,
+      "build_s": 1.5,
+      "index_bytes": 3 * 2**20,
+    }
+    for n, ef, q, r in [
+      (1000, 16, 900.0, 0.91),
+      (1000, 64, 400.0, 0.99),
+      (100000, 16, 500.0, 0.70),
+      (100000, 64, 150.0, 0.96),
+    ]
+  ]
+  results = {
+    "hybrid": {
+      "transductive": {
+        "weight": 64.0,
+        "validation": [
+          {"weight": 0.0, "R@1": 20.0, "R@5": 40.0, "R@10": 60.0},
+          {"weight": 64.0, "R@1": 26.5, "R@5": 50.0, "R@10": 70.0},
+        ],
+      }
+    },
+    "efficiency": {
+      "avg": _rows([(1000, 100.0), (100000, 90.0)]),
+      "two_tower_hnsw": [frontier[1], frontier[3]],
+    },
+    "ann_frontier": frontier,
+  }
   text = open(report.write_report(results, str(tmp_path))).read()
   assert "### transductive (chosen: 64)" in text and "| 64 | 26.5 | 50.0 | 70.0 |" in text
   assert "| 100,000 | 64 | 150.0 | 300.0 | 0.960 | 1.5 | 3.0 |" in text
@@ -124,13 +184,18 @@ def test_metrics_that_do_not_apply_show_a_dash_never_nan(tmp_path):
   # metric, an efficiency size a method skipped, a split a scheme has no collision rate for:
   # each is a dash ("–") in the summary and in report.md, never "nan" or a made-up 0.0%.
   results = {
-      "recall": {"inductive": {"two_tower": {"R@1": 50.0, "R@5": float("nan"), "R@10": 90.0},
-                               "hkmeans": {"R@1": 10.0, "R@5": float("nan"), "R@10": 30.0,
-                                           "code R@1": float("nan")}}},
-      "efficiency": {"avg": _rows([(1000, 100.0), (10000, 90.0)]),
-                     "two_tower": _rows([(1000, 50.0)])},
-      "crossover": None,
-      "collisions": {"avg": {"train": 0.1, "test": 0.05}, "atomic": {"test": float("nan")}},
+    "recall": {
+      "inductive": {
+        "two_tower": {"R@1": 50.0, "R@5": float("nan"), "R@10": 90.0},
+        "hkmeans": {"R@1": 10.0, "R@5": float("nan"), "R@10": 30.0, "code R@1": float("nan")},
+      }
+    },
+    "efficiency": {
+      "avg": _rows([(1000, 100.0), (10000, 90.0)]),
+      "two_tower": _rows([(1000, 50.0)]),
+    },
+    "crossover": None,
+    "collisions": {"avg": {"train": 0.1, "test": 0.05}, "atomic": {"test": float("nan")}},
   }
   table = report.summary_table(results)
   text = open(report.write_report(results, str(tmp_path))).read()
@@ -148,14 +213,20 @@ def test_report_says_what_training_saw():
   """Counts of pseudo queries, and a transductive run whose data had none says so (issue 28:
   the report once said "yes" for a protocol that trained on no pseudo query)."""
   recall = {"avg": {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}}
-  seen_some = {"recall": {"transductive": recall},
-               "saw_pseudo_queries": {"transductive": {"avg": 817}}}
+  seen_some = {
+    "recall": {"transductive": recall},
+    "saw_pseudo_queries": {"transductive": {"avg": 817}},
+  }
   assert "pseudo queries: avg (817))" in report.summary_table(seen_some)
-  assert "| avg | yes (817) |" in "\n".join(report._markdown_recall(
-      seen_some["recall"], seen_some["saw_pseudo_queries"], {}))
-  seen_none = {"recall": {"transductive": recall},
-               "saw_pseudo_queries": {"transductive": {"avg": 0}}}
+  assert "| avg | yes (817) |" in "\n".join(
+    report._markdown_recall(seen_some["recall"], seen_some["saw_pseudo_queries"], {})
+  )
+  seen_none = {
+    "recall": {"transductive": recall},
+    "saw_pseudo_queries": {"transductive": {"avg": 0}},
+  }
   table = report.summary_table(seen_none)
-  assert ("pseudo queries: none (the data has none: the same training as inductive)" in table)
-  assert "| avg | no |" in "\n".join(report._markdown_recall(
-      seen_none["recall"], seen_none["saw_pseudo_queries"], {}))
+  assert "pseudo queries: none (the data has none: the same training as inductive)" in table
+  assert "| avg | no |" in "\n".join(
+    report._markdown_recall(seen_none["recall"], seen_none["saw_pseudo_queries"], {})
+  )

@@ -12,17 +12,22 @@ from avg_jax.export import live_index as live_lib
 
 def _index(learned=True, embeddings=False):
   sizes = (4, 4, 3) if learned else (4, 4)
-  base_codes = np.array([[0, 1, 0], [0, 1, 1], [2, 2, 0]])[:, :len(sizes)]
+  base_codes = np.array([[0, 1, 0], [0, 1, 1], [2, 2, 0]])[:, : len(sizes)]
   emb = np.eye(3, 5, dtype=np.float32) if embeddings else None
-  return live_lib.LiveIndex(base_ids=np.array([10, 11, 12]), base_codes=base_codes,
-                            base_names=np.array(["a.png", "b.png", "c.png"]),
-                            position_sizes=sizes, num_levels=2, base_embeddings=emb)
+  return live_lib.LiveIndex(
+    base_ids=np.array([10, 11, 12]),
+    base_codes=base_codes,
+    base_names=np.array(["a.png", "b.png", "c.png"]),
+    position_sizes=sizes,
+    num_levels=2,
+    base_embeddings=emb,
+  )
 
 
 def test_added_images_get_the_next_free_disambiguation_index():
   index = _index()
   codes = index.add(np.array([20, 21]), np.array([[0, 1], [3, 3]]), ["x.png", "y.png"])
-  assert codes.tolist() == [[0, 1, 2], [3, 3, 0]]     # (0, 1) had indices 0 and 1
+  assert codes.tolist() == [[0, 1, 2], [3, 3, 0]]  # (0, 1) had indices 0 and 1
   with pytest.raises(UserError, match="3 disambiguation tokens"):
     index.add(np.array([22]), np.array([[0, 1]]), ["z.png"])
   with pytest.raises(UserError, match="image id 11 is already indexed"):
@@ -90,9 +95,10 @@ def test_device_structure_unions_the_delta_and_drops_removed_images():
   assert type(union).__name__ == "UnionTrie"
   import jax
   import jax.numpy as jnp
+
   leaf_b = index._base_trie.lookup(np.array([[2, 2]]))
   items, valid, _ = jax.device_get(union.base.members(jnp.asarray(leaf_b), 1, False))
-  assert not valid.any()                               # image 12 is removed
+  assert not valid.any()  # image 12 is removed
 
 
 def _save(index, export, *, add=None, remove=None):
@@ -116,8 +122,12 @@ def test_storage_grows_with_the_text_not_with_the_longest_string(tmp_path):
   long_name = "n" * live_lib.MAX_FILE_NAME_CHARS
   captions = [["a caption", "é" * live_lib.MAX_CAPTION_CHARS]] + [["short"]] * 299
   with live_lib.WriteLock(export):
-    index.add(np.arange(100, 400), np.tile([[3, 3]], (300, 1)),
-              [long_name] + ["x.png"] * 299, captions=captions)
+    index.add(
+      np.arange(100, 400),
+      np.tile([[3, 3]], (300, 1)),
+      [long_name] + ["x.png"] * 299,
+      captions=captions,
+    )
     index.save(export)
   # Fixed-width strings took 300 x (1024 + 2000) x 4 bytes (3.6 MB); the text is ~6 KB.
   assert os.path.getsize(tmp_path / "live" / "v1" / "delta.npz") < 40_000
@@ -125,11 +135,15 @@ def test_storage_grows_with_the_text_not_with_the_longest_string(tmp_path):
   assert again.file_names()[100] == long_name and again.file_names()[399] == "x.png"
   assert again.captions()[100] == captions[0] and again.captions()[101] == ["short"]
   for name, caps, match in (
-      ("n" * (live_lib.MAX_FILE_NAME_CHARS + 1), [], "file name of 1025 characters, the "
-                                                     "limit is 1024"),
-      ("a.png", ["c" * (live_lib.MAX_CAPTION_CHARS + 1)], "caption 0 of 2001 characters"),
-      ("a.png", ["c"] * (live_lib.MAX_CAPTIONS + 1), "at most 32 captions"),
-      ("\ud800.png", [], "lone surrogate at character 0")):
+    (
+      "n" * (live_lib.MAX_FILE_NAME_CHARS + 1),
+      [],
+      "file name of 1025 characters, the limit is 1024",
+    ),
+    ("a.png", ["c" * (live_lib.MAX_CAPTION_CHARS + 1)], "caption 0 of 2001 characters"),
+    ("a.png", ["c"] * (live_lib.MAX_CAPTIONS + 1), "at most 32 captions"),
+    ("\ud800.png", [], "lone surrogate at character 0"),
+  ):
     with pytest.raises(UserError, match=match):
       again.add(np.array([500]), np.array([[3, 3]]), [name], captions=[caps])
 
@@ -137,14 +151,19 @@ def test_storage_grows_with_the_text_not_with_the_longest_string(tmp_path):
 def test_live_index_written_before_the_seal_still_loads(tmp_path):
   folder = tmp_path / "live" / "v1"
   os.makedirs(folder)
-  np.savez(folder / "delta.npz", image_ids=np.array([20]), codes=np.array([[3, 3]]),
-           file_names=np.array(["old.png"]), captions=np.array(['["an old caption"]']))
+  np.savez(
+    folder / "delta.npz",
+    image_ids=np.array([20]),
+    codes=np.array([[3, 3]]),
+    file_names=np.array(["old.png"]),
+    captions=np.array(['["an old caption"]']),
+  )
   np.savez(folder / "removed.npz", removed=np.array([11]))
   (tmp_path / "live" / "CURRENT").write_text('{"version": 1}')
   index = _loaded(str(tmp_path))
   assert index.version == 1 and index.live_ids().tolist() == [10, 12, 20]
   assert index.file_names()[20] == "old.png" and index.captions() == {20: ["an old caption"]}
-  _save(index, str(tmp_path), add=[21])   # the next change writes the sealed layout
+  _save(index, str(tmp_path), add=[21])  # the next change writes the sealed layout
   again = _loaded(str(tmp_path))
   assert again.version == 2 and again.file_names()[20] == "old.png"
   assert "checksum" in json.loads((tmp_path / "live" / "CURRENT").read_text())
@@ -167,8 +186,9 @@ def test_current_is_sealed_with_its_version_and_files(tmp_path):
   with pytest.raises(live_lib.LiveIndexDamaged, match="has no checksum but names version 2"):
     _loaded(export)
   (live / "CURRENT").write_text(sealed_v2)
-  with pytest.raises(live_lib.LiveIndexDamaged, match="names version 2 but version 3 was "
-                                                      "committed after it"):
+  with pytest.raises(
+    live_lib.LiveIndexDamaged, match="names version 2 but version 3 was committed after it"
+  ):
     _loaded(export)
   os.remove(live / "CURRENT")
   with pytest.raises(live_lib.LiveIndexDamaged, match="is missing but version 3 was committed"):
@@ -179,8 +199,11 @@ def test_current_is_sealed_with_its_version_and_files(tmp_path):
   data = bytearray((live / "v3" / "removed.npz").read_bytes())
   data[-1] ^= 0xFF
   (live / "v3" / "removed.npz").write_bytes(bytes(data))
-  with pytest.raises(live_lib.LiveIndexDamaged, match=r"v3/removed\.npz does not match its "
-                                                      r"checksum"):
+  with pytest.raises(
+    live_lib.LiveIndexDamaged,
+    match=r"v3/removed\.npz does not match its "
+    r"checksum",
+  ):
     _loaded(export)
   (live / "v3" / "removed.npz").write_bytes(bytes(data[:-10]))
   with pytest.raises(live_lib.LiveIndexDamaged, match=r"v3/removed\.npz has \d+ bytes"):
@@ -192,10 +215,10 @@ def test_a_writer_never_overwrites_an_existing_version(tmp_path):
   index = _index(learned=False)
   _save(index, export, add=[20])
   _save(index, export, add=[21])
-  stale = _loaded(export)          # a writer that read v2 ...
-  _save(index, export, add=list(range(30, 330)))   # ... while another wrote v3 (300 images)
+  stale = _loaded(export)  # a writer that read v2 ...
+  _save(index, export, add=list(range(30, 330)))  # ... while another wrote v3 (300 images)
   v3 = {name: (live / "v3" / name).read_bytes() for name in ("delta.npz", "removed.npz")}
-  _save(stale, export, add=[22])   # its change is v4, never a second v3
+  _save(stale, export, add=[22])  # its change is v4, never a second v3
   assert stale.version == 4
   assert {name: (live / "v3" / name).read_bytes() for name in v3} == v3
   assert sorted(os.listdir(live)) == ["CURRENT", "LOCK", "v2", "v3", "v4"]
@@ -205,7 +228,7 @@ def test_automatic_ids_survive_the_largest_explicit_id(tmp_path):
   index = _index(learned=False)
   assert index.next_ids(2).tolist() == [13, 14]
   _save(index, str(tmp_path), add=[live_lib.MAX_ID])
-  assert index.next_ids(3).tolist() == [0, 1, 2]      # the smallest ids never used
+  assert index.next_ids(3).tolist() == [0, 1, 2]  # the smallest ids never used
   _save(index, str(tmp_path), remove=[live_lib.MAX_ID])
   again = _loaded(str(tmp_path))
   assert again.next_ids(12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14]
@@ -213,8 +236,22 @@ def test_automatic_ids_survive_the_largest_explicit_id(tmp_path):
     again.add(np.array([live_lib.MAX_ID + 1]), np.array([[3, 3]]), ["x.png"])
 
 
-@pytest.mark.parametrize("text", ["\u0663\u0666\u0660\u0663", "1_0", "+1", "-1", " 1", "1 ",
-                                  "0x1", "", "1" * 5000, "2147483648", "\uff11"])
+@pytest.mark.parametrize(
+  "text",
+  [
+    "\u0663\u0666\u0660\u0663",
+    "1_0",
+    "+1",
+    "-1",
+    " 1",
+    "1 ",
+    "0x1",
+    "",
+    "1" * 5000,
+    "2147483648",
+    "\uff11",
+  ],
+)
 def test_ids_are_ascii_digits_in_range(text):
   with pytest.raises(ValueError):
     live_lib.parse_id(text)

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import one_device_env
 
 from avg_jax import cli
 from avg_jax.artifacts import embeddings as embeddings_lib
@@ -20,7 +21,6 @@ from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import live_index as live_lib
 from avg_jax.export.serving import Retriever
-from helpers import one_device_env
 
 
 @pytest.fixture
@@ -67,12 +67,16 @@ def test_add_then_search_finds_it_remove_then_it_is_gone(export, pipeline_workdi
     if len(found) >= 2:
       break
   assert found, "the tiny generator retrieves none of its test images by caption"
-  (original, (caption, score)), = list(found.items())[:1]
+  ((original, (caption, score)),) = list(found.items())[:1]
   # The same picture added under a new id: same embedding, same codes, so the search must
   # rank the copy beside the original with the same score (tie-break by similarity).
   new_id = 10_000_000
-  added = retriever.add([bytes(records[original]["image"])], ids=[new_id],
-                        captions=[["a copy"]], file_names=["copy.png"])
+  added = retriever.add(
+    [bytes(records[original]["image"])],
+    ids=[new_id],
+    captions=[["a copy"]],
+    file_names=["copy.png"],
+  )
   assert added.tolist() == [new_id]
   ids, scores = retriever.search([caption], k=6)
   assert new_id in ids[0] and original in ids[0], ids
@@ -117,23 +121,32 @@ def _png(pipeline_workdir, tmp_path, n=1):
 
 def _paused_writer(repo_root, export, image):
   """`avg-jax index add` that stops between writing its version and switching to it."""
-  env = one_device_env(AVG_JAX_NO_PROGRESS="1", **{live_lib.PAUSE_ENV: "300"},
-                       PYTHONPATH=str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.Popen([sys.executable, "-m", "avg_jax", "index", "add", "--model", export,
-                           image], cwd=repo_root, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = one_device_env(
+    AVG_JAX_NO_PROGRESS="1",
+    **{live_lib.PAUSE_ENV: "300"},
+    PYTHONPATH=str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "avg_jax", "index", "add", "--model", export, image],
+    cwd=repo_root,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   lines = []
-  for line in proc.stdout:   # blocks until the writer reaches the pause (or exits)
+  for line in proc.stdout:  # blocks until the writer reaches the pause (or exits)
     lines.append(line)
     if line.startswith("live index: v1 written"):
       return proc
   raise AssertionError(f"writer exited {proc.wait()} before its pause:\n" + "".join(lines))
 
 
-def test_kill_9_before_the_switch_leaves_the_previous_index(export, repo_root,
-                                                            pipeline_workdir, tmp_path):
+def test_kill_9_before_the_switch_leaves_the_previous_index(
+  export, repo_root, pipeline_workdir, tmp_path
+):
   before = Retriever.load(export)
-  image, = _png(pipeline_workdir, tmp_path)
+  (image,) = _png(pipeline_workdir, tmp_path)
   proc = _paused_writer(repo_root, export, image)
   try:
     assert os.path.isfile(os.path.join(export, "live", "v1", "delta.npz"))
@@ -143,7 +156,7 @@ def test_kill_9_before_the_switch_leaves_the_previous_index(export, repo_root,
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  after = Retriever.load(export)           # the version before the killed add
+  after = Retriever.load(export)  # the version before the killed add
   assert after.state.live.version == 0
   np.testing.assert_array_equal(after.image_ids, before.image_ids)
   # The lock died with the writer; the next add never overwrites a version folder: it
@@ -160,10 +173,12 @@ def test_cli_add_remove_list_and_a_bad_image(export, pipeline_workdir, tmp_path,
   bad.write_bytes(b"not an image")
   assert cli.main(["index", "add", "--model", export, *good, str(bad)]) == 2
   err = capsys.readouterr().err.strip()
-  assert err == (f"avg-jax: error: 1 of 3 images cannot be used: {bad}: not an image in a "
-                 f"format avg-jax reads (PNG, JPEG, WebP, GIF, BMP or SVG)")
-  assert not os.path.exists(os.path.join(export, "live", "CURRENT"))   # nothing changed
-  assert cli.main(["index", "add", "--model", export, str(tmp_path)]) == 2   # folder with bad
+  assert err == (
+    f"avg-jax: error: 1 of 3 images cannot be used: {bad}: not an image in a "
+    f"format avg-jax reads (PNG, JPEG, WebP, GIF, BMP or SVG)"
+  )
+  assert not os.path.exists(os.path.join(export, "live", "CURRENT"))  # nothing changed
+  assert cli.main(["index", "add", "--model", export, str(tmp_path)]) == 2  # folder with bad
   capsys.readouterr()
   bad.unlink()
   assert cli.main(["index", "add", "--model", export, str(tmp_path)]) == 0
@@ -177,19 +192,38 @@ def test_cli_add_remove_list_and_a_bad_image(export, pipeline_workdir, tmp_path,
   capsys.readouterr()
   assert cli.main(["index", "list", "--model", export]) == 0
   out = capsys.readouterr().out
-  assert out.splitlines()[0] == (f"version 2: {num_base + 1} images indexed = {num_base} at "
-                                 f"export + 2 added - 1 removed")
+  assert out.splitlines()[0] == (
+    f"version 2: {num_base + 1} images indexed = {num_base} at export + 2 added - 1 removed"
+  )
 
 
-def test_cli_adds_a_karpathy_file_with_ids_and_captions(export, karpathy_files, tmp_path,
-                                                        capsys):
+def test_cli_adds_a_karpathy_file_with_ids_and_captions(export, karpathy_files, tmp_path, capsys):
   json_path, image_root = karpathy_files(tmp_path, corrupt=True)
   # A bad entry in the chosen images stops the add, naming the file (as prepare does).
-  assert cli.main(["index", "add", "--model", export, "--karpathy", json_path,
-                   "--images-dir", image_root]) == 2
+  assert (
+    cli.main(
+      ["index", "add", "--model", export, "--karpathy", json_path, "--images-dir", image_root]
+    )
+    == 2
+  )
   assert "broken.jpg: not an image in a format avg-jax reads" in capsys.readouterr().err
-  assert cli.main(["index", "add", "--model", export, "--karpathy", json_path,
-                   "--images-dir", image_root, "--split", "test"]) == 0
+  assert (
+    cli.main(
+      [
+        "index",
+        "add",
+        "--model",
+        export,
+        "--karpathy",
+        json_path,
+        "--images-dir",
+        image_root,
+        "--split",
+        "test",
+      ]
+    )
+    == 0
+  )
   capsys.readouterr()
   retriever = Retriever.load(export)
   entries = [e for e in json.loads(open(json_path).read())["images"] if e["split"] == "test"]

@@ -14,6 +14,7 @@ from avg_jax.export.serving import Retriever
 
 class FakeRetriever:
   """Two indexed images; the real `Retriever.validate` checks the queries."""
+
   max_query_chars = 100
   validate = Retriever.validate
 
@@ -40,12 +41,17 @@ def _run(monkeypatch, capsys, queries, retriever, *, as_json=False, k=3):
 
 
 def test_text_output_names_files_scores_and_captions(monkeypatch, capsys):
-  out = _run(monkeypatch, capsys, ["a red circle"],
-             FakeRetriever({7: "a red circle on the left", 3: "a blue square"}))
+  out = _run(
+    monkeypatch,
+    capsys,
+    ["a red circle"],
+    FakeRetriever({7: "a red circle on the left", 3: "a blue square"}),
+  )
   assert out.splitlines() == [
-      "query: a red circle",
-      '    1. test/0007.png  score -0.5000  image 7  "a red circle on the left"',
-      '    2. test/0003.png  score -1.2500  image 3  "a blue square"']
+    "query: a red circle",
+    '    1. test/0007.png  score -0.5000  image 7  "a red circle on the left"',
+    '    2. test/0003.png  score -1.2500  image 3  "a blue square"',
+  ]
   out = _run(monkeypatch, capsys, ["x"], FakeRetriever())  # no captions in the export
   assert out.splitlines()[1] == "    1. test/0007.png  score -0.5000  image 7"
 
@@ -54,8 +60,9 @@ def test_json_output_has_file_names_and_captions_when_known(monkeypatch, capsys)
   out = _run(monkeypatch, capsys, ["q"], FakeRetriever({7: "seven"}), as_json=True)
   results = json.loads(out)["results"]
   assert results == [
-      {"rank": 1, "image_id": 7, "file_name": "test/0007.png", "score": -0.5, "caption": "seven"},
-      {"rank": 2, "image_id": 3, "file_name": "test/0003.png", "score": -1.25, "caption": ""}]
+    {"rank": 1, "image_id": 7, "file_name": "test/0007.png", "score": -0.5, "caption": "seven"},
+    {"rank": 2, "image_id": 3, "file_name": "test/0003.png", "score": -1.25, "caption": ""},
+  ]
   out = _run(monkeypatch, capsys, ["q"], FakeRetriever(), as_json=True)
   assert "caption" not in json.loads(out)["results"][0]
 
@@ -77,12 +84,14 @@ def test_client_supplied_names_and_captions_are_escaped_on_the_terminal(monkeypa
   # a direction override; JSON keeps the text as it is.
   retriever = FakeRetriever({7: "pwned\x1b]0;title\x07", 3: "abc\u202edcba"})
   retriever.file_name = lambda image_id: {7: "a\x1b[2J.png", 3: "b.png\r\n  1. fake"}.get(
-      int(image_id), "")
+    int(image_id), ""
+  )
   out = _run(monkeypatch, capsys, ["q\x9b"], retriever)
   assert "\x1b" not in out and "\r" not in out and "\u202e" not in out and "\x9b" not in out
   assert out.splitlines() == [
-      "query: q\\x9b",
-      '    1. a\\x1b[2J.png  score -0.5000  image 7  "pwned\\x1b]0;title\\x07"',
-      '    2. b.png\\x0d\\x0a  1. fake  score -1.2500  image 3  "abc\\u202edcba"']
+    "query: q\\x9b",
+    '    1. a\\x1b[2J.png  score -0.5000  image 7  "pwned\\x1b]0;title\\x07"',
+    '    2. b.png\\x0d\\x0a  1. fake  score -1.2500  image 3  "abc\\u202edcba"',
+  ]
   out = _run(monkeypatch, capsys, ["q"], retriever, as_json=True)
   assert json.loads(out)["results"][0]["file_name"] == "a\x1b[2J.png"

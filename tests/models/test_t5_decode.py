@@ -23,9 +23,19 @@ _candidates = jax.jit(t5.candidate_logits, static_argnums=1)
 
 
 def _cfg(variant, **kw):
-  base = dict(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_encoder_layers=1,
-              num_decoder_layers=2, relative_attention_num_buckets=8,
-              relative_attention_max_distance=6, num_voken_tokens=14, dropout_rate=0.3)
+  base = dict(
+    vocab_size=40,
+    d_model=16,
+    d_kv=4,
+    d_ff=24,
+    num_heads=2,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=6,
+    num_voken_tokens=14,
+    dropout_rate=0.3,
+  )
   if variant == "v1_1":
     base.update(feed_forward="gated-gelu", tie_embeddings=False)
   base.update(kw)
@@ -44,15 +54,18 @@ def _random_params(cfg, seed):
   def fill(path, leaf):
     x = rng.standard_normal(leaf.shape).astype(np.float32)
     return 1.0 + 0.1 * x if path[-1].key == "scale" else 0.5 * x
+
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _batch():
-  inputs = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 1]],
-                    np.int32)
+  inputs = np.array(
+    [[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 1]], np.int32
+  )
   # Voken targets (ids 26..39) then EOS; length 6 > max_distance-ish to use log buckets.
-  targets = np.array([[26, 30, 35, 39, 27, 1], [28, 28, 33, 38, 1, 0],
-                      [39, 26, 29, 31, 36, 1]], np.int32)
+  targets = np.array(
+    [[26, 30, 35, 39, 27, 1], [28, 28, 33, 38, 1, 0], [39, 26, 29, 31, 36, 1]], np.int32
+  )
   return inputs, targets
 
 
@@ -131,8 +144,9 @@ def test_candidate_logits_equal_each_pair_alone(variant, scan):
   params = _params(cfg, seed=6)
   inputs, targets = _batch()
   # Four targets per input: each row's own, the others' (one with padding), one reversed.
-  cands = np.stack([targets, np.roll(targets, 1, axis=0), np.roll(targets, 2, axis=0),
-                    targets[::-1]], axis=1)                              # [3, 4, 6]
+  cands = np.stack(
+    [targets, np.roll(targets, 1, axis=0), np.roll(targets, 2, axis=0), targets[::-1]], axis=1
+  )  # [3, 4, 6]
   packed = np.asarray(_candidates(params, cfg, inputs, cands))
   assert packed.shape == (3, 4, 6, cfg.vocab_size)
   for j in range(4):
@@ -158,10 +172,12 @@ def test_dropout_is_active_only_when_asked():
   params = _params(cfg, seed=4)
   inputs, targets = _batch()
   a = _logits(params, cfg, inputs, targets)
-  b = _logits(params, cfg, inputs, targets, deterministic=False,
-                rngs={"dropout": jax.random.key(1)})
-  c = _logits(params, cfg, inputs, targets, deterministic=False,
-                rngs={"dropout": jax.random.key(1)})
+  b = _logits(
+    params, cfg, inputs, targets, deterministic=False, rngs={"dropout": jax.random.key(1)}
+  )
+  c = _logits(
+    params, cfg, inputs, targets, deterministic=False, rngs={"dropout": jax.random.key(1)}
+  )
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
   np.testing.assert_array_equal(b, c)
 

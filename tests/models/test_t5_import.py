@@ -60,25 +60,36 @@ def test_bad_config(tmp_path):
 def test_missing_tensor_is_named(tmp_path):
   d = _copy(tmp_path)
   _edit_tensors(d, lambda t: t.pop("decoder.block.2.layer.1.EncDecAttention.k.weight"))
-  with pytest.raises(UserError, match=r"missing tensors: decoder\.block\.2\.layer\.1\."
-                                      r"EncDecAttention\.k\.weight"):
+  with pytest.raises(
+    UserError,
+    match=r"missing tensors: decoder\.block\.2\.layer\.1\."
+    r"EncDecAttention\.k\.weight",
+  ):
     t5_hf.load_hf_t5(str(d))
 
 
 def test_extra_tensor_is_named(tmp_path):
   d = _copy(tmp_path)
-  _edit_tensors(d, lambda t: t.update({"encoder.block.5.layer.0.layer_norm.weight":
-                                       np.ones(32, np.float32)}))
+  _edit_tensors(
+    d, lambda t: t.update({"encoder.block.5.layer.0.layer_norm.weight": np.ones(32, np.float32)})
+  )
   with pytest.raises(UserError, match=r"unexpected tensors.*encoder\.block\.5\.layer\.0"):
     t5_hf.load_hf_t5(str(d))
 
 
 def test_misshaped_tensor_is_named(tmp_path):
   d = _copy(tmp_path, V11)
-  _edit_tensors(d, lambda t: t.update({"encoder.block.1.layer.1.DenseReluDense.wi_1.weight":
-                                       np.zeros((40, 32), np.float32)}))
-  with pytest.raises(UserError, match=r"mis-shaped.*wi_1\.weight has shape \[40, 32\], "
-                                      r"expected \[48, 32\]"):
+  _edit_tensors(
+    d,
+    lambda t: t.update(
+      {"encoder.block.1.layer.1.DenseReluDense.wi_1.weight": np.zeros((40, 32), np.float32)}
+    ),
+  )
+  with pytest.raises(
+    UserError,
+    match=r"mis-shaped.*wi_1\.weight has shape \[40, 32\], "
+    r"expected \[48, 32\]",
+  ):
     t5_hf.load_hf_t5(str(d))
 
 
@@ -89,7 +100,9 @@ def test_aliases_and_unused_cross_bias_are_accepted(tmp_path):
     t["encoder.embed_tokens.weight"] = t["shared.weight"]
     t["lm_head.weight"] = t["shared.weight"]
     t["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = np.zeros(
-        (32, 4), np.float32)
+      (32, 4), np.float32
+    )
+
   _edit_tensors(d, add)
   cfg, params = t5_hf.load_hf_t5(str(d))
   assert cfg.tie_embeddings and "output_embedding" not in params
@@ -101,8 +114,10 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
   os.remove(d / "model.safetensors")
   names = sorted(tensors)
   half = len(names) // 2
-  shards = {"model-00001-of-00002.safetensors": names[:half],
-            "model-00002-of-00002.safetensors": names[half:]}
+  shards = {
+    "model-00001-of-00002.safetensors": names[:half],
+    "model-00002-of-00002.safetensors": names[half:],
+  }
   for file, keys in shards.items():
     save_file({k: tensors[k].astype(ml_dtypes.bfloat16) for k in keys}, str(d / file))
   index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
@@ -111,8 +126,8 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
   emb = params["token_embedding"]
   assert emb.dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(
-      emb.astype(np.float32),
-      tensors["shared.weight"].astype(ml_dtypes.bfloat16).astype(np.float32))
+    emb.astype(np.float32), tensors["shared.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+  )
 
 
 @pytest.mark.parametrize("src", [V10, V11])
@@ -133,8 +148,15 @@ def test_export_roundtrip(tmp_path, src):
   hf = json.loads((out / "config.json").read_text())
   ref = json.loads(open(os.path.join(src, "config.json")).read())
   ref.setdefault("tie_word_embeddings", True)  # Hugging Face omits defaults
-  for key in ("d_model", "num_layers", "num_decoder_layers", "feed_forward_proj",
-              "tie_word_embeddings", "relative_attention_max_distance", "vocab_size"):
+  for key in (
+    "d_model",
+    "num_layers",
+    "num_decoder_layers",
+    "feed_forward_proj",
+    "tie_word_embeddings",
+    "relative_attention_max_distance",
+    "vocab_size",
+  ):
     assert hf[key] == ref[key], key
 
 
@@ -151,9 +173,11 @@ def test_export_with_voken_rows_reimports(tmp_path):
 
 # --- voken rows ---------------------------------------------------------------------------------
 
+
 def test_append_voken_rows_tied():
-  vocab = VokenVocabulary(text_vocab_size=64, codebook_size=4, num_levels=3,
-                          shared_codebook=False, disambiguation_size=2)
+  vocab = VokenVocabulary(
+    text_vocab_size=64, codebook_size=4, num_levels=3, shared_codebook=False, disambiguation_size=2
+  )
   cfg, params = t5_hf.load_hf_t5(V10)
   codebook = np.arange(12 * 32, dtype=np.float32).reshape(12, 32) / 100
   new_cfg, new = voken_rows.append_voken_rows(params, cfg, vocab, codebook)
@@ -176,14 +200,14 @@ def test_append_voken_rows_untied_scales_output_rows():
   codebook = np.random.default_rng(1).standard_normal((6, 32)).astype(np.float32)
   new_cfg, new = voken_rows.append_voken_rows(params, cfg, vocab, codebook)
   np.testing.assert_array_equal(new["token_embedding"][64:], codebook)
-  np.testing.assert_allclose(new["output_embedding"][64:], codebook * 32 ** -0.5, rtol=1e-6)
+  np.testing.assert_allclose(new["output_embedding"][64:], codebook * 32**-0.5, rtol=1e-6)
   assert new["output_embedding"].shape == (70, 32)
 
 
 def test_codebook_projection_when_dims_differ():
-  wide = voken_rows.codebook_projection(8, 32)      # e_dim < d_model: isometry
+  wide = voken_rows.codebook_projection(8, 32)  # e_dim < d_model: isometry
   np.testing.assert_allclose(wide @ wide.T, np.eye(8), atol=1e-5)
-  narrow = voken_rows.codebook_projection(64, 16)   # e_dim > d_model: scaled
+  narrow = voken_rows.codebook_projection(64, 16)  # e_dim > d_model: scaled
   np.testing.assert_allclose(narrow.T @ narrow, np.eye(16) * 4.0, atol=1e-4)
   vocab = VokenVocabulary(text_vocab_size=64, codebook_size=5, num_levels=2)
   cfg, params = t5_hf.load_hf_t5(V10)
@@ -211,18 +235,26 @@ def test_voken_row_errors():
 
 
 def test_set_voken_rows_random_init():
-  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2,
-                          disambiguation_size=3)
-  cfg = t5.T5Config(vocab_size=27, d_model=8, d_kv=4, d_ff=16, num_heads=2,
-                    num_encoder_layers=1, num_decoder_layers=1, num_voken_tokens=7,
-                    tie_embeddings=False)
+  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2, disambiguation_size=3)
+  cfg = t5.T5Config(
+    vocab_size=27,
+    d_model=8,
+    d_kv=4,
+    d_ff=16,
+    num_heads=2,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    num_voken_tokens=7,
+    tie_embeddings=False,
+  )
   params = t5.init_params(cfg, __import__("jax").random.key(0))
   codebook = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
   new = voken_rows.set_voken_rows(params, cfg, vocab, codebook)
   np.testing.assert_array_equal(np.asarray(new["token_embedding"])[20:24], codebook)
   np.testing.assert_array_equal(new["token_embedding"][:20], params["token_embedding"][:20])
-  np.testing.assert_allclose(np.asarray(new["output_embedding"])[20:24], codebook * 8 ** -0.5,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(new["output_embedding"])[20:24], codebook * 8**-0.5, rtol=1e-6
+  )
   wrong = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2)
   with pytest.raises(UserError, match="do not match the voken vocabulary"):
     voken_rows.set_voken_rows(params, cfg, wrong, codebook)
@@ -230,8 +262,10 @@ def test_set_voken_rows_random_init():
 
 # --- config --------------------------------------------------------------------------------------
 
+
 def _section(**kw):
   from configs import base
+
   c = base.get_base_config().t5
   c = ml_collections.ConfigDict(c.to_dict())
   c.update(kw)
@@ -239,8 +273,7 @@ def _section(**kw):
 
 
 def test_from_config_scratch_and_pretrained():
-  vocab = VokenVocabulary(text_vocab_size=64, codebook_size=16, num_levels=3,
-                          disambiguation_size=4)
+  vocab = VokenVocabulary(text_vocab_size=64, codebook_size=16, num_levels=3, disambiguation_size=4)
   cfg = t5.T5Config.from_config(_section(vocab_size=64, d_model=48, scan_layers=True), vocab)
   assert (cfg.vocab_size, cfg.num_voken_tokens, cfg.d_model) == (84, 20, 48)
   assert cfg.scan_layers and cfg.first_voken_id == 64

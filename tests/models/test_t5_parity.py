@@ -23,8 +23,9 @@ def _load(variant, **overrides):
   return t5_hf.load_hf_t5(os.path.join(FIXTURES, f"t5_{variant}"), **overrides)
 
 
-@pytest.mark.parametrize("variant,feed_forward,tied",
-                         [("v1_0", "relu", True), ("v1_1", "gated-gelu", False)])
+@pytest.mark.parametrize(
+  "variant,feed_forward,tied", [("v1_0", "relu", True), ("v1_1", "gated-gelu", False)]
+)
 def test_config_from_hf(variant, feed_forward, tied):
   cfg, params = _load(variant)
   assert cfg.feed_forward == feed_forward and cfg.tie_embeddings == tied
@@ -49,8 +50,9 @@ def test_voken_rows_match_reference(variant):
   g = _golden(variant)
   vocab = VokenVocabulary.from_dict(json.loads(str(g["voken_vocab"])))
   cfg, params = _load(variant)
-  cfg, params = voken_rows.append_rows(params, cfg, g["voken_input_rows"],
-                                       g.get("voken_output_rows"))
+  cfg, params = voken_rows.append_rows(
+    params, cfg, g["voken_input_rows"], g.get("voken_output_rows")
+  )
   assert cfg.vocab_size == vocab.total_vocab_size
   assert cfg.first_voken_id == vocab.first_voken_id
   out = t5.logits(params, cfg, g["input_tokens"], g["voken_target_tokens"])
@@ -65,8 +67,7 @@ def test_scan_remat_bf16_layouts_import(variant):
   g = _golden(variant)
   cfg, params = _load(variant, scan_layers=True, remat=True)
   assert params["encoder"]["layers"]["attention"]["query"].shape == (2, 32, 4, 8)
-  out = jax.jit(t5.logits, static_argnums=1)(params, cfg, g["input_tokens"],
-                                             g["target_tokens"])
+  out = jax.jit(t5.logits, static_argnums=1)(params, cfg, g["input_tokens"], g["target_tokens"])
   np.testing.assert_allclose(out, g["logits"], atol=TOL, rtol=0)
 
 
@@ -79,8 +80,9 @@ def test_relative_position_buckets_match_reference():
       continue
     nb, md, bidi = (int(x) for x in key.split("_")[1:])
     # Row 0 of a [1, n] grid whose key positions are rel + 1000 relative to query 1000.
-    full = relative_position_buckets(1001, n, bidirectional=bool(bidi), num_buckets=nb,
-                                     max_distance=md)[1000]
+    full = relative_position_buckets(
+      1001, n, bidirectional=bool(bidi), num_buckets=nb, max_distance=md
+    )[1000]
     np.testing.assert_array_equal(full, g[key], err_msg=key)
 
 

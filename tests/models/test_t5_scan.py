@@ -11,8 +11,17 @@ from avg_jax.models import t5
 
 
 def _setup(variant):
-  kw = dict(vocab_size=30, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_encoder_layers=2,
-            num_decoder_layers=2, num_voken_tokens=8, dropout_rate=0.0)
+  kw = dict(
+    vocab_size=30,
+    d_model=16,
+    d_kv=4,
+    d_ff=24,
+    num_heads=2,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    num_voken_tokens=8,
+    dropout_rate=0.0,
+  )
   if variant == "v1_1":
     kw.update(feed_forward="gated-gelu", tie_embeddings=False)
   cfg = t5.T5Config(**kw)
@@ -30,19 +39,21 @@ def _random_params(cfg, seed):
   def fill(path, leaf):
     x = rng.standard_normal(leaf.shape).astype(np.float32)
     return 1.0 + 0.1 * x if path[-1].key == "scale" else 0.5 * x
+
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _outputs(cfg, params, inputs, targets):
   """(loss, grads, logits), one compiled program."""
+
   def fn(p):
-    loss, grads = jax.value_and_grad(lambda q: t5.cross_entropy_loss(q, cfg, inputs,
-                                                                     targets)[0])(p)
+    loss, grads = jax.value_and_grad(lambda q: t5.cross_entropy_loss(q, cfg, inputs, targets)[0])(p)
     return loss, grads, t5.logits(p, cfg, inputs, targets)
+
   return jax.jit(fn)(params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _baseline(variant):
   cfg, params, inputs, targets = _setup(variant)
   return _outputs(cfg, params, inputs, targets)
@@ -68,8 +79,9 @@ def test_scanned_init_has_the_stacked_structure():
 
 # Each case compiles a forward+backward program (the slow part on CPU): cover remat alone,
 # scan alone and both together across the two architectures rather than every combination.
-@pytest.mark.parametrize("variant,scan,remat", [("v1_0", False, True), ("v1_0", True, True),
-                                                ("v1_1", True, False)])
+@pytest.mark.parametrize(
+  "variant,scan,remat", [("v1_0", False, True), ("v1_0", True, True), ("v1_1", True, False)]
+)
 def test_same_outputs_and_gradients(variant, scan, remat):
   cfg, params, inputs, targets = _setup(variant)
   loss, grads, logits = _baseline(variant)

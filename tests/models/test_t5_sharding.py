@@ -11,15 +11,29 @@ from avg_jax import partitioning
 from avg_jax.models import t5
 
 # Mesh axes per parameter kind with the default rules (embed -> fsdp, heads/mlp/vocab -> model).
-ATTENTION = {"query": ("fsdp", "model", None), "key": ("fsdp", "model", None),
-             "value": ("fsdp", "model", None), "out": ("model", None, "fsdp")}
+ATTENTION = {
+  "query": ("fsdp", "model", None),
+  "key": ("fsdp", "model", None),
+  "value": ("fsdp", "model", None),
+  "out": ("model", None, "fsdp"),
+}
 NORM = {"scale": ("fsdp",)}
 
 
 def _cfg(**kw):
-  base = dict(vocab_size=48, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=2,
-              num_decoder_layers=2, num_voken_tokens=16, dropout_rate=0.0,
-              feed_forward="gated-gelu", tie_embeddings=False)
+  base = dict(
+    vocab_size=48,
+    d_model=16,
+    d_kv=4,
+    d_ff=32,
+    num_heads=2,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    num_voken_tokens=16,
+    dropout_rate=0.0,
+    feed_forward="gated-gelu",
+    tie_embeddings=False,
+  )
   base.update(kw)
   return t5.T5Config(**base)
 
@@ -32,25 +46,35 @@ def _mesh():
 def _expected_layer(decoder: bool):
   mlp = {"wi_0": ("fsdp", "model"), "wi_1": ("fsdp", "model"), "wo": ("model", "fsdp")}
   if decoder:
-    return {"self_attention": ATTENTION, "cross_attention": ATTENTION,
-            "pre_self_attention_norm": NORM, "pre_cross_attention_norm": NORM,
-            "pre_mlp_norm": NORM, "mlp": mlp}
-  return {"attention": ATTENTION, "pre_attention_norm": NORM, "pre_mlp_norm": NORM,
-          "mlp": mlp}
+    return {
+      "self_attention": ATTENTION,
+      "cross_attention": ATTENTION,
+      "pre_self_attention_norm": NORM,
+      "pre_cross_attention_norm": NORM,
+      "pre_mlp_norm": NORM,
+      "mlp": mlp,
+    }
+  return {"attention": ATTENTION, "pre_attention_norm": NORM, "pre_mlp_norm": NORM, "mlp": mlp}
 
 
 def _expected(scan: bool):
   def stack(decoder):
     tree = {"relpos_bias": {"rel_embedding": (None, "model")}, "final_norm": NORM}
     if scan:  # the scanned "layers" axis is replicated
-      tree["layers"] = jax.tree.map(lambda s: (None,) + s, _expected_layer(decoder),
-                                    is_leaf=lambda x: isinstance(x, tuple))
+      tree["layers"] = jax.tree.map(
+        lambda s: (None,) + s, _expected_layer(decoder), is_leaf=lambda x: isinstance(x, tuple)
+      )
     else:
       for i in range(2):
         tree[f"layers_{i}"] = _expected_layer(decoder)
     return tree
-  return {"token_embedding": ("model", "fsdp"), "output_embedding": ("model", "fsdp"),
-          "encoder": stack(False), "decoder": stack(True)}
+
+  return {
+    "token_embedding": ("model", "fsdp"),
+    "output_embedding": ("model", "fsdp"),
+    "encoder": stack(False),
+    "decoder": stack(True),
+  }
 
 
 def _normalise(spec):
@@ -82,8 +106,9 @@ def _batch():
 def test_sharded_forward_equals_single_device():
   cfg = _cfg()
   mesh = _mesh()
-  variables, shardings = partitioning.sharded_init(t5.init_variables, mesh, jax.random.key(0),
-                                                   static=(cfg,))
+  variables, shardings = partitioning.sharded_init(
+    t5.init_variables, mesh, jax.random.key(0), static=(cfg,)
+  )
   params = variables["params"]
   assert params["token_embedding"].sharding.spec == shardings["params"]["token_embedding"].spec
   assert len(params["token_embedding"].addressable_shards) == 8
@@ -91,9 +116,11 @@ def test_sharded_forward_equals_single_device():
   batch_sharding = partitioning.logical_sharding(mesh, "batch", "length")
   inputs_s, targets_s = (jax.device_put(x, batch_sharding) for x in (inputs, targets))
   with partitioning.activation_context(mesh):
-    fn = jax.jit(lambda p, i, t: t5.logits(p, cfg, i, t),
-                 in_shardings=(shardings["params"], batch_sharding, batch_sharding),
-                 out_shardings=partitioning.logical_sharding(mesh, "batch", "length", "vocab"))
+    fn = jax.jit(
+      lambda p, i, t: t5.logits(p, cfg, i, t),
+      in_shardings=(shardings["params"], batch_sharding, batch_sharding),
+      out_shardings=partitioning.logical_sharding(mesh, "batch", "length", "vocab"),
+    )
     sharded = fn(params, inputs_s, targets_s)
   local = jax.device_get(params)
   single = jax.jit(lambda p: t5.logits(p, cfg, inputs, targets))(local)
@@ -104,8 +131,9 @@ def test_sharded_forward_equals_single_device():
 def test_training_loss_decreases_with_donated_sharded_state(scan):
   cfg = _cfg(scan_layers=scan, remat=scan)
   mesh = _mesh()
-  variables, shardings = partitioning.sharded_init(t5.init_variables, mesh, jax.random.key(1),
-                                                   static=(cfg,))
+  variables, shardings = partitioning.sharded_init(
+    t5.init_variables, mesh, jax.random.key(1), static=(cfg,)
+  )
   params, param_shardings = variables["params"], shardings["params"]
   tx = optax.adam(3e-3)
   with partitioning.activation_context(mesh):
@@ -116,16 +144,22 @@ def test_training_loss_decreases_with_donated_sharded_state(scan):
 
   def train_step(state, inputs, targets, rng):
     params, opt_state = state
+
     def loss_fn(p):
-      return t5.cross_entropy_loss(p, cfg, inputs, targets, deterministic=False,
-                                   rngs={"dropout": rng})[0]
+      return t5.cross_entropy_loss(
+        p, cfg, inputs, targets, deterministic=False, rngs={"dropout": rng}
+      )[0]
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  step = jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(state_shardings, batch_sharding, batch_sharding, None),
-                 out_shardings=(state_shardings, partitioning.replicated(mesh)))
+  step = jax.jit(
+    train_step,
+    donate_argnums=0,
+    in_shardings=(state_shardings, batch_sharding, batch_sharding, None),
+    out_shardings=(state_shardings, partitioning.replicated(mesh)),
+  )
   inputs, targets = (jax.device_put(x, batch_sharding) for x in _batch())
   losses = []
   with partitioning.activation_context(mesh):
@@ -141,6 +175,7 @@ def test_training_loss_decreases_with_donated_sharded_state(scan):
 
 def _section(**kw):
   from configs import base
+
   c = base.get_base_config().t5
   c.update(kw)
   return c
@@ -149,18 +184,29 @@ def _section(**kw):
 @pytest.mark.parametrize("pretrained", [False, True])
 def test_initial_params_are_sharded_with_codebook_rows(pretrained):
   import os
+
   from avg_jax.models import t5_init
   from avg_jax.vokens import VokenVocabulary
-  fixture = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "fixtures", "t5_v1_0")
-  vocab = VokenVocabulary(text_vocab_size=64, codebook_size=6, num_levels=2,
-                          disambiguation_size=2)
-  section = _section(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4,
-                     num_encoder_layers=2, num_decoder_layers=3,
-                     pretrained_path=fixture if pretrained else "", scan_layers=True)
+
+  fixture = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "t5_v1_0"
+  )
+  vocab = VokenVocabulary(text_vocab_size=64, codebook_size=6, num_levels=2, disambiguation_size=2)
+  section = _section(
+    vocab_size=64,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=3,
+    pretrained_path=fixture if pretrained else "",
+    scan_layers=True,
+  )
   codebook = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
-  cfg, params, shardings = t5_init.initial_params(section, vocab, codebook, _mesh(),
-                                                  jax.random.key(0))
+  cfg, params, shardings = t5_init.initial_params(
+    section, vocab, codebook, _mesh(), jax.random.key(0)
+  )
   assert cfg.vocab_size == 72 and cfg.scan_layers
   emb = params["token_embedding"]
   assert emb.shape == (72, 32) and emb.sharding.spec == shardings["token_embedding"].spec
@@ -173,8 +219,9 @@ def test_initial_params_are_sharded_with_codebook_rows(pretrained):
 def test_sharded_decode_equals_single_device():
   cfg = _cfg()
   mesh = _mesh()
-  variables, shardings = partitioning.sharded_init(t5.init_variables, mesh, jax.random.key(2),
-                                                   static=(cfg,))
+  variables, shardings = partitioning.sharded_init(
+    t5.init_variables, mesh, jax.random.key(2), static=(cfg,)
+  )
   params = variables["params"]
   inputs, targets = _batch()
 
@@ -190,7 +237,8 @@ def test_sharded_decode_equals_single_device():
 
   batch_sharding = partitioning.logical_sharding(mesh, "batch", "length")
   with partitioning.activation_context(mesh):
-    sharded = jax.jit(run, in_shardings=(shardings["params"], batch_sharding, batch_sharding)
-                      )(params, inputs, targets)
+    sharded = jax.jit(run, in_shardings=(shardings["params"], batch_sharding, batch_sharding))(
+      params, inputs, targets
+    )
   single = jax.jit(run)(jax.device_get(params), inputs, targets)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5, rtol=0)

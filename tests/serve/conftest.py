@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from helpers import one_device_env
 
 # Generous bounds so a busy machine never fails a test; they only stop a hung test.
@@ -24,14 +23,19 @@ REQUEST_TIMEOUT_S = 300
 class Server:
   """One `python -m avg_jax serve` process; `url` once it listens."""
 
-  def __init__(self, repo_root: pathlib.Path, model: pathlib.Path, *args: str,
-               env: dict | None = None):
+  def __init__(
+    self, repo_root: pathlib.Path, model: pathlib.Path, *args: str, env: dict | None = None
+  ):
     # One CPU device, like a serving machine: the export was written by an 8-device run.
     self.model = model
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
-        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=one_device_env(**(env or {})))
+      [sys.executable, "-m", "avg_jax", "serve", "--model", str(model), "--port", "0", *args],
+      cwd=repo_root,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=one_device_env(**(env or {})),
+    )
     self.lines: list[str] = []
     self._lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
@@ -74,11 +78,11 @@ class Server:
       self.proc.kill()
       raise
 
-  def request(self, method: str, path: str, body: bytes | None = None,
-              headers: dict | None = None) -> tuple[int, dict, bytes]:
+  def request(
+    self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+  ) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one request; 4xx/5xx are returned, not raised."""
-    req = urllib.request.Request(self.url + path, data=body, method=method,
-                                 headers=headers or {})
+    req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
     try:
       with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
         return r.status, dict(r.headers), r.read()
@@ -128,11 +132,12 @@ def server(start_server, serve_export) -> Server:
 @pytest.fixture(scope="session")
 def retriever(serve_export):
   from avg_jax.export.serving import Retriever
+
   return Retriever.load(str(serve_export))
 
 
 WRITE_TOKEN = "test-write-token-0123456789"
-HANG_PREFIX = "HANG"   # an upload starting with these bytes hangs its decoder (image_worker)
+HANG_PREFIX = "HANG"  # an upload starting with these bytes hangs its decoder (image_worker)
 
 
 @pytest.fixture(scope="session")
@@ -141,12 +146,22 @@ def writable_server(start_server, serve_export, tmp_path_factory) -> Server:
   export (`.model`); its image decoders hang on uploads starting with `HANG_PREFIX` and are
   stopped after 10 s."""
   import shutil
+
   from avg_jax.data import image_worker
+
   root = tmp_path_factory.mktemp("writable")
   shutil.copytree(serve_export, root / "export")
   (root / "token").write_text(WRITE_TOKEN + "\n")
-  server = start_server(root / "export", "--batch-wait-ms", "5", "--allow-writes",
-                        "--write-token-file", str(root / "token"), "--image-timeout", "10",
-                        env={image_worker.HANG_ENV: HANG_PREFIX})
+  server = start_server(
+    root / "export",
+    "--batch-wait-ms",
+    "5",
+    "--allow-writes",
+    "--write-token-file",
+    str(root / "token"),
+    "--image-timeout",
+    "10",
+    env={image_worker.HANG_ENV: HANG_PREFIX},
+  )
   server.token = WRITE_TOKEN
   return server

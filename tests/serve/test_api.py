@@ -9,10 +9,16 @@ import socket
 import numpy as np
 import pytest
 
-QUERIES = ["a small purple triangle", "a large blue square near the bottom",
-           "two shapes: a red circle and a green cross", "white", "a picture with a small "
-           "orange diamond in the top right corner and one other shape", "yellow things",
-           "   padded   query   ", "ÜnïcødÉ çircle ✓"]
+QUERIES = [
+  "a small purple triangle",
+  "a large blue square near the bottom",
+  "two shapes: a red circle and a green cross",
+  "white",
+  "a picture with a small orange diamond in the top right corner and one other shape",
+  "yellow things",
+  "   padded   query   ",
+  "ÜnïcødÉ çircle ✓",
+]
 
 
 def _check_same(response, retriever, queries, k):
@@ -22,8 +28,9 @@ def _check_same(response, retriever, queries, k):
     items = response["results"][row]["items"]
     want = [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
     assert [it["image_id"] for it in items] == [i for i, _ in want], (queries[row], k)
-    np.testing.assert_allclose([it["score"] for it in items], [s for _, s in want],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      [it["score"] for it in items], [s for _, s in want], rtol=1e-5, atol=1e-5
+    )
     assert [it["rank"] for it in items] == list(range(1, len(items) + 1))
 
 
@@ -47,6 +54,7 @@ def test_concurrent_requests_each_get_their_own_results(server, retriever):
 
 def test_result_items_carry_file_names_captions_and_thumbnails(server, retriever):
   from avg_jax.export import gallery as gallery_lib
+
   gallery = gallery_lib.read(str(server_model(server)))
   status, response = server.search(["a red circle"])
   assert status == 200
@@ -68,41 +76,43 @@ def server_model(server):
 
 
 BAD_SEARCHES = [
-    # (body, status, field)
-    (b"{not json", 400, "body"),
-    (b"\xff\xfe{}", 400, "body"),
-    (b"[" * 100_000 + b"]" * 100_000, 400, "body"),
-    (b"[\"a red circle\"]", 400, "body"),
-    (b"null", 400, "body"),
-    (b"{}", 400, "queries"),
-    (b'{"queries": "a red circle"}', 400, "queries"),
-    (b'{"queries": []}', 400, "queries"),
-    (json.dumps({"queries": ["a"] * 65}).encode(), 400, "queries"),
-    (b'{"queries": [""]}', 400, "queries[0]"),
-    (b'{"queries": ["fine", "  \\t "]}', 400, "queries[1]"),
-    (json.dumps({"queries": ["x" * 1001]}).encode(), 400, "queries[0]"),
-    (b'{"queries": [3]}', 400, "queries[0]"),
-    (b'{"queries": [null]}', 400, "queries[0]"),
-    (b'{"queries": [["nested"]]}', 400, "queries[0]"),
-    (b'{"queries": ["\\ud800 lone surrogate"]}', 400, "queries[0]"),
-    (b'{"queries": ["a"], "k": 0}', 400, "k"),
-    (b'{"queries": ["a"], "k": -1}', 400, "k"),
-    (b'{"queries": ["a"], "k": 8}', 400, "k"),      # over --max-k
-    (b'{"queries": ["a"], "k": 41}', 400, "k"),     # over the index size (40)
-    (b'{"queries": ["a"], "k": 99999999999999999999999}', 400, "k"),
-    (b'{"queries": ["a"], "k": true}', 400, "k"),
-    (b'{"queries": ["a"], "k": 2.5}', 400, "k"),
-    (b'{"queries": ["a"], "k": "3"}', 400, "k"),
-    (b'{"queries": ["a"], "top_k": 3}', 400, "top_k"),
-    (b'{"queries": ["' + b"a" * (1 << 20) + b'"]}', 413, "body"),
+  # (body, status, field)
+  (b"{not json", 400, "body"),
+  (b"\xff\xfe{}", 400, "body"),
+  (b"[" * 100_000 + b"]" * 100_000, 400, "body"),
+  (b'["a red circle"]', 400, "body"),
+  (b"null", 400, "body"),
+  (b"{}", 400, "queries"),
+  (b'{"queries": "a red circle"}', 400, "queries"),
+  (b'{"queries": []}', 400, "queries"),
+  (json.dumps({"queries": ["a"] * 65}).encode(), 400, "queries"),
+  (b'{"queries": [""]}', 400, "queries[0]"),
+  (b'{"queries": ["fine", "  \\t "]}', 400, "queries[1]"),
+  (json.dumps({"queries": ["x" * 1001]}).encode(), 400, "queries[0]"),
+  (b'{"queries": [3]}', 400, "queries[0]"),
+  (b'{"queries": [null]}', 400, "queries[0]"),
+  (b'{"queries": [["nested"]]}', 400, "queries[0]"),
+  (b'{"queries": ["\\ud800 lone surrogate"]}', 400, "queries[0]"),
+  (b'{"queries": ["a"], "k": 0}', 400, "k"),
+  (b'{"queries": ["a"], "k": -1}', 400, "k"),
+  (b'{"queries": ["a"], "k": 8}', 400, "k"),  # over --max-k
+  (b'{"queries": ["a"], "k": 41}', 400, "k"),  # over the index size (40)
+  (b'{"queries": ["a"], "k": 99999999999999999999999}', 400, "k"),
+  (b'{"queries": ["a"], "k": true}', 400, "k"),
+  (b'{"queries": ["a"], "k": 2.5}', 400, "k"),
+  (b'{"queries": ["a"], "k": "3"}', 400, "k"),
+  (b'{"queries": ["a"], "top_k": 3}', 400, "top_k"),
+  (b'{"queries": ["' + b"a" * (1 << 20) + b'"]}', 413, "body"),
 ]
 
 
-@pytest.mark.parametrize("body,status,field", BAD_SEARCHES,
-                         ids=[f"{i}-{f}" for i, (_, _, f) in enumerate(BAD_SEARCHES)])
+@pytest.mark.parametrize(
+  "body,status,field", BAD_SEARCHES, ids=[f"{i}-{f}" for i, (_, _, f) in enumerate(BAD_SEARCHES)]
+)
 def test_bad_search_is_a_4xx_naming_the_field(server, body, status, field):
-  got, headers, raw = server.request("POST", "/v1/search", body,
-                                     {"Content-Type": "application/json"})
+  got, headers, raw = server.request(
+    "POST", "/v1/search", body, {"Content-Type": "application/json"}
+  )
   assert got == status, raw[:300]
   assert headers["Content-Type"].startswith("application/json")
   error = json.loads(raw)["error"]
@@ -110,12 +120,14 @@ def test_bad_search_is_a_4xx_naming_the_field(server, body, status, field):
   assert server.request("GET", "/healthz")[0] == 200
 
 
-@pytest.mark.parametrize("method,path,status,field", [
+@pytest.mark.parametrize(
+  "method,path,status,field",
+  [
     ("GET", "/v1/images/abc", 400, "id"),
     ("GET", "/v1/images/99999999999999999999999", 400, "id"),
     ("GET", "/v1/images/123456789", 404, "id"),
     ("GET", "/v1/images/-1", 400, "id"),
-    ("GET", "/v1/images/%D9%A3", 400, "id"),      # an Arabic-Indic digit
+    ("GET", "/v1/images/%D9%A3", 400, "id"),  # an Arabic-Indic digit
     ("GET", "/v1/images/1_0", 400, "id"),
     ("GET", "/v1/images/" + "9" * 5000, 400, "id"),
     ("GET", "/v1/nothing", 404, "path"),
@@ -128,7 +140,8 @@ def test_bad_search_is_a_4xx_naming_the_field(server, body, status, field):
     ("DELETE", "/v1/images/abc", 403, None),
     ("DELETE", "/v1/images/123456789", 403, None),
     ("POST", "/v1/images", 403, None),
-])
+  ],
+)
 def test_bad_paths_and_methods(server, method, path, status, field):
   got, headers, raw = server.request(method, path)
   assert got == status, raw[:300]
@@ -157,11 +170,17 @@ def test_broken_http_does_not_hurt_the_server(server, retriever):
   # aiohttp's parser answers 400 (plain text: the app never sees it) or drops the connection.
   assert reply == b"" or b" 400 " in reply.split(b"\r\n")[0]
   # A body shorter than its Content-Length, then the client goes away.
-  _raw(server, b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"que",
-       close_early=True)
+  _raw(
+    server,
+    b'POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"que',
+    close_early=True,
+  )
   # An absurd Content-Length is refused before any body is read.
-  reply = _raw(server, b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: "
-               b"99999999999\r\n\r\n", half_close=False)
+  reply = _raw(
+    server,
+    b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
+    half_close=False,
+  )
   assert b" 413 " in reply.split(b"\r\n")[0]
   # A client that stops halfway through its headers holds only its own connection.
   host, port = server.url.removeprefix("http://").split(":")
@@ -182,9 +201,18 @@ def test_page_info_and_static_files(server, retriever):
     assert status == 200 and headers["Content-Type"].startswith(kind) and body
   info = json.loads(server.request("GET", "/v1/info")[2])
   default_k = min(retriever.manifest["decode"]["top_k"], 7)
-  assert info == {"num_images": 40, "default_k": default_k, "max_k": 7, "max_queries": 64,
-                  "max_query_chars": 1000, "batch_buckets": [1, 8, 32], "thumbnails": True,
-                  "writes": "read-only", "scheme": "avg", "source_stage": retriever.manifest["source_stage"]}
+  assert info == {
+    "num_images": 40,
+    "default_k": default_k,
+    "max_k": 7,
+    "max_queries": 64,
+    "max_query_chars": 1000,
+    "batch_buckets": [1, 8, 32],
+    "thumbnails": True,
+    "writes": "read-only",
+    "scheme": "avg",
+    "source_stage": retriever.manifest["source_stage"],
+  }
 
 
 def test_metrics_and_no_compile_after_warmup(server):
@@ -196,12 +224,16 @@ def test_metrics_and_no_compile_after_warmup(server):
   _, headers, body = server.request("GET", "/metrics")
   assert headers["Content-Type"].startswith("text/plain")
   text = body.decode()
-  for name in ("avg_jax_serve_requests_total", "avg_jax_serve_request_seconds_bucket",
-               "avg_jax_serve_batch_size_bucket", "avg_jax_serve_device_seconds_count",
-               "avg_jax_serve_queries_total"):
+  for name in (
+    "avg_jax_serve_requests_total",
+    "avg_jax_serve_request_seconds_bucket",
+    "avg_jax_serve_batch_size_bucket",
+    "avg_jax_serve_device_seconds_count",
+    "avg_jax_serve_queries_total",
+  ):
     assert name in text, name
   assert 'route="/v1/search",status="200"' in text
-  assert server.metric("avg_jax_serve_xla_compiles_total") > 0   # the warm-up's
+  assert server.metric("avg_jax_serve_xla_compiles_total") > 0  # the warm-up's
   assert server.metric("avg_jax_serve_xla_compiles_after_warmup_total") == 0
   assert server.metric("avg_jax_serve_index_images") == 40
   # 3 buckets x 3 k programs (5, 6, 7), compiled once each at start and logged.

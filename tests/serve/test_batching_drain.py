@@ -55,4 +55,3 @@ def test_sigterm_answers_in_flight_requests_then_exits_0(slow_window_server, ret
   assert "Traceback" not in log
   with pytest.raises(urllib.error.URLError):
     server.request("GET", "/healthz")
-

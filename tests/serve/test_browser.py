@@ -8,19 +8,20 @@ package when it runs as root)."""
 import pathlib
 
 import pytest
-
 from helpers import load_script, use_one_device_subprocesses
 
-SCRIPT = load_script(pathlib.Path(__file__).resolve().parents[2], "serve_screenshot",
-                     folder="docs")
+SCRIPT = load_script(pathlib.Path(__file__).resolve().parents[2], "serve_screenshot", folder="docs")
 
 
 def _require_browser():
   if SCRIPT.chromium() is None:
-    pytest.skip("no Chromium: install the Debian package 'chromium' (apt-get install "
-                "chromium; launch/local.sh does it when run as root)")
-  pytest.importorskip("playwright.sync_api",
-                      reason="the playwright package is missing (requirements.txt)")
+    pytest.skip(
+      "no Chromium: install the Debian package 'chromium' (apt-get install "
+      "chromium; launch/local.sh does it when run as root)"
+    )
+  pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is missing (requirements.txt)"
+  )
 
 
 @pytest.fixture
@@ -38,8 +39,9 @@ def test_page_search_shows_loaded_images(server, browser_page, tmp_path):
   page.on("pageerror", lambda e: errors.append(str(e)))
   SCRIPT.search(page, server.url, SCRIPT.QUERY, 5)
   assert "40 images indexed" in page.text_content("#index-info")
-  sizes = page.eval_on_selector_all("#results img", "els => els.map(i => [i.naturalWidth, "
-                                    "i.naturalHeight])")
+  sizes = page.eval_on_selector_all(
+    "#results img", "els => els.map(i => [i.naturalWidth, i.naturalHeight])"
+  )
   assert len(sizes) == 5 and all(w > 0 and h > 0 for w, h in sizes)
   assert page.locator("#results .caption").count() == 5
   assert page.locator("#results .rank").first.text_content() == "#1"
@@ -67,8 +69,9 @@ def test_screenshot_script_on_the_tiny_export(serve_export, tmp_path, monkeypatc
 
 def test_the_pictures_query_is_a_test_caption_drawn_by_seed(tiny_workdir):
   from avg_jax.data import dataset
+
   source = dataset.image_source(str(tiny_workdir), "test", decode_image=False)
   captions = {str(c) for i in range(len(source)) for c in source[i]["captions"]}
   drawn = [SCRIPT.random_test_caption(str(tiny_workdir), seed) for seed in (0, 0, 1, 2, 3)]
   assert drawn[0] == drawn[1] and set(drawn) <= captions
-  assert len(set(drawn)) > 1       # seeds draw different captions (10+ test captions)
+  assert len(set(drawn)) > 1  # seeds draw different captions (10+ test captions)

@@ -21,10 +21,12 @@ def _png(w, h, color=(200, 30, 40)) -> bytes:
 
 def test_write_and_read_round_trip(tmp_path):
   small, large = _png(32, 20), _png(900, 300)
-  entries = [gallery_lib.Entry(7, "a.png", ["a red thing", "red"], small),
-             gallery_lib.Entry(9, "b.png", ["a wide one"], large),
-             gallery_lib.Entry(11, "c.png", ["broken"], b"not an image"),
-             gallery_lib.Entry(12, "", [], b"")]
+  entries = [
+    gallery_lib.Entry(7, "a.png", ["a red thing", "red"], small),
+    gallery_lib.Entry(9, "b.png", ["a wide one"], large),
+    gallery_lib.Entry(11, "c.png", ["broken"], b"not an image"),
+    gallery_lib.Entry(12, "", [], b""),
+  ]
   gallery_lib.write(str(tmp_path), iter(entries), thumbnail_size=128)
   g = gallery_lib.read(str(tmp_path))
   assert g.thumbnail(7) == (small, "image/png")  # small enough: the original bytes
@@ -83,9 +85,14 @@ def test_service_on_an_export_without_gallery(serve_export, tmp_path):
   async def scenario():
     metrics = Metrics(retriever.buckets)
     batcher = Batcher(retriever.search, max_batch=32, wait_s=0.0, metrics=metrics)
-    service = Service(retriever=retriever, gallery=None, batcher=batcher, metrics=metrics,
-                      limits=req_lib.Limits(max_k=5, default_k=5, max_queries=8,
-                                            max_query_chars=1000), base_k=5)
+    service = Service(
+      retriever=retriever,
+      gallery=None,
+      batcher=batcher,
+      metrics=metrics,
+      limits=req_lib.Limits(max_k=5, default_k=5, max_queries=8, max_query_chars=1000),
+      base_k=5,
+    )
     batcher.start()
     async with TestClient(TestServer(build_app(service, 4096))) as client:
       r = await client.post("/v1/search", json={"queries": ["a red circle"], "k": 3})

@@ -18,8 +18,12 @@ def _auth(server) -> dict:
 
 
 def _post_images(server, images):
-  status, _, body = server.request("POST", "/v1/images", json.dumps({"images": images}).encode(),
-                                   {"Content-Type": "application/json", **_auth(server)})
+  status, _, body = server.request(
+    "POST",
+    "/v1/images",
+    json.dumps({"images": images}).encode(),
+    {"Content-Type": "application/json", **_auth(server)},
+  )
   return status, json.loads(body)
 
 
@@ -35,30 +39,33 @@ def test_add_and_remove_over_http(writable_server, pipeline_workdir):
 
   # Bad requests first: nothing changes, each names its field.
   for images, status, field in (
-      ([{"data": "@@not base64@@"}], 400, "images[0].data"),
-      ([{"data": base64.b64encode(b"not an image").decode()}], 400, "images[0].data"),
-      ([{"data": data, "id": "7"}], 400, "images[0].id"),
-      ([{"data": data, "colour": 1}], 400, "images[0].colour"),
-      ([{"data": data, "id": original}], 409, "id"),      # already indexed
-      ([], 400, "images")):
+    ([{"data": "@@not base64@@"}], 400, "images[0].data"),
+    ([{"data": base64.b64encode(b"not an image").decode()}], 400, "images[0].data"),
+    ([{"data": data, "id": "7"}], 400, "images[0].id"),
+    ([{"data": data, "colour": 1}], 400, "images[0].colour"),
+    ([{"data": data, "id": original}], 409, "id"),  # already indexed
+    ([], 400, "images"),
+  ):
     got, body = _post_images(server, images)
     assert (got, body["error"]["field"]) == (status, field), body
   status, _, body = server.request("DELETE", "/v1/images/987654321", headers=_auth(server))
   assert status == 404 and json.loads(body)["error"]["field"] == "id"
 
   # Add a copy of an indexed image under a new id (its captions given).
-  status, body = _post_images(server, [{"data": data, "id": new_id, "captions": ["a copy"],
-                                        "file_name": "copy.png"}])
+  status, body = _post_images(
+    server, [{"data": data, "id": new_id, "captions": ["a copy"], "file_name": "copy.png"}]
+  )
   assert status == 201 and body["added"] == [new_id], body
   status, response = server.search([caption], k=5)
   assert status == 200
   want_ids, want_scores = Retriever.load(str(model)).search([caption], k=5)
   got = response["results"][0]["items"]
   assert [it["image_id"] for it in got] == [int(i) for i in want_ids[0] if i >= 0]
-  np.testing.assert_allclose([it["score"] for it in got], want_scores[0][want_ids[0] >= 0],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    [it["score"] for it in got], want_scores[0][want_ids[0] >= 0], atol=1e-5
+  )
   copy = [it for it in got if it["image_id"] == new_id]
-  if original in [it["image_id"] for it in got]:    # same codes, same score: found together
+  if original in [it["image_id"] for it in got]:  # same codes, same score: found together
     assert copy and copy[0]["captions"] == ["a copy"] and copy[0]["file_name"] == "copy.png"
   status, headers, thumb = server.request("GET", f"/v1/images/{new_id}")
   assert status == 200 and thumb.startswith(b"\x89PNG")

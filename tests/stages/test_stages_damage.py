@@ -7,10 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import flip_bytes
 
 from avg_jax import cli
 from avg_jax.artifacts import checksums, io, paths, voken_tables
-from helpers import flip_bytes
 
 CHANGED = "does not match its checksum (changed since it was written)"
 
@@ -25,8 +25,9 @@ def workdir(tiny_workdir, tmp_path):
 def _run(repo_root, workdir, stage, capsys) -> tuple[int, str, list[str]]:
   """`(exit status, stdout, stderr lines)` of `avg-jax STAGE` on the tiny config."""
   capsys.readouterr()
-  rc = cli.main([stage, "--config", str(repo_root / "configs" / "smoke.py:tiny"),
-                 "--workdir", str(workdir)])
+  rc = cli.main(
+    [stage, "--config", str(repo_root / "configs" / "smoke.py:tiny"), "--workdir", str(workdir)]
+  )
   captured = capsys.readouterr()
   return rc, captured.out, captured.err.strip().splitlines()
 
@@ -40,8 +41,10 @@ def test_deleted_voken_table_names_it_and_tokenize_repairs_it(repo_root, workdir
   table = voken_tables.voken_table_file(str(workdir), "avg")
   os.remove(table)
   rc, err = _stage(repo_root, workdir, "train", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {table} is missing; rerun `avg-jax tokenize` "
-                             f"with --config.tokenizer.scheme=avg"]
+  assert rc == 2 and err == [
+    f"avg-jax: error: {table} is missing; rerun `avg-jax tokenize` "
+    f"with --config.tokenizer.scheme=avg"
+  ]
   assert _stage(repo_root, workdir, "tokenize", capsys)[0] == 0
   assert set(voken_tables.load(str(workdir), "avg")[1]) == {"train", "val", "test"}
 
@@ -51,51 +54,66 @@ def test_truncated_voken_table_is_one_line(repo_root, workdir, capsys):
   size = os.path.getsize(table)
   os.truncate(table, 1000)
   rc, err = _stage(repo_root, workdir, "train", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {table} has 1000 bytes, {size} were written; "
-                             f"rerun `avg-jax tokenize` with --config.tokenizer.scheme=avg"]
+  assert rc == 2 and err == [
+    f"avg-jax: error: {table} has 1000 bytes, {size} were written; "
+    f"rerun `avg-jax tokenize` with --config.tokenizer.scheme=avg"
+  ]
 
 
-def test_truncated_train_array_record_names_it_and_prepare_repairs_it(repo_root, workdir,
-                                                                      capsys):
-  (path,) = [os.path.join(r, f) for r, _, files in os.walk(workdir / "prepared")
-             for f in files if "train.array_record" in f]
+def test_truncated_train_array_record_names_it_and_prepare_repairs_it(repo_root, workdir, capsys):
+  (path,) = [
+    os.path.join(r, f)
+    for r, _, files in os.walk(workdir / "prepared")
+    for f in files
+    if "train.array_record" in f
+  ]
   size = os.path.getsize(path)
   os.truncate(path, size // 2)
   rc, err = _stage(repo_root, workdir, "train", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {path} has {size // 2} bytes, {size} were "
-                             f"written (damaged); rerun `avg-jax prepare` (it rewrites it)"]
+  assert rc == 2 and err == [
+    f"avg-jax: error: {path} has {size // 2} bytes, {size} were "
+    f"written (damaged); rerun `avg-jax prepare` (it rewrites it)"
+  ]
   assert _stage(repo_root, workdir, "prepare", capsys)[0] == 0
   assert os.path.getsize(path) == size
 
 
 def _array_record(workdir, split):
-  (path,) = [os.path.join(r, f) for r, _, files in os.walk(workdir / "prepared")
-             for f in files if f"{split}.array_record" in f]
+  (path,) = [
+    os.path.join(r, f)
+    for r, _, files in os.walk(workdir / "prepared")
+    for f in files
+    if f"{split}.array_record" in f
+  ]
   return path
 
 
 @pytest.mark.parametrize("which", ["train array_record", "text tokenizer"])
 def test_flipped_prepared_file_is_named_and_prepare_redoes_it(repo_root, workdir, capsys, which):
-  path = (_array_record(workdir, "train") if which == "train array_record"
-          else paths.text_tokenizer_model(str(workdir)))
+  path = (
+    _array_record(workdir, "train")
+    if which == "train array_record"
+    else paths.text_tokenizer_model(str(workdir))
+  )
   written = io.file_sha256(path)
   flip_bytes(path, count=4)
   rc, err = _stage(repo_root, workdir, "train", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax prepare` (it "
-                             f"rewrites it)"]
+  assert rc == 2 and err == [
+    f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax prepare` (it rewrites it)"
+  ]
   rc, out, _ = _run(repo_root, workdir, "prepare", capsys)
   assert rc == 0 and f"is incomplete (damaged: {path} {CHANGED}); preparing it again" in out
   assert "kept" not in out and io.file_sha256(path) == written
 
 
-def test_flipped_embeddings_are_named_and_embed_redoes_them(repo_root, workdir, capsys,
-                                                            caplog):
+def test_flipped_embeddings_are_named_and_embed_redoes_them(repo_root, workdir, capsys, caplog):
   path = paths.embeddings_file(str(workdir), "test")
   before = np.load(path)["caption_emb"]
   flip_bytes(path, count=4)
   rc, err = _stage(repo_root, workdir, "tokenize", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax embed` (it "
-                             f"rewrites it)"]
+  assert rc == 2 and err == [
+    f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax embed` (it rewrites it)"
+  ]
   assert _stage(repo_root, workdir, "embed", capsys)[0] == 0
   assert f"embed: {path} {CHANGED}; redoing it" in caplog.text
   assert checksums.check(paths.embed_dir(str(workdir)), os.path.basename(path)) == ""
@@ -107,8 +125,9 @@ def test_flipped_codebook_is_caught_and_tokenize_redoes_it(repo_root, workdir, c
   written = io.file_sha256(path)
   flip_bytes(path, count=4)  # 4 values' bytes: still a valid .npy (it used to train on)
   rc, err = _stage(repo_root, workdir, "train", capsys)
-  assert rc == 2 and err == [f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax tokenize` with "
-                             f"--config.tokenizer.scheme=avg"]
+  assert rc == 2 and err == [
+    f"avg-jax: error: {path} {CHANGED}; rerun `avg-jax tokenize` with --config.tokenizer.scheme=avg"
+  ]
   rc, out, _ = _run(repo_root, workdir, "tokenize", capsys)
   assert rc == 0 and "kept" not in out
   assert f"has a damaged output ({path} {CHANGED}); redoing it" in caplog.text
@@ -118,6 +137,7 @@ def test_flipped_codebook_is_caught_and_tokenize_redoes_it(repo_root, workdir, c
 def test_flipped_evaluation_results_are_redone(pipeline_workdir, tmp_path):
   """evaluate's own check of its folder (a damaged one is redone, never "kept")."""
   from avg_jax.stages import evaluate
+
   directory = tmp_path / "evaluate"
   shutil.copytree(pipeline_workdir / "evaluate", directory)
   assert evaluate._results_load(str(directory)) == ""

@@ -13,9 +13,9 @@ from avg_jax import partitioning
 from avg_jax.artifacts import embeddings, paths
 from avg_jax.data import dataset
 from avg_jax.encoders import bpe, clip, extract, hf_import, store
-from avg_jax.stages import embed, prepare
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
+from avg_jax.stages import embed, prepare
 
 
 def _mesh():
@@ -70,8 +70,9 @@ def test_trained_encoder_stage(tiny_workdir, tmp_path, repo_root):
   assert not os.path.exists(paths.embed_shards_dir(workdir))  # merged and removed
   embed_records = [r for r in read_metrics(workdir) if r["stage"] == "embed"]
   extraction = [r for r in embed_records if "shards" in r]
-  assert {r["split"]: (r["shards"], r["shards_written"], r["processes"])
-          for r in extraction} == {s: (1, 1, 1) for s in ("train", "val", "test")}
+  assert {r["split"]: (r["shards"], r["shards_written"], r["processes"]) for r in extraction} == {
+    s: (1, 1, 1) for s in ("train", "val", "test")
+  }
 
   records = [r for r in embed_records if r.get("method") == "two_tower"]
   assert len(records) == 1 and records[0]["split"] == "test"
@@ -86,8 +87,9 @@ def test_trained_encoder_stage(tiny_workdir, tmp_path, repo_root):
   captions = dataset.caption_source(workdir, "test")
   picks = [0, 7, len(captions) - 1]
   texts = [captions[i]["caption"] for i in picks]
-  np.testing.assert_allclose(encoder.encode_texts(texts, _mesh()), test["caption_emb"][picks],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    encoder.encode_texts(texts, _mesh()), test["caption_emb"][picks], rtol=1e-5, atol=1e-5
+  )
 
   # Rerun: everything kept, nothing re-evaluated.
   files = {s: paths.embeddings_file(workdir, s) for s in ("train", "val", "test")}
@@ -121,8 +123,9 @@ def test_pretrained_encoder_stage(prepared, tmp_path, repo_root):
   test = embeddings.load(workdir, "test")
   captions = dataset.caption_source(workdir, "test")
   tokens = tokenizer.encode_batch([captions[i]["caption"] for i in range(3)], cfg.max_text_length)
-  np.testing.assert_allclose(clip.encode_texts(params, cfg, tokens), test["caption_emb"][:3],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    clip.encode_texts(params, cfg, tokens), test["caption_emb"][:3], rtol=1e-5, atol=1e-5
+  )
   with open(os.path.join(paths.embed_dir(workdir), "encoder.json")) as f:
     meta = json.load(f)
   assert meta["tokenizer"]["kind"] == "clip_bpe" and meta["clip"]["text_pooling"] == "argmax"

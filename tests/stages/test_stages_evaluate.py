@@ -24,20 +24,27 @@ def hybrid_workdir(repo_root, pipeline_workdir, tmp_path_factory):
   the efficiency rows time) and avg_hybrid, and exported with export.hybrid=true."""
   workdir = tmp_path_factory.mktemp("hybrid") / "w"
   shutil.copytree(pipeline_workdir, workdir, ignore=shutil.ignore_patterns("evaluate", "export"))
-  args = ["--config", str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir),
-          "--config.evaluate.methods=('two_tower', 'avg', 'avg_hybrid')",
-          f"--config.evaluate.hybrid_weights={WEIGHTS}",
-          "--config.evaluate.protocols=('transductive',)",
-          "--config.evaluate.efficiency_sizes=(100,)", "--config.export.hybrid=true",
-          "--config.evaluate.ann_max_items=50"]   # no HNSW row at N = 100
+  args = [
+    "--config",
+    str(repo_root / "configs/smoke.py:tiny"),
+    "--workdir",
+    str(workdir),
+    "--config.evaluate.methods=('two_tower', 'avg', 'avg_hybrid')",
+    f"--config.evaluate.hybrid_weights={WEIGHTS}",
+    "--config.evaluate.protocols=('transductive',)",
+    "--config.evaluate.efficiency_sizes=(100,)",
+    "--config.export.hybrid=true",
+    "--config.evaluate.ann_max_items=50",
+  ]  # no HNSW row at N = 100
   assert cli.main(["evaluate", *args]) == 0
   assert cli.main(["export", *args]) == 0
   return workdir, args
 
 
 def _config(repo_root, **decode):
-  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"),
-                                  ["evaluate.protocols=('transductive',)"])
+  config = config_lib.load_config(
+    str(repo_root / "configs/smoke.py:tiny"), ["evaluate.protocols=('transductive',)"]
+  )
   return evaluate.with_hybrid_weight(config, decode.get("hybrid_weight"))
 
 
@@ -55,16 +62,19 @@ def test_weight_is_chosen_on_validation_and_test_uses_it(repo_root, hybrid_workd
   plain = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir), "test")
   test = embeddings.load(str(workdir), "test")
   ids = plain["_results"]["item_ids"]
-  sim = hybrid.candidate_similarities(ids, test["caption_emb"], test["image_ids"],
-                                      test["image_emb"])
+  sim = hybrid.candidate_similarities(
+    ids, test["caption_emb"], test["image_ids"], test["image_emb"]
+  )
   ranked = hybrid.rerank(ids, plain["_results"]["scores"], sim, chosen["weight"])
   r1 = 100 * np.mean(ranked[:, 0] == plain["_true_ids"])
   assert results["recall"]["transductive"]["avg_hybrid"]["R@1"] == pytest.approx(r1)
   assert "R@1" in results["vs_two_tower"]["transductive"]["avg_hybrid"]
   assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [100]
   assert "two_tower_hnsw" not in results["efficiency"] and "ann_frontier" not in results
-  assert "avg_hybrid: fusion weight chosen on validation" in (
-      workdir / "evaluate" / "report.md").read_text()
+  assert (
+    "avg_hybrid: fusion weight chosen on validation"
+    in (workdir / "evaluate" / "report.md").read_text()
+  )
 
 
 def test_hybrid_export_serves_the_chosen_weight(repo_root, hybrid_workdir):
@@ -75,8 +85,9 @@ def test_hybrid_export_serves_the_chosen_weight(repo_root, hybrid_workdir):
   assert manifest["decode"]["hybrid_weight"] == weight
   config = _config(repo_root, hybrid_weight=weight)
   gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "rank")
-  m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir), "test",
-                               max_queries=8)
+  m = avg_eval.evaluate_recall(
+    gen, params, shardings, mesh, config, str(workdir), "test", max_queries=8
+  )
   _, texts = dataset.read_texts(str(workdir), "test")
   # k as evaluate's (the largest recall K): the same beam, so the same candidates to re-rank
   # (a search for fewer results runs fewer beams and may find other candidates).
@@ -94,18 +105,31 @@ def test_hybrid_export_serves_the_chosen_weight(repo_root, hybrid_workdir):
     assert sims == sorted(sims, reverse=True)
 
 
-def test_export_hybrid_without_a_weight_is_a_clear_error(repo_root, pipeline_workdir, tmp_path,
-                                                         capsys):
+def test_export_hybrid_without_a_weight_is_a_clear_error(
+  repo_root, pipeline_workdir, tmp_path, capsys
+):
   workdir = tmp_path / "w"
   shutil.copytree(pipeline_workdir, workdir, ignore=shutil.ignore_patterns("evaluate", "export"))
-  assert cli.main(["export", "--config", str(repo_root / "configs/smoke.py:tiny"),
-                   "--workdir", str(workdir), "--config.export.hybrid=true"]) == 2
+  assert (
+    cli.main(
+      [
+        "export",
+        "--config",
+        str(repo_root / "configs/smoke.py:tiny"),
+        "--workdir",
+        str(workdir),
+        "--config.export.hybrid=true",
+      ]
+    )
+    == 2
+  )
   assert "export.hybrid: no fusion weight" in capsys.readouterr().err
   assert not (workdir / "export").exists()
 
 
 def test_retriever_hybrid_needs_the_dual_encoder(pipeline_workdir, tmp_path):
   from avg_jax.errors import UserError
+
   target = tmp_path / "export"
   shutil.copytree(pipeline_workdir / "export", target)
   # An export without the dual encoder (as the image_id tie-break writes it), whole.
@@ -120,12 +144,15 @@ def test_hybrid_with_the_generators_query_head(repo_root, hybrid_workdir, tmp_pa
   predicted validation embeddings and times no text tower; the export carries the head and
   the Retriever answers without the dual encoder's text tower, as evaluate's search does."""
   from avg_jax.training import query_head_fit
+
   source, args = hybrid_workdir
   workdir = tmp_path / "w"
   shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("evaluate", "export"))
   args = [a.replace(str(source), str(workdir)) for a in args]
   args = [a for a in args if not a.startswith("--config.evaluate.methods")] + [
-      "--config.evaluate.methods=('avg', 'avg_hybrid')", "--config.decode.hybrid_query=generator"]
+    "--config.evaluate.methods=('avg', 'avg_hybrid')",
+    "--config.decode.hybrid_query=generator",
+  ]
   assert cli.main(["evaluate", *args]) == 0
   assert cli.main(["export", *args]) == 0
   results = json.loads((workdir / "evaluate" / "metrics.json").read_text())
@@ -139,8 +166,9 @@ def test_hybrid_with_the_generators_query_head(repo_root, hybrid_workdir, tmp_pa
   config.decode.hybrid_query = "generator"
   gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "rank")
   head = query_head_fit.fit_query_head(gen, params, mesh, str(workdir), config)
-  m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir), "test",
-                               max_queries=8, query_head=head)
+  m = avg_eval.evaluate_recall(
+    gen, params, shardings, mesh, config, str(workdir), "test", max_queries=8, query_head=head
+  )
   retriever = Retriever.load(str(workdir / "export"))
   assert retriever.dual_encoder is None and retriever.query_head is not None
   _, texts = dataset.read_texts(str(workdir), "test")
@@ -150,5 +178,6 @@ def test_hybrid_with_the_generators_query_head(repo_root, hybrid_workdir, tmp_pa
   (workdir / "export" / "query_head.npz").unlink()
   checksums.write(str(workdir / "export"))
   from avg_jax.errors import UserError
+
   with pytest.raises(UserError, match="no query_head.npz"):
     Retriever.load(str(workdir / "export"))

@@ -9,6 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import PIPELINE_OVERRIDES as OVERRIDES
+from helpers import one_device_env
+from helpers import pipeline_args as _args
 
 from avg_jax import cli
 from avg_jax import config as config_lib
@@ -16,10 +19,6 @@ from avg_jax.data import dataset
 from avg_jax.evaluation import avg_eval
 from avg_jax.export.serving import Retriever
 from avg_jax.training import state as state_lib
-
-from helpers import one_device_env
-from helpers import PIPELINE_OVERRIDES as OVERRIDES
-from helpers import pipeline_args as _args
 
 
 @pytest.fixture
@@ -45,7 +44,8 @@ def test_run_writes_results_report_and_export(pipeline):
   # The HNSW two-tower at the same sizes: one deployed row per N, the whole frontier beside.
   assert [row["num_items"] for row in results["efficiency"]["two_tower_hnsw"]] == [100, 400]
   assert {(r["num_items"], r["ef_search"]) for r in results["ann_frontier"]} == {
-      (n, ef) for n in (100, 400) for ef in (16, 32, 64, 128, 256)}
+    (n, ef) for n in (100, 400) for ef in (16, 32, 64, 128, 256)
+  }
   assert results["meta"]["config_hash"]
   report = (pipeline / "evaluate" / "report.md").read_text()
   assert "| avg_ltr |" in report and (pipeline / "evaluate" / "efficiency.png").exists()
@@ -56,8 +56,9 @@ def test_run_writes_results_report_and_export(pipeline):
 def test_export_search_equals_in_process_search(repo_root, pipeline):
   config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), OVERRIDES)
   gen, mesh, params, shardings = state_lib.final_params(config, str(pipeline), "avg", "rank")
-  m = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(pipeline), "test",
-                               max_queries=12)
+  m = avg_eval.evaluate_recall(
+    gen, params, shardings, mesh, config, str(pipeline), "test", max_queries=12
+  )
   _, texts = dataset.read_texts(str(pipeline), "test")
   retriever = Retriever.load(str(pipeline / "export"))
   k = int(config.decode.top_k)
@@ -71,6 +72,7 @@ def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipel
   # With the key set, evaluation and the exported Retriever both score over EOS + voken rows
   # only: higher (less negative) scores than the full-vocabulary ones, and equal to each other.
   from avg_jax.stages import export as export_stage
+
   workdir = tmp_path / "w"
   shutil.copytree(pipeline, workdir)
   # The rank stage's candidates come from the search, so its parameters were made with the
@@ -82,24 +84,36 @@ def test_decode_voken_logits_only_reaches_evaluation_and_export(repo_root, pipel
   manifest = json.loads((workdir / "export" / "manifest.json").read_text())
   assert manifest["decode"]["voken_logits_only"] is True
   gen, mesh, params, shardings = state_lib.final_params(config, str(workdir), "avg", "train")
-  restricted = avg_eval.evaluate_recall(gen, params, shardings, mesh, config, str(workdir),
-                                        "test", max_queries=6)
-  full = avg_eval.evaluate_recall(gen, params, shardings, mesh,
-                                  config_lib.load_config(spec, OVERRIDES), str(workdir),
-                                  "test", max_queries=6)
+  restricted = avg_eval.evaluate_recall(
+    gen, params, shardings, mesh, config, str(workdir), "test", max_queries=6
+  )
+  full = avg_eval.evaluate_recall(
+    gen,
+    params,
+    shardings,
+    mesh,
+    config_lib.load_config(spec, OVERRIDES),
+    str(workdir),
+    "test",
+    max_queries=6,
+  )
   assert np.all(restricted["_results"]["scores"][:, 0] > full["_results"]["scores"][:, 0])
   _, texts = dataset.read_texts(str(workdir), "test")
   k = int(config.decode.top_k)
   ids, scores = Retriever.load(str(workdir / "export")).search(texts[:6], k=k)
   np.testing.assert_array_equal(ids, restricted["_results"]["item_ids"][:, :k])
-  np.testing.assert_allclose(scores, restricted["_results"]["scores"][:, :k], rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(scores, restricted["_results"]["scores"][:, :k], rtol=1e-5, atol=1e-5)
 
 
 def _search(repo_root, *args, stdin=None):
-  return subprocess.run([sys.executable, "-m", "avg_jax", "search", *args], cwd=repo_root,
-                        input=stdin, capture_output=True, timeout=300,
-                        env=one_device_env())
+  return subprocess.run(
+    [sys.executable, "-m", "avg_jax", "search", *args],
+    cwd=repo_root,
+    input=stdin,
+    capture_output=True,
+    timeout=300,
+    env=one_device_env(),
+  )
 
 
 def test_search_cli(repo_root, pipeline):
@@ -114,10 +128,10 @@ def test_search_cli(repo_root, pipeline):
   first = stdin.stdout.decode().splitlines()[1]
   assert first.startswith("    1. test/") and ".png  score -" in first and "  image " in first
   cases = [
-      (["--model", model, ""], "avg-jax: error: query 0: empty"),
-      (["--model", model, "x" * 1001], "query 0: 1001 characters, the limit is 1000"),
-      (["--model", model, "--k", "0", "a"], "k must be in [1, 40], got 0"),
-      (["--model", str(pipeline / "nope"), "a"], "not an avg-jax serving checkpoint"),
+    (["--model", model, ""], "avg-jax: error: query 0: empty"),
+    (["--model", model, "x" * 1001], "query 0: 1001 characters, the limit is 1000"),
+    (["--model", model, "--k", "0", "a"], "k must be in [1, 40], got 0"),
+    (["--model", str(pipeline / "nope"), "a"], "not an avg-jax serving checkpoint"),
   ]
   for args, message in cases:
     proc = _search(repo_root, *args)
@@ -135,9 +149,13 @@ def test_rerun_skips_done_stages_and_redoes_damaged_ones(repo_root, pipeline, ca
   capsys.readouterr()
   assert cli.main(["run", *_args(repo_root, pipeline)]) == 0
   out = capsys.readouterr().out
-  for line in ("prepared is complete", "train [avg, transductive]: finished",
-               "rank [avg, transductive]: finished",
-               "evaluate is complete", "export is complete"):
+  for line in (
+    "prepared is complete",
+    "train [avg, transductive]: finished",
+    "rank [avg, transductive]: finished",
+    "evaluate is complete",
+    "export is complete",
+  ):
     assert line in out, line
   # Damage: delete the export, garble the results, truncate the train stage's final params.
   shutil.rmtree(pipeline / "export")

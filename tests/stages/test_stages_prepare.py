@@ -9,19 +9,18 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import flip_bytes
 
 from avg_jax import cli
-from avg_jax.artifacts import paths
-from avg_jax.artifacts import io
-from avg_jax.data import dataset, prepared as prepared_lib
-from avg_jax.stages import prepare
+from avg_jax.artifacts import io, paths
+from avg_jax.data import dataset
+from avg_jax.data import prepared as prepared_lib
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.errors import UserError
 from avg_jax.metrics import read_metrics
-from helpers import flip_bytes
+from avg_jax.stages import prepare
 
-SMALL = ("data.num_train=60", "data.num_val=8", "data.num_test=8",
-         "text_tokenizer.vocab_size=100")
+SMALL = ("data.num_train=60", "data.num_val=8", "data.num_test=8", "text_tokenizer.vocab_size=100")
 
 
 def _snapshot(directory):
@@ -40,7 +39,10 @@ def test_prepared_data_follows_the_contract(prepared_workdir):
   assert info["dataset"] == "avg_shapes"
   assert info["captions_per_image"] == 5 and info["image_size"] == [32, 32]
   assert {s: (v["num_images"], v["num_captions"]) for s, v in info["splits"].items()} == {
-      "train": (240, 1200), "val": (40, 200), "test": (40, 200)}
+    "train": (240, 1200),
+    "val": (40, 200),
+    "test": (40, 200),
+  }
   assert len(info["config_hash"]) == 16
   assert set(info["attribute_frequencies"]) == {"objects", "shape", "color", "size", "position"}
   tokenizer = TextTokenizer.load(paths.text_tokenizer_model(prepared_workdir))
@@ -69,8 +71,11 @@ def test_prepared_data_follows_the_contract(prepared_workdir):
   image_ids, texts = dataset.read_texts(prepared_workdir, "test")
   assert texts[13] == captions[13]["caption"] and image_ids[13] == captions[13]["image_id"]
   # Every split's ids are distinct from the others'.
-  all_ids = [int(x) for s in ("train", "val", "test")
-             for x in dataset.read_texts(prepared_workdir, s)[0][::5]]
+  all_ids = [
+    int(x)
+    for s in ("train", "val", "test")
+    for x in dataset.read_texts(prepared_workdir, s)[0][::5]
+  ]
   assert len(set(all_ids)) == 320
 
 
@@ -96,8 +101,9 @@ def test_prepare_is_idempotent(tmp_path, tiny_config, capsys):
   assert [r["reused"] for r in records] == [False] * 3 + [True] * 3
   assert {r["split"]: r["num_images"] for r in records} == {"train": 60, "val": 8, "test": 8}
   # A different data config in the same workdir is refused, naming the change.
-  with pytest.raises(UserError,
-                     match=r"made from other inputs \(config.data.generator_seed: 0 -> 3\)"):
+  with pytest.raises(
+    UserError, match=r"made from other inputs \(config.data.generator_seed: 0 -> 3\)"
+  ):
     prepare.run(tiny_config(*SMALL, "data.generator_seed=3"), workdir)
 
 
@@ -137,9 +143,13 @@ def test_half_written_outputs_are_detected_and_redone(tmp_path, tiny_config, cap
   # Bytes changed in place (the same size): readers refuse the file, prepare redoes it.
   written = io.file_sha256(record_file)
   flip_bytes(record_file, count=4)
-  with pytest.raises(UserError, match=(
+  with pytest.raises(
+    UserError,
+    match=(
       rf"^{re.escape(record_file)} does not match its checksum \(changed since it was "
-      rf"written\); rerun `avg-jax prepare` \(it rewrites it\)$")):
+      rf"written\); rerun `avg-jax prepare` \(it rewrites it\)$"
+    ),
+  ):
     dataset.image_source(workdir, "train")
   assert prepared_lib.check_prepared(prepared)[0] == "incomplete"
   prepare.run(config, workdir)
@@ -159,8 +169,9 @@ def _outputs(workdir) -> list[str]:
   return sorted(p for p in os.listdir(workdir) if p != ".locks")
 
 
-def test_a_concurrent_prepare_that_finished_first_is_kept(tmp_path, tiny_config, monkeypatch,
-                                                          capsys):
+def test_a_concurrent_prepare_that_finished_first_is_kept(
+  tmp_path, tiny_config, monkeypatch, capsys
+):
   workdir = str(tmp_path / "w")
   prepared = paths.prepared_dir(workdir)
   publish = io.publish_dir
@@ -168,6 +179,7 @@ def test_a_concurrent_prepare_that_finished_first_is_kept(tmp_path, tiny_config,
   def another_process_finishes_first(tmp, path):
     shutil.copytree(tmp, path)  # the other process's complete output lands first
     return publish(tmp, path)
+
   monkeypatch.setattr(io, "publish_dir", another_process_finishes_first)
   prepare.run(tiny_config(*SMALL), workdir)
   assert "completed by another process" in capsys.readouterr().out
@@ -181,6 +193,7 @@ def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypa
 
   def fail_after_writing(*args, **kwargs):
     raise RuntimeError("disk full")
+
   monkeypatch.setattr(prepared_lib, "_make_tokenizer", fail_after_writing)  # after the records
   with pytest.raises(RuntimeError, match="disk full"):
     prepare.run(tiny_config(*SMALL), str(workdir))
@@ -198,19 +211,27 @@ def test_a_failing_prepare_leaves_nothing_behind(tmp_path, tiny_config, monkeypa
   assert _outputs(workdir) == ["metrics.jsonl", "prepared"]
 
 
-def test_karpathy_data_with_a_given_tokenizer(tmp_path, tiny_config, karpathy_files,
-                                              prepared_workdir):
+def test_karpathy_data_with_a_given_tokenizer(
+  tmp_path, tiny_config, karpathy_files, prepared_workdir
+):
   json_path, image_root = karpathy_files(tmp_path, corrupt=True)
   config = tiny_config(
-      "data.name=karpathy", f"data.karpathy_json={json_path}", f"data.image_root={image_root}",
-      "data.image_size=16", "data.skip_bad_images=true",
-      f"text_tokenizer.model_path={paths.text_tokenizer_model(prepared_workdir)}")
+    "data.name=karpathy",
+    f"data.karpathy_json={json_path}",
+    f"data.image_root={image_root}",
+    "data.image_size=16",
+    "data.skip_bad_images=true",
+    f"text_tokenizer.model_path={paths.text_tokenizer_model(prepared_workdir)}",
+  )
   workdir = str(tmp_path / "w")
   prepare.run(config, workdir)
   info = dataset.load_info(workdir)
   assert info["dataset"] == "karpathy" and info["image_size"] == [16, 16]
   assert {s: v["num_images"] for s, v in info["splits"].items()} == {
-      "train": 2, "val": 1, "test": 2}
+    "train": 2,
+    "val": 1,
+    "test": 2,
+  }
   assert info["skipped_images"]["count"] == 1
   assert "broken.jpg" in info["skipped_images"]["first"][0]
   assert info["text_tokenizer"]["vocab_size"] == 200  # the given model, not a trained one
@@ -221,36 +242,48 @@ def test_karpathy_data_with_a_given_tokenizer(tmp_path, tiny_config, karpathy_fi
   assert dataset.image_source(workdir, "val")[0]["image"].shape == (16, 16, 3)
 
 
-def test_every_skipped_image_is_listed_with_its_reason(tmp_path, tiny_config, karpathy_files,
-                                                      prepared_workdir, capsys):
+def test_every_skipped_image_is_listed_with_its_reason(
+  tmp_path, tiny_config, karpathy_files, prepared_workdir, capsys
+):
   # README: skipped images are listed in the prepared folder. dataset_info.json used to hold
   # only the first 20 of them; skipped_images.json has all, dataset_info.json the count.
   json_path, image_root = karpathy_files(tmp_path, missing=True)
   data = json.loads(open(json_path).read())
-  for k in range(24):   # 24 more images that are not images
+  for k in range(24):  # 24 more images that are not images
     with open(os.path.join(image_root, f"junk{k}.png"), "wb") as f:
       f.write(b"not a png")
-    data["images"].append({"filename": f"junk{k}.png", "imgid": 100 + k, "split": "train",
-                           "sentences": [{"raw": f"junk {k} {n}"} for n in range(5)]})
+    data["images"].append(
+      {
+        "filename": f"junk{k}.png",
+        "imgid": 100 + k,
+        "split": "train",
+        "sentences": [{"raw": f"junk {k} {n}"} for n in range(5)],
+      }
+    )
   with open(json_path, "w") as f:
     json.dump(data, f)
   config = tiny_config(
-      "data.name=karpathy", f"data.karpathy_json={json_path}", f"data.image_root={image_root}",
-      "data.image_size=16", "data.skip_bad_images=true",
-      f"text_tokenizer.model_path={paths.text_tokenizer_model(prepared_workdir)}")
+    "data.name=karpathy",
+    f"data.karpathy_json={json_path}",
+    f"data.image_root={image_root}",
+    "data.image_size=16",
+    "data.skip_bad_images=true",
+    f"text_tokenizer.model_path={paths.text_tokenizer_model(prepared_workdir)}",
+  )
   workdir = str(tmp_path / "w")
   prepare.run(config, workdir)
   info = dataset.load_info(workdir)
   assert info["skipped_images"]["count"] == 25
   assert info["skipped_images"]["file"] == "skipped_images.json"
-  listed = json.loads(open(os.path.join(paths.prepared_dir(workdir),
-                                        "skipped_images.json")).read())
+  listed = json.loads(open(os.path.join(paths.prepared_dir(workdir), "skipped_images.json")).read())
   assert len(listed) == 25
   assert {os.path.basename(e["path"]) for e in listed} == {"gone.png"} | {
-      f"junk{k}.png" for k in range(24)}
+    f"junk{k}.png" for k in range(24)
+  }
   assert all(e["reason"] for e in listed)
   assert "skipped images: 25 (each with its reason in skipped_images.json)" in (
-      capsys.readouterr().out)
+    capsys.readouterr().out
+  )
   # Part of the folder's manifest: a deleted list makes the folder incomplete, not silently
   # kept without it.
   assert "skipped_images.json" in info["files"]
@@ -269,8 +302,19 @@ def test_cli_prepare_exits_0_without_tensorflow(tmp_path, monkeypatch, capsys):
   assert cli.main(["prepare", "--config", "configs/smoke.py:tiny", "--workdir", workdir]) == 0
   assert "kept" in capsys.readouterr().out
   # User errors exit 2 with one line naming the key.
-  assert cli.main(["prepare", "--config", "configs/smoke.py:tiny", "--workdir",
-                   str(tmp_path / "k"), "--config.data.name=karpathy"]) == 2
+  assert (
+    cli.main(
+      [
+        "prepare",
+        "--config",
+        "configs/smoke.py:tiny",
+        "--workdir",
+        str(tmp_path / "k"),
+        "--config.data.name=karpathy",
+      ]
+    )
+    == 2
+  )
   assert "data.karpathy_json is empty" in capsys.readouterr().err
   assert "tensorflow" not in sys.modules
 
@@ -289,8 +333,11 @@ def test_a_pretrained_t5_brings_its_tokenizer(tmp_path, tiny_config, prepared_wo
   assert info["text_tokenizer"]["source"] == f"loaded from {t5_dir / 'spiece.model'}"
   assert open(paths.text_tokenizer_model(workdir), "rb").read() == given
   (t5_dir / "spiece.model").unlink()
-  with pytest.raises(UserError, match=r"text_tokenizer.model_path \(empty: t5.pretrained_path's "
-                     r"spiece.model\) not readable: .*spiece.model"):
+  with pytest.raises(
+    UserError,
+    match=r"text_tokenizer.model_path \(empty: t5.pretrained_path's "
+    r"spiece.model\) not readable: .*spiece.model",
+  ):
     prepare.run(config, str(tmp_path / "w2"))
 
 

@@ -25,14 +25,19 @@ def _write_embeddings(workdir, dim=12, seed=0):
   centers = rng.normal(size=(6, dim)) * 3
   next_id = 1000
   for split, n in SPLIT_SIZES:
-    image_ids = np.arange(next_id, next_id + n) * 3   # not 0..N-1: ids are opaque
+    image_ids = np.arange(next_id, next_id + n) * 3  # not 0..N-1: ids are opaque
     next_id += n
     emb = (centers[rng.integers(0, 6, n)] + rng.normal(size=(n, dim))).astype(np.float32)
     cap_ids = np.repeat(image_ids, 5)
     cap = (np.repeat(emb, 5, axis=0) + 0.5 * rng.normal(size=(5 * n, dim))).astype(np.float32)
     os.makedirs(paths.embed_dir(workdir), exist_ok=True)
-    np.savez(paths.embeddings_file(workdir, split), image_ids=image_ids, image_emb=emb,
-             caption_image_ids=cap_ids, caption_emb=cap)
+    np.savez(
+      paths.embeddings_file(workdir, split),
+      image_ids=image_ids,
+      image_emb=emb,
+      caption_image_ids=cap_ids,
+      caption_emb=cap,
+    )
     embeddings_lib.record(workdir, paths.embeddings_file(workdir, split))  # as embed does
 
 
@@ -43,19 +48,32 @@ def _write_pseudo_queries(workdir, seed=1):
   for split in ("val", "test"):
     with np.load(paths.embeddings_file(workdir, split)) as f:
       ids.append(np.repeat(f["image_ids"], 2))
-      emb.append(np.repeat(f["image_emb"], 2, axis=0) + 0.5 * rng.normal(
-          size=(2 * len(f["image_ids"]), f["image_emb"].shape[1])))
-  np.savez(os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz"),
-           image_ids=np.concatenate(ids), query_emb=np.concatenate(emb).astype(np.float32))
+      emb.append(
+        np.repeat(f["image_emb"], 2, axis=0)
+        + 0.5 * rng.normal(size=(2 * len(f["image_ids"]), f["image_emb"].shape[1]))
+      )
+  np.savez(
+    os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz"),
+    image_ids=np.concatenate(ids),
+    query_emb=np.concatenate(emb).astype(np.float32),
+  )
   embeddings_lib.record(workdir, os.path.join(paths.embed_dir(workdir), "pseudo_queries.npz"))
 
 
 def _config(repo_root, scheme, mesh=("data=4", "model=2"), protocol="inductive", **extra):
-  overrides = [f"protocol={protocol}", f"tokenizer.scheme={scheme}", "tokenizer.steps=6",
-               "tokenizer.batch_size=64",
-               "tokenizer.codebook_size=8", "tokenizer.num_levels=3", "tokenizer.e_dim=8",
-               "tokenizer.hidden_dims=(16,)", "tokenizer.log_every=3",
-               "tokenizer.checkpoint_every=3", "t5.vocab_size=50"]
+  overrides = [
+    f"protocol={protocol}",
+    f"tokenizer.scheme={scheme}",
+    "tokenizer.steps=6",
+    "tokenizer.batch_size=64",
+    "tokenizer.codebook_size=8",
+    "tokenizer.num_levels=3",
+    "tokenizer.e_dim=8",
+    "tokenizer.hidden_dims=(16,)",
+    "tokenizer.log_every=3",
+    "tokenizer.checkpoint_every=3",
+    "t5.vocab_size=50",
+  ]
   overrides += [f"mesh.{m}" for m in mesh] + [f"tokenizer.{k}={v}" for k, v in extra.items()]
   return config_lib.load_config(str(repo_root / "configs" / "smoke.py") + ":tiny", overrides)
 
@@ -76,11 +94,12 @@ def _check_table(workdir, name):
   return vocab, table, codebook
 
 
-def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(tmp_path, repo_root, capsys,
-                                                                caplog):
+def test_avg_stage_on_data4_model2_mesh_is_valid_and_idempotent(
+  tmp_path, repo_root, capsys, caplog
+):
   workdir = str(tmp_path)
   _write_embeddings(workdir)
-  config = _config(repo_root, "avg", shared_codebook=True, dropout=0.25)   # the reference's
+  config = _config(repo_root, "avg", shared_codebook=True, dropout=0.25)  # the reference's
   tokenize.run(config, workdir)
   vocab, table, codebook = _check_table(workdir, "avg")
   assert vocab.shared_codebook and codebook.shape[0] == 8
@@ -170,7 +189,7 @@ def test_other_schemes_on_data8_mesh_write_valid_tables(tmp_path, repo_root, sch
   _write_embeddings(workdir)
   tokenize.run(_config(repo_root, scheme, mesh=("data=8",), shared_codebook=False), workdir)
   vocab, _, codebook = _check_table(workdir, scheme)
-  assert not vocab.shared_codebook and codebook.shape[0] == 3 * 8   # one row per level token
+  assert not vocab.shared_codebook and codebook.shape[0] == 3 * 8  # one row per level token
   with open(os.path.join(paths.tokenizer_dir(workdir, scheme), voken_tables.SUMMARY)) as f:
     summary = json.load(f)
   assert summary["disambiguation_size"] == vocab.disambiguation_size
@@ -181,8 +200,7 @@ def test_other_schemes_on_data8_mesh_write_valid_tables(tmp_path, repo_root, sch
     assert summary["collision_rate_all"] == 0.0 and vocab.disambiguation_size == 0
 
 
-def test_table_printed_once_with_dashes_and_a_kept_table_is_one_line(tmp_path, repo_root,
-                                                                    capsys):
+def test_table_printed_once_with_dashes_and_a_kept_table_is_one_line(tmp_path, repo_root, capsys):
   # evaluate re-enters tokenize for every method and protocol that uses a table: a finished
   # one answers with one line (once per process), not its statistics again. atomic has no
   # reconstruction or alignment error: the table shows a dash there, never nan.
@@ -201,8 +219,15 @@ def test_table_printed_once_with_dashes_and_a_kept_table_is_one_line(tmp_path, r
 
 
 def test_cli_reports_missing_embeddings(tmp_path, repo_root, capsys):
-  code = cli.main(["tokenize", "--config", str(repo_root / "configs" / "smoke.py") + ":tiny",
-                   "--workdir", str(tmp_path)])
+  code = cli.main(
+    [
+      "tokenize",
+      "--config",
+      str(repo_root / "configs" / "smoke.py") + ":tiny",
+      "--workdir",
+      str(tmp_path),
+    ]
+  )
   assert code == 2
   assert "embeddings_train.npz not found" in capsys.readouterr().err
 
@@ -210,9 +235,13 @@ def test_cli_reports_missing_embeddings(tmp_path, repo_root, capsys):
 def test_bad_embeddings_and_scheme_are_user_errors(tmp_path, repo_root):
   workdir = str(tmp_path)
   os.makedirs(paths.embed_dir(workdir))
-  np.savez(paths.embeddings_file(workdir, "train"), image_ids=np.arange(3),
-           image_emb=np.zeros((3, 4), np.float32), caption_image_ids=np.array([0, 7]),
-           caption_emb=np.zeros((2, 4), np.float32))
+  np.savez(
+    paths.embeddings_file(workdir, "train"),
+    image_ids=np.arange(3),
+    image_emb=np.zeros((3, 4), np.float32),
+    caption_image_ids=np.array([0, 7]),
+    caption_emb=np.zeros((2, 4), np.float32),
+  )
   embeddings_lib.record(workdir, paths.embeddings_file(workdir, "train"))
   with pytest.raises(UserError, match="caption_image_ids"):
     tokenize.run(_config(repo_root, "random"), workdir)
@@ -225,8 +254,9 @@ def test_bad_embeddings_and_scheme_are_user_errors(tmp_path, repo_root):
 def test_transductive_fit_uses_the_indexed_images_pseudo_queries(tmp_path, repo_root):
   workdir = str(tmp_path)
   _write_embeddings(workdir)
-  config = _config(repo_root, "avg", mesh=("data=8",), protocol="transductive",
-                   fit_on_pseudo_queries=True)
+  config = _config(
+    repo_root, "avg", mesh=("data=8",), protocol="transductive", fit_on_pseudo_queries=True
+  )
   with pytest.raises(UserError, match="pseudo_queries.npz not found; run `avg-jax embed`"):
     tokenize.run(config, workdir)
   _write_pseudo_queries(workdir)

@@ -23,14 +23,26 @@ from avg_jax.training import state as state_lib
 # third run. Checkpoint, log and evaluation intervals do not change the parameters.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = int(config_lib.load_config(str(REPO_ROOT / "configs/smoke.py:tiny"), []).train.steps)
-OVERRIDES = ["--config.train.checkpoint_every=4",
-             "--config.train.eval_every=0", "--config.train.log_every=4",
-             "--config.train.keep_checkpoints=10"]
+OVERRIDES = [
+  "--config.train.checkpoint_every=4",
+  "--config.train.eval_every=0",
+  "--config.train.log_every=4",
+  "--config.train.keep_checkpoints=10",
+]
 
 
 def _train_cmd(repo_root, workdir):
-  return [sys.executable, "-m", "avg_jax", "train", "--config",
-          str(repo_root / "configs/smoke.py:tiny"), "--workdir", str(workdir), *OVERRIDES]
+  return [
+    sys.executable,
+    "-m",
+    "avg_jax",
+    "train",
+    "--config",
+    str(repo_root / "configs/smoke.py:tiny"),
+    "--workdir",
+    str(workdir),
+    *OVERRIDES,
+  ]
 
 
 def _copy(tiny_workdir, dest):
@@ -45,8 +57,9 @@ def _env():
 
 
 def _final_params(repo_root, workdir):
-  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), [
-      o[len("--config."):] for o in OVERRIDES])
+  config = config_lib.load_config(
+    str(repo_root / "configs/smoke.py:tiny"), [o[len("--config.") :] for o in OVERRIDES]
+  )
   gen, mesh, params, _ = state_lib.final_params(config, str(workdir), "avg")
   return jax.device_get(params)
 
@@ -60,37 +73,54 @@ def _wait_for_checkpoint(proc, directory, min_step, timeout=240):
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f"train exited early with {proc.returncode}")
-    if directory.exists() and any(p.isdigit() and int(p) >= min_step
-                                  for p in os.listdir(directory)):
+    if directory.exists() and any(
+      p.isdigit() and int(p) >= min_step for p in os.listdir(directory)
+    ):
       return
     time.sleep(0.2)
   raise AssertionError("no checkpoint appeared")
 
 
-def test_kill_9_then_resume_gives_identical_parameters(repo_root, tiny_workdir,
-                                                       pipeline_workdir, tmp_path):
+def test_kill_9_then_resume_gives_identical_parameters(
+  repo_root, tiny_workdir, pipeline_workdir, tmp_path
+):
   killed = _copy(tiny_workdir, tmp_path / "killed")
-  proc = subprocess.Popen(_train_cmd(repo_root, killed), env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _train_cmd(repo_root, killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   _wait_for_checkpoint(proc, _checkpoint_dir(killed), 8)
   proc.kill()  # SIGKILL: no handler runs, a save may be half-written
   proc.wait()
   assert not (killed / "train" / "transductive" / "avg" / "params").exists()
-  resumed = subprocess.run(_train_cmd(repo_root, killed), env=_env(), check=True, timeout=600,
-                           capture_output=True, text=True)
+  resumed = subprocess.run(
+    _train_cmd(repo_root, killed),
+    env=_env(),
+    check=True,
+    timeout=600,
+    capture_output=True,
+    text=True,
+  )
   assert "train [avg, transductive]: resumed from step " in resumed.stdout
   a, b = _final_params(repo_root, pipeline_workdir), _final_params(repo_root, killed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   # The steps redone after the kill are logged once: the records of an uninterrupted run.
-  steps = [(r["scheme"], r["protocol"], r["step"]) for r in read_metrics(str(killed))
-           if r["stage"] == "train" and "loss" in r]
+  steps = [
+    (r["scheme"], r["protocol"], r["step"])
+    for r in read_metrics(str(killed))
+    if r["stage"] == "train" and "loss" in r
+  ]
   assert steps == [("avg", "transductive", s) for s in range(4, STEPS + 1, 4)]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(repo_root, tiny_workdir, tmp_path):
   workdir = _copy(tiny_workdir, tmp_path / "w")
-  proc = subprocess.Popen(_train_cmd(repo_root, workdir), env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _train_cmd(repo_root, workdir),
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   _wait_for_checkpoint(proc, _checkpoint_dir(workdir), 4)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=240)

@@ -6,8 +6,17 @@ from avg_jax import cli
 
 
 def test_quick_bench_writes_results(tmp_path, repo_root, capsys):
-  code = cli.main(["bench", "tokenize", "--quick", "--config",
-                   str(repo_root / "configs" / "smoke.py") + ":tiny", "--workdir", str(tmp_path)])
+  code = cli.main(
+    [
+      "bench",
+      "tokenize",
+      "--quick",
+      "--config",
+      str(repo_root / "configs" / "smoke.py") + ":tiny",
+      "--workdir",
+      str(tmp_path),
+    ]
+  )
   assert code == 0
   with open(tmp_path / "bench_tokenize.json") as f:
     record = json.load(f)

@@ -36,7 +36,7 @@ def test_disambiguation_is_unique_and_stable_under_row_order():
   perm = rng.permutation(200)
   out_perm, d_perm = ids.disambiguate(codes[perm], image_ids[perm])
   assert d_perm == d
-  np.testing.assert_array_equal(out_perm, out[perm])   # same image -> same identifier
+  np.testing.assert_array_equal(out_perm, out[perm])  # same image -> same identifier
   ids.check_identifiers(out, (3, 3, d))
 
 
@@ -92,13 +92,14 @@ def test_hkmeans_groups_nearby_points_and_leaves_are_members():
   # runs k-means again and separates sub-blobs, level 2 leaves (2 <= K) take each member.
   centers = np.array([[0, 0], [100, 0], [0, 100]], np.float32)
   offsets = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
-  x = np.concatenate([c + o + rng.normal(size=(2, 2)) * 0.1
-                      for c in centers for o in offsets]).astype(np.float32)
+  x = np.concatenate(
+    [c + o + rng.normal(size=(2, 2)) * 0.1 for c in centers for o in offsets]
+  ).astype(np.float32)
   image_ids = np.arange(18)
   tree, codes = _hkmeans_codes(x, image_ids, k=3, levels=3)
-  assert all(len(set(codes[i * 6:(i + 1) * 6, 0])) == 1 for i in range(3))
+  assert all(len(set(codes[i * 6 : (i + 1) * 6, 0])) == 1 for i in range(3))
   assert len(set(codes[::6, 0])) == 3
-  assert all(len(set(map(tuple, codes[i * 2:(i + 1) * 2, :2]))) == 1 for i in range(9))
+  assert all(len(set(map(tuple, codes[i * 2 : (i + 1) * 2, :2]))) == 1 for i in range(9))
   assert len(np.unique(codes, axis=0)) == 18
   # A new point next to a training point follows its path.
   np.testing.assert_array_equal(hkmeans.assign(tree, x[4:5] + 1e-3), codes[4:5])
@@ -137,22 +138,29 @@ def test_every_scheme_gives_valid_unique_identifiers(scheme):
   else:
     codes = ids.random_codes(image_ids, k, levels, seed=0)
   final, d = ids.disambiguate(codes, image_ids)
-  vocab = VokenVocabulary(text_vocab_size=10, codebook_size=k, num_levels=levels,
-                          shared_codebook=False, disambiguation_size=d)
+  vocab = VokenVocabulary(
+    text_vocab_size=10,
+    codebook_size=k,
+    num_levels=levels,
+    shared_codebook=False,
+    disambiguation_size=d,
+  )
   final = vocab.validate_codes(final)
   ids.check_identifiers(final, vocab.position_sizes())
   if scheme == "atomic":
-    assert d == 0   # unique by construction: no extra position
+    assert d == 0  # unique by construction: no extra position
 
 
 def test_identifiers_are_unique_within_each_index_and_ignore_other_splits():
   # Test image 11 shares its codes with training image 1. Disambiguated over all splits
   # together it would get index 1 (the generator only ever saw index 0 for those codes);
   # within its own index it is the first image with them.
-  codes = {"train": np.array([[1, 2], [1, 2], [0, 0]]), "test": np.array([[1, 2], [3, 3]]),
-           "val": np.array([[3, 3], [3, 3]])}
-  image_ids = {"train": np.array([0, 1, 2]), "test": np.array([11, 12]),
-               "val": np.array([21, 20])}
+  codes = {
+    "train": np.array([[1, 2], [1, 2], [0, 0]]),
+    "test": np.array([[1, 2], [3, 3]]),
+    "val": np.array([[3, 3], [3, 3]]),
+  }
+  image_ids = {"train": np.array([0, 1, 2]), "test": np.array([11, 12]), "val": np.array([21, 20])}
   out, d = ids.disambiguate_per_index(codes, image_ids)
   assert d == 3  # the largest group over all images together: (1, 2) x 3, (3, 3) x 3
   assert out["train"].tolist() == [[1, 2, 0], [1, 2, 1], [0, 0, 0]]
@@ -161,13 +169,17 @@ def test_identifiers_are_unique_within_each_index_and_ignore_other_splits():
   for split in codes:
     assert len(np.unique(out[split], axis=0)) == len(out[split])
   # Independent of the other splits: the test index alone gives the same identifiers.
-  alone, _ = ids.disambiguate_per_index({"test": codes["test"], "x": np.array([[1, 2], [1, 2]])},
-                                        {"test": image_ids["test"], "x": np.array([5, 6])})
+  alone, _ = ids.disambiguate_per_index(
+    {"test": codes["test"], "x": np.array([[1, 2], [1, 2]])},
+    {"test": image_ids["test"], "x": np.array([5, 6])},
+  )
   assert alone["test"].tolist() == out["test"].tolist()
   # No collision anywhere: the codes unchanged, no extra position.
-  plain, d = ids.disambiguate_per_index({"a": np.array([[0, 1]]), "b": np.array([[1, 0]])},
-                                        {"a": np.array([0]), "b": np.array([1])})
+  plain, d = ids.disambiguate_per_index(
+    {"a": np.array([[0, 1]]), "b": np.array([[1, 0]])}, {"a": np.array([0]), "b": np.array([1])}
+  )
   assert d == 0 and plain["a"].tolist() == [[0, 1]]
   with pytest.raises(UserError, match="unique across the indexes"):
-    ids.disambiguate_per_index({"a": np.array([[0]]), "b": np.array([[1]])},
-                               {"a": np.array([4]), "b": np.array([4])})
+    ids.disambiguate_per_index(
+      {"a": np.array([[0]]), "b": np.array([[1]])}, {"a": np.array([4]), "b": np.array([4])}
+    )

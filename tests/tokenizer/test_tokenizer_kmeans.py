@@ -27,13 +27,12 @@ def _numpy_lloyd(x, centroids, iters):
 
 def _blobs(seed, n_per=20, centers=((0, 0), (5, 5), (-5, 5), (5, -5))):
   rng = np.random.default_rng(seed)
-  return np.concatenate([rng.normal(size=(n_per, 2)) * 0.7 + c for c in centers]).astype(
-      np.float32)
+  return np.concatenate([rng.normal(size=(n_per, 2)) * 0.7 + c for c in centers]).astype(np.float32)
 
 
 def test_lloyd_matches_numpy_reference():
   x = _blobs(0)
-  init = x[[0, 1, 2, 3]]   # four points of the first blob: a poor start Lloyd must fix
+  init = x[[0, 1, 2, 3]]  # four points of the first blob: a poor start Lloyd must fix
   result = kmeans.lloyd(jnp.asarray(x), jnp.asarray(init), iters=10)
   ref_c, ref_obj, _ = _numpy_lloyd(x, init, 10)
   np.testing.assert_allclose(np.asarray(result.centroids), ref_c, rtol=1e-5, atol=1e-5)
@@ -78,13 +77,14 @@ def test_zero_weight_padding_does_not_change_the_result():
   init = x[[0, 25, 45, 65]]
   plain = kmeans.lloyd(jnp.asarray(x), jnp.asarray(init), iters=8)
   masked = kmeans.lloyd(jnp.asarray(padded), jnp.asarray(init), jnp.asarray(weights), iters=8)
-  np.testing.assert_allclose(np.asarray(masked.centroids), np.asarray(plain.centroids),
-                             rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(masked.objectives), np.asarray(plain.objectives),
-                             rtol=1e-6)
-  seeded = np.asarray(kmeans.kmeans_plus_plus(jax.random.key(0), jnp.asarray(padded), 4,
-                                              jnp.asarray(weights)))
-  assert not (seeded == 100.0).any()   # zero-weight rows are never drawn
+  np.testing.assert_allclose(
+    np.asarray(masked.centroids), np.asarray(plain.centroids), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(np.asarray(masked.objectives), np.asarray(plain.objectives), rtol=1e-6)
+  seeded = np.asarray(
+    kmeans.kmeans_plus_plus(jax.random.key(0), jnp.asarray(padded), 4, jnp.asarray(weights))
+  )
+  assert not (seeded == 100.0).any()  # zero-weight rows are never drawn
 
 
 @pytest.mark.parametrize("num_codebooks", [1, 3])

@@ -20,31 +20,39 @@ def test_parameter_shapes_and_logical_axes():
   model = RQVAE(_cfg(shared_codebook=False))
   variables = model.init(jax.random.key(0), jnp.zeros((4, 12)), train=False)
   params = variables["params"]
-  shapes = jax.tree.map(lambda p: p.value.shape, params,
-                        is_leaf=lambda p: hasattr(p, "names"))
+  shapes = jax.tree.map(lambda p: p.value.shape, params, is_leaf=lambda p: hasattr(p, "names"))
   assert shapes["codebooks"] == (3, 5, 6)
-  assert [shapes["encoder"][f"dense_{i}"]["kernel"] for i in range(3)] == [(12, 16), (16, 8),
-                                                                           (8, 6)]
-  assert [shapes["decoder"][f"dense_{i}"]["kernel"] for i in range(3)] == [(6, 8), (8, 16),
-                                                                           (16, 12)]
+  assert [shapes["encoder"][f"dense_{i}"]["kernel"] for i in range(3)] == [
+    (12, 16),
+    (16, 8),
+    (8, 6),
+  ]
+  assert [shapes["decoder"][f"dense_{i}"]["kernel"] for i in range(3)] == [
+    (6, 8),
+    (8, 16),
+    (16, 12),
+  ]
   # BatchNorm after hidden layers only (last_layer_batchnorm=False), as LC-Rec's MLPLayers.
   assert sorted(k for k in shapes["encoder"] if k.startswith("norm")) == ["norm_0", "norm_1"]
   assert params["codebooks"].names == ("levels", "codebook", "code_dim")
   assert params["encoder"]["dense_0"]["kernel"].names == ("embed", "mlp")
-  with_bn = RQVAE(_cfg(last_layer_batchnorm=True)).init(jax.random.key(0), jnp.zeros((4, 12)),
-                                                        train=False)
+  with_bn = RQVAE(_cfg(last_layer_batchnorm=True)).init(
+    jax.random.key(0), jnp.zeros((4, 12)), train=False
+  )
   assert "norm_2" in with_bn["params"]["encoder"]
 
 
 def test_xavier_normal_kernels_and_zero_biases():
   model = MLP((512,), dropout=0.0)
-  params = jax.tree.map(lambda p: getattr(p, "value", p),
-                        model.init(jax.random.key(1), jnp.zeros((2, 256)), train=False)["params"],
-                        is_leaf=lambda p: hasattr(p, "names"))
+  params = jax.tree.map(
+    lambda p: getattr(p, "value", p),
+    model.init(jax.random.key(1), jnp.zeros((2, 256)), train=False)["params"],
+    is_leaf=lambda p: hasattr(p, "names"),
+  )
   kernel = np.asarray(params["dense_0"]["kernel"])
   # torch.nn.init.xavier_normal_: std = sqrt(2 / (fan_in + fan_out)), untruncated.
   assert kernel.std() == pytest.approx(np.sqrt(2 / (256 + 512)), rel=0.02)
-  assert np.abs(kernel).max() > 2.5 * np.sqrt(2 / (256 + 512))   # tails are not truncated
+  assert np.abs(kernel).max() > 2.5 * np.sqrt(2 / (256 + 512))  # tails are not truncated
   np.testing.assert_array_equal(np.asarray(params["dense_0"]["bias"]), 0.0)
 
 
@@ -54,14 +62,17 @@ def test_mlp_layer_order_matches_hand_forward():
   x = jax.random.normal(jax.random.key(2), (64, 3))
   variables = model.init(jax.random.key(3), x, train=False)
   out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  p = jax.tree.map(lambda v: np.asarray(getattr(v, "value", v)), variables["params"],
-                   is_leaf=lambda v: hasattr(v, "names"))
+  p = jax.tree.map(
+    lambda v: np.asarray(getattr(v, "value", v)),
+    variables["params"],
+    is_leaf=lambda v: hasattr(v, "names"),
+  )
   h = np.asarray(x) @ p["dense_0"]["kernel"] + p["dense_0"]["bias"]
   h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p["norm_0"]["scale"] + p["norm_0"]["bias"]
   h = np.maximum(h, 0.0)
   expected = h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"]
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-5)
-  assert (expected < 0).any()   # no ReLU at the end
+  assert (expected < 0).any()  # no ReLU at the end
 
 
 def test_forward_outputs_and_eval_is_deterministic():
@@ -72,15 +83,18 @@ def test_forward_outputs_and_eval_is_deterministic():
   out = model.apply(variables, x, train=False)
   assert out["latent"].shape == (10, 6) and out["decoded"].shape == (10, 12)
   assert out["rq"].codes.shape == (10, 3)
-  np.testing.assert_array_equal(np.asarray(model.apply(variables, x, method=RQVAE.codes)),
-                                np.asarray(out["rq"].codes))
+  np.testing.assert_array_equal(
+    np.asarray(model.apply(variables, x, method=RQVAE.codes)), np.asarray(out["rq"].codes)
+  )
   again = model.apply(variables, x, train=False)
   np.testing.assert_array_equal(np.asarray(again["decoded"]), np.asarray(out["decoded"]))
   # Train mode applies dropout: two dropout keys give different outputs.
-  a, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)},
-                     mutable=["batch_stats"])
-  b, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
-                     mutable=["batch_stats"])
+  a, _ = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+  )
+  b, _ = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+  )
   assert not np.allclose(np.asarray(a["decoded"]), np.asarray(b["decoded"]))
 
 
@@ -93,16 +107,19 @@ def test_mse_and_infonce_hand_values():
   b = jnp.array([[2.0, 0.0], [1.0, 1.0]])
   s = 1 / np.sqrt(2)
   logits = np.array([[1.0, s], [0.0, s]])
+
   def ce(l, i):
     return -(l[i] - np.log(np.exp(l).sum()))
+
   forward = (ce(logits[0], 0) + ce(logits[1], 1)) / 2
   backward = (ce(logits.T[0], 0) + ce(logits.T[1], 1)) / 2
   assert float(losses.infonce(a, b, 1.0)) == pytest.approx((forward + backward) / 2, rel=1e-6)
 
 
 def test_total_loss_weights_and_positions():
-  rq = quantizer.RQOutput(quantized=None, codes=None, quant_loss=jnp.array(0.5), residuals=None,
-                          errors=None)
+  rq = quantizer.RQOutput(
+    quantized=None, codes=None, quant_loss=jnp.array(0.5), residuals=None, errors=None
+  )
   outputs = dict(decoded=jnp.array([[1.0, 1.0]]), latent=jnp.array([[3.0, 3.0]]), rq=rq)
   image, caption = jnp.array([[0.0, 1.0]]), jnp.array([[1.0, 3.0]])
   w = losses.LossWeights(quant=2.0, recon=3.0, align=5.0)
@@ -117,26 +134,34 @@ def test_total_loss_weights_and_positions():
 
 
 def test_loss_weights_from_config():
-  tok = ml_collections.ConfigDict(dict(quant_weight=1.0, recon_weight=1.0, align_weight=0.7,
-                                       align_loss="mse", align_position="decoder",
-                                       infonce_temperature=0.07))
+  tok = ml_collections.ConfigDict(
+    dict(
+      quant_weight=1.0,
+      recon_weight=1.0,
+      align_weight=0.7,
+      align_loss="mse",
+      align_position="decoder",
+      infonce_temperature=0.07,
+    )
+  )
   assert losses.LossWeights.from_config(tok, "avg").align == 0.7
-  assert losses.LossWeights.from_config(tok, "rq").align == 0.0   # the ablation
+  assert losses.LossWeights.from_config(tok, "rq").align == 0.0  # the ablation
   tok.align_loss = "cosine"
   with pytest.raises(UserError, match="align_loss"):
     losses.LossWeights.from_config(tok, "avg")
 
 
 def test_byte_dropout_rate_scaling_and_shape():
-  x = jnp.ones((64, 1001))   # width not a multiple of 4
+  x = jnp.ones((64, 1001))  # width not a multiple of 4
   drop = ByteDropout(0.25)
   a = np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.key(0)}))
   b = np.asarray(drop.apply({}, x, rngs={"dropout": jax.random.key(1)}))
   assert a.shape == (64, 1001)
-  assert set(np.unique(a)) == {0.0, np.float32(4 / 3)}   # kept units scaled by 1 / 0.75
-  assert abs((a == 0).mean() - 0.25) < 0.01              # 64064 draws: sd 0.0017
+  assert set(np.unique(a)) == {0.0, np.float32(4 / 3)}  # kept units scaled by 1 / 0.75
+  assert abs((a == 0).mean() - 0.25) < 0.01  # 64064 draws: sd 0.0017
   assert not np.array_equal(a, b)
-  assert (a[:, -3:] == 0).any() and (a[:, -3:] != 0).any()   # the tail bytes are random too
-  np.testing.assert_array_equal(np.asarray(ByteDropout(0.25, deterministic=True).apply({}, x)),
-                                np.asarray(x))
+  assert (a[:, -3:] == 0).any() and (a[:, -3:] != 0).any()  # the tail bytes are random too
+  np.testing.assert_array_equal(
+    np.asarray(ByteDropout(0.25, deterministic=True).apply({}, x)), np.asarray(x)
+  )
   assert ByteDropout.threshold(0.25) == 64 and ByteDropout.threshold(0.1) == 26

@@ -35,8 +35,9 @@ def test_assignment_is_brute_force_argmin(num_codebooks):
   np.testing.assert_array_equal(np.asarray(quantizer.quantize_codes(x, books, 3)), expected_codes)
   # The quantised vector (forward value) is the sum of the chosen codewords.
   np.testing.assert_allclose(np.asarray(out.quantized), expected_sum, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(quantizer.decode_codes(out.codes, books)), expected_sum,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(quantizer.decode_codes(out.codes, books)), expected_sum, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_nearest_code_distance_is_exact_squared_distance():
@@ -46,17 +47,22 @@ def test_nearest_code_distance_is_exact_squared_distance():
   codes, sq = quantizer.nearest_code(jnp.asarray(x), jnp.asarray(book))
   expected = np.sum((x - book[np.asarray(codes)]) ** 2, axis=1)
   np.testing.assert_allclose(np.asarray(sq), expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(quantizer.squared_distances(x, book)),
-                             ((x[:, None] - book[None]) ** 2).sum(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(quantizer.squared_distances(x, book)),
+    ((x[:, None] - book[None]) ** 2).sum(-1),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_residual_norm_decreases_level_by_level_on_fitted_codebooks():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(512, 6)).astype(np.float32) * np.array([4, 3, 2, 1, 1, 0.5], np.float32)
-  books = kmeans.residual_kmeans(jax.random.key(0), jnp.asarray(x), 8, num_levels=4,
-                                 num_codebooks=4, iters=15)
+  books = kmeans.residual_kmeans(
+    jax.random.key(0), jnp.asarray(x), 8, num_levels=4, num_codebooks=4, iters=15
+  )
   out = quantizer.residual_quantize(jnp.asarray(x), books, 4)
-  mean_sq = [float(jnp.mean(jnp.sum(r ** 2, -1))) for r in out.residuals]
+  mean_sq = [float(jnp.mean(jnp.sum(r**2, -1))) for r in out.residuals]
   final = float(jnp.mean(jnp.sum((x - quantizer.decode_codes(out.codes, books)) ** 2, -1)))
   norms = mean_sq + [final]
   assert all(b < a for a, b in zip(norms, norms[1:])), norms
@@ -105,13 +111,14 @@ def test_dead_codes_take_the_worst_quantised_inputs():
   books = jnp.array([[[0.0, 0.0], [10.0, 10.0], [20.0, 20.0]]])
   x = jnp.array([[0.1, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 0.2]])
   out = quantizer.residual_quantize(x, books, 1)
-  last_used = jnp.array([[0, 0, 5]])        # code 2 used at step 5; code 1 at step 0
+  last_used = jnp.array([[0, 0, 5]])  # code 2 used at step 5; code 1 at step 0
   step = jnp.array(7)
-  new_books, new_last, restarted = quantizer.restart_dead_codes(books, last_used, step, out,
-                                                                dead_after=3)
+  new_books, new_last, restarted = quantizer.restart_dead_codes(
+    books, last_used, step, out, dead_after=3
+  )
   # Every input picks code 0 (used now); code 1 is 7 steps unused (dead), code 2 only 2.
   assert int(restarted) == 1
-  np.testing.assert_allclose(np.asarray(new_books[0, 1]), [3.0, 0.0])   # largest error input
+  np.testing.assert_allclose(np.asarray(new_books[0, 1]), [3.0, 0.0])  # largest error input
   np.testing.assert_allclose(np.asarray(new_books[0, [0, 2]]), np.asarray(books[0, [0, 2]]))
   np.testing.assert_array_equal(np.asarray(new_last), [[7, 7, 5]])
 
@@ -121,10 +128,13 @@ def test_sharded_batch_matches_unsharded():
   rng = np.random.default_rng(4)
   x = rng.normal(size=(32, 8)).astype(np.float32)
   books = rng.normal(size=(1, 16, 8)).astype(np.float32)
-  fn = jax.jit(lambda v, b: quantizer.residual_quantize(v, b, 3),
-               in_shardings=(partitioning.logical_sharding(mesh, "batch", None),
-                             partitioning.logical_sharding(mesh, "levels", "codebook",
-                                                           "code_dim")))
+  fn = jax.jit(
+    lambda v, b: quantizer.residual_quantize(v, b, 3),
+    in_shardings=(
+      partitioning.logical_sharding(mesh, "batch", None),
+      partitioning.logical_sharding(mesh, "levels", "codebook", "code_dim"),
+    ),
+  )
   sharded = fn(x, books)
   plain = quantizer.residual_quantize(jnp.asarray(x), jnp.asarray(books), 3)
   np.testing.assert_array_equal(np.asarray(sharded.codes), np.asarray(plain.codes))

@@ -4,15 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CompileCounter
 
 from avg_jax import partitioning
 from avg_jax.errors import UserError
 from avg_jax.tokenizer import losses, quantizer, train
 from avg_jax.tokenizer.model import RQVAE, RQVAEConfig
-from helpers import CompileCounter
 
-CFG = RQVAEConfig(in_dim=16, e_dim=8, hidden_dims=(32, 16), codebook_size=8, num_levels=2,
-                  dropout=0.25)
+CFG = RQVAEConfig(
+  in_dim=16, e_dim=8, hidden_dims=(32, 16), codebook_size=8, num_levels=2, dropout=0.25
+)
 
 
 def _data(n_images=64, dim=16, seed=0):
@@ -27,12 +28,12 @@ def test_pair_sampler_is_a_function_of_seed_and_step():
   images, captions, index = _data(n_images=10)
   a = train.PairSampler(images, captions, index, batch_size=8, seed=3)
   b = train.PairSampler(images, captions, index, batch_size=8, seed=3)
-  assert a.steps_per_epoch == 6   # 50 pairs // 8, remainder dropped
+  assert a.steps_per_epoch == 6  # 50 pairs // 8, remainder dropped
   epoch = np.concatenate([a.indices(s) for s in range(6)])
-  assert len(np.unique(epoch)) == 48   # no pair twice within an epoch
-  np.testing.assert_array_equal(b.indices(7), a.indices(7))   # order of calls does not matter
+  assert len(np.unique(epoch)) == 48  # no pair twice within an epoch
+  np.testing.assert_array_equal(b.indices(7), a.indices(7))  # order of calls does not matter
   np.testing.assert_array_equal(b.indices(2), a.indices(2))
-  assert not np.array_equal(a.indices(0), a.indices(6))       # reshuffled next epoch
+  assert not np.array_equal(a.indices(0), a.indices(6))  # reshuffled next epoch
   imgs, caps = a.batch(0)
   np.testing.assert_array_equal(imgs, images[index[a.indices(0)]])
   np.testing.assert_array_equal(caps, captions[a.indices(0)])
@@ -41,8 +42,13 @@ def test_pair_sampler_is_a_function_of_seed_and_step():
 
 
 def _trainer(mesh, **options):
-  return train.RQVAETrainer(CFG, losses.LossWeights(), mesh,
-                            train.TrainOptions(learning_rate=1e-3, **options), batch_size=32)
+  return train.RQVAETrainer(
+    CFG,
+    losses.LossWeights(),
+    mesh,
+    train.TrainOptions(learning_rate=1e-3, **options),
+    batch_size=32,
+  )
 
 
 def _run(trainer, sampler, steps):
@@ -82,10 +88,14 @@ def test_sharded_step_equals_single_device_step():
   state_8, hist_8 = _run(_trainer(many), sampler, 3)
   for key in ("loss", "recon_loss", "align_loss", "quant_loss"):
     np.testing.assert_allclose([h[key] for h in hist_8], [h[key] for h in hist_1], rtol=2e-4)
-  np.testing.assert_allclose(np.asarray(state_8.params["codebooks"]),
-                             np.asarray(state_1.params["codebooks"]), rtol=2e-3, atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(state_8.params["codebooks"]),
+    np.asarray(state_1.params["codebooks"]),
+    rtol=2e-3,
+    atol=2e-5,
+  )
   spec = state_8.params["encoder"]["dense_0"]["kernel"].sharding.spec
-  assert tuple(spec) == ("fsdp", "model")   # created sharded as annotated
+  assert tuple(spec) == ("fsdp", "model")  # created sharded as annotated
   assert tuple(state_8.params["codebooks"].sharding.spec) in ((), (None, None, None))
 
 
@@ -96,9 +106,10 @@ def test_training_lowers_the_loss_and_kmeans_init_fits_latents():
   fresh = trainer.init_state()
   initialised = trainer.kmeans_init(fresh, sampler.batch(0)[0])
   latents = trainer._init_latents(initialised, sampler.batch(0)[0])
-  err = lambda st: float(jnp.mean(quantizer.residual_quantize(
-      latents, st.params["codebooks"], 1).errors))
-  assert err(initialised) < 0.5 * err(fresh)   # k-means beats the small uniform init
+  err = lambda st: float(
+    jnp.mean(quantizer.residual_quantize(latents, st.params["codebooks"], 1).errors)
+  )
+  assert err(initialised) < 0.5 * err(fresh)  # k-means beats the small uniform init
   state = initialised
   losses_seen = []
   for step in range(60):
@@ -112,10 +123,10 @@ def test_dead_code_restart_runs_inside_the_step():
   images, captions, index = _data()
   sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
   trainer = _trainer(partitioning.make_mesh({"data": 8}), dead_code_after=1)
-  state = trainer.init_state()   # no k-means: most of the tiny uniform codewords go unused
+  state = trainer.init_state()  # no k-means: most of the tiny uniform codewords go unused
   state, metrics = trainer.train_step(state, *sampler.batch(0))
   assert int(metrics["restarted_codes"]) > 0
-  assert (np.asarray(state.last_used) == 1).all()   # used or restarted at step 1
+  assert (np.asarray(state.last_used) == 1).all()  # used or restarted at step 1
 
 
 def test_encode_images_pads_and_matches_the_model():
@@ -130,8 +141,9 @@ def test_encode_images_pads_and_matches_the_model():
 
 
 def test_infonce_alignment_on_the_latent_is_wired_into_the_step():
-  cfg = RQVAEConfig(in_dim=16, e_dim=16, hidden_dims=(32,), codebook_size=8, num_levels=2,
-                    dropout=0.0)
+  cfg = RQVAEConfig(
+    in_dim=16, e_dim=16, hidden_dims=(32,), codebook_size=8, num_levels=2, dropout=0.0
+  )
   weights = losses.LossWeights(align_loss="infonce", align_position="latent", temperature=0.5)
   mesh = partitioning.make_mesh({"data": 8})
   trainer = train.RQVAETrainer(cfg, weights, mesh, train.TrainOptions(), batch_size=32)
@@ -140,8 +152,9 @@ def test_infonce_alignment_on_the_latent_is_wired_into_the_step():
   state = trainer.init_state()
   imgs, caps = sampler.batch(0)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  latent, _ = RQVAE(cfg).apply(variables, jnp.asarray(imgs), train=True, method=RQVAE.encode,
-                               mutable=["batch_stats"])
+  latent, _ = RQVAE(cfg).apply(
+    variables, jnp.asarray(imgs), train=True, method=RQVAE.encode, mutable=["batch_stats"]
+  )
   expected = float(losses.infonce(latent, jnp.asarray(caps), 0.5))
   _, metrics = trainer.train_step(state, imgs, caps)
   assert float(metrics["align_loss"]) == pytest.approx(expected, rel=1e-4)

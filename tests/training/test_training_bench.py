@@ -21,8 +21,21 @@ def test_bench_train_quick(repo_root, tmp_path, monkeypatch, capsys):
 def test_bench_train_accelerator_path_reports_flops_and_mfu(repo_root, tmp_path, monkeypatch):
   # --quick lets the accelerator path run on the CPU backend: one in-process bfloat16 run.
   monkeypatch.chdir(repo_root)
-  assert cli.main(["bench", "train", "--quick", "--accelerator", "--peak-tflops", "0.1",
-                   "--workdir", str(tmp_path)]) == 0
+  assert (
+    cli.main(
+      [
+        "bench",
+        "train",
+        "--quick",
+        "--accelerator",
+        "--peak-tflops",
+        "0.1",
+        "--workdir",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   result = json.loads((tmp_path / "bench_train.json").read_text())
   (row,) = result["rows"]
   assert result["accelerator"] and row["dtype"] == "bfloat16" and row["backend"] == "cpu"
@@ -30,9 +43,9 @@ def test_bench_train_accelerator_path_reports_flops_and_mfu(repo_root, tmp_path,
   assert row["mfu"] == pytest.approx(row["achieved_tflops"] / (0.1 * row["devices"]))
 
 
-def test_bench_train_accelerator_without_one_is_a_clear_error(repo_root, tmp_path, monkeypatch,
-                                                               capsys):
+def test_bench_train_accelerator_without_one_is_a_clear_error(
+  repo_root, tmp_path, monkeypatch, capsys
+):
   monkeypatch.chdir(repo_root)
   assert cli.main(["bench", "train", "--accelerator", "--workdir", str(tmp_path)]) == 2
   assert "no GPU/TPU backend is attached" in capsys.readouterr().err
-

@@ -11,8 +11,7 @@ from avg_jax.training import losses
 
 def test_token_cross_entropy_on_a_hand_made_batch():
   # 2 examples, 2 target positions, vocab 3; example 2's second position is padding (0).
-  logits = jnp.array([[[0.0, 2.0, 0.0], [1.0, 1.0, 3.0]],
-                      [[0.0, 0.0, 4.0], [9.0, 9.0, 9.0]]])
+  logits = jnp.array([[[0.0, 2.0, 0.0], [1.0, 1.0, 3.0]], [[0.0, 0.0, 4.0], [9.0, 9.0, 9.0]]])
   targets = jnp.array([[1, 2], [1, 0]])
   t = 2.0
   # With temperature 2: logits halve. Example 1 pos 1: softmax([0, 1, 0])[1].
@@ -39,8 +38,10 @@ def test_listwise_loss_by_hand_and_double_softmax_differs():
 
   # The reference's double softmax: probabilities p go through log_softmax again, which
   # squeezes the loss towards log(n) since p lies in [0, 1].
-  p1 = np.exp([-1.0, -2.0, -3.0]); p1 /= p1.sum()
-  p2 = np.exp([-2.0, -0.5]); p2 /= p2.sum()
+  p1 = np.exp([-1.0, -2.0, -3.0])
+  p1 /= p1.sum()
+  p2 = np.exp([-2.0, -0.5])
+  p2 /= p2.sum()
   d1 = -(p1[0] - math.log(np.exp(p1).sum()))
   d2 = -(p2[0] - math.log(np.exp(p2).sum()))
   double = losses.listwise_softmax_loss(scores, valid, double_softmax=True)
@@ -52,6 +53,7 @@ def test_listwise_loss_by_hand_and_double_softmax_differs():
 
 def test_listwise_loss_gradient_pushes_positive_up():
   import jax
+
   scores = jnp.array([[-1.0, -0.5]])
   grad = jax.grad(lambda s: losses.listwise_softmax_loss(s, jnp.array([[True, True]])))(scores)
   assert grad[0, 0] < 0 < grad[0, 1]

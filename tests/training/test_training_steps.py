@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from helpers import CompileCounter
 
 from avg_jax import loop, partitioning
 from avg_jax.decoding.config import DecodeConfig
@@ -15,15 +16,21 @@ from avg_jax.models.t5_config import T5Config
 from avg_jax.training import generative, ltr, optim
 from avg_jax.training import state as state_lib
 from avg_jax.vokens import VokenVocabulary
-from helpers import CompileCounter
 
 
 def _tiny_vocab_and_config(dropout_rate: float):
-  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2,
-                          disambiguation_size=2)
-  cfg = T5Config(vocab_size=vocab.total_vocab_size, num_voken_tokens=vocab.num_voken_tokens,
-                 d_model=16, d_kv=4, d_ff=32, num_heads=2, num_encoder_layers=1,
-                 num_decoder_layers=1, dropout_rate=dropout_rate)
+  vocab = VokenVocabulary(text_vocab_size=20, codebook_size=4, num_levels=2, disambiguation_size=2)
+  cfg = T5Config(
+    vocab_size=vocab.total_vocab_size,
+    num_voken_tokens=vocab.num_voken_tokens,
+    d_model=16,
+    d_kv=4,
+    d_ff=32,
+    num_heads=2,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dropout_rate=dropout_rate,
+  )
   return vocab, cfg
 
 
@@ -31,16 +38,19 @@ def _tiny_model():
   vocab, cfg = _tiny_vocab_and_config(dropout_rate=0.1)
   rng = np.random.default_rng(0)
   codes = np.stack([rng.integers(0, 4, 8), rng.integers(0, 4, 8), np.arange(8) % 2], axis=1)
-  batch = {"inputs": rng.integers(3, 20, (8, 6)).astype(np.int32),
-           "targets": vocab.target_tokens(codes)}
+  batch = {
+    "inputs": rng.integers(3, 20, (8, 6)).astype(np.int32),
+    "targets": vocab.target_tokens(codes),
+  }
   return cfg, vocab, codes, batch
 
 
 def _one_step(mesh, loss_fn, batch, cfg, *extra):
   """One donated, explicitly sharded step from the same initial parameters."""
   tx = optim.adamw(1e-2, grad_clip_norm=1.0)
-  variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
-                                           static=(cfg,))
+  variables, _ = partitioning.sharded_init(
+    t5_lib.init_variables, mesh, jax.random.key(0), static=(cfg,)
+  )
   state, state_shardings = state_lib.create_state(variables["params"], tx, mesh)
   device_batch = partitioning.shard_host_batch(batch, mesh)
   step = loop.make_train_step(lambda p, b, r: loss_fn(p, b, r, *extra), tx)
@@ -67,15 +77,22 @@ def _compare(mesh_config, loss_fn, batch, cfg, *extra, name):
 @pytest.mark.parametrize("mesh_config", [{"data": 4, "model": 2}, {"data": 8}])
 def test_sharded_generative_step_equals_single_device(mesh_config):
   cfg, _, _, batch = _tiny_model()
-  _compare(mesh_config, generative.make_loss_fn(cfg, temperature=0.5), batch, cfg,
-           name="generative")
+  _compare(
+    mesh_config, generative.make_loss_fn(cfg, temperature=0.5), batch, cfg, name="generative"
+  )
 
 
 def test_sharded_rank_step_equals_single_device():
   cfg, vocab, codes, batch = _tiny_model()
   trie = VokenTrie.build(codes, np.arange(8), position_sizes=vocab.position_sizes()).to_device()
-  loss_fn = ltr.make_rank_loss_fn(cfg, vocab, decode=DecodeConfig(beam_size=3, top_k=3),
-                                  rank_weight=0.5, double_softmax=False, temperature=1.0)
+  loss_fn = ltr.make_rank_loss_fn(
+    cfg,
+    vocab,
+    decode=DecodeConfig(beam_size=3, top_k=3),
+    rank_weight=0.5,
+    double_softmax=False,
+    temperature=1.0,
+  )
   metrics = _compare({"data": 4, "model": 2}, loss_fn, batch, cfg, trie, name="rank")
   # Every query sees its own positive plus 2-3 negatives from the 8 indexed ids.
   assert 2.0 <= metrics["negatives"] <= 3.0
@@ -93,9 +110,15 @@ def test_rank_loss_skips_twin_negatives():
   batch = {"inputs": np.full((1, 4), 5, np.int32), "targets": vocab.target_tokens(codes[:1])}
   counts = {}
   for skip in (False, True):
-    loss_fn = ltr.make_rank_loss_fn(cfg, vocab, decode=DecodeConfig(beam_size=4, top_k=4),
-                                    rank_weight=1.0, double_softmax=False, temperature=1.0,
-                                    skip_twin_negatives=skip)
+    loss_fn = ltr.make_rank_loss_fn(
+      cfg,
+      vocab,
+      decode=DecodeConfig(beam_size=4, top_k=4),
+      rank_weight=1.0,
+      double_softmax=False,
+      temperature=1.0,
+      skip_twin_negatives=skip,
+    )
     # Jitted as the step runs it (op by op, each primitive would compile on its own).
     _, metrics = jax.jit(loss_fn)(params, batch, jax.random.key(1), trie)
     counts[skip] = float(metrics["negatives"])
@@ -109,8 +132,9 @@ def test_optimizer_state_is_sharded_like_the_parameters(accumulation_steps):
   # create_state pins their shardings they come out replicated and fsdp saves nothing.
   cfg, _, _, _ = _tiny_model()
   mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "model": 2})
-  variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
-                                           static=(cfg,))
+  variables, _ = partitioning.sharded_init(
+    t5_lib.init_variables, mesh, jax.random.key(0), static=(cfg,)
+  )
   param_specs = [x.sharding.spec for x in jax.tree.leaves(variables["params"])]
   tx = optim.adamw(1e-3, grad_clip_norm=1.0, accumulation_steps=accumulation_steps)
   state, shardings = state_lib.create_state(variables["params"], tx, mesh)
@@ -132,48 +156,63 @@ def test_stage_step_matches_the_loop_step_and_is_compiled_once_per_settings():
   cfg, _, _, batch = _tiny_model()
   # One device: reuse does not depend on the mesh (the sharded step has its own tests above).
   mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  settings = generative.TrainStep(cfg, 1.0, optim.AdamWSchedule(1e-2, steps=10,
-                                                                warmup_steps=2,
-                                                                grad_clip_norm=1.0))
+  settings = generative.TrainStep(
+    cfg, 1.0, optim.AdamWSchedule(1e-2, steps=10, warmup_steps=2, grad_clip_norm=1.0)
+  )
   tx, schedule = settings.optimizer.build()
   device_batch = partitioning.shard_host_batch(batch, mesh)
 
   def fresh_state():
-    variables, _ = partitioning.sharded_init(t5_lib.init_variables, mesh, jax.random.key(0),
-                                             static=(cfg,))
+    variables, _ = partitioning.sharded_init(
+      t5_lib.init_variables, mesh, jax.random.key(0), static=(cfg,)
+    )
     return state_lib.create_state(variables["params"], tx, mesh)
 
   state, shardings = fresh_state()
   reference = loop.make_train_step(generative.make_loss_fn(cfg, 1.0), tx, schedule)
   with partitioning.activation_context(mesh):
     want, want_metrics = generative.compile_step(reference, mesh, shardings, device_batch)(
-        state, device_batch, jax.random.key(1))
+      state, device_batch, jax.random.key(1)
+    )
     state, shardings = fresh_state()
     got, metrics = generative.compile_train_step(mesh, shardings, device_batch)(
-        settings, state, device_batch, jax.random.key(1))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params),
-                 jax.device_get(want.params))
+      settings, state, device_batch, jax.random.key(1)
+    )
+    jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(got.params), jax.device_get(want.params)
+    )
     assert float(metrics["learning_rate"]) == float(want_metrics["learning_rate"])
     state, shardings = fresh_state()
     with CompileCounter() as compiles:
       generative.compile_train_step(mesh, shardings, device_batch)(
-          generative.TrainStep(cfg, 1.0, settings.optimizer), state, device_batch,
-          jax.random.key(1))
+        generative.TrainStep(cfg, 1.0, settings.optimizer), state, device_batch, jax.random.key(1)
+      )
   assert compiles.count == 0
 
 
 def test_rank_step_settings_keep_only_what_the_program_depends_on(repo_root):
   from avg_jax import config as config_lib
+
   config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"))
   vocab, cfg = _tiny_vocab_and_config(dropout_rate=0.0)
   options = ltr.RankOptions.from_config(config)
   base = ltr.RankStep.of(options, cfg, vocab)
   # Cadences and the batch size: the same program, so the same jit cache key.
-  cadence = dataclasses.replace(options, eval_every=10**9, log_every=3, checkpoint_every=7,
-                                batch_size=64, eval_max_queries=0, keep_checkpoints=1)
+  cadence = dataclasses.replace(
+    options,
+    eval_every=10**9,
+    log_every=3,
+    checkpoint_every=7,
+    batch_size=64,
+    eval_max_queries=0,
+    keep_checkpoints=1,
+  )
   assert ltr.RankStep.of(cadence, cfg, vocab) == base
   assert hash(ltr.RankStep.of(cadence, cfg, vocab)) == hash(base)
   # Anything the loss or the optimizer reads: another program.
-  for change in (dict(rank_weight=0.0), dict(steps=options.steps + 1),
-                 dict(learning_rate=options.learning_rate * 2)):
+  for change in (
+    dict(rank_weight=0.0),
+    dict(steps=options.steps + 1),
+    dict(learning_rate=options.learning_rate * 2),
+  ):
     assert ltr.RankStep.of(dataclasses.replace(options, **change), cfg, vocab) != base
