@@ -16,7 +16,8 @@ inputs it was made from and whether it is complete.
                                                 fit on pseudo-query pairs too)
     <workdir>/train/<protocol>/<scheme>/        generative-stage checkpoints/ and params/
     <workdir>/rank/<protocol>/<scheme>/         learning-to-rank checkpoints/ and params/
-    <workdir>/evaluate/                         metrics.json, report.md, plots
+    <workdir>/evaluate/                         metrics.json (avg_jax.artifacts.results),
+                                                report.md, plots
     <workdir>/export/                           the serving checkpoint
 """
 
@@ -85,6 +86,14 @@ def final_params_dir(directory: str) -> str:
 
 def evaluate_dir(workdir: str) -> str:
   return os.path.join(workdir, "evaluate")
+
+
+# The evaluate stage's results (avg_jax/artifacts/results.py), inside its folder.
+EVALUATE_RESULTS = "metrics.json"
+
+
+def evaluate_results_file(workdir: str) -> str:
+  return os.path.join(evaluate_dir(workdir), EVALUATE_RESULTS)
 
 
 def export_dir(workdir: str) -> str:
