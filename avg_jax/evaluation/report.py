@@ -1,21 +1,13 @@
 """Turns evaluation results into `report.md` with PNG plots and a one-screen summary.
 
-`results` is the dict the evaluate stage writes to `metrics.json`:
-  recall:      {protocol: {method: {"R@1", "R@5", "R@10" (image level), "code R@1", ...
-               (code level, generators only)}}} in percent
-  saw_pseudo_queries: {protocol: {method: int}} how many of the indexed images' pseudo
-               queries training saw (0: none; results before this count hold booleans)
-  vs_two_tower: {protocol: {method: {"R@1": {"diff", "ci95"}, ...}}} paired difference to the
-               two-tower baseline over the same queries, points, 95 % bootstrap interval
-  efficiency:  {method: [{"num_items": N, "queries_per_s": q}, ...]} (e.g. avg, two_tower)
-  hybrid:      {protocol: {"weight": w, "validation": [{"weight", "R@1", ...}]}} (avg_hybrid)
-  ann_frontier: [{"num_items", "ef_search", "queries_per_s", "recall_at_k", ...}] (HNSW)
-  codebook:    {scheme: {"perplexity": [per level], "unused_share": [per level]}}
-  collisions:  {scheme: {split: rate}}
+`results` is the record the evaluate stage writes to `metrics.json`
+(`avg_jax.artifacts.results.Results`; its module docstring describes the file).
 """
 
+import dataclasses
 import math
 import os
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -23,22 +15,31 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from avg_jax.artifacts import io  # noqa: E402
+from avg_jax.artifacts.results import (  # noqa: E402
+  AnnPoint,
+  CodebookUsage,
+  HybridChoice,
+  MethodResult,
+  PairedDifference,
+  Results,
+  SpeedRow,
+)
 from avg_jax.metrics import NOT_APPLICABLE, format_metric  # noqa: E402
 
 RECALL_KEYS = ("R@1", "R@5", "R@10")
 CODE_KEYS = ("code R@1", "code R@5", "code R@10")
 
 
-def crossover(avg: list[dict], two_tower: list[dict]) -> float | None:
+def crossover(avg: Sequence[SpeedRow], two_tower: Sequence[SpeedRow]) -> float | None:
   """Smallest N from which AVG's queries/s stays at or above two-tower's at every larger size
   measured (log-log interpolation at the last crossing), as "AVG faster from N ~" says.
 
-  Both lists hold `{"num_items", "queries_per_s"}`; only sizes measured for both count.
+  Only sizes measured for both count.
   Returns None when AVG is slower at the largest size, the first size when it never is slower.
   (AVG faster at 100 but slower at 1,000 is not "faster from 100": the last crossing counts.)
   """
-  a = {int(r["num_items"]): float(r["queries_per_s"]) for r in avg}
-  t = {int(r["num_items"]): float(r["queries_per_s"]) for r in two_tower}
+  a = {int(r.num_items): float(r.queries_per_s) for r in avg}
+  t = {int(r.num_items): float(r.queries_per_s) for r in two_tower}
   sizes = sorted(set(a) & set(t))
   if not sizes:
     return None
@@ -54,7 +55,7 @@ def crossover(avg: list[dict], two_tower: list[dict]) -> float | None:
   return float(math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0))))
 
 
-def plot_recall(recall: dict, path: str) -> None:
+def plot_recall(recall: dict[str, dict[str, MethodResult]], path: str) -> None:
   """Image-level Recall@K bars per method, one panel per protocol."""
   protocols = list(recall)
   fig, axes = plt.subplots(
@@ -68,7 +69,7 @@ def plot_recall(recall: dict, path: str) -> None:
     methods = list(recall[protocol])
     for i, key in enumerate(RECALL_KEYS):
       xs = [j + (i - 1) * width for j in range(len(methods))]
-      ax.bar(xs, [recall[protocol][m].get(key, 0.0) for m in methods], width, label=key)
+      ax.bar(xs, [recall[protocol][m].recall.get(key, 0.0) for m in methods], width, label=key)
     ax.set_xticks(range(len(methods)), methods, rotation=30)
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
@@ -79,11 +80,13 @@ def plot_recall(recall: dict, path: str) -> None:
   plt.close(fig)
 
 
-def plot_efficiency(efficiency: dict, path: str, cross: float | None) -> None:
+def plot_efficiency(
+  efficiency: dict[str, Sequence[SpeedRow]], path: str, cross: float | None
+) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for method, rows in efficiency.items():
-    rows = sorted(rows, key=lambda r: r["num_items"])
-    ax.plot([r["num_items"] for r in rows], [r["queries_per_s"] for r in rows], "o-", label=method)
+    rows = sorted(rows, key=lambda r: r.num_items)
+    ax.plot([r.num_items for r in rows], [r.queries_per_s for r in rows], "o-", label=method)
   if cross is not None:
     ax.axvline(cross, color="grey", ls="--", lw=1, label=f"crossover ~{cross:,.0f}")
   ax.set_xscale("log")
@@ -97,29 +100,31 @@ def plot_efficiency(efficiency: dict, path: str, cross: float | None) -> None:
   plt.close(fig)
 
 
-def plot_ann_frontier(frontier: list[dict], efficiency: dict, path: str) -> None:
+def plot_ann_frontier(
+  frontier: Sequence[AnnPoint], efficiency: dict[str, Sequence[SpeedRow]], path: str
+) -> None:
   """Recall@k against exact search vs queries/s of the HNSW two-tower, one line per N (its
   points: the ef_search values), with AVG's queries/s at each N as vertical marks."""
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  sizes = sorted({r["num_items"] for r in frontier})
+  sizes = sorted({r.num_items for r in frontier})
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, n in enumerate(sizes):
-    rows = sorted((r for r in frontier if r["num_items"] == n), key=lambda r: r["ef_search"])
+    rows = sorted((r for r in frontier if r.num_items == n), key=lambda r: r.ef_search)
     color = colors[i % len(colors)]
     ax.plot(
-      [r["queries_per_s"] for r in rows],
-      [r["recall_at_k"] for r in rows],
+      [r.queries_per_s for r in rows],
+      [r.recall_at_k for r in rows],
       "o-",
       color=color,
       label=f"HNSW N={n:,}",
     )
     for method, style in (("avg", ":"), ("avg_hybrid", "--")):
-      q = [r["queries_per_s"] for r in efficiency.get(method, []) if r["num_items"] == n]
+      q = [r.queries_per_s for r in efficiency.get(method, ()) if r.num_items == n]
       if q:
         ax.axvline(q[0], color=color, ls=style, lw=1)
   ax.set_xscale("log")
   ax.set_xlabel("queries / s (text encoding included)")
-  ax.set_ylabel(f"recall@{frontier[0]['k']} vs exact search")
+  ax.set_ylabel(f"recall@{frontier[0].k} vs exact search")
   ax.set_title("Two-tower HNSW frontier (dotted: AVG, dashed: avg_hybrid)")
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -127,26 +132,26 @@ def plot_ann_frontier(frontier: list[dict], efficiency: dict, path: str) -> None
   plt.close(fig)
 
 
-def _markdown_frontier(frontier: list[dict]) -> list[str]:
+def _markdown_frontier(frontier: Sequence[AnnPoint]) -> list[str]:
   out = [
     "| N | ef_search | queries/s | search-only q/s | recall@k vs exact | build s | index MB |",
     "|---|---|---|---|---|---|---|",
   ]
-  for r in sorted(frontier, key=lambda r: (r["num_items"], r["ef_search"])):
+  for r in sorted(frontier, key=lambda r: (r.num_items, r.ef_search)):
     out.append(
-      f"| {r['num_items']:,} | {r['ef_search']} | {r['queries_per_s']:.1f} | "
-      f"{r['search_only_queries_per_s']:.1f} | {r['recall_at_k']:.3f} | "
-      f"{r['build_s']:.1f} | {r['index_bytes'] / 2**20:.1f} |"
+      f"| {r.num_items:,} | {r.ef_search} | {r.queries_per_s:.1f} | "
+      f"{r.search_only_queries_per_s:.1f} | {r.recall_at_k:.3f} | "
+      f"{r.build_s:.1f} | {r.index_bytes / 2**20:.1f} |"
     )
   return out + [""]
 
 
-def plot_codebook(codebook: dict, path: str) -> None:
+def plot_codebook(codebook: dict[str, CodebookUsage], path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
   for scheme, usage in codebook.items():
-    levels = range(1, len(usage["perplexity"]) + 1)
-    axes[0].plot(levels, usage["perplexity"], "o-", label=scheme)
-    axes[1].plot(levels, [100 * u for u in usage["unused_share"]], "o-", label=scheme)
+    levels = range(1, len(usage.perplexity) + 1)
+    axes[0].plot(levels, usage.perplexity, "o-", label=scheme)
+    axes[1].plot(levels, [100 * u for u in usage.unused_share], "o-", label=scheme)
   axes[0].set_title("codebook perplexity per level")
   axes[1].set_title("unused codes per level (%)")
   for ax in axes:
@@ -174,15 +179,13 @@ def plot_collisions(collisions: dict, path: str) -> None:
   plt.close(fig)
 
 
-def summary_table(results: dict) -> str:
+def summary_table(results: Results) -> str:
   """A plain-text table of Recall@K per method plus the efficiency crossover (each part only
   when `results` has it)."""
   lines = []
-  for protocol, methods in results.get("recall", {}).items():
+  for protocol, methods in results.methods.items():
     seen = [
-      f"{m}{_count(v)}"
-      for m, v in results.get("saw_pseudo_queries", {}).get(protocol, {}).items()
-      if v
+      f"{m}{_count(r.saw_pseudo_queries)}" for m, r in methods.items() if r.saw_pseudo_queries
     ]
     if lines:
       lines.append("")
@@ -199,33 +202,32 @@ def summary_table(results: dict) -> str:
       + "".join(f"{k:>11}" for k in CODE_KEYS)
       + "   R@1 vs two-tower [95% CI]"
     )
-    versus = results.get("vs_two_tower", {}).get(protocol, {})
-    for method, r in methods.items():
+    for method, m in methods.items():
       # A metric a method does not have (code R@K of two_tower) shows a dash, never nan.
-      cells = [f"{format_metric(r.get(k), '.1f'):>11}" for k in CODE_KEYS]
-      d = versus.get(method, {}).get("R@1")
-      if d:
-        cells.append(f"   {d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
+      cells = [f"{format_metric(m.recall.get(k), '.1f'):>11}" for k in CODE_KEYS]
+      d = (m.vs_two_tower or {}).get("R@1")
+      if d is not None:
+        cells.append(f"   {_difference(d)}")
       lines.append(
         f"{method:<12}"
-        + "".join(f"{format_metric(r.get(k), '.1f'):>8}" for k in RECALL_KEYS)
+        + "".join(f"{format_metric(m.recall.get(k), '.1f'):>8}" for k in RECALL_KEYS)
         + "".join(cells)
       )
-  eff = results.get("efficiency", {})
+  eff = results.efficiency
   if eff:
     if lines:
       lines.append("")
     # Columns wide enough for the longest method name (two_tower_hnsw), one space apart.
     width = max(16, max(len(m) for m in eff) + 6)
     lines.append(f"{'N':>10}" + "".join(f"{m + ' q/s':>{width}}" for m in eff))
-    sizes = sorted({int(r["num_items"]) for rows in eff.values() for r in rows})
+    sizes = sorted({int(r.num_items) for rows in eff.values() for r in rows})
     for n in sizes:
       cells = []
       for rows in eff.values():
-        q = [r["queries_per_s"] for r in rows if int(r["num_items"]) == n]
+        q = [r.queries_per_s for r in rows if int(r.num_items) == n]
         cells.append(f"{format_metric(q[0] if q else None, '.1f'):>{width}}")
       lines.append(f"{n:>10,}" + "".join(cells))
-    cross = results.get("crossover")
+    cross = results.crossover
     lines.append(
       "AVG faster than two-tower from N ~ "
       + (f"{cross:,.0f}" if cross else "never (within the sizes measured)")
@@ -238,7 +240,12 @@ def _count(value) -> str:
   return "" if isinstance(value, bool) else f" ({int(value)})"
 
 
-def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
+def _difference(d: PairedDifference) -> str:
+  """A paired difference to the two-tower as "+1.2 [-0.3, +2.8]"."""
+  return f"{d.diff:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}]"
+
+
+def _markdown_recall(recall: dict[str, dict[str, MethodResult]]) -> list[str]:
   keys = RECALL_KEYS + CODE_KEYS
   out = []
   for protocol, methods in recall.items():
@@ -248,21 +255,21 @@ def _markdown_recall(recall: dict, seen: dict, versus: dict) -> list[str]:
       "| method | saw pseudo queries | " + " | ".join(keys) + " | R@1 vs two-tower |",
       "|---" * (len(keys) + 3) + "|",
     ]
-    for method, r in methods.items():
-      count = seen.get(protocol, {}).get(method)
+    for method, m in methods.items():
+      count = m.saw_pseudo_queries
       saw = f"yes{_count(count)}" if count else "no"
-      d = versus.get(protocol, {}).get(method, {}).get("R@1")
-      vs = f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d else NOT_APPLICABLE
+      d = (m.vs_two_tower or {}).get("R@1")
+      vs = _difference(d) if d is not None else NOT_APPLICABLE
       out.append(
         f"| {method} | {saw} | "
-        + " | ".join(format_metric(r.get(k), ".1f") for k in keys)
+        + " | ".join(format_metric(m.recall.get(k), ".1f") for k in keys)
         + f" | {vs} |"
       )
     out.append("")
   return out
 
 
-def _markdown_hybrid(hybrid: dict) -> list[str]:
+def _markdown_hybrid(hybrid: dict[str, HybridChoice]) -> list[str]:
   """avg_hybrid's weight per protocol and the validation Recall@K of every weight tried."""
   out = [
     "## avg_hybrid: fusion weight chosen on validation",
@@ -273,14 +280,14 @@ def _markdown_hybrid(hybrid: dict) -> list[str]:
   ]
   for protocol, h in hybrid.items():
     out += [
-      f"### {protocol} (chosen: {h['weight']:g})",
+      f"### {protocol} (chosen: {h.weight:g})",
       "",
       "| weight | " + " | ".join(RECALL_KEYS) + " |",
       "|---" * (len(RECALL_KEYS) + 1) + "|",
     ]
     out += [
-      f"| {row['weight']:g} | " + " | ".join(f"{row[k]:.1f}" for k in RECALL_KEYS) + " |"
-      for row in h["validation"]
+      f"| {t.weight:g} | " + " | ".join(f"{t.recall[k]:.1f}" for k in RECALL_KEYS) + " |"
+      for t in h.validation
     ]
     out.append("")
   return out
@@ -292,15 +299,15 @@ def _percent(share) -> str:
   return cell if cell == NOT_APPLICABLE else f"{100 * share:.1f}%"
 
 
-def write_report(results: dict, directory: str) -> str:
+def write_report(results: Results, directory: str) -> str:
   """Writes `report.md` and its PNG plots into `directory`; returns the report path."""
   os.makedirs(directory, exist_ok=True)
   md = ["# avg-jax evaluation report", ""]
-  meta = results.get("meta", {})
-  if meta:
+  if results.meta is not None:
+    meta = dataclasses.asdict(results.meta)
     md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()] + [""]
-  if results.get("recall"):
-    plot_recall(results["recall"], os.path.join(directory, "recall.png"))
+  if results.methods:
+    plot_recall(results.methods, os.path.join(directory, "recall.png"))
     md += [
       "## Recall@K (Karpathy protocol, test split, %)",
       "",
@@ -308,31 +315,27 @@ def write_report(results: dict, directory: str) -> str:
       "(code R@K: a generated code sequence equals the image's semantic codes).",
       "",
     ]
-    md += _markdown_recall(
-      results["recall"], results.get("saw_pseudo_queries", {}), results.get("vs_two_tower", {})
-    )
+    md += _markdown_recall(results.methods)
     md += ["![recall](recall.png)", ""]
-  if results.get("hybrid"):
-    md += _markdown_hybrid(results["hybrid"])
-  if results.get("efficiency"):
+  if results.hybrid:
+    md += _markdown_hybrid(results.hybrid)
+  if results.efficiency:
     plot_efficiency(
-      results["efficiency"], os.path.join(directory, "efficiency.png"), results.get("crossover")
+      results.efficiency, os.path.join(directory, "efficiency.png"), results.crossover
     )
     md += [
       "## Efficiency: queries/s vs number of indexed images",
       "",
       "```",
-      summary_table({"efficiency": results["efficiency"], "crossover": results.get("crossover")}),
+      summary_table(Results(efficiency=results.efficiency, crossover=results.crossover)),
       "```",
       "",
       "![efficiency](efficiency.png)",
       "",
     ]
-  if results.get("ann_frontier"):
+  if results.ann_frontier:
     plot_ann_frontier(
-      results["ann_frontier"],
-      results.get("efficiency", {}),
-      os.path.join(directory, "ann_frontier.png"),
+      results.ann_frontier, results.efficiency, os.path.join(directory, "ann_frontier.png")
     )
     md += [
       "## Two-tower with an approximate index (faiss HNSW)",
@@ -341,23 +344,23 @@ def write_report(results: dict, directory: str) -> str:
       "recall against exact search reaches the target (evaluate.ann_target_recall).",
       "",
     ]
-    md += _markdown_frontier(results["ann_frontier"])
+    md += _markdown_frontier(results.ann_frontier)
     md += ["![ann frontier](ann_frontier.png)", ""]
-  if results.get("codebook"):
-    plot_codebook(results["codebook"], os.path.join(directory, "codebook.png"))
+  if results.codebook:
+    plot_codebook(results.codebook, os.path.join(directory, "codebook.png"))
     md += ["## Codebook usage", "", "![codebook](codebook.png)", ""]
-  if results.get("collisions"):
-    plot_collisions(results["collisions"], os.path.join(directory, "collisions.png"))
+  if results.collisions:
+    plot_collisions(results.collisions, os.path.join(directory, "collisions.png"))
     md += [
       "## Collision rate before disambiguation",
       "",
       "| scheme | "
-      + " | ".join(sorted({s for v in results["collisions"].values() for s in v}))
+      + " | ".join(sorted({s for v in results.collisions.values() for s in v}))
       + " |",
     ]
-    splits = sorted({s for v in results["collisions"].values() for s in v})
+    splits = sorted({s for v in results.collisions.values() for s in v})
     md += ["|---" * (len(splits) + 1) + "|"]
-    for scheme, rates in results["collisions"].items():
+    for scheme, rates in results.collisions.items():
       # A split this scheme has no table for is a dash, not a 0.0% collision rate.
       md.append(f"| {scheme} | " + " | ".join(_percent(rates.get(s)) for s in splits) + " |")
     md += ["", "![collisions](collisions.png)", ""]

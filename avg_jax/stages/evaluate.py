@@ -27,12 +27,12 @@ from avg_jax.artifacts import (
   checksums,
   embeddings,
   fingerprint,
-  io,
   locks,
   paths,
   stage_inputs,
   voken_tables,
 )
+from avg_jax.artifacts import results as results_lib
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
 from avg_jax.encoders import store
@@ -48,7 +48,7 @@ from avg_jax.training import examples as examples_lib
 from avg_jax.training import query_head_fit
 from avg_jax.training import state as state_lib
 
-RESULTS = "metrics.json"
+RESULTS = paths.EVALUATE_RESULTS
 
 
 def with_scheme(
@@ -161,8 +161,10 @@ def _results_load(directory: str) -> str:
   problem = checksums.verify(directory)
   if problem:
     return problem
-  if io.read_json(os.path.join(directory, RESULTS)) is None:
-    return f"{RESULTS} missing or unreadable"
+  try:
+    results_lib.read_file(os.path.join(directory, RESULTS))
+  except UserError as e:
+    return str(e)
   if not os.path.exists(os.path.join(directory, "report.md")):
     return "report.md missing"
   return ""
@@ -180,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     on_other=stage_inputs.STAGES["evaluate"].on_other,
   )
   if out.done(verify=lambda: _results_load(directory)):
-    print(report.summary_table(io.read_json(os.path.join(directory, RESULTS))))
+    print(report.summary_table(results_lib.read_file(paths.evaluate_results_file(workdir))))
     print(f"evaluate: {directory} is complete for this config; kept")
     return
   out.begin()
@@ -349,7 +351,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       m: [r for r in rows if "queries_per_s" in r] for m, rows in results["efficiency"].items()
     }
     results["efficiency"] = measured
-    results["crossover"] = report.crossover(measured["avg"], measured["two_tower"])
+    results["crossover"] = report.crossover(
+      [results_lib.SpeedRow(**r) for r in measured["avg"]],
+      [results_lib.SpeedRow(**r) for r in measured["two_tower"]],
+    )
 
   results["meta"] = {
     "config_hash": fingerprint.config_hash(config),
@@ -361,11 +366,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     "test_images": int(len(test_emb["image_ids"])),
     "seconds": round(time.time() - started, 1),
   }
+  record = results_lib.from_json(results)
   if processes.is_main():
-    io.write_json(os.path.join(directory, RESULTS), results, default=float)
-    report.write_report(results, directory)
+    results_lib.write(workdir, record)
+    report.write_report(record, directory)
     checksums.write(directory)
   out.finish()
   if processes.is_main():
-    print(report.summary_table(results))
+    print(report.summary_table(record))
     print(f"report: {os.path.join(directory, 'report.md')}")

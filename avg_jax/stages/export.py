@@ -17,15 +17,14 @@ from ml_collections import ConfigDict
 from avg_jax import config as config_lib
 from avg_jax import processes
 from avg_jax.artifacts import (
-  checksums,
   embeddings,
   exports,
   fingerprint,
-  io,
   locks,
   paths,
   stage_inputs,
 )
+from avg_jax.artifacts import results as results_lib
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.export import gallery as gallery_lib
@@ -134,16 +133,15 @@ def hybrid_config(config: ConfigDict, workdir: str) -> ConfigDict:
     return config
   weight = config.decode.hybrid_weight
   if weight is None:
-    problem = checksums.check(paths.evaluate_dir(workdir), "metrics.json")
-    if problem and os.path.exists(os.path.join(paths.evaluate_dir(workdir), "metrics.json")):
-      raise UserError(f"{problem}; rerun `avg-jax evaluate` (it rewrites it)")
-    results = io.read_json(os.path.join(paths.evaluate_dir(workdir), "metrics.json")) or {}
-    weight = results.get("hybrid", {}).get(str(config.protocol), {}).get("weight")
-    if weight is None:
+    chosen = None
+    if os.path.exists(paths.evaluate_results_file(workdir)):
+      chosen = results_lib.read(workdir).hybrid.get(str(config.protocol))
+    if chosen is None:
       raise UserError(
         "config export.hybrid: no fusion weight; set decode.hybrid_weight or run "
         "`avg-jax evaluate` with avg_hybrid in evaluate.methods first"
       )
+    weight = chosen.weight
   c = ConfigDict(config.to_dict())
   c.decode.hybrid_weight = float(weight)
   c.lock()
