@@ -3,19 +3,27 @@
 Methods (`evaluate.methods`): `two_tower` (the dual encoder, brute force), `avg` (generative
 only), `avg_ltr` (after learning to rank), `avg_hybrid` (avg_ltr's beam re-ranked by
 log-prob + weight x dual-encoder similarity, the weight chosen on validation among
-`evaluate.hybrid_weights`), and the identifier-scheme ablations `rq`,
-`hkmeans`, `atomic` (and `random`), each with its own generator: their tokenize, train (and
-rank) stages run here when missing. Every method is evaluated under each protocol of
-`evaluate.protocols` ("transductive": generators trained on the indexed images' pseudo
-queries too; "inductive": never seen), the scheme ablations under `evaluate.ablation_protocols`; the two-tower baseline is the same dual encoder under
-both (it never sees pseudo queries, as in the paper). Generators report image-level Recall@K
-and the paper's code-level Recall@K. Writes `<workdir>/evaluate/metrics.json` and `report.md`
-with plots, one `metrics.jsonl` record per (protocol, method), and prints a summary table.
+`evaluate.hybrid_weights`), and the identifier-scheme ablations `rq`, `hkmeans`, `atomic`
+(and `random`), each with its own generator: their tokenize, train (and rank) stages run here
+when missing. Every method is evaluated under each protocol of `evaluate.protocols`
+("transductive": generators trained on the indexed images' pseudo queries too; "inductive":
+never seen), the scheme ablations under `evaluate.ablation_protocols`; the two-tower baseline
+is the same dual encoder under both (it never sees pseudo queries, as in the paper).
+Generators report image-level Recall@K and the paper's code-level Recall@K.
+
+`run` in steps: plan the methods (`plan_methods`), train the missing generators
+(`train_missing_generators`), choose avg_hybrid's weight on validation
+(`choose_hybrid_weights`), evaluate on test (`evaluate_on_test`), time efficiency
+(`time_efficiency`), write the record (`write_results`): `<workdir>/evaluate/metrics.json`
+(avg_jax/artifacts/results.py) and `report.md` with plots. One `metrics.jsonl` record per
+(protocol, method) and per efficiency row; prints a summary table.
 """
 
+import dataclasses
 import os
 import platform
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -49,6 +57,9 @@ from avg_jax.training import query_head_fit
 from avg_jax.training import state as state_lib
 
 RESULTS = paths.EVALUATE_RESULTS
+# The methods of the avg generator, evaluated under every protocol (the scheme ablations only
+# under `evaluate.ablation_protocols`).
+AVG_METHODS = ("avg", "avg_ltr", "avg_hybrid")
 
 
 def with_scheme(
@@ -189,17 +200,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   # The generators' stages are checked as they load (training/state.py).
   stage_inputs.require(config, workdir, "prepare", "embed")
   started = time.time()
-  ks = tuple(int(k) for k in config.evaluate.recall_ks)
   writer = MetricsWriter(workdir, "evaluate", process_index=jax.process_index())
   mesh = partitioning.make_mesh(config.mesh)
-  results = {
-    "recall": {},
-    "saw_pseudo_queries": {},
-    "vs_two_tower": {},
-    "efficiency": {},
-    "codebook": {},
-    "collisions": {},
-  }
+
+  plan = plan_methods(config)
+  train_missing_generators(config, workdir, plan)
+  hybrids = choose_hybrid_weights(config, workdir, plan)
+  test_emb = embeddings.load(workdir, "test")
+  tested = evaluate_on_test(config, workdir, plan, hybrids, test_emb, mesh, writer)
+  speed = time_efficiency(
+    config, workdir, mesh, test_emb, tested.timed, hybrids.get(str(config.protocol)), writer
+  )
+  results = results_lib.Results(
+    methods=tested.methods,
+    efficiency=speed.rows if speed else {},
+    codebook=tested.codebook,
+    collisions=tested.collisions,
+    hybrid={protocol: h.choice for protocol, h in hybrids.items()},
+    ann_frontier=speed.ann_frontier if speed else (),
+    crossover=speed.crossover if speed else None,
+    meta=run_meta(config, test_emb, started),
+  )
+  write_results(workdir, results)
+
+  out.finish()
+  if processes.is_main():
+    print(report.summary_table(results))
+    print(f"report: {os.path.join(directory, 'report.md')}")
+
+
+# --- 1. Plan the methods ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What `run` evaluates."""
+
+  two_tower: bool  # the dual-encoder baseline (brute force), the same under every protocol
+  # protocol -> the generator-based methods evaluated under it, `(method, scheme, stage)` in
+  # `evaluate.methods` order: avg, avg_ltr and avg_hybrid under every protocol of
+  # `evaluate.protocols`, the scheme ablations under `evaluate.ablation_protocols` only.
+  generators: dict[str, tuple[tuple[str, str, str], ...]]
+
+
+def plan_methods(config: ml_collections.ConfigDict) -> Plan:
+  """Which method runs under which protocol, from `evaluate.methods`, `evaluate.protocols`
+  and `evaluate.ablation_protocols` (a `UserError` names an unknown or missing one)."""
   methods = tuple(config.evaluate.methods)
   protocols = tuple(pseudo_lib.check_protocol(str(p)) for p in config.evaluate.protocols)
   if not protocols:
@@ -208,170 +254,326 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   ablation_protocols = tuple(str(p) for p in config.evaluate.ablation_protocols)
   for p in ablation_protocols:
     pseudo_lib.check_protocol(p)
-
-  test_emb = embeddings.load(workdir, "test")
-  baseline = None
-  if "two_tower" in methods:
-    m = two_tower.recall(test_emb, ks, mesh)
-    baseline = {k: m[k] for k in m if k.startswith("R@")}
-    two_tower_ranked = m["_ranked_ids"]
-    writer.write(method="two_tower", split="test", **{k: v for k, v in m.items() if k[0] != "_"})
-
-  avg_params = None
-  for protocol in protocols:
-    recall = results["recall"][protocol] = {}
-    seen = results["saw_pseudo_queries"][protocol] = {}
-    if baseline is not None:
-      recall["two_tower"], seen["two_tower"] = dict(baseline), False
-    for method, scheme, stage in plan:
-      if method not in ("avg", "avg_ltr", "avg_hybrid") and protocol not in ablation_protocols:
-        continue
-      ensure_generator(config, workdir, scheme, stage, protocol)
-      c = with_scheme(config, scheme, protocol)
-      head = None
-      if method == "avg_hybrid":
-        if str(c.decode.hybrid_query) == "generator":
-          head = hybrid_query_head(c, workdir, scheme, stage, protocol)
-        weight, table = choose_hybrid_weight(c, workdir, scheme, stage, protocol, head)
-        results.setdefault("hybrid", {})[protocol] = {
-          "weight": weight,
-          "query": str(c.decode.hybrid_query),
-          "validation": table,
-        }
-        c = with_hybrid_weight(c, weight)
-      gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage, protocol)
-      m = avg_eval.evaluate_recall(
-        gen, params, shardings, gmesh, c, workdir, "test", query_head=head
+  return Plan(
+    two_tower="two_tower" in methods,
+    generators={
+      protocol: tuple(
+        (method, scheme, stage)
+        for method, scheme, stage in plan
+        if method in AVG_METHODS or protocol in ablation_protocols
       )
-      public = {k: v for k, v in m.items() if not k.startswith("_")}
-      recall[method] = {k: public[k] for k in public if "R@" in k}
-      if baseline is not None:  # the same test captions, in the same order
-        results["vs_two_tower"].setdefault(protocol, {})[method] = {
-          f"R@{k}": recall_lib.paired_difference(
-            recall_lib.hits_at_k(m["_results"]["item_ids"], m["_true_ids"], k),
-            recall_lib.hits_at_k(two_tower_ranked, test_emb["caption_image_ids"], k),
-          )
-          for k in ks
-        }
-      # What training really saw: the indexed images' pseudo queries it had (none when the
-      # data has none, whatever the protocol's name promises).
-      seen[method] = len(examples_lib.pseudo_examples(workdir, gen, 1)[1])
-      writer.write(method=method, protocol=protocol, split="test", **public)
-      name = tokenizer_name(c, scheme, protocol)
-      summary = voken_tables.load_summary(workdir, name)
-      results["collisions"][name] = {s: v["collision_rate"] for s, v in summary["splits"].items()}
-      train_stats = summary["splits"].get("train", {})
-      if "perplexity" in train_stats:
-        results["codebook"][name] = {
-          "perplexity": train_stats["perplexity"],
-          "unused_share": train_stats["unused_share"],
-        }
-      if method == "avg" and protocol == config.protocol:
-        avg_params = (gen, gmesh, params, shardings, c)
+      for protocol in protocols
+    },
+  )
 
+
+# --- 2. Train missing generators (the ablations') --------------------------------------------
+
+
+def train_missing_generators(config: ml_collections.ConfigDict, workdir: str, plan: Plan) -> None:
+  """Runs the tokenize / train (/ rank) stages of every generator the plan evaluates that are
+  not finished for this config (`ensure_generator`): most often the scheme ablations' own."""
+  for protocol, generators in plan.generators.items():
+    for _, scheme, stage in generators:
+      ensure_generator(config, workdir, scheme, stage, protocol)
+
+
+# --- 3. Choose avg_hybrid's weight on validation ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridSetup:
+  """avg_hybrid under one protocol: the weight chosen (with its validation curve) and, with
+  `decode.hybrid_query="generator"`, the generator's query head its search uses."""
+
+  choice: results_lib.HybridChoice
+  query_head: query_head_lib.QueryHead | None
+
+
+def choose_hybrid_weights(
+  config: ml_collections.ConfigDict, workdir: str, plan: Plan
+) -> dict[str, HybridSetup]:
+  """protocol -> avg_hybrid's fusion weight, chosen on the validation split
+  (`choose_hybrid_weight`), for each protocol the plan evaluates avg_hybrid under. The query
+  head (`decode.hybrid_query="generator"`) is fitted here and used on test too."""
+  out = {}
+  for protocol, generators in plan.generators.items():
+    for method, scheme, stage in generators:
+      if method != "avg_hybrid":
+        continue
+      c = with_scheme(config, scheme, protocol)
+      query = str(c.decode.hybrid_query)
+      head = None
+      if query == "generator":
+        head = hybrid_query_head(c, workdir, scheme, stage, protocol)
+      weight, table = choose_hybrid_weight(c, workdir, scheme, stage, protocol, head)
+      trials = tuple(
+        results_lib.WeightTrial(row["weight"], {k: v for k, v in row.items() if k != "weight"})
+        for row in table
+      )
+      out[protocol] = HybridSetup(results_lib.HybridChoice(weight, query, trials), head)
+  return out
+
+
+# --- 4. Evaluate on the test split -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A generator's final parameters, loaded for search (`state_lib.final_params`), and the
+  config it is searched with."""
+
+  gen: Any
+  mesh: Any
+  params: Any
+  shardings: Any
+  config: ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class TestResults:
+  """What `evaluate_on_test` measured."""
+
+  methods: dict[str, dict[str, results_lib.MethodResult]]  # protocol -> method -> result
+  codebook: dict[str, results_lib.CodebookUsage]  # per voken table used
+  collisions: dict[str, dict[str, float]]  # per voken table used: split -> rate
+  timed: Loaded | None  # avg under `config.protocol`: the search the efficiency rows time
+
+
+def evaluate_on_test(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  plan: Plan,
+  hybrids: dict[str, HybridSetup],
+  test_emb: dict,
+  mesh,
+  writer: MetricsWriter,
+) -> TestResults:
+  """Recall@K of every planned method on the test split, per protocol (avg_hybrid with the
+  weight of `hybrids`), and the codebook usage and collision rates of the voken tables of
+  the generators evaluated; one metrics.jsonl record per (protocol, method)."""
+  ks = tuple(int(k) for k in config.evaluate.recall_ks)
+  baseline = None
+  if plan.two_tower:
+    baseline = two_tower.recall(test_emb, ks, mesh)
+    writer.write(
+      method="two_tower", split="test", **{k: v for k, v in baseline.items() if k[0] != "_"}
+    )
+  methods, codebook, collisions, timed = {}, {}, {}, None
+  for protocol, generators in plan.generators.items():
+    by_method = methods[protocol] = {}
+    if baseline is not None:
+      recall = {k: baseline[k] for k in baseline if k.startswith("R@")}
+      by_method["two_tower"] = results_lib.MethodResult(recall, False)
+    for method, scheme, stage in generators:
+      c = with_scheme(config, scheme, protocol)
+      setup = hybrids.get(protocol) if method == "avg_hybrid" else None
+      if setup is not None:
+        c = with_hybrid_weight(c, setup.choice.weight)
+      loaded = Loaded(*state_lib.final_params(c, workdir, scheme, stage, protocol), c)
+      head = setup.query_head if setup is not None else None
+      by_method[method] = evaluate_generator(
+        loaded, workdir, method, protocol, head, baseline, test_emb, writer
+      )
+      name = tokenizer_name(c, scheme, protocol)
+      codebook_usage, collisions[name] = voken_table_stats(workdir, name)
+      if codebook_usage is not None:
+        codebook[name] = codebook_usage
+      if method == "avg" and protocol == config.protocol:
+        timed = loaded
+  return TestResults(methods, codebook, collisions, timed)
+
+
+def evaluate_generator(
+  loaded: Loaded,
+  workdir: str,
+  method: str,
+  protocol: str,
+  query_head,
+  baseline: dict | None,
+  test_emb: dict,
+  writer: MetricsWriter,
+) -> results_lib.MethodResult:
+  """One generator-based method on the test split: image- and code-level Recall@K, the paired
+  difference to the two-tower `baseline` (when evaluated) and how many of the indexed images'
+  pseudo queries its training saw; its metrics.jsonl record."""
+  gen, c = loaded.gen, loaded.config
+  m = avg_eval.evaluate_recall(
+    gen, loaded.params, loaded.shardings, loaded.mesh, c, workdir, "test", query_head=query_head
+  )
+  public = {k: v for k, v in m.items() if not k.startswith("_")}
+  versus = None
+  if baseline is not None:  # the same test captions, in the same order
+    versus = {}
+    for k in (int(k) for k in c.evaluate.recall_ks):
+      d = recall_lib.paired_difference(
+        recall_lib.hits_at_k(m["_results"]["item_ids"], m["_true_ids"], k),
+        recall_lib.hits_at_k(baseline["_ranked_ids"], test_emb["caption_image_ids"], k),
+      )
+      versus[f"R@{k}"] = results_lib.PairedDifference(d["diff"], tuple(d["ci95"]))
+  # What training really saw: the indexed images' pseudo queries it had (none when the data
+  # has none, whatever the protocol's name promises).
+  seen = len(examples_lib.pseudo_examples(workdir, gen, 1)[1])
+  writer.write(method=method, protocol=protocol, split="test", **public)
+  recall = {k: public[k] for k in public if "R@" in k}
+  return results_lib.MethodResult(recall, seen, versus)
+
+
+def voken_table_stats(
+  workdir: str, name: str
+) -> tuple[results_lib.CodebookUsage | None, dict[str, float]]:
+  """`(codebook usage on the training split or None, {split: collision rate})` of the voken
+  table `name`, from the summary `tokenize` wrote."""
+  summary = voken_tables.load_summary(workdir, name)
+  collisions = {s: v["collision_rate"] for s, v in summary["splits"].items()}
+  train_stats = summary["splits"].get("train", {})
+  if "perplexity" not in train_stats:
+    return None, collisions
+  usage = results_lib.CodebookUsage(
+    tuple(train_stats["perplexity"]), tuple(train_stats["unused_share"])
+  )
+  return usage, collisions
+
+
+# --- 5. Time efficiency ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Efficiency:
+  """What `time_efficiency` measured."""
+
+  rows: dict[str, tuple[results_lib.SpeedRow, ...]]  # method -> one row per size indexed
+  ann_frontier: tuple[results_lib.AnnPoint, ...]  # empty when HNSW was not timed
+  crossover: float | None  # `report.crossover` of avg and two_tower
+
+
+def time_efficiency(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh,
+  test_emb: dict,
+  timed: Loaded | None,
+  hybrid_setup: HybridSetup | None,
+  writer: MetricsWriter,
+) -> Efficiency | None:
+  """Queries/s against the number of indexed images (`evaluate.efficiency_sizes`) of avg (the
+  `timed` search), avg_hybrid with the weight chosen for this protocol (`hybrid_setup`), the
+  brute-force two-tower and, with `evaluate.ann_ef_search`, the two-tower over an HNSW index.
+  Every row is a metrics.jsonl record; the sizes a method could not index stay out of the
+  results. None when no size is set or avg was not evaluated under `config.protocol`."""
   sizes = tuple(int(n) for n in config.evaluate.efficiency_sizes)
-  if sizes and avg_params is not None:
-    gen, gmesh, params, shardings, c = avg_params
-    n_q = int(config.evaluate.efficiency_queries)
-    inputs, _ = avg_eval.query_set(
-      workdir, "test", gen.tokenizer, int(c.text_tokenizer.max_length), n_q
-    )
-    _, texts = dataset.read_texts(workdir, "test")
-    encoder = store.load_encoder(workdir, mesh)
-    encode_s = efficiency.text_encode_s_per_query(
-      encoder, mesh, texts[:n_q], int(config.decode.batch_size)
-    )
-    similarity = gen.decode.needs_embeddings
-    results["efficiency"]["avg"] = efficiency.avg_queries_per_s(
+  if not sizes or timed is None:
+    return None
+  # The search settings of the two-tower rows (the generator's are in `timed.config`).
+  top_k, batch_size = int(config.decode.top_k), int(config.decode.batch_size)
+  gen, gmesh, params, shardings = timed.gen, timed.mesh, timed.params, timed.shardings
+  c = timed.config
+  n_q = int(config.evaluate.efficiency_queries)
+  inputs, _ = avg_eval.query_set(
+    workdir, "test", gen.tokenizer, int(c.text_tokenizer.max_length), n_q
+  )
+  _, texts = dataset.read_texts(workdir, "test")
+  encoder = store.load_encoder(workdir, mesh)
+  encode_s = efficiency.text_encode_s_per_query(encoder, mesh, texts[:n_q], batch_size)
+  similarity = gen.decode.needs_embeddings
+  rows = {}
+  rows["avg"] = efficiency.avg_queries_per_s(
+    gen,
+    params,
+    shardings,
+    gmesh,
+    c,
+    inputs,
+    sizes,
+    query_emb=test_emb["caption_emb"][:n_q] if similarity else None,
+    image_emb=test_emb["image_emb"] if similarity else None,
+    encode_s_per_query=encode_s,
+  )
+  if hybrid_setup is not None:
+    # The same search re-ranking its beam: the generator's parameters do not change its cost.
+    # With the generator's query head, no text tower runs (its head is fitted for these
+    # parameters, so the timed program is the one a user of this generator runs).
+    head = None
+    if hybrid_setup.choice.query == "generator":
+      head = query_head_fit.fit_query_head(gen, params, gmesh, workdir, c)
+    rows["avg_hybrid"] = efficiency.avg_queries_per_s(
       gen,
       params,
       shardings,
       gmesh,
-      c,
+      with_hybrid_weight(c, hybrid_setup.choice.weight),
       inputs,
       sizes,
-      query_emb=test_emb["caption_emb"][:n_q] if similarity else None,
-      image_emb=test_emb["image_emb"] if similarity else None,
+      query_emb=None if head is not None else test_emb["caption_emb"][:n_q],
+      image_emb=test_emb["image_emb"],
       encode_s_per_query=encode_s,
+      query_head=head,
     )
-    chosen = results.get("hybrid", {}).get(str(c.protocol))
-    if chosen is not None:
-      # The same search re-ranking its beam: the generator's parameters do not change its cost.
-      # With the generator's query head, no text tower runs (its head is fitted for these
-      # parameters, so the timed program is the one a user of this generator runs).
-      head = None
-      if chosen["query"] == "generator":
-        head = query_head_fit.fit_query_head(gen, params, gmesh, workdir, c)
-      results["efficiency"]["avg_hybrid"] = efficiency.avg_queries_per_s(
-        gen,
-        params,
-        shardings,
-        gmesh,
-        with_hybrid_weight(c, chosen["weight"]),
-        inputs,
-        sizes,
-        query_emb=None if head is not None else test_emb["caption_emb"][:n_q],
-        image_emb=test_emb["image_emb"],
-        encode_s_per_query=encode_s,
-        query_head=head,
-      )
-    results["efficiency"]["two_tower"] = efficiency.two_tower_queries_per_s(
-      encoder,
-      mesh,
-      texts[:n_q],
+  rows["two_tower"] = efficiency.two_tower_queries_per_s(
+    encoder,
+    mesh,
+    texts[:n_q],
+    test_emb["caption_emb"][:n_q],
+    sizes,
+    k=top_k,
+    batch_size=batch_size,
+    encode_s_per_query=encode_s,
+  )
+  frontier = []
+  ef_search = tuple(int(e) for e in config.evaluate.ann_ef_search)
+  cap = int(config.evaluate.ann_max_items)
+  ann_sizes = tuple(n for n in sizes if not cap or n <= cap)
+  if ef_search and ann_sizes:
+    frontier = efficiency.ann_queries_per_s(
+      test_emb["image_emb"],
       test_emb["caption_emb"][:n_q],
-      sizes,
-      k=int(config.decode.top_k),
-      batch_size=int(config.decode.batch_size),
+      ann_sizes,
+      k=top_k,
+      batch_size=batch_size,
+      m=int(config.evaluate.ann_m),
+      ef_construction=int(config.evaluate.ann_ef_construction),
+      ef_search=ef_search,
       encode_s_per_query=encode_s,
     )
-    ef_search = tuple(int(e) for e in config.evaluate.ann_ef_search)
-    cap = int(config.evaluate.ann_max_items)
-    ann_sizes = tuple(n for n in sizes if not cap or n <= cap)
-    if ef_search and ann_sizes:
-      frontier = efficiency.ann_queries_per_s(
-        test_emb["image_emb"],
-        test_emb["caption_emb"][:n_q],
-        ann_sizes,
-        k=int(config.decode.top_k),
-        batch_size=int(config.decode.batch_size),
-        m=int(config.evaluate.ann_m),
-        ef_construction=int(config.evaluate.ann_ef_construction),
-        ef_search=ef_search,
-        encode_s_per_query=encode_s,
-      )
-      results["ann_frontier"] = frontier
-      results["efficiency"]["two_tower_hnsw"] = efficiency.fastest_at_recall(
-        frontier, float(config.evaluate.ann_target_recall)
-      )
-    for method, rows in results["efficiency"].items():
-      for r in rows:
-        writer.write(method=method, split="efficiency", **r)
-    measured = {
-      m: [r for r in rows if "queries_per_s" in r] for m, rows in results["efficiency"].items()
-    }
-    results["efficiency"] = measured
-    results["crossover"] = report.crossover(
-      [results_lib.SpeedRow(**r) for r in measured["avg"]],
-      [results_lib.SpeedRow(**r) for r in measured["two_tower"]],
+    rows["two_tower_hnsw"] = efficiency.fastest_at_recall(
+      frontier, float(config.evaluate.ann_target_recall)
     )
-
-  results["meta"] = {
-    "config_hash": fingerprint.config_hash(config),
-    "avg_jax": avg_jax.__version__,
-    "jax": jax.__version__,
-    "backend": jax.default_backend(),
-    "devices": jax.device_count(),
-    "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-    "test_images": int(len(test_emb["image_ids"])),
-    "seconds": round(time.time() - started, 1),
+  for method, method_rows in rows.items():
+    for r in method_rows:
+      writer.write(method=method, split="efficiency", **r)
+  measured = {
+    method: tuple(results_lib.SpeedRow(**r) for r in method_rows if "queries_per_s" in r)
+    for method, method_rows in rows.items()
   }
-  record = results_lib.from_json(results)
+  return Efficiency(
+    measured,
+    tuple(results_lib.AnnPoint(**r) for r in frontier),
+    report.crossover(measured["avg"], measured["two_tower"]),
+  )
+
+
+# --- 6. Write the record ---------------------------------------------------------------------
+
+
+def run_meta(config: ml_collections.ConfigDict, test_emb: dict, started: float) -> results_lib.Meta:
+  """How and where these results were made; `started`: the run's `time.time()` at start."""
+  return results_lib.Meta(
+    config_hash=fingerprint.config_hash(config),
+    avg_jax=avg_jax.__version__,
+    jax=jax.__version__,
+    backend=jax.default_backend(),
+    devices=jax.device_count(),
+    machine=f"{platform.machine()} {os.cpu_count()} cpus",
+    test_images=int(len(test_emb["image_ids"])),
+    seconds=round(time.time() - started, 1),
+  )
+
+
+def write_results(workdir: str, results: results_lib.Results) -> None:
+  """`metrics.json` (artifacts/results.py), `report.md` with its plots, then the folder's
+  checksums; process 0 writes."""
   if processes.is_main():
-    results_lib.write(workdir, record)
-    report.write_report(record, directory)
+    directory = paths.evaluate_dir(workdir)
+    results_lib.write(workdir, results)
+    report.write_report(results, directory)
     checksums.write(directory)
-  out.finish()
-  if processes.is_main():
-    print(report.summary_table(record))
-    print(f"report: {os.path.join(directory, 'report.md')}")
