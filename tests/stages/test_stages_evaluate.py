@@ -1,6 +1,7 @@
 """`avg-jax evaluate` with avg_hybrid, and an avg_hybrid export, on the tiny pipeline."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -9,10 +10,12 @@ import pytest
 from avg_jax import cli
 from avg_jax import config as config_lib
 from avg_jax.artifacts import checksums, embeddings
+from avg_jax.artifacts import results as results_lib
 from avg_jax.data import dataset
+from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval, hybrid
 from avg_jax.export.serving import Retriever
-from avg_jax.stages import evaluate
+from avg_jax.stages import evaluate, export
 from avg_jax.training import state as state_lib
 
 WEIGHTS = "(0.0, 4.0, 64.0)"
@@ -125,6 +128,22 @@ def test_export_hybrid_without_a_weight_is_a_clear_error(
   )
   assert "export.hybrid: no fusion weight" in capsys.readouterr().err
   assert not (workdir / "export").exists()
+
+
+def test_export_reads_the_weight_from_the_results_record(repo_root, tmp_path):
+  """export.hybrid without decode.hybrid_weight: the weight evaluate chose for the config's
+  protocol, read through the results record, which checks the file as it reads it."""
+  config = config_lib.load_config(str(repo_root / "configs/smoke.py:tiny"), ["export.hybrid=true"])
+  trials = (results_lib.WeightTrial(0.0, {"R@1": 1.0}), results_lib.WeightTrial(4.0, {"R@1": 2.0}))
+  choice = results_lib.HybridChoice(4.0, "dual_encoder", trials)
+  record = results_lib.Results(hybrid={str(config.protocol): choice})
+  path = results_lib.write(str(tmp_path), record)
+  checksums.write(os.path.dirname(path))
+  assert export.hybrid_config(config, str(tmp_path)).decode.hybrid_weight == 4.0
+  with open(path, "a") as f:
+    f.write("\n")
+  with pytest.raises(UserError, match=r"; rerun `avg-jax evaluate` \(it rewrites it\)$"):
+    export.hybrid_config(config, str(tmp_path))
 
 
 def test_retriever_hybrid_needs_the_dual_encoder(pipeline_workdir, tmp_path):
