@@ -59,27 +59,44 @@ def checked_docs() -> list[pathlib.Path]:
 # --- Reading a Markdown file -------------------------------------------------------------------
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
-_SPAN = re.compile(r"(`+)(.+?)\1")
+_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 def code_and_links(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-  """`([(line number, code text)], [(line number, link target)])`: code spans and code lines.
-
-  Indented blocks (4 spaces) count as fenced code: they hold commands too."""
+  """`([(line number, code text)], [(line number, link target)])`: the lines of code blocks
+  (fenced, or indented by 4 spaces: they hold commands too) and the code spans of the prose,
+  which may run over a line break within a paragraph (joined with a space)."""
   code, links = [], []
   in_fence = False
+  paragraph: list[tuple[int, str]] = []
+
+  def prose(lines):
+    if not lines:
+      return
+    first, joined = lines[0][0], "\n".join(line for _, line in lines)
+    for match in _SPAN.finditer(joined):
+      number = first + joined.count("\n", 0, match.start())
+      code.append((number, " ".join(match.group(2).split())))
+    rest = _SPAN.sub(
+      lambda m: " " * len(m.group(0).replace("\n", "")) + "\n" * m.group(0).count("\n"), joined
+    )
+    for match in _LINK.finditer(rest):
+      links.append((first + rest.count("\n", 0, match.start()), match.group(1)))
+
   for number, line in enumerate(text.splitlines(), 1):
     if _FENCE.match(line):
+      prose(paragraph)
+      paragraph = []
       in_fence = not in_fence
-      continue
-    if in_fence or (line.startswith("    ") and line.strip()):
+    elif in_fence or (line.startswith("    ") and line.strip() and not paragraph):
       code.append((number, line))
-      continue
-    for match in _SPAN.finditer(line):
-      code.append((number, match.group(2)))
-    prose = _SPAN.sub(" ", line)
-    links += [(number, m.group(1)) for m in _LINK.finditer(prose)]
+    elif not line.strip():
+      prose(paragraph)
+      paragraph = []
+    else:
+      paragraph.append((number, line))
+  prose(paragraph)
   return code, links
 
 
@@ -384,6 +401,9 @@ python -m avg_jax bench nonsense
 ```python
 from avg_jax.data.shapes import Scene, render
 ```
+
+A code span over a line break: `avg-jax
+unknown --workdir W`.
 """
   problems = problems_in(bad, doc, commands, root=tmp_path)
   assert problems == [
@@ -397,6 +417,7 @@ from avg_jax.data.shapes import Scene, render
     "line 7: avg-jax index move: index takes one of add, list, remove",
     "line 8: avg-jax bench nonsense: bench takes one of decode, train",
     "line 12: avg_jax.data.shapes.render: avg_jax.data.shapes defines no 'render'",
+    "line 15: avg-jax unknown: no such command (the CLI has run, index, bench)",
   ]
 
 
