@@ -194,6 +194,8 @@ def module_problem(dotted: str, root: pathlib.Path = REPO) -> str:
     for depth, name in enumerate(rest):
       if name not in _names(body):
         where = ".".join(parts[: cut + depth])
+        if depth == 0 and path.name == "__init__.py":
+          return f"{dotted}: {where} has no submodule or name {name!r}"
         return f"{dotted}: {where} defines no {name!r}"
       classes = [n for n in body if isinstance(n, ast.ClassDef) and n.name == name]
       if not classes:
@@ -411,7 +413,7 @@ unknown --workdir W`.
     "line 2: link ../avg_jax/gone.md: no such file or folder",
     "line 2: tests/test_a.py::test_two: no such test",
     "line 3: avg_jax.data.shapes.render: avg_jax.data.shapes defines no 'render'",
-    "line 3: avg_jax.nope.thing: avg_jax defines no 'nope'",
+    "line 3: avg_jax.nope.thing: avg_jax has no submodule or name 'nope'",
     "line 4: avg_jax.data.shapes.Scene.paint: avg_jax.data.shapes.Scene defines no 'paint'",
     "line 7: avg-jax frobnicate: no such command (the CLI has run, index, bench)",
     "line 7: avg-jax index move: index takes one of add, list, remove",
