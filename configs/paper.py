@@ -1,4 +1,4 @@
-"""Shared paper settings (DESIGN.md; the reference implementation's hyper-parameters).
+"""Shared paper settings: the reference implementation's hyper-parameters (docs/design.md).
 
 Used by `flickr30k.py` and `coco.py`. The user supplies data and weight paths with overrides:
 `--config.data.karpathy_json=... --config.data.image_root=...

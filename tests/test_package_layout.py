@@ -1,4 +1,4 @@
-"""The package's import graph keeps the pipeline readable from the tree (DESIGN: Layout).
+"""The package's import graph keeps the pipeline readable from the tree (docs/architecture.md).
 
 Three layers: shared foundation modules; libraries in pipeline order; stages and tools on top.
 A library may import the foundation and libraries earlier in the pipeline, never a later one,

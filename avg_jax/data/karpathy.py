@@ -1,6 +1,6 @@
 """Reading a Karpathy-split JSON (Flickr30K, MS-COCO) into per-split image entries.
 
-Format (DESIGN.md): `{"images": [{"filename", "filepath" (COCO), "imgid", "split",
+Format (docs/design.md): `{"images": [{"filename", "filepath" (COCO), "imgid", "split",
 "sentences": [{"raw": ...}, ...]}, ...]}`. `restval` joins `train`. An image lives at
 `<image_root>/<filepath>/<filename>` or, when that does not exist (or there is no filepath),
 `<image_root>/<filename>`. The builder follows the format, not the published counts.

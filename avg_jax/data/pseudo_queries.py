@@ -2,7 +2,7 @@
 
 The paper's transductive protocol trains the generator (and fits the image tokenizer) on the
 training captions plus a few LLM-written queries per *indexed* image, so that the generator
-learns to emit the identifiers of the images it must retrieve (DESIGN.md, method 6).
+learns to emit the identifiers of the images it must retrieve (docs/design.md).
 
 Where they come from (`prepare` writes them into `prepared/pseudo_queries.jsonl`):
   * `avg_shapes`: generated from each scene (`shapes.pseudo_queries`), for every image of

@@ -1,7 +1,7 @@
 """Voken rows of the embedding / output matrices, initialised from the RQ codebook.
 
 AVG appends `vocab.num_voken_tokens` rows after the text vocabulary (layout: avg_jax/vokens.py)
-and overwrites the level-token rows with the codebook (DESIGN.md §3). Choices made here:
+and overwrites the level-token rows with the codebook (docs/design.md, "Vokens"). Choices made here:
 
 - Level-token rows: the codebook rows, in level-token order. When `e_dim != d_model` the
   codebook is multiplied by a fixed, seeded projection `[e_dim, d_model]` with orthonormal
