@@ -37,6 +37,7 @@ LIBRARIES = [
   "decoding",
   "training",
   "evaluation",
+  "inference",
   "export",
   "serve",
   "cloud",

@@ -11,5 +11,5 @@
 
 The service only uses the `Retriever`'s public surface (`load`, `search`, `validate`,
 `file_name`, `buckets`, `beam_size`, `image_ids`, `max_query_chars`) and the export's optional
-gallery (avg_jax/export/gallery.py), so changes inside the search do not reach it.
+gallery (avg_jax/inference/gallery.py), so changes inside the search do not reach it.
 """

@@ -193,8 +193,8 @@ def rewarm(retriever, ks: list[int], metrics) -> None:
 async def serve(args: argparse.Namespace, token: str | None) -> None:
   from aiohttp import web
 
-  from avg_jax.export import gallery as gallery_lib
-  from avg_jax.export.serving import Retriever, check_manifest
+  from avg_jax.inference import gallery as gallery_lib
+  from avg_jax.inference.retriever import Retriever, check_manifest
   from avg_jax.serve.batcher import Batcher
   from avg_jax.serve.metrics import Metrics
   from avg_jax.serve.routes import Service, WriteAccess, build_app

@@ -9,7 +9,7 @@ import pytest
 
 from avg_jax.errors import UserError
 from avg_jax.export import search_cli
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 
 
 class FakeRetriever:

@@ -11,7 +11,7 @@ from avg_jax import config as config_lib
 from avg_jax.artifacts import checksums, embeddings
 from avg_jax.data import dataset
 from avg_jax.evaluation import avg_eval, hybrid
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 from avg_jax.stages import evaluate
 from avg_jax.training import state as state_lib
 
