@@ -1,6 +1,6 @@
 """`avg-jax serve`: an HTTP search service and search page over an exported `Retriever`.
 
-    options.py   the command-line options
+    options.py   the command-line options (the command itself: avg_jax/cli/serve.py)
     server.py    start-up (load, warm-up of every compiled bucket), listening, SIGTERM drain
     routes.py    the HTTP API and the page: handlers, JSON errors, request accounting
     requests.py  request bodies -> validated searches, or a 4xx error naming the field

@@ -8,8 +8,10 @@
     avg-jax serve --model EXPORT [--host H] [--port P]              (HTTP search service)
     avg-jax index add|remove|list --model EXPORT ...                (the live index)
 
-Every stage is a module of avg_jax.stages with `run(config, workdir) -> None`. User errors
-(`UserError`) and a full disk print one line and exit 2; `--debug` shows tracebacks.
+Every stage is a module of avg_jax.stages with `run(config, workdir) -> None`. The commands
+over an export are front ends beside this dispatcher: search.py, index.py and serve.py (the
+HTTP service itself is avg_jax/serve/). User errors (`UserError`) and a full disk print one
+line and exit 2; `--debug` shows tracebacks.
 """
 
 import argparse
@@ -141,9 +143,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="one JSON object per query")
   p.add_argument("--debug", action="store_true")
   p.add_argument("queries", nargs="*", help="queries (default: one per line on stdin)")
-  from avg_jax.export import index_cli  # argparse only here; the Retriever loads lazily
+  from avg_jax.cli import index  # argparse only here; the Retriever loads lazily
 
-  index_cli.add_arguments(sub)
+  index.add_arguments(sub)
 
   p = sub.add_parser("serve", help="HTTP search service and search page for an export")
   from avg_jax.serve import options  # argparse only: cheap
@@ -172,21 +174,21 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   if args.command == "search":
     if overrides:
       raise UserError("search takes no --config overrides (the exported model has its config)")
-    from avg_jax.export import search_cli
+    from avg_jax.cli import search
 
-    return search_cli.main(args)
+    return search.main(args)
   if args.command == "index":
     if overrides:
       raise UserError("index takes no --config overrides (the exported model has its config)")
-    from avg_jax.export import index_cli
+    from avg_jax.cli import index
 
-    return index_cli.main(args)
+    return index.main(args)
   if args.command == "serve":
     if overrides:
       raise UserError("serve takes no --config overrides (the exported model has its config)")
-    from avg_jax.serve import server
+    from avg_jax.cli import serve
 
-    return server.main(args)
+    return serve.main(args)
 
   from avg_jax import config as config_lib
   from avg_jax import partitioning
