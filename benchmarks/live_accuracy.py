@@ -32,7 +32,7 @@ from avg_jax.artifacts import (
 )
 from avg_jax.bench import common  # noqa: E402
 from avg_jax.data import dataset  # noqa: E402
-from avg_jax.export.serving import Retriever  # noqa: E402
+from avg_jax.inference.retriever import Retriever  # noqa: E402
 
 KS = (1, 5, 10)
 

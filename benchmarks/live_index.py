@@ -28,7 +28,7 @@ from avg_jax.bench import common  # noqa: E402
 from avg_jax.bench import decode as decode_bench  # noqa: E402
 from avg_jax.decoding import search as search_lib  # noqa: E402
 from avg_jax.decoding.trie import VokenTrie  # noqa: E402
-from avg_jax.export import live_index  # noqa: E402
+from avg_jax.inference import live_index  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,12 @@ A library may import the foundation and libraries earlier in the pipeline, never
 a stage or a tool; no module import cycle exists anywhere (function-level imports included, as
 a lazy import is still a dependency). The graph is read from the source with `ast`, so the
 test needs no import side effects and names the offending file.
+
+A dynamic import is an edge too: `importlib.import_module("avg_jax.x")` with a literal name
+counts like `import avg_jax.x`, and one built at run time is refused, except in the runners
+of DYNAMIC_RUNNERS, which import what their callers name (the reference worker runs
+`ReferenceWorker("module:function", ...)`): those names are read from the callers' source,
+must exist, and count as the callers' imports.
 """
 
 import ast
@@ -37,6 +43,7 @@ LIBRARIES = [
   "decoding",
   "training",
   "evaluation",
+  "inference",
   "export",
   "serve",
   "cloud",
@@ -44,6 +51,9 @@ LIBRARIES = [
   "bench",
 ]
 TOP = {"stages", "cli", "__main__"}
+# Modules whose dynamic import runs code their callers name -> the class whose first argument
+# is that name, "module:function".
+DYNAMIC_RUNNERS = {"avg_jax.bench.reference_worker": "ReferenceWorker"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -51,13 +61,43 @@ def _module_name(path: pathlib.Path) -> str:
   return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _dynamic_import_name(node: ast.AST) -> ast.expr | None:
+  """The name argument of an `importlib.import_module(...)` / `__import__(...)` call."""
+  if not isinstance(node, ast.Call) or not node.args:
+    return None
+  func = node.func
+  name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+  return node.args[0] if name in ("import_module", "__import__") else None
+
+
+def _runner_targets(tree: ast.AST) -> list[str | None]:
+  """The first argument of each DYNAMIC_RUNNERS class call: "module:function", or None when
+  it is not a literal."""
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Call):
+      func = node.func
+      name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+      if name in DYNAMIC_RUNNERS.values():
+        arg = node.args[0] if node.args else None
+        literal = isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+        out.append(arg.value if literal else None)
+  return out
+
+
 def _imports(path: pathlib.Path, module: str, known: set[str]) -> set[str]:
   """Every `avg_jax` module `path` imports; `from a import b` counts as `a.b` when `a.b` is a
-  module, else as `a`."""
+  module, else as `a`. A literal dynamic import counts, and so does the module of each
+  "module:function" handed to a DYNAMIC_RUNNERS class (the module docstring)."""
   package = module if path.name == "__init__.py" else module.rpartition(".")[0]
   found = set()
-  for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-    if isinstance(node, ast.Import):
+  tree = ast.parse(path.read_text(), filename=str(path))
+  found.update(t.partition(":")[0] for t in _runner_targets(tree) if t)
+  for node in ast.walk(tree):
+    name = _dynamic_import_name(node)
+    if isinstance(name, ast.Constant) and isinstance(name.value, str):
+      found.add(name.value)
+    elif isinstance(node, ast.Import):
       found.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
@@ -149,6 +189,35 @@ def test_no_import_cycle():
   assert _cycles(_graph()) == []
 
 
+def test_dynamic_imports_are_edges_the_graph_reads():
+  """No import is hidden from the other tests (module docstring): each dynamic import names a
+  literal module or sits in a runner, and each runner target exists."""
+  files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  hidden, bad_targets, targets = [], [], []
+  for module, path in sorted(files.items()):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+      name = _dynamic_import_name(node)
+      literal = isinstance(name, ast.Constant) and isinstance(name.value, str)
+      if name is not None and not literal and module not in DYNAMIC_RUNNERS:
+        hidden.append(f"{module}:{node.lineno}")
+    for target in _runner_targets(tree):
+      if target is None:
+        bad_targets.append(f"{module}: a runner's target is not a literal")
+        continue
+      targets.append(target)
+      target_module, _, function = target.partition(":")
+      defined = target_module in files and any(
+        isinstance(n, ast.FunctionDef) and n.name == function
+        for n in ast.parse(files[target_module].read_text()).body
+      )
+      if not defined:
+        bad_targets.append(f"{module}: {target} names no module-level function of avg_jax")
+  assert hidden == []
+  assert bad_targets == []
+  assert targets  # the benchmarks' reference sides are read (a reader that finds none is broken)
+
+
 def test_every_pipeline_stage_is_a_module_of_stages_with_run():
   import importlib
   import inspect
@@ -183,6 +252,8 @@ def test_the_checks_catch_a_backward_import_and_a_cycle():
     ("from . import trie\n", {"avg_jax.decoding.trie"}),
     ("from ..models import t5\n", {"avg_jax.models.t5"}),
     ("import numpy\n", set()),
+    ("importlib.import_module('avg_jax.decoding.trie')\n", {"avg_jax.decoding.trie"}),
+    ("w = ReferenceWorker('avg_jax.models.t5:setup', d)\n", {"avg_jax.models.t5"}),
   ],
 )
 def test_import_reader(tmp_path, source, expected):

@@ -2,7 +2,7 @@
 
 from avg_jax import cli, runtime
 from avg_jax.errors import UserError
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 
 
 def test_prefer_heap_allocations_takes_on_glibc():

@@ -15,15 +15,16 @@
                                    images
     <export>/image_tokenizer/      avg / rq: the frozen RQ tokenizer (rqvae.json, rqvae.npz) that
                                    gives added images their codes; with dual_encoder/ and the
-                                   manifest's "live" key the index can grow (export/live_index.py)
+                                   manifest's "live" key the index can grow
+                                   (avg_jax/inference/live_index.py)
     <export>/query_head.npz        avg_hybrid with `decode.hybrid_query="generator"`: the linear
                                    head that predicts query embeddings from the generator's
                                    encoder (avg_jax/models/query_head.py)
-    <export>/live/                 images added / removed since export (export/live_index.py)
-    <export>/gallery/              optional: thumbnails and captions (avg_jax/export/gallery.py)
+    <export>/live/                 images added / removed since export (inference/live_index.py)
+    <export>/gallery/              optional: thumbnails and captions (avg_jax/inference/gallery.py)
 
-What is written and read here is plain data; avg_jax/export/serving.py composes the folder
-(`write_export`) and loads it (`Retriever.load`).
+What is written and read here is plain data; avg_jax/export/writer.py composes the folder
+(`write_export`) and avg_jax/inference/retriever.py loads it (`Retriever.load`).
 """
 
 import os

@@ -15,6 +15,8 @@ A fair comparison gives the reference its best settings and the same machine sta
 
 `setup(payload_dir) -> {name: callable}` runs in the worker (it may import torch); each
 `time(name)` runs `callable()` once and returns the worker's own wall time for it. The
+worker imports `setup`'s module by name: give it as a string literal, which
+tests/test_package_layout.py reads as the caller's import (and checks that it exists). The
 library never imports torch: only benchmarks start a worker, and only when the reference
 extra is installed (`available()`).
 """

@@ -44,8 +44,8 @@ from avg_jax.artifacts import io, paths
 from avg_jax.bench import common
 from avg_jax.bench import hostile as hostile_lib
 from avg_jax.errors import UserError
-from avg_jax.export import gallery as gallery_lib
-from avg_jax.export.serving import Retriever
+from avg_jax.inference import gallery as gallery_lib
+from avg_jax.inference.retriever import Retriever
 
 START_TIMEOUT_S = 900
 FALLBACK_QUERIES = (

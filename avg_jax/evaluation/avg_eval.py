@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
 
 from avg_jax import partitioning
 from avg_jax.artifacts import embeddings
@@ -183,3 +184,38 @@ def evaluate_recall(
   metrics["_results"] = results
   metrics["_true_ids"] = true_ids
   return metrics
+
+
+def eval_fn_for(
+  config: ConfigDict,
+  workdir: str,
+  gen,
+  mesh,
+  param_shardings,
+  method: str,
+  max_queries: int,
+):
+  """`state -> metrics` of validation Recall@K (the search compiled once), for the train and
+  rank stages' loops (`gen`: a `training.generator.Generator`)."""
+  search_fn = make_eval_search_fn(gen, mesh, param_shardings, config)
+
+  def eval_fn(s):
+    m = evaluate_recall(
+      gen,
+      s.params,
+      param_shardings,
+      mesh,
+      config,
+      workdir,
+      "val",
+      max_queries=max_queries,
+      search_fn=search_fn,
+    )
+    return {
+      "split": "val",
+      "method": method,
+      "protocol": gen.protocol,
+      **{k: v for k, v in m.items() if not k.startswith("_")},
+    }
+
+  return eval_fn

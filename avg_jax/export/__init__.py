@@ -1,1 +1,2 @@
-"""Export of serving checkpoints and the Retriever."""
+"""Export: writing the serving checkpoint (writer.py). Loading and serving it is
+avg_jax.inference."""

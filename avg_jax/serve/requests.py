@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from avg_jax.errors import UserError
-from avg_jax.export import live_index as live_lib
+from avg_jax.inference import live_index as live_lib
 
 
 class ApiError(Exception):

@@ -45,10 +45,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from avg_jax.errors import UserError
-from avg_jax.export import live_index as live_lib
-from avg_jax.export.gallery import Gallery
-from avg_jax.export.serving import Retriever
-from avg_jax.export.terminal import safe
+from avg_jax.inference import live_index as live_lib
+from avg_jax.inference.gallery import Gallery
+from avg_jax.inference.retriever import Retriever
+from avg_jax.inference.terminal import safe
 from avg_jax.serve import requests as req_lib
 from avg_jax.serve.batcher import Batcher, Closed
 from avg_jax.serve.metrics import Metrics

@@ -4,10 +4,11 @@
 
 Each has `run(config, workdir)`: it reads what earlier stages left in the workdir (the
 artifacts, avg_jax/artifacts), wires the libraries below (data, encoders, tokenizer, models,
-decoding, training, evaluation, export) and writes its own output folder with a fingerprint.
+decoding, training, evaluation, inference, export) and writes its own output folder with a
+fingerprint.
 Libraries never import a stage; a stage may run an earlier one (evaluate runs the tokenize,
 train and rank stages of its ablations). `avg-jax STAGE` and `avg-jax run` call them
-(avg_jax/cli.py). One run owns a stage of a workdir at a time (avg_jax/artifacts/locks.py): a
+(avg_jax/cli/). One run owns a stage of a workdir at a time (avg_jax/artifacts/locks.py): a
 second one stops with the owner named.
 """
 

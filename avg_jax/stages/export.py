@@ -3,7 +3,7 @@
 Uses the learning-to-rank parameters when that stage finished, else the generative ones.
 The indexed images are those of `export.index_splits` (default: the test split). avg / rq
 exports also carry the dual encoder and the frozen RQ tokenizer, so images can be added later
-without retraining (avg_jax/export/live_index.py).
+without retraining (avg_jax/inference/live_index.py).
 """
 
 import itertools
@@ -27,9 +27,10 @@ from avg_jax.artifacts import (
 from avg_jax.artifacts import results as results_lib
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
-from avg_jax.export import gallery as gallery_lib
-from avg_jax.export import image_tokenizer as image_tokenizer_lib
-from avg_jax.export import serving
+from avg_jax.export import writer
+from avg_jax.inference import gallery as gallery_lib
+from avg_jax.inference import image_tokenizer as image_tokenizer_lib
+from avg_jax.inference import retriever
 from avg_jax.metrics import MetricsWriter
 from avg_jax.tokenizer import fit as fit_lib
 from avg_jax.tokenizer import ids as tokenizer_ids
@@ -64,7 +65,7 @@ def _loads(directory: str) -> str:
   """ "" when `directory` holds a loadable export, else what is wrong."""
   try:
     exports.read_manifest(directory)
-    serving.check_files(directory)
+    retriever.check_files(directory)
   except UserError as e:
     return str(e)
   return ""
@@ -92,7 +93,7 @@ def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
 def _live_parts(
   config: ConfigDict, workdir: str, gen, splits, index_ids: np.ndarray, index_codes_: np.ndarray
 ) -> tuple[tuple, dict]:
-  """`(image_tokenizer, live)` for `serving.write_export`: the fit's final RQ-VAE, and the
+  """`(image_tokenizer, live)` for `writer.write_export`: the fit's final RQ-VAE, and the
   manifest's "live" record. The restored tokenizer must give the indexed images the semantic
   codes `tokenize` gave them; the share that agrees is recorded (`code_agreement`) and a
   tokenizer that disagrees on most is refused (it is not the one the generator learned)."""
@@ -202,7 +203,7 @@ def run(config: ConfigDict, workdir: str) -> None:
     if dual_encoder is None:
       dual_encoder = (workdir, None, None)
     image_tokenizer, live = _live_parts(config, workdir, gen, splits, index_ids, index_codes_)
-  serving.write_export(
+  writer.write_export(
     directory,
     params=params,
     cfg=gen.cfg,

@@ -11,8 +11,8 @@ from ml_collections import ConfigDict
 
 from avg_jax import partitioning
 from avg_jax.artifacts import locks, paths
+from avg_jax.evaluation import avg_eval
 from avg_jax.metrics import MetricsWriter
-from avg_jax.stages.train import eval_fn_for
 from avg_jax.training import examples, generative, ltr
 from avg_jax.training import state as state_lib
 
@@ -73,7 +73,7 @@ def rank_generator(
     checkpoint_every=options.checkpoint_every,
     log_every=options.log_every,
     examples_per_step=options.batch_size,
-    eval_fn=eval_fn_for(
+    eval_fn=avg_eval.eval_fn_for(
       config, workdir, gen, mesh, state_shardings.params, f"{scheme}_ltr", options.eval_max_queries
     ),
     eval_every=options.eval_every,

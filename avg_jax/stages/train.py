@@ -28,40 +28,6 @@ def run(config: ConfigDict, workdir: str) -> None:
   train_generator(config, workdir, config.tokenizer.scheme)
 
 
-def eval_fn_for(
-  config: ConfigDict,
-  workdir: str,
-  gen: generator_lib.Generator,
-  mesh,
-  param_shardings,
-  method: str,
-  max_queries: int,
-):
-  """`state -> metrics` of validation Recall@K (the search compiled once)."""
-  search_fn = avg_eval.make_eval_search_fn(gen, mesh, param_shardings, config)
-
-  def eval_fn(s):
-    m = avg_eval.evaluate_recall(
-      gen,
-      s.params,
-      param_shardings,
-      mesh,
-      config,
-      workdir,
-      "val",
-      max_queries=max_queries,
-      search_fn=search_fn,
-    )
-    return {
-      "split": "val",
-      "method": method,
-      "protocol": gen.protocol,
-      **{k: v for k, v in m.items() if not k.startswith("_")},
-    }
-
-  return eval_fn
-
-
 @locks.holding("train")
 def train_generator(
   config: ConfigDict, workdir: str, scheme: str, protocol: str | None = None
@@ -109,7 +75,7 @@ def train_generator(
     checkpoint_every=int(c.checkpoint_every),
     log_every=int(c.log_every),
     examples_per_step=int(c.batch_size),
-    eval_fn=eval_fn_for(
+    eval_fn=avg_eval.eval_fn_for(
       config, workdir, gen, mesh, state_shardings.params, scheme, int(c.eval_max_queries)
     ),
     eval_every=int(c.eval_every),

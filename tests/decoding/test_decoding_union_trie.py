@@ -84,7 +84,7 @@ def test_union_children_hold_each_code_once():
 def test_removed_subtrees_cost_no_beam_slots(params, dense_levels):
   # With a narrow beam, a search that walked into removed images' paths would return fewer
   # or other images than a tree built from the live images alone; pruning makes them equal.
-  from avg_jax.export import live_index as live_lib
+  from avg_jax.inference import live_index as live_lib
 
   codes, ids = _split(seed=3, n=16)
   index = live_lib.LiveIndex(

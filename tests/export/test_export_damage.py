@@ -13,7 +13,8 @@ from helpers import flip_bytes, largest_file, pipeline_args
 from avg_jax import cli
 from avg_jax.artifacts import checksums
 from avg_jax.errors import UserError
-from avg_jax.export import serving
+from avg_jax.export import writer
+from avg_jax.inference import retriever
 
 
 def _search(model, capsys) -> tuple[int, list[str]]:
@@ -35,7 +36,7 @@ def test_flipped_bytes_in_export_are_one_line_and_exit_2(serve_export, tmp_path,
     f"(changed since it was written); export again"
   )
   with pytest.raises(UserError, match="does not match its checksum"):
-    serving.Retriever.load(str(model))
+    retriever.Retriever.load(str(model))
 
 
 @pytest.mark.parametrize("part", ["trie.npz", "voken_table.npz"])
@@ -65,7 +66,7 @@ def test_export_rerun_repairs_a_damaged_export(repo_root, pipeline_workdir, tmp_
   assert cli.main(["export", *pipeline_args(repo_root, workdir)]) == 0
   assert "export: wrote" in capsys.readouterr().out
   assert checksums.verify(str(workdir / "export")) == ""
-  serving.check_files(str(workdir / "export"))
+  retriever.check_files(str(workdir / "export"))
 
 
 def _no_temps(workdir) -> list[str]:
@@ -84,7 +85,7 @@ def test_export_onto_full_disk_fake_is_one_line_and_removes_temp(
       f.write(b"partial")
     raise OSError(errno.ENOSPC, "No space left on device", path)
 
-  monkeypatch.setattr(serving.VokenTrie, "save", full)
+  monkeypatch.setattr(writer.VokenTrie, "save", full)
   _assert_export_reports_a_full_disk(repo_root, workdir, capsys)
 
 

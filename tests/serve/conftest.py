@@ -131,7 +131,7 @@ def server(start_server, serve_export) -> Server:
 
 @pytest.fixture(scope="session")
 def retriever(serve_export):
-  from avg_jax.export.serving import Retriever
+  from avg_jax.inference.retriever import Retriever
 
   return Retriever.load(str(serve_export))
 

@@ -53,7 +53,7 @@ def test_concurrent_requests_each_get_their_own_results(server, retriever):
 
 
 def test_result_items_carry_file_names_captions_and_thumbnails(server, retriever):
-  from avg_jax.export import gallery as gallery_lib
+  from avg_jax.inference import gallery as gallery_lib
 
   gallery = gallery_lib.read(str(server_model(server)))
   status, response = server.search(["a red circle"])

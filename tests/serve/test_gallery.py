@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from avg_jax.errors import UserError
-from avg_jax.export import gallery as gallery_lib
+from avg_jax.inference import gallery as gallery_lib
 
 
 def _png(w, h, color=(200, 30, 40)) -> bytes:
@@ -69,7 +69,7 @@ def test_service_on_an_export_without_gallery(serve_export, tmp_path):
   # An export written before galleries existed: it loads and serves results without pictures.
   from aiohttp.test_utils import TestClient, TestServer
 
-  from avg_jax.export.serving import Retriever
+  from avg_jax.inference.retriever import Retriever
   from avg_jax.serve import requests as req_lib
   from avg_jax.serve.batcher import Batcher
   from avg_jax.serve.metrics import Metrics

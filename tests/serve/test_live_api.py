@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from avg_jax.data import dataset
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 
 
 def _auth(server) -> dict:

@@ -219,10 +219,10 @@ def _serve(capsys, *args):
 
 
 def test_start_up_errors_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
-  from avg_jax.export import serving
+  from avg_jax.inference import retriever
   from avg_jax.models.t5_config import T5Config
 
-  monkeypatch.setattr(serving.Retriever, "load", lambda *a, **k: pytest.fail("loaded"))
+  monkeypatch.setattr(retriever.Retriever, "load", lambda *a, **k: pytest.fail("loaded"))
   # A manifest with a key this version does not know (written by a newer one, or edited).
   model = str(tmp_path / "export")
   os.makedirs(model)

@@ -14,7 +14,7 @@ from avg_jax.artifacts import results as results_lib
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval, hybrid
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 from avg_jax.stages import evaluate, export
 from avg_jax.training import state as state_lib
 

@@ -17,7 +17,7 @@ from avg_jax import cli
 from avg_jax import config as config_lib
 from avg_jax.data import dataset
 from avg_jax.evaluation import avg_eval
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 from avg_jax.training import state as state_lib
 
 

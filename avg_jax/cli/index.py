@@ -8,7 +8,7 @@
 `add` gives files new ids after the largest indexed one (a Karpathy file's images keep their
 `imgid` and captions); a folder adds its image files (by extension, sorted, not recursive).
 Every image is checked first: one that cannot be used stops the command before anything
-changes, with `prepare`'s reason. The change is one new live version (avg_jax/export/
+changes, with `prepare`'s reason. The change is one new live version (avg_jax/inference/
 live_index.py): a crash leaves the previous one; a second writer gets a clear error.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from avg_jax.data import karpathy
 from avg_jax.errors import UserError
-from avg_jax.export.terminal import safe
+from avg_jax.inference.terminal import safe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".svg", ".svgz")
 
@@ -80,7 +80,7 @@ def _karpathy_images(args) -> tuple[list[str], list[int], list[list[str]], list[
 
 def parse_ids(texts: list[str]) -> list[int]:
   """Image ids given on the command line: ASCII digits in [0, 2^31 - 1] (`parse_id`)."""
-  from avg_jax.export.live_index import parse_id
+  from avg_jax.inference.live_index import parse_id
 
   out = []
   for text in texts:
@@ -104,7 +104,7 @@ def summary(retriever) -> dict:
 
 
 def main(args) -> int:
-  from avg_jax.export.serving import Retriever  # jax loads here, not for `--help`
+  from avg_jax.inference.retriever import Retriever  # jax loads here, not for `--help`
 
   retriever = Retriever.load(args.model)
   if args.action == "add":

@@ -19,8 +19,8 @@ from avg_jax.artifacts import embeddings as embeddings_lib
 from avg_jax.artifacts import voken_tables
 from avg_jax.data import dataset
 from avg_jax.errors import UserError
-from avg_jax.export import live_index as live_lib
-from avg_jax.export.serving import Retriever
+from avg_jax.inference import live_index as live_lib
+from avg_jax.inference.retriever import Retriever
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """`avg-jax search` output and query decoding, with a stand-in Retriever (no export needed;
-tests/test_pipeline.py runs the command on a real export)."""
+tests/stages/test_stages_pipeline.py runs the command on a real export)."""
 
 import argparse
 import json
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from avg_jax.cli import search
 from avg_jax.errors import UserError
-from avg_jax.export import search_cli
-from avg_jax.export.serving import Retriever
+from avg_jax.inference.retriever import Retriever
 
 
 class FakeRetriever:
@@ -34,9 +34,9 @@ class FakeRetriever:
 
 
 def _run(monkeypatch, capsys, queries, retriever, *, as_json=False, k=3):
-  monkeypatch.setattr(search_cli.Retriever, "load", classmethod(lambda cls, d: retriever))
+  monkeypatch.setattr(search.Retriever, "load", classmethod(lambda cls, d: retriever))
   args = argparse.Namespace(model="unused", queries=queries, k=k, json=as_json)
-  assert search_cli.main(args) == 0
+  assert search.main(args) == 0
   return capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from avg_jax.errors import UserError
-from avg_jax.export import live_index as live_lib
+from avg_jax.inference import live_index as live_lib
 
 
 def _index(learned=True, embeddings=False):

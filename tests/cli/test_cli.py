@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from avg_jax import cli
+from avg_jax.errors import UserError
 
 
 def test_unknown_override_exits_2_with_one_line(repo_root, capsys):
@@ -122,3 +123,10 @@ def test_disk_full_in_any_stage_is_one_line(repo_root, tmp_path, capsys, monkeyp
   monkeypatch.setattr(prepare, "run", lambda *_: (_ for _ in ()).throw(ValueError("other")))
   with pytest.raises(ValueError, match="other"):
     cli.main(args)
+
+
+def test_every_benchmark_name_has_its_module():
+  for name in cli.BENCHES:
+    assert cli.bench_module(name).__name__ == f"avg_jax.bench.{name}"
+  with pytest.raises(UserError, match="unknown benchmark 'nope'"):
+    cli.bench_module("nope")

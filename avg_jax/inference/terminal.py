@@ -4,7 +4,8 @@ A file name added through `POST /v1/images` can hold ESC sequences that clear th
 retitle the window or forge earlier output lines when `avg-jax search` prints it raw, and
 Unicode direction overrides that show text in another order than it is stored. `safe`
 writes every control character (C0, DEL, C1), lone surrogate, line or paragraph separator and
-bidirectional formatting character as a visible escape (`\\x1b`, `\\u202e`); other text, emoji sequences included, is unchanged.
+bidirectional formatting character as a visible escape (`\\x1b`, `\\u202e`); other text,
+emoji sequences included, is unchanged.
 """
 
 import unicodedata

@@ -16,8 +16,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from avg_jax.export.serving import Retriever
-from avg_jax.export.terminal import safe
+from avg_jax.inference.retriever import Retriever
+from avg_jax.inference.terminal import safe
 
 
 def _caption_of(retriever: Retriever) -> Callable[[int], str] | None:
