@@ -529,9 +529,9 @@ def format_table(rows: list[Row]) -> str:
         r.note,
       )
     )
-  widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+  widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
   fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-  return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(l) for l in lines])
+  return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(row) for row in lines])
 
 
 def run(config, workdir: str, args) -> None:

@@ -142,7 +142,7 @@ class Attack:
 
   def result(self) -> dict[str, int]:
     out, _ = self.proc.communicate(timeout=600)
-    lines = [l for l in out.splitlines() if l.startswith("OUTCOMES ")]
+    lines = [line for line in out.splitlines() if line.startswith("OUTCOMES ")]
     if self.proc.returncode or not lines:
       raise RuntimeError(f"bench serve: the hostile clients failed ({self.proc.returncode})")
     return json.loads(lines[-1][len("OUTCOMES ") :])

@@ -24,8 +24,8 @@ the keyword list of all 262 country flags). It stays with the picture whose sour
 ranks first in the order above ("mouse" is the CLDR name of U+1F401 and a short name of
 U+1F42D: the CLDR name keeps it); when several pictures tie for that first rank it is
 dropped from all of them. Texts are compared after case folding with separators
-(spaces, dashes, ,:;.()) ignored, and a source that repeats an earlier text of the same picture is dropped too. CLDR
-names are unique, so every picture keeps at least its name.
+(spaces, dashes, ,:;.()) ignored, and a source that repeats an earlier text of the same
+picture is dropped too. CLDR names are unique, so every picture keeps at least its name.
 
 **Queries and pseudo queries.** The first `data.captions_per_image` texts left are the
 picture's captions (an indexed picture's evaluation queries; a training picture's training

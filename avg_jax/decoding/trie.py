@@ -276,8 +276,8 @@ class VokenTrie:
         if version != FORMAT_VERSION:
           raise UserError(f"voken trie {path}: format version {version}, expected {FORMAT_VERSION}")
         sizes = tuple(int(s) for s in data["position_sizes"])
-        offsets = tuple(data[f"offsets_{l}"].astype(np.int32) for l in range(len(sizes)))
-        codes = tuple(data[f"codes_{l}"].astype(np.int32) for l in range(len(sizes)))
+        offsets = tuple(data[f"offsets_{p}"].astype(np.int32) for p in range(len(sizes)))
+        codes = tuple(data[f"codes_{p}"].astype(np.int32) for p in range(len(sizes)))
         trie = cls(
           sizes,
           offsets,

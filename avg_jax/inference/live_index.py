@@ -338,7 +338,7 @@ class LiveIndex:
     if (image_ids < 0).any() or (image_ids > MAX_ID).any():
       raise UserError(f"live index: image ids must lie in [0, {MAX_ID}]")
     rows = captions if captions is not None else [[]] * len(image_ids)
-    for i, (image_id, name, caps) in enumerate(zip(image_ids.tolist(), file_names, rows)):
+    for image_id, name, caps in zip(image_ids.tolist(), file_names, rows):
       check_texts(name, caps, f"live index: image {image_id}")
     if (self.delta_embeddings is None) != (embeddings is None):
       raise UserError("live index: this index keeps image embeddings; give them (or none)")

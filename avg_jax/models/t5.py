@@ -612,7 +612,7 @@ def stack_layer_params(params: Mapping[str, Any]) -> dict:
       continue
     layers = [tree.pop(k) for k in keys]
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) else jnp
-    tree["layers"] = jax.tree.map(lambda *a: xp.stack(a, axis=0), *layers)
+    tree["layers"] = jax.tree.map(lambda *a, xp=xp: xp.stack(a, axis=0), *layers)
     out[stack] = tree
   return out
 

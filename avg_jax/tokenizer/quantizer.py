@@ -176,10 +176,10 @@ def restart_dead_codes(
   num_levels = out.codes.shape[-1]
   new_books, new_last, restarted = [], [], 0
   for c in range(num_codebooks):
-    levels = [l for l in range(num_levels) if codebook_index(l, num_codebooks) == c]
-    level_codes = jnp.concatenate([out.codes[:, l] for l in levels])  # [n]
-    candidates = jnp.concatenate([out.residuals[l] for l in levels], axis=0)  # [n, D]
-    cand_errors = jnp.concatenate([out.errors[l] for l in levels], axis=0)  # [n]
+    levels = [lv for lv in range(num_levels) if codebook_index(lv, num_codebooks) == c]
+    level_codes = jnp.concatenate([out.codes[:, lv] for lv in levels])  # [n]
+    candidates = jnp.concatenate([out.residuals[lv] for lv in levels], axis=0)  # [n, D]
+    cand_errors = jnp.concatenate([out.errors[lv] for lv in levels], axis=0)  # [n]
     used = jnp.zeros((k,), jnp.bool_).at[level_codes].set(True)  # [K]
     last = jnp.where(used, step, last_used[c])  # [K]
     dead = (step - last) >= dead_after  # [K]

@@ -400,7 +400,9 @@ def _mark_used(last_used: jax.Array, step: jax.Array, codes: jax.Array) -> jax.A
   num_codebooks = last_used.shape[0]
   rows = []
   for c in range(num_codebooks):
-    levels = [l for l in range(codes.shape[1]) if quantizer.codebook_index(l, num_codebooks) == c]
+    levels = [
+      lv for lv in range(codes.shape[1]) if quantizer.codebook_index(lv, num_codebooks) == c
+    ]
     used = jnp.zeros(last_used.shape[1:], jnp.bool_).at[codes[:, levels].reshape(-1)].set(True)
     rows.append(jnp.where(used, step, last_used[c]))
   return jnp.stack(rows)

@@ -4,7 +4,8 @@ Examples are (query tokens, target tokens) pairs: every caption of every trainin
 under the transductive protocol (`config.protocol`) every pseudo query of the indexed (val /
 test) images, `train.pseudo_query_repeats` times, with the identifier of its image in its own
 split's index; with `train.pseudo_queries_of_training_images`, the training images' pseudo
-queries too (either protocol). Batches come from grain (avg_jax.data.pipeline), sharded over the mesh.
+queries too (either protocol). Batches come from grain (avg_jax.data.pipeline), sharded over the
+mesh.
 """
 
 import logging
