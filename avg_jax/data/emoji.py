@@ -149,7 +149,7 @@ def read_pictures(roots: dict[str, str], lang: str = "en") -> list[Picture]:
     tone: (_lookup(tables, tone) or {}).get("tts", [""])[0]
     for tone in ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
   }
-  pictures = []
+  pictures: list[Picture] = []
   for entry in emoji:
     if not isinstance(entry, dict) or "unified" not in entry or "image" not in entry:
       raise UserError(f"{image_root}/emoji.json: an entry without 'unified' / 'image'")
@@ -244,8 +244,9 @@ def build(roots: dict[str, str], captions_per_image: int) -> Dataset:
   """Entries per split and pseudo queries (module docstring) from the unpacked packages."""
   pictures = read_pictures(roots)
   captions = caption_lists(pictures)
-  entries = {split: [] for split, _ in SPLIT_FRACTIONS}
-  pseudo, too_few = [], []
+  entries: dict[str, list[karpathy.Entry]] = {split: [] for split, _ in SPLIT_FRACTIONS}
+  pseudo: list[tuple[int, str]] = []
+  too_few: list[tuple[str, str]] = []
   image_root = roots["emoji-datasource-google"]
   for p, texts in zip(pictures, captions):
     path = os.path.join(image_root, p.file_name)

@@ -78,8 +78,9 @@ def _formats_text(formats) -> str:
 
 
 def _too_large(pixels: int, limit: int | None) -> str:
-  if limit is None:
-    return f"too large ({pixels} pixels; PIL refuses more than {2 * Image.MAX_IMAGE_PIXELS})"
+  if limit is None:  # PIL's own limit: set, since PIL raised DecompressionBombError
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    return f"too large ({pixels} pixels; PIL refuses more than {2 * (pil_limit or 0)})"
   return f"too large ({pixels} pixels; the limit is {limit})"
 
 

@@ -99,7 +99,8 @@ class Batcher:
   def _take_batch(self) -> list[_Job]:
     """The oldest job and, in queue order, the same-program jobs that fit beside it."""
     first = self._queue[0]
-    batch, size, rest = [], 0, collections.deque()
+    batch: list[_Job] = []
+    size, rest = 0, collections.deque[_Job]()
     while self._queue:
       job = self._queue.popleft()
       if job.program_k == first.program_k and size + len(job.texts) <= self.max_batch:
