@@ -133,12 +133,14 @@ class Attack:
       text=True,
       preexec_fn=preexec_fn,
     )
+    assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
+    self._stdin = self.proc.stdin
     if self.proc.stdout.readline().strip() != "READY":
       raise RuntimeError(f"bench serve: the hostile clients did not start ({self.proc.wait()})")
 
   def go(self) -> None:
-    self.proc.stdin.write("GO\n")
-    self.proc.stdin.flush()
+    self._stdin.write("GO\n")
+    self._stdin.flush()
 
   def result(self) -> dict[str, int]:
     out, _ = self.proc.communicate(timeout=600)

@@ -114,6 +114,7 @@ class ServerProcess:
         return
 
   def _pump(self, lines: queue.Queue) -> None:
+    assert self.proc.stdout is not None  # stdout=PIPE
     for line in self.proc.stdout:
       self.log.append(line)
       lines.put(line)
@@ -306,7 +307,8 @@ def run(config, workdir: str, args) -> dict:
     raise UserError(f"bench serve --hostile: must be >= 0, got {hostile}")
   queries = _queries(model)
   server_cpus, client_cpus = cpu_split()
-  extra, token = (), ""
+  extra: tuple[str, ...] = ()
+  token = ""
   if hostile:
     import secrets
 

@@ -354,7 +354,7 @@ class LiveIndex:
       )
     return codes
 
-  def remove(self, image_ids: Sequence[int]) -> None:
+  def remove(self, image_ids: Sequence[int] | np.ndarray) -> None:
     ids = np.asarray(image_ids, np.int64)
     unknown = np.setdiff1d(ids, self.live_ids())
     if len(unknown):
