@@ -47,6 +47,8 @@ def _import_config_module(path: str):
     sys.path.insert(0, root)
   name = "_avg_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise UserError(f"config file {path}: not a Python file")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)

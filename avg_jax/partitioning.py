@@ -221,8 +221,7 @@ def activation_context(
   mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None
 ) -> Iterator[None]:
   """Makes `nn.with_logical_constraint` inside models resolve against `mesh` and `rules`."""
-  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-  with set_mesh(mesh), nn.logical_axis_rules(_or_active(rules)):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_or_active(rules)):
     yield
 
 

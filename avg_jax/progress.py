@@ -10,20 +10,30 @@ when AVG_JAX_NO_PROGRESS is set.
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TextIO, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 import tqdm
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 LOG_INTERVAL_S = 30.0
 _clock = time.monotonic  # seconds; tests replace it
 
 
+class ProgressBar(Protocol[T_co]):
+  """What `progress` returns: a tqdm bar or a `LogLines`."""
+
+  def __iter__(self) -> Iterator[T_co]: ...
+  def update(self, n: int = 1) -> Any: ...
+  def set_postfix(self, **values: Any) -> Any: ...
+  def close(self) -> None: ...
+
+
 def progress(
   iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it"
-) -> Iterable[T]:
+) -> ProgressBar[T]:
   """Wraps `iterable` in a progress bar on stderr (plain lines when stderr is not a terminal).
 
   The result iterates like `iterable` and has tqdm's `update(n)`, `set_postfix(**values)` and
@@ -51,7 +61,7 @@ def _is_terminal(stream) -> bool:
     return False
 
 
-class LogLines:
+class LogLines(Generic[T]):
   """tqdm's iterate / update / set_postfix / close for a log file: at most one line per
   `interval_s` seconds of `clock`, each ending in a newline, and a closing line if any was
   written (so a log shows that the work it reported on ended, and in how long)."""
@@ -67,16 +77,19 @@ class LogLines:
     interval_s: float = LOG_INTERVAL_S,
     clock: Callable[[], float] | None = None,
   ):
-    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+    if total is None and isinstance(iterable, Sized):
       total = len(iterable)
     self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
     self.file, self.interval_s, self.clock = file, float(interval_s), clock or _clock
     self.n, self._postfix = 0, ""
     self._start = self._last = self.clock()
-    self._wrote, self._closed = None, False  # (count, postfix) of the last line written
+    self._wrote: tuple[int, str] | None = None  # (count, postfix) of the last line written
+    self._closed = False
 
   def __iter__(self) -> Iterator[T]:
     try:
+      if self.iterable is None:
+        raise TypeError("LogLines: made without an iterable (use update())")
       for item in self.iterable:
         yield item
         self.update(1)

@@ -2,8 +2,9 @@
 
 Each stage reads its own section. Sizes differ between configs (`smoke`, `flickr30k`, `coco`)
 only through values set here or in those files, never through code branches.
-Sections: seed, protocol, required_inputs, mesh, partitioning, distributed, data, loader, text_tokenizer, encoder, encoder_train,
-tokenizer, t5, train, rank, decode, evaluate, export, bench.
+Sections: seed, protocol, required_inputs, mesh, partitioning, distributed, data, loader,
+text_tokenizer, encoder, encoder_train, tokenizer, t5, train, rank, decode, evaluate, export,
+bench.
 """
 
 import ml_collections

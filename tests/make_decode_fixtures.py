@@ -102,14 +102,14 @@ def make_tries(rng, sizes):
   big = np.asarray(rows, np.int64)
   # ... and nodes with exactly one child must exist (checked, not assumed).
   one_child = any(
-    len({r[l] for r in rows if r[:l] == pre}) == 1
-    for l in range(1, p)
-    for pre in {r[:l] for r in rows}
+    len({r[d] for r in rows if r[:d] == pre}) == 1
+    for d in range(1, p)
+    for pre in {r[:d] for r in rows}
   )
   shared = any(
-    len({r[l] for r in rows if r[:l] == pre}) >= 3
-    for l in range(1, p)
-    for pre in {r[:l] for r in rows}
+    len({r[d] for r in rows if r[:d] == pre}) >= 3
+    for d in range(1, p)
+    for pre in {r[:d] for r in rows}
   )
   assert one_child and shared, "trie lacks a one-child node or a shared prefix"
   small = big[rng.permutation(len(big))[:3]]

@@ -113,7 +113,8 @@ def topology_devices(name: str) -> list:
   # This process uses libtpu only as a compiler: keep jax's own backend on the CPU (on a TPU
   # VM it must not claim the chips of a running job), which makes it safe to load libtpu
   # beside another process holding its lockfile (a training job, a second compile).
-  if not jax.config.jax_platforms:
+  # jax's Config sets its options as attributes at run time; its type does not list them.
+  if not jax.config.jax_platforms:  # type: ignore[attr-defined]
     jax.config.update("jax_platforms", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # libtpu looks for a TPU VM's worker list and logs a harmless error without one.

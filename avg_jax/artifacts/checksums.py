@@ -96,10 +96,10 @@ def check(folder: str, *names: str) -> str:
   """ "" when each of `names` (files, or folders: every file recorded under them) matches
   what `add` or `write` recorded, else one line naming the first that differs (a name with
   no record is one: its file was never finished, or the record is gone)."""
-  files = read(folder)
+  files = read(folder) or {}
   for name in names:
     prefix = name.rstrip("/") + "/"
-    recorded = sorted(r for r in (files or {}) if r == name or r.startswith(prefix))
+    recorded = sorted(r for r in files if r == name or r.startswith(prefix))
     if not recorded:
       return f"{os.path.join(folder, name)} has no checksum in {os.path.join(folder, NAME)}"
     for rel in recorded:

@@ -96,8 +96,10 @@ def made_from(directory: str, inputs: dict) -> str:
   if not (stored and stored.get("format") == FORMAT and stored.get("complete")):
     return "missing"
   expected = canonical(inputs)
-  recorded = stored.get("inputs") if isinstance(stored.get("inputs"), dict) else {}
-  recorded = {k: recorded.get(k) for k in expected}
+  inputs_recorded = stored.get("inputs")
+  if not isinstance(inputs_recorded, dict):
+    inputs_recorded = {}
+  recorded = {k: inputs_recorded.get(k) for k in expected}
   return "" if recorded == expected else changes(recorded, expected)
 
 

@@ -42,8 +42,9 @@ def atomic_path(path: str) -> Iterator[str]:
     raise
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-  """Calls `write(binary file)` on a temporary file next to `path`, then renames it."""
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+  """Calls `write(binary file)` on a temporary file next to `path` (its result is unused),
+  then renames it."""
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       write(f)

@@ -296,7 +296,7 @@ def _methods(top: dict) -> dict[str, dict[str, MethodResult]]:
     for protocol in other:
       if protocol not in recall:
         raise _Invalid(f"unknown key {protocol!r} in {name} (a protocol without recall)")
-  methods = {}
+  methods: dict[str, dict[str, Any]] = {}
   for protocol, by_method in recall.items():
     where = f"recall.{protocol}"
     by_method = _object(by_method, where)

@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,8 @@ from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import EOS_ID, VokenVocabulary
 
 CODEBOOK, LEVELS, BEAM, INDEX_N = 1024, 4, 10, 5000
+K = TypeVar("K")  # a contender's name in `_race`
+
 MODELS = {
   "tiny": dict(text_vocab=1000, d_model=64, d_kv=16, heads=4, d_ff=256, layers=2, batch=32),
   "small": dict(text_vocab=32128, d_model=256, d_kv=64, heads=4, d_ff=1024, layers=4, batch=32),
@@ -82,7 +84,7 @@ def _machine() -> dict:
   return common.machine_info()
 
 
-def _race(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tuple[float, float]]:
+def _race(fns: dict[K, Callable[[], Any]], rounds: int) -> dict[K, tuple[float, float]]:
   """`{name: (first call seconds incl. compile, median seconds of `rounds` calls)}`.
 
   Every contender is called once (warm-up, compile), then the rounds call them in turn, so a
@@ -99,7 +101,7 @@ def _race(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, tuple[flo
     return time.perf_counter() - start
 
   first = {name: timed(fn) for name, fn in fns.items()}
-  samples = {name: [] for name in fns}
+  samples: dict[K, list[float]] = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
       samples[name].append(timed(fn))
@@ -204,9 +206,10 @@ class _DictTrie:
   def allowed(self, prefix: list[int]) -> list[int]:
     node = self.root
     for t in prefix:
-      node = node.get(t)
-      if node is None:
+      child = node.get(t)
+      if child is None:
         return []
+      node = child
     return list(node)
 
 
@@ -318,6 +321,7 @@ def measure_model(
   finally:
     if worker:
       worker.close()
+    if tmp is not None:
       tmp.cleanup()
   first, med = times["search"]
   flops = search_flops(cfg, b, s, BEAM, vocab.id_length, cfg.vocab_size)
@@ -370,6 +374,7 @@ def measure_model(
     ref_u, ref_c = b / times["ref_uncached"][1], b / times["ref_cached"][1]
     rows[0].ref_uncached, rows[0].ref_cached = ref_u, ref_c
     ours_top1 = np.asarray(contenders["search"]().codes)[:, 0]
+    assert ref_top1 is not None  # read whenever there is a worker
     agree = float(np.mean(np.all(vocab.tokens_to_codes(ref_top1) == ours_top1, axis=-1)))
     detail.update(
       reference_measured=dict(uncached=ref_u, cached=ref_c, threads=worker.info["threads"]),
@@ -438,10 +443,12 @@ def goal_checks(rows: list[Row], details: dict, index_detail: dict) -> list[dict
 
   model = "small" if "small" in details else "tiny"
   main = next(r for r in rows if r.kind == "search" and r.model == model)
+  fraction = main.matmul_fraction
+  assert fraction is not None  # set on every search row
   add(
     f"{model} FLOP/s >= {GOALS['matmul_fraction']:.0%} of matmul",
-    main.matmul_fraction,
-    main.matmul_fraction >= GOALS["matmul_fraction"],
+    fraction,
+    fraction >= GOALS["matmul_fraction"],
     f"{main.gflop_per_s:.1f} GFLOP/s, full-vocabulary search",
   )
   ref = details[model].get("reference_measured")
@@ -529,9 +536,9 @@ def format_table(rows: list[Row]) -> str:
         r.note,
       )
     )
-  widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+  widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
   fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-  return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(l) for l in lines])
+  return "\n".join([fmt(header), "-+-".join("-" * w for w in widths)] + [fmt(row) for row in lines])
 
 
 def run(config, workdir: str, args) -> None:

@@ -10,6 +10,7 @@
 `--quick`: the config's encoder only and N up to 10K. Writes `<workdir>/bench_embed.json`.
 """
 
+import functools
 import os
 import sys
 import time
@@ -113,7 +114,8 @@ def bench_retrieval(
   jax.block_until_ready(index.items)
   build_s = time.perf_counter() - start
   queries = np.random.default_rng(1).standard_normal((query_batch, RETRIEVAL_DIM), np.float32)
-  per_call = _timed(lambda: index.search(queries, RETRIEVAL_K), repeats)
+  # A partial, not a lambda: nothing keeps `index` alive past the `del` below.
+  per_call = _timed(functools.partial(index.search, queries, RETRIEVAL_K), repeats)
   del index
   return dict(
     num_items=num_items,

@@ -12,6 +12,7 @@ Hugging Face's initialisers (layer norms 1, biases 0), so activations stay finit
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -34,7 +35,7 @@ _CLIP_TOWER = {
 def hf_clip_config(shape: Mapping, vocab_size: int) -> dict:
   """A CLIP config.json dict for our `encoder` fields `shape` (as OpenAI's ViT-L/14-336 file:
   quick_gelu, text eos_token_id 2, so the text tower pools at the largest id)."""
-  towers = {}
+  towers: dict[str, dict[str, Any]] = {}
   for tower in ("text", "vision"):
     towers[tower] = {hf: int(shape[f"{tower}_{ours}"]) for ours, hf in _CLIP_TOWER.items()}
     towers[tower].update(
@@ -145,9 +146,10 @@ def write_t5(
   if num_pieces > vocab_size:
     raise ValueError(f"num_pieces {num_pieces} exceeds the model's vocab_size {vocab_size}")
   keys = ("d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers")
+  sizes: dict[str, Any] = {k: int(shape[k]) for k in keys}
   cfg = T5Config(
     vocab_size=int(vocab_size),
-    **{k: int(shape[k]) for k in keys},
+    **sizes,
     dropout_rate=0.1,
     feed_forward="relu",
     tie_embeddings=True,

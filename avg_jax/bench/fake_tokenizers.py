@@ -29,7 +29,8 @@ from avg_jax.vokens import EOS_ID, PAD_ID, UNK_ID
 T5_PIECES = 32_000
 CLIP_VOCAB = 49_408
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
-_NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+# protobuf-generated classes: sentencepiece ships no type information for them.
+_NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL  # type: ignore[attr-defined]
 
 
 def _synthetic_words(taken: set[str], seed: int) -> Iterable[str]:
@@ -59,7 +60,7 @@ def t5_sentencepiece(texts: Sequence[str], num_pieces: int = T5_PIECES, seed: in
     num_threads=1,
     minloglevel=2,
   )
-  proto = sentencepiece_model_pb2.ModelProto.FromString(buffer.getvalue())
+  proto = sentencepiece_model_pb2.ModelProto.FromString(buffer.getvalue())  # type: ignore[attr-defined]
   learned = len(proto.pieces)
   if learned > num_pieces:
     raise ValueError(f"the text gives {learned} pieces, more than num_pieces={num_pieces}")
@@ -82,9 +83,9 @@ def _learn_merges(texts: Iterable[str], budget: int) -> list[tuple[str, str]]:
     symbols = [table[b] for b in word.encode("utf-8")]
     symbols[-1] += "</w>"
     words.append((symbols, n))
-  merges = []
+  merges: list[tuple[str, str]] = []
   while len(merges) < budget:
-    pairs = collections.Counter()
+    pairs: collections.Counter[tuple[str, str]] = collections.Counter()
     for symbols, n in words:
       for pair in zip(symbols[:-1], symbols[1:]):
         pairs[pair] += n

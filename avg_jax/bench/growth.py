@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from avg_jax.bench import dry_run, paper_world, stage_runs
 
@@ -52,7 +53,11 @@ def run_size(
     f"data.pseudo_queries={paths['pseudo_queries']}",
     *overrides,
   ]
-  row = {"images": n, "splits": list(size.images), "generate_s": round(generate_s, 2)}
+  row: dict[str, Any] = {
+    "images": n,
+    "splits": list(size.images),
+    "generate_s": round(generate_s, 2),
+  }
   for stage in ("prepare", "embed"):
     run = stage_runs.run_stage(stage, config, workdir, args, os.path.join(base, "logs"))
     row[stage] = {

@@ -133,16 +133,18 @@ class Attack:
       text=True,
       preexec_fn=preexec_fn,
     )
+    assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
+    self._stdin = self.proc.stdin
     if self.proc.stdout.readline().strip() != "READY":
       raise RuntimeError(f"bench serve: the hostile clients did not start ({self.proc.wait()})")
 
   def go(self) -> None:
-    self.proc.stdin.write("GO\n")
-    self.proc.stdin.flush()
+    self._stdin.write("GO\n")
+    self._stdin.flush()
 
   def result(self) -> dict[str, int]:
     out, _ = self.proc.communicate(timeout=600)
-    lines = [l for l in out.splitlines() if l.startswith("OUTCOMES ")]
+    lines = [line for line in out.splitlines() if line.startswith("OUTCOMES ")]
     if self.proc.returncode or not lines:
       raise RuntimeError(f"bench serve: the hostile clients failed ({self.proc.returncode})")
     return json.loads(lines[-1][len("OUTCOMES ") :])

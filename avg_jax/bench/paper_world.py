@@ -98,7 +98,7 @@ def _scenes(size: WorldSize, seed: int) -> Iterator[tuple[str, dict]]:
 
 
 def _save_photo(pixels: np.ndarray, path: str, photo_size: tuple[int, int]) -> None:
-  Image.fromarray(pixels).resize(photo_size, Image.BILINEAR).save(path, quality=90)
+  Image.fromarray(pixels).resize(photo_size, Image.Resampling.BILINEAR).save(path, quality=90)
 
 
 def write_karpathy(

@@ -12,6 +12,7 @@ the two give the same logits).
 """
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,8 @@ def measure(spec: str, batch: int, rounds: int) -> list[dict]:
   """One row per form: FLOPs, temporary bytes, compile seconds, median step seconds."""
   cfg, params, inputs, targets = problem(spec, batch)
   key = jax.random.key(1)
-  steps, rows = {}, {}
+  steps: dict[str, Any] = {}
+  rows: dict[str, dict[str, Any]] = {}
   for form in FORMS:
     fn = step_fn(form, cfg)
     start = time.perf_counter()

@@ -65,18 +65,20 @@ class ReferenceWorker:
       text=True,
       env=env,
     )
+    assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
+    self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
     self.timeout_s = timeout_s
     self.info = self._read()  # {"threads": n, "names": [...]} once set up
 
   def _read(self) -> Any:
-    line = self.proc.stdout.readline()
+    line = self._stdout.readline()
     if not line:
       raise UserError(f"reference worker exited with {self.proc.wait()} (see its stderr)")
     return json.loads(line)
 
   def _ask(self, op: str, name: str) -> Any:
-    self.proc.stdin.write(f"{op} {name}\n")
-    self.proc.stdin.flush()
+    self._stdin.write(f"{op} {name}\n")
+    self._stdin.flush()
     return self._read()
 
   def time(self, name: str) -> float:
@@ -89,7 +91,7 @@ class ReferenceWorker:
 
   def close(self) -> None:
     if self.proc.poll() is None:
-      self.proc.stdin.close()
+      self._stdin.close()
       self.proc.wait(timeout=60)
 
 

@@ -104,7 +104,9 @@ class ServerProcess:
         line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
       except queue.Empty:
         self.proc.kill()
-        raise UserError("bench serve: the server did not start in time:\n" + "".join(self.log))
+        raise UserError(
+          "bench serve: the server did not start in time:\n" + "".join(self.log)
+        ) from None
       if line is None:
         raise UserError("bench serve: the server exited:\n" + "".join(self.log[-20:]))
       if line.startswith("serve: listening on "):
@@ -112,6 +114,7 @@ class ServerProcess:
         return
 
   def _pump(self, lines: queue.Queue) -> None:
+    assert self.proc.stdout is not None  # stdout=PIPE
     for line in self.proc.stdout:
       self.log.append(line)
       lines.put(line)
@@ -215,7 +218,7 @@ def _in_process_subprocess(
     preexec_fn=_pinned(cpus),
     timeout=START_TIMEOUT_S + 10 * duration,
   )
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("IN_PROCESS ")]
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("IN_PROCESS ")]
   if proc.returncode or not lines:
     raise UserError("bench serve: the in-process measurement failed:\n" + proc.stderr[-2000:])
   return {int(b): tuple(v) for b, v in json.loads(lines[-1][len("IN_PROCESS ") :]).items()}
@@ -304,7 +307,8 @@ def run(config, workdir: str, args) -> dict:
     raise UserError(f"bench serve --hostile: must be >= 0, got {hostile}")
   queries = _queries(model)
   server_cpus, client_cpus = cpu_split()
-  extra, token = (), ""
+  extra: tuple[str, ...] = ()
+  token = ""
   if hostile:
     import secrets
 
@@ -322,7 +326,7 @@ def run(config, workdir: str, args) -> dict:
     k = int(info["default_k"])
     levels = []
     for n in clients:
-      results = [_measure(server, lambda: _level(server.url, n, duration, queries, k))]
+      results = [_measure(server, lambda n=n: _level(server.url, n, duration, queries, k))]
       _print_level(results[-1])
       if hostile:
         results.append(_with_hostile(server, n, duration, queries, k, hostile, token, client_cpus))

@@ -315,7 +315,7 @@ def run(config, workdir: str, args) -> dict:
           "ours": ours_train,
           "reference": ref_train,
           "ratio_tokens_per_s": _ratio(
-            ours_train["tokens_per_s"], ref_train and ref_train["tokens_per_s"]
+            ours_train["tokens_per_s"], None if ref_train is None else ref_train["tokens_per_s"]
           ),
         },
         "decode": {
@@ -323,7 +323,7 @@ def run(config, workdir: str, args) -> dict:
           "ours_voken_logits_only": ours_voken,
           "reference": ref_decode,
           "ratio_steps_per_s": _ratio(
-            ours_decode["steps_per_s"], ref_decode and ref_decode["steps_per_s"]
+            ours_decode["steps_per_s"], None if ref_decode is None else ref_decode["steps_per_s"]
           ),
         },
       }

@@ -254,7 +254,7 @@ def format_table(result: dict, comparable: bool = True) -> str:
     f"reference (PyTorch, this run: {result['reference_threads']} threads, PASSIVE, "
     f"median of {result['timed_steps']} alternating steps)"
     if measured
-    else "reference (" + REFERENCE_HISTORICAL["note"] + ")"
+    else f"reference ({REFERENCE_HISTORICAL['note']})"
   )
   lines = [f"{'':{width}} | avg-jax   | {label}"]
   lines += [f"{name:{width}} | {ours:9} | {ref}" for name, ours, ref in rows]
@@ -287,6 +287,7 @@ def run(config, workdir: str, args) -> None:
   finally:
     if worker is not None:
       worker.close()
+    if tmp is not None:
       tmp.cleanup()
   header = (
     f"bench tokenize ({name}): {result['pairs']} pairs x {result['dim']}-d, batch "

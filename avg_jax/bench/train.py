@@ -205,7 +205,7 @@ def _cpu_rows(models: dict) -> list[dict]:
       text=True,
       timeout=3600,
     )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
       raise RuntimeError(f"bench train worker ({devices} devices) failed:\n{proc.stderr[-2000:]}")
     rows += json.loads(lines[-1][len("RESULT ") :])

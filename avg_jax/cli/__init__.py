@@ -53,22 +53,35 @@ def bench_module(name: str) -> ModuleType:
   out, not built from the name, so that the package layout test sees each import)."""
   match name:
     case "embed":
-      from avg_jax.bench import embed as bench
+      from avg_jax.bench import embed
+
+      return embed
     case "tokenize":
-      from avg_jax.bench import tokenize as bench
+      from avg_jax.bench import tokenize
+
+      return tokenize
     case "t5":
-      from avg_jax.bench import t5 as bench
+      from avg_jax.bench import t5
+
+      return t5
     case "decode":
-      from avg_jax.bench import decode as bench
+      from avg_jax.bench import decode
+
+      return decode
     case "train":
-      from avg_jax.bench import train as bench
+      from avg_jax.bench import train
+
+      return train
     case "data":
-      from avg_jax.bench import data as bench
+      from avg_jax.bench import data
+
+      return data
     case "serve":
-      from avg_jax.bench import serve as bench
+      from avg_jax.bench import serve
+
+      return serve
     case _:
       raise UserError(f"unknown benchmark {name!r} (one of {', '.join(BENCHES)})")
-  return bench
 
 
 def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -239,17 +252,16 @@ def _run_with_config(args, config, overrides) -> int:
 
     command.run(config, args, argv)
     return 0
-  bench = None
-  if args.command == "bench":
-    bench = bench_module(args.name)
-  if bench is None or getattr(bench, "NEEDS_STAGES", ()):
+  bench = bench_module(args.name) if args.command == "bench" else None
+  needs_stages: tuple[str, ...] = getattr(bench, "NEEDS_STAGES", ())
+  if bench is None or needs_stages:
     # Every input path the stages need, before any work (and before joining other processes).
     from avg_jax.stages import inputs
 
     inputs.check(config)
   partitioning.maybe_initialize_distributed(config.distributed)
   if bench is not None:
-    for name in getattr(bench, "NEEDS_STAGES", ()):
+    for name in needs_stages:
       stage_modules()[name].run(config, args.workdir)
     bench.run(config, args.workdir, args)
     return 0

@@ -142,6 +142,6 @@ def main(args) -> int:
 
 
 def _span(ids: np.ndarray, show: int = 10) -> str:
-  ids = [int(i) for i in ids]
-  text = " ".join(str(i) for i in ids[:show])
-  return text + (f" ... ({len(ids) - show} more)" if len(ids) > show else "")
+  values = [int(i) for i in ids]
+  text = " ".join(str(i) for i in values[:show])
+  return text + (f" ... ({len(values) - show} more)" if len(values) > show else "")

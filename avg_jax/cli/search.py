@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from avg_jax.inference.retriever import Retriever
 from avg_jax.inference.terminal import safe
@@ -40,18 +41,18 @@ def main(args) -> int:
   # user's bytes so that invalid UTF-8 gets the same error as on stdin.
   queries = [os.fsencode(q) for q in args.queries]
   if not queries:
-    queries = [
+    lines = [
       line.rstrip("\n")
       for line in sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape").splitlines()
       if line.strip()
     ]
-    queries = [q.encode("utf-8", errors="surrogateescape") for q in queries]
+    queries = [q.encode("utf-8", errors="surrogateescape") for q in lines]
   retriever = Retriever.load(args.model)
   texts = retriever.validate(queries)
   ids, scores = retriever.search(texts, k=args.k)
   caption_of = _caption_of(retriever)
   for text, row_ids, row_scores in zip(texts, ids, scores):
-    results = []
+    results: list[dict[str, Any]] = []
     for r, (i, s) in enumerate(zip(row_ids, row_scores)):
       if i < 0:
         continue
@@ -70,10 +71,10 @@ def main(args) -> int:
     print(f"query: {safe(text)}")
     if not results:
       print("  (no results)")
-    for r in results:
-      caption = f'  "{safe(r["caption"])}"' if r.get("caption") else ""
+    for row in results:
+      caption = f'  "{safe(row["caption"])}"' if row.get("caption") else ""
       print(
-        f"  {r['rank']:>3}. {safe(r['file_name']) or '(no file name)'}  score "
-        f"{r['score']:.4f}  image {r['image_id']}{caption}"
+        f"  {row['rank']:>3}. {safe(row['file_name']) or '(no file name)'}  score "
+        f"{row['score']:.4f}  image {row['image_id']}{caption}"
       )
   return 0

@@ -215,7 +215,9 @@ def _examples(
 # --- TFDS builders (metadata, and TFDS's own writer for comparison) ----------------------------
 
 
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# The call-arg ignores on these classes: tensorflow_datasets has no type information, so mypy
+# checks the class keyword against object.__init_subclass__ (TFDS's own takes it).
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
   """Common base: the `Source`'s examples; no download checksums to look up.
 
   `assemble` uses a builder for its `info` (features, name, version); `download_and_prepare`
@@ -253,19 +255,19 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split: str):
     examples = _examples(self._source, split, 0, self._source.sizes[split])
     for key, (example, bad) in enumerate(examples):
-      if example is None:
+      if bad is not None:  # then example is None
         self.bad.append(bad)
       else:
         yield key, example
 
 
-class AvgShapes(_Builder, skip_registration=True):
+class AvgShapes(_Builder, skip_registration=True):  # type: ignore[call-arg]
   """Generated shapes scenes with templated captions (avg_jax.data.shapes)."""
 
   DESCRIPTION = "avg_shapes: generated scenes with captions."
 
 
-class Karpathy(_Builder, skip_registration=True):
+class Karpathy(_Builder, skip_registration=True):  # type: ignore[call-arg]
   """Flickr30K / MS-COCO from a Karpathy split JSON and an image folder.
 
   Images are resized (shorter side to `image_size`, bicubic) and centre-cropped to a square;
@@ -314,7 +316,7 @@ def write_shard(source: Source, shard: shards_lib.Shard, shards_dir: str, tag: s
       for example, failure in progress(
         examples, total=len(shard), unit="img", desc=f"{source.config.name} {shard.name}"
       ):
-        if example is None:
+        if failure is not None:  # then example is None
           bad.append(list(failure))
           continue
         record = serializer.serialize_example(feats.encode_example(example))

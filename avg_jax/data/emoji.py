@@ -24,8 +24,8 @@ the keyword list of all 262 country flags). It stays with the picture whose sour
 ranks first in the order above ("mouse" is the CLDR name of U+1F401 and a short name of
 U+1F42D: the CLDR name keeps it); when several pictures tie for that first rank it is
 dropped from all of them. Texts are compared after case folding with separators
-(spaces, dashes, ,:;.()) ignored, and a source that repeats an earlier text of the same picture is dropped too. CLDR
-names are unique, so every picture keeps at least its name.
+(spaces, dashes, ,:;.()) ignored, and a source that repeats an earlier text of the same
+picture is dropped too. CLDR names are unique, so every picture keeps at least its name.
 
 **Queries and pseudo queries.** The first `data.captions_per_image` texts left are the
 picture's captions (an indexed picture's evaluation queries; a training picture's training
@@ -149,7 +149,7 @@ def read_pictures(roots: dict[str, str], lang: str = "en") -> list[Picture]:
     tone: (_lookup(tables, tone) or {}).get("tts", [""])[0]
     for tone in ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
   }
-  pictures = []
+  pictures: list[Picture] = []
   for entry in emoji:
     if not isinstance(entry, dict) or "unified" not in entry or "image" not in entry:
       raise UserError(f"{image_root}/emoji.json: an entry without 'unified' / 'image'")
@@ -244,8 +244,9 @@ def build(roots: dict[str, str], captions_per_image: int) -> Dataset:
   """Entries per split and pseudo queries (module docstring) from the unpacked packages."""
   pictures = read_pictures(roots)
   captions = caption_lists(pictures)
-  entries = {split: [] for split, _ in SPLIT_FRACTIONS}
-  pseudo, too_few = [], []
+  entries: dict[str, list[karpathy.Entry]] = {split: [] for split, _ in SPLIT_FRACTIONS}
+  pseudo: list[tuple[int, str]] = []
+  too_few: list[tuple[str, str]] = []
   image_root = roots["emoji-datasource-google"]
   for p, texts in zip(pictures, captions):
     path = os.path.join(image_root, p.file_name)

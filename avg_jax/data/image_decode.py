@@ -78,8 +78,9 @@ def _formats_text(formats) -> str:
 
 
 def _too_large(pixels: int, limit: int | None) -> str:
-  if limit is None:
-    return f"too large ({pixels} pixels; PIL refuses more than {2 * Image.MAX_IMAGE_PIXELS})"
+  if limit is None:  # PIL's own limit: set, since PIL raised DecompressionBombError
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    return f"too large ({pixels} pixels; PIL refuses more than {2 * (pil_limit or 0)})"
   return f"too large ({pixels} pixels; the limit is {limit})"
 
 
@@ -95,8 +96,8 @@ def load(
   `ImageProblem` naming why not. `formats`: what may be read (module doc); `max_pixels`: the
   pixel budget, checked on the header before any pixel is decoded (None: PIL's own limit,
   raster only; SVGs are then drawn into `SVG_MAX_PIXELS`); `min_side`: an SVG is drawn with
-  this shorter side (0: `svg.CHECK_SIDE`); `check_only`: JPEGs are decoded at 1/8 scale, which reads every
-  byte of the stream at a fraction of the cost (enough to find a truncated file)."""
+  this shorter side (0: `svg.CHECK_SIDE`); `check_only`: JPEGs are decoded at 1/8 scale, which
+  reads every byte of the stream at a fraction of the cost (enough to find a truncated file)."""
   data = source if isinstance(source, (bytes, bytearray, memoryview)) else None
   head = bytes(data[:1024]) if data is not None else _head(source)
   if svg_lib.is_svg("" if data is not None else str(source), head):

@@ -86,7 +86,7 @@ class Worker:
       )
       .result()
     )
-    os.set_blocking(self._proc.stdin.fileno(), False)
+    os.set_blocking(self._fd(stdin=True), False)
 
   def kill(self) -> None:
     proc, self._proc = self._proc, None
@@ -95,7 +95,8 @@ class Worker:
       proc.wait()
       for pipe in (proc.stdin, proc.stdout):
         try:
-          pipe.close()
+          if pipe is not None:
+            pipe.close()
         except OSError:
           pass
 
@@ -113,7 +114,7 @@ class Worker:
           raise EOFError
         self._ready = True
     except (TimeoutError, EOFError):
-      code = self._proc.poll()
+      code = self._proc.poll() if self._proc is not None else None
       self.kill()
       raise ImageProblem(f"the decoder did not start ({_ended(code)})") from None
     deadline = time.monotonic() + timeout
@@ -135,8 +136,16 @@ class Worker:
       return None
     return np.frombuffer(payload, np.uint8).reshape(header["shape"])
 
+  def _fd(self, stdin: bool) -> int:
+    """The worker's stdin (or stdout) file descriptor; EOFError when it was killed."""
+    proc = self._proc
+    pipe = None if proc is None else proc.stdin if stdin else proc.stdout
+    if pipe is None:
+      raise EOFError
+    return pipe.fileno()
+
   def _write(self, data: bytes, deadline: float) -> None:
-    fd, view = self._proc.stdin.fileno(), memoryview(data)
+    fd, view = self._fd(stdin=True), memoryview(data)
     while view:
       _wait(fd, deadline, write=True)
       try:
@@ -145,7 +154,7 @@ class Worker:
         continue
 
   def _read(self, n: int, deadline: float) -> bytes:
-    fd, chunks = self._proc.stdout.fileno(), []
+    fd, chunks = self._fd(stdin=False), []
     while n:
       _wait(fd, deadline, write=False)
       chunk = os.read(fd, min(n, _CHUNK))

@@ -77,7 +77,9 @@ def load_resized(path: str, size: int) -> np.ndarray:
   be used (truncated, corrupt, a format avg-jax does not read). SVGs are drawn in a worker
   process with a time budget."""
   if svg_lib.is_svg(path, _head(path)):
-    return svg_in_worker(_read_svg(path), size)
+    pixels = svg_in_worker(_read_svg(path), size)
+    assert pixels is not None  # None only for a check alone (size 0)
+    return pixels
   # PIL's own errors (UnidentifiedImageError, OSError: truncated) reach the caller, which
   # names the file with them.
   with Image.open(path, formats=[f for f in FILE_FORMATS if f != "SVG"]) as pil:

@@ -61,7 +61,7 @@ def _npm_pack(name: str, version: str, into: str) -> str:
     ) from e
   path = os.path.join(into, tarball_name(name, version))
   if done.returncode != 0 or not os.path.isfile(path):
-    lines = [l for l in (done.stderr or done.stdout or "").splitlines() if l.strip()]
+    lines = [line for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
     why = lines[-1].strip() if lines else f"exit status {done.returncode}"
     raise UserError(f"npm pack {name}@{version} failed: {why}")
   return path

@@ -9,7 +9,8 @@
     skipped_images.json      every image left out by `data.skip_bad_images`, with its reason
                              (only when some were; dataset_info.json has the count)
     pseudo_queries.jsonl     extra (image id, query) pairs: generated for avg_shapes, the file
-                             of `data.pseudo_queries` for Karpathy data (avg_jax.data.pseudo_queries)
+                             of `data.pseudo_queries` for Karpathy data
+                             (avg_jax.data.pseudo_queries)
     tfds/<name>/1.0.0/       the TFDS builder's ArrayRecord files
     checksums.json           size and SHA-256 of each file above (avg_jax.artifacts.checksums):
                              readers check the files they open (`dataset.record_source`)

@@ -348,7 +348,7 @@ def generate(
 class AttributeCounter:
   """Counts of shapes, colours, sizes, positions and object counts, one scene at a time."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.counts: dict[str, dict[str, int]] = {
       "objects": {},
       "shape": {},

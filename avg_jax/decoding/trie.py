@@ -131,7 +131,8 @@ class VokenTrie:
     # new[i]: row i starts a new node at the current level (its prefix differs from row i-1).
     new = np.zeros(n, bool)
     new[0] = True
-    offsets, level_codes = [], []
+    offsets: list[np.ndarray] = []
+    level_codes: list[np.ndarray] = []
     parent_of_row = np.zeros(n, np.int64)  # node index at the current level, per row
     for level in range(p):  # P is tiny (4-5): the loop is over levels, not sequences
       column = sorted_codes[:, level]
@@ -276,8 +277,8 @@ class VokenTrie:
         if version != FORMAT_VERSION:
           raise UserError(f"voken trie {path}: format version {version}, expected {FORMAT_VERSION}")
         sizes = tuple(int(s) for s in data["position_sizes"])
-        offsets = tuple(data[f"offsets_{l}"].astype(np.int32) for l in range(len(sizes)))
-        codes = tuple(data[f"codes_{l}"].astype(np.int32) for l in range(len(sizes)))
+        offsets = tuple(data[f"offsets_{p}"].astype(np.int32) for p in range(len(sizes)))
+        codes = tuple(data[f"codes_{p}"].astype(np.int32) for p in range(len(sizes)))
         trie = cls(
           sizes,
           offsets,
@@ -365,7 +366,8 @@ class VokenTrie:
     if dense_levels < 0:
       raise UserError(f"trie: dense_levels must be >= 0, got {dense_levels}")
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
-    tables, widths, dense = [], [], []
+    tables: list[tuple[jax.Array, ...]] = []
+    widths, dense = [], []
     for level in range(self.id_length):
       k = self.position_sizes[level]
       if level < dense_levels:
@@ -442,7 +444,9 @@ class DeviceTrie:
     return int(
       sum(
         x.nbytes
-        for x in jax.tree.leaves(self.replace(item_emb=None, item_alive=None, node_alive=None))
+        for x in jax.tree.leaves(
+          dataclasses.replace(self, item_emb=None, item_alive=None, node_alive=None)
+        )
       )
     )
 
@@ -477,7 +481,7 @@ class DeviceTrie:
   def with_alive(self, alive: jax.Array | None, node_alive: tuple | None = None) -> "DeviceTrie":
     """The same tree with `item_alive` replaced (bool[num_items] in `leaf_items` order) and,
     optionally, `node_alive` (`VokenTrie.node_alive`: dead subtrees are never entered)."""
-    return self.replace(item_alive=alive, node_alive=node_alive)
+    return dataclasses.replace(self, item_alive=alive, node_alive=node_alive)
 
   def children_guarded(
     self, level: int, node: jax.Array, width: int

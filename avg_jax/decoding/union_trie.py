@@ -127,5 +127,9 @@ class UnionTrie:
     lb, ld = leaf
     ib, vb, eb = self.base.members(lb, min(width, self.base.max_group), with_embeddings)
     idd, vd, ed = self.delta.members(ld, min(width, self.delta.max_group), with_embeddings)
-    emb = jnp.concatenate([eb, ed], axis=-2) if with_embeddings and eb is not None else None
+    emb = (
+      jnp.concatenate([eb, ed], axis=-2)
+      if with_embeddings and eb is not None and ed is not None
+      else None
+    )
     return (jnp.concatenate([ib, idd], axis=-1), jnp.concatenate([vb, vd], axis=-1), emb)

@@ -148,9 +148,9 @@ class ClipBpeTokenizer:
     """Reads `vocab.json`, `merges.txt` and, when present, the pad token of
     `tokenizer_config.json`."""
     vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-    for f in (vocab_file, merges_file):
-      if not os.path.exists(f):
-        raise UserError(f"CLIP tokenizer file not found: {f}")
+    for file in (vocab_file, merges_file):
+      if not os.path.exists(file):
+        raise UserError(f"CLIP tokenizer file not found: {file}")
     try:
       with open(vocab_file, encoding="utf-8") as f:
         vocab = json.load(f)

@@ -428,9 +428,11 @@ def init_fn(cfg: ClipConfig):
 
 def encode_images(params: Any, cfg: ClipConfig, images: jax.Array) -> jax.Array:
   """Image features `float32[batch, projection_dim]` from normalised `[batch, H, W, 3]`."""
-  return Clip(cfg).apply({"params": params}, images, method=Clip.encode_image)
+  # flax types apply's result as output | (output, state); without mutable= it is the output.
+  return Clip(cfg).apply({"params": params}, images, method=Clip.encode_image)  # type: ignore[return-value]
 
 
 def encode_texts(params: Any, cfg: ClipConfig, tokens: jax.Array) -> jax.Array:
   """Text features `float32[batch, projection_dim]` from token ids `int[batch, length]`."""
-  return Clip(cfg).apply({"params": params}, tokens, method=Clip.encode_text)
+  # flax types apply's result as output | (output, state); without mutable= it is the output.
+  return Clip(cfg).apply({"params": params}, tokens, method=Clip.encode_text)  # type: ignore[return-value]

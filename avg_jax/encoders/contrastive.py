@@ -97,7 +97,8 @@ def loss_and_metrics(
 ):
   """batch: `image uint8[B, H, W, 3]`, `tokens int[B, L]`, `image_id int[B]`."""
   images = preprocess.normalize(batch["image"], mean, std)
-  image_features, text_features, logit_scale = clip.Clip(cfg).apply(
+  # flax types apply's result as output | (output, state); without mutable= it is the output.
+  image_features, text_features, logit_scale = clip.Clip(cfg).apply(  # type: ignore[misc]
     {"params": params}, images, batch["tokens"]
   )
   logits = clip_logits(image_features, text_features, logit_scale)

@@ -155,6 +155,7 @@ def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extr
   directory = paths.embed_dir(workdir)
   params_dir, meta_file = encoder_files(workdir)
   pretrained = str(config.encoder.pretrained_path)
+  tokenizer: bpe.ClipBpeTokenizer | TextTokenizer
   if pretrained:
     tokenizer = bpe.ClipBpeTokenizer.load(pretrained)
     cfg, host_params = hf_import.load_hf_clip(

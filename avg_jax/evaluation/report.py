@@ -7,7 +7,7 @@
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -81,7 +81,7 @@ def plot_recall(recall: dict[str, dict[str, MethodResult]], path: str) -> None:
 
 
 def plot_efficiency(
-  efficiency: dict[str, Sequence[SpeedRow]], path: str, cross: float | None
+  efficiency: Mapping[str, Sequence[SpeedRow]], path: str, cross: float | None
 ) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for method, rows in efficiency.items():
@@ -101,7 +101,7 @@ def plot_efficiency(
 
 
 def plot_ann_frontier(
-  frontier: Sequence[AnnPoint], efficiency: dict[str, Sequence[SpeedRow]], path: str
+  frontier: Sequence[AnnPoint], efficiency: Mapping[str, Sequence[SpeedRow]], path: str
 ) -> None:
   """Recall@k against exact search vs queries/s of the HNSW two-tower, one line per N (its
   points: the ef_search values), with AVG's queries/s at each N as vertical marks."""
@@ -182,7 +182,7 @@ def plot_collisions(collisions: dict, path: str) -> None:
 def summary_table(results: Results) -> str:
   """A plain-text table of Recall@K per method plus the efficiency crossover (each part only
   when `results` has it)."""
-  lines = []
+  lines: list[str] = []
   for protocol, methods in results.methods.items():
     seen = [
       f"{m}{_count(r.saw_pseudo_queries)}" for m, r in methods.items() if r.saw_pseudo_queries

@@ -44,7 +44,8 @@ def save(folder: str, cfg: RQVAEConfig, params, batch_stats) -> None:
 
 
 def _codes(cfg: RQVAEConfig, variables: dict, embeddings: jax.Array) -> jax.Array:
-  return RQVAE(cfg).apply(variables, embeddings, method=RQVAE.codes)
+  # flax types apply's result as output | (output, state); without mutable= it is the output.
+  return RQVAE(cfg).apply(variables, embeddings, method=RQVAE.codes)  # type: ignore[return-value]
 
 
 # Module-level with the config static: every load of an export reuses one compile.

@@ -263,7 +263,8 @@ class LiveIndex:
     start = int(used[-1]) + 1 if len(used) else 0
     if start + count - 1 <= MAX_ID:
       return np.arange(start, start + count, dtype=np.int64)
-    out, candidate = [], 0
+    out: list[int] = []
+    candidate = 0
     for taken in used.tolist() + [MAX_ID + 1]:
       while candidate < taken and len(out) < count:
         out.append(candidate)
@@ -338,7 +339,7 @@ class LiveIndex:
     if (image_ids < 0).any() or (image_ids > MAX_ID).any():
       raise UserError(f"live index: image ids must lie in [0, {MAX_ID}]")
     rows = captions if captions is not None else [[]] * len(image_ids)
-    for i, (image_id, name, caps) in enumerate(zip(image_ids.tolist(), file_names, rows)):
+    for image_id, name, caps in zip(image_ids.tolist(), file_names, rows):
       check_texts(name, caps, f"live index: image {image_id}")
     if (self.delta_embeddings is None) != (embeddings is None):
       raise UserError("live index: this index keeps image embeddings; give them (or none)")
@@ -353,12 +354,12 @@ class LiveIndex:
       )
     return codes
 
-  def remove(self, image_ids: Sequence[int]) -> None:
-    image_ids = np.asarray(image_ids, np.int64)
-    unknown = np.setdiff1d(image_ids, self.live_ids())
+  def remove(self, image_ids: Sequence[int] | np.ndarray) -> None:
+    ids = np.asarray(image_ids, np.int64)
+    unknown = np.setdiff1d(ids, self.live_ids())
     if len(unknown):
       raise UserError(f"live index: image id {int(unknown[0])} is not in the index")
-    self.removed = np.union1d(self.removed, image_ids)
+    self.removed = np.union1d(self.removed, ids)
 
   # --- search structure -----------------------------------------------------------------------
   def _with_alive(self, device: DeviceTrie, trie: VokenTrie) -> DeviceTrie:
@@ -375,19 +376,20 @@ class LiveIndex:
     """The search constraint: the base tree, or the base and the delta as one."""
     if not len(self.live_ids()):
       raise UserError("live index: no image is indexed")
-    embed = self.base_embeddings is not None
-    parts = []
+    # Both embeddings or neither (`add` keeps them together).
+    base_emb, delta_emb = self.base_embeddings, self.delta_embeddings
+    parts: list[DeviceTrie] = []
     if self._base_trie is not None:
       key = (dense_levels, sharding)
       if key not in self._base_device:
-        emb = (self.base_ids, self.base_embeddings) if embed else None
+        emb = (self.base_ids, base_emb) if base_emb is not None else None
         self._base_device[key] = self._base_trie.to_device(
           dense_levels, sharding, item_embeddings=emb
         )
       parts.append(self._with_alive(self._base_device[key], self._base_trie))
     if len(self.delta_ids):
       delta = VokenTrie.build(self.delta_codes, self.delta_ids, self.position_sizes)
-      emb = (self.delta_ids, self.delta_embeddings) if embed else None
+      emb = (self.delta_ids, delta_emb) if delta_emb is not None else None
       parts.append(self._with_alive(delta.to_device(0, sharding, item_embeddings=emb), delta))
     return parts[0] if len(parts) == 1 else UnionTrie.of(*parts)
 

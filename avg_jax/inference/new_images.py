@@ -69,7 +69,9 @@ def _resized(image: Any, size: int) -> np.ndarray:
   if isinstance(image, (bytes, bytearray, memoryview)):
     data = bytes(image)
     if svg.is_svg("", data[:1024]):
-      return images_lib.svg_in_worker(data, size)
+      pixels = images_lib.svg_in_worker(data, size)
+      assert pixels is not None  # None only for a check alone (size 0)
+      return pixels
     with images_lib.load(data) as pil:
       return images_lib.resize_center_crop(pil, size)
   if isinstance(image, np.ndarray):

@@ -388,9 +388,15 @@ def shift_right(target_tokens: jax.Array) -> jax.Array:
   return jnp.concatenate([start, target_tokens[..., :-1]], axis=-1)
 
 
+def _apply(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+  """`model.apply(...)` without `mutable=`: the output alone (flax types apply's result as
+  output | (output, state))."""
+  return model.apply(*args, **kwargs)
+
+
 def encode(params, cfg: T5Config, input_tokens: jax.Array) -> jax.Array:
   """`input_tokens int[batch, input_length]` (0 = padding) -> `[batch, input_length, embed]`."""
-  return T5(cfg).apply(_variables(params), input_tokens, method=T5.encode)
+  return _apply(T5(cfg), _variables(params), input_tokens, method=T5.encode)
 
 
 def init_decode_state(
@@ -401,7 +407,7 @@ def init_decode_state(
   Cross-attention keys/values are computed here, once; `max_decode_length` is the number of
   decoder positions (identifier length + EOS, plus one if the caller feeds a final token).
   """
-  cross = T5(cfg).apply(_variables(params), encoded, method=T5.cross_kv)
+  cross = _apply(T5(cfg), _variables(params), encoded, method=T5.cross_kv)
   batch = encoded.shape[0]
   shape = (batch, cfg.num_decoder_layers, int(max_decode_length), cfg.num_heads, cfg.d_kv)
   zeros = jnp.zeros(shape, cfg.compute_dtype)
@@ -451,8 +457,8 @@ def logits(
   key}` when not deterministic.
   """
   model = T5(cfg, deterministic=deterministic)
-  return model.apply(
-    _variables(params), input_tokens, shift_right(decoder_target_tokens), rngs=rngs
+  return _apply(
+    model, _variables(params), input_tokens, shift_right(decoder_target_tokens), rngs=rngs
   )
 
 
@@ -474,8 +480,14 @@ def candidate_logits(
   """
   b, n, length = candidate_targets.shape
   decoder_inputs = shift_right(candidate_targets).reshape(b, n * length)
-  out = T5(cfg, deterministic=deterministic).apply(
-    _variables(params), input_tokens, decoder_inputs, length, rngs=rngs, method=T5.segments
+  out = _apply(
+    T5(cfg, deterministic=deterministic),
+    _variables(params),
+    input_tokens,
+    decoder_inputs,
+    length,
+    rngs=rngs,
+    method=T5.segments,
   )
   return out.reshape(b, n, length, out.shape[-1])
 
@@ -560,7 +572,7 @@ def init_variables(
   """
   inputs = jnp.ones((1, input_length), jnp.int32)
   targets = jnp.ones((1, target_length), jnp.int32)
-  return T5(cfg).init({"params": rng}, inputs, targets)
+  return dict(T5(cfg).init({"params": rng}, inputs, targets))
 
 
 def init_params(cfg: T5Config, rng: jax.Array) -> dict:
@@ -612,7 +624,7 @@ def stack_layer_params(params: Mapping[str, Any]) -> dict:
       continue
     layers = [tree.pop(k) for k in keys]
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) else jnp
-    tree["layers"] = jax.tree.map(lambda *a: xp.stack(a, axis=0), *layers)
+    tree["layers"] = jax.tree.map(lambda *a, xp=xp: xp.stack(a, axis=0), *layers)
     out[stack] = tree
   return out
 

@@ -1,12 +1,13 @@
 """Dynamic batching: concurrent searches gathered into one Retriever call on one device thread.
 
 Requests wait in one FIFO queue. The batching loop takes the oldest job, gathers for at most
-`wait_s` after it arrived (or until the largest bucket is full; at once while draining) the queued jobs that run the
-same compiled program, and hands them as one `search_fn(texts, program_k)` call to a single
-worker thread: one model copy, one device queue, at most one search in flight. While that call
-runs, new requests queue up, so under load the next batch leaves at once and fills up to the
-largest bucket without waiting. The Retriever pads a batch to the smallest bucket that fits;
-warm-up compiled every bucket, so batching never compiles.
+`wait_s` after it arrived (or until the largest bucket is full; at once while draining) the
+queued jobs that run the same compiled program, and hands them as one
+`search_fn(texts, program_k)` call to a single worker thread: one model copy, one device queue,
+at most one search in flight. While that call runs, new requests queue up, so under load the
+next batch leaves at once and fills up to the largest bucket without waiting. The Retriever
+pads a batch to the smallest bucket that fits; warm-up compiled every bucket, so batching never
+compiles.
 
 A job never holds more queries than the largest bucket (`submit` splits larger requests), so
 every call is one compiled program. `program_k` is the k the program runs with: searches whose
@@ -98,7 +99,8 @@ class Batcher:
   def _take_batch(self) -> list[_Job]:
     """The oldest job and, in queue order, the same-program jobs that fit beside it."""
     first = self._queue[0]
-    batch, size, rest = [], 0, collections.deque()
+    batch: list[_Job] = []
+    size, rest = 0, collections.deque[_Job]()
     while self._queue:
       job = self._queue.popleft()
       if job.program_k == first.program_k and size + len(job.texts) <= self.max_batch:

@@ -90,7 +90,7 @@ class Metrics:
     """Registers the compile listener (call once, before the first compile to count)."""
     jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
-  def _on_event(self, event: str, duration: float, **_) -> None:
+  def _on_event(self, event: str, duration_secs: float, **_: str | int) -> None:
     if event != _BACKEND_COMPILE_EVENT:
       return
     with self._lock:

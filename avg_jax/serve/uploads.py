@@ -63,16 +63,20 @@ class Uploads:
     loop = asyncio.get_running_loop()
     futures = [loop.run_in_executor(self._threads, self._one, data) for data in images]
     results = await asyncio.gather(*futures)
+    pixels = []
     for i, result in enumerate(results):
       if isinstance(result, str):
         raise ApiError(400, f"images[{i}].data", result)
-    return results
+      pixels.append(result)
+    return pixels
 
   def _one(self, data: bytes) -> np.ndarray | str:
     try:
-      return self._pool.run(self.params, data, self.timeout_s)
+      pixels = self._pool.run(self.params, data, self.timeout_s)
     except images_lib.ImageProblem as e:
       return str(e)
+    assert pixels is not None  # params["size"] > 0: resized, never a check alone
+    return pixels
 
   def close(self) -> None:
     self._pool.close()

@@ -118,11 +118,12 @@ def run(
 
   # Every process sees the same state here: prepared/ only changes after all have written
   # their shards (below).
-  status, reason, info = prepared.check_prepared(out_dir)
-  if status == "complete" and out.done():  # refuses a folder from another data identity
-    print(f"{out_dir} is complete for this data config (hash {info['config_hash']}); kept")
-    print(prepared.format_statistics(info))
-    _write_metrics(workdir, info, reused=True, seconds=time.time() - start)
+  status, reason, found = prepared.check_prepared(out_dir)
+  # out.done() refuses a folder from another data identity.
+  if status == "complete" and found is not None and out.done():
+    print(f"{out_dir} is complete for this data config (hash {found['config_hash']}); kept")
+    print(prepared.format_statistics(found))
+    _write_metrics(workdir, found, reused=True, seconds=time.time() - start)
     return
   if status == "incomplete" and index == 0:
     print(f"{out_dir} is incomplete ({reason}); preparing it again")

@@ -61,9 +61,11 @@ def fit(
   x = np.asarray(x, np.float32)
   image_ids = np.asarray(image_ids, np.int64)
   children: list[dict] = []
-  groups = {(): np.argsort(image_ids, kind="stable")}  # prefix -> member rows, by image id
+  # prefix -> member rows, by image id
+  groups: dict[tuple[int, ...], np.ndarray] = {(): np.argsort(image_ids, kind="stable")}
   for level in range(num_levels):
-    level_children, next_groups = {}, {}
+    level_children: dict[tuple[int, ...], np.ndarray] = {}
+    next_groups: dict[tuple[int, ...], np.ndarray] = {}
     for prefix in sorted(groups):
       members = groups[prefix]
       if len(members) <= codebook_size:
@@ -84,9 +86,9 @@ def assign(tree: HKMeansTree, x: np.ndarray) -> np.ndarray:
   """`x [N, D]` -> int32[N, L] codes by walking `tree` (see module doc)."""
   x = np.asarray(x, np.float32)
   codes = np.zeros((x.shape[0], tree.num_levels), np.int32)
-  groups = {(): np.arange(x.shape[0])}
+  groups: dict[tuple[int, ...], np.ndarray] = {(): np.arange(x.shape[0])}
   for level in range(tree.num_levels):
-    next_groups = {}
+    next_groups: dict[tuple[int, ...], np.ndarray] = {}
     for prefix, rows in groups.items():
       centroids = tree.children[level].get(prefix)
       if centroids is None:

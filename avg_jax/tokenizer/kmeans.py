@@ -158,7 +158,7 @@ def residual_kmeans(
     return kmeans(key, x, k, iters=iters, init=init).centroids[None]
   books = []
   residual = x
-  for level, level_key in enumerate(jax.random.split(key, num_levels)):
+  for level_key in jax.random.split(key, num_levels):
     result = kmeans(level_key, residual, k, iters=iters, init=init)
     books.append(result.centroids)
     residual = residual - jnp.take(result.centroids, result.assignments, axis=0)

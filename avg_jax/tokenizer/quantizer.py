@@ -16,6 +16,7 @@ Gradient flow follows the reference RQ-VAE exactly:
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -115,7 +116,7 @@ def quantize_codes(
 def decode_codes(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
   """`codes int[B, L]` -> `[B, D]` sum of the chosen codewords."""
   num_codebooks = codebooks.shape[0]
-  total = 0.0
+  total = jnp.zeros((codes.shape[0], codebooks.shape[-1]), codebooks.dtype)
   for level in range(codes.shape[-1]):
     total = total + jnp.take(
       codebooks[codebook_index(level, num_codebooks)], codes[:, level], axis=0
@@ -127,7 +128,7 @@ def decode_codes(codes: jax.Array, codebooks: jax.Array) -> jax.Array:
 
 
 def code_counts(
-  codes: jax.Array, codebook_size: int, weights: jax.Array | None = None
+  codes: jax.Array | np.ndarray, codebook_size: int, weights: jax.Array | None = None
 ) -> jax.Array:
   """`codes int[N, L]` -> `[L, K]` how often each code is chosen at each level.
 
@@ -174,12 +175,12 @@ def restart_dead_codes(
   """
   num_codebooks, k, _ = codebooks.shape
   num_levels = out.codes.shape[-1]
-  new_books, new_last, restarted = [], [], 0
+  new_books, new_last, restarted = [], [], jnp.zeros((), jnp.int32)
   for c in range(num_codebooks):
-    levels = [l for l in range(num_levels) if codebook_index(l, num_codebooks) == c]
-    level_codes = jnp.concatenate([out.codes[:, l] for l in levels])  # [n]
-    candidates = jnp.concatenate([out.residuals[l] for l in levels], axis=0)  # [n, D]
-    cand_errors = jnp.concatenate([out.errors[l] for l in levels], axis=0)  # [n]
+    levels = [lv for lv in range(num_levels) if codebook_index(lv, num_codebooks) == c]
+    level_codes = jnp.concatenate([out.codes[:, lv] for lv in levels])  # [n]
+    candidates = jnp.concatenate([out.residuals[lv] for lv in levels], axis=0)  # [n, D]
+    cand_errors = jnp.concatenate([out.errors[lv] for lv in levels], axis=0)  # [n]
     used = jnp.zeros((k,), jnp.bool_).at[level_codes].set(True)  # [K]
     last = jnp.where(used, step, last_used[c])  # [K]
     dead = (step - last) >= dead_after  # [K]

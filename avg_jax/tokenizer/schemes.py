@@ -18,6 +18,7 @@ rate before disambiguation is reported per split (`identifiers`).
 
 import logging
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -298,7 +299,7 @@ def identifiers(
   tok = config.tokenizer
   k, levels = int(tok.codebook_size), int(tok.num_levels)
   all_codes = np.concatenate([codes[s] for s in embeddings])
-  summary = dict(
+  summary: dict[str, Any] = dict(
     scheme=scheme,
     name=name,
     fit_on=fit_on,

@@ -104,7 +104,8 @@ class PairSampler:
         f"training (image, caption) pairs; lower tokenizer.batch_size"
       )
     self.steps_per_epoch = self.num_pairs // self.batch_size
-    self._epoch, self._perm = -1, None
+    self._epoch = -1
+    self._perm = np.zeros((0,), np.int64)  # this epoch's order (set on first use)
     pcount, pindex = jax.process_count(), jax.process_index()
     if self.batch_size % pcount:
       raise UserError(
@@ -224,7 +225,8 @@ def _train_step(
 
 def _encode(settings: TrainerSettings, state: TokenizerState, images: jax.Array):
   model, variables = settings.model(), _variables(state)
-  latent = model.apply(variables, images, train=False, method=RQVAE.encode)
+  # flax types apply's result as output | (output, state); without mutable= it is the output.
+  latent: jax.Array = model.apply(variables, images, train=False, method=RQVAE.encode)  # type: ignore[assignment]
   codes = quantizer.quantize_codes(latent, state.params["codebooks"], settings.cfg.num_levels)
   quantized = quantizer.decode_codes(codes, state.params["codebooks"])
   decoded = model.apply(variables, quantized, train=False, method=RQVAE.decode)
@@ -232,7 +234,8 @@ def _encode(settings: TrainerSettings, state: TokenizerState, images: jax.Array)
 
 
 def _codes(settings: TrainerSettings, state: TokenizerState, images: jax.Array) -> jax.Array:
-  return settings.model().apply(_variables(state), images, method=RQVAE.codes)
+  # flax types apply's result as output | (output, state); without mutable= it is the output.
+  return settings.model().apply(_variables(state), images, method=RQVAE.codes)  # type: ignore[return-value]
 
 
 class RQVAETrainer:
@@ -314,12 +317,12 @@ class RQVAETrainer:
     `images` are this process's rows; n must be a multiple of the per-process batch.
     """
     local = self.batch_size // jax.process_count()
-    latents = []
+    chunks = []
     with partitioning.activation_context(self.mesh):
       for start in range(0, len(images) - local + 1, local):
         chunk = partitioning.shard_host_batch(images[start : start + local], self.mesh)
-        latents.append(self._init_latents(state, chunk))
-    latents = jnp.concatenate(latents)  # [n, e_dim]
+        chunks.append(self._init_latents(state, chunk))
+    latents = jnp.concatenate(chunks)  # [n, e_dim]
     books = kmeans_lib.residual_kmeans(
       jax.random.fold_in(self.kmeans_key, 1),
       latents,
@@ -331,7 +334,7 @@ class RQVAETrainer:
     )
     books = jax.device_put(books, self.state_shardings.params["codebooks"])
     params = dict(state.params, codebooks=books)
-    return state.replace(params=params)
+    return dataclasses.replace(state, params=params)
 
   # --- Training -------------------------------------------------------------------------------
 
@@ -400,7 +403,9 @@ def _mark_used(last_used: jax.Array, step: jax.Array, codes: jax.Array) -> jax.A
   num_codebooks = last_used.shape[0]
   rows = []
   for c in range(num_codebooks):
-    levels = [l for l in range(codes.shape[1]) if quantizer.codebook_index(l, num_codebooks) == c]
+    levels = [
+      lv for lv in range(codes.shape[1]) if quantizer.codebook_index(lv, num_codebooks) == c
+    ]
     used = jnp.zeros(last_used.shape[1:], jnp.bool_).at[codes[:, levels].reshape(-1)].set(True)
     rows.append(jnp.where(used, step, last_used[c]))
   return jnp.stack(rows)

@@ -4,7 +4,8 @@ Examples are (query tokens, target tokens) pairs: every caption of every trainin
 under the transductive protocol (`config.protocol`) every pseudo query of the indexed (val /
 test) images, `train.pseudo_query_repeats` times, with the identifier of its image in its own
 split's index; with `train.pseudo_queries_of_training_images`, the training images' pseudo
-queries too (either protocol). Batches come from grain (avg_jax.data.pipeline), sharded over the mesh.
+queries too (either protocol). Batches come from grain (avg_jax.data.pipeline), sharded over the
+mesh.
 """
 
 import logging
@@ -62,9 +63,9 @@ def training_source(config: ConfigDict, workdir: str, gen) -> grain.MapDataset:
   """Every (caption or pseudo query, target) example the protocol trains on: the training
   captions in caption order, then the pseudo queries. All texts are tokenized here in one
   call: a per-example tokenizer call costs more CPU than a train step of the smoke model."""
-  ids, targets = zip(*(gen.targets(s) for s in gen.training_splits()))
+  ids, target_parts = zip(*(gen.targets(s) for s in gen.training_splits()))
   row_of = {int(i): r for r, i in enumerate(np.concatenate(ids))}
-  targets = np.concatenate(targets)
+  targets = np.concatenate(target_parts)
   caption_ids, texts = dataset.read_texts(workdir, "train")
   pseudo_ids, queries = pseudo_examples(
     workdir,

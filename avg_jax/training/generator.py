@@ -101,7 +101,7 @@ def table_hash(table: dict, *extra: str) -> str:
   return h.hexdigest()[:16]
 
 
-def made_from_inputs(config: ConfigDict, workdir: str, scheme: str, protocol: str):
+def made_from_inputs(config: ConfigDict, workdir: str | None, scheme: str, protocol: str):
   """`stage -> inputs` of the stages behind the generator of (`scheme`, `protocol`) under
   `config` in `workdir` (evaluate's generators differ from the config in these two keys
   only)."""

@@ -36,7 +36,8 @@ def state_shardings(params, tx, mesh) -> loop.TrainState:
   opt_state = optax.tree_map_params(
     tx, lambda _, s: s, shapes.opt_state, param_shardings, transform_non_params=lambda _: replicated
   )
-  return loop.TrainState(step=replicated, params=param_shardings, opt_state=opt_state)
+  # A TrainState of shardings (the state's tree structure, sharding leaves), not of arrays.
+  return loop.TrainState(step=replicated, params=param_shardings, opt_state=opt_state)  # type: ignore[arg-type]
 
 
 def abstract_state(params, tx, mesh) -> tuple[Any, loop.TrainState]:

@@ -1,4 +1,5 @@
-"""benchmarks/rank_scoring.py at tiny size: both scoring forms measured, packed costs fewer FLOPs."""
+"""benchmarks/rank_scoring.py at tiny size: both scoring forms measured, packed costs fewer
+FLOPs."""
 
 import json
 

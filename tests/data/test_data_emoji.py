@@ -231,7 +231,7 @@ def test_prepare_emoji_from_fetched_packages(tmp_path):
   assert info["dataset"] == "emoji"
   assert sum(s["num_images"] for s in info["splits"].values()) == 25
   lines = (tmp_path / "w" / "prepared" / "pseudo_queries.jsonl").read_text().splitlines()
-  pairs = [json.loads(l) for l in lines]
+  pairs = [json.loads(line) for line in lines]
   assert [(p["image_id"], p["query"]) for p in pairs] == emoji.build(
     fixture_roots(), 1
   ).pseudo_queries

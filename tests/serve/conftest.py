@@ -52,7 +52,7 @@ class Server:
         line = self._lines.get(timeout=START_TIMEOUT_S)
       except queue.Empty:
         self.proc.kill()
-        raise AssertionError("server did not start:\n" + "".join(self.lines))
+        raise AssertionError("server did not start:\n" + "".join(self.lines)) from None
       if line is None:
         raise AssertionError(f"server exited with {self.proc.wait()}:\n" + "".join(self.lines))
       self.lines.append(line)

@@ -187,10 +187,10 @@ def test_a_client_hanging_up_is_not_a_server_error(writable_server):
     if text.count('status="499"') >= 2:
       break
     threading.Event().wait(0.1)
-  lines = [l for l in text.splitlines() if l.startswith("avg_jax_serve_requests_total")]
-  assert any('route="/v1/search",status="499"' in l for l in lines), lines
-  assert any('route="/v1/images",status="499"' in l for l in lines), lines
-  assert not any('status="500"' in l for l in lines), lines
+  lines = [line for line in text.splitlines() if line.startswith("avg_jax_serve_requests_total")]
+  assert any('route="/v1/search",status="499"' in line for line in lines), lines
+  assert any('route="/v1/images",status="499"' in line for line in lines), lines
+  assert not any('status="500"' in line for line in lines), lines
   assert "unhandled error" not in server.output()
 
 

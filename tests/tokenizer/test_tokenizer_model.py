@@ -108,8 +108,8 @@ def test_mse_and_infonce_hand_values():
   s = 1 / np.sqrt(2)
   logits = np.array([[1.0, s], [0.0, s]])
 
-  def ce(l, i):
-    return -(l[i] - np.log(np.exp(l).sum()))
+  def ce(row, i):
+    return -(row[i] - np.log(np.exp(row).sum()))
 
   forward = (ce(logits[0], 0) + ce(logits[1], 1)) / 2
   backward = (ce(logits.T[0], 0) + ce(logits.T[1], 1)) / 2
