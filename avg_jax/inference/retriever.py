@@ -232,7 +232,10 @@ class Retriever:
           f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
           f"export it with --config.export.hybrid=true"
         )
-      manifest = dict(manifest, decode=dict(manifest["decode"], hybrid_weight=float(hybrid_weight)))
+      decode = dataclasses.replace(
+        DecodeConfig.from_dict(manifest["decode"]), hybrid_weight=float(hybrid_weight)
+      )
+      manifest = dict(manifest, decode=decode.to_dict())
     check_files(directory, require_checksums=False)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
