@@ -1,8 +1,9 @@
 """Retrieval as constrained generation: T5 + voken trie + beam search, one compiled program.
 
-`constrained_search` encodes each query once, computes the cross-attention keys/values once
-(`t5.init_decode_state`) and runs `beam_search.beam_search` over `t5.decode_step`: the first
-step on one row per query, the others on `batch * beam` rows. Only the self-attention cache
+The search program (`run_search`; settings: one `DecodeConfig`, its static argument) encodes
+each query once, computes the cross-attention keys/values once (`t5.init_decode_state`) and
+runs `beam_search.beam_search` over `t5.decode_step`: the first step on one row per query,
+the others on `batch * beam` rows. Only the self-attention cache
 is expanded to the beams and reordered by beam gathers; the cross-attention K/V and encoder
 mask are the same for every beam of a query, so they are kept once per query and the beams
 of a query attend to them together (`grouped_step`).
