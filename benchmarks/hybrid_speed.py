@@ -97,7 +97,7 @@ def run(config, args) -> list[dict]:
   hybrid = dataclasses.replace(plain, hybrid_weight=float(args.weight))
   generator = dataclasses.replace(hybrid, hybrid_query="generator")
   make = lambda d, h=None: search_lib.make_search_fn(
-    gen.cfg, gen.vocab, mesh, shardings, d, trained_length=gen.trained_length, query_head=h
+    gen.cfg, gen.vocab, mesh, shardings, d.for_generator(gen.trained_length), query_head=h
   )
   decodes = dict(zip(NAMES, (plain, hybrid, generator)))
   fns = {NAMES[0]: make(plain), NAMES[1]: make(hybrid), NAMES[2]: make(generator, head)}

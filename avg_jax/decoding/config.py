@@ -1,9 +1,23 @@
-"""The decoding settings every caller of the search shares (`config.decode`), checked once.
+"""The decoding settings every caller of the search shares (`config.decode`): one form.
 
-`DecodeConfig.from_config(config.decode, recall_ks)` is the one place that knows the config
-keys, and `DecodeConfig.beam` the one place that sizes the beam for k results; the search
-functions take plain values (`search_kwargs`). An export stores them (`to_dict`) and a
-`Retriever` reads them back (`from_dict`).
+`DecodeConfig` is the only form of the decode settings: `DecodeConfig.from_config(config.decode,
+recall_ks)` is the one place that knows the config keys, `__post_init__` the one place that
+checks the values, and `DecodeConfig.beam` the one place that sizes the beam for k results.
+Stages pass the object itself to the search (`search.build_search`, `search.make_search_fn`,
+`search.run_search`; a frozen dataclass is hashable, so it is the jitted program's static
+argument), and where another k is needed they derive one with `with_k` (`dataclasses.replace`).
+An export stores it (`to_dict`, the manifest's `decode`) and a `Retriever` reads it back
+(`from_dict`): the round trip is exact, and `from_dict` rejects unknown and missing keys.
+
+Manifests of export format 1 written before a key existed lack it; `from_dict` fills exactly
+the keys of `ADDED_KEYS` with the behaviour those exports had (every other key is required):
+
+  voken_logits_only  False           scored over the full vocabulary
+  tie_break          "learned"       the generator scored the disambiguation position
+  dense_levels       1               the trie's first level as a dense table
+  hybrid_weight      None            plain AVG (no avg_hybrid re-ranking)
+  hybrid_query       "dual_encoder"  (only read with a hybrid_weight)
+  trained_length     None            the vocabulary's P: full identifiers, then EOS
 """
 
 import dataclasses
@@ -32,7 +46,11 @@ class DecodeConfig:
   re-ranks the beam's images by log-prob + weight x the dual encoder's query-image cosine
   similarity (`avg_hybrid`, see `search.hybrid_rescore`); `hybrid_query`: that query embedding
   from the dual encoder's text tower ("dual_encoder") or predicted from the generator's
-  encoder ("generator", `models.query_head`).
+  encoder ("generator", `models.query_head`). `trained_length`: identifier positions the
+  generator emits before EOS, L (semantic codes) or P (full identifiers); None: the
+  vocabulary's P. It is the generator's property (`Generator.trained_length`), carried here so
+  that the search and the export manifest read it from the one object: `from_config` leaves it
+  None and the stages set it with `for_generator`.
   """
 
   beam_size: int = 10
@@ -44,6 +62,7 @@ class DecodeConfig:
   batch_size: int = 32
   hybrid_weight: float | None = None
   hybrid_query: str = "dual_encoder"
+  trained_length: int | None = None
 
   def __post_init__(self):
     if self.beam_size < 1:
@@ -67,6 +86,8 @@ class DecodeConfig:
       raise UserError(f"config decode.dense_levels must be >= 0, got {self.dense_levels}")
     if self.batch_size < 1:
       raise UserError(f"config decode.batch_size must be >= 1, got {self.batch_size}")
+    if self.trained_length is not None and self.trained_length < 1:
+      raise UserError(f"decode trained_length must be >= 1, got {self.trained_length}")
 
   @classmethod
   def from_config(cls, decode, recall_ks: Sequence[int] = ()) -> "DecodeConfig":
@@ -86,28 +107,36 @@ class DecodeConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DecodeConfig":
-    """From an export's `decode` settings (`to_dict`; keys it lacks keep their defaults:
-    exports written before `voken_logits_only` and `tie_break` existed scored over the full
-    vocabulary and scored the learned disambiguation position)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in fields})
+    """From an export's `decode` settings (`to_dict`). A key that is not a field, or a
+    missing key other than those of `ADDED_KEYS` (module docstring), is a one-line UserError
+    naming it."""
+    if not isinstance(d, Mapping):
+      raise UserError(f"decode settings must be an object, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+      raise UserError(f"decode settings: unknown key {unknown[0]!r}")
+    missing = [k for k in names if k not in d and k not in ADDED_KEYS]
+    if missing:
+      raise UserError(f"decode settings: missing key {missing[0]!r}")
+    return cls(**{**ADDED_KEYS, **d})
 
   def to_dict(self) -> dict:
+    """Every field (`from_dict(d.to_dict()) == d`)."""
     return dataclasses.asdict(self)
 
   def with_k(self, k: int) -> "DecodeConfig":
+    """The same settings with `top_k=k` (the beam widens to k if needed)."""
     return dataclasses.replace(self, top_k=int(k))
 
-  def search_kwargs(self) -> dict:
-    """The plain arguments of `search.constrained_search` for these settings."""
-    return dict(
-      beam_size=self.beam,
-      top_k=self.top_k,
-      mask_mode=self.mask_mode,
-      voken_logits_only=self.voken_logits_only,
-      hybrid_weight=self.hybrid_weight,
-      order_by_similarity=self.tie_break == "similarity",
-    )
+  def for_generator(self, trained_length: int) -> "DecodeConfig":
+    """The same settings for a generator that emits `trained_length` positions before EOS."""
+    return dataclasses.replace(self, trained_length=int(trained_length))
+
+  @property
+  def order_by_similarity(self) -> bool:
+    """Images that share a leaf are ordered by query-image similarity (else by image id)."""
+    return self.tie_break == "similarity"
 
   @property
   def beam(self) -> int:
@@ -134,3 +163,15 @@ class DecodeConfig:
   def needs_text_tower(self) -> bool:
     """The query embeddings come from the dual encoder's text tower."""
     return self.needs_embeddings and not self.uses_query_head
+
+
+# Keys added to the manifest's `decode` after export format 1 first shipped, with the value
+# that reproduces what an export written without them did (module docstring).
+ADDED_KEYS: dict[str, Any] = {
+  "voken_logits_only": False,
+  "tie_break": "learned",
+  "dense_levels": 1,
+  "hybrid_weight": None,
+  "hybrid_query": "dual_encoder",
+  "trained_length": None,
+}

@@ -1,8 +1,9 @@
 """Retrieval as constrained generation: T5 + voken trie + beam search, one compiled program.
 
-`constrained_search` encodes each query once, computes the cross-attention keys/values once
-(`t5.init_decode_state`) and runs `beam_search.beam_search` over `t5.decode_step`: the first
-step on one row per query, the others on `batch * beam` rows. Only the self-attention cache
+The search program (`run_search`; settings: one `DecodeConfig`, its static argument) encodes
+each query once, computes the cross-attention keys/values once (`t5.init_decode_state`) and
+runs `beam_search.beam_search` over `t5.decode_step`: the first step on one row per query,
+the others on `batch * beam` rows. Only the self-attention cache
 is expanded to the beams and reordered by beam gathers; the cross-attention K/V and encoder
 mask are the same for every beam of a query, so they are kept once per query and the beams
 of a query attend to them together (`grouped_step`).
@@ -215,14 +216,11 @@ def _search(
   *,
   cfg: T5Config,
   vocab: VokenVocabulary,
-  beam_size: int,
-  top_k: int,
-  mask_mode: str,
-  voken_logits_only: bool,
-  trained_length: int,
-  hybrid_weight: float | None = None,
-  order_by_similarity: bool = True,
+  decode: DecodeConfig,
 ) -> SearchResult:
+  beam_size, top_k = decode.beam, decode.top_k
+  voken_logits_only, hybrid_weight = decode.voken_logits_only, decode.hybrid_weight
+  trained_length = trained_length_of(decode, vocab)
   batch = input_tokens.shape[0]
   p = trie.id_length if trie is not None else vocab.id_length
   input_tokens = input_tokens.astype(jnp.int32)
@@ -270,7 +268,7 @@ def _search(
     eos_id=EOS_ID,
     logit_offsets=logit_offsets,
     eos_logit_index=eos_logit_index,
-    mask_mode=mask_mode,
+    mask_mode=decode.mask_mode,
     start_token=t5_lib.DECODER_START_ID,
     reorder_cache=functools.partial(_reorder_cache, batch=batch, beams=beam_size),
     emit_eos=p == trained_length,
@@ -290,13 +288,18 @@ def _search(
       result.scores,
       beam_size,
       query_emb,
-      order_by_similarity=order_by_similarity,
+      order_by_similarity=decode.order_by_similarity,
     )
     item_ids, scores, order = hybrid_rescore(item_ids, scores, sim, hybrid_weight, top_k)
     rank = jnp.where(item_ids >= 0, jnp.take_along_axis(rank, order, axis=-1), -1)
   else:
     item_ids, scores, rank, _ = expand_leaves(
-      trie, result.leaf, result.scores, top_k, query_emb, order_by_similarity=order_by_similarity
+      trie,
+      result.leaf,
+      result.scores,
+      top_k,
+      query_emb,
+      order_by_similarity=decode.order_by_similarity,
     )
   codes = jnp.where(
     (rank >= 0)[..., None],
@@ -341,43 +344,89 @@ def _check_input_tokens(cfg: T5Config, input_tokens):
   return input_tokens
 
 
-_STATIC = (
-  "cfg",
-  "vocab",
-  "beam_size",
-  "top_k",
-  "mask_mode",
-  "voken_logits_only",
-  "trained_length",
-  "hybrid_weight",
-  "order_by_similarity",
-)
-_search_jit = jax.jit(_search, static_argnames=_STATIC)
+def trained_length_of(decode: DecodeConfig, vocab: VokenVocabulary) -> int:
+  """Identifier positions the generator emits before EOS: `decode.trained_length`, or the
+  vocabulary's P when it is None."""
+  return vocab.id_length if decode.trained_length is None else int(decode.trained_length)
 
 
-def _prepare(cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, trained_length):
-  if isinstance(trie, VokenTrie):
-    # Convenient for one-off calls; services should convert once with trie.to_device().
-    trie = trie.to_device()
+def _check_trie_type(trie) -> None:
   if trie is not None and not isinstance(trie, (DeviceTrie, UnionTrie)):
     raise UserError(
       f"search: expected a VokenTrie, DeviceTrie, UnionTrie or None, got {type(trie).__name__}"
     )
-  _check(cfg, trie, vocab, input_tokens, trained_length)
-  top_k = beam_size if top_k is None else top_k
-  if mask_mode not in beam_lib.MASK_MODES:
-    raise UserError(
-      f"search: mask_mode must be one of {', '.join(beam_lib.MASK_MODES)}, got {mask_mode!r}"
-    )
-  if beam_size < 1 or not 1 <= top_k <= beam_size:
-    raise UserError(f"search: need 1 <= top_k ({top_k}) <= beam_size ({beam_size})")
-  return trie, top_k
+
+
+def _search_program(
+  cfg: T5Config,
+  vocab: VokenVocabulary,
+  decode: DecodeConfig,
+  params,
+  trie,
+  input_tokens,
+  query_emb=None,
+  query_head=None,
+) -> SearchResult:
+  """The one search program: `cfg`, `vocab` and `decode` (validated by `DecodeConfig`) are
+  static; the checks that need the trie and the queries run while tracing."""
+  _check_trie_type(trie)
+  _check(cfg, trie, vocab, input_tokens, trained_length_of(decode, vocab))
+  return _search(
+    params, trie, input_tokens, query_emb, query_head, cfg=cfg, vocab=vocab, decode=decode
+  )
+
+
+# One module-level function with the settings as static arguments: jit keys its cache on the
+# function and the settings, so every search with equal settings (evaluate's avg and avg_ltr,
+# both protocols, a re-evaluation, every Retriever query of one bucket) shares one compiled
+# program. `make_search_fn` jits the same function with a mesh's shardings.
+_search_jit = jax.jit(_search_program, static_argnums=(0, 1, 2))
+
+
+def build_search(cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig):
+  """The search program every caller jits: `(params, trie, input_tokens [B, S], query_emb
+  [B, D] | None, query_head | None) -> SearchResult` with `decode.beam` beams, `decode.top_k`
+  results, and `decode.trained_length` positions before EOS (see `run_search`; its checks run
+  while tracing). `run_search` jits it as it is, `make_search_fn` for a mesh, the
+  ahead-of-time compile (avg_jax/aot) for a TPU topology."""
+  return functools.partial(_search_program, cfg, vocab, decode)
+
+
+def run_search(
+  params,
+  cfg: T5Config,
+  trie: DeviceTrie | VokenTrie | UnionTrie | None,
+  vocab: VokenVocabulary,
+  input_tokens,
+  decode: DecodeConfig,
+  *,
+  query_emb=None,
+  query_head=None,
+) -> SearchResult:
+  """Top-k indexed images per query under `decode`: `input_tokens int[B, S]` (0 = padding)
+  -> SearchResult with `item_ids int32[B, k]`, `scores float32[B, k]`, `codes int32[B, k, P]`.
+
+  Compiled once per (shapes, trie widths, `cfg`, `vocab`, `decode`). `trie=None` searches
+  every voken sequence (no constraint; item ids are -1). Arrays may be sharded: jit follows
+  the inputs' shardings; `make_search_fn` pins them explicitly for a mesh. `query_emb
+  float[B, D]`: orders images that share a leaf by similarity under the "similarity"
+  tie-break (module docstring), and is avg_hybrid's query embedding (`decode.hybrid_weight`:
+  re-rank the beam's images by log-prob + weight x similarity); `query_head`
+  (`models.query_head.QueryHead`): without `query_emb`, the query embeddings are predicted
+  from the generator's encoder inside the program.
+  """
+  input_tokens = _check_input_tokens(cfg, input_tokens)
+  if isinstance(trie, VokenTrie):
+    # Convenient for one-off calls; services should convert once with trie.to_device().
+    trie = trie.to_device()
+  _check_trie_type(trie)
+  return _search_jit(cfg, vocab, decode, params, trie, input_tokens, query_emb, query_head)
 
 
 def constrained_search(
   params,
   cfg: T5Config,
-  trie: DeviceTrie | VokenTrie | None,
+  trie: DeviceTrie | VokenTrie | UnionTrie | None,
   vocab: VokenVocabulary,
   input_tokens,
   *,
@@ -391,103 +440,24 @@ def constrained_search(
   hybrid_weight: float | None = None,
   order_by_similarity: bool = True,
 ) -> SearchResult:
-  """Top-k indexed images per query: `input_tokens int[B, S]` (0 = padding) -> SearchResult
-  with `item_ids int32[B, k]`, `scores float32[B, k]`, `codes int32[B, k, P]`.
-
-  Compiled once per (shapes, trie widths, static arguments). `trie=None` searches every voken
-  sequence (no constraint; item ids are -1). Arrays may be sharded: jit follows the inputs'
-  shardings; `make_search_fn` pins them explicitly for a mesh. `trained_length`: identifier
-  positions the generator emits before EOS (default: the vocabulary's P); `query_emb
-  float[B, D]`: orders images that share a leaf by similarity (module docstring);
-  `hybrid_weight`: re-rank the beam's images by log-prob + weight x similarity (`avg_hybrid`);
-  `order_by_similarity=False`: images of a leaf stay in id order even with `query_emb` (the
-  "image_id" tie-break under `avg_hybrid`, which then only re-scores the beam's B images);
-  `query_head` (`models.query_head.QueryHead`): without `query_emb`, the query embeddings are
-  predicted from the generator's encoder inside the program.
-  """
-  input_tokens = _check_input_tokens(cfg, input_tokens)
-  trained_length = vocab.id_length if trained_length is None else int(trained_length)
-  trie, top_k = _prepare(
-    cfg, trie, vocab, input_tokens, beam_size, top_k, mask_mode, trained_length
-  )
-  return _search_jit(
-    params,
-    trie,
-    input_tokens,
-    query_emb,
-    query_head,
-    cfg=cfg,
-    vocab=vocab,
+  """`run_search` with the settings spelled as keywords, for one-off calls (the Python API,
+  tests, benchmarks): they make the `DecodeConfig` (which checks them) and nothing else.
+  `top_k` defaults to `beam_size` (a larger one widens the beam, as `DecodeConfig.beam`);
+  `order_by_similarity`: images of a leaf in similarity order when `query_emb` is given
+  (tie-break "similarity"), else in id order ("image_id"; under avg_hybrid it then only
+  re-scores the beam's B images)."""
+  decode = DecodeConfig(
     beam_size=beam_size,
-    top_k=top_k,
+    top_k=beam_size if top_k is None else top_k,
     mask_mode=mask_mode,
-    voken_logits_only=voken_logits_only,
-    trained_length=trained_length,
+    tie_break="similarity" if order_by_similarity else "image_id",
+    voken_logits_only=bool(voken_logits_only),
     hybrid_weight=None if hybrid_weight is None else float(hybrid_weight),
-    order_by_similarity=bool(order_by_similarity),
+    trained_length=trained_length,
   )
-
-
-class _SearchSettings(NamedTuple):
-  """Everything static about a `build_search` program (hashable: jit's static argument)."""
-
-  cfg: T5Config
-  vocab: VokenVocabulary
-  beam_size: int
-  top_k: int
-  mask_mode: str
-  voken_logits_only: bool
-  trained_length: int
-  hybrid_weight: float | None
-  order_by_similarity: bool
-
-
-def _settings(
-  cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, trained_length: int | None
-) -> _SearchSettings:
-  kwargs = decode.search_kwargs()
-  return _SearchSettings(
-    cfg=cfg,
-    vocab=vocab,
-    beam_size=kwargs["beam_size"],
-    top_k=kwargs["top_k"],
-    mask_mode=kwargs["mask_mode"],
-    voken_logits_only=kwargs["voken_logits_only"],
-    trained_length=vocab.id_length if trained_length is None else int(trained_length),
-    hybrid_weight=kwargs["hybrid_weight"],
-    order_by_similarity=kwargs["order_by_similarity"],
+  return run_search(
+    params, cfg, trie, vocab, input_tokens, decode, query_emb=query_emb, query_head=query_head
   )
-
-
-def _search_program(
-  settings: _SearchSettings, params, trie, input_tokens, query_emb=None, query_head=None
-) -> SearchResult:
-  # One module-level function with the settings as a static argument: jit keys its cache on
-  # the function and the settings, so every search built with equal settings (evaluate's
-  # avg and avg_ltr, both protocols, a re-evaluation) shares one compiled program.
-  s = settings._asdict()
-  trie_, k = _prepare(
-    s["cfg"],
-    trie,
-    s["vocab"],
-    input_tokens,
-    s["beam_size"],
-    s["top_k"],
-    s["mask_mode"],
-    s["trained_length"],
-  )
-  s["top_k"] = k
-  return _search(params, trie_, input_tokens, query_emb, query_head, **s)
-
-
-def build_search(
-  cfg: T5Config, vocab: VokenVocabulary, decode: DecodeConfig, *, trained_length: int | None = None
-):
-  """The search program every caller jits: `(params, trie, input_tokens [B, S], query_emb
-  [B, D] | None) -> SearchResult` with `decode.beam` beams and `decode.top_k` results (see
-  `constrained_search`; its checks run while tracing). `make_search_fn` jits it for a mesh,
-  the ahead-of-time compile (avg_jax/aot) for a TPU topology."""
-  return functools.partial(_search_program, _settings(cfg, vocab, decode, trained_length))
 
 
 def search_shardings(
@@ -512,7 +482,6 @@ def make_search_fn(
   param_shardings,
   decode: DecodeConfig,
   *,
-  trained_length: int | None = None,
   query_head=None,
 ):
   """A `(params, device_trie, input_tokens [B, S], query_emb [B, D] | None) -> SearchResult`
@@ -524,14 +493,14 @@ def make_search_fn(
   `trie.to_device(sharding=partitioning.replicated(mesh))`. With `query_head`
   (`models.query_head.QueryHead`), calls without `query_emb` predict it in the program.
   """
-  settings = _settings(cfg, vocab, decode, trained_length)
+  settings = (cfg, vocab, decode)
   ins, outs = search_shardings(mesh, param_shardings)
   ins_emb, _ = search_shardings(mesh, param_shardings, with_query_emb=True)
   replicated = partitioning.replicated(mesh)
   # Jitted from the module-level program with static settings (not a closure), so searches
   # built again with equal settings, shardings and shapes reuse the compiled program.
   jit = lambda shardings: jax.jit(
-    _search_program, static_argnums=0, in_shardings=shardings, out_shardings=outs
+    _search_program, static_argnums=(0, 1, 2), in_shardings=shardings, out_shardings=outs
   )
   jitted, jitted_emb = jit(ins), jit(ins_emb)
   if query_head is not None:
@@ -543,10 +512,10 @@ def make_search_fn(
       trie = trie.to_device(sharding=replicated)
     with partitioning.activation_context(mesh):
       if query_emb is not None:
-        return jitted_emb(settings, params, trie, input_tokens, query_emb)
+        return jitted_emb(*settings, params, trie, input_tokens, query_emb)
       if query_head is not None:
-        return jitted_head(settings, params, trie, input_tokens, None, query_head)
-      return jitted(settings, params, trie, input_tokens)
+        return jitted_head(*settings, params, trie, input_tokens, None, query_head)
+      return jitted(*settings, params, trie, input_tokens)
 
   return search
 

@@ -125,16 +125,16 @@ def eval_decode(config) -> DecodeConfig:
   return DecodeConfig.from_config(config.decode, config.evaluate.recall_ks)
 
 
-def make_eval_search_fn(gen, mesh, param_shardings: Any, config, query_head=None):
-  """The jitted search `evaluate_recall` uses (build once, reuse across evaluations);
-  `query_head`: avg_hybrid's query embeddings from the generator (`models.query_head`)."""
+def make_eval_search_fn(gen, mesh, param_shardings: Any, decode: DecodeConfig, query_head=None):
+  """The jitted search `evaluate_recall` uses (build once, reuse across evaluations) under
+  `decode` (`eval_decode`) for `gen`'s trained length; `query_head`: avg_hybrid's query
+  embeddings from the generator (`models.query_head`)."""
   return search_lib.make_search_fn(
     gen.cfg,
     gen.vocab,
     mesh,
     param_shardings,
-    eval_decode(config),
-    trained_length=gen.trained_length,
+    decode.for_generator(gen.trained_length),
     query_head=query_head,
   )
 
@@ -151,17 +151,18 @@ def evaluate_recall(
   max_queries: int = 0,
   search_fn: Any | None = None,
   query_head: Any = None,
+  decode: DecodeConfig | None = None,
 ) -> dict:
   """Recall of `params` on `split`: image-level `R@K` (the image must be retrieved) and the
   paper's code-level `code R@K` (a generated sequence carries its semantic codes), plus
-  `queries_per_s` and `num_queries`."""
-  d = eval_decode(config)
+  `queries_per_s` and `num_queries`. `decode`: the search settings (default `eval_decode`)."""
+  d = eval_decode(config) if decode is None else decode
   ks = tuple(int(k) for k in config.evaluate.recall_ks)
   inputs, true_ids = query_set(
     workdir, split, gen.tokenizer, int(config.text_tokenizer.max_length), max_queries
   )
   if search_fn is None:
-    search_fn = make_eval_search_fn(gen, mesh, param_shardings, config, query_head)
+    search_fn = make_eval_search_fn(gen, mesh, param_shardings, d, query_head)
   device_trie = device_index(gen, [split], mesh, d, workdir)
   query_emb = query_embeddings(workdir, split, max_queries) if d.needs_text_tower else None
   results, (seconds, timed) = run_search(
@@ -197,7 +198,7 @@ def eval_fn_for(
 ):
   """`state -> metrics` of validation Recall@K (the search compiled once), for the train and
   rank stages' loops (`gen`: a `training.generator.Generator`)."""
-  search_fn = make_eval_search_fn(gen, mesh, param_shardings, config)
+  search_fn = make_eval_search_fn(gen, mesh, param_shardings, eval_decode(config))
 
   def eval_fn(s):
     m = evaluate_recall(

@@ -22,6 +22,7 @@ import numpy as np
 
 from avg_jax import partitioning
 from avg_jax.decoding import search as search_lib
+from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.encoders import retrieval
 from avg_jax.evaluation import ann, avg_eval
@@ -192,15 +193,14 @@ def avg_queries_per_s(
   from the text tower, whose time `encode_s_per_query` is then added, or come from the
   generator's `query_head` inside the timed search."""
   image_ids, codes = gen.codes("test")
-  d = avg_eval.eval_decode(config).with_k(int(config.decode.top_k))
+  d = DecodeConfig.from_config(config.decode)
   sizes_p = gen.vocab.position_sizes()[: gen.trained_length]
   search_fn = search_lib.make_search_fn(
     gen.cfg,
     gen.vocab,
     mesh,
     param_shardings,
-    d,
-    trained_length=gen.trained_length,
+    d.for_generator(gen.trained_length),
     query_head=query_head,
   )
   use_emb = image_emb is not None and (query_emb is not None or query_head is not None)

@@ -56,7 +56,7 @@ def write_export(
 ) -> None:
   """Writes the serving checkpoint into `directory` atomically (temp folder, then rename).
 
-  `decode`: `DecodeConfig.to_dict()` and the generator's trained_length. `limits`:
+  `decode`: `DecodeConfig.to_dict()` (the generator's trained_length set). `limits`:
   max_length (tokens), max_query_chars, batch_buckets. `gallery`: optional `(entries,
   thumbnail_size)` for `gallery.write` (thumbnails and captions of the indexed images).
   `dual_encoder`: optional `(workdir, image ids [N], image embeddings [N, D])`: the workdir's

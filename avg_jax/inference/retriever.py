@@ -171,13 +171,14 @@ class Retriever:
     self.tokenizer = tokenizer
     self.manifest = manifest
     self.directory = directory
-    d = manifest["decode"]
-    self.decode = DecodeConfig.from_dict(d)
+    # Keys an older manifest lacks get the behaviour it had (decoding/config.py's ADDED_KEYS);
+    # trained_length then resolves to the vocabulary's P.
+    decode = DecodeConfig.from_dict(manifest["decode"])
+    self.trained_length = search_lib.trained_length_of(decode, vocab)
+    self.decode = decode.for_generator(self.trained_length)
     self.max_length = int(manifest["limits"]["max_length"])
     self.max_query_chars = int(manifest["limits"]["max_query_chars"])
     self.buckets = tuple(sorted(int(b) for b in manifest["limits"]["batch_buckets"]))
-    # Exports written before the key existed scored the learned disambiguation position.
-    self.trained_length = int(d.get("trained_length", vocab.id_length))
     # The text tower runs per query unless avg_hybrid predicts the embedding (query_head).
     self.dual_encoder = dual_encoder if self.decode.needs_text_tower else None
     self.query_head = query_head if self.decode.uses_query_head else None
@@ -231,7 +232,10 @@ class Retriever:
           f"serving checkpoint {directory} has no dual encoder for avg_hybrid; "
           f"export it with --config.export.hybrid=true"
         )
-      manifest = dict(manifest, decode=dict(manifest["decode"], hybrid_weight=float(hybrid_weight)))
+      decode = dataclasses.replace(
+        DecodeConfig.from_dict(manifest["decode"]), hybrid_weight=float(hybrid_weight)
+      )
+      manifest = dict(manifest, decode=decode.to_dict())
     check_files(directory, require_checksums=False)
     cfg = T5Config(**manifest["t5"])
     vocab = VokenVocabulary.from_dict(manifest["vocab"])
@@ -519,16 +523,15 @@ class Retriever:
         query_emb = np.asarray(
           self.dual_encoder.encode_texts(chunk_texts + filler, self._mesh), np.float32
         )
-      result = search_lib.constrained_search(
+      result = search_lib.run_search(
         self.params,
         self.cfg,
         state.device_trie,
         self.vocab,
         padded,
-        **decode.search_kwargs(),
+        decode,
         query_emb=query_emb,
         query_head=self.query_head,
-        trained_length=self.trained_length,
       )
       out = search_lib.results_to_numpy(result)
       ids.append(out["item_ids"][: chunk.shape[0]].astype(np.int64))

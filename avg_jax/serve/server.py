@@ -47,7 +47,7 @@ def limits_for(retriever, args: argparse.Namespace):
     raise UserError(
       f"serve --max-k: must be in [1, {num_images}] (the index size), got {args.max_k}"
     )
-  default_k = min(int(retriever.manifest["decode"].get("top_k", base_k)), max_k)
+  default_k = min(retriever.decode.top_k, max_k)
   return req_lib.Limits(
     max_k=max_k,
     default_k=max(default_k, 1),

@@ -43,6 +43,7 @@ from avg_jax.artifacts import (
 from avg_jax.artifacts import results as results_lib
 from avg_jax.data import dataset
 from avg_jax.data import pseudo_queries as pseudo_lib
+from avg_jax.decoding.config import DecodeConfig
 from avg_jax.encoders import store
 from avg_jax.errors import UserError
 from avg_jax.evaluation import avg_eval, efficiency, hybrid, report, two_tower
@@ -130,13 +131,12 @@ def choose_hybrid_weight(
   weights = [float(w) for w in config.evaluate.hybrid_weights]
   if not weights:
     raise UserError("config evaluate.hybrid_weights is empty (avg_hybrid chooses among them)")
-  plain = with_hybrid_weight(config, None)
-  beam = avg_eval.eval_decode(plain).beam
-  c = ml_collections.ConfigDict(plain.to_dict())
-  c.decode.top_k = beam  # the whole beam, as the hybrid search re-ranks it
-  c.lock()
+  c = with_hybrid_weight(config, None)
+  plain = avg_eval.eval_decode(c)
+  # The whole beam, as the hybrid search re-ranks it.
+  whole_beam = dataclasses.replace(plain, top_k=plain.beam)
   gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage, protocol)
-  m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "val")
+  m = avg_eval.evaluate_recall(gen, params, shardings, gmesh, c, workdir, "val", decode=whole_beam)
   val = embeddings.load(workdir, "val")
   ids = m["_results"]["item_ids"]
   query_emb = val["caption_emb"]
@@ -302,7 +302,7 @@ def choose_hybrid_weights(
       if method != "avg_hybrid":
         continue
       c = with_scheme(config, scheme, protocol)
-      query = str(c.decode.hybrid_query)
+      query = DecodeConfig.from_config(c.decode).hybrid_query
       head = None
       if query == "generator":
         head = hybrid_query_head(c, workdir, scheme, stage, protocol)
@@ -465,7 +465,8 @@ def time_efficiency(
   if not sizes or timed is None:
     return None
   # The search settings of the two-tower rows (the generator's are in `timed.config`).
-  top_k, batch_size = int(config.decode.top_k), int(config.decode.batch_size)
+  decode = DecodeConfig.from_config(config.decode)
+  top_k, batch_size = decode.top_k, decode.batch_size
   gen, gmesh, params, shardings = timed.gen, timed.mesh, timed.params, timed.shardings
   c = timed.config
   n_q = int(config.evaluate.efficiency_queries)

@@ -212,7 +212,7 @@ def run(config: ConfigDict, workdir: str) -> None:
     codes=index_codes_,
     file_names=names,
     tokenizer=gen.tokenizer,
-    decode=dict(gen.decode.to_dict(), trained_length=gen.trained_length),
+    decode=gen.decode.for_generator(gen.trained_length).to_dict(),
     dual_encoder=dual_encoder,
     image_tokenizer=image_tokenizer,
     live=live,

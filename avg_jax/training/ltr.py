@@ -123,19 +123,12 @@ def make_rank_loss_fn(
   levels = vocab.num_levels
   trained_length = vocab.id_length if trained_length is None else int(trained_length)
   offsets = jnp.asarray(vocab.position_offsets()[:trained_length], jnp.int32)
+  search = decode.for_generator(trained_length)
 
   def loss_fn(params, batch, rng, trie):
     inputs, targets = batch["inputs"], batch["targets"]
     b = inputs.shape[0]
-    found = search_lib.constrained_search(
-      jax.lax.stop_gradient(params),
-      cfg,
-      trie,
-      vocab,
-      inputs,
-      **decode.search_kwargs(),
-      trained_length=trained_length,
-    )
+    found = search_lib.run_search(jax.lax.stop_gradient(params), cfg, trie, vocab, inputs, search)
     cand = candidate_targets(jnp.maximum(found.sequences, 0), offsets)  # [B, beam, T+1]
     is_positive = jnp.all(cand == targets[:, None, :], axis=-1)  # [B, beam]
     negative_ok = jnp.all(found.sequences >= 0, axis=-1) & ~is_positive

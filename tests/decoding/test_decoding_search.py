@@ -193,8 +193,8 @@ def test_argument_errors(params):
   other_vocab = VokenVocabulary(21, 4, 2, shared_codebook=True, disambiguation_size=3)
   with pytest.raises(UserError, match="does not match the voken vocabulary"):
     search.constrained_search(params, CFG, _trie(), other_vocab, queries, beam_size=2)
-  with pytest.raises(UserError, match="top_k"):
-    search.constrained_search(params, CFG, _trie(), VOCAB, queries, beam_size=2, top_k=3)
+  with pytest.raises(UserError, match="top_k"):  # checked once, by DecodeConfig
+    search.constrained_search(params, CFG, _trie(), VOCAB, queries, beam_size=2, top_k=0)
   with pytest.raises(UserError, match="mask_mode"):
     search.constrained_search(params, CFG, _trie(), VOCAB, queries, beam_size=2, mask_mode="x")
   with pytest.raises(UserError, match=r"\[batch, length\]"):

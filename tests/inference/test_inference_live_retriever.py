@@ -18,6 +18,7 @@ from avg_jax import cli
 from avg_jax.artifacts import embeddings as embeddings_lib
 from avg_jax.artifacts import voken_tables
 from avg_jax.data import dataset
+from avg_jax.decoding.config import ADDED_KEYS, DecodeConfig
 from avg_jax.errors import UserError
 from avg_jax.inference import live_index as live_lib
 from avg_jax.inference.retriever import Retriever
@@ -108,6 +109,35 @@ def test_adding_needs_an_export_that_carries_the_encoder_and_tokenizer(export):
   retriever.manifest = {k: v for k, v in retriever.manifest.items() if k != "live"}
   with pytest.raises(UserError, match="this export cannot add images"):
     retriever.add([b"\x89PNG"])
+
+
+def test_an_old_manifests_decode_gets_the_documented_defaults(export):
+  """A manifest written before the keys of `ADDED_KEYS` existed loads with the behaviour it
+  had: learned tie-break, full-vocabulary scores, the vocabulary's P positions."""
+  retriever = Retriever.load(export)
+  decode = retriever.manifest["decode"]
+  assert DecodeConfig.from_dict(decode) == retriever.decode  # the round trip is exact
+  old = {k: v for k, v in decode.items() if k not in ADDED_KEYS}
+  again = Retriever(
+    params=retriever.params,
+    cfg=retriever.cfg,
+    vocab=retriever.vocab,
+    live=retriever.state.live,
+    tokenizer=retriever.tokenizer,
+    manifest=dict(retriever.manifest, decode=old),
+    directory=export,
+  )
+  p = retriever.vocab.id_length
+  assert again.trained_length == p
+  assert again.decode == DecodeConfig(
+    beam_size=decode["beam_size"],
+    top_k=decode["top_k"],
+    mask_mode=decode["mask_mode"],
+    batch_size=decode["batch_size"],
+    trained_length=p,
+  )
+  ids, _ = again.search(["a red circle"], k=1)
+  assert ids.shape == (1, 1)
 
 
 def _png(pipeline_workdir, tmp_path, n=1):
