@@ -167,6 +167,7 @@ def expand_leaves(
   items, valid, emb = trie.members(leaf, width, with_similarity)  # [B, n, G]
   width = items.shape[-1]
   if with_similarity:
+    assert query_emb is not None  # with_similarity requires it
     q = query_emb.astype(jnp.float32)
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
     sim = jnp.einsum("bd,bngd->bng", q, emb)  # [B, n, G]
@@ -290,6 +291,8 @@ def _search(
       query_emb,
       order_by_similarity=decode.order_by_similarity,
     )
+    # hybrid implies a weight, and expand_leaves returns similarities when given query_emb.
+    assert sim is not None and hybrid_weight is not None
     item_ids, scores, order = hybrid_rescore(item_ids, scores, sim, hybrid_weight, top_k)
     rank = jnp.where(item_ids >= 0, jnp.take_along_axis(rank, order, axis=-1), -1)
   else:
@@ -472,7 +475,9 @@ def search_shardings(
   ins = (param_shardings, partitioning.replicated(mesh), batch) + (
     (batch2,) if with_query_emb else ()
   )
-  return ins, SearchResult(item_ids=batch, scores=batch, codes=batch3, sequences=batch3)
+  # The result's tree with a sharding per leaf (the NamedTuple's fields are typed as arrays).
+  outs = SearchResult(item_ids=batch, scores=batch, codes=batch3, sequences=batch3)  # type: ignore[arg-type]
+  return ins, outs
 
 
 def make_search_fn(

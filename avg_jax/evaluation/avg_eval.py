@@ -175,7 +175,8 @@ def evaluate_recall(
     desc=f"search {split}",
     query_emb=query_emb,
   )
-  metrics = recall_at_k(results["item_ids"], true_ids, ks)
+  # Recall values, plus the raw results under "_" keys for the callers that need them.
+  metrics: dict[str, Any] = dict(recall_at_k(results["item_ids"], true_ids, ks))
   image_ids, codes = gen.table[split]
   row_of = {int(i): r for r, i in enumerate(image_ids)}
   true_codes = codes[[row_of[int(i)] for i in true_ids], : gen.vocab.num_levels]

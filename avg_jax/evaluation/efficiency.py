@@ -221,6 +221,7 @@ def avg_queries_per_s(
     build_s = time.perf_counter() - t0
     item_embeddings = None
     if use_emb:
+      assert image_emb is not None  # use_emb requires it
       fake_emb = distractor_embeddings(image_emb, extra, seed)
       item_embeddings = (ids, np.concatenate([image_emb, fake_emb]))
     device_trie = trie.to_device(

@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -338,7 +338,7 @@ class Retriever:
     new_images.check_all(images)
     encoder, tok = self._adding_tools()
     embs, stored = [np.zeros((0, encoder.cfg.projection_dim), np.float32)], []
-    starts = range(0, len(images), batch_size)
+    starts: Iterable[int] = range(0, len(images), batch_size)
     if progress_bar:
       starts = progress(
         starts, total=-(-len(images) // batch_size), desc="add images", unit="batch"

@@ -38,10 +38,10 @@ def pooled_states(encoded: jax.Array, input_tokens: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def predict(head: QueryHead, pooled: jax.Array) -> jax.Array:
+def predict(head: QueryHead, pooled: "jax.Array | np.ndarray") -> jax.Array:
   """`float32[B, D]` query embeddings (not normalised; the search normalises) from
   `pooled [B, d_model]`."""
-  return pooled.astype(jnp.float32) @ head.weight + head.bias
+  return jnp.asarray(pooled, jnp.float32) @ head.weight + head.bias
 
 
 def fit(features: np.ndarray, targets: np.ndarray, l2: float) -> QueryHead:

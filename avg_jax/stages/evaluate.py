@@ -359,7 +359,10 @@ def evaluate_on_test(
     writer.write(
       method="two_tower", split="test", **{k: v for k, v in baseline.items() if k[0] != "_"}
     )
-  methods, codebook, collisions, timed = {}, {}, {}, None
+  methods: dict[str, dict[str, results_lib.MethodResult]] = {}
+  codebook: dict = {}
+  collisions: dict = {}
+  timed = None
   for protocol, generators in plan.generators.items():
     by_method = methods[protocol] = {}
     if baseline is not None:
@@ -370,7 +373,8 @@ def evaluate_on_test(
       setup = hybrids.get(protocol) if method == "avg_hybrid" else None
       if setup is not None:
         c = with_hybrid_weight(c, setup.choice.weight)
-      loaded = Loaded(*state_lib.final_params(c, workdir, scheme, stage, protocol), c)
+      gen, gmesh, params, shardings = state_lib.final_params(c, workdir, scheme, stage, protocol)
+      loaded = Loaded(gen, gmesh, params, shardings, c)
       head = setup.query_head if setup is not None else None
       by_method[method] = evaluate_generator(
         loaded, workdir, method, protocol, head, baseline, test_emb, writer

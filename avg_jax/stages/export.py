@@ -75,8 +75,9 @@ def index_codes(gen, splits) -> tuple[np.ndarray, np.ndarray]:
   """`(image ids [N], identifiers [N, T])` of the images of `splits`, one index: the codes the
   generator emits (`gen.codes`). Full identifiers of several splits are disambiguated again
   within their union (each split's are unique only within it)."""
-  ids, codes = zip(*(gen.codes(s) for s in splits))
-  ids, codes = np.concatenate(ids), np.concatenate(codes)
+  per_split = [gen.codes(s) for s in splits]
+  ids = np.concatenate([i for i, _ in per_split])
+  codes = np.concatenate([c for _, c in per_split])
   if len(splits) > 1 and gen.trained_length > gen.vocab.num_levels:
     codes, size = tokenizer_ids.disambiguate(codes[:, : gen.vocab.num_levels], ids)
     if size > gen.vocab.disambiguation_size:
@@ -188,7 +189,9 @@ def run(config: ConfigDict, workdir: str) -> None:
     names += [name_of.get(int(i), "") for i in image_ids]
     entries.append(gallery_entries(workdir, split, image_ids))
   index_ids, index_codes_ = index_codes(gen, splits)
-  dual_encoder, image_tokenizer, live = None, None, None
+  # (workdir, image ids [N] | None, image embeddings [N, D] | None): see writer.write_export.
+  dual_encoder: tuple[str, np.ndarray | None, np.ndarray | None] | None = None
+  image_tokenizer, live = None, None
   if gen.decode.needs_embeddings:
     parts = [embeddings.load(workdir, s) for s in splits]
     dual_encoder = (

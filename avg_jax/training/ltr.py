@@ -5,10 +5,10 @@ trained on (the training images', plus the indexed images' under the transductiv
 with the current parameters, no gradient) proposes `rank.beam_size` candidates; the ground
 truth is removed from them; all candidates and the positive are scored by teacher forcing (sum of
 full-vocabulary log-softmax over the vokens and EOS; one encoder pass per query, the 1 + beam
-targets packed as segments of one decoder sequence: `t5.candidate_logits`); the loss is the generative
-cross-entropy of the positive plus `rank.rank_weight` x the listwise softmax cross-entropy with
-the positive first (the reference's double softmax behind `rank.double_softmax`). Candidate
-search and loss run in one jitted, sharded step (`compile_rank_step`). The stage that runs it:
+targets packed as segments of one decoder sequence: `t5.candidate_logits`); the loss is the
+generative cross-entropy of the positive plus `rank.rank_weight` x the listwise softmax
+cross-entropy with the positive first (the reference's double softmax behind
+`rank.double_softmax`). Candidate search and loss run in one jitted, sharded step (`compile_rank_step`). The stage that runs it:
 avg_jax/stages/rank.py.
 """
 

@@ -61,7 +61,7 @@ def numpy_beam_search(
   """
   prefixes = None
   if allowed is not None:
-    prefixes = {s[:l] for s in allowed for l in range(len(sizes) + 1)}
+    prefixes = {s[:n] for s in allowed for n in range(len(sizes) + 1)}
   beams = [(0.0, (), 0)]  # score, codes, last token
   for level, size in enumerate(sizes):
     cands = []

@@ -50,7 +50,7 @@ def test_flop_count_matches_xla(gated):
   step = lambda pr, tok, c: t5_lib.decode_step(pr, cfg, tok, c)[0]
   for rows, times in ((b, 1), (b * beam, p)):  # step 0 on one beam, then P steps on all
     cache = jax.eval_shape(
-      lambda: jax.tree.map(lambda x: jnp.repeat(x, rows // b, 0), prep(params, tokens))
+      lambda rows=rows: jax.tree.map(lambda x: jnp.repeat(x, rows // b, 0), prep(params, tokens))
     )
     xla += times * _xla_flops(step, params, jnp.zeros((rows,), jnp.int32), cache)
   ours = bench.search_flops(cfg, b, s, beam, p, cfg.vocab_size)

@@ -189,7 +189,7 @@ def test_search_over_semantic_codes_scores_each_leaf_once(params, trained_length
     # The two images of leaf (1, 2) have exactly the same score.
     a, b = (result.item_ids[q].tolist().index(i) for i in (40, 41))
     assert result.scores[q, a] == result.scores[q, b] and abs(a - b) == 1
-    assert result.sequences[q].tolist() == [list(leaves[l]) for l in order] + [[-1, -1]]
+    assert result.sequences[q].tolist() == [list(leaves[i]) for i in order] + [[-1, -1]]
 
 
 def test_hybrid_search_reranks_the_beam_by_similarity(params):

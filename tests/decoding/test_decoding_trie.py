@@ -72,7 +72,7 @@ def test_device_children_match_host(dense_levels):
   codes = np.stack([rng.integers(0, s, 40) for s in sizes], axis=1)
   trie = VokenTrie.build(codes, None, sizes)
   dev = trie.to_device(dense_levels)
-  assert dev.dense == tuple(l < dense_levels for l in range(3))
+  assert dev.dense == tuple(level < dense_levels for level in range(3))
   width = dev.max_width
   for level in range(3):
     nodes = np.arange(trie.num_nodes(level))

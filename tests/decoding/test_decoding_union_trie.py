@@ -41,7 +41,7 @@ def test_union_search_equals_one_tree_over_both(params, dense_levels):
   b = jax.device_get(search.constrained_search(params, CFG, union, VOCAB, queries, **kw))
   for q in range(3):
     # Same images with the same scores (the order of equal scores may differ: base first).
-    pairs = lambda r: sorted(zip(r.item_ids[q].tolist(), np.round(r.scores[q], 4).tolist()))
+    pairs = lambda r, q=q: sorted(zip(r.item_ids[q].tolist(), np.round(r.scores[q], 4).tolist()))
     assert pairs(a) == pairs(b)
     np.testing.assert_allclose(np.sort(a.scores[q]), np.sort(b.scores[q]), atol=1e-5)
 
