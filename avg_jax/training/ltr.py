@@ -8,8 +8,8 @@ full-vocabulary log-softmax over the vokens and EOS; one encoder pass per query,
 targets packed as segments of one decoder sequence: `t5.candidate_logits`); the loss is the
 generative cross-entropy of the positive plus `rank.rank_weight` x the listwise softmax
 cross-entropy with the positive first (the reference's double softmax behind
-`rank.double_softmax`). Candidate search and loss run in one jitted, sharded step (`compile_rank_step`). The stage that runs it:
-avg_jax/stages/rank.py.
+`rank.double_softmax`). Candidate search and loss run in one jitted, sharded step
+(`compile_rank_step`). The stage that runs it: avg_jax/stages/rank.py.
 """
 
 import dataclasses
