@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from avg_jax import partitioning
-from avg_jax.decoding import search as search_lib
 from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.encoders import retrieval
@@ -195,14 +194,7 @@ def avg_queries_per_s(
   image_ids, codes = gen.codes("test")
   d = DecodeConfig.from_config(config.decode)
   sizes_p = gen.vocab.position_sizes()[: gen.trained_length]
-  search_fn = search_lib.make_search_fn(
-    gen.cfg,
-    gen.vocab,
-    mesh,
-    param_shardings,
-    d.for_generator(gen.trained_length),
-    query_head=query_head,
-  )
+  search_fn = avg_eval.make_eval_search_fn(gen, mesh, param_shardings, d, query_head=query_head)
   use_emb = image_emb is not None and (query_emb is not None or query_head is not None)
   tower = use_emb and query_emb is not None
   rows = []

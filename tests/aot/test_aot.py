@@ -1,7 +1,7 @@
 """`avg-jax compile`: topology names, the per-step arithmetic, and a real TPU compile of the
 tiny config for v5e:2x2 when the optional libtpu extra is installed (skipped otherwise).
 
-    .venv-tpu/bin/python -m pytest tests/test_aot.py -q -rs   # with libtpu
+    TPU_WORKER_HOSTNAMES=localhost .venv-tpu/bin/python -m pytest tests/aot -q -rs   # with libtpu
 """
 
 import json
