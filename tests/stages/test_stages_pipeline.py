@@ -144,7 +144,9 @@ def run(args):
     os.dup2(err.fileno(), 2)
     try:
       code = cli.main(["search", *args])
-    except BaseException:
+    except SystemExit as e:  # argparse's errors: the process would exit with this code
+      code = e.code
+    except BaseException:  # the process would print this traceback and exit 1
       traceback.print_exc()
       code = None
     finally:
