@@ -116,33 +116,117 @@ def _search(repo_root, *args, stdin=None):
   )
 
 
+# Runs `avg_jax.cli.main(["search", ...])` once per call in one process: a process of its own
+# for each would import jax and load the model again (~5 s of CPU each). argv[1] is the
+# separator of the calls that follow it; the calls' arguments are this process's own argv, so
+# bytes that are not UTF-8 arrive as the shell hands them to `avg-jax`, and the one call that
+# reads queries from stdin reads the real stdin. Each call's exit code and what it wrote to
+# the file descriptors 1 and 2 (anything printed there, a traceback included; an exception
+# escaping main prints its traceback there too) are printed as one JSON list.
+_SEARCH_CALLS = r"""
+import json, os, sys, tempfile, traceback
+from avg_jax import cli
+
+separator, calls = sys.argv[1], [[]]
+for arg in sys.argv[2:]:
+  if arg == separator:
+    calls.append([])
+  else:
+    calls[-1].append(arg)
+
+
+def run(args):
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    try:
+      code = cli.main(["search", *args])
+    except SystemExit as e:  # argparse's errors: the process would exit with this code
+      code = e.code
+    except BaseException:  # the process would print this traceback and exit 1
+      traceback.print_exc()
+      code = None
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+        os.close(copy)
+    out.seek(0)
+    err.seek(0)
+    return {"code": code, "stdout": out.read().decode(), "stderr": err.read().decode()}
+
+
+print(json.dumps([run(call) for call in calls]))
+"""
+
+
+def _search_calls(repo_root, *calls, stdin=b""):
+  """[{"code", "stdout", "stderr"}] of `avg-jax search` with each argument list of `calls`
+  (str or bytes), in one process (`_SEARCH_CALLS`)."""
+  separator = "--next-search-call--"
+  argv = [a for call in calls for a in (separator, *call)][1:]
+  proc = subprocess.run(
+    [sys.executable, "-c", _SEARCH_CALLS, separator, *argv],
+    cwd=repo_root,
+    input=stdin,
+    capture_output=True,
+    timeout=300,
+    env=one_device_env(),
+  )
+  assert proc.returncode == 0, proc.stderr.decode()
+  results = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+  assert len(results) == len(calls)
+  return results
+
+
 def test_search_cli(repo_root, pipeline):
   model = str(pipeline / "export")
-  ok = _search(repo_root, "--model", model, "--k", "3", "--json", "a red circle")
+  # The installed entry point, queries from stdin (the blank line skipped), JSON out.
+  ok = _search(
+    repo_root, "--model", model, "--k", "3", "--json", stdin=b"a blue square\n\na cross\n"
+  )
   assert ok.returncode == 0, ok.stderr
-  out = json.loads(ok.stdout.decode().strip().splitlines()[-1])
-  assert out["query"] == "a red circle" and len(out["results"]) == 3
-  stdin = _search(repo_root, "--model", model, "--k", "2", stdin=b"a blue square\n\na cross\n")
-  assert stdin.returncode == 0 and stdin.stdout.decode().count("query: ") == 2
+  out = [json.loads(line) for line in ok.stdout.decode().strip().splitlines()]
+  assert [o["query"] for o in out] == ["a blue square", "a cross"]
+  assert all(len(o["results"]) == 3 for o in out)
+  # The text output and the error cases: `cli.main` (what the entry point runs) in one other
+  # process, each call's exit code and output its own (`_SEARCH_CALLS`). Two queries with the
+  # same k as above: the same search program, from the one-device compilation cache.
+  text, *errors = _search_calls(
+    repo_root,
+    ["--model", model, "--k", "3", "a red circle", "a cross"],
+    ["--model", model, ""],
+    ["--model", model, "x" * 1001],
+    ["--model", model, "--k", "0", "a"],
+    ["--model", str(pipeline / "nope"), "a"],  # refused before loading the model
+    ["--model", model],  # queries from stdin
+    # The same bytes as a command-line argument: the same one-line error (was a TypeError).
+    ["--model", model, b"\xff\xfe"],
+    stdin=b"fine\n\xff\xfe\n",
+  )
+  assert text["code"] == 0 and text["stdout"].count("query: ") == 2, text
+  lines = text["stdout"].splitlines()
+  assert [lines[0], lines[4]] == ["query: a red circle", "query: a cross"] and len(lines) == 8
   # Each result line names the image file (and its score and id), not a bare id.
-  first = stdin.stdout.decode().splitlines()[1]
+  first = lines[1]
   assert first.startswith("    1. test/") and ".png  score -" in first and "  image " in first
-  cases = [
-    (["--model", model, ""], "avg-jax: error: query 0: empty"),
-    (["--model", model, "x" * 1001], "query 0: 1001 characters, the limit is 1000"),
-    (["--model", model, "--k", "0", "a"], "k must be in [1, 40], got 0"),
-    (["--model", str(pipeline / "nope"), "a"], "not an avg-jax serving checkpoint"),
+  messages = [
+    "avg-jax: error: query 0: empty",
+    "query 0: 1001 characters, the limit is 1000",
+    "k must be in [1, 40], got 0",
+    "not an avg-jax serving checkpoint",
+    "query 1: not valid UTF-8",
+    "",  # the argv bytes: the whole message is checked below
   ]
-  for args, message in cases:
-    proc = _search(repo_root, *args)
-    assert proc.returncode == 2, (args, proc.stderr)
-    assert message in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
-  bad = _search(repo_root, "--model", model, stdin=b"fine\n\xff\xfe\n")
-  assert bad.returncode == 2 and "query 1: not valid UTF-8" in bad.stderr.decode()
-  # The same bytes as a command-line argument: the same one-line error (was a TypeError).
-  bad = _search(repo_root, "--model", model, b"\xff\xfe")
-  assert bad.returncode == 2, bad.stderr
-  assert bad.stderr.decode().strip() == "avg-jax: error: query 0: not valid UTF-8 (byte 0)"
+  assert len(errors) == len(messages)
+  for result, message in zip(errors, messages):
+    assert result["code"] == 2, result
+    assert message in result["stderr"] and "Traceback" not in result["stderr"], result
+  assert errors[-1]["stderr"].strip() == "avg-jax: error: query 0: not valid UTF-8 (byte 0)"
 
 
 def test_rerun_skips_done_stages_and_redoes_damaged_ones(repo_root, pipeline, capsys):

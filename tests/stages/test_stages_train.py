@@ -1,5 +1,5 @@
-"""`avg-jax train` in a subprocess: kill -9 then resume gives the parameters of an uninterrupted
-run (the shared pipeline's), SIGTERM saves a checkpoint and exits 143."""
+"""`avg-jax train` in a subprocess: kill -9 then resume (in this process) gives the parameters of
+an uninterrupted run (the shared pipeline's), SIGTERM saves a checkpoint and exits 143."""
 
 import os
 import pathlib
@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from avg_jax import cli
 from avg_jax import config as config_lib
 from avg_jax.artifacts.checkpoints import Checkpointer
 from avg_jax.metrics import read_metrics
@@ -82,7 +83,7 @@ def _wait_for_checkpoint(proc, directory, min_step, timeout=240):
 
 
 def test_kill_9_then_resume_gives_identical_parameters(
-  repo_root, tiny_workdir, pipeline_workdir, tmp_path
+  repo_root, tiny_workdir, pipeline_workdir, tmp_path, capsys
 ):
   killed = _copy(tiny_workdir, tmp_path / "killed")
   proc = subprocess.Popen(
@@ -92,15 +93,13 @@ def test_kill_9_then_resume_gives_identical_parameters(
   proc.kill()  # SIGKILL: no handler runs, a save may be half-written
   proc.wait()
   assert not (killed / "train" / "transductive" / "avg" / "params").exists()
-  resumed = subprocess.run(
-    _train_cmd(repo_root, killed),
-    env=_env(),
-    check=True,
-    timeout=600,
-    capture_output=True,
-    text=True,
-  )
-  assert "train [avg, transductive]: resumed from step " in resumed.stdout
+  # The resume runs `avg-jax train`'s code in this process (the kill needs a process, the
+  # resume does not): it has the settings, devices and XLA flags of the killed run and of
+  # the pipeline fixture's train stage, whose compiled step it reuses (a subprocess would
+  # import jax and compile it again).
+  capsys.readouterr()
+  assert cli.main(_train_cmd(repo_root, killed)[3:]) == 0
+  assert "train [avg, transductive]: resumed from step " in capsys.readouterr().out
   a, b = _final_params(repo_root, pipeline_workdir), _final_params(repo_root, killed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   # The steps redone after the kill are logged once: the records of an uninterrupted run.
