@@ -26,6 +26,17 @@ def test_tiny_dry_run_of_the_flickr30k_config(repo_root, tmp_path, capsys, monke
         str(tmp_path),
         "--out",
         str(out),
+        # Two steps per trained stage: the second is the steady step the rates are read from
+        # (stage_runs._steady_rate skips the first, which compiles); a third only cost time.
+        "--steps",
+        "2",
+        "2",
+        "2",
+        # No efficiency timing (queries/s against N indexed images): nothing here reads it;
+        # tests/stages/test_stages_pipeline.py::test_run_writes_results_report_and_export
+        # checks its rows on the tiny pipeline. The evaluate rate below is the test split's.
+        "--override",
+        "evaluate.efficiency_sizes=()",
       ]
     )
     == 0

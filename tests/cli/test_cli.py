@@ -7,6 +7,7 @@ import pytest
 
 from avg_jax import cli
 from avg_jax.errors import UserError
+from avg_jax.stages import PIPELINE
 
 
 def test_unknown_override_exits_2_with_one_line(repo_root, capsys):
@@ -123,6 +124,15 @@ def test_disk_full_in_any_stage_is_one_line(repo_root, tmp_path, capsys, monkeyp
   monkeypatch.setattr(prepare, "run", lambda *_: (_ for _ in ()).throw(ValueError("other")))
   with pytest.raises(ValueError, match="other"):
     cli.main(args)
+
+
+def test_every_stage_name_has_its_module():
+  # Spelled out one by one (each stage process imports only its own): a slip names another.
+  for name in PIPELINE:
+    assert cli.stage_module(name).__name__ == f"avg_jax.stages.{name}"
+  assert list(cli.stage_modules()) == list(PIPELINE)
+  with pytest.raises(ValueError, match="unknown stage 'nope'"):
+    cli.stage_module("nope")
 
 
 def test_every_benchmark_name_has_its_module():

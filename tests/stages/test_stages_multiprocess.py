@@ -213,12 +213,17 @@ def test_training_evaluation_and_export_two_processes_match_one(
   workdir = tmp_path / "mp"
   shutil.copytree(tiny_workdir, workdir)  # same voken table as the single-process pipeline
   # One protocol and no efficiency rows: the multi-process paths are the same for the rest.
+  # No validation while training either: nothing here compares it, it never changes the
+  # parameters (loop.fit evaluates after the step; stage_inputs counts eval_every as
+  # reporting only), and the evaluate stage runs the same multi-process search on val/test.
   rc = local_multiprocess.run(
     [
       "run",
       *pipeline_args(repo_root, workdir),
       "--config.evaluate.protocols=('transductive',)",
       "--config.evaluate.efficiency_sizes=()",
+      "--config.train.eval_every=0",
+      "--config.rank.eval_every=0",
     ],
     processes=2,
     devices=4,
