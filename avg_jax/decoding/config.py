@@ -134,6 +134,22 @@ class DecodeConfig:
     return dataclasses.replace(self, trained_length=int(trained_length))
 
   @property
+  def program(self) -> "DecodeConfig":
+    """The settings the compiled search depends on, the others at their defaults: the jitted
+    program's static argument, so that settings differing only in what the program never
+    reads share one compile. `batch_size` is how callers split queries (the program sees a
+    shape), `hybrid_query` where they take the query embedding from (the program sees an
+    array or a head), `dense_levels` how the trie was laid out (its arrays' shapes), and the
+    tie-breaks other than "similarity" order a leaf's images alike (by id)."""
+    return dataclasses.replace(
+      self,
+      batch_size=DecodeConfig.batch_size,
+      hybrid_query=DecodeConfig.hybrid_query,
+      dense_levels=DecodeConfig.dense_levels,
+      tie_break="similarity" if self.order_by_similarity else "image_id",
+    )
+
+  @property
   def order_by_similarity(self) -> bool:
     """Images that share a leaf are ordered by query-image similarity (else by image id)."""
     return self.tie_break == "similarity"

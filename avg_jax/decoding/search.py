@@ -423,7 +423,7 @@ def run_search(
     # Convenient for one-off calls; services should convert once with trie.to_device().
     trie = trie.to_device()
   _check_trie_type(trie)
-  return _search_jit(cfg, vocab, decode, params, trie, input_tokens, query_emb, query_head)
+  return _search_jit(cfg, vocab, decode.program, params, trie, input_tokens, query_emb, query_head)
 
 
 def constrained_search(
@@ -498,7 +498,7 @@ def make_search_fn(
   `trie.to_device(sharding=partitioning.replicated(mesh))`. With `query_head`
   (`models.query_head.QueryHead`), calls without `query_emb` predict it in the program.
   """
-  settings = (cfg, vocab, decode)
+  settings = (cfg, vocab, decode.program)
   ins, outs = search_shardings(mesh, param_shardings)
   ins_emb, _ = search_shardings(mesh, param_shardings, with_query_emb=True)
   replicated = partitioning.replicated(mesh)

@@ -112,3 +112,23 @@ def test_from_config_and_derived_settings():
   assert (d.top_k, d.beam, d.trained_length, d.order_by_similarity) == (5, 5, None, True)
   assert d.with_k(1).top_k == 1 and d.with_k(1).beam == 4
   assert d.for_generator(2).trained_length == 2
+
+
+def test_program_keeps_only_what_the_search_reads():
+  # The jitted search's static argument: settings it never reads are reset, so equal programs
+  # share one compile (tests/decoding/test_decoding_search.py counts the compiles).
+  base = DecodeConfig(beam_size=3, top_k=4, tie_break="image_id", trained_length=3)
+  unread = dataclasses.replace(
+    base, batch_size=7, hybrid_query="generator", dense_levels=0, tie_break="learned"
+  )
+  assert unread.program == base.program == dataclasses.replace(base, tie_break="image_id")
+  for change in (
+    {"beam_size": 5},
+    {"top_k": 2},
+    {"mask_mode": "renormalize"},
+    {"tie_break": "similarity"},
+    {"voken_logits_only": True},
+    {"hybrid_weight": 1.5},
+    {"trained_length": 4},
+  ):
+    assert dataclasses.replace(base, **change).program != base.program, change

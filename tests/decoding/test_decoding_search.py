@@ -2,6 +2,8 @@
 teacher-forced `t5.score`), the restricted normalisation, renormalisation, the unconstrained
 path, batch/model sharding on 8 fake devices, and argument errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,16 @@ def test_sharded_search_matches_single_device(params):
     np.testing.assert_array_equal(
       search.results_to_numpy(fn2(sharded_params, dev_trie, tokens))["item_ids"], got["item_ids"]
     )
+    # Settings the program never reads (DecodeConfig.program) share it too.
+    unread = DecodeConfig(
+      beam_size=3, top_k=3, batch_size=8, hybrid_query="generator", dense_levels=0
+    )
+    for decode in (unread, dataclasses.replace(unread, tie_break="image_id")):
+      fn3 = search.make_search_fn(CFG, VOCAB, mesh, shardings, decode)
+      np.testing.assert_array_equal(
+        search.results_to_numpy(fn3(sharded_params, dev_trie, tokens))["item_ids"],
+        got["item_ids"],
+      )
   assert compiles.count == 0
   with CompileCounter() as compiles:
     search.make_search_fn(CFG, VOCAB, mesh, shardings, DecodeConfig(beam_size=3, top_k=2))(
