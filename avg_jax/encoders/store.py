@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from avg_jax import partitioning, processes
-from avg_jax.artifacts import checksums, io, paths
+from avg_jax.artifacts import checkpoints, checksums, io, paths
 from avg_jax.data import dataset
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.encoders import bpe, clip, extract, hf_import, preprocess
@@ -181,10 +181,8 @@ def build_encoder(config: ml_collections.ConfigDict, workdir: str, mesh) -> extr
     pre = preprocess.PreprocessConfig.for_image_size(cfg.image_size)
     shardings = param_shardings(cfg, mesh)
     tokenizer_spec = {"kind": "sentencepiece", "path": os.path.relpath(tokenizer_file, directory)}
-  with ocp.StandardCheckpointer() as checkpointer:
-    # force: replaces a save left by an interrupted run (it has no encoder.json yet).
-    checkpointer.save(os.path.abspath(params_dir), params, force=True)
-    checkpointer.wait_until_finished()
+  # Replaces a save left by an interrupted run (it has no encoder.json yet).
+  checkpoints.write_pytree(params_dir, params)
   if processes.is_main():
     io.write_json(
       meta_file,

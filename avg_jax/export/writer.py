@@ -15,11 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 import avg_jax
 from avg_jax import processes
-from avg_jax.artifacts import checksums, exports, io
+from avg_jax.artifacts import checkpoints, checksums, exports, io
 from avg_jax.data.text_tokenizer import TextTokenizer
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.encoders import store
@@ -79,12 +78,7 @@ def write_export(
   try:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
     stored = jax.tree.map(lambda x: x.astype(dtype), params)
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-      checkpointer.save(os.path.join(tmp, exports.PARAMS), stored)
-      checkpointer.wait_until_finished()
-    finally:
-      checkpointer.close()
+    checkpoints.write_pytree(os.path.join(tmp, exports.PARAMS), stored)
     if writer:
       codes = np.asarray(codes)
       trie = VokenTrie.build(
