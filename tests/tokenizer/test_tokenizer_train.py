@@ -111,9 +111,9 @@ def test_training_lowers_the_loss_and_kmeans_init_fits_latents():
   fresh = trainer.init_state()
   initialised = trainer.kmeans_init(fresh, sampler.batch(0)[0])
   latents = trainer._init_latents(initialised, sampler.batch(0)[0])
-  err = lambda st: float(
-    jnp.mean(quantizer.residual_quantize(latents, st.params["codebooks"], 1).errors)
-  )
+  # Jitted: op by op, each primitive on the sharded arrays would compile a program of its own.
+  mean_error = jax.jit(lambda x, c: jnp.mean(quantizer.residual_quantize(x, c, 1).errors))
+  err = lambda st: float(mean_error(latents, st.params["codebooks"]))
   assert err(initialised) < 0.5 * err(fresh)  # k-means beats the small uniform init
   state = initialised
   losses_seen = []
@@ -141,7 +141,8 @@ def test_encode_images_pads_and_matches_the_model():
   codes, decoded, latent = trainer.encode_images(state, images, batch_size=16)
   assert codes.shape == (37, 2) and decoded.shape == (37, 16) and latent.shape == (37, 8)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  expected = RQVAE(CFG).apply(variables, jnp.asarray(images), method=RQVAE.codes)
+  # The model applied to all rows at once (jitted: one program instead of one per primitive).
+  expected = jax.jit(lambda v, x: RQVAE(CFG).apply(v, x, method=RQVAE.codes))(variables, images)
   np.testing.assert_array_equal(codes, np.asarray(expected))
 
 
@@ -157,9 +158,14 @@ def test_infonce_alignment_on_the_latent_is_wired_into_the_step():
   state = trainer.init_state()
   imgs, caps = sampler.batch(0)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  latent, _ = RQVAE(cfg).apply(
-    variables, jnp.asarray(imgs), train=True, method=RQVAE.encode, mutable=["batch_stats"]
-  )
-  expected = float(losses.infonce(latent, jnp.asarray(caps), 0.5))
+
+  @jax.jit  # one program instead of one per primitive
+  def align_loss(variables, imgs, caps):
+    latent, _ = RQVAE(cfg).apply(
+      variables, imgs, train=True, method=RQVAE.encode, mutable=["batch_stats"]
+    )
+    return losses.infonce(latent, caps, 0.5)
+
+  expected = float(align_loss(variables, imgs, caps))
   _, metrics = trainer.train_step(state, imgs, caps)
   assert float(metrics["align_loss"]) == pytest.approx(expected, rel=1e-4)
