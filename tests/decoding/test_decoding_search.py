@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CompileCounter
+from helpers import CompileCounter, tiny_t5, tiny_t5_params
 
 from avg_jax import partitioning
 from avg_jax.decoding import search
@@ -16,31 +16,17 @@ from avg_jax.decoding.config import DecodeConfig
 from avg_jax.decoding.trie import VokenTrie
 from avg_jax.errors import UserError
 from avg_jax.models import t5 as t5_lib
-from avg_jax.models.t5_config import T5Config
 from avg_jax.vokens import VokenVocabulary
 
-VOCAB = VokenVocabulary(
-  text_vocab_size=21, codebook_size=4, num_levels=2, shared_codebook=False, disambiguation_size=3
-)  # P = 3, sizes (4, 4, 3); 32 rows in all
-CFG = T5Config(
-  vocab_size=VOCAB.total_vocab_size,
-  num_voken_tokens=VOCAB.num_voken_tokens,
-  d_model=32,
-  d_kv=8,
-  d_ff=64,
-  num_heads=4,
-  num_encoder_layers=2,
-  num_decoder_layers=2,
-  dropout_rate=0.0,
-)
+# The decoding tests' shared tiny model (tests/helpers.py): P = 3, sizes (4, 4, 3), 32 voken
+# rows; one layer per stack (the decoder's per-layer cache is checked in test_t5_decode.py).
+VOCAB, CFG = tiny_t5()
 
 
 @pytest.fixture(scope="module")
 def params():
   # Larger embeddings make the output distribution peaked enough for rankings to matter.
-  params = dict(t5_lib.init_params(CFG, jax.random.key(0)))
-  params["token_embedding"] = params["token_embedding"] * 4.0
-  return params
+  return tiny_t5_params(CFG)
 
 
 def _queries(seed=0, batch=4, length=6):

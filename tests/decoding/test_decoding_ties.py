@@ -79,6 +79,10 @@ def _grouped_trie():
   return VokenTrie.build([[0, 1], [1, 0], [0, 1]], [5, 3, 7], (2, 2))
 
 
+# Jitted as the search runs it: eagerly, each of its primitives compiled a program of its own.
+_expand_leaves = jax.jit(search.expand_leaves, static_argnums=3)
+
+
 def test_expand_leaves_by_id_and_by_similarity():
   trie = _grouped_trie()
   emb = (np.array([3, 5, 7]), np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
@@ -86,24 +90,24 @@ def test_expand_leaves_by_id_and_by_similarity():
   assert dev.max_group == 2
   leaf = jnp.asarray([[trie.lookup(np.array([[1, 0]]))[0], trie.lookup(np.array([[0, 1]]))[0]]])
   scores = jnp.asarray([[-1.0, -2.0]])
-  items, out_scores, rank, sim = jax.device_get(search.expand_leaves(dev, leaf, scores, 3))
+  items, out_scores, rank, sim = jax.device_get(_expand_leaves(dev, leaf, scores, 3))
   assert sim is None
   assert items.tolist() == [[3, 5, 7]]  # leaf order, then image id
   assert out_scores.tolist() == [[-1.0, -2.0, -2.0]]  # every image gets its leaf's score
   assert rank.tolist() == [[0, 1, 1]]
   query = jnp.asarray([[0.0, 2.0]])  # closer to image 7 than to 5
-  items, out_scores, _, sim = jax.device_get(search.expand_leaves(dev, leaf, scores, 3, query))
+  items, out_scores, _, sim = jax.device_get(_expand_leaves(dev, leaf, scores, 3, query))
   assert items.tolist() == [[3, 7, 5]]
   np.testing.assert_allclose(sim, [[2**-0.5, 1.0, 0.0]], atol=1e-6)
   assert out_scores.tolist() == [[-1.0, -2.0, -2.0]]
   # Fewer images than results, and a missing leaf (-1): empty slots.
   items, out_scores, rank, _ = jax.device_get(
-    search.expand_leaves(dev, jnp.asarray([[leaf[0, 0], -1]]), scores, 3)
+    _expand_leaves(dev, jnp.asarray([[leaf[0, 0], -1]]), scores, 3)
   )
   assert items.tolist() == [[3, -1, -1]] and rank.tolist() == [[0, -1, -1]]
   assert out_scores[0, 0] == -1.0 and np.all(np.isneginf(out_scores[0, 1:]))
   # k smaller than a leaf: only the best of it.
-  items, _, _, _ = jax.device_get(search.expand_leaves(dev, leaf[:, 1:], scores[:, 1:], 1, query))
+  items, _, _, _ = jax.device_get(_expand_leaves(dev, leaf[:, 1:], scores[:, 1:], 1, query))
   assert items.tolist() == [[7]]
 
 

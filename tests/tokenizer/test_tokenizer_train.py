@@ -14,6 +14,11 @@ from avg_jax.tokenizer.model import RQVAE, RQVAEConfig
 CFG = RQVAEConfig(
   in_dim=16, e_dim=8, hidden_dims=(32, 16), codebook_size=8, num_levels=2, dropout=0.25
 )
+# Every 8-device trainer here runs on the mesh the sharded-step test compares with one device
+# (data parallel and model parallel at once): equal trainer settings on one mesh share their
+# compiled programs (init, k-means, step, encoding) across the tests instead of compiling
+# them again for a data-only mesh.
+MESH = {"data": 4, "model": 2}
 
 
 def _data(n_images=64, dim=16, seed=0):
@@ -66,7 +71,7 @@ def test_trainers_with_equal_settings_share_their_programs():
   # latents, step and encoding are the first one's programs, not compiled again.
   images, captions, index = _data()
   sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
-  mesh = partitioning.make_mesh({"data": 8})
+  mesh = partitioning.make_mesh(MESH)
   first, _ = _run(_trainer(mesh), sampler, 2)
   _trainer(mesh).encode_images(first, images)
   with CompileCounter() as compiles:
@@ -83,7 +88,7 @@ def test_sharded_step_equals_single_device_step():
   images, captions, index = _data()
   sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
   one = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  many = partitioning.make_mesh({"data": 4, "model": 2})
+  many = partitioning.make_mesh(MESH)
   state_1, hist_1 = _run(_trainer(one), sampler, 3)
   state_8, hist_8 = _run(_trainer(many), sampler, 3)
   for key in ("loss", "recon_loss", "align_loss", "quant_loss"):
@@ -102,13 +107,13 @@ def test_sharded_step_equals_single_device_step():
 def test_training_lowers_the_loss_and_kmeans_init_fits_latents():
   images, captions, index = _data(n_images=128)
   sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
-  trainer = _trainer(partitioning.make_mesh({"data": 8}))
+  trainer = _trainer(partitioning.make_mesh(MESH))
   fresh = trainer.init_state()
   initialised = trainer.kmeans_init(fresh, sampler.batch(0)[0])
   latents = trainer._init_latents(initialised, sampler.batch(0)[0])
-  err = lambda st: float(
-    jnp.mean(quantizer.residual_quantize(latents, st.params["codebooks"], 1).errors)
-  )
+  # Jitted: op by op, each primitive on the sharded arrays would compile a program of its own.
+  mean_error = jax.jit(lambda x, c: jnp.mean(quantizer.residual_quantize(x, c, 1).errors))
+  err = lambda st: float(mean_error(latents, st.params["codebooks"]))
   assert err(initialised) < 0.5 * err(fresh)  # k-means beats the small uniform init
   state = initialised
   losses_seen = []
@@ -122,7 +127,7 @@ def test_training_lowers_the_loss_and_kmeans_init_fits_latents():
 def test_dead_code_restart_runs_inside_the_step():
   images, captions, index = _data()
   sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
-  trainer = _trainer(partitioning.make_mesh({"data": 8}), dead_code_after=1)
+  trainer = _trainer(partitioning.make_mesh(MESH), dead_code_after=1)
   state = trainer.init_state()  # no k-means: most of the tiny uniform codewords go unused
   state, metrics = trainer.train_step(state, *sampler.batch(0))
   assert int(metrics["restarted_codes"]) > 0
@@ -131,12 +136,13 @@ def test_dead_code_restart_runs_inside_the_step():
 
 def test_encode_images_pads_and_matches_the_model():
   images, _, _ = _data(n_images=37)
-  trainer = _trainer(partitioning.make_mesh({"data": 8}))
+  trainer = _trainer(partitioning.make_mesh(MESH))
   state = trainer.init_state()
   codes, decoded, latent = trainer.encode_images(state, images, batch_size=16)
   assert codes.shape == (37, 2) and decoded.shape == (37, 16) and latent.shape == (37, 8)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  expected = RQVAE(CFG).apply(variables, jnp.asarray(images), method=RQVAE.codes)
+  # The model applied to all rows at once (jitted: one program instead of one per primitive).
+  expected = jax.jit(lambda v, x: RQVAE(CFG).apply(v, x, method=RQVAE.codes))(variables, images)
   np.testing.assert_array_equal(codes, np.asarray(expected))
 
 
@@ -145,16 +151,21 @@ def test_infonce_alignment_on_the_latent_is_wired_into_the_step():
     in_dim=16, e_dim=16, hidden_dims=(32,), codebook_size=8, num_levels=2, dropout=0.0
   )
   weights = losses.LossWeights(align_loss="infonce", align_position="latent", temperature=0.5)
-  mesh = partitioning.make_mesh({"data": 8})
+  mesh = partitioning.make_mesh(MESH)
   trainer = train.RQVAETrainer(cfg, weights, mesh, train.TrainOptions(), batch_size=32)
   images, captions, index = _data()
   sampler = train.PairSampler(images, captions, index, batch_size=32, seed=0)
   state = trainer.init_state()
   imgs, caps = sampler.batch(0)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  latent, _ = RQVAE(cfg).apply(
-    variables, jnp.asarray(imgs), train=True, method=RQVAE.encode, mutable=["batch_stats"]
-  )
-  expected = float(losses.infonce(latent, jnp.asarray(caps), 0.5))
+
+  @jax.jit  # one program instead of one per primitive
+  def align_loss(variables, imgs, caps):
+    latent, _ = RQVAE(cfg).apply(
+      variables, imgs, train=True, method=RQVAE.encode, mutable=["batch_stats"]
+    )
+    return losses.infonce(latent, caps, 0.5)
+
+  expected = float(align_loss(variables, imgs, caps))
   _, metrics = trainer.train_step(state, imgs, caps)
   assert float(metrics["align_loss"]) == pytest.approx(expected, rel=1e-4)
