@@ -3,7 +3,9 @@
 For a workdir whose `prepare` and `embed` stages finished, each variant (config overrides) runs
 the `tokenize`, `train` (and, with `--stage rank`, `rank`) stages in its own copy of the
 workdir, once per seed (`seed` and `loader.shuffle_seed`), and is evaluated on every caption
-of the chosen splits with the constrained search, as `avg-jax evaluate` does. Differences to
+of the chosen splits with the constrained search, as `avg-jax evaluate` does. A variant whose
+tokenizer settings and seed are those of a voken table the workdir already holds starts from a
+copy of it. Differences to
 the baseline variant (the first one, or `--baseline`) are paired per query, with a 95 %
 bootstrap interval over queries (seeds averaged first). Prints a table and writes a JSON file.
 Choose settings on `val`; report `test` once, for the final choice.
@@ -32,10 +34,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avg_jax import config as config_lib  # noqa: E402
+from avg_jax.artifacts import fingerprint, paths  # noqa: E402
 from avg_jax.bench import common  # noqa: E402
+from avg_jax.data import pseudo_queries as pseudo_lib  # noqa: E402
 from avg_jax.errors import UserError  # noqa: E402
 from avg_jax.evaluation import avg_eval  # noqa: E402
 from avg_jax.stages import rank, tokenize, train  # noqa: E402
+from avg_jax.tokenizer import fit as fit_lib  # noqa: E402
 from avg_jax.training import state as state_lib  # noqa: E402
 
 KS = (1, 5, 10)
@@ -110,21 +115,50 @@ def make_copy(workdir: str, target: str) -> str:
   return target
 
 
+def reuse_tokenizer(config, source: str, target: str) -> None:
+  """Copies the voken table `config` uses from the source workdir into the variant's when the
+  source's was made from the same inputs (as the tokenize stage checks them) and the variant
+  has none yet: tokenize then keeps it instead of fitting the same RQ-VAE again. A variant
+  that changes a tokenizer setting or the seed fits its own."""
+  name = fit_lib.tokenizer_name(
+    config,
+    fit_lib.check_scheme(str(config.tokenizer.scheme)),
+    pseudo_lib.check_protocol(str(config.protocol)),
+  )
+  have, want = paths.tokenizer_dir(source, name), paths.tokenizer_dir(target, name)
+  if os.path.exists(want):
+    return
+  made = fingerprint.Output(have, tokenize.inputs(config, source), stage="", on_other="redo")
+  if made.done():
+    shutil.copytree(have, want)
+
+
 def run_variant(
-  config_spec: str, workdir: str, overrides: list[str], stage: str, seed: int
+  config_spec: str,
+  workdir: str,
+  overrides: list[str],
+  stage: str,
+  seed: int,
+  source: str = "",
 ) -> tuple:
-  """Runs tokenize / train (/ rank) of one variant in `workdir`; -> its config."""
+  """Runs tokenize / train (/ rank) of one variant in `workdir` (reusing the voken table of the
+  `source` workdir when it fits); -> its config."""
   config = config_lib.load_config(
     config_spec,
     [
-      "train.eval_max_queries=0",
       f"seed={seed}",
       f"loader.shuffle_seed={seed}",
-      f"train.eval_every={10**9}",
-      f"rank.eval_every={10**9}",
+      # No validation while training, not even after the last step: `hit_ranks` searches
+      # every query of the chosen splits right after (the search a stage's own end-of-training
+      # validation would repeat). Neutral keys (stage_inputs.NEUTRAL): a kept workdir stays
+      # reusable.
+      "train.eval_every=0",
+      "rank.eval_every=0",
       *overrides,
     ],
   )
+  if source:
+    reuse_tokenizer(config, source, workdir)
   tokenize.run(config, workdir)
   train.run(config, workdir)
   if stage == "rank":
@@ -193,7 +227,7 @@ def main(argv=None) -> int:
             seed_from(generators[train_key], workdir)
         trained[key] = workdir
         generators.setdefault((training_key(overrides, "train"), seed), workdir)
-        config = run_variant(args.config, workdir, overrides, args.stage, seed)
+        config = run_variant(args.config, workdir, overrides, args.stage, seed, args.workdir)
         found = hit_ranks(config, workdir, args.stage, splits)
         for s in splits:
           for kind in ("image", "code"):

@@ -11,8 +11,8 @@ from avg_jax.bench import serve as loadtest
 def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys, monkeypatch):
   # The server and the in-process measurement see one CPU device, as a serving host does.
   use_one_device_subprocesses(monkeypatch)
-  # Each level also runs with 4 hostile clients mixed in (one of each kind). One second per
-  # level, not --quick's 2: every client (honest or hostile) starts its first request at
+  # Each level also runs with 4 hostile clients mixed in (one of each kind). Half a second
+  # per level, not --quick's 2: every client (honest or hostile) starts its first request at
   # once and its answer is awaited past the level's end, so each check below holds at any
   # duration; the server and the clients are busy for 4 levels x the duration, and the
   # in-process measurement runs that long per batch size.
@@ -29,7 +29,7 @@ def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys, monkeypatc
         str(tmp_path),
         "--quick",
         "--duration",
-        "1",
+        "0.5",
         "--hostile",
         "4",
       ]

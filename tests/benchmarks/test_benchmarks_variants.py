@@ -56,6 +56,9 @@ def test_rank_variants_share_their_generator_and_leave_the_source(
   assert _tree(tiny_workdir) == before
   # "id" differs from "base" in a search setting only: no workdir of its own.
   assert sorted(os.listdir(keep)) == ["base-0", "w0-0"]
+  # The source's voken table fits base's config (no tokenizer override, the same seed): copied
+  # (files and times), not fitted again.
+  assert _tree(keep / "base-0" / "tokenizer") == _tree(tiny_workdir / "tokenizer")
   # w0 started from base's generator: identical train parameters, its own rank stage.
   base_train = _tree(keep / "base-0" / "train")
   assert [p for p, _ in _tree(keep / "w0-0" / "train")] == [p for p, _ in base_train]
