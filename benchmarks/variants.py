@@ -5,10 +5,9 @@ the `tokenize`, `train` (and, with `--stage rank`, `rank`) stages in its own cop
 workdir, once per seed (`seed` and `loader.shuffle_seed`), and is evaluated on every caption
 of the chosen splits with the constrained search, as `avg-jax evaluate` does. A variant whose
 tokenizer settings and seed are those of a voken table the workdir already holds starts from a
-copy of it. Differences to
-the baseline variant (the first one, or `--baseline`) are paired per query, with a 95 %
-bootstrap interval over queries (seeds averaged first). Prints a table and writes a JSON file.
-Choose settings on `val`; report `test` once, for the final choice.
+copy of it. Differences to the baseline variant (the first one, or `--baseline`) are paired
+per query, with a 95 % bootstrap interval over queries (seeds averaged first). Prints a table
+and writes a JSON file. Choose settings on `val`; report `test` once, for the final choice.
 
     python benchmarks/variants.py --workdir runs/smoke --out benchmarks/results/v.json \\
         --variant base= --variant "t05=train.temperature=0.5" --splits val --seeds 0,1
