@@ -2,9 +2,9 @@
 # Local entry point. Creates the virtual environment on first use (PyPI only) and refreshes it
 # when requirements.txt or pyproject.toml change, then:
 #   launch/local.sh run  [avg-jax overrides...]  the whole pipeline on the embedded avg_shapes data
-#   launch/local.sh test [pytest args...]        ruff check, ruff format --check and mypy, then
-#                                                the test suite (CPU, 8 fake devices, 2 workers:
-#                                                AVG_JAX_TEST_WORKERS); installs
+#   launch/local.sh test [pytest args...]        ruff check and ruff format --check, then the
+#                                                test suite, mypy included (CPU, 8 fake devices,
+#                                                2 workers: AVG_JAX_TEST_WORKERS); installs
 #                                                Debian's chromium for the browser test when
 #                                                root and missing (else that test is skipped)
 #   launch/local.sh env                          only create / refresh the environment
@@ -74,13 +74,15 @@ case "$command" in
     ensure_browser
     export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
     export JAX_PLATFORMS=cpu
-    # Lint, format and type check first (config in pyproject.toml); any finding fails the test.
+    # Lint and format check first (config in pyproject.toml); any finding fails the test. mypy
+    # runs as a test of the suite (tests/test_type_check.py), beside the other worker's tests.
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
-    "$VENV/bin/mypy"
     # Two workers (pytest-xdist): most of the suite is single-threaded XLA compilation. The
-    # tests on the shared tiny pipeline form one group (tests/conftest.py) so it is built once.
-    exec "$VENV/bin/python" -m pytest -q -n "${AVG_JAX_TEST_WORKERS:-2}" --dist loadgroup "$@"
+    # tests on the shared tiny pipeline form one group (tests/conftest.py) so it is built once;
+    # groups are handed out longest first (tests/conftest.py, `_longest_first`).
+    exec "$VENV/bin/python" -m pytest -q -n "${AVG_JAX_TEST_WORKERS:-2}" --dist loadgroup \
+      --no-loadscope-reorder "$@"
     ;;
   env)
     ensure_env

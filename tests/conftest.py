@@ -81,11 +81,12 @@ def pytest_collection_modifyitems(config, items):
     item for item in items if SHARED_PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ()))
   ]
   shared_ids = {id(item) for item in shared}
+  groups = {}
   for item in items:
-    if id(item) in shared_ids:
-      item.add_marker(pytest.mark.xdist_group(PIPELINE_GROUP))
-    else:
-      item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    group = PIPELINE_GROUP if id(item) in shared_ids else item.nodeid.split("::")[0]
+    item.add_marker(pytest.mark.xdist_group(group))
+    groups.setdefault(group, []).append(item)
+  items[:] = _longest_first(groups)
   result = yield
   # xdist groups by a suffix it writes into the node id; pytest 9 keeps node ids elsewhere, so
   # there the group silently does nothing (each worker builds the pipeline again).
@@ -99,6 +100,22 @@ def pytest_collection_modifyitems(config, items):
       "pair (requirements.txt pins one that does)"
     )
   return result
+
+
+def _longest_first(groups: dict) -> list:
+  """The items, group after group, the longest groups first. launch/local.sh passes
+  `--no-loadscope-reorder`, so pytest-xdist hands groups out in this order, each to the next
+  free worker: with the long ones first, the last groups handed out are short and both workers
+  end close together (xdist's own order, by number of tests, would leave single-test files of a
+  minute, such as the paper dry run, for the end). Longest: the shared pipeline (minutes), then
+  files with a test marked `slow` (tens of seconds each), then the rest by number of tests."""
+
+  def rank(entry):
+    group, members = entry
+    slow = any(item.get_closest_marker("slow") for item in members)
+    return (group != PIPELINE_GROUP, not slow, -len(members))
+
+  return [item for _, members in sorted(groups.items(), key=rank) for item in members]
 
 
 @pytest.fixture(scope="session")
