@@ -74,16 +74,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     # Bytes changed since it was saved: built again, with every embedding made from it.
     log.warning("embed: %s; building the encoder again", store.encoder_problem(workdir))
     fresh = True
-  t0 = time.perf_counter()
-  encoder = (
-    store.build_encoder(config, workdir, mesh) if fresh else store.load_encoder(workdir, mesh)
-  )
-  log.info(
-    "embed: encoder %s in %.1f s (%s)",
-    "built" if fresh else "loaded",
-    time.perf_counter() - t0,
-    store.describe(encoder.cfg),
-  )
   todo = []
   for split in info["splits"]:
     path = paths.embeddings_file(workdir, split)
@@ -94,7 +84,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       if damage:
         log.warning("embed: %s; redoing it", damage)
       todo.append(split)
+  pseudo_file = paths.pseudo_query_embeddings_file(workdir)
+  pseudo_todo = pseudo_queries_needed(config) and (
+    bool(todo) or not os.path.exists(pseudo_file) or bool(embeddings.problem(workdir, pseudo_file))
+  )
+  # Only what is still to embed needs the encoder: a rerun over finished embeddings (`avg-jax
+  # run` after this stage, a resumed pipeline) skips loading it (2-3 s of a process's CPU).
+  encoder = None
+  if fresh or todo or pseudo_todo:
+    t0 = time.perf_counter()
+    encoder = (
+      store.build_encoder(config, workdir, mesh) if fresh else store.load_encoder(workdir, mesh)
+    )
+    log.info(
+      "embed: encoder %s in %.1f s (%s)",
+      "built" if fresh else "loaded",
+      time.perf_counter() - t0,
+      store.describe(encoder.cfg),
+    )
+  else:
+    log.info("embed: encoder and embeddings kept; the encoder is not loaded")
   if todo:
+    assert encoder is not None  # loaded above whenever a split is to embed
     local = store.local_encoder(encoder, config.mesh)
     totals, seconds = extract.extract_splits(config, workdir, encoder, local, todo, fresh)
     writer = MetricsWriter(workdir, "embed", process_index=jax.process_index())
@@ -109,10 +120,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       )
   if not complete or todo:
     out.finish()
-  pseudo_file = paths.pseudo_query_embeddings_file(workdir)
-  if pseudo_queries_needed(config) and (
-    todo or not os.path.exists(pseudo_file) or embeddings.problem(workdir, pseudo_file)
-  ):
+  if pseudo_todo:
+    assert encoder is not None
     image_ids, emb = extract.embed_pseudo_queries(config, workdir, encoder, mesh)
     if processes.is_main():
       embeddings.write_pseudo_queries(workdir, image_ids, emb)

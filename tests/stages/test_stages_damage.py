@@ -2,6 +2,7 @@
 rerun, exit 2; rerunning that stage repairs them (never "kept"). Bytes changed in place (the
 size kept) are caught by the checksums recorded as each file was written."""
 
+import logging
 import os
 import shutil
 
@@ -118,6 +119,45 @@ def test_flipped_embeddings_are_named_and_embed_redoes_them(repo_root, workdir, 
   assert f"embed: {path} {CHANGED}; redoing it" in caplog.text
   assert checksums.check(paths.embed_dir(str(workdir)), os.path.basename(path)) == ""
   np.testing.assert_allclose(np.load(path)["caption_emb"], before, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_over_finished_embeddings_keeps_them_without_loading_the_encoder(
+  repo_root, workdir, capsys, caplog, monkeypatch
+):
+  from avg_jax.encoders import store
+
+  caplog.set_level(logging.INFO)
+  kept = {n: io.file_sha256(p) for n, p in _embed_files(workdir).items()}
+
+  def must_not_load(*args, **kwargs):
+    raise AssertionError("embed loaded the encoder with nothing to embed")
+
+  monkeypatch.setattr(store, "load_encoder", must_not_load)
+  assert _stage(repo_root, workdir, "embed", capsys)[0] == 0
+  assert "the encoder is not loaded" in caplog.text
+  assert {n: io.file_sha256(p) for n, p in _embed_files(workdir).items()} == kept
+  # One embedding file to redo: then it is loaded, and only the damaged split is redone.
+  monkeypatch.undo()
+  val = paths.embeddings_file(str(workdir), "val")
+  before = np.load(val)["image_emb"]
+  flip_bytes(val, count=4)
+  caplog.clear()
+  assert _stage(repo_root, workdir, "embed", capsys)[0] == 0
+  assert "embed: encoder loaded" in caplog.text
+  after = {n: io.file_sha256(p) for n, p in _embed_files(workdir).items()}
+  assert {n: h for n, h in after.items() if n != os.path.basename(val)} == {
+    n: h for n, h in kept.items() if n != os.path.basename(val)
+  }
+  np.testing.assert_allclose(np.load(val)["image_emb"], before, rtol=1e-5, atol=1e-6)
+
+
+def _embed_files(workdir) -> dict:
+  folder = paths.embed_dir(str(workdir))
+  return {
+    name: os.path.join(folder, name)
+    for name in sorted(os.listdir(folder))
+    if name.startswith("embeddings_")
+  }
 
 
 def test_flipped_codebook_is_caught_and_tokenize_redoes_it(repo_root, workdir, capsys, caplog):
