@@ -1,7 +1,7 @@
 """`avg-jax`: the command line over the pipeline's stages (avg_jax/stages) and the tools.
 
     avg-jax STAGE --config configs/smoke.py[:arg] --workdir W [--config.key=value ...] [--debug]
-    avg-jax run --config ... --workdir W                            (every stage in order)
+    avg-jax run --config ... --workdir W [--until STAGE]            (the stages in order)
     avg-jax bench NAME [--config ...] [--workdir W]
     avg-jax compile --config C --topology v5e:4x4 [--out F.json]   (TPU AOT, libtpu extra)
     avg-jax search --model EXPORT "a query"                         (answer queries)
@@ -153,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser("run", help="all stages in order: " + " -> ".join(PIPELINE))
   common(p)
   p.add_argument("--workdir", required=True)
+  p.add_argument(
+    "--until",
+    choices=PIPELINE,
+    default=PIPELINE[-1],
+    help="the last stage to run (default: %(default)s)",
+  )
   p = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHES))
   common(p)
   p.add_argument("name", choices=sorted(BENCHES))
@@ -292,7 +298,11 @@ def _run_with_config(args, config, overrides) -> int:
       stage_module(name).run(config, args.workdir)
     bench.run(config, args.workdir, args)
     return 0
-  for name in PIPELINE if args.command == "run" else (args.command,):
+  if args.command == "run":
+    names = PIPELINE[: PIPELINE.index(args.until) + 1]
+  else:
+    names = (args.command,)
+  for name in names:
     stage_module(name).run(config, args.workdir)
   return 0
 

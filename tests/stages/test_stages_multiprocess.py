@@ -281,9 +281,15 @@ def test_prepare_and_embed_two_processes_share_shards_and_match_one(
     "--config.data.examples_per_shard=64",
     "--config.encoder_train.embed_images_per_shard=64",
   ]
+  # Embed with the one-process run's encoder (its folder without the embeddings): only the
+  # feature extraction runs. Both stages in one launch (`run --until embed`): one start-up.
+  shutil.copytree(tiny_workdir / "embed", workdir / "embed")
+  for split in ("train", "val", "test"):
+    os.remove(paths.embeddings_file(str(workdir), split))
   capfd.readouterr()
-  assert local_multiprocess.run(["prepare", *args], processes=2, devices=4) == 0
+  assert local_multiprocess.run(["run", *args, "--until", "embed"], processes=2, devices=4) == 0
   out = capfd.readouterr().out
+  assert not (workdir / "tokenizer").exists()  # `--until embed` stopped there
   for stage, split, shards, p in (
     ("prepare", "train", 2, 0),
     ("prepare", "val", 1, 0),
@@ -304,12 +310,6 @@ def test_prepare_and_embed_two_processes_share_shards_and_match_one(
   }
   assert info(workdir) == info(tiny_workdir)
 
-  # Embed with the one-process run's encoder: only the feature extraction runs.
-  shutil.copytree(tiny_workdir / "embed", workdir / "embed")
-  for split in ("train", "val", "test"):
-    os.remove(paths.embeddings_file(str(workdir), split))
-  assert local_multiprocess.run(["embed", *args], processes=2, devices=4) == 0
-  out = capfd.readouterr().out
   assert "[p0] embed train: wrote 2 of 2 shards (process 0 of 2)" in out
   assert "[p1] embed test: wrote 1 of 1 shards (process 1 of 2)" in out
   assert "[p1] embed val" not in out and "[p0] embed test" not in out
