@@ -100,4 +100,7 @@ def get_config(arg=None):
   # The 1M HNSW graph alone builds in 47 s here: the main job stops the HNSW baseline at 100K;
   # `--config.evaluate.ann_max_items=0` gives the whole 1K-1M frontier (NOTES.md).
   c.evaluate.ann_max_items = 0 if tiny else 100_000
+  # The test-suite size serves 40 images: two query buckets are enough to exercise batching
+  # and splitting; every server start compiles one search program per bucket and k program.
+  c.export.batch_buckets = (1, 8) if tiny else c.export.batch_buckets
   return c
