@@ -108,7 +108,7 @@ def _longest_first(groups: dict) -> list:
   free worker: with the long ones first, the last groups handed out are short and both workers
   end close together (xdist's own order, by number of tests, would leave single-test files of a
   minute, such as the paper dry run, for the end). Longest: the shared pipeline (minutes), then
-  files with a test marked `slow` (tens of seconds each), then the rest by number of tests."""
+  files with a test marked `slow` (ten seconds or more), then the rest by number of tests."""
 
   def rank(entry):
     group, members = entry

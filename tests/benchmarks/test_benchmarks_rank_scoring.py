@@ -3,9 +3,11 @@ FLOPs."""
 
 import json
 
+import pytest
 from helpers import load_script
 
 
+@pytest.mark.slow
 def test_benchmark_writes_both_forms(repo_root, tmp_path, capsys):
   out = tmp_path / "r.json"
   assert (

@@ -4,11 +4,14 @@ import json
 import os
 import pathlib
 
+import pytest
+
 from avg_jax import cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_data_quick(prepared_workdir, monkeypatch, capsys):
   monkeypatch.chdir(REPO_ROOT)
   argv = [

@@ -3,10 +3,13 @@
 import argparse
 import json
 
+import pytest
+
 from avg_jax.bench import t5 as bench_t5
 from avg_jax.config import load_config
 
 
+@pytest.mark.slow
 def test_quick_bench_without_reference(tmp_path, monkeypatch, repo_root, capsys):
   # The no-torch path: what a machine without the `reference` extra sees.
   monkeypatch.setattr(bench_t5, "_reference_available", lambda: "ImportError: no torch")

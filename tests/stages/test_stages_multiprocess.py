@@ -8,6 +8,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from helpers import PIPELINE_OVERRIDES, pipeline_args
 
 from avg_jax import cli
@@ -108,6 +109,7 @@ def _assignment(latent, codebooks, num_levels):
   return np.stack(codes, 1), np.stack(margins, 1), np.stack(norms, 1)
 
 
+@pytest.mark.slow
 def test_tokenizer_two_processes_match_one(repo_root, tmp_path):
   """2 processes x 2 devices reduce in another order than 1 x 8, so the runs agree to
   rounding, not bit for bit. What holds: parameters agree within 1e-5 (except the biases of

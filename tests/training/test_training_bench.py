@@ -8,6 +8,7 @@ import pytest
 from avg_jax import cli
 
 
+@pytest.mark.slow
 def test_bench_train_quick(repo_root, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(repo_root)
   assert cli.main(["bench", "train", "--quick", "--workdir", str(tmp_path)]) == 0

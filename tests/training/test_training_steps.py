@@ -75,6 +75,7 @@ def _compare(loss_fn, batch, cfg, *extra):
   return m1
 
 
+@pytest.mark.slow
 def test_sharded_generative_step_equals_single_device():
   cfg, _, _, batch = _tiny_model()
   _compare(generative.make_loss_fn(cfg, temperature=0.5), batch, cfg)
