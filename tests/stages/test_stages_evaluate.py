@@ -35,10 +35,11 @@ def hybrid_workdir(repo_root, pipeline_workdir, tmp_path_factory):
     "--config.evaluate.methods=('two_tower', 'avg', 'avg_hybrid')",
     f"--config.evaluate.hybrid_weights={WEIGHTS}",
     "--config.evaluate.protocols=('transductive',)",
-    "--config.evaluate.efficiency_sizes=(100,)",
+    # N = 40, the test split alone: the efficiency row reuses the test search's program.
+    "--config.evaluate.efficiency_sizes=(40,)",
     "--config.export.hybrid=true",
-    "--config.evaluate.ann_max_items=50",
-  ]  # no HNSW row at N = 100
+    "--config.evaluate.ann_max_items=20",
+  ]  # no HNSW row at N = 40
   assert cli.main(["evaluate", *args]) == 0
   assert cli.main(["export", *args]) == 0
   return workdir, args
@@ -72,7 +73,7 @@ def test_weight_is_chosen_on_validation_and_test_uses_it(repo_root, hybrid_workd
   r1 = 100 * np.mean(ranked[:, 0] == plain["_true_ids"])
   assert results["recall"]["transductive"]["avg_hybrid"]["R@1"] == pytest.approx(r1)
   assert "R@1" in results["vs_two_tower"]["transductive"]["avg_hybrid"]
-  assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [100]
+  assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [40]
   assert "two_tower_hnsw" not in results["efficiency"] and "ann_frontier" not in results
   assert (
     "avg_hybrid: fusion weight chosen on validation"
@@ -177,7 +178,7 @@ def test_hybrid_with_the_generators_query_head(repo_root, hybrid_workdir, tmp_pa
   results = json.loads((workdir / "evaluate" / "metrics.json").read_text())
   chosen = results["hybrid"]["transductive"]
   assert chosen["query"] == "generator" and len(chosen["validation"]) == 3
-  assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [100]
+  assert [r["num_items"] for r in results["efficiency"]["avg_hybrid"]] == [40]
   assert (workdir / "export" / "query_head.npz").is_file()
 
   config = _config(repo_root, hybrid_weight=chosen["weight"])

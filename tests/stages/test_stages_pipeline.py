@@ -40,11 +40,11 @@ def test_run_writes_results_report_and_export(pipeline):
     # The tiny avg_shapes data has 5 pseudo queries per indexed (val / test) image.
     expected = 5 * (40 + 40) if protocol == "transductive" else 0
     assert seen["avg"] == seen["avg_ltr"] == expected
-  assert [row["num_items"] for row in results["efficiency"]["avg"]] == [100, 400]
+  assert [row["num_items"] for row in results["efficiency"]["avg"]] == [40, 100]
   # The HNSW two-tower at the same sizes: one deployed row per N, the whole frontier beside.
-  assert [row["num_items"] for row in results["efficiency"]["two_tower_hnsw"]] == [100, 400]
+  assert [row["num_items"] for row in results["efficiency"]["two_tower_hnsw"]] == [40, 100]
   assert {(r["num_items"], r["ef_search"]) for r in results["ann_frontier"]} == {
-    (n, ef) for n in (100, 400) for ef in (16, 32, 64, 128, 256)
+    (n, ef) for n in (40, 100) for ef in (16, 32, 64, 128, 256)
   }
   assert results["meta"]["config_hash"]
   report = (pipeline / "evaluate" / "report.md").read_text()
