@@ -124,9 +124,9 @@ def start_server(repo_root):
 
 @pytest.fixture(scope="session")
 def server(start_server, serve_export) -> Server:
-  """The shared server: k up to 7 (the tiny export's beam is 5: k 6 and 7 are programs of
-  their own), 20 ms batching window."""
-  return start_server(serve_export, "--max-k", "7", "--batch-wait-ms", "20")
+  """The shared server: k up to 6 (the tiny export's beam is 5: k 6 is a program of its
+  own), 20 ms batching window."""
+  return start_server(serve_export, "--max-k", "6", "--batch-wait-ms", "20")
 
 
 @pytest.fixture(scope="session")

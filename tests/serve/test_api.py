@@ -34,9 +34,9 @@ def _check_same(response, retriever, queries, k):
     assert [it["rank"] for it in items] == list(range(1, len(items) + 1))
 
 
-@pytest.mark.parametrize("k", [1, 3, 5, 6, 7])
+@pytest.mark.parametrize("k", [1, 3, 5, 6])
 def test_search_equals_retriever(server, retriever, k):
-  # k <= 5 is served by truncating the beam-5 program; 6 and 7 run programs of their own.
+  # k <= 5 is served by truncating the beam-5 program; 6 runs a program of its own.
   status, response = server.search(QUERIES, k=k)
   assert status == 200, response
   assert response["k"] == k
@@ -60,7 +60,7 @@ def test_result_items_carry_file_names_captions_and_thumbnails(server, retriever
   assert status == 200
   items = response["results"][0]["items"]
   # The default k: the export's decode.top_k, capped at --max-k.
-  assert response["k"] == len(items) == min(retriever.manifest["decode"]["top_k"], 7)
+  assert response["k"] == len(items) == min(retriever.manifest["decode"]["top_k"], 6)
   for item in items:
     assert item["file_name"] == retriever.file_name(item["image_id"])
     assert item["file_name"].startswith("test/")
@@ -95,7 +95,7 @@ BAD_SEARCHES = [
   (b'{"queries": ["\\ud800 lone surrogate"]}', 400, "queries[0]"),
   (b'{"queries": ["a"], "k": 0}', 400, "k"),
   (b'{"queries": ["a"], "k": -1}', 400, "k"),
-  (b'{"queries": ["a"], "k": 8}', 400, "k"),  # over --max-k
+  (b'{"queries": ["a"], "k": 7}', 400, "k"),  # over --max-k
   (b'{"queries": ["a"], "k": 41}', 400, "k"),  # over the index size (40)
   (b'{"queries": ["a"], "k": 99999999999999999999999}', 400, "k"),
   (b'{"queries": ["a"], "k": true}', 400, "k"),
@@ -200,11 +200,11 @@ def test_page_info_and_static_files(server, retriever):
     status, headers, body = server.request("GET", f"/static/{name}")
     assert status == 200 and headers["Content-Type"].startswith(kind) and body
   info = json.loads(server.request("GET", "/v1/info")[2])
-  default_k = min(retriever.manifest["decode"]["top_k"], 7)
+  default_k = min(retriever.manifest["decode"]["top_k"], 6)
   assert info == {
     "num_images": 40,
     "default_k": default_k,
-    "max_k": 7,
+    "max_k": 6,
     "max_queries": 64,
     "max_query_chars": 1000,
     "batch_buckets": [1, 8],
@@ -219,7 +219,7 @@ def test_metrics_and_no_compile_after_warmup(server):
   # Batch sizes at and around each bucket (1, 8), above the largest (split into several
   # calls) up to 40, and every k.
   for n in (1, 2, 7, 8, 9, 15, 16, 17, 40):
-    for k in (1, 5, 6, 7):
+    for k in (1, 5, 6):
       status, response = server.search([f"query {i} a red circle" for i in range(n)], k=k)
       assert status == 200 and len(response["results"]) == n
   _, headers, body = server.request("GET", "/metrics")
@@ -237,7 +237,7 @@ def test_metrics_and_no_compile_after_warmup(server):
   assert server.metric("avg_jax_serve_xla_compiles_total") > 0  # the warm-up's
   assert server.metric("avg_jax_serve_xla_compiles_after_warmup_total") == 0
   assert server.metric("avg_jax_serve_index_images") == 40
-  # 2 buckets x 3 k programs (5, 6, 7), compiled once each at start and logged.
+  # 2 buckets x 2 k programs (5, 6), compiled once each at start and logged.
   log = server.output()
-  assert "warm-up compiled buckets [1, 8] x k programs [5, 6, 7]" in log
+  assert "warm-up compiled buckets [1, 8] x k programs [5, 6]" in log
   assert "a second pass compiled 0" in log
