@@ -170,18 +170,25 @@ def test_stage_step_matches_the_loop_step_and_is_compiled_once_per_settings():
   # Each step donates its state: three fresh ones, made outside the activation context (inside
   # it, jit keys the init on the context's mesh as well and would compile it again).
   (state, shardings), (state2, _), (state3, _) = (fresh_state() for _ in range(3))
+  initial = jax.device_get(state.params)
   reference = loop.make_train_step(generative.make_loss_fn(cfg, 1.0), tx, schedule)
   with partitioning.activation_context(mesh):
-    want, want_metrics = generative.compile_step(reference, mesh, shardings, device_batch)(
-      state, device_batch, jax.random.key(1)
-    )
-    got, metrics = generative.compile_train_step(mesh, shardings, device_batch)(
-      settings, state2, device_batch, jax.random.key(1)
-    )
-    jax.tree.map(
-      np.testing.assert_array_equal, jax.device_get(got.params), jax.device_get(want.params)
-    )
-    assert float(metrics["learning_rate"]) == float(want_metrics["learning_rate"])
+    reference_step = generative.compile_step(reference, mesh, shardings, device_batch)
+    stage_step = generative.compile_train_step(mesh, shardings, device_batch)
+    want, got = state, state2
+    # Two steps: the warm-up's learning rate is 0 at step 0, so after one step both would
+    # still hold the initial parameters whatever the steps computed.
+    for step in range(2):
+      want, want_metrics = reference_step(want, device_batch, jax.random.key(step + 1))
+      got, metrics = stage_step(settings, got, device_batch, jax.random.key(step + 1))
+    got_params, want_params = jax.device_get(got.params), jax.device_get(want.params)
+    jax.tree.map(np.testing.assert_array_equal, got_params, want_params)
+    assert float(metrics["learning_rate"]) == float(want_metrics["learning_rate"]) > 0
+    moved = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(initial))
+    ]
+    assert any(moved)
     with CompileCounter() as compiles:
       generative.compile_train_step(mesh, shardings, device_batch)(
         generative.TrainStep(cfg, 1.0, settings.optimizer), state3, device_batch, jax.random.key(1)
