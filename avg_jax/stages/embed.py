@@ -70,9 +70,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = partitioning.make_mesh(config.mesh)
   _, meta_file = store.encoder_files(workdir)
   fresh = not os.path.exists(meta_file)
-  if not fresh and store.encoder_problem(workdir):
+  problem = "" if fresh else store.encoder_problem(workdir)  # hashes the encoder's files
+  if problem:
     # Bytes changed since it was saved: built again, with every embedding made from it.
-    log.warning("embed: %s; building the encoder again", store.encoder_problem(workdir))
+    log.warning("embed: %s; building the encoder again", problem)
     fresh = True
   todo = []
   for split in info["splits"]:

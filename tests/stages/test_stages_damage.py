@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import flip_bytes
+from helpers import flip_bytes, largest_file
 
 from avg_jax import cli
 from avg_jax.artifacts import checksums, io, paths, voken_tables
@@ -149,6 +149,27 @@ def test_embed_over_finished_embeddings_keeps_them_without_loading_the_encoder(
     n: h for n, h in kept.items() if n != os.path.basename(val)
   }
   np.testing.assert_allclose(np.load(val)["image_emb"], before, rtol=1e-5, atol=1e-6)
+
+
+def test_flipped_encoder_is_named_and_embed_builds_it_again(
+  repo_root, workdir, capsys, caplog, monkeypatch
+):
+  from avg_jax.encoders import store
+
+  params_dir, _ = store.encoder_files(str(workdir))
+  flip_bytes(largest_file(params_dir), count=4)
+
+  class Rebuilt(Exception):
+    pass
+
+  def build_encoder(*args, **kwargs):  # the rebuild itself is the embed stage's own test
+    raise Rebuilt
+
+  monkeypatch.setattr(store, "build_encoder", build_encoder)
+  with pytest.raises(Rebuilt):
+    _stage(repo_root, workdir, "embed", capsys)
+  assert "does not match its checksum" in caplog.text
+  assert "building the encoder again" in caplog.text
 
 
 def _embed_files(workdir) -> dict:
