@@ -79,6 +79,10 @@ case "$command" in
     ensure_browser
     export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
     export JAX_PLATFORMS=cpu
+    # ~60 processes (two workers, the CLI and server subprocesses) import the project's own
+    # modules: let Python cache their bytecode in __pycache__ (git-ignored) even where the
+    # environment turns that off (collecting the suite: 8.6 -> 5.4 s of CPU per worker).
+    unset PYTHONDONTWRITEBYTECODE
     # Lint and format check first (config in pyproject.toml); any finding fails the test. mypy
     # runs as a test of the suite (tests/test_type_check.py), beside the other worker's tests.
     "$VENV/bin/ruff" check .

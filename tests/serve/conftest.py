@@ -138,13 +138,19 @@ def retriever(serve_export):
 
 WRITE_TOKEN = "test-write-token-0123456789"
 HANG_PREFIX = "HANG"  # an upload starting with these bytes hangs its decoder (image_worker)
+# The writable server's decode budget (--image-timeout). Two tests wait it out, idle, on a
+# hanging decoder. The uploads that must decode are tiny images (tens of pixels a side, about
+# a millisecond of decoding), and a worker's start-up never counts against the budget
+# (avg_jax/data/image_worker.py): 3 s leaves a wide margin even at the worker's nice 10 on a
+# loaded machine.
+IMAGE_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="session")
 def writable_server(start_server, serve_export, tmp_path_factory) -> Server:
   """A server that accepts writes with `WRITE_TOKEN` (`.token`), on its own copy of the
   export (`.model`); its image decoders hang on uploads starting with `HANG_PREFIX` and are
-  stopped after 10 s."""
+  stopped after `IMAGE_TIMEOUT_S` (`.image_timeout`)."""
   import shutil
 
   from avg_jax.data import image_worker
@@ -160,8 +166,9 @@ def writable_server(start_server, serve_export, tmp_path_factory) -> Server:
     "--write-token-file",
     str(root / "token"),
     "--image-timeout",
-    "10",
+    str(IMAGE_TIMEOUT_S),
     env={image_worker.HANG_ENV: HANG_PREFIX},
   )
   server.token = WRITE_TOKEN
+  server.image_timeout = IMAGE_TIMEOUT_S
   return server
