@@ -121,7 +121,9 @@ class Attack:
   """`run(...)` in a child process: started (payloads built) before the level, `go()` at its
   start, `result()` at its end (-> the outcome counts)."""
 
-  def __init__(self, url: str, token: str, clients: int, duration: float, preexec_fn=None):
+  def __init__(
+    self, url: str, token: str, clients: int, duration: float, on_start=lambda pid: None
+  ):
     code = (
       "import sys; from avg_jax.bench import hostile; "
       "hostile.child(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))"
@@ -131,8 +133,8 @@ class Attack:
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       text=True,
-      preexec_fn=preexec_fn,
     )
+    on_start(self.proc.pid)  # before the child starts its threads (bench serve pins it)
     assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
     self._stdin = self.proc.stdin
     if self.proc.stdout.readline().strip() != "READY":

@@ -76,11 +76,15 @@ def cpu_split() -> tuple[set, set]:
   return set(cpus[:half]), set(cpus[half:])
 
 
-def _pinned(cpus: set):
-  """A `preexec_fn` that pins the child process to `cpus` (nothing when unknown)."""
-  if not cpus or not hasattr(os, "sched_setaffinity"):
-    return None
-  return lambda: os.sched_setaffinity(0, cpus)
+def pin(pid: int, cpus: set) -> None:
+  """Pins the (just started) process `pid` to `cpus` (nothing when unknown).
+
+  Done from this side after the start, not in a `preexec_fn`: this process runs JAX's threads,
+  and Python code between fork and exec in a threaded parent can deadlock (JAX warns about it
+  at every such start). The child is still importing Python then; the threads it starts later
+  inherit the mask."""
+  if cpus and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(pid, cpus)
 
 
 class ServerProcess:
@@ -93,8 +97,8 @@ class ServerProcess:
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
-      preexec_fn=_pinned(cpus or set()),
     )
+    pin(self.proc.pid, cpus or set())
     self.log: list[str] = []
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
@@ -211,16 +215,22 @@ def _in_process_subprocess(
     "serve.in_process_main(sys.argv[1], [int(b) for b in sys.argv[2].split(',')], "
     "int(sys.argv[3]), float(sys.argv[4]))"
   )
-  proc = subprocess.run(
+  proc = subprocess.Popen(
     [sys.executable, "-c", code, model, ",".join(map(str, batches)), str(k), str(duration)],
-    capture_output=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
     text=True,
-    preexec_fn=_pinned(cpus),
-    timeout=START_TIMEOUT_S + 10 * duration,
   )
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("IN_PROCESS ")]
+  pin(proc.pid, cpus)
+  try:
+    stdout, stderr = proc.communicate(timeout=START_TIMEOUT_S + 10 * duration)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.communicate()
+    raise
+  lines = [line for line in stdout.splitlines() if line.startswith("IN_PROCESS ")]
   if proc.returncode or not lines:
-    raise UserError("bench serve: the in-process measurement failed:\n" + proc.stderr[-2000:])
+    raise UserError("bench serve: the in-process measurement failed:\n" + stderr[-2000:])
   return {int(b): tuple(v) for b, v in json.loads(lines[-1][len("IN_PROCESS ") :]).items()}
 
 
@@ -285,7 +295,9 @@ def _with_hostile(
 ) -> dict:
   """One level of honest clients while `hostile` hostile ones (their own process, on the
   clients' CPUs) attack; the outcomes of theirs in "hostile_outcomes"."""
-  attack = hostile_lib.Attack(server.url, token, hostile, duration, _pinned(cpus))
+  attack = hostile_lib.Attack(
+    server.url, token, hostile, duration, on_start=lambda pid: pin(pid, cpus)
+  )
 
   async def level():
     attack.go()

@@ -84,11 +84,20 @@ def plot_efficiency(
   efficiency: Mapping[str, Sequence[SpeedRow]], path: str, cross: float | None
 ) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
+  xs, ys = [], []
   for method, rows in efficiency.items():
     rows = sorted(rows, key=lambda r: r.num_items)
+    xs += [r.num_items for r in rows]
+    ys += [r.queries_per_s for r in rows]
     ax.plot([r.num_items for r in rows], [r.queries_per_s for r in rows], "o-", label=method)
   if cross is not None:
     ax.axvline(cross, color="grey", ls="--", lw=1, label=f"crossover ~{cross:,.0f}")
+    xs.append(cross)
+  # One N (or one speed) spans no range: matplotlib would warn and widen it itself.
+  if xs and min(xs) == max(xs) > 0:
+    ax.set_xlim(xs[0] / 2, xs[0] * 2)
+  if ys and min(ys) == max(ys) > 0:
+    ax.set_ylim(ys[0] / 2, ys[0] * 2)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("indexed images N")

@@ -2,12 +2,16 @@
 
 import json
 
+import pytest
 from helpers import use_one_device_subprocesses
 
 from avg_jax import cli
 from avg_jax.bench import serve as loadtest
 
 
+# Its children start while JAX's threads run here: Python code between fork and exec (a
+# `preexec_fn`) could deadlock, and JAX warns about every such start.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_bench_serve_quick(repo_root, serve_export, tmp_path, capsys, monkeypatch):
   # The server and the in-process measurement see one CPU device, as a serving host does.
   use_one_device_subprocesses(monkeypatch)
