@@ -84,7 +84,8 @@ def plot_efficiency(
   efficiency: Mapping[str, Sequence[SpeedRow]], path: str, cross: float | None
 ) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  xs, ys = [], []
+  xs: list[float] = []
+  ys: list[float] = []
   for method, rows in efficiency.items():
     rows = sorted(rows, key=lambda r: r.num_items)
     xs += [r.num_items for r in rows]
