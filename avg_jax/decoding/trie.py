@@ -39,6 +39,19 @@ from avg_jax.errors import UserError
 
 FORMAT_VERSION = 1
 _INT32_MAX = np.iinfo(np.int32).max
+# The smallest capacity a padded tree gets (`capacity_bucket`).
+MIN_CAPACITY = 16
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def capacity_bucket(num_items: int) -> int:
+  """The capacity `VokenTrie.to_device` pads a tree of `num_items` items to: the next power of
+  two (at least `MIN_CAPACITY`), so a tree that grows by one item keeps its shapes until it
+  doubles."""
+  return max(MIN_CAPACITY, _next_power_of_two(num_items))
 
 
 def _as_code_array(codes, position_sizes: Sequence[int] | None) -> np.ndarray:
@@ -354,6 +367,7 @@ class VokenTrie:
     dense_levels: int = 1,
     sharding=None,
     item_embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+    capacity: int | None = None,
   ) -> "DeviceTrie":
     """The device-resident transition structure (see `DeviceTrie`).
 
@@ -362,12 +376,32 @@ class VokenTrie:
     `item_embeddings`: `(item ids int[M], embeddings float[M, D])` covering every indexed
     item: stored L2-normalised in `leaf_items` order, for ordering the items of a leaf by
     similarity to a query (`DeviceTrie.leaf_members`).
+
+    `capacity` (>= the number of items): every node, leaf and item array is padded to it
+    (nodes without children, leaves without items), every CSR window is the whole codebook
+    (K_l) and `max_group` is rounded up to a power of two, so trees of up to `capacity` items
+    share one shape, and so one compiled search, unless a leaf's images outgrow `max_group`
+    (a live index's delta, `capacity_bucket`). Padded slots are never valid: a search over
+    the padded tree returns what the exact one does.
     """
     if dense_levels < 0:
       raise UserError(f"trie: dense_levels must be >= 0, got {dense_levels}")
+    if capacity is not None and capacity < self.num_items:
+      raise UserError(f"trie: capacity {capacity} is below the {self.num_items} items")
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
+
+    def pad(a: np.ndarray, size: int, value) -> np.ndarray:
+      """`a` padded along axis 0 to `size` rows of `value` (unchanged without a capacity)."""
+      if capacity is None:
+        return a
+      return np.concatenate([a, np.full((size - a.shape[0], *a.shape[1:]), value, a.dtype)])
+
+    def window(width: int, k: int) -> int:
+      return width if capacity is None else k
+
     tables: list[tuple[jax.Array, ...]] = []
     widths, dense = [], []
+    cap = capacity or 0  # a level never has more nodes than there are items
     for level in range(self.id_length):
       k = self.position_sizes[level]
       if level < dense_levels:
@@ -375,31 +409,36 @@ class VokenTrie:
         table = np.full((n, k), -1, np.int32)
         parent = np.repeat(np.arange(n), np.diff(self.offsets[level]))
         table[parent, self.codes[level]] = np.arange(self.codes[level].shape[0], dtype=np.int32)
-        tables.append((put(table),))
+        tables.append((put(pad(table, cap, -1)),))
         widths.append(k)
         dense.append(True)
       else:
-        tables.append((put(self.offsets[level]), put(self.codes[level])))
-        widths.append(self.max_children(level))
+        offsets = self.offsets[level]
+        tables.append(
+          (put(pad(offsets, cap + 1, offsets[-1])), put(pad(self.codes[level], cap, 0)))
+        )
+        widths.append(window(self.max_children(level), k))
         dense.append(False)
     item_emb = None
     if item_embeddings is not None:
       ids, emb = item_embeddings
       emb = np.asarray(emb, np.float32)[self.item_rows(ids)]
       norm = np.linalg.norm(emb, axis=1, keepdims=True)
-      item_emb = put(emb / np.maximum(norm, 1e-12))
+      item_emb = put(pad(emb / np.maximum(norm, 1e-12), cap, 0.0))
+    leaf_offsets = self.leaf_item_offsets.astype(np.int32)
+    max_group = int(np.diff(self.leaf_item_offsets).max())
     return DeviceTrie(
       levels=tuple(tables),
-      leaf_item=put(self.leaf_first_items().astype(np.int32)),
-      leaf_item_offsets=put(self.leaf_item_offsets.astype(np.int32)),
-      leaf_items=put(self.leaf_items.astype(np.int32)),
+      leaf_item=put(pad(self.leaf_first_items().astype(np.int32), cap, -1)),
+      leaf_item_offsets=put(pad(leaf_offsets, cap + 1, leaf_offsets[-1])),
+      leaf_items=put(pad(self.leaf_items.astype(np.int32), cap, -1)),
       item_emb=item_emb,
       item_alive=None,
       node_alive=None,
       position_sizes=self.position_sizes,
       dense=tuple(dense),
       widths=tuple(widths),
-      max_group=int(np.diff(self.leaf_item_offsets).max()),
+      max_group=max_group if capacity is None else min(_next_power_of_two(max_group), cap),
     )
 
 

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avg_jax.artifacts import io
-from avg_jax.decoding.trie import DeviceTrie, VokenTrie
+from avg_jax.decoding.trie import DeviceTrie, VokenTrie, capacity_bucket
 from avg_jax.decoding.union_trie import UnionTrie
 from avg_jax.errors import UserError
 
@@ -362,15 +362,19 @@ class LiveIndex:
     self.removed = np.union1d(self.removed, ids)
 
   # --- search structure -----------------------------------------------------------------------
-  def _with_alive(self, device: DeviceTrie, trie: VokenTrie) -> DeviceTrie:
+  def _with_alive(
+    self, device: DeviceTrie, trie: VokenTrie, capacity: int | None = None
+  ) -> DeviceTrie:
     """`device` with the removed images marked dead, their emptied subtrees pruned (one
-    O(nodes) numpy pass over the tree, no rebuild)."""
+    O(nodes) numpy pass over the tree, no rebuild). `capacity`: the one `device` was padded
+    to (its padding is dead too)."""
     if not len(self.removed):
       return device
     alive = ~np.isin(trie.leaf_items, self.removed)
-    return device.with_alive(
-      jnp.asarray(alive), tuple(jnp.asarray(a) for a in trie.node_alive(alive))
-    )
+    masks = (alive, *trie.node_alive(alive))
+    if capacity is not None:
+      masks = tuple(np.pad(m, (0, capacity - len(m))) for m in masks)  # padded with False
+    return device.with_alive(jnp.asarray(masks[0]), tuple(jnp.asarray(m) for m in masks[1:]))
 
   def device(self, dense_levels: int = 1, sharding=None) -> DeviceTrie | UnionTrie:
     """The search constraint: the base tree, or the base and the delta as one."""
@@ -388,9 +392,13 @@ class LiveIndex:
         )
       parts.append(self._with_alive(self._base_device[key], self._base_trie))
     if len(self.delta_ids):
+      # Padded to a capacity bucket: adding or removing images keeps the delta's shapes (and
+      # the compiled searches) until the delta doubles.
       delta = VokenTrie.build(self.delta_codes, self.delta_ids, self.position_sizes)
       emb = (self.delta_ids, delta_emb) if delta_emb is not None else None
-      parts.append(self._with_alive(delta.to_device(0, sharding, item_embeddings=emb), delta))
+      capacity = capacity_bucket(len(self.delta_ids))
+      device = delta.to_device(0, sharding, item_embeddings=emb, capacity=capacity)
+      parts.append(self._with_alive(device, delta, capacity))
     return parts[0] if len(parts) == 1 else UnionTrie.of(*parts)
 
   # --- persistence ----------------------------------------------------------------------------

@@ -135,3 +135,82 @@ def test_delta_only_codes_under_a_dense_base_level_keep_their_code(params, dense
   b = jax.device_get(search.constrained_search(params, CFG, union, VOCAB, queries, **kw))
   np.testing.assert_array_equal(a.item_ids, b.item_ids)
   np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def _padded_masks(trie, removed, capacity=None):
+  alive = ~np.isin(trie.leaf_items, removed)
+  masks = (alive, *trie.node_alive(alive))
+  if capacity is not None:
+    masks = tuple(np.pad(m, (0, capacity - len(m))) for m in masks)
+  return jax.numpy.asarray(masks[0]), tuple(jax.numpy.asarray(m) for m in masks[1:])
+
+
+@pytest.mark.parametrize("dense_levels", [0, 1])
+def test_a_padded_delta_searches_exactly_like_the_exact_one(params, dense_levels):
+  # Padding a delta to a capacity (a live index does) adds only dead slots: wider windows, a
+  # larger max_group, nodes and leaves without children or items. Same images, same order.
+  codes, ids = _split(seed=5, n=14)
+  codes[12] = codes[9]  # two delta images on one leaf
+  base = VokenTrie.build(codes[:8], ids[:8], SIZES).to_device(dense_levels)
+  delta = VokenTrie.build(codes[8:], ids[8:], SIZES)
+  exact = delta.to_device(0)
+  padded = delta.to_device(0, capacity=16)
+  assert padded.leaf_items.shape == (16,) and padded.levels[1][0].shape == (17,)
+  assert padded.max_group == 2 and padded.widths == SIZES  # whole codebooks as windows
+  queries = np.random.default_rng(6).integers(3, 21, (3, 5)).astype(np.int32)
+  kw = dict(beam_size=8, top_k=6, trained_length=2)
+  for removed in ([], [109, 112]):
+    a_delta, b_delta = exact, padded
+    if removed:
+      a_delta = exact.with_alive(*_padded_masks(delta, removed))
+      b_delta = padded.with_alive(*_padded_masks(delta, removed, 16))
+    a = jax.device_get(
+      search.constrained_search(params, CFG, UnionTrie.of(base, a_delta), VOCAB, queries, **kw)
+    )
+    b = jax.device_get(
+      search.constrained_search(params, CFG, UnionTrie.of(base, b_delta), VOCAB, queries, **kw)
+    )
+    np.testing.assert_array_equal(a.item_ids, b.item_ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-6)
+
+
+def test_a_live_index_keeps_its_search_program_while_the_delta_grows(params):
+  # Adds within a capacity bucket (and removals after the first) change no shape: the search
+  # compiled for the first added image serves the next ones.
+  from helpers import CompileCounter
+
+  from avg_jax.inference import live_index as live_lib
+
+  codes, ids = _split(seed=7, n=20)
+  # The added images on distinct leaves: a leaf holding more images than the delta's
+  # `max_group` (rounded up to a power of two) is a shape change of its own.
+  leaves = np.stack(np.meshgrid(range(SIZES[0]), range(SIZES[1]), indexing="ij"), -1)
+  codes[8:] = np.random.default_rng(9).permutation(leaves.reshape(-1, 2))[:12]
+  index = live_lib.LiveIndex(
+    base_ids=ids[:8],
+    base_codes=codes[:8],
+    base_names=np.full(8, ""),
+    position_sizes=SIZES,
+    num_levels=2,
+  )
+  queries = np.random.default_rng(8).integers(3, 21, (2, 5)).astype(np.int32)
+  kw = dict(beam_size=8, top_k=6, trained_length=2)
+
+  def find():
+    return jax.device_get(
+      search.constrained_search(params, CFG, index.device(1), VOCAB, queries, **kw)
+    )
+
+  index.add(ids[8:9], codes[8:9], [""])
+  find()
+  index.remove(ids[8:9])
+  find()  # the first removal adds the alive masks: a program of its own
+  with CompileCounter() as compiles:
+    for i in range(9, 20):
+      index.add(ids[i : i + 1], codes[i : i + 1], [""])
+      got = find()
+    index.remove(ids[[0, 12]])
+    got = find()
+  assert compiles.count == 0
+  live = set(ids.tolist()) - {int(ids[0]), int(ids[8]), int(ids[12])}
+  assert {i for i in got.item_ids.ravel().tolist() if i >= 0} <= live
