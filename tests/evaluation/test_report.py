@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import pathlib
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
     crossover=report.crossover(results.efficiency["avg"], results.efficiency["two_tower"]),
   )
   path = report.write_report(results, str(tmp_path))
-  text = open(path).read()
+  text = pathlib.Path(path).read_text()
   assert "| avg | yes | 25.0 | 50.0 | 75.0 | 30.0 | 55.0 | 80.0 | – |" in text
   assert "| avg | no | 20.0 | 45.0 | 70.0 | 21.0 | 46.0 | 71.0 | -2.0 [-4.0, +0.5] |" in text
   assert "| two_tower | no | 50.0 | 80.0 | 90.0 | – | – | – | – |" in text
@@ -140,7 +141,7 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
 
 
 # One N: the speed plot's log axis spans no range (matplotlib warned and widened it).
-@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.filterwarnings("error")
 def test_efficiency_section_has_no_empty_recall_header(tmp_path):
   # report.md's efficiency block used to start with a "method R@1 R@5 R@10" header and no rows.
   results = _results(
@@ -148,7 +149,7 @@ def test_efficiency_section_has_no_empty_recall_header(tmp_path):
     efficiency={"avg": _rows([(1000, 100.0)]), "two_tower": _rows([(1000, 50.0)])},
     crossover=1000.0,
   )
-  text = open(report.write_report(results, str(tmp_path))).read()
+  text = pathlib.Path(report.write_report(results, str(tmp_path))).read_text()
   block = text.split("## Efficiency", 1)[1].split("```")[1]
   assert "R@1" not in block and "method" not in block
   assert block.strip().splitlines()[0].split() == ["N", "avg", "q/s", "two_tower", "q/s"]
@@ -206,7 +207,7 @@ def test_hybrid_and_hnsw_sections(tmp_path):
     },
     ann_frontier=frontier,
   )
-  text = open(report.write_report(results, str(tmp_path))).read()
+  text = pathlib.Path(report.write_report(results, str(tmp_path))).read_text()
   assert "### transductive (chosen: 64)" in text and "| 64 | 26.5 | 50.0 | 70.0 |" in text
   assert "| 100,000 | 64 | 150.0 | 300.0 | 0.960 | 1.5 | 3.0 |" in text
   assert os.path.getsize(tmp_path / "ann_frontier.png") > 1000
@@ -231,7 +232,7 @@ def test_metrics_that_do_not_apply_show_a_dash_never_nan(tmp_path):
     collisions={"avg": {"train": 0.1, "test": 0.05}, "atomic": {"test": float("nan")}},
   )
   table = report.summary_table(results)
-  text = open(report.write_report(results, str(tmp_path))).read()
+  text = pathlib.Path(report.write_report(results, str(tmp_path))).read_text()
   for out in (table, text):
     assert "nan" not in out.lower()
   lines = table.splitlines()
