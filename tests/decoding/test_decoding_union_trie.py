@@ -28,6 +28,19 @@ def _split(seed=0, n=12):
   return codes, ids
 
 
+def _live_index(codes, ids, num_base):
+  """A live index whose base holds the first `num_base` images."""
+  from avg_jax.inference import live_index as live_lib
+
+  return live_lib.LiveIndex(
+    base_ids=ids[:num_base],
+    base_codes=codes[:num_base],
+    base_names=np.full(num_base, ""),
+    position_sizes=SIZES,
+    num_levels=2,
+  )
+
+
 @pytest.mark.parametrize("dense_levels", [0, 1])
 def test_union_search_equals_one_tree_over_both(params, dense_levels):
   codes, ids = _split()
@@ -84,16 +97,8 @@ def test_union_children_hold_each_code_once():
 def test_removed_subtrees_cost_no_beam_slots(params, dense_levels):
   # With a narrow beam, a search that walked into removed images' paths would return fewer
   # or other images than a tree built from the live images alone; pruning makes them equal.
-  from avg_jax.inference import live_index as live_lib
-
   codes, ids = _split(seed=3, n=16)
-  index = live_lib.LiveIndex(
-    base_ids=ids[:10],
-    base_codes=codes[:10],
-    base_names=np.full(10, ""),
-    position_sizes=SIZES,
-    num_levels=2,
-  )
+  index = _live_index(codes, ids, 10)
   index.add(ids[10:], codes[10:], [""] * 6)
   removed = ids[[0, 1, 2, 3, 4, 10, 11]]
   index.remove(removed)
@@ -179,20 +184,12 @@ def test_a_live_index_keeps_its_search_program_while_the_delta_grows(params):
   # compiled for the first added image serves the next ones.
   from helpers import CompileCounter
 
-  from avg_jax.inference import live_index as live_lib
-
   codes, ids = _split(seed=7, n=20)
   # The added images on distinct leaves: a leaf holding more images than the delta's
   # `max_group` (rounded up to a power of two) is a shape change of its own.
   leaves = np.stack(np.meshgrid(range(SIZES[0]), range(SIZES[1]), indexing="ij"), -1)
   codes[8:] = np.random.default_rng(9).permutation(leaves.reshape(-1, 2))[:12]
-  index = live_lib.LiveIndex(
-    base_ids=ids[:8],
-    base_codes=codes[:8],
-    base_names=np.full(8, ""),
-    position_sizes=SIZES,
-    num_levels=2,
-  )
+  index = _live_index(codes, ids, 8)
   queries = np.random.default_rng(8).integers(3, 21, (2, 5)).astype(np.int32)
   kw = dict(beam_size=8, top_k=6, trained_length=2)
 
