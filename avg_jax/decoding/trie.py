@@ -362,6 +362,18 @@ class VokenTrie:
       out.append(alive)
     return tuple(reversed(out))
 
+  def alive_masks(
+    self, removed: np.ndarray, capacity: int | None = None
+  ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """`(item_alive bool[num_items], node_alive)` (`node_alive`) with the items `removed`
+    dead, for `DeviceTrie.with_alive`; each padded with False to `capacity` for a tree
+    `to_device` padded to it."""
+    alive = ~np.isin(self.leaf_items, removed)
+    masks = (alive, *self.node_alive(alive))
+    if capacity is not None:
+      masks = tuple(np.pad(m, (0, capacity - len(m))) for m in masks)
+    return masks[0], masks[1:]
+
   def to_device(
     self,
     dense_levels: int = 1,
@@ -396,9 +408,6 @@ class VokenTrie:
         return a
       return np.concatenate([a, np.full((size - a.shape[0], *a.shape[1:]), value, a.dtype)])
 
-    def window(width: int, k: int) -> int:
-      return width if capacity is None else k
-
     tables: list[tuple[jax.Array, ...]] = []
     widths, dense = [], []
     cap = capacity or 0  # a level never has more nodes than there are items
@@ -417,7 +426,7 @@ class VokenTrie:
         tables.append(
           (put(pad(offsets, cap + 1, offsets[-1])), put(pad(self.codes[level], cap, 0)))
         )
-        widths.append(window(self.max_children(level), k))
+        widths.append(self.max_children(level) if capacity is None else k)
         dense.append(False)
     item_emb = None
     if item_embeddings is not None:

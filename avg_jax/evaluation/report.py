@@ -88,9 +88,10 @@ def plot_efficiency(
   ys: list[float] = []
   for method, rows in efficiency.items():
     rows = sorted(rows, key=lambda r: r.num_items)
-    xs += [r.num_items for r in rows]
-    ys += [r.queries_per_s for r in rows]
-    ax.plot([r.num_items for r in rows], [r.queries_per_s for r in rows], "o-", label=method)
+    x, y = [r.num_items for r in rows], [r.queries_per_s for r in rows]
+    ax.plot(x, y, "o-", label=method)
+    xs += x
+    ys += y
   if cross is not None:
     ax.axvline(cross, color="grey", ls="--", lw=1, label=f"crossover ~{cross:,.0f}")
     xs.append(cross)

@@ -370,11 +370,8 @@ class LiveIndex:
     to (its padding is dead too)."""
     if not len(self.removed):
       return device
-    alive = ~np.isin(trie.leaf_items, self.removed)
-    masks = (alive, *trie.node_alive(alive))
-    if capacity is not None:
-      masks = tuple(np.pad(m, (0, capacity - len(m))) for m in masks)  # padded with False
-    return device.with_alive(jnp.asarray(masks[0]), tuple(jnp.asarray(m) for m in masks[1:]))
+    items, nodes = trie.alive_masks(self.removed, capacity)
+    return device.with_alive(jnp.asarray(items), tuple(jnp.asarray(m) for m in nodes))
 
   def device(self, dense_levels: int = 1, sharding=None) -> DeviceTrie | UnionTrie:
     """The search constraint: the base tree, or the base and the delta as one."""

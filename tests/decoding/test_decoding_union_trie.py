@@ -142,12 +142,9 @@ def test_delta_only_codes_under_a_dense_base_level_keep_their_code(params, dense
   np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
-def _padded_masks(trie, removed, capacity=None):
-  alive = ~np.isin(trie.leaf_items, removed)
-  masks = (alive, *trie.node_alive(alive))
-  if capacity is not None:
-    masks = tuple(np.pad(m, (0, capacity - len(m))) for m in masks)
-  return jax.numpy.asarray(masks[0]), tuple(jax.numpy.asarray(m) for m in masks[1:])
+def _device_masks(masks):
+  items, nodes = masks
+  return jax.numpy.asarray(items), tuple(jax.numpy.asarray(m) for m in nodes)
 
 
 # The CSR base without removals (padding alone must be inert), the dense base with them.
@@ -164,8 +161,8 @@ def test_a_padded_delta_searches_exactly_like_the_exact_one(params, dense_levels
   assert padded.leaf_items.shape == (16,) and padded.levels[1][0].shape == (17,)
   assert padded.max_group == 2 and padded.widths == SIZES  # whole codebooks as windows
   if removed:
-    exact = exact.with_alive(*_padded_masks(delta, removed))
-    padded = padded.with_alive(*_padded_masks(delta, removed, 16))
+    exact = exact.with_alive(*_device_masks(delta.alive_masks(np.asarray(removed))))
+    padded = padded.with_alive(*_device_masks(delta.alive_masks(np.asarray(removed), 16)))
   queries = np.random.default_rng(6).integers(3, 21, (3, 5)).astype(np.int32)
   kw = dict(beam_size=8, top_k=6, trained_length=2)
   a, b = (
